@@ -1,0 +1,1 @@
+//! Guest images as content-addressed chunks.

@@ -1,0 +1,1 @@
+//! The buyer-owned layer-2 overlay.
