@@ -1,1 +1,35 @@
-//! Helpers shared by the cross-crate tests: spawning nodes, network namespaces.
+//! Helpers shared by the cross-crate tests: finding the built node binary,
+//! network namespaces.
+
+pub mod netns;
+
+use std::path::PathBuf;
+
+/// Path of the `cpushare-node` binary built in this target directory.
+///
+/// Integration tests in this package cannot use `CARGO_BIN_EXE_*` for another
+/// package's binary, so it is found next to the test executable
+/// (`target/<profile>/deps/<test>` -> `target/<profile>/cpushare-node`).
+pub fn node_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("CPUSHARE_NODE_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test executable lives in target/<profile>/deps");
+    let bin = profile_dir.join("cpushare-node");
+    assert!(
+        bin.exists(),
+        "{} not found: run `cargo build -p node` (or `cargo build --workspace --bins`) before the tests",
+        bin.display()
+    );
+    bin
+}
+
+/// True when the process runs as root (network namespaces, taps and KVM need it).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
