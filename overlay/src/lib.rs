@@ -1,1 +1,32 @@
 //! The buyer-owned layer-2 overlay.
+//!
+//! Everything here is sans-IO: the cores take datagrams, frames and an `Instant`
+//! and return [`Action`]s; the I/O shells in `io` own sockets, taps and clocks.
+//!
+//! - [`wire`]: message framing.
+//! - [`identity`]: ed25519 identity and the Noise static key bound to it.
+//! - [`BuyerCore`]: Noise responder, learning switch, DHCP server.
+//! - [`SellerCore`]: Noise initiator for one guest, egress filter.
+
+pub mod action;
+pub mod buyer;
+pub mod config;
+pub mod error;
+pub mod eth;
+pub mod identity;
+pub mod io;
+pub mod seller;
+pub mod stats;
+pub mod wire;
+
+pub use action::{Action, Actions, Event};
+pub use buyer::BuyerCore;
+pub use config::{
+    guest_mtu_for_path, BuyerConfig, GuestLease, HandshakeLimits, RateLimits, SellerConfig,
+    Timers, DEFAULT_GUEST_MTU, OVERLAY_OVERHEAD,
+};
+pub use error::{Error, Result};
+pub use eth::MacAddr;
+pub use identity::{parse_peer_key, Identity, PeerKey};
+pub use seller::SellerCore;
+pub use stats::{BuyerStats, DropCounters, DropReason, PeerStats, SellerStats, Traffic};
