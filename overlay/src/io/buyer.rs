@@ -1,0 +1,301 @@
+//! The buyer's I/O shell: one UDP socket for every guest session, the host tap, and
+//! three threads (UDP in, tap in, timers) driving one [`BuyerCore`].
+
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::batch::{RecvBatch, SendBatch};
+use super::offload::{self, VnetHdr, VNET_HDR_LEN};
+use super::shell::{self, os, IoCounters, POLL_MS, UDP_BATCH, UDP_SLOT};
+use super::sys;
+use super::tap::{Tap, TapOptions};
+use crate::stats::BuyerStats;
+use crate::{Actions, BuyerCore, Error, MacAddr, PeerKey};
+
+/// Where and how the buyer listens.
+#[derive(Debug, Clone)]
+pub struct BuyerIoConfig {
+    /// UDP address sellers connect to.
+    pub listen: SocketAddr,
+    /// Name of the host tap (created here, in the caller's network namespace).
+    pub tap_name: String,
+    /// Overlay prefix length of the host address (the address is the core's `host_ip`).
+    pub prefix: u8,
+    /// Let the kernel hand the tap TCP bursts we segment ourselves.
+    pub tap_offload: bool,
+}
+
+impl BuyerIoConfig {
+    pub fn new(listen: SocketAddr, tap_name: &str) -> BuyerIoConfig {
+        BuyerIoConfig {
+            listen,
+            tap_name: tap_name.to_string(),
+            prefix: 16,
+            tap_offload: true,
+        }
+    }
+}
+
+/// A running buyer overlay. Dropping it stops the threads and removes the tap.
+pub struct Buyer {
+    core: Arc<Mutex<BuyerCore>>,
+    counters: Arc<IoCounters>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    local: SocketAddr,
+    tap_name: String,
+}
+
+fn lock(m: &Mutex<BuyerCore>) -> MutexGuard<'_, BuyerCore> {
+    // A panic in one shell thread must not wedge the others' access to counters.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Check that `ip/prefix` does not collide with an address already on this host.
+fn check_conflict(tap: &str, ip: Ipv4Addr, prefix: u8) -> Result<(), Error> {
+    let mask = |p: u8| if p == 0 { 0 } else { u32::MAX << (32 - p as u32) };
+    for (dev, other, op) in sys::ipv4_addrs_except(tap).map_err(os("listing host addresses"))? {
+        let m = mask(prefix.min(op));
+        if u32::from(other) & m == u32::from(ip) & m && !other.is_loopback() {
+            return Err(Error::AddressConflict(format!(
+                "overlay address {ip}/{prefix} overlaps {other}/{op} on {dev}; pick another overlay subnet"
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl Buyer {
+    /// Create the tap (address = the core's `host_ip`, MAC = its `host_mac`), bind the
+    /// UDP socket and start the threads.
+    pub fn start(core: BuyerCore, cfg: BuyerIoConfig) -> Result<Buyer, Error> {
+        let host_ip = core.config().host_ip;
+        let host_mac = core.config().host_mac;
+        let mtu = core.config().guest_mtu;
+        check_conflict(&cfg.tap_name, host_ip, cfg.prefix)?;
+        let udp = shell::bind_udp(cfg.listen)?;
+        let local = udp.local_addr().map_err(os("reading the UDP address"))?;
+        let tap = Tap::create(
+            &cfg.tap_name,
+            TapOptions {
+                offload: cfg.tap_offload,
+            },
+        )
+        .map_err(os(format!("creating tap {}", cfg.tap_name)))?;
+        let name = cfg.tap_name.clone();
+        sys::set_mac(&name, host_mac.0).map_err(os(format!("setting the MAC of {name}")))?;
+        sys::set_mtu(&name, mtu as u32).map_err(os(format!("setting the MTU of {name}")))?;
+        sys::set_ipv4(&name, host_ip, cfg.prefix)
+            .map_err(os(format!("adding {host_ip}/{} to {name}", cfg.prefix)))?;
+        // Only IPv4/ARP cross the overlay by default; keep the host quiet on IPv6.
+        let _ = sys::write_net_sysctl(&format!("ipv6/conf/{name}/disable_ipv6"), "1");
+        sys::set_up(&name, true).map_err(os(format!("bringing {name} up")))?;
+
+        let core = Arc::new(Mutex::new(core));
+        let counters = Arc::new(IoCounters::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let udp = Arc::new(udp);
+        let tap = Arc::new(tap);
+        let mut threads = Vec::new();
+        let spawn = |n: &str, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(n.to_string())
+                .spawn(f)
+                .map_err(os("spawning an overlay thread"))
+        };
+        {
+            let (core, stop, udp, tap, c) =
+                (core.clone(), stop.clone(), udp.clone(), tap.clone(), counters.clone());
+            threads.push(spawn("ovl-buyer-udp", Box::new(move || udp_loop(&core, &stop, &udp, &tap, &c)))?);
+        }
+        {
+            let (core, stop, udp, tap, c) =
+                (core.clone(), stop.clone(), udp.clone(), tap.clone(), counters.clone());
+            threads.push(spawn("ovl-buyer-tap", Box::new(move || tap_loop(&core, &stop, &udp, &tap, &c)))?);
+        }
+        {
+            let (core, stop, udp, tap, c) =
+                (core.clone(), stop.clone(), udp.clone(), tap.clone(), counters.clone());
+            threads.push(spawn("ovl-buyer-tick", Box::new(move || tick_loop(&core, &stop, &udp, &tap, &c)))?);
+        }
+        tracing::info!(%local, tap = %cfg.tap_name, %host_ip, "buyer overlay up");
+        Ok(Buyer {
+            core,
+            counters,
+            stop,
+            threads,
+            local,
+            tap_name: cfg.tap_name,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    pub fn tap_name(&self) -> &str {
+        &self.tap_name
+    }
+
+    pub fn public_key(&self) -> PeerKey {
+        lock(&self.core).public_key()
+    }
+
+    pub fn admit(&self, peer: PeerKey, mac: MacAddr, ip: Ipv4Addr) -> Result<(), Error> {
+        lock(&self.core).admit(peer, mac, ip)
+    }
+
+    pub fn revoke(&self, mac: MacAddr) -> bool {
+        lock(&self.core).revoke(mac)
+    }
+
+    pub fn stats(&self) -> BuyerStats {
+        lock(&self.core).stats()
+    }
+
+    pub fn io_counters(&self) -> &IoCounters {
+        &self.counters
+    }
+
+    /// Run `f` with the core locked (status, tests).
+    pub fn with_core<T>(&self, f: impl FnOnce(&mut BuyerCore) -> T) -> T {
+        f(&mut lock(&self.core))
+    }
+}
+
+impl Drop for Buyer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Write one frame to the host tap (with an empty virtio_net_hdr when offloads are on).
+fn write_tap(tap: &Tap, frame: &[u8], c: &IoCounters) {
+    let r = if tap.vnet_hdr() {
+        let hdr = [0u8; VNET_HDR_LEN];
+        let iov = [
+            libc::iovec {
+                iov_base: hdr.as_ptr() as *mut libc::c_void,
+                iov_len: VNET_HDR_LEN,
+            },
+            libc::iovec {
+                iov_base: frame.as_ptr() as *mut libc::c_void,
+                iov_len: frame.len(),
+            },
+        ];
+        // SAFETY: both iovecs point at live buffers.
+        unsafe { libc::writev(tap.as_raw_fd(), iov.as_ptr(), 2) }
+    } else {
+        tap.write(frame).map(|n| n as isize).unwrap_or(-1)
+    };
+    if r < 0 {
+        IoCounters::bump(&c.write_errors);
+    }
+}
+
+fn udp_loop(core: &Mutex<BuyerCore>, stop: &AtomicBool, udp: &UdpSocket, tap: &Tap, c: &IoCounters) {
+    let fd = udp.as_raw_fd();
+    let mut rx = RecvBatch::new(UDP_BATCH, UDP_SLOT);
+    let mut tx = SendBatch::new(UDP_BATCH, UDP_SLOT);
+    let mut out = Actions::new();
+    while !stop.load(Ordering::Relaxed) {
+        let n = match rx.recv(fd) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "buyer UDP receive failed");
+                std::thread::sleep(Duration::from_millis(POLL_MS));
+                continue;
+            }
+        };
+        if n == 0 {
+            continue;
+        }
+        let now = Instant::now();
+        {
+            let mut core = lock(core);
+            for i in 0..n {
+                if let Some(from) = rx.addr(i) {
+                    core.handle_udp(from, rx.data(i), now, &mut out);
+                }
+            }
+        }
+        shell::run_actions(&mut out, fd, &mut tx, |f| write_tap(tap, f, c));
+        let _ = tx.flush(fd);
+    }
+}
+
+/// Frames read from the tap per core lock.
+const TAP_BATCH: usize = 32;
+
+fn tap_loop(core: &Mutex<BuyerCore>, stop: &AtomicBool, udp: &UdpSocket, tap: &Tap, c: &IoCounters) {
+    let fd = udp.as_raw_fd();
+    let tfd = tap.as_raw_fd();
+    let _ = tap.set_nonblocking(true);
+    let mut tx = SendBatch::new(UDP_BATCH, UDP_SLOT);
+    let mut out = Actions::new();
+    let slot = 65536 + VNET_HDR_LEN;
+    let mut bufs = vec![0u8; TAP_BATCH * slot];
+    let mut lens = [0usize; TAP_BATCH];
+    let mut seg = Vec::with_capacity(2048);
+    while !stop.load(Ordering::Relaxed) {
+        match sys::poll_readable(tfd, POLL_MS as i32) {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(_) => break,
+        }
+        let mut n = 0;
+        while n < TAP_BATCH {
+            match tap.read(&mut bufs[n * slot..(n + 1) * slot]) {
+                Ok(l) => {
+                    lens[n] = l;
+                    n += 1;
+                }
+                Err(_) => break,
+            }
+        }
+        if n == 0 {
+            continue;
+        }
+        let now = Instant::now();
+        {
+            let mut core = lock(core);
+            for i in 0..n {
+                let buf = &mut bufs[i * slot..i * slot + lens[i]];
+                if tap.vnet_hdr() {
+                    let Some(h) = VnetHdr::parse(buf) else { continue };
+                    let (_, frame) = buf.split_at_mut(VNET_HDR_LEN);
+                    let r = offload::to_wire_frames(&h, frame, &mut seg, |f| {
+                        core.handle_tap_frame(f, now, &mut out)
+                    });
+                    if r.is_err() {
+                        IoCounters::bump(&c.offload_errors);
+                        core.handle_tap_frame(frame, now, &mut out);
+                    }
+                } else {
+                    core.handle_tap_frame(buf, now, &mut out);
+                }
+            }
+        }
+        shell::run_actions(&mut out, fd, &mut tx, |f| write_tap(tap, f, c));
+        let _ = tx.flush(fd);
+    }
+}
+
+fn tick_loop(core: &Mutex<BuyerCore>, stop: &AtomicBool, udp: &UdpSocket, tap: &Tap, c: &IoCounters) {
+    let fd = udp.as_raw_fd();
+    let mut tx = SendBatch::new(UDP_BATCH, UDP_SLOT);
+    let mut out = Actions::new();
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(POLL_MS));
+        lock(core).tick(Instant::now(), &mut out);
+        shell::run_actions(&mut out, fd, &mut tx, |f| write_tap(tap, f, c));
+        let _ = tx.flush(fd);
+    }
+}

@@ -1,0 +1,191 @@
+//! The seller's guest port: an AF_PACKET socket bound to the guest's interface (a tap
+//! the VMM holds, or a veth end for a namespace "guest") inside the lease's network
+//! namespace. It is the only way frames get in or out of that namespace.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use super::batch::{RecvBatch, SendBatch};
+use super::netns::NetNs;
+use super::offload::{self, OffloadError, VnetHdr, VNET_HDR_LEN};
+use super::sys;
+
+/// Slot size for received frames: a 64 KiB GSO burst plus headers.
+pub const RX_SLOT: usize = 65536 + VNET_HDR_LEN + 64;
+
+#[derive(Debug)]
+pub struct PacketPort {
+    fd: OwnedFd,
+    ifname: String,
+    ifindex: u32,
+}
+
+impl PacketPort {
+    /// Open a port on `ifname` in the calling thread's network namespace. Brings the
+    /// interface up and turns IPv6 off on it, so the kernel never speaks on it.
+    pub fn open_here(ifname: &str) -> io::Result<PacketPort> {
+        let ifindex = sys::if_index(ifname)?;
+        let _ = sys::write_net_sysctl(&format!("ipv6/conf/{ifname}/disable_ipv6"), "1");
+        // SAFETY: plain socket(2); owned right away.
+        let fd = sys::cvt(unsafe {
+            libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0)
+        })
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::EPERM) {
+                io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    "opening an AF_PACKET socket needs CAP_NET_RAW (run the seller as root)",
+                )
+            } else {
+                e
+            }
+        })?;
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let raw = fd.as_raw_fd();
+        let one: libc::c_int = 1;
+        // Our own transmissions must not come back as guest frames.
+        sys::setsockopt(raw, libc::SOL_PACKET, sys::PACKET_IGNORE_OUTGOING, &one)?;
+        // The kernel strips VLAN tags into metadata; auxdata lets us put them back so
+        // the egress filter sees (and drops) tagged frames.
+        sys::setsockopt(raw, libc::SOL_PACKET, sys::PACKET_AUXDATA, &one)?;
+        // Offload metadata: partial checksums and TSO bursts from the guest.
+        sys::setsockopt(raw, libc::SOL_PACKET, sys::PACKET_VNET_HDR, &one)?;
+        sys::set_socket_buffers(raw, 8 << 20);
+        // SAFETY: sockaddr_ll is plain; bind to this interface, all protocols.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = sys::ETH_P_ALL.to_be();
+        sll.sll_ifindex = ifindex as i32;
+        sys::cvt(unsafe {
+            libc::bind(
+                raw,
+                &sll as *const _ as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        })?;
+        let mr = sys::PacketMreq {
+            mr_ifindex: ifindex as i32,
+            mr_type: sys::PACKET_MR_PROMISC,
+            mr_alen: 0,
+            mr_address: [0; 8],
+        };
+        sys::setsockopt(raw, libc::SOL_PACKET, sys::PACKET_ADD_MEMBERSHIP, &mr)?;
+        sys::set_up(ifname, true)?;
+        Ok(PacketPort {
+            fd,
+            ifname: ifname.to_string(),
+            ifindex,
+        })
+    }
+
+    /// Open a port on `ifname` inside `ns` (the socket stays bound to that namespace).
+    pub fn open_in(ns: &NetNs, ifname: &str) -> io::Result<PacketPort> {
+        let n = ifname.to_string();
+        ns.run(move || PacketPort::open_here(&n))
+    }
+
+    pub fn ifname(&self) -> &str {
+        &self.ifname
+    }
+
+    pub fn ifindex(&self) -> u32 {
+        self.ifindex
+    }
+
+    pub fn try_clone(&self) -> io::Result<PacketPort> {
+        Ok(PacketPort {
+            fd: self.fd.try_clone()?,
+            ifname: self.ifname.clone(),
+            ifindex: self.ifindex,
+        })
+    }
+
+    /// A receive batch sized for this port.
+    pub fn recv_batch(slots: usize) -> RecvBatch {
+        RecvBatch::new(slots, RX_SLOT)
+    }
+
+    /// A send batch sized for this port (frames up to `max_frame` bytes).
+    pub fn send_batch(slots: usize, max_frame: usize) -> SendBatch {
+        SendBatch::new(slots, max_frame + VNET_HDR_LEN)
+    }
+
+    /// Receive a batch and hand every wire frame in it to `emit` (TSO bursts cut into
+    /// segments, partial checksums finished, stripped VLAN tags put back). Frames
+    /// whose offload metadata cannot be honoured are handed over unchanged with the
+    /// error, so the caller's filter can count them. Returns messages received.
+    pub fn recv_frames(
+        &self,
+        batch: &mut RecvBatch,
+        scratch: &mut Vec<u8>,
+        seg: &mut Vec<u8>,
+        mut emit: impl FnMut(&[u8], Option<OffloadError>),
+    ) -> io::Result<usize> {
+        let n = batch.recv(self.fd.as_raw_fd())?;
+        for i in 0..n {
+            let aux: Option<sys::TpacketAuxdata> =
+                batch.cmsg(i, libc::SOL_PACKET, sys::PACKET_AUXDATA);
+            let truncated = batch.truncated(i);
+            let d = batch.data(i);
+            let Some(h) = VnetHdr::parse(d) else { continue };
+            let frame = &d[VNET_HDR_LEN..];
+            scratch.clear();
+            match aux {
+                Some(a) if a.tp_status & sys::TP_STATUS_VLAN_VALID != 0 && frame.len() >= 12 => {
+                    let tpid = if a.tp_status & sys::TP_STATUS_VLAN_TPID_VALID != 0 && a.tp_vlan_tpid != 0 {
+                        a.tp_vlan_tpid
+                    } else {
+                        0x8100
+                    };
+                    scratch.extend_from_slice(&frame[..12]);
+                    scratch.extend_from_slice(&tpid.to_be_bytes());
+                    scratch.extend_from_slice(&a.tp_vlan_tci.to_be_bytes());
+                    scratch.extend_from_slice(&frame[12..]);
+                }
+                _ => scratch.extend_from_slice(frame),
+            }
+            if truncated {
+                // Larger than any slot: certainly over the size cap; let the filter count it.
+                emit(scratch, Some(OffloadError::Malformed));
+                continue;
+            }
+            let mut err = None;
+            let r = {
+                let (buf, rest) = (&mut *scratch, &mut *seg);
+                let mut h2 = h;
+                if buf.len() != frame.len() {
+                    // A re-inserted tag shifts the checksum start.
+                    h2.csum_start = h2.csum_start.saturating_add(4);
+                }
+                offload::to_wire_frames(&h2, buf, rest, |f| emit(f, None))
+            };
+            if let Err(e) = r {
+                err = Some(e);
+            }
+            if let Some(e) = err {
+                emit(scratch, Some(e));
+            }
+        }
+        Ok(n)
+    }
+
+    /// Queue `frame` for transmission on the guest interface.
+    pub fn queue(batch: &mut SendBatch, frame: &[u8]) {
+        batch.push(None, |b| {
+            let l = frame.len().min(b.len() - VNET_HDR_LEN);
+            b[..VNET_HDR_LEN].fill(0);
+            b[VNET_HDR_LEN..VNET_HDR_LEN + l].copy_from_slice(&frame[..l]);
+            VNET_HDR_LEN + l
+        });
+    }
+
+    pub fn flush(&self, batch: &mut SendBatch) -> io::Result<usize> {
+        batch.flush(self.fd.as_raw_fd())
+    }
+}
+
+impl AsRawFd for PacketPort {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}

@@ -1,0 +1,120 @@
+//! Pieces both I/O shells share: error mapping, the UDP socket, action execution.
+
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::batch::SendBatch;
+use super::sys;
+use crate::{Action, Actions, Error, Event};
+
+/// Map an OS error to the crate error, with what we were doing.
+pub fn os(what: impl Into<String>) -> impl FnOnce(io::Error) -> Error {
+    move |e| {
+        let what = what.into();
+        if e.kind() == io::ErrorKind::PermissionDenied || e.raw_os_error() == Some(libc::EPERM) {
+            Error::NeedNetAdmin(format!("{what} ({e})"))
+        } else if e.kind() == io::ErrorKind::NotFound && e.to_string().contains("/dev/net/tun") {
+            Error::NoTunDevice
+        } else {
+            Error::Io { what, source: e }
+        }
+    }
+}
+
+/// Datagrams per recvmmsg/sendmmsg.
+pub const UDP_BATCH: usize = 64;
+/// Largest overlay datagram we send or accept (a full jumbo-less frame + overhead).
+pub const UDP_SLOT: usize = 2048;
+/// How long a blocking receive waits before a loop checks for a stop request.
+pub const POLL_MS: u64 = 100;
+
+/// Bind the overlay UDP socket with large buffers and a receive timeout.
+pub fn bind_udp(addr: SocketAddr) -> Result<UdpSocket, Error> {
+    let s = UdpSocket::bind(addr).map_err(|e| {
+        if e.kind() == io::ErrorKind::AddrInUse {
+            Error::PortInUse(addr)
+        } else if e.kind() == io::ErrorKind::AddrNotAvailable {
+            Error::InvalidConfig(format!(
+                "cannot bind UDP {addr}: that address is not configured on this host"
+            ))
+        } else {
+            os(format!("binding UDP {addr}"))(e)
+        }
+    })?;
+    sys::set_socket_buffers(s.as_raw_fd(), 16 << 20);
+    sys::set_recv_timeout(s.as_raw_fd(), POLL_MS).map_err(os("setting SO_RCVTIMEO"))?;
+    Ok(s)
+}
+
+/// Counters of the I/O shell itself (not the core's drop reasons).
+#[derive(Debug, Default)]
+pub struct IoCounters {
+    /// Frames a tap or guest port refused to take.
+    pub write_errors: AtomicU64,
+    /// Frames whose offload metadata could not be honoured (passed to the filter as-is).
+    pub offload_errors: AtomicU64,
+}
+
+impl IoCounters {
+    pub fn bump(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Log a core event with the ids it carries.
+pub fn log_event(e: &Event) {
+    match e {
+        Event::SessionEstablished {
+            peer,
+            guest_mac,
+            endpoint,
+            rekey,
+        } => tracing::info!(peer = %hex::encode(peer.as_bytes()), %guest_mac, %endpoint, rekey, "overlay session established"),
+        Event::SessionExpired { peer, guest_mac } => {
+            tracing::warn!(peer = %hex::encode(peer.as_bytes()), %guest_mac, "overlay session expired")
+        }
+        Event::EndpointChanged {
+            peer,
+            guest_mac,
+            endpoint,
+        } => tracing::info!(peer = %hex::encode(peer.as_bytes()), %guest_mac, %endpoint, "overlay peer endpoint changed"),
+        Event::HandshakeInitiated { to, attempt } => {
+            tracing::debug!(%to, attempt, "overlay handshake initiated")
+        }
+        Event::HandshakeRejected { from, error } => {
+            tracing::debug!(%from, %error, "overlay handshake rejected")
+        }
+        Event::DhcpAck { guest_mac, ip } => tracing::info!(%guest_mac, %ip, "overlay DHCP ack"),
+    }
+}
+
+/// Where a shell's actions go. Frames for the tap/guest are handed to `frame`.
+pub fn run_actions(
+    out: &mut Actions,
+    udp_fd: std::os::fd::RawFd,
+    udp: &mut SendBatch,
+    mut frame: impl FnMut(&[u8]),
+) {
+    while let Some(a) = out.pop() {
+        match a {
+            Action::SendUdp { to, bytes } => {
+                if udp.is_full() {
+                    let _ = udp.flush(udp_fd);
+                }
+                udp.push(Some(to), |b| {
+                    let l = bytes.len().min(b.len());
+                    b[..l].copy_from_slice(&bytes[..l]);
+                    l
+                });
+                out.recycle(bytes);
+            }
+            Action::WriteTap(f) | Action::DeliverToGuest(f) => {
+                frame(&f);
+                out.recycle(f);
+            }
+            Action::Event(e) => log_event(&e),
+        }
+    }
+}
