@@ -1,0 +1,730 @@
+//! The fetching side: which chunk to request from which peer, and when to give up
+//! on a request. Rarest-first with several requests in flight per peer, endgame,
+//! rate-scaled timeouts, bans for bad data. Sans-IO: events and `now` in, actions out.
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::hash::Hash;
+
+use super::{Bitfield, Micros, SplitMix64};
+
+/// What the I/O shell must do next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action<P> {
+    /// Ask `peer` for chunk `chunk`.
+    Request { peer: P, chunk: u32 },
+    /// The request is no longer wanted (got it elsewhere, or timed out). Advisory:
+    /// a reply that still arrives is accepted if it verifies.
+    Cancel { peer: P, chunk: u32 },
+    /// `peer` sent data that failed its hash: never use it again for this image.
+    Ban { peer: P },
+    /// `peer` stopped making progress for too long; drop it from this fetch.
+    Disconnect { peer: P },
+    /// Every chunk is present.
+    Complete,
+}
+
+/// How a peer hands out chunks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerKind {
+    /// An ordinary peer: the pipeline depth is ours to size from its measured rate.
+    Normal,
+    /// A super-seed: it advertises only the chunks it wants us to take from it and
+    /// paces those itself, so everything it offers is requested at once.
+    SuperSeed,
+}
+
+/// Tuning knobs. Defaults suit 16..256 KiB chunks on links from 1 Mbit/s up.
+#[derive(Clone, Debug)]
+pub struct LeecherConfig {
+    /// Fewest requests kept in flight at a normal peer.
+    pub min_depth: usize,
+    /// Most requests kept in flight at a normal peer.
+    pub max_depth: usize,
+    /// Bytes in flight per peer aim at this much of its measured rate (us).
+    pub window_us: u64,
+    /// Fixed part of a stall timeout (us): covers round trips and start-up.
+    pub base_timeout_us: u64,
+    /// A peer is stalled when nothing arrived for `base + factor * outstanding / rate`.
+    pub timeout_factor: u64,
+    /// Rate assumed for a peer not yet measured, bytes/s. Deliberately low (under
+    /// 1 Mbit/s) so a slow first chunk is not mistaken for a dead peer.
+    pub assumed_rate: u64,
+    /// Endgame: most concurrent requests for one chunk.
+    pub max_dup: u8,
+    /// Consecutive timeouts before a peer is dropped.
+    pub max_strikes: u32,
+}
+
+impl Default for LeecherConfig {
+    fn default() -> Self {
+        LeecherConfig {
+            min_depth: 2,
+            max_depth: 16,
+            window_us: 600_000,
+            base_timeout_us: 5_000_000,
+            timeout_factor: 4,
+            assumed_rate: 32_000,
+            max_dup: 2,
+            max_strikes: 3,
+        }
+    }
+}
+
+/// Duration-weighted moving average of a peer's delivery rate.
+#[derive(Clone, Debug, Default)]
+struct RateEst {
+    bytes: f64,
+    time_us: f64,
+}
+
+impl RateEst {
+    fn add(&mut self, bytes: u64, dt_us: u64) {
+        // Older samples fade; weighting by duration keeps bursts of replies that
+        // arrive together from inflating the estimate.
+        self.bytes = self.bytes * 0.75 + bytes as f64;
+        self.time_us = self.time_us * 0.75 + dt_us.max(1) as f64;
+    }
+    /// Bytes per second, once measured.
+    fn rate(&self) -> Option<f64> {
+        (self.time_us > 0.0).then(|| self.bytes * 1e6 / self.time_us)
+    }
+}
+
+#[derive(Debug)]
+struct PeerSlot<P> {
+    id: P,
+    kind: PeerKind,
+    has: Bitfield,
+    /// (chunk, time requested)
+    out: Vec<(u32, Micros)>,
+    out_bytes: u64,
+    rate: RateEst,
+    /// Start of the current wait: last arrival, or when requests were first sent.
+    since: Micros,
+    strikes: u32,
+    depth_cap: usize,
+    bytes_in: u64,
+}
+
+/// Per-image fetch scheduler.
+pub struct Leecher<P> {
+    cfg: LeecherConfig,
+    sizes: Vec<u32>,
+    avg_size: u64,
+    have: Bitfield,
+    /// How many live, unbanned peers hold each chunk.
+    avail: Vec<u32>,
+    /// Outstanding requests per chunk.
+    inflight: Vec<u8>,
+    inflight_set: BTreeSet<u32>,
+    /// Chunks wanted, not requested, held by someone: bucket[avail] = {(rank, idx)}.
+    buckets: Vec<BTreeSet<(u32, u32)>>,
+    pending: usize,
+    /// Random tie-break among equally rare chunks, fixed per fetch.
+    rank: Vec<u32>,
+    peers: Vec<Option<PeerSlot<P>>>,
+    free: Vec<usize>,
+    index: HashMap<P, usize>,
+    banned: HashSet<P>,
+    actions: VecDeque<Action<P>>,
+    dirty: bool,
+    rr: usize,
+    completed: bool,
+}
+
+impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
+    /// A fetch of an image whose chunks have `sizes`, resuming from the chunks in
+    /// `have` (those already in the store are never requested again).
+    pub fn new(sizes: Vec<u32>, have: Bitfield, seed: u64, cfg: LeecherConfig) -> Self {
+        let n = sizes.len();
+        assert_eq!(have.len() as usize, n, "have-set length must match the chunk count");
+        let total: u64 = sizes.iter().map(|&s| s as u64).sum();
+        let mut rank: Vec<u32> = (0..n as u32).collect();
+        let mut rng = SplitMix64::new(seed);
+        for i in (1..n).rev() {
+            let j = (rng.next() % (i as u64 + 1)) as usize;
+            rank.swap(i, j);
+        }
+        let mut l = Leecher {
+            cfg,
+            avg_size: if n == 0 { 1 } else { (total / n as u64).max(1) },
+            sizes,
+            have,
+            avail: vec![0; n],
+            inflight: vec![0; n],
+            inflight_set: BTreeSet::new(),
+            buckets: Vec::new(),
+            pending: 0,
+            rank,
+            peers: Vec::new(),
+            free: Vec::new(),
+            index: HashMap::new(),
+            banned: HashSet::new(),
+            actions: VecDeque::new(),
+            dirty: true,
+            rr: 0,
+            completed: false,
+        };
+        if l.have.is_full() {
+            l.completed = true;
+            l.actions.push_back(Action::Complete);
+        }
+        l
+    }
+
+    /// Chunks present.
+    pub fn have(&self) -> &Bitfield {
+        &self.have
+    }
+
+    /// True once every chunk is present.
+    pub fn is_complete(&self) -> bool {
+        self.have.is_full()
+    }
+
+    /// Peers banned for this image.
+    pub fn banned(&self) -> impl Iterator<Item = &P> {
+        self.banned.iter()
+    }
+
+    /// Whether `p` is banned for this image.
+    pub fn is_banned(&self, p: &P) -> bool {
+        self.banned.contains(p)
+    }
+
+    /// Bytes received from `p` so far (verified chunks only).
+    pub fn bytes_from(&self, p: &P) -> u64 {
+        self.slot(p).map(|s| s.bytes_in).unwrap_or(0)
+    }
+
+    /// Number of requests in flight.
+    pub fn in_flight(&self) -> usize {
+        self.peers.iter().flatten().map(|s| s.out.len()).sum()
+    }
+
+    /// Measured delivery rate of `p`, bytes/s.
+    pub fn rate_of(&self, p: &P) -> Option<f64> {
+        self.slot(p).and_then(|s| s.rate.rate())
+    }
+
+    fn slot(&self, p: &P) -> Option<&PeerSlot<P>> {
+        self.index.get(p).and_then(|&i| self.peers[i].as_ref())
+    }
+
+    // ---------------------------------------------------------------- buckets
+
+    fn bucket_insert(&mut self, idx: u32) {
+        let a = self.avail[idx as usize] as usize;
+        if a == 0 || self.have.get(idx) || self.inflight[idx as usize] > 0 {
+            return;
+        }
+        if self.buckets.len() <= a {
+            self.buckets.resize_with(a + 1, BTreeSet::new);
+        }
+        if self.buckets[a].insert((self.rank[idx as usize], idx)) {
+            self.pending += 1;
+        }
+    }
+
+    fn bucket_remove(&mut self, idx: u32) {
+        let a = self.avail[idx as usize] as usize;
+        if a < self.buckets.len() && self.buckets[a].remove(&(self.rank[idx as usize], idx)) {
+            self.pending -= 1;
+        }
+    }
+
+    fn avail_inc(&mut self, idx: u32) {
+        self.bucket_remove(idx);
+        self.avail[idx as usize] += 1;
+        self.bucket_insert(idx);
+        self.dirty = true;
+    }
+
+    fn avail_dec(&mut self, idx: u32) {
+        self.bucket_remove(idx);
+        self.avail[idx as usize] -= 1;
+        self.bucket_insert(idx);
+    }
+
+    // ---------------------------------------------------------------- events
+
+    /// A peer joined this image's swarm with have-set `has`. Returns false (and
+    /// ignores it) if it is banned. A known peer's have-set is replaced.
+    pub fn add_peer(&mut self, p: P, has: Bitfield, kind: PeerKind, now: Micros) -> bool {
+        if self.banned.contains(&p) || has.len() as usize != self.sizes.len() {
+            return false;
+        }
+        if let Some(&i) = self.index.get(&p) {
+            let old = std::mem::replace(&mut self.peers[i].as_mut().expect("indexed").has, has.clone());
+            for idx in old.iter_ones() {
+                if !has.get(idx) {
+                    self.avail_dec(idx);
+                }
+            }
+            for idx in has.iter_ones() {
+                if !old.get(idx) {
+                    self.avail_inc(idx);
+                }
+            }
+            self.peers[i].as_mut().expect("indexed").kind = kind;
+            return true;
+        }
+        let slot = PeerSlot {
+            id: p.clone(),
+            kind,
+            has: has.clone(),
+            out: Vec::new(),
+            out_bytes: 0,
+            rate: RateEst::default(),
+            since: now,
+            strikes: 0,
+            depth_cap: self.cfg.max_depth,
+            bytes_in: 0,
+        };
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.peers[i] = Some(slot);
+                i
+            }
+            None => {
+                self.peers.push(Some(slot));
+                self.peers.len() - 1
+            }
+        };
+        self.index.insert(p, i);
+        for idx in has.iter_ones() {
+            self.avail_inc(idx);
+        }
+        self.dirty = true;
+        true
+    }
+
+    /// `p` now holds chunk `idx`.
+    pub fn peer_have(&mut self, p: &P, idx: u32) {
+        let Some(&i) = self.index.get(p) else { return };
+        if idx as usize >= self.sizes.len() {
+            return;
+        }
+        if self.peers[i].as_mut().expect("indexed").has.set(idx) {
+            self.avail_inc(idx);
+        }
+    }
+
+    /// `p` left (disconnected or stopped serving this image).
+    pub fn remove_peer(&mut self, p: &P) {
+        let Some(i) = self.index.remove(p) else { return };
+        let slot = self.peers[i].take().expect("indexed");
+        self.free.push(i);
+        for (idx, _) in &slot.out {
+            self.release(*idx);
+        }
+        for idx in slot.has.iter_ones() {
+            self.avail_dec(idx);
+        }
+        self.dirty = true;
+    }
+
+    /// `p` answered that it does not have `idx` (or will not serve it now).
+    pub fn peer_lacks(&mut self, p: &P, idx: u32, now: Micros) {
+        let Some(&i) = self.index.get(p) else { return };
+        let s = self.peers[i].as_mut().expect("indexed");
+        let was = s.has.clear(idx);
+        let had_req = Self::take_out(s, idx, &self.sizes);
+        if had_req && s.out.is_empty() {
+            s.since = now;
+        }
+        if had_req {
+            self.release(idx);
+        }
+        if was {
+            self.avail_dec(idx);
+        }
+        self.dirty = true;
+    }
+
+    /// A reply with chunk `idx` from `p` arrived; `ok` says whether it matched its
+    /// id (the shell verifies, and stores it only if it did).
+    pub fn on_chunk(&mut self, p: &P, idx: u32, ok: bool, now: Micros) {
+        if idx as usize >= self.sizes.len() {
+            return;
+        }
+        if !ok {
+            self.ban(p);
+            return;
+        }
+        if let Some(&i) = self.index.get(p) {
+            let size = self.sizes[idx as usize] as u64;
+            let s = self.peers[i].as_mut().expect("indexed");
+            let had_req = Self::take_out(s, idx, &self.sizes);
+            s.bytes_in += size;
+            if had_req {
+                s.rate.add(size, now.saturating_sub(s.since));
+                s.strikes = 0;
+                s.depth_cap = self.cfg.max_depth;
+            }
+            s.since = now;
+            if s.has.set(idx) {
+                // it evidently has it; count it so bookkeeping stays symmetric
+                self.avail_inc(idx);
+            }
+            if had_req {
+                self.release(idx);
+            }
+        }
+        if self.have.set(idx) {
+            self.bucket_remove(idx);
+            // cancel the endgame duplicates
+            if self.inflight[idx as usize] > 0 {
+                let mut losers = Vec::new();
+                for s in self.peers.iter_mut().flatten() {
+                    if Self::take_out(s, idx, &self.sizes) {
+                        losers.push(s.id.clone());
+                        if s.out.is_empty() {
+                            s.since = now;
+                        }
+                    }
+                }
+                for l in losers {
+                    self.release(idx);
+                    self.actions.push_back(Action::Cancel { peer: l, chunk: idx });
+                }
+            }
+            if self.have.is_full() && !self.completed {
+                self.completed = true;
+                self.actions.push_back(Action::Complete);
+            }
+        }
+        self.dirty = true;
+    }
+
+    /// Bans `p` for this image: its requests go elsewhere, it is never used again.
+    pub fn ban(&mut self, p: &P) {
+        if self.banned.insert(p.clone()) {
+            self.remove_peer(p);
+            self.actions.push_back(Action::Ban { peer: p.clone() });
+        }
+    }
+
+    fn take_out(s: &mut PeerSlot<P>, idx: u32, sizes: &[u32]) -> bool {
+        if let Some(pos) = s.out.iter().position(|&(c, _)| c == idx) {
+            s.out.remove(pos);
+            s.out_bytes -= sizes[idx as usize] as u64;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// One request for `idx` ended (not at the peer's slot: the caller did that).
+    fn release(&mut self, idx: u32) {
+        let f = &mut self.inflight[idx as usize];
+        *f -= 1;
+        if *f == 0 {
+            self.inflight_set.remove(&idx);
+            self.bucket_insert(idx);
+        }
+        self.dirty = true;
+    }
+
+    // ---------------------------------------------------------------- decisions
+
+    fn depth(&self, s: &PeerSlot<P>) -> usize {
+        if s.kind == PeerKind::SuperSeed {
+            return usize::MAX;
+        }
+        let d = match s.rate.rate() {
+            Some(r) => {
+                let want = r * self.cfg.window_us as f64 / 1e6 / self.avg_size as f64;
+                (want.ceil() as usize).clamp(self.cfg.min_depth, self.cfg.max_depth)
+            }
+            None => self.cfg.min_depth,
+        };
+        d.min(s.depth_cap)
+    }
+
+    fn deadline(&self, s: &PeerSlot<P>) -> Option<Micros> {
+        if s.out.is_empty() {
+            return None;
+        }
+        let rate = s.rate.rate().unwrap_or(0.0).max(self.cfg.assumed_rate as f64);
+        let wait = self.cfg.base_timeout_us as f64
+            + self.cfg.timeout_factor as f64 * s.out_bytes as f64 * 1e6 / rate;
+        Some(s.since.saturating_add(wait as u64))
+    }
+
+    /// Earliest time `poll` has timeouts to check; the shell wakes up then.
+    pub fn next_deadline(&self) -> Option<Micros> {
+        self.peers.iter().flatten().filter_map(|s| self.deadline(s)).min()
+    }
+
+    /// Rarest wanted chunk `s` has that nobody is fetching yet.
+    fn pick(&self, s: &PeerSlot<P>) -> Option<u32> {
+        if self.pending == 0 {
+            return None;
+        }
+        if (s.has.count() as usize) < self.pending / 8 {
+            // sparse peer (e.g. a super-seed's offers): scan its set, not the buckets
+            return s
+                .has
+                .iter_ones()
+                .filter(|&i| {
+                    !self.have.get(i) && self.inflight[i as usize] == 0 && self.avail[i as usize] > 0
+                })
+                .min_by_key(|&i| (self.avail[i as usize], self.rank[i as usize]));
+        }
+        for b in self.buckets.iter().skip(1) {
+            for &(_, idx) in b {
+                if s.has.get(idx) {
+                    return Some(idx);
+                }
+            }
+        }
+        None
+    }
+
+    /// Endgame: every missing chunk is requested somewhere; duplicate the ones `s`
+    /// can also serve, fewest copies first.
+    fn pick_endgame(&self, s: &PeerSlot<P>) -> Option<u32> {
+        let missing = (self.have.len() - self.have.count()) as usize;
+        if missing == 0 || self.inflight_set.len() != missing {
+            return None;
+        }
+        self.inflight_set
+            .iter()
+            .copied()
+            .filter(|&i| {
+                s.has.get(i)
+                    && self.inflight[i as usize] < self.cfg.max_dup
+                    && !s.out.iter().any(|&(c, _)| c == i)
+            })
+            .min_by_key(|&i| self.inflight[i as usize])
+    }
+
+    /// Checks timeouts and fills pipelines. Call after events and at `next_deadline`.
+    pub fn poll(&mut self, now: Micros) {
+        // timeouts
+        let mut timed_out = Vec::new();
+        for (i, s) in self.peers.iter().enumerate() {
+            if let Some(s) = s {
+                if let Some(d) = self.deadline(s) {
+                    if now >= d {
+                        timed_out.push(i);
+                    }
+                }
+            }
+        }
+        for i in timed_out {
+            let s = self.peers[i].as_mut().expect("live");
+            let (idx, _) = s.out.remove(0);
+            s.out_bytes -= self.sizes[idx as usize] as u64;
+            s.strikes += 1;
+            s.depth_cap = (s.depth_cap / 2).max(1);
+            s.since = now;
+            let id = s.id.clone();
+            let strikes = s.strikes;
+            tracing::debug!(peer = ?id, chunk = idx, strikes, "chunk request timed out");
+            self.release(idx);
+            self.actions.push_back(Action::Cancel { peer: id.clone(), chunk: idx });
+            if strikes > self.cfg.max_strikes {
+                self.remove_peer(&id);
+                self.actions.push_back(Action::Disconnect { peer: id });
+            }
+        }
+        if !self.dirty || self.have.is_full() {
+            return;
+        }
+        self.dirty = false;
+        let n = self.peers.len();
+        if n == 0 {
+            return;
+        }
+        // rotate the starting peer so no peer is always served first
+        self.rr = (self.rr + 1) % n;
+        // peers that recently timed out are served last
+        for k in 0..2 * n {
+            let i = (self.rr + k) % n;
+            loop {
+                let Some(s) = self.peers[i].as_ref() else { break };
+                if (s.strikes > 0) == (k < n) {
+                    break;
+                }
+                if s.out.len() >= self.depth(s) {
+                    break;
+                }
+                let Some(idx) = self.pick(s).or_else(|| self.pick_endgame(s)) else { break };
+                let size = self.sizes[idx as usize] as u64;
+                let s = self.peers[i].as_mut().expect("live");
+                if s.out.is_empty() {
+                    s.since = now;
+                }
+                s.out.push((idx, now));
+                s.out_bytes += size;
+                let id = s.id.clone();
+                self.bucket_remove(idx);
+                if self.inflight[idx as usize] == 0 {
+                    self.inflight_set.insert(idx);
+                }
+                self.inflight[idx as usize] += 1;
+                self.actions.push_back(Action::Request { peer: id, chunk: idx });
+            }
+        }
+    }
+
+    /// Next action for the shell, if any.
+    pub fn next_action(&mut self) -> Option<Action<P>> {
+        self.actions.pop_front()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn drain(l: &mut Leecher<u32>) -> Vec<Action<u32>> {
+        std::iter::from_fn(|| l.next_action()).collect()
+    }
+
+    fn reqs(a: &[Action<u32>]) -> Vec<(u32, u32)> {
+        a.iter()
+            .filter_map(|x| match x {
+                Action::Request { peer, chunk } => Some((*peer, *chunk)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn rarest_first_and_pipelined() {
+        let mut l = Leecher::new(vec![1000; 4], Bitfield::new(4), 1, LeecherConfig::default());
+        let mut a = Bitfield::full(4);
+        a.clear(3);
+        let mut b = Bitfield::new(4);
+        b.set(0);
+        b.set(1);
+        l.add_peer(1, a, PeerKind::Normal, 0);
+        l.add_peer(2, b, PeerKind::Normal, 0);
+        l.poll(0);
+        let r = reqs(&drain(&mut l));
+        // chunk 2 is only at peer 1 (avail 1) and must be among peer 1's requests
+        assert!(r.contains(&(1, 2)));
+        // two requests per peer (min depth), all distinct chunks
+        assert_eq!(r.len(), 3, "{r:?}");
+        let mut chunks: Vec<u32> = r.iter().map(|x| x.1).collect();
+        chunks.sort();
+        chunks.dedup();
+        assert_eq!(chunks.len(), 3);
+    }
+
+    #[test]
+    fn resume_skips_present_chunks() {
+        let mut have = Bitfield::new(3);
+        have.set(0);
+        have.set(2);
+        let mut l = Leecher::new(vec![10; 3], have, 7, LeecherConfig::default());
+        l.add_peer(9, Bitfield::full(3), PeerKind::Normal, 0);
+        l.poll(0);
+        assert_eq!(reqs(&drain(&mut l)), vec![(9, 1)]);
+        l.on_chunk(&9, 1, true, 10);
+        assert!(drain(&mut l).contains(&Action::Complete));
+    }
+
+    #[test]
+    fn bad_chunk_bans_and_refetches_elsewhere() {
+        let mut l = Leecher::new(vec![10; 1], Bitfield::new(1), 3, LeecherConfig::default());
+        l.add_peer(1, Bitfield::full(1), PeerKind::Normal, 0);
+        l.poll(0);
+        let r = reqs(&drain(&mut l));
+        assert_eq!(r, vec![(1, 0)]);
+        l.add_peer(2, Bitfield::full(1), PeerKind::Normal, 0);
+        l.on_chunk(&1, 0, false, 5);
+        l.poll(5);
+        let acts = drain(&mut l);
+        assert!(acts.contains(&Action::Ban { peer: 1 }));
+        assert_eq!(reqs(&acts), vec![(2, 0)]);
+        assert!(!l.add_peer(1, Bitfield::full(1), PeerKind::Normal, 6), "banned peer re-added");
+    }
+
+    #[test]
+    fn slow_but_progressing_peer_is_not_timed_out() {
+        // 256 KiB chunks over 1 Mbit/s (125 kB/s): ~2.1 s each
+        let n = 20;
+        let size = 256 * 1024;
+        let mut l = Leecher::new(vec![size; n], Bitfield::new(n as u32), 5, LeecherConfig::default());
+        l.add_peer(1, Bitfield::full(n as u32), PeerKind::Normal, 0);
+        let mut now = 0u64;
+        l.poll(now);
+        let mut outstanding: VecDeque<u32> = reqs(&drain(&mut l)).into_iter().map(|x| x.1).collect();
+        let per_chunk = size as u64 * 1_000_000 / 125_000;
+        while let Some(c) = outstanding.pop_front() {
+            now += per_chunk;
+            // nothing timed out before the reply
+            l.poll(now - 1);
+            let acts = drain(&mut l);
+            assert!(!acts.iter().any(|a| matches!(a, Action::Cancel { .. })), "{acts:?} at {now}");
+            outstanding.extend(reqs(&acts).into_iter().map(|x| x.1));
+            l.on_chunk(&1, c, true, now);
+            l.poll(now);
+            outstanding.extend(reqs(&drain(&mut l)).into_iter().map(|x| x.1));
+        }
+        assert!(l.is_complete());
+    }
+
+    #[test]
+    fn silent_peer_times_out_and_request_moves() {
+        let mut l = Leecher::new(vec![65536; 2], Bitfield::new(2), 5, LeecherConfig::default());
+        let mut one = Bitfield::new(2);
+        one.set(0);
+        l.add_peer(1, one.clone(), PeerKind::Normal, 0);
+        l.poll(0);
+        assert_eq!(reqs(&drain(&mut l)), vec![(1, 0)]);
+        let d = l.next_deadline().unwrap();
+        // 5 s base + 4 x 64 KiB at the assumed rate
+        assert!(d > 5_000_000 && d < 20_000_000, "{d}");
+        l.poll(d - 1);
+        assert!(drain(&mut l).is_empty());
+        l.add_peer(2, one, PeerKind::Normal, d - 1);
+        l.poll(d);
+        let acts = drain(&mut l);
+        assert!(acts.contains(&Action::Cancel { peer: 1, chunk: 0 }));
+        assert!(reqs(&acts).contains(&(2, 0)), "{acts:?}");
+    }
+
+    #[test]
+    fn endgame_duplicates_then_cancels_loser() {
+        let mut l = Leecher::new(vec![100; 1], Bitfield::new(1), 5, LeecherConfig::default());
+        l.add_peer(1, Bitfield::full(1), PeerKind::Normal, 0);
+        l.poll(0);
+        drain(&mut l);
+        l.add_peer(2, Bitfield::full(1), PeerKind::Normal, 0);
+        l.poll(0);
+        assert_eq!(reqs(&drain(&mut l)), vec![(2, 0)]);
+        l.on_chunk(&2, 0, true, 10);
+        let acts = drain(&mut l);
+        assert!(acts.contains(&Action::Cancel { peer: 1, chunk: 0 }));
+        assert!(acts.contains(&Action::Complete));
+    }
+
+    #[test]
+    fn super_seed_offers_all_requested() {
+        let mut l = Leecher::new(vec![100; 10], Bitfield::new(10), 5, LeecherConfig::default());
+        let mut offers = Bitfield::new(10);
+        for i in 0..5 {
+            offers.set(i);
+        }
+        l.add_peer(1, offers, PeerKind::SuperSeed, 0);
+        l.poll(0);
+        assert_eq!(reqs(&drain(&mut l)).len(), 5);
+    }
+
+    #[test]
+    fn lacking_peer_frees_request() {
+        let mut l = Leecher::new(vec![100; 1], Bitfield::new(1), 5, LeecherConfig::default());
+        l.add_peer(1, Bitfield::full(1), PeerKind::Normal, 0);
+        l.poll(0);
+        drain(&mut l);
+        l.peer_lacks(&1, 0, 3);
+        l.add_peer(2, Bitfield::full(1), PeerKind::Normal, 3);
+        l.poll(3);
+        assert_eq!(reqs(&drain(&mut l)), vec![(2, 0)]);
+    }
+}
