@@ -1,0 +1,411 @@
+//! Importing an image file into the store: chunk, store, sign, pin.
+
+use std::fs::File;
+use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use ed25519_dalek::SigningKey;
+use tracing::info;
+
+use crate::chunking::Chunker;
+use crate::error::{Error, Result};
+use crate::ids::{ChunkId, ImageId};
+use crate::manifest::{
+    BootInfo, ByteRange, ChunkRef, ImageFormat, Manifest, SignedManifest, MAX_IMAGE_SIZE,
+    MAX_NAME_LEN,
+};
+use crate::store::ChunkStore;
+
+/// What an input file looks like, from its magic bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InputKind {
+    /// No known header: a raw disk image.
+    Raw,
+    /// ISO 9660 (`CD001` at byte 0x8001).
+    Iso,
+    /// qcow2 (`QFI\xfb`); converted to raw on import.
+    Qcow2,
+}
+
+/// Options for [`import_file`].
+#[derive(Clone, Debug, Default)]
+pub struct ImportOptions {
+    /// Image name in the manifest; default: the file name.
+    pub name: Option<String>,
+    /// Force an input kind instead of detecting it.
+    pub kind: Option<InputKind>,
+    /// Where `qemu-img` writes the converted raw file; default: the system
+    /// temp dir. Needs room for the full virtual disk size.
+    pub temp_dir: Option<PathBuf>,
+}
+
+/// The parts of a direct-boot (kernel + initrd + disk) image.
+#[derive(Clone, Debug)]
+pub struct DirectBoot {
+    /// Kernel (bzImage or vmlinux).
+    pub kernel: PathBuf,
+    /// Initial ramdisk.
+    pub initrd: Option<PathBuf>,
+    /// Root disk (raw or qcow2).
+    pub disk: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+}
+
+/// Detect the kind of an input file from its header.
+pub fn detect_kind(path: &Path) -> Result<InputKind> {
+    let mut f = File::open(path).map_err(|e| bad_file(path, e))?;
+    let mut head = [0u8; 4];
+    let n = read_full(&mut f, &mut head).map_err(|e| bad_file(path, e))?;
+    if n == 4 && head == *b"QFI\xfb" {
+        return Ok(InputKind::Qcow2);
+    }
+    let mut cd = [0u8; 5];
+    if f.seek(SeekFrom::Start(0x8001)).is_ok()
+        && read_full(&mut f, &mut cd).map_err(|e| bad_file(path, e))? == 5
+        && &cd == b"CD001"
+    {
+        return Ok(InputKind::Iso);
+    }
+    Ok(InputKind::Raw)
+}
+
+fn read_full(f: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+fn bad_file(path: &Path, e: std::io::Error) -> Error {
+    if crate::error::is_disk_full(&e) {
+        return Error::DiskFull {
+            what: "reading image",
+            path: path.to_path_buf(),
+        };
+    }
+    Error::BadImageFile {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    }
+}
+
+/// A raw view of an input: the file itself, or a qemu-img conversion of it
+/// (the temp dir lives as long as this value).
+struct RawInput {
+    file: File,
+    size: u64,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+fn open_raw(path: &Path, kind: InputKind, temp_dir: Option<&Path>) -> Result<RawInput> {
+    if kind != InputKind::Qcow2 {
+        let file = File::open(path).map_err(|e| bad_file(path, e))?;
+        let md = file.metadata().map_err(|e| bad_file(path, e))?;
+        if !md.is_file() {
+            return Err(Error::BadImageFile {
+                path: path.into(),
+                reason: "not a regular file".into(),
+            });
+        }
+        return Ok(RawInput {
+            size: md.len(),
+            file,
+            _tmp: None,
+        });
+    }
+    let base = temp_dir
+        .map(Path::to_path_buf)
+        .unwrap_or_else(std::env::temp_dir);
+    let tmp = tempfile::Builder::new()
+        .prefix("cpushare-qcow2-")
+        .tempdir_in(&base)
+        .map_err(|e| Error::io("creating temp dir for qcow2 conversion", &base, e))?;
+    let out = tmp.path().join("converted.raw");
+    let res = Command::new("qemu-img")
+        .args(["convert", "-q", "-f", "qcow2", "-O", "raw"])
+        .arg(path)
+        .arg(&out)
+        .output()
+        .map_err(|e| Error::QemuImg {
+            path: path.into(),
+            detail: format!("cannot run qemu-img: {e}"),
+        })?;
+    if !res.status.success() {
+        let msg = String::from_utf8_lossy(&res.stderr).trim().to_string();
+        if msg.contains("No space left") {
+            return Err(Error::DiskFull {
+                what: "converting qcow2 image",
+                path: base,
+            });
+        }
+        return Err(Error::QemuImg {
+            path: path.into(),
+            detail: msg,
+        });
+    }
+    let file = File::open(&out).map_err(|e| Error::io("opening converted image", &out, e))?;
+    let size = file
+        .metadata()
+        .map_err(|e| Error::io("opening converted image", &out, e))?
+        .len();
+    Ok(RawInput {
+        file,
+        size,
+        _tmp: Some(tmp),
+    })
+}
+
+/// Releases import holds on drop (also on error paths).
+struct Holds<'a> {
+    store: &'a ChunkStore,
+    ids: Vec<ChunkId>,
+}
+
+impl Drop for Holds<'_> {
+    fn drop(&mut self) {
+        self.store.release_holds(&self.ids);
+    }
+}
+
+/// Chunk `src` (of `total` bytes) into the store; returns the chunk list.
+/// The chunks stay protected from eviction while `holds` lives.
+fn store_stream<R: Read>(
+    store: &ChunkStore,
+    src: R,
+    done_before: u64,
+    total: u64,
+    holds: &mut Holds<'_>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Vec<ChunkRef>> {
+    let mut refs = Vec::new();
+    let mut done = done_before;
+    for c in Chunker::new(src) {
+        let c = c.map_err(|e| Error::io("reading image", store.path(), e))?;
+        store.put_chunk_inner(&c.id, &c.data, true, true)?;
+        holds.ids.push(c.id);
+        refs.push(ChunkRef {
+            id: c.id,
+            size: c.data.len() as u32,
+        });
+        done += c.data.len() as u64;
+        progress(done, total);
+    }
+    Ok(refs)
+}
+
+fn finish(
+    store: &ChunkStore,
+    key: &SigningKey,
+    manifest: Manifest,
+) -> Result<(ImageId, SignedManifest)> {
+    let signed = SignedManifest::sign(manifest, key)?;
+    let id = store.put_manifest(&signed)?;
+    store.pin(id)?;
+    store.flush()?;
+    info!(image = %id, name = %signed.manifest().name, size = signed.manifest().total_size, "imported image");
+    Ok((id, signed))
+}
+
+fn check_name(name: String) -> String {
+    if name.len() <= MAX_NAME_LEN {
+        return name;
+    }
+    let mut end = MAX_NAME_LEN;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    name[..end].to_string()
+}
+
+fn default_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "image".into())
+}
+
+/// Import a raw, ISO or qcow2 file: chunk it into `store`, build and sign its
+/// manifest with `key`, store the manifest and pin the image (this node is
+/// its seed). `progress(done_bytes, total_bytes)` is called after each chunk.
+pub fn import_file(
+    store: &ChunkStore,
+    key: &SigningKey,
+    path: &Path,
+    opts: &ImportOptions,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<(ImageId, SignedManifest)> {
+    let kind = match opts.kind {
+        Some(k) => k,
+        None => detect_kind(path)?,
+    };
+    let raw = open_raw(path, kind, opts.temp_dir.as_deref())?;
+    check_size(path, raw.size)?;
+    let format = match kind {
+        InputKind::Raw => ImageFormat::Raw,
+        InputKind::Iso => ImageFormat::Iso,
+        InputKind::Qcow2 => ImageFormat::Qcow2Converted,
+    };
+    let mut holds = Holds {
+        store,
+        ids: Vec::new(),
+    };
+    let refs = store_stream(
+        store,
+        BufReader::new(raw.file),
+        0,
+        raw.size,
+        &mut holds,
+        &mut progress,
+    )?;
+    let name = check_name(opts.name.clone().unwrap_or_else(|| default_name(path)));
+    let manifest = Manifest::new(name, format, refs, None, key.verifying_key());
+    if manifest.total_size != raw.size {
+        return Err(Error::BadImageFile {
+            path: path.into(),
+            reason: format!(
+                "file changed while importing ({} bytes read, {} expected)",
+                manifest.total_size, raw.size
+            ),
+        });
+    }
+    finish(store, key, manifest)
+}
+
+fn check_size(path: &Path, size: u64) -> Result<()> {
+    if size == 0 {
+        return Err(Error::BadImageFile {
+            path: path.into(),
+            reason: "file is empty".into(),
+        });
+    }
+    if size > MAX_IMAGE_SIZE {
+        return Err(Error::BadImageFile {
+            path: path.into(),
+            reason: format!("{size} bytes is larger than the {MAX_IMAGE_SIZE}-byte image limit"),
+        });
+    }
+    Ok(())
+}
+
+/// Import a direct-boot image: the disk (if any), kernel and initrd (if any)
+/// are laid end to end in that order and the manifest's [`BootInfo`] records
+/// each part's byte range.
+pub fn import_direct_boot(
+    store: &ChunkStore,
+    key: &SigningKey,
+    parts: &DirectBoot,
+    name: &str,
+    temp_dir: Option<&Path>,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<(ImageId, SignedManifest)> {
+    let mut inputs: Vec<(PathBuf, RawInput)> = Vec::new();
+    let mut format = ImageFormat::Raw;
+    if let Some(d) = &parts.disk {
+        let kind = detect_kind(d)?;
+        if kind == InputKind::Qcow2 {
+            format = ImageFormat::Qcow2Converted;
+        }
+        inputs.push((d.clone(), open_raw(d, kind, temp_dir)?));
+    }
+    inputs.push((
+        parts.kernel.clone(),
+        open_raw(&parts.kernel, InputKind::Raw, None)?,
+    ));
+    if let Some(i) = &parts.initrd {
+        inputs.push((i.clone(), open_raw(i, InputKind::Raw, None)?));
+    }
+    let mut ranges = Vec::new();
+    let mut off = 0u64;
+    for (p, r) in &inputs {
+        if r.size == 0 {
+            return Err(Error::BadImageFile {
+                path: p.clone(),
+                reason: "file is empty".into(),
+            });
+        }
+        ranges.push(ByteRange {
+            offset: off,
+            len: r.size,
+        });
+        off += r.size;
+    }
+    check_size(&parts.kernel, off)?;
+    let mut it = ranges.iter().copied();
+    let disk = parts.disk.as_ref().and_then(|_| it.next());
+    let kernel = it.next().expect("kernel range");
+    let initrd = parts.initrd.as_ref().and_then(|_| it.next());
+    let total = off;
+    // One chunk stream over the concatenation, so parts dedupe across versions.
+    let mut chain: Box<dyn Read> = Box::new(std::io::empty());
+    for (_, r) in inputs.iter() {
+        let f = r
+            .file
+            .try_clone()
+            .map_err(|e| Error::io("reading image", store.path(), e))?;
+        chain = Box::new(chain.chain(BufReader::new(f)));
+    }
+    let mut holds = Holds {
+        store,
+        ids: Vec::new(),
+    };
+    let refs = store_stream(store, chain, 0, total, &mut holds, &mut progress)?;
+    let boot = BootInfo {
+        kernel,
+        initrd,
+        disk,
+        cmdline: parts.cmdline.clone(),
+    };
+    let manifest = Manifest::new(
+        check_name(name.to_string()),
+        format,
+        refs,
+        Some(boot),
+        key.verifying_key(),
+    );
+    if manifest.total_size != total {
+        return Err(Error::BadImageFile {
+            path: parts.kernel.clone(),
+            reason: "input files changed while importing".into(),
+        });
+    }
+    finish(store, key, manifest)
+}
+
+/// Chunk any reader into the store and sign a manifest for it (used by tests
+/// and by callers that already have a raw stream).
+pub fn import_reader<R: Read>(
+    store: &ChunkStore,
+    key: &SigningKey,
+    src: R,
+    name: &str,
+    format: ImageFormat,
+    total_hint: u64,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<(ImageId, SignedManifest)> {
+    let mut holds = Holds {
+        store,
+        ids: Vec::new(),
+    };
+    let refs = store_stream(store, src, 0, total_hint, &mut holds, &mut progress)?;
+    let manifest = Manifest::new(
+        check_name(name.to_string()),
+        format,
+        refs,
+        None,
+        key.verifying_key(),
+    );
+    if manifest.total_size > MAX_IMAGE_SIZE {
+        return Err(Error::ManifestTooLarge(format!(
+            "image of {} bytes",
+            manifest.total_size
+        )));
+    }
+    finish(store, key, manifest)
+}

@@ -1,0 +1,153 @@
+//! Writing an image out of the store: an unlinked temp file for a VM, or a
+//! normal file for export.
+
+use std::fs::File;
+use std::io::{Seek, SeekFrom, Write};
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::ids::ImageId;
+use crate::manifest::{ByteRange, SignedManifest};
+use crate::store::ChunkStore;
+
+/// Write the image's bootable disk (the whole image, or the boot info's disk
+/// part) into an unnamed temporary file in `dir`, fsync it and return it
+/// positioned at 0. The file has no path (O_TMPFILE, or created and unlinked
+/// at once), so it disappears when the last handle closes.
+///
+/// `max_size`: fail with [`Error::ImageTooLarge`] if the disk is larger.
+pub fn materialize(
+    store: &ChunkStore,
+    image: ImageId,
+    dir: &Path,
+    max_size: Option<u64>,
+) -> Result<File> {
+    let m = manifest(store, image)?;
+    let range = m.manifest().disk_range().ok_or(Error::NoDisk(image))?;
+    write_unlinked(store, &m, range, dir, max_size)
+}
+
+/// Like [`materialize`] for any byte range of the image (e.g. the kernel
+/// or initrd of a direct-boot image).
+pub fn materialize_range(
+    store: &ChunkStore,
+    image: ImageId,
+    range: ByteRange,
+    dir: &Path,
+    max_size: Option<u64>,
+) -> Result<File> {
+    let m = manifest(store, image)?;
+    write_unlinked(store, &m, range, dir, max_size)
+}
+
+/// Write the whole image to `dest` as a normal file. Written to a temp file
+/// beside `dest`, fsynced, then renamed, so a failure leaves no partial file.
+/// Returns the number of bytes written.
+pub fn export(store: &ChunkStore, image: ImageId, dest: &Path) -> Result<u64> {
+    let m = manifest(store, image)?;
+    let parent = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    if dest.is_dir() {
+        return Err(Error::Io {
+            what: "exporting image",
+            path: dest.into(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::IsADirectory,
+                "destination is a directory",
+            ),
+        });
+    }
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".cpushare-export-")
+        .tempfile_in(&parent)
+        .map_err(|e| Error::io("creating export file", &parent, e))?;
+    let range = ByteRange {
+        offset: 0,
+        len: m.manifest().total_size,
+    };
+    write_range(store, &m, range, tmp.as_file_mut(), dest)?;
+    tmp.persist(dest)
+        .map_err(|e| Error::io("renaming exported image into place", dest, e.error))?;
+    // Make the rename durable too.
+    if let Ok(d) = File::open(&parent) {
+        let _ = d.sync_all();
+    }
+    Ok(range.len)
+}
+
+fn manifest(store: &ChunkStore, image: ImageId) -> Result<SignedManifest> {
+    store.get_manifest(image)?.ok_or(Error::UnknownImage(image))
+}
+
+fn write_unlinked(
+    store: &ChunkStore,
+    m: &SignedManifest,
+    range: ByteRange,
+    dir: &Path,
+    max_size: Option<u64>,
+) -> Result<File> {
+    if let Some(cap) = max_size {
+        if range.len > cap {
+            return Err(Error::ImageTooLarge {
+                size: range.len,
+                cap,
+            });
+        }
+    }
+    let mut f = tempfile::tempfile_in(dir).map_err(|e| Error::io("creating image file", dir, e))?;
+    write_range(store, m, range, &mut f, dir)?;
+    f.seek(SeekFrom::Start(0))
+        .map_err(|e| Error::io("writing image file", dir, e))?;
+    Ok(f)
+}
+
+/// Copy `range` of the image into `f` (fresh, empty) and fsync. All-zero
+/// chunks are skipped (left as holes) to keep the file sparse.
+fn write_range(
+    store: &ChunkStore,
+    m: &SignedManifest,
+    range: ByteRange,
+    f: &mut File,
+    at: &Path,
+) -> Result<()> {
+    let image = m.image_id();
+    let man = m.manifest();
+    let end = match range.end() {
+        Some(e) if e <= man.total_size => e,
+        _ => {
+            return Err(Error::RangeOutOfImage {
+                image,
+                offset: range.offset,
+                len: range.len,
+                total: man.total_size,
+            })
+        }
+    };
+    // Keep chunks from being evicted while we copy.
+    let _pin = store.pin_temp(image)?;
+    let io = |e| Error::io("writing image file", at, e);
+    for (off, c) in man.chunk_offsets() {
+        let c_end = off + c.size as u64;
+        if c_end <= range.offset || off >= end {
+            continue;
+        }
+        let Some(data) = store.get_chunk(&c.id)? else {
+            let missing = store.missing_chunks(image)?.len().max(1);
+            return Err(Error::ImageIncomplete { image, missing });
+        };
+        let from = range.offset.saturating_sub(off) as usize;
+        let to = (end.min(c_end) - off) as usize;
+        let piece = &data[from..to];
+        let pos = off + from as u64 - range.offset;
+        if piece.iter().all(|&b| b == 0) {
+            continue;
+        }
+        f.seek(SeekFrom::Start(pos)).map_err(io)?;
+        f.write_all(piece).map_err(io)?;
+    }
+    f.set_len(range.len).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    Ok(())
+}

@@ -1,0 +1,748 @@
+//! The sled-backed chunk store: verified chunks, manifests, pins, a size cap
+//! with LRU eviction.
+//!
+//! # Layout
+//! One sled database with four trees:
+//! - `chunks`: chunk id -> bytes
+//! - `meta`: chunk id -> size (u32 LE) + last-access tick (u64 LE)
+//! - `manifests`: image id -> encoded signed manifest
+//! - `pins`: image id -> empty (persistent pins, e.g. images this node imported)
+//!
+//! # Crash safety
+//! A chunk and its `meta` entry are written and removed in one sled
+//! transaction, so after `kill -9` sled recovers a state where both or neither
+//! exist, and the size accounting (sum of `meta` sizes, rebuilt at open) matches
+//! the chunks present. sled may lose the last few hundred milliseconds of
+//! writes; lost chunks simply show up in [`ChunkStore::missing_chunks`] again.
+//! Independently of sled, every read re-hashes the chunk: bytes that do not
+//! match their id are deleted and never returned.
+//!
+//! # Eviction
+//! Access recency is kept in memory (a logical clock) and written to `meta` on
+//! [`ChunkStore::flush`]; after a crash the order is slightly stale, which only
+//! affects which unpinned chunk goes first. Chunks of pinned images (persistent
+//! pins and [`PinGuard`]s) and chunks an import is writing are never evicted.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
+use tracing::{debug, warn};
+
+use crate::chunking::MAX_CHUNK;
+use crate::error::{Error, Result};
+use crate::ids::{ChunkId, ImageId};
+use crate::manifest::{ImageFormat, SignedManifest};
+
+/// Cap meaning "no limit".
+pub const UNLIMITED: u64 = u64::MAX;
+
+/// Result of [`ChunkStore::verify_all`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VerifyReport {
+    /// Chunks whose bytes match their id.
+    pub ok: u64,
+    /// Chunks that did not match (or had a malformed key) and were deleted.
+    pub bad_removed: u64,
+    /// Bookkeeping entries repaired (meta without chunk, chunk without meta).
+    pub repaired: u64,
+    /// Manifests that failed to verify and were deleted.
+    pub bad_manifests_removed: u64,
+}
+
+/// Summary of one stored image.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ImageInfo {
+    /// The image.
+    pub id: ImageId,
+    /// Name from the manifest.
+    pub name: String,
+    /// Format from the manifest.
+    pub format: ImageFormat,
+    /// Image size in bytes.
+    pub total_size: u64,
+    /// Distinct chunks the image needs.
+    pub unique_chunks: usize,
+    /// Of those, how many are in the store.
+    pub present_chunks: usize,
+    /// Bytes of the image covered by present chunks (counting repeats).
+    pub present_bytes: u64,
+    /// Pinned (persistently or in use).
+    pub pinned: bool,
+}
+
+impl ImageInfo {
+    /// All chunks present.
+    pub fn is_complete(&self) -> bool {
+        self.present_chunks == self.unique_chunks
+    }
+}
+
+/// The chunk store. Cheap to clone (shared handle); safe to use from many threads.
+#[derive(Clone)]
+pub struct ChunkStore {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for ChunkStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChunkStore")
+            .field("path", &self.inner.path)
+            .finish()
+    }
+}
+
+struct Inner {
+    path: PathBuf,
+    db: sled::Db,
+    chunks: sled::Tree,
+    meta: sled::Tree,
+    manifests: sled::Tree,
+    pins: sled::Tree,
+    cap: u64,
+    state: Mutex<State>,
+}
+
+#[derive(Clone, Copy)]
+struct Entry {
+    size: u32,
+    tick: u64,
+    dirty: bool,
+}
+
+#[derive(Default)]
+struct State {
+    entries: HashMap<ChunkId, Entry>,
+    lru: BTreeSet<(u64, ChunkId)>,
+    size: u64,
+    tick: u64,
+    persistent_pins: HashSet<ImageId>,
+    temp_pins: HashMap<ImageId, u32>,
+    /// Chunk -> number of pinned images using it.
+    pinned_chunks: HashMap<ChunkId, u32>,
+    /// Chunk -> number of in-progress imports holding it.
+    holds: HashMap<ChunkId, u32>,
+    bad_removed: u64,
+}
+
+impl State {
+    fn touch(&mut self, id: ChunkId) {
+        self.tick += 1;
+        let t = self.tick;
+        if let Some(e) = self.entries.get_mut(&id) {
+            self.lru.remove(&(e.tick, id));
+            e.tick = t;
+            e.dirty = true;
+            self.lru.insert((t, id));
+        }
+    }
+    fn insert(&mut self, id: ChunkId, size: u32, tick: u64, dirty: bool) {
+        if let Some(old) = self.entries.insert(id, Entry { size, tick, dirty }) {
+            self.lru.remove(&(old.tick, id));
+            self.size -= old.size as u64;
+        }
+        self.lru.insert((tick, id));
+        self.size += size as u64;
+        self.tick = self.tick.max(tick);
+    }
+    fn remove(&mut self, id: &ChunkId) {
+        if let Some(old) = self.entries.remove(id) {
+            self.lru.remove(&(old.tick, *id));
+            self.size -= old.size as u64;
+        }
+    }
+    fn is_pinned_image(&self, id: &ImageId) -> bool {
+        self.persistent_pins.contains(id) || self.temp_pins.contains_key(id)
+    }
+    fn protected(&self, id: &ChunkId) -> bool {
+        self.pinned_chunks.contains_key(id) || self.holds.contains_key(id)
+    }
+}
+
+fn meta_value(size: u32, tick: u64) -> [u8; 12] {
+    let mut v = [0u8; 12];
+    v[..4].copy_from_slice(&size.to_le_bytes());
+    v[4..].copy_from_slice(&tick.to_le_bytes());
+    v
+}
+
+fn parse_meta(v: &[u8]) -> Option<(u32, u64)> {
+    if v.len() != 12 {
+        return None;
+    }
+    Some((
+        u32::from_le_bytes(v[..4].try_into().ok()?),
+        u64::from_le_bytes(v[4..].try_into().ok()?),
+    ))
+}
+
+impl ChunkStore {
+    /// Open (or create) the store in directory `path`, holding at most
+    /// `cap_bytes` of chunk data ([`UNLIMITED`] for no cap).
+    ///
+    /// Errors: [`Error::StoreLocked`] if another process has it open,
+    /// [`Error::StoreCorrupt`] if sled cannot recover it, [`Error::DiskFull`].
+    pub fn open(path: impl AsRef<Path>, cap_bytes: u64) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        std::fs::create_dir_all(&path)
+            .map_err(|e| Error::io("creating chunk store directory", &path, e))?;
+        let db = sled::Config::new()
+            .path(&path)
+            .flush_every_ms(Some(500))
+            .open()
+            .map_err(|e| Error::sled(&path, e))?;
+        let tree = |name: &str| db.open_tree(name).map_err(|e| Error::sled(&path, e));
+        let chunks = tree("chunks")?;
+        let meta = tree("meta")?;
+        let manifests = tree("manifests")?;
+        let pins = tree("pins")?;
+        let store = ChunkStore {
+            inner: Arc::new(Inner {
+                path,
+                db,
+                chunks,
+                meta,
+                manifests,
+                pins,
+                cap: cap_bytes,
+                state: Mutex::new(State::default()),
+            }),
+        };
+        store.load()?;
+        Ok(store)
+    }
+
+    fn err(&self, e: sled::Error) -> Error {
+        Error::sled(&self.inner.path, e)
+    }
+
+    fn txn_err(&self, e: TransactionError<()>) -> Error {
+        match e {
+            TransactionError::Storage(e) => self.err(e),
+            TransactionError::Abort(()) => Error::Store {
+                path: self.inner.path.clone(),
+                detail: "transaction aborted".into(),
+            },
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves consistent-enough state
+        // (every mutation is a few map operations); keep going.
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn load(&self) -> Result<()> {
+        let mut st = State::default();
+        let mut bad_keys = Vec::new();
+        for kv in self.inner.meta.iter() {
+            let (k, v) = kv.map_err(|e| self.err(e))?;
+            match (ChunkId::from_slice(&k), parse_meta(&v)) {
+                (Some(id), Some((size, tick))) if size as usize <= MAX_CHUNK as usize => {
+                    st.insert(id, size, tick, false)
+                }
+                _ => bad_keys.push(k),
+            }
+        }
+        for k in bad_keys {
+            self.inner.meta.remove(k).map_err(|e| self.err(e))?;
+        }
+        for k in self.inner.pins.iter().keys() {
+            let k = k.map_err(|e| self.err(e))?;
+            if let Some(id) = ImageId::from_slice(&k) {
+                st.persistent_pins.insert(id);
+            }
+        }
+        *self.state() = st;
+        self.recompute_pinned()?;
+        Ok(())
+    }
+
+    /// Rebuild the set of chunks protected by pinned images.
+    fn recompute_pinned(&self) -> Result<()> {
+        let pinned: Vec<ImageId> = {
+            let st = self.state();
+            st.persistent_pins
+                .iter()
+                .chain(st.temp_pins.keys())
+                .copied()
+                .collect()
+        };
+        let mut set: HashMap<ChunkId, u32> = HashMap::new();
+        for img in pinned.iter().collect::<HashSet<_>>() {
+            if let Some(m) = self.get_manifest(*img)? {
+                for c in m.manifest().unique_chunks() {
+                    *set.entry(c.id).or_default() += 1;
+                }
+            }
+        }
+        self.state().pinned_chunks = set;
+        Ok(())
+    }
+
+    /// Directory of the store.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Configured cap in bytes.
+    pub fn cap_bytes(&self) -> u64 {
+        self.inner.cap
+    }
+
+    /// Bytes of chunk data stored (payload only, not sled's overhead).
+    pub fn size_bytes(&self) -> u64 {
+        self.state().size
+    }
+
+    /// Number of chunks stored.
+    pub fn chunk_count(&self) -> usize {
+        self.state().entries.len()
+    }
+
+    /// Chunks found corrupt on read and deleted since open.
+    pub fn bad_chunks_removed(&self) -> u64 {
+        self.state().bad_removed
+    }
+
+    /// Whether the chunk is in the store (its bytes are checked on read).
+    pub fn has_chunk(&self, id: &ChunkId) -> bool {
+        self.state().entries.contains_key(id)
+    }
+
+    /// Store a chunk after checking that `bytes` hash to `id`. On mismatch
+    /// nothing is stored and [`Error::ChunkHashMismatch`] is returned.
+    /// Evicts least-recently-used unpinned chunks to stay under the cap.
+    /// Returns `true` if the chunk was new, `false` if it was already there.
+    pub fn put_chunk(&self, id: &ChunkId, bytes: &[u8]) -> Result<bool> {
+        self.put_chunk_inner(id, bytes, false, false)
+    }
+
+    /// `verified`: caller hashed `bytes` itself. `hold`: protect the chunk
+    /// from eviction until [`ChunkStore::release_holds`].
+    pub(crate) fn put_chunk_inner(
+        &self,
+        id: &ChunkId,
+        bytes: &[u8],
+        verified: bool,
+        hold: bool,
+    ) -> Result<bool> {
+        if bytes.len() > MAX_CHUNK as usize {
+            return Err(Error::ChunkTooLarge {
+                size: bytes.len(),
+                max: MAX_CHUNK as usize,
+            });
+        }
+        if !verified {
+            let actual = ChunkId::of(bytes);
+            if actual != *id {
+                return Err(Error::ChunkHashMismatch {
+                    expected: *id,
+                    actual,
+                });
+            }
+        }
+        let mut st = self.state();
+        if hold {
+            *st.holds.entry(*id).or_default() += 1;
+        }
+        if st.entries.contains_key(id) {
+            st.touch(*id);
+            return Ok(false);
+        }
+        let size = bytes.len() as u64;
+        if st.size + size > self.inner.cap {
+            let need = st.size + size - self.inner.cap;
+            if let Err(e) = self.evict_locked(&mut st, need) {
+                if hold {
+                    release_one(&mut st.holds, id);
+                }
+                return Err(e);
+            }
+        }
+        st.tick += 1;
+        let tick = st.tick;
+        let meta = meta_value(bytes.len() as u32, tick);
+        let res = (&self.inner.chunks, &self.inner.meta).transaction(|(c, m)| {
+            c.insert(&id.0[..], bytes)?;
+            m.insert(&id.0[..], &meta[..])?;
+            Ok::<_, ConflictableTransactionError<()>>(())
+        });
+        if let Err(e) = res {
+            if hold {
+                release_one(&mut st.holds, id);
+            }
+            return Err(self.txn_err(e));
+        }
+        st.insert(*id, bytes.len() as u32, tick, false);
+        Ok(true)
+    }
+
+    /// Free at least `need` bytes by evicting unprotected chunks, oldest first.
+    fn evict_locked(&self, st: &mut State, need: u64) -> Result<()> {
+        let mut victims = Vec::new();
+        let mut freed = 0u64;
+        for (_, id) in st.lru.iter() {
+            if freed >= need {
+                break;
+            }
+            if st.protected(id) {
+                continue;
+            }
+            freed += st.entries[id].size as u64;
+            victims.push(*id);
+        }
+        if freed < need {
+            return Err(Error::StoreFull {
+                path: self.inner.path.clone(),
+                needed: need - freed,
+                cap: self.inner.cap,
+            });
+        }
+        for id in victims {
+            self.remove_chunk_records(&id)?;
+            st.remove(&id);
+            debug!(chunk = %id.short(), "evicted");
+        }
+        Ok(())
+    }
+
+    fn remove_chunk_records(&self, id: &ChunkId) -> Result<()> {
+        (&self.inner.chunks, &self.inner.meta)
+            .transaction(|(c, m)| {
+                c.remove(&id.0[..])?;
+                m.remove(&id.0[..])?;
+                Ok::<_, ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| self.txn_err(e))
+    }
+
+    pub(crate) fn release_holds(&self, ids: &[ChunkId]) {
+        let mut st = self.state();
+        for id in ids {
+            release_one(&mut st.holds, id);
+        }
+    }
+
+    /// Read a chunk, verified against its id. A chunk whose bytes do not
+    /// match is deleted, logged and counted ([`ChunkStore::bad_chunks_removed`])
+    /// and reported as absent (`Ok(None)`), so it is fetched again.
+    pub fn get_chunk(&self, id: &ChunkId) -> Result<Option<Vec<u8>>> {
+        let v = self.inner.chunks.get(id.0).map_err(|e| self.err(e))?;
+        match v {
+            None => {
+                let mut st = self.state();
+                if st.entries.contains_key(id) {
+                    // meta without data (should not happen: they are written together)
+                    self.inner.meta.remove(id.0).map_err(|e| self.err(e))?;
+                    st.remove(id);
+                }
+                Ok(None)
+            }
+            Some(v) => {
+                if ChunkId::of(&v) != *id || v.len() > MAX_CHUNK as usize {
+                    warn!(chunk = %id, path = %self.inner.path.display(), "chunk failed verification on read; deleted");
+                    let mut st = self.state();
+                    self.remove_chunk_records(id)?;
+                    st.remove(id);
+                    st.bad_removed += 1;
+                    return Ok(None);
+                }
+                let mut st = self.state();
+                if !st.entries.contains_key(id) {
+                    // chunk without meta: adopt it so accounting stays right
+                    let t = st.tick + 1;
+                    self.inner
+                        .meta
+                        .insert(id.0, &meta_value(v.len() as u32, t)[..])
+                        .map_err(|e| self.err(e))?;
+                    st.insert(*id, v.len() as u32, t, false);
+                }
+                st.touch(*id);
+                Ok(Some(v.to_vec()))
+            }
+        }
+    }
+
+    /// Store a verified manifest (idempotent). Returns its image id.
+    pub fn put_manifest(&self, m: &SignedManifest) -> Result<ImageId> {
+        let id = m.image_id();
+        self.inner
+            .manifests
+            .insert(id.0, m.as_bytes())
+            .map_err(|e| self.err(e))?;
+        if self.state().is_pinned_image(&id) {
+            self.recompute_pinned()?;
+        }
+        Ok(id)
+    }
+
+    /// Load and re-verify a manifest. One that no longer verifies is deleted
+    /// and reported as absent.
+    pub fn get_manifest(&self, id: ImageId) -> Result<Option<SignedManifest>> {
+        let Some(b) = self.inner.manifests.get(id.0).map_err(|e| self.err(e))? else {
+            return Ok(None);
+        };
+        match SignedManifest::decode_for(id, &b) {
+            Ok(m) => Ok(Some(m)),
+            Err(e) => {
+                warn!(image = %id, error = %e, "stored manifest failed verification; deleted");
+                self.inner.manifests.remove(id.0).map_err(|e| self.err(e))?;
+                Ok(None)
+            }
+        }
+    }
+
+    fn require_manifest(&self, id: ImageId) -> Result<SignedManifest> {
+        self.get_manifest(id)?.ok_or(Error::UnknownImage(id))
+    }
+
+    /// Ids of all images with a manifest in the store.
+    pub fn list_images(&self) -> Result<Vec<ImageId>> {
+        let mut out = Vec::new();
+        for k in self.inner.manifests.iter().keys() {
+            let k = k.map_err(|e| self.err(e))?;
+            if let Some(id) = ImageId::from_slice(&k) {
+                out.push(id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forget an image's manifest and its persistent pin. Its chunks stay
+    /// until evicted (other images may share them).
+    pub fn remove_image(&self, id: ImageId) -> Result<bool> {
+        let had = self
+            .inner
+            .manifests
+            .remove(id.0)
+            .map_err(|e| self.err(e))?
+            .is_some();
+        self.unpin(id)?;
+        Ok(had)
+    }
+
+    /// Summary of an image: size, how much of it is present, pinned or not.
+    pub fn image_info(&self, id: ImageId) -> Result<ImageInfo> {
+        let m = self.require_manifest(id)?;
+        let man = m.manifest();
+        let st = self.state();
+        let uniq = man.unique_chunks();
+        let present_chunks = uniq
+            .iter()
+            .filter(|c| st.entries.contains_key(&c.id))
+            .count();
+        let present_bytes = man
+            .chunks
+            .iter()
+            .filter(|c| st.entries.contains_key(&c.id))
+            .map(|c| c.size as u64)
+            .sum();
+        Ok(ImageInfo {
+            id,
+            name: man.name.clone(),
+            format: man.format,
+            total_size: man.total_size,
+            unique_chunks: uniq.len(),
+            present_chunks,
+            present_bytes,
+            pinned: st.is_pinned_image(&id),
+        })
+    }
+
+    /// Distinct chunks of `image` not in the store, in image order. Errors
+    /// with [`Error::UnknownImage`] if the manifest is not stored.
+    pub fn missing_chunks(&self, image: ImageId) -> Result<Vec<ChunkId>> {
+        let m = self.require_manifest(image)?;
+        let st = self.state();
+        Ok(m.manifest()
+            .unique_chunks()
+            .into_iter()
+            .filter(|c| !st.entries.contains_key(&c.id))
+            .map(|c| c.id)
+            .collect())
+    }
+
+    /// All chunks of `image` present.
+    pub fn is_complete(&self, image: ImageId) -> Result<bool> {
+        Ok(self.missing_chunks(image)?.is_empty())
+    }
+
+    /// Pin an image persistently (survives restarts): its chunks are never
+    /// evicted. Works before its manifest is stored.
+    pub fn pin(&self, image: ImageId) -> Result<()> {
+        self.inner
+            .pins
+            .insert(image.0, &[][..])
+            .map_err(|e| self.err(e))?;
+        let new = self.state().persistent_pins.insert(image);
+        if new {
+            self.recompute_pinned()?;
+        }
+        Ok(())
+    }
+
+    /// Remove a persistent pin.
+    pub fn unpin(&self, image: ImageId) -> Result<()> {
+        self.inner.pins.remove(image.0).map_err(|e| self.err(e))?;
+        let had = self.state().persistent_pins.remove(&image);
+        if had {
+            self.recompute_pinned()?;
+        }
+        Ok(())
+    }
+
+    /// Pin an image for as long as the guard lives (image in use by a VM,
+    /// being fetched, being seeded). Not persisted.
+    pub fn pin_temp(&self, image: ImageId) -> Result<PinGuard> {
+        let first = {
+            let mut st = self.state();
+            let n = st.temp_pins.entry(image).or_default();
+            *n += 1;
+            *n == 1
+        };
+        if first {
+            self.recompute_pinned()?;
+        }
+        Ok(PinGuard {
+            store: self.clone(),
+            image,
+        })
+    }
+
+    /// Pinned persistently or by a live [`PinGuard`].
+    pub fn is_pinned(&self, image: ImageId) -> bool {
+        self.state().is_pinned_image(&image)
+    }
+
+    /// Re-hash every chunk; delete those that do not match; repair
+    /// bookkeeping; drop manifests that no longer verify.
+    pub fn verify_all(&self) -> Result<VerifyReport> {
+        let mut rep = VerifyReport::default();
+        for kv in self.inner.chunks.iter() {
+            let (k, v) = kv.map_err(|e| self.err(e))?;
+            let good = ChunkId::from_slice(&k)
+                .map(|id| ChunkId::of(&v) == id && v.len() <= MAX_CHUNK as usize)
+                .unwrap_or(false);
+            if good {
+                rep.ok += 1;
+                let id = ChunkId::from_slice(&k).expect("checked");
+                let mut st = self.state();
+                if !st.entries.contains_key(&id) {
+                    let t = st.tick + 1;
+                    self.inner
+                        .meta
+                        .insert(id.0, &meta_value(v.len() as u32, t)[..])
+                        .map_err(|e| self.err(e))?;
+                    st.insert(id, v.len() as u32, t, false);
+                    rep.repaired += 1;
+                }
+            } else {
+                warn!(key = %hex::encode(&k), "chunk failed verification; deleted");
+                let mut st = self.state();
+                (&self.inner.chunks, &self.inner.meta)
+                    .transaction(|(c, m)| {
+                        c.remove(&k)?;
+                        m.remove(&k)?;
+                        Ok::<_, ConflictableTransactionError<()>>(())
+                    })
+                    .map_err(|e| self.txn_err(e))?;
+                if let Some(id) = ChunkId::from_slice(&k) {
+                    st.remove(&id);
+                }
+                st.bad_removed += 1;
+                rep.bad_removed += 1;
+            }
+        }
+        // meta entries whose chunk is gone
+        let ids: Vec<ChunkId> = self.state().entries.keys().copied().collect();
+        for id in ids {
+            if !self
+                .inner
+                .chunks
+                .contains_key(id.0)
+                .map_err(|e| self.err(e))?
+            {
+                self.inner.meta.remove(id.0).map_err(|e| self.err(e))?;
+                self.state().remove(&id);
+                rep.repaired += 1;
+            }
+        }
+        for id in self.list_images()? {
+            if self.get_manifest(id)?.is_none() {
+                rep.bad_manifests_removed += 1;
+            }
+        }
+        Ok(rep)
+    }
+
+    /// Persist access times and flush sled to disk (fsync).
+    pub fn flush(&self) -> Result<()> {
+        let dirty: Vec<(ChunkId, u32, u64)> = {
+            let mut st = self.state();
+            let mut out = Vec::new();
+            for (id, e) in st.entries.iter_mut() {
+                if e.dirty {
+                    e.dirty = false;
+                    out.push((*id, e.size, e.tick));
+                }
+            }
+            out
+        };
+        for (id, size, tick) in dirty {
+            // Update only entries still present: an evicted chunk's meta
+            // must not come back.
+            self.inner
+                .meta
+                .fetch_and_update(id.0, |old| old.map(|_| meta_value(size, tick).to_vec()))
+                .map_err(|e| self.err(e))?;
+        }
+        self.inner.db.flush().map_err(|e| self.err(e))?;
+        Ok(())
+    }
+}
+
+fn release_one<K: std::hash::Hash + Eq + Copy>(m: &mut HashMap<K, u32>, k: &K) {
+    if let Some(n) = m.get_mut(k) {
+        *n -= 1;
+        if *n == 0 {
+            m.remove(k);
+        }
+    }
+}
+
+/// Keeps an image pinned while alive. See [`ChunkStore::pin_temp`].
+pub struct PinGuard {
+    store: ChunkStore,
+    image: ImageId,
+}
+
+impl PinGuard {
+    /// The pinned image.
+    pub fn image(&self) -> ImageId {
+        self.image
+    }
+}
+
+impl std::fmt::Debug for PinGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("PinGuard").field(&self.image).finish()
+    }
+}
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        let last = {
+            let mut st = self.store.state();
+            release_one(&mut st.temp_pins, &self.image);
+            !st.temp_pins.contains_key(&self.image)
+        };
+        if last {
+            if let Err(e) = self.store.recompute_pinned() {
+                warn!(image = %self.image, error = %e, "recomputing pins after unpin failed");
+            }
+        }
+    }
+}
