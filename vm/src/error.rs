@@ -61,6 +61,14 @@ pub enum Error {
         message: String,
     },
 
+    /// The guest asks for more memory than this host (or the microvm) provides.
+    #[error("guest memory of {requested_mib} MiB is too large: at most {limit_mib} MiB here; lower the lease's memory")]
+    MemoryTooLarge { requested_mib: u64, limit_mib: u64 },
+
+    /// Guest memory could not be allocated (mmap failed, overcommit refused).
+    #[error("cannot allocate {requested_mib} MiB of guest memory: {reason}; lower the lease's memory or free host memory")]
+    MemoryUnavailable { requested_mib: u64, reason: String },
+
     /// An I/O error, with what we were doing.
     #[error("{context}: {source}")]
     Io {

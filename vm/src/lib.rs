@@ -11,6 +11,7 @@
 pub mod auto;
 pub mod backend;
 pub mod error;
+pub mod microvm;
 
 pub use auto::{auto, Choice};
 pub use backend::{
