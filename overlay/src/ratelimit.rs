@@ -1,0 +1,163 @@
+//! Token buckets: the filter's per-guest limits and the buyer's handshake limiter.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use crate::HandshakeLimits;
+
+const NANOS: u128 = 1_000_000_000;
+
+/// A token bucket refilled at `rate` tokens per second up to `burst`.
+#[derive(Clone, Debug)]
+pub struct TokenBucket {
+    rate: u64,
+    burst: u64,
+    /// Tokens in units of 1e-9 token.
+    nano_tokens: u128,
+    last: Option<Instant>,
+}
+
+impl TokenBucket {
+    /// A full bucket.
+    pub fn new(rate: u64, burst: u64) -> TokenBucket {
+        TokenBucket {
+            rate,
+            burst,
+            nano_tokens: burst as u128 * NANOS,
+            last: None,
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        if let Some(last) = self.last {
+            let dt = now.saturating_duration_since(last).as_nanos();
+            let cap = self.burst as u128 * NANOS;
+            self.nano_tokens = (self.nano_tokens + dt.saturating_mul(self.rate as u128)).min(cap);
+        }
+        if self.last.is_none_or(|l| now > l) {
+            self.last = Some(now);
+        }
+    }
+
+    /// Takes `n` tokens if there are that many.
+    pub fn take(&mut self, n: u64, now: Instant) -> bool {
+        self.refill(now);
+        let need = n as u128 * NANOS;
+        if self.nano_tokens >= need {
+            self.nano_tokens -= need;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Whether `n` tokens are there (refills, takes nothing).
+    pub fn has(&mut self, n: u64, now: Instant) -> bool {
+        self.refill(now);
+        self.nano_tokens >= n as u128 * NANOS
+    }
+
+    /// How long an idle bucket takes to fill up again.
+    fn fill_time(&self) -> Duration {
+        if self.rate == 0 {
+            return Duration::MAX;
+        }
+        Duration::from_nanos((self.burst as u128 * NANOS / self.rate as u128).min(u64::MAX as u128) as u64)
+    }
+}
+
+/// Limits handshake initiations per source IP and overall, before any public-key
+/// work is done, so a flood cannot pin the responder's CPU.
+#[derive(Debug)]
+pub struct HandshakeLimiter {
+    limits: HandshakeLimits,
+    global: TokenBucket,
+    sources: HashMap<IpAddr, TokenBucket>,
+}
+
+impl HandshakeLimiter {
+    /// A limiter with full buckets.
+    pub fn new(limits: HandshakeLimits) -> HandshakeLimiter {
+        HandshakeLimiter {
+            global: TokenBucket::new(limits.global_per_sec as u64, limits.global_burst as u64),
+            sources: HashMap::new(),
+            limits,
+        }
+    }
+
+    /// Whether a handshake from `ip` may be processed now.
+    pub fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
+        if !self.sources.contains_key(&ip) && self.sources.len() >= self.limits.max_tracked_sources {
+            // Forget sources whose buckets have refilled: they are as good as new.
+            let per = TokenBucket::new(
+                self.limits.per_source_per_sec as u64,
+                self.limits.per_source_burst as u64,
+            );
+            let idle = per.fill_time();
+            self.sources.retain(|_, b| {
+                b.last
+                    .is_some_and(|l| now.saturating_duration_since(l) < idle)
+            });
+            if self.sources.len() >= self.limits.max_tracked_sources {
+                return false;
+            }
+        }
+        let per_source = self.sources.entry(ip).or_insert_with(|| {
+            TokenBucket::new(
+                self.limits.per_source_per_sec as u64,
+                self.limits.per_source_burst as u64,
+            )
+        });
+        if !per_source.has(1, now) || !self.global.take(1, now) {
+            return false;
+        }
+        per_source.take(1, now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_burst_then_rate() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(10, 5);
+        for _ in 0..5 {
+            assert!(b.take(1, t0));
+        }
+        assert!(!b.take(1, t0));
+        assert!(!b.take(1, t0 + Duration::from_millis(50)));
+        assert!(b.take(1, t0 + Duration::from_millis(100)));
+        // Long idle refills only up to the burst.
+        let later = t0 + Duration::from_secs(3600);
+        for _ in 0..5 {
+            assert!(b.take(1, later));
+        }
+        assert!(!b.take(1, later));
+        assert!(!b.take(6, later + Duration::from_secs(10)), "more than burst never fits");
+    }
+
+    #[test]
+    fn handshake_limiter_per_source_and_global() {
+        let t0 = Instant::now();
+        let mut l = HandshakeLimiter::new(HandshakeLimits {
+            per_source_per_sec: 1,
+            per_source_burst: 2,
+            global_per_sec: 1,
+            global_burst: 3,
+            max_tracked_sources: 2,
+        });
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let c: IpAddr = "10.0.0.3".parse().unwrap();
+        assert!(l.allow(a, t0) && l.allow(a, t0));
+        assert!(!l.allow(a, t0), "per-source burst spent");
+        assert!(l.allow(b, t0));
+        assert!(!l.allow(b, t0), "global burst spent");
+        assert!(!l.allow(c, t0), "table full, nobody idle");
+        let t1 = t0 + Duration::from_secs(5);
+        assert!(l.allow(c, t1), "idle sources forgotten");
+    }
+}
