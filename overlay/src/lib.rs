@@ -13,11 +13,18 @@ pub mod buyer;
 pub mod config;
 pub mod error;
 pub mod eth;
+pub mod filter;
 pub mod identity;
+pub mod ratelimit;
+pub mod replay;
 pub mod io;
 pub mod seller;
+pub mod session;
 pub mod stats;
 pub mod wire;
+
+#[cfg(test)]
+mod testutil;
 
 pub use action::{Action, Actions, Event};
 pub use buyer::BuyerCore;
