@@ -1,1 +1,57 @@
-fn main() {}
+//! `cpushare-node`: the one binary every buyer and seller runs.
+
+mod cli;
+mod config;
+mod control;
+mod daemon;
+mod error;
+mod identity;
+mod image_cmd;
+mod image_service;
+mod logging;
+mod progress;
+mod status_cmd;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::cli::{Cli, Command};
+use crate::config::Settings;
+use crate::error::{Error, Result};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let settings = Settings::resolve(&cli.global, &cli.daemon)?;
+    logging::init(settings.log_format);
+    match cli.command {
+        None => {
+            let Some(role) = settings.role else {
+                return Err(Error::BadArg {
+                    what: "--role",
+                    reason: "give --role buyer or --role seller to run the daemon, or a subcommand (see --help)".into(),
+                });
+            };
+            daemon::run(settings, role)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(Command::Image(cmd)) => image_cmd::run(&settings, cmd),
+        Some(Command::Status { json }) => status_cmd::run(&settings, json),
+        Some(Command::Id) => {
+            let id = identity::Identity::load_or_create(&settings.identity_file())?;
+            println!("peer id: {}", id.peer_id());
+            println!("public key: {}", id.public_hex());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

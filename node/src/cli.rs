@@ -1,0 +1,152 @@
+//! Command-line interface. With no subcommand the binary runs the daemon.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cpushare-node",
+    version,
+    about = "cpushare: rent CPU time on other people's machines, or sell yours",
+    long_about = "With --role, runs the daemon. Subcommands talk to the running daemon \
+                  of the same --data-dir over its control socket."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Options every invocation understands (daemon and client commands).
+#[derive(Debug, Args, Clone, Default)]
+pub struct GlobalArgs {
+    /// TOML config file; command-line flags override its values.
+    #[arg(long, global = true, env = "CPUSHARE_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// Data directory (identity key, chunk store, control socket).
+    #[arg(long, global = true, env = "CPUSHARE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Log format on stderr; the level comes from RUST_LOG (default info).
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+/// Options of the daemon (`cpushare-node --role ...`).
+#[derive(Debug, Args, Clone, Default)]
+pub struct DaemonArgs {
+    /// Run the daemon in this role.
+    #[arg(long, value_enum)]
+    pub role: Option<Role>,
+
+    /// libp2p listen multiaddr (default /ip4/0.0.0.0/tcp/7450).
+    #[arg(long)]
+    pub listen: Option<String>,
+
+    /// Multiaddrs of peers to dial at start (with /p2p/<peer id>); repeatable.
+    #[arg(long)]
+    pub bootstrap: Vec<String>,
+
+    /// Find peers on the local network with mDNS.
+    #[arg(long, value_enum)]
+    pub mdns: Option<OnOff>,
+
+    /// Chunk store size cap in MiB (least recently used chunks of unpinned images are evicted).
+    #[arg(long)]
+    pub store_cap_mib: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Buyer,
+    Seller,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Buyer => "buyer",
+            Role::Seller => "seller",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnOff {
+    On,
+    Off,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Guest images in the chunk store.
+    #[command(subcommand)]
+    Image(ImageCommand),
+
+    /// Show the daemon's peer id, addresses, peers, transfer counters and store.
+    Status {
+        /// Print machine-readable JSON.
+        #[arg(long)]
+        json: bool,
+    },
+
+    /// Print this node's identity (peer id and public key) without a daemon.
+    Id,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Chunk a disk image into the store, sign its manifest, print the image id.
+    Import {
+        /// Raw disk image, ISO, or qcow2 (converted with qemu-img).
+        file: PathBuf,
+        /// Image format; guessed from the file when omitted.
+        #[arg(long, value_enum)]
+        format: Option<ImageFormatArg>,
+        /// Human-readable name kept in the manifest (default: the file name).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List images in the store.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fetch an image from the swarm into the store now.
+    Fetch {
+        /// Image id (hex).
+        id: String,
+    },
+    /// Write an image from the store to a file.
+    Export {
+        /// Image id (hex).
+        id: String,
+        /// Destination file (written atomically).
+        file: PathBuf,
+    },
+    /// Check every chunk in the store against its hash; bad chunks are removed.
+    Verify,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ImageFormatArg {
+    Raw,
+    Iso,
+    Qcow2,
+}

@@ -1,0 +1,92 @@
+//! The long-running daemon: identity, chunk store, services, control socket.
+
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::json;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{info, info_span, Instrument};
+
+use crate::cli::Role;
+use crate::config::Settings;
+use crate::control::{self, Router};
+use crate::error::{Error, Result};
+use crate::identity::Identity;
+use crate::image_service;
+
+/// What every service of the daemon shares.
+pub struct Node {
+    pub settings: Settings,
+    pub role: Role,
+    pub identity: Identity,
+    pub store: Arc<chunks::ChunkStore>,
+}
+
+pub fn run(settings: Settings, role: Role) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::io("starting the async runtime", e))?;
+    rt.block_on(run_async(settings, role))
+}
+
+async fn run_async(settings: Settings, role: Role) -> Result<()> {
+    let dir = &settings.data_dir;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::io(format!("creating data dir {}", dir.display()), e))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| Error::io(format!("chmod 700 {}", dir.display()), e))?;
+
+    // Claim the control socket first: a second daemon on this data dir stops here,
+    // before it touches the store.
+    let socket = settings.control_socket();
+    let listener = control::bind(&socket, dir)?;
+
+    let identity = Identity::load_or_create(&settings.identity_file())?;
+    let peer_id = identity.peer_id();
+    // Printed on stdout so scripts and tests can read it.
+    println!("peer id: {peer_id}");
+    let span = info_span!("node", peer = %peer_id, role = role.as_str());
+
+    let store = chunks::ChunkStore::open(&settings.store_dir(), settings.store_cap_mib << 20)?;
+    let node = Arc::new(Node {
+        settings: settings.clone(),
+        role,
+        identity,
+        store: Arc::new(store),
+    });
+
+    let mut router = Router::default();
+    let started = Instant::now();
+    {
+        let node = node.clone();
+        router.status_section("node", move || {
+            json!({
+                "peer_id": node.identity.peer_id().to_string(),
+                "public_key": node.identity.public_hex(),
+                "role": node.role.as_str(),
+                "data_dir": node.settings.data_dir.display().to_string(),
+                "version": env!("CARGO_PKG_VERSION"),
+                "uptime_s": started.elapsed().as_secs(),
+            })
+        });
+    }
+    image_service::register(&mut router, node.clone());
+    crate::p2p::start(node.clone(), &mut router)?;
+
+    let router = Arc::new(router);
+    let server = tokio::spawn(control::serve(listener, router.clone()).instrument(span.clone()));
+    info!(parent: &span, control = %socket.display(), "daemon ready");
+
+    let mut term = signal(SignalKind::terminate()).map_err(|e| Error::io("signal handler", e))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| Error::io("signal handler", e))?;
+    tokio::select! {
+        _ = term.recv() => info!(parent: &span, "SIGTERM: shutting down"),
+        _ = int.recv() => info!(parent: &span, "SIGINT: shutting down"),
+    }
+    server.abort();
+    let _ = std::fs::remove_file(&socket);
+    node.store.flush()?;
+    Ok(())
+}

@@ -1,0 +1,61 @@
+//! The node's error type: every message says what went wrong and what to do.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no cpushare-node daemon is running for data dir {dir} (start one with `cpushare-node --role seller --data-dir {dir}`)")]
+    NoDaemon { dir: PathBuf },
+
+    #[error("a cpushare-node daemon is already running for data dir {dir}")]
+    DaemonRunning { dir: PathBuf },
+
+    #[error("config file {path}: {reason}")]
+    Config { path: PathBuf, reason: String },
+
+    #[error("bad value for {what}: {reason}")]
+    BadArg { what: &'static str, reason: String },
+
+    #[error("identity key {path}: {reason}")]
+    Identity { path: PathBuf, reason: String },
+
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error(transparent)]
+    Chunks(#[from] chunks::Error),
+
+    #[error("control socket protocol error: {0}")]
+    Control(String),
+
+    /// An error the daemon reported back to a client command.
+    #[error("{0}")]
+    Remote(String),
+
+    #[error("unknown control method {0:?} (is the daemon the same version as this client?)")]
+    UnknownMethod(String),
+
+    #[error("this needs a {needed} daemon, but the daemon runs as {actual}")]
+    WrongRole {
+        needed: &'static str,
+        actual: &'static str,
+    },
+
+    #[error("libp2p: {0}")]
+    P2p(String),
+}
+
+impl Error {
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            what: what.into(),
+            source,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

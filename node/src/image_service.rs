@@ -1,0 +1,159 @@
+//! Daemon side of `image import|ls|export|verify`, and the `store` status section.
+//! (`image.fetch` belongs to the swarm service.)
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use chunks::{ImageId, ImportOptions, InputKind};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tracing::{info, info_span};
+
+use crate::control::{Progress, Router};
+use crate::daemon::Node;
+use crate::error::{Error, Result};
+
+#[derive(Deserialize)]
+struct ImportParams {
+    path: PathBuf,
+    #[serde(default)]
+    kind: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ExportParams {
+    id: String,
+    path: PathBuf,
+}
+
+pub fn parse_params<T: serde::de::DeserializeOwned>(params: Value) -> Result<T> {
+    serde_json::from_value(params).map_err(|e| Error::Control(format!("bad parameters: {e}")))
+}
+
+pub fn parse_image_id(s: &str) -> Result<ImageId> {
+    s.parse::<ImageId>().map_err(Error::from)
+}
+
+/// Run blocking store work off the async threads.
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Control(format!("worker failed: {e}")))?
+}
+
+pub fn register(router: &mut Router, node: Arc<Node>) {
+    let n = node.clone();
+    router.method("image.import", move |params, progress: Progress| {
+        let node = n.clone();
+        async move {
+            let p: ImportParams = parse_params(params)?;
+            let kind = match p.kind.as_deref() {
+                None => None,
+                Some("raw") => Some(InputKind::Raw),
+                Some("iso") => Some(InputKind::Iso),
+                Some("qcow2") => Some(InputKind::Qcow2),
+                Some(other) => {
+                    return Err(Error::BadArg {
+                        what: "--format",
+                        reason: format!("{other:?} is not raw, iso or qcow2"),
+                    })
+                }
+            };
+            blocking(move || {
+                let _span = info_span!("import", file = %p.path.display()).entered();
+                let opts = ImportOptions {
+                    name: p.name,
+                    kind,
+                    temp_dir: Some(node.settings.data_dir.join("tmp")),
+                };
+                if let Some(t) = &opts.temp_dir {
+                    std::fs::create_dir_all(t)
+                        .map_err(|e| Error::io(format!("creating {}", t.display()), e))?;
+                }
+                let (id, m) = chunks::import_file(
+                    &node.store,
+                    node.identity.signing_key(),
+                    &p.path,
+                    &opts,
+                    |done, total| progress.report("import", done, total),
+                )?;
+                node.store.flush()?;
+                let man = m.manifest();
+                info!(image = %id, size = man.total_size, chunks = man.chunks.len(), "imported");
+                Ok(json!({
+                    "id": id.to_hex(),
+                    "name": man.name,
+                    "size": man.total_size,
+                    "chunks": man.chunks.len(),
+                }))
+            })
+            .await
+        }
+    });
+
+    let n = node.clone();
+    router.method("image.ls", move |_, _| {
+        let node = n.clone();
+        async move {
+            blocking(move || {
+                let mut out = Vec::new();
+                for id in node.store.list_images()? {
+                    let info = node.store.image_info(id)?;
+                    out.push(json!({
+                        "id": id.to_hex(),
+                        "name": info.name,
+                        "format": format!("{:?}", info.format).to_lowercase(),
+                        "size": info.total_size,
+                        "chunks": info.unique_chunks,
+                        "present_chunks": info.present_chunks,
+                        "complete": info.is_complete(),
+                        "pinned": info.pinned,
+                    }));
+                }
+                Ok(Value::Array(out))
+            })
+            .await
+        }
+    });
+
+    let n = node.clone();
+    router.method("image.export", move |params, _| {
+        let node = n.clone();
+        async move {
+            let p: ExportParams = parse_params(params)?;
+            let id = parse_image_id(&p.id)?;
+            blocking(move || {
+                let _span = info_span!("export", image = %id).entered();
+                let bytes = chunks::export(&node.store, id, &p.path)?;
+                Ok(json!({ "id": id.to_hex(), "bytes": bytes, "path": p.path }))
+            })
+            .await
+        }
+    });
+
+    let n = node.clone();
+    router.method("image.verify", move |_, _| {
+        let node = n.clone();
+        async move {
+            blocking(move || {
+                let report = node.store.verify_all()?;
+                Ok(serde_json::to_value(report).expect("report serialises"))
+            })
+            .await
+        }
+    });
+
+    let n = node;
+    router.status_section("store", move || {
+        json!({
+            "path": n.store.path().display().to_string(),
+            "size_bytes": n.store.size_bytes(),
+            "cap_bytes": n.store.cap_bytes(),
+            "chunks": n.store.chunk_count(),
+            "images": n.store.list_images().map(|v| v.len()).unwrap_or(0),
+            "bad_chunks_removed": n.store.bad_chunks_removed(),
+        })
+    });
+}
