@@ -1,7 +1,7 @@
 //! Configuration of the buyer and seller cores (all plain data, from the lease or CLI).
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use crate::wire::{DATA_HEADER_LEN, TAG_LEN};
 use crate::{Error, MacAddr, PeerKey};
@@ -222,17 +222,28 @@ pub struct SellerConfig {
     pub timers: Timers,
     /// Guest frames kept while the first handshake is in flight.
     pub pending_frames: usize,
+    /// Wall-clock time when the core is created (the I/O shell passes
+    /// `SystemTime::now()`). Handshake initiations carry it, advanced by the `now`
+    /// passed in, so the buyer can refuse replayed initiations.
+    pub wall_clock: SystemTime,
 }
 
 impl SellerConfig {
-    /// Defaults for a guest session to `buyer` at `buyer_addr`.
-    pub fn new(buyer: PeerKey, buyer_addr: SocketAddr, lease: GuestLease) -> SellerConfig {
+    /// Defaults for a guest session to `buyer` at `buyer_addr`; `wall_clock` is
+    /// `SystemTime::now()` at the time the core is built.
+    pub fn new(
+        buyer: PeerKey,
+        buyer_addr: SocketAddr,
+        lease: GuestLease,
+        wall_clock: SystemTime,
+    ) -> SellerConfig {
         SellerConfig {
             buyer,
             buyer_addr,
             lease,
             timers: Timers::default(),
             pending_frames: 64,
+            wall_clock,
         }
     }
 }

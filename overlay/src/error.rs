@@ -53,6 +53,10 @@ pub enum Error {
         /// The guest MAC the peer asked for.
         mac: crate::MacAddr,
     },
+    /// A handshake initiation is not newer than the last accepted one (a replay, or
+    /// the seller's clock went backwards).
+    #[error("stale handshake initiation from guest {0} (replayed, or the seller's clock went backwards)")]
+    StaleHandshake(crate::MacAddr),
     /// The responder answered with an identity other than the configured buyer.
     #[error("the buyer at {0} answered with a different identity than the lease names")]
     WrongBuyer(SocketAddr),

@@ -173,6 +173,7 @@ impl Initiation {
         identity: &Identity,
         buyer: &PeerKey,
         guest_mac: MacAddr,
+        timestamp: u64,
         local_index: u32,
         now: Instant,
         out: &mut Vec<u8>,
@@ -186,6 +187,7 @@ impl Initiation {
             identity: identity.public_key().to_bytes(),
             signature: identity.binding_signature().to_bytes(),
             guest_mac,
+            timestamp,
         }
         .encode();
         out.clear();
@@ -241,20 +243,22 @@ pub(crate) struct Accepted {
     pub peer: PeerKey,
     /// The guest the session is for.
     pub guest_mac: MacAddr,
+    /// The initiation's timestamp.
+    pub timestamp: u64,
     /// The new (not yet confirmed) keys.
     pub keypair: Keypair,
 }
 
-/// Buyer side: processes an initiation and, if the sender is admitted (`admitted`
-/// says so for its ed25519 key and guest MAC), writes the response datagram into
-/// `out` (cleared first).
+/// Buyer side: processes an initiation and, if `admit` accepts the sender's ed25519
+/// key, guest MAC and timestamp, writes the response datagram into `out` (cleared
+/// first).
 pub(crate) fn respond(
     identity: &Identity,
     initiator_index: u32,
     noise: &[u8],
     local_index: u32,
     now: Instant,
-    admitted: impl FnOnce(&PeerKey, MacAddr) -> bool,
+    admit: impl FnOnce(&PeerKey, MacAddr, u64) -> Result<(), Error>,
     out: &mut Vec<u8>,
 ) -> Result<Accepted, Error> {
     let mut hs = builder(identity).build_responder().map_err(noise_err)?;
@@ -267,12 +271,7 @@ pub(crate) fn respond(
         .and_then(|s| s.try_into().ok())
         .ok_or_else(|| Error::Noise("no remote static key".into()))?;
     verify_binding(&peer, &rs, &Signature::from_bytes(&p.signature))?;
-    if !admitted(&peer, p.guest_mac) {
-        return Err(Error::NotAdmitted {
-            peer: hex::encode(peer.as_bytes()),
-            mac: p.guest_mac,
-        });
-    }
+    admit(&peer, p.guest_mac, p.timestamp)?;
     let reply = ResponsePayload {
         identity: identity.public_key().to_bytes(),
         signature: identity.binding_signature().to_bytes(),
@@ -290,6 +289,7 @@ pub(crate) fn respond(
     Ok(Accepted {
         peer,
         guest_mac: p.guest_mac,
+        timestamp: p.timestamp,
         keypair: Keypair::new(local_index, initiator_index, r_to_i, i_to_r, now),
     })
 }
@@ -381,13 +381,14 @@ mod tests {
         let now = Instant::now();
         let mac = MacAddr([2, 0, 0, 0, 0, 1]);
         let mut init = Vec::new();
-        let hs = Initiation::start(&seller, &buyer.public_key(), mac, 7, now, &mut init).unwrap();
+        let hs = Initiation::start(&seller, &buyer.public_key(), mac, 1, 7, now, &mut init).unwrap();
         let wire::Message::HandshakeInit { sender_index, noise } = wire::parse(&init).unwrap() else {
             panic!("not an init");
         };
         let mut resp = Vec::new();
-        let acc = respond(&buyer, sender_index, noise, 9, now, |p, m| {
-            *p == seller.public_key() && m == mac
+        let acc = respond(&buyer, sender_index, noise, 9, now, |p, m, _| {
+            assert!(*p == seller.public_key() && m == mac);
+            Ok(())
         }, &mut resp)
         .unwrap();
         assert_eq!(acc.peer, seller.public_key());
@@ -451,9 +452,9 @@ mod tests {
         let mac = MacAddr([2, 0, 0, 0, 0, 1]);
         let mut init = Vec::new();
         // The seller expects `buyer`, but `impostor` receives the initiation.
-        Initiation::start(&seller, &buyer.public_key(), mac, 1, now, &mut init).unwrap();
+        Initiation::start(&seller, &buyer.public_key(), mac, 1, 1, now, &mut init).unwrap();
         let wire::Message::HandshakeInit { sender_index, noise } = wire::parse(&init).unwrap() else { panic!() };
-        let r = respond(&impostor, sender_index, noise, 2, now, |_, _| true, &mut Vec::new());
+        let r = respond(&impostor, sender_index, noise, 2, now, |_, _, _| Ok(()), &mut Vec::new());
         assert!(matches!(r, Err(Error::Noise(_))), "{:?}", r.err());
     }
 
@@ -462,9 +463,9 @@ mod tests {
         let seller = Identity::generate();
         let buyer = Identity::generate();
         let mut init = Vec::new();
-        Initiation::start(&seller, &buyer.public_key(), MacAddr([2; 6]), 1, Instant::now(), &mut init).unwrap();
+        Initiation::start(&seller, &buyer.public_key(), MacAddr([2; 6]), 1, 1, Instant::now(), &mut init).unwrap();
         let wire::Message::HandshakeInit { sender_index, noise } = wire::parse(&init).unwrap() else { panic!() };
-        let r = respond(&buyer, sender_index, noise, 2, Instant::now(), |_, _| false, &mut Vec::new());
+        let r = respond(&buyer, sender_index, noise, 2, Instant::now(), |p, m, _| Err(Error::NotAdmitted { peer: hex::encode(p.as_bytes()), mac: m }), &mut Vec::new());
         assert!(matches!(r, Err(Error::NotAdmitted { .. })));
     }
 

@@ -50,6 +50,8 @@ drop_reasons! {
     HandshakeInvalid => "handshake_invalid",
     /// Handshake from an ed25519 key / guest MAC that is not admitted.
     NotAdmitted => "not_admitted",
+    /// Handshake initiation replayed (timestamp not newer than the last one).
+    StaleHandshake => "stale_handshake",
     /// Identity signature over the Noise static key is wrong.
     BadIdentitySignature => "bad_identity_signature",
     /// Handshake response for no pending handshake.

@@ -1,7 +1,7 @@
 //! Overlay message framing. All integers little-endian.
 //!
 //! ```text
-//! handshake init      1 | 0 0 0 | sender index u32 | Noise IK message 1 (198 bytes)
+//! handshake init      1 | 0 0 0 | sender index u32 | Noise IK message 1 (206 bytes)
 //! handshake response  2 | 0 0 0 | sender index u32 | receiver index u32 | Noise IK message 2 (144 bytes)
 //! data                4 | 0 0 0 | receiver index u32 | counter u64 | ChaCha20-Poly1305(frame) | tag (16)
 //! ```
@@ -27,8 +27,9 @@ pub const DATA_MIN_LEN: usize = DATA_HEADER_LEN + TAG_LEN;
 /// Largest Ethernet frame carried (jumbo frames are not supported).
 pub const MAX_FRAME_LEN: usize = 9216;
 
-/// Plaintext payload of handshake message 1: ed25519 key, signature, guest MAC.
-pub const INIT_PAYLOAD_LEN: usize = 32 + 64 + 6;
+/// Plaintext payload of handshake message 1: ed25519 key, signature, guest MAC,
+/// timestamp.
+pub const INIT_PAYLOAD_LEN: usize = 32 + 64 + 6 + 8;
 /// Plaintext payload of handshake message 2: ed25519 key, signature.
 pub const RESPONSE_PAYLOAD_LEN: usize = 32 + 64;
 /// Noise IK message 1: e, s (encrypted), payload (encrypted).
@@ -169,6 +170,9 @@ pub struct InitPayload {
     pub signature: [u8; 64],
     /// The guest MAC this session will carry.
     pub guest_mac: MacAddr,
+    /// Initiator's wall clock (ns since the Unix epoch); the responder only accepts
+    /// increasing values per guest, so a replayed initiation is refused.
+    pub timestamp: u64,
 }
 
 impl InitPayload {
@@ -177,7 +181,8 @@ impl InitPayload {
         let mut b = [0u8; INIT_PAYLOAD_LEN];
         b[..32].copy_from_slice(&self.identity);
         b[32..96].copy_from_slice(&self.signature);
-        b[96..].copy_from_slice(&self.guest_mac.0);
+        b[96..102].copy_from_slice(&self.guest_mac.0);
+        b[102..].copy_from_slice(&self.timestamp.to_le_bytes());
         b
     }
 
@@ -193,7 +198,8 @@ impl InitPayload {
         Ok(InitPayload {
             identity: b[..32].try_into().expect("32"),
             signature: b[32..96].try_into().expect("64"),
-            guest_mac: MacAddr(b[96..].try_into().expect("6")),
+            guest_mac: MacAddr(b[96..102].try_into().expect("6")),
+            timestamp: u64::from_le_bytes(b[102..].try_into().expect("8")),
         })
     }
 }
@@ -239,7 +245,7 @@ mod tests {
 
     #[test]
     fn lengths() {
-        assert_eq!(HANDSHAKE_INIT_LEN, 206);
+        assert_eq!(HANDSHAKE_INIT_LEN, 214);
         assert_eq!(HANDSHAKE_RESPONSE_LEN, 156);
     }
 
@@ -301,8 +307,8 @@ mod tests {
         }
 
         #[test]
-        fn payload_roundtrip(id in any::<[u8; 32]>(), sig in proptest::collection::vec(any::<u8>(), 64), mac in any::<[u8; 6]>()) {
-            let p = InitPayload { identity: id, signature: sig.clone().try_into().unwrap(), guest_mac: MacAddr(mac) };
+        fn payload_roundtrip(id in any::<[u8; 32]>(), sig in proptest::collection::vec(any::<u8>(), 64), mac in any::<[u8; 6]>(), ts in any::<u64>()) {
+            let p = InitPayload { identity: id, signature: sig.clone().try_into().unwrap(), guest_mac: MacAddr(mac), timestamp: ts };
             prop_assert_eq!(InitPayload::decode(&p.encode()).unwrap(), p);
             let r = ResponsePayload { identity: id, signature: sig.try_into().unwrap() };
             prop_assert_eq!(ResponsePayload::decode(&r.encode()).unwrap(), r);
