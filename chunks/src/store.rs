@@ -188,11 +188,26 @@ impl ChunkStore {
         let path = path.as_ref().to_path_buf();
         std::fs::create_dir_all(&path)
             .map_err(|e| Error::io("creating chunk store directory", &path, e))?;
-        let db = sled::Config::new()
-            .path(&path)
-            .flush_every_ms(Some(500))
-            .open()
-            .map_err(|e| Error::sled(&path, e))?;
+        let cfg = sled::Config::new().path(&path).flush_every_ms(Some(500));
+        // A store closed moments ago in this process may still be locked by
+        // sled's background flusher for a short while: retry briefly.
+        let mut attempt = 0;
+        let db = loop {
+            // sled may panic on some on-disk garbage; report that as corruption.
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cfg.open()))
+                .map_err(|_| Error::StoreCorrupt {
+                    path: path.clone(),
+                    detail: "sled panicked while recovering it".into(),
+                })?
+                .map_err(|e| Error::sled(&path, e));
+            match r {
+                Err(Error::StoreLocked { .. }) if attempt < 20 => {
+                    attempt += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                r => break r?,
+            }
+        };
         let tree = |name: &str| db.open_tree(name).map_err(|e| Error::sled(&path, e));
         let chunks = tree("chunks")?;
         let meta = tree("meta")?;
@@ -744,5 +759,292 @@ impl Drop for PinGuard {
                 warn!(image = %self.image, error = %e, "recomputing pins after unpin failed");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{ChunkRef, Manifest};
+    use ed25519_dalek::SigningKey;
+    use rand::{RngCore, SeedableRng};
+
+    fn chunk(seed: u64, len: usize) -> (ChunkId, Vec<u8>) {
+        let mut v = vec![0u8; len];
+        rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut v);
+        (ChunkId::of(&v), v)
+    }
+
+    fn manifest_of(chunks: &[(ChunkId, Vec<u8>)], name: &str) -> SignedManifest {
+        let key = SigningKey::from_bytes(&[9; 32]);
+        let refs = chunks
+            .iter()
+            .map(|(id, d)| ChunkRef { id: *id, size: d.len() as u32 })
+            .collect();
+        let m = Manifest::new(name, ImageFormat::Raw, refs, None, key.verifying_key());
+        SignedManifest::sign(m, &key).unwrap()
+    }
+
+    #[test]
+    fn put_get_and_verify_on_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = ChunkStore::open(dir.path(), UNLIMITED).unwrap();
+        let (id, data) = chunk(1, 5000);
+        assert!(s.put_chunk(&id, &data).unwrap());
+        assert!(!s.put_chunk(&id, &data).unwrap());
+        assert!(s.has_chunk(&id));
+        assert_eq!(s.get_chunk(&id).unwrap().unwrap(), data);
+        assert_eq!(s.size_bytes(), 5000);
+
+        // Wrong bytes for an id: rejected, nothing stored.
+        let (id2, _) = chunk(2, 100);
+        let e = s.put_chunk(&id2, &data).unwrap_err();
+        assert!(matches!(e, Error::ChunkHashMismatch { expected, .. } if expected == id2));
+        assert!(!s.has_chunk(&id2));
+        assert!(s.inner.chunks.get(id2.0).unwrap().is_none());
+        assert_eq!(s.size_bytes(), 5000);
+
+        // Oversized chunk rejected.
+        let big = vec![1u8; MAX_CHUNK as usize + 1];
+        assert!(matches!(
+            s.put_chunk(&ChunkId::of(&big), &big),
+            Err(Error::ChunkTooLarge { .. })
+        ));
+        assert_eq!(s.get_chunk(&ChunkId([5; 32])).unwrap(), None);
+    }
+
+    #[test]
+    fn garbage_under_chunk_key_is_never_returned() {
+        let dir = tempfile::tempdir().unwrap();
+        let (id, data) = chunk(3, 4096);
+        let (id_b, data_b) = chunk(4, 4096);
+        {
+            let s = ChunkStore::open(dir.path(), UNLIMITED).unwrap();
+            s.put_chunk(&id, &data).unwrap();
+            s.put_chunk(&id_b, &data_b).unwrap();
+            // In-process corruption straight through sled (as a torn write would leave it).
+            let mut bad = data.clone();
+            bad[100] ^= 0xff;
+            s.inner.chunks.insert(id.0, bad).unwrap();
+            assert_eq!(s.get_chunk(&id).unwrap(), None);
+            assert!(!s.has_chunk(&id));
+            assert_eq!(s.bad_chunks_removed(), 1);
+            assert!(s.inner.chunks.get(id.0).unwrap().is_none());
+            assert_eq!(s.size_bytes(), 4096);
+            s.flush().unwrap();
+        }
+        // Corruption while the store is closed (another process wrote garbage).
+        {
+            let db = (0..100)
+                .find_map(|_| {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    sled::open(dir.path()).ok()
+                })
+                .unwrap();
+            let t = db.open_tree("chunks").unwrap();
+            t.insert(id_b.0, &b"garbage"[..]).unwrap();
+            t.insert(b"short-key", &b"x"[..]).unwrap();
+            db.flush().unwrap();
+        }
+        let s = ChunkStore::open(dir.path(), UNLIMITED).unwrap();
+        assert!(s.has_chunk(&id_b), "meta still lists it until read");
+        assert_eq!(s.get_chunk(&id_b).unwrap(), None);
+        assert!(!s.has_chunk(&id_b));
+        let rep = s.verify_all().unwrap();
+        assert_eq!(rep.ok, 0);
+        assert_eq!(rep.bad_removed, 1, "the malformed key");
+        assert_eq!(s.size_bytes(), 0);
+        assert_eq!(s.chunk_count(), 0);
+    }
+
+    #[test]
+    fn verify_all_counts_and_repairs() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = ChunkStore::open(dir.path(), UNLIMITED).unwrap();
+        let cs: Vec<_> = (0..6).map(|i| chunk(10 + i, 3000)).collect();
+        for (id, d) in &cs {
+            s.put_chunk(id, d).unwrap();
+        }
+        s.inner.chunks.insert(cs[0].0 .0, &b"bad"[..]).unwrap();
+        s.inner.chunks.insert(cs[1].0 .0, &cs[2].1[..]).unwrap();
+        // meta without chunk
+        s.inner.chunks.remove(cs[3].0 .0).unwrap();
+        let rep = s.verify_all().unwrap();
+        assert_eq!(rep.ok, 3);
+        assert_eq!(rep.bad_removed, 2);
+        assert_eq!(rep.repaired, 1);
+        assert_eq!(s.size_bytes(), 3 * 3000);
+        assert_eq!(s.verify_all().unwrap(), VerifyReport { ok: 3, ..Default::default() });
+    }
+
+    #[test]
+    fn state_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let cs: Vec<_> = (0..4).map(|i| chunk(20 + i, 2000 + i as usize)).collect();
+        let m = manifest_of(&cs, "img");
+        {
+            let s = ChunkStore::open(dir.path(), UNLIMITED).unwrap();
+            for (id, d) in &cs[..3] {
+                s.put_chunk(id, d).unwrap();
+            }
+            s.put_manifest(&m).unwrap();
+            s.pin(m.image_id()).unwrap();
+            s.flush().unwrap();
+        }
+        let s = ChunkStore::open(dir.path(), UNLIMITED).unwrap();
+        assert_eq!(s.size_bytes(), 2000 + 2001 + 2002);
+        assert_eq!(s.list_images().unwrap(), vec![m.image_id()]);
+        assert_eq!(s.get_manifest(m.image_id()).unwrap().unwrap(), m);
+        assert!(s.is_pinned(m.image_id()));
+        assert_eq!(s.missing_chunks(m.image_id()).unwrap(), vec![cs[3].0]);
+        assert!(!s.is_complete(m.image_id()).unwrap());
+        let info = s.image_info(m.image_id()).unwrap();
+        assert_eq!((info.unique_chunks, info.present_chunks), (4, 3));
+        s.put_chunk(&cs[3].0, &cs[3].1).unwrap();
+        assert!(s.is_complete(m.image_id()).unwrap());
+        assert!(matches!(s.missing_chunks(ImageId([1; 32])), Err(Error::UnknownImage(_))));
+    }
+
+    #[test]
+    fn tampered_stored_manifest_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = ChunkStore::open(dir.path(), UNLIMITED).unwrap();
+        let m = manifest_of(&[chunk(1, 10)], "x");
+        let id = s.put_manifest(&m).unwrap();
+        let mut b = m.encode();
+        b[20] ^= 1;
+        s.inner.manifests.insert(id.0, b).unwrap();
+        assert_eq!(s.get_manifest(id).unwrap(), None);
+        assert!(s.list_images().unwrap().is_empty());
+    }
+
+    #[test]
+    fn second_open_is_locked() {
+        let dir = tempfile::tempdir().unwrap();
+        let _s = ChunkStore::open(dir.path(), UNLIMITED).unwrap();
+        let e = ChunkStore::open(dir.path(), UNLIMITED).unwrap_err();
+        assert!(matches!(e, Error::StoreLocked { .. }), "{e:?}");
+        assert!(e.to_string().contains("locked by another cpushare-node"));
+    }
+
+    #[test]
+    fn corrupt_store_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = ChunkStore::open(dir.path(), UNLIMITED).unwrap();
+            s.put_chunk(&chunk(1, 100).0, &chunk(1, 100).1).unwrap();
+            s.flush().unwrap();
+        }
+        std::fs::write(dir.path().join("conf"), b"this is not a sled config").unwrap();
+        let e = ChunkStore::open(dir.path(), UNLIMITED).unwrap_err();
+        assert!(matches!(e, Error::StoreCorrupt { .. }), "{e:?}");
+        assert!(e.to_string().contains("is corrupt"), "{e}");
+        // Garbage over the whole data file: sled recovers nothing, and no
+        // chunk is ever served from it.
+        std::fs::remove_file(dir.path().join("conf")).unwrap();
+        let db = dir.path().join("db");
+        let len = std::fs::metadata(&db).unwrap().len() as usize;
+        std::fs::write(&db, vec![0xa5u8; len]).unwrap();
+        match ChunkStore::open(dir.path(), UNLIMITED) {
+            Ok(s) => {
+                assert_eq!(s.get_chunk(&chunk(1, 100).0).unwrap(), None);
+                assert_eq!(s.verify_all().unwrap().ok, 0);
+            }
+            Err(e) => assert!(matches!(e, Error::StoreCorrupt { .. }), "{e:?}"),
+        }
+    }
+
+    #[test]
+    fn lru_eviction_respects_pins() {
+        let dir = tempfile::tempdir().unwrap();
+        let sz = 10_000usize;
+        let s = ChunkStore::open(dir.path(), 10 * sz as u64).unwrap();
+        let pinned: Vec<_> = (0..4).map(|i| chunk(100 + i, sz)).collect();
+        let m = manifest_of(&pinned, "pinned");
+        s.put_manifest(&m).unwrap();
+        s.pin(m.image_id()).unwrap();
+        for (id, d) in &pinned {
+            s.put_chunk(id, d).unwrap();
+        }
+        let others: Vec<_> = (0..6).map(|i| chunk(200 + i, sz)).collect();
+        for (id, d) in &others {
+            s.put_chunk(id, d).unwrap();
+        }
+        assert_eq!(s.size_bytes(), 10 * sz as u64);
+        // Touch others[0] so others[1] becomes the oldest unpinned chunk.
+        s.get_chunk(&others[0].0).unwrap().unwrap();
+        let (nid, nd) = chunk(300, sz);
+        s.put_chunk(&nid, &nd).unwrap();
+        assert!(!s.has_chunk(&others[1].0), "LRU unpinned chunk evicted");
+        assert!(s.has_chunk(&others[0].0), "recently read chunk kept");
+        assert!(pinned.iter().all(|(id, _)| s.has_chunk(id)));
+        assert!(s.size_bytes() <= s.cap_bytes());
+
+        // A temporary pin protects too.
+        let m2 = manifest_of(&others[2..4], "temp");
+        s.put_manifest(&m2).unwrap();
+        let guard = s.pin_temp(m2.image_id()).unwrap();
+        for i in 0..5 {
+            let (id, d) = chunk(400 + i, sz);
+            s.put_chunk(&id, &d).unwrap();
+        }
+        assert!(pinned.iter().all(|(id, _)| s.has_chunk(id)));
+        assert!(s.has_chunk(&others[2].0) && s.has_chunk(&others[3].0));
+        // Everything not pinned is recent now; with 6 pinned chunks the
+        // store can hold 4 more; once all are pinned, a new chunk cannot fit.
+        let m3 = manifest_of(
+            &(0..5).map(|i| chunk(400 + i, sz)).collect::<Vec<_>>()[1..],
+            "rest",
+        );
+        s.put_manifest(&m3).unwrap();
+        s.pin(m3.image_id()).unwrap();
+        let (fid, fd) = chunk(999, sz);
+        let e = s.put_chunk(&fid, &fd).unwrap_err();
+        assert!(matches!(e, Error::StoreFull { .. }), "{e:?}");
+        assert!(!s.has_chunk(&fid));
+        drop(guard);
+        assert!(!s.is_pinned(m2.image_id()));
+        s.put_chunk(&fid, &fd).unwrap();
+        assert!(
+            !s.has_chunk(&others[2].0) || !s.has_chunk(&others[3].0),
+            "unpinned after guard drop, so evictable"
+        );
+        assert!(s.size_bytes() <= s.cap_bytes());
+    }
+
+    #[test]
+    fn lru_order_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let sz = 1000;
+        let cs: Vec<_> = (0..3).map(|i| chunk(500 + i, sz)).collect();
+        {
+            let s = ChunkStore::open(dir.path(), 3 * sz as u64).unwrap();
+            for (id, d) in &cs {
+                s.put_chunk(id, d).unwrap();
+            }
+            s.get_chunk(&cs[0].0).unwrap();
+            s.flush().unwrap();
+        }
+        let s = ChunkStore::open(dir.path(), 3 * sz as u64).unwrap();
+        let (id, d) = chunk(600, sz);
+        s.put_chunk(&id, &d).unwrap();
+        assert!(s.has_chunk(&cs[0].0));
+        assert!(!s.has_chunk(&cs[1].0));
+    }
+
+    #[test]
+    fn enospc_maps_to_disk_full() {
+        let e = Error::io(
+            "writing image file",
+            "/x",
+            std::io::Error::from_raw_os_error(libc::ENOSPC),
+        );
+        assert!(matches!(e, Error::DiskFull { .. }));
+        assert_eq!(e.to_string(), "disk full while writing image file at /x");
+        let e = Error::sled(
+            Path::new("/s"),
+            sled::Error::Io(std::io::Error::from_raw_os_error(libc::ENOSPC)),
+        );
+        assert_eq!(e.to_string(), "disk full while writing chunk store at /s");
     }
 }
