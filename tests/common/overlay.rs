@@ -1,0 +1,511 @@
+//! Overlay test harness: an underlay of network namespaces with a buyer host, seller
+//! hosts whose "guests" are namespaces plugged into a lease namespace through a veth
+//! pair, raw frame crafting, AF_PACKET captures, and TCP transfers inside namespaces.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use ::overlay::io::{self, shell, Buyer, BuyerIoConfig, NetNs, PacketPort, Seller};
+use ::overlay::{BuyerConfig, BuyerCore, GuestLease, Identity, MacAddr, SellerConfig, SellerCore};
+
+use crate::netns::{ip, veth, Netns};
+
+/// Overlay address of the buyer's host.
+pub const BUYER_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
+pub const BUYER_MAC: MacAddr = MacAddr([0x52, 0x54, 0x00, 0xc0, 0x00, 0x01]);
+/// UDP port the buyer listens on.
+pub const BUYER_PORT: u16 = 51900;
+
+/// Delete namespaces/links a crashed earlier run may have left.
+pub fn scrub(names: &[&str]) {
+    for n in names {
+        let _ = Command::new("ip")
+            .args(["netns", "del", n])
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+/// Run `f` inside the named namespace on its own thread.
+pub fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> std::io::Result<T> + Send + 'static) -> Result<T> {
+    NetNs::open(ns)?.run(f).with_context(|| format!("in netns {ns}"))
+}
+
+/// One seller host with one guest.
+pub struct SellerHost {
+    // Field order is drop order: stop the session before its namespaces vanish.
+    pub seller: Seller,
+    pub guest: Netns,
+    pub host: Netns,
+    pub host_ip: Ipv4Addr,
+    pub guest_mac: MacAddr,
+    pub guest_ip: Ipv4Addr,
+    /// Guest end of the veth pair (in `guest`).
+    pub guest_if: String,
+    /// Lease end of the veth pair (in the lease namespace).
+    pub lease_if: String,
+    pub lease_ns: String,
+    /// The seller host's uplink (in `host`).
+    pub uplink: String,
+}
+
+/// Start the buyer overlay inside namespace `ns`.
+pub fn start_buyer(ns: &str, listen: SocketAddr, tap: &str) -> Result<(Buyer, Identity)> {
+    let id = Identity::generate();
+    let core = BuyerCore::new(id.clone(), BuyerConfig::new(BUYER_MAC))?;
+    let cfg = BuyerIoConfig::new(listen, tap);
+    let b = in_ns(ns, move || Ok(Buyer::start(core, cfg)))??;
+    Ok((b, id))
+}
+
+/// Guest/lease plumbing for one seller: lease netns (product code), veth to the guest
+/// namespace, the guest port and the session to the buyer, UDP from the seller host.
+#[allow(clippy::too_many_arguments)]
+pub fn start_seller(
+    host: Netns,
+    host_ip: Ipv4Addr,
+    uplink: &str,
+    guest_ns: &str,
+    lease_ns: &str,
+    tag: &str,
+    buyer_key: ::overlay::PeerKey,
+    buyer_addr: SocketAddr,
+    guest_mac: MacAddr,
+    guest_ip: Ipv4Addr,
+    seller_id: Identity,
+) -> Result<SellerHost> {
+    scrub(&[lease_ns, guest_ns]);
+    let lease = io::create_lease_netns(lease_ns)?;
+    let guest = Netns::new(guest_ns)?;
+    guest.sysctl("net.ipv6.conf.all.disable_ipv6=1")?;
+    guest.sysctl("net.ipv6.conf.default.disable_ipv6=1")?;
+    let guest_if = format!("{tag}g");
+    let lease_if = format!("{tag}l");
+    ip(&[
+        "link", "add", &guest_if, "netns", guest_ns, "type", "veth", "peer", "name", &lease_if,
+        "netns", lease_ns,
+    ])?;
+    // The lease end takes any frame size; the egress filter enforces the cap.
+    in_ns(lease_ns, {
+        let l = lease_if.clone();
+        move || io::sys::set_mtu(&l, 9000)
+    })?;
+    guest.ip(&["link", "set", &guest_if, "address", &guest_mac.to_string()])?;
+    guest.ip(&["link", "set", &guest_if, "up"])?;
+    let port = PacketPort::open_in(&lease, &lease_if)?;
+    let lease_cfg = GuestLease::new(guest_mac, guest_ip, BUYER_MAC, BUYER_IP);
+    let core = SellerCore::new(seller_id, SellerConfig::new(buyer_key, buyer_addr, lease_cfg, std::time::SystemTime::now()))?;
+    let udp = in_ns(host.name(), || {
+        shell::bind_udp("0.0.0.0:0".parse().unwrap()).map_err(std::io::Error::other)
+    })?;
+    let seller = Seller::start(core, port, udp, Some(lease), None)?;
+    Ok(SellerHost {
+        seller,
+        guest,
+        host,
+        host_ip,
+        guest_mac,
+        guest_ip,
+        guest_if,
+        lease_if,
+        lease_ns: lease_ns.to_string(),
+        uplink: uplink.to_string(),
+    })
+}
+
+/// Get an address for the guest with busybox udhcpc; returns (ip, mtu) it configured.
+pub fn dhcp(guest: &Netns, ifname: &str) -> Result<(Ipv4Addr, u32)> {
+    let dir = tempfile::tempdir()?;
+    let script = dir.path().join("udhcpc.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\ncase \"$1\" in\n  bound|renew)\n    ip addr flush dev \"$interface\"\n    ip addr add \"$ip/$mask\" dev \"$interface\"\n    [ -n \"$mtu\" ] && ip link set \"$interface\" mtu \"$mtu\"\n    for r in $router; do ip route replace default via \"$r\" dev \"$interface\"; break; done\n    ;;\nesac\nexit 0\n",
+    )?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
+    let out = guest
+        .command("busybox")
+        .args(["udhcpc", "-i", ifname, "-f", "-q", "-n", "-t", "8", "-T", "1", "-s"])
+        .arg(&script)
+        .output()
+        .context("running busybox udhcpc (apt-get install busybox-static)")?;
+    if !out.status.success() {
+        bail!(
+            "udhcpc in {} got no lease: {}{}",
+            guest.name(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let show = guest.exec("ip", &["-4", "-o", "addr", "show", "dev", ifname])?;
+    let s = String::from_utf8_lossy(&show.stdout);
+    let ipstr = s
+        .split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .context("no inet address after DHCP")?;
+    let ip: Ipv4Addr = ipstr.split('/').next().unwrap().parse()?;
+    let link = guest.exec("ip", &["-o", "link", "show", "dev", ifname])?;
+    let l = String::from_utf8_lossy(&link.stdout);
+    let mtu: u32 = l
+        .split_whitespace()
+        .skip_while(|w| *w != "mtu")
+        .nth(1)
+        .and_then(|m| m.parse().ok())
+        .context("no mtu in `ip link show`")?;
+    Ok((ip, mtu))
+}
+
+/// `ping -c n` from a namespace; true if all replies came back.
+pub fn ping(ns: &Netns, dst: Ipv4Addr, n: u32) -> bool {
+    ns.command("ping")
+        .args(["-c", &n.to_string(), "-i", "0.2", "-W", "2", &dst.to_string()])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// Wait until `f` is true or `t` passed.
+pub fn wait_until(t: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + t;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f()
+}
+
+/// Deterministic bytes for transfers.
+pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i as u32).wrapping_mul(2654435761).to_le_bytes()[1] ^ seed).collect()
+}
+
+/// TCP both ways between `server_ns` (listening on `server_ip:port`) and `client_ns`:
+/// the client sends `up` bytes, then the server sends `down` bytes. Both checked.
+pub fn tcp_both_ways(server_ns: &str, server_ip: Ipv4Addr, port: u16, client_ns: &str, up: usize, down: usize) -> Result<()> {
+    let listener = in_ns(server_ns, move || TcpListener::bind((server_ip, port)))?;
+    let srv = std::thread::spawn(move || -> std::io::Result<Vec<u8>> {
+        let (mut s, _) = listener.accept()?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut got = Vec::new();
+        s.read_to_end(&mut got)?;
+        s.write_all(&pattern(down, 2))?;
+        s.shutdown(std::net::Shutdown::Write)?;
+        Ok(got)
+    });
+    let got_down = in_ns(client_ns, move || {
+        let mut s = TcpStream::connect_timeout(&SocketAddr::from((server_ip, port)), Duration::from_secs(10))?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        s.write_all(&pattern(up, 1))?;
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut got = Vec::new();
+        s.read_to_end(&mut got)?;
+        Ok(got)
+    })?;
+    let got_up = srv.join().map_err(|_| anyhow::anyhow!("server panicked"))??;
+    if got_up != pattern(up, 1) {
+        bail!("upload corrupted or short: {} of {up} bytes", got_up.len());
+    }
+    if got_down != pattern(down, 2) {
+        bail!("download corrupted or short: {} of {down} bytes", got_down.len());
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- raw frames
+
+fn raw_socket(ifname: &str, all_protocols: bool) -> std::io::Result<OwnedFd> {
+    let idx = io::sys::if_index(ifname)?;
+    let proto = if all_protocols { 0x0003u16.to_be() } else { 0 };
+    // SAFETY: plain socket(2).
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto as i32) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = proto;
+    sll.sll_ifindex = idx as i32;
+    let r = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            &sll as *const _ as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// Write raw Ethernet frames on `ifname` inside namespace `ns`. Returns how many the
+/// kernel accepted.
+pub fn inject(ns: &str, ifname: &str, frames: Vec<Vec<u8>>) -> Result<usize> {
+    let ifname = ifname.to_string();
+    in_ns(ns, move || {
+        let fd = raw_socket(&ifname, false)?;
+        let mut n = 0;
+        for f in &frames {
+            // SAFETY: send on a bound packet socket.
+            let r = unsafe { libc::send(fd.as_raw_fd(), f.as_ptr() as *const libc::c_void, f.len(), 0) };
+            if r < 0 {
+                return Err(std::io::Error::new(
+                    std::io::Error::last_os_error().kind(),
+                    format!("sending a {}-byte frame on {ifname}: {}", f.len(), std::io::Error::last_os_error()),
+                ));
+            }
+            n += 1;
+        }
+        Ok(n)
+    })
+}
+
+/// One captured frame: direction and the (possibly truncated) bytes.
+#[derive(Clone, Debug)]
+pub struct Captured {
+    pub outgoing: bool,
+    pub len: usize,
+    pub bytes: Vec<u8>,
+    /// The kernel had stripped an 802.1Q tag into metadata.
+    pub vlan: bool,
+}
+
+/// An AF_PACKET capture of every frame on one interface, both directions.
+pub struct Capture {
+    stop: Arc<AtomicBool>,
+    frames: Arc<Mutex<Vec<Captured>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Capture {
+    pub fn start(ns: &str, ifname: &str) -> Result<Capture> {
+        let n = ifname.to_string();
+        let fd = in_ns(ns, move || {
+            let fd = raw_socket(&n, true)?;
+            let one: libc::c_int = 1;
+            io::sys::setsockopt(fd.as_raw_fd(), libc::SOL_PACKET, io::sys::PACKET_AUXDATA, &one)?;
+            io::sys::set_recv_timeout(fd.as_raw_fd(), 50)?;
+            io::sys::set_socket_buffers(fd.as_raw_fd(), 32 << 20);
+            Ok(fd)
+        })?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let frames = Arc::new(Mutex::new(Vec::new()));
+        let (s2, f2) = (stop.clone(), frames.clone());
+        let thread = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65600];
+            let mut ctrl = [0u64; 16];
+            while !s2.load(Ordering::Relaxed) {
+                let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+                let mut iov = libc::iovec {
+                    iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+                    iov_len: buf.len(),
+                };
+                let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
+                mh.msg_name = &mut sll as *mut _ as *mut libc::c_void;
+                mh.msg_namelen = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+                mh.msg_iov = &mut iov;
+                mh.msg_iovlen = 1;
+                mh.msg_control = ctrl.as_mut_ptr() as *mut libc::c_void;
+                mh.msg_controllen = std::mem::size_of_val(&ctrl);
+                // SAFETY: all pointers live for the call.
+                let r = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut mh, libc::MSG_TRUNC) };
+                if r < 0 {
+                    continue;
+                }
+                let len = r as usize;
+                let mut vlan = false;
+                unsafe {
+                    let mut c = libc::CMSG_FIRSTHDR(&mh);
+                    while !c.is_null() {
+                        if (*c).cmsg_level == libc::SOL_PACKET && (*c).cmsg_type == io::sys::PACKET_AUXDATA {
+                            let mut a = io::sys::TpacketAuxdata::default();
+                            std::ptr::copy_nonoverlapping(
+                                libc::CMSG_DATA(c),
+                                &mut a as *mut _ as *mut u8,
+                                std::mem::size_of::<io::sys::TpacketAuxdata>(),
+                            );
+                            vlan = a.tp_status & io::sys::TP_STATUS_VLAN_VALID != 0;
+                        }
+                        c = libc::CMSG_NXTHDR(&mh, c);
+                    }
+                }
+                let keep = len.min(buf.len()).min(256);
+                f2.lock().unwrap().push(Captured {
+                    outgoing: sll.sll_pkttype == libc::PACKET_OUTGOING as u8,
+                    len,
+                    bytes: buf[..keep].to_vec(),
+                    vlan,
+                });
+            }
+        });
+        Ok(Capture {
+            stop,
+            frames,
+            thread: Some(thread),
+        })
+    }
+
+    /// Everything captured so far.
+    pub fn frames(&self) -> Vec<Captured> {
+        self.frames.lock().unwrap().clone()
+    }
+
+    /// Stop and return everything.
+    pub fn finish(mut self) -> Vec<Captured> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.frames()
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Internet checksum.
+pub fn csum(data: &[u8]) -> u16 {
+    ::overlay::io::offload::csum_fold(::overlay::io::offload::csum_add(0, data))
+}
+
+pub fn eth(dst: MacAddr, src: MacAddr, ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(14 + payload.len());
+    f.extend_from_slice(&dst.0);
+    f.extend_from_slice(&src.0);
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+pub fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload: &[u8]) -> Vec<u8> {
+    let mut h = vec![0u8; 20];
+    h[0] = 0x45;
+    h[2..4].copy_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
+    h[8] = 64;
+    h[9] = proto;
+    h[12..16].copy_from_slice(&src.octets());
+    h[16..20].copy_from_slice(&dst.octets());
+    let c = csum(&h);
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    h.extend_from_slice(payload);
+    h
+}
+
+/// UDP datagram (checksum 0: allowed over IPv4).
+pub fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut u = Vec::with_capacity(8 + payload.len());
+    u.extend_from_slice(&sport.to_be_bytes());
+    u.extend_from_slice(&dport.to_be_bytes());
+    u.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    u.extend_from_slice(&[0, 0]);
+    u.extend_from_slice(payload);
+    u
+}
+
+pub fn icmp_echo(id: u16, seq: u16, payload: &[u8]) -> Vec<u8> {
+    let mut m = vec![8, 0, 0, 0];
+    m.extend_from_slice(&id.to_be_bytes());
+    m.extend_from_slice(&seq.to_be_bytes());
+    m.extend_from_slice(payload);
+    let c = csum(&m);
+    m[2..4].copy_from_slice(&c.to_be_bytes());
+    m
+}
+
+/// ARP request (op 1) or reply (op 2).
+pub fn arp(op: u16, sha: MacAddr, spa: Ipv4Addr, tha: MacAddr, tpa: Ipv4Addr) -> Vec<u8> {
+    let mut a = vec![0, 1, 8, 0, 6, 4];
+    a.extend_from_slice(&op.to_be_bytes());
+    a.extend_from_slice(&sha.0);
+    a.extend_from_slice(&spa.octets());
+    a.extend_from_slice(&tha.0);
+    a.extend_from_slice(&tpa.octets());
+    a
+}
+
+/// A BOOTP/DHCP reply skeleton (op 2) with a DHCP message type option.
+pub fn dhcp_offer(server: Ipv4Addr, yiaddr: Ipv4Addr, chaddr: MacAddr) -> Vec<u8> {
+    let mut b = vec![0u8; 236];
+    b[0] = 2;
+    b[1] = 1;
+    b[2] = 6;
+    b[16..20].copy_from_slice(&yiaddr.octets());
+    b[20..24].copy_from_slice(&server.octets());
+    b[28..34].copy_from_slice(&chaddr.0);
+    b.extend_from_slice(&[99, 130, 83, 99, 53, 1, 2, 54, 4]);
+    b.extend_from_slice(&server.octets());
+    b.extend_from_slice(&[3, 4]);
+    b.extend_from_slice(&server.octets());
+    b.push(255);
+    b
+}
+
+/// An ICMPv6 router advertisement in an IPv6 packet (checksum left zero: the filter
+/// must drop it whatever its checksum).
+pub fn ipv6_ra(src_mac: MacAddr) -> Vec<u8> {
+    let ra = [134u8, 0, 0, 0, 64, 0, 0x07, 0x08, 0, 0, 0, 0, 0, 0, 0, 0];
+    let mut p = vec![0x60, 0, 0, 0];
+    p.extend_from_slice(&(ra.len() as u16).to_be_bytes());
+    p.push(58);
+    p.push(255);
+    // fe80::5054:ff:fe.. from the MAC, to ff02::1
+    let mut src = [0u8; 16];
+    src[0] = 0xfe;
+    src[1] = 0x80;
+    src[8..11].copy_from_slice(&[src_mac.0[0] ^ 2, src_mac.0[1], src_mac.0[2]]);
+    src[11] = 0xff;
+    src[12] = 0xfe;
+    src[13..16].copy_from_slice(&src_mac.0[3..6]);
+    let mut dst = [0u8; 16];
+    dst[0] = 0xff;
+    dst[1] = 0x02;
+    dst[15] = 1;
+    p.extend_from_slice(&src);
+    p.extend_from_slice(&dst);
+    p.extend_from_slice(&ra);
+    eth(MacAddr([0x33, 0x33, 0, 0, 0, 1]), src_mac, 0x86dd, &p)
+}
+
+/// Insert an 802.1Q tag (VLAN `vid`) after the MAC addresses.
+pub fn vlan_tag(frame: &[u8], vid: u16) -> Vec<u8> {
+    let mut f = frame[..12].to_vec();
+    f.extend_from_slice(&[0x81, 0x00]);
+    f.extend_from_slice(&(vid & 0x0fff).to_be_bytes());
+    f.extend_from_slice(&frame[12..]);
+    f
+}
+
+/// MAC of an interface inside a namespace.
+pub fn mac_of(ns: &Netns, ifname: &str) -> Result<MacAddr> {
+    let o = ns.exec("cat", &[&format!("/sys/class/net/{ifname}/address")])?;
+    Ok(String::from_utf8_lossy(&o.stdout).trim().parse()?)
+}
+
+/// Build the underlay: a bridge namespace joining `hosts` (name, uplink ifname, ip/24).
+pub fn underlay(bridge_ns: &Netns, hosts: &[(&Netns, &str, Ipv4Addr)], prefix: &str) -> Result<()> {
+    bridge_ns.ip(&["link", "add", "br0", "type", "bridge"])?;
+    bridge_ns.ip(&["link", "set", "br0", "up"])?;
+    for (i, (ns, ifname, addr)) in hosts.iter().enumerate() {
+        let port = format!("{prefix}p{i}");
+        veth(ns, ifname, &format!("{addr}/24"), bridge_ns, &port, "")?;
+        bridge_ns.ip(&["link", "set", &port, "master", "br0"])?;
+    }
+    Ok(())
+}
