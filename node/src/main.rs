@@ -9,6 +9,7 @@ mod identity;
 mod image_cmd;
 mod image_service;
 mod logging;
+mod p2p;
 mod progress;
 mod status_cmd;
 

@@ -137,7 +137,11 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
     /// `have` (those already in the store are never requested again).
     pub fn new(sizes: Vec<u32>, have: Bitfield, seed: u64, cfg: LeecherConfig) -> Self {
         let n = sizes.len();
-        assert_eq!(have.len() as usize, n, "have-set length must match the chunk count");
+        assert_eq!(
+            have.len() as usize,
+            n,
+            "have-set length must match the chunk count"
+        );
         let total: u64 = sizes.iter().map(|&s| s as u64).sum();
         let mut rank: Vec<u32> = (0..n as u32).collect();
         let mut rng = SplitMix64::new(seed);
@@ -255,7 +259,10 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
             return false;
         }
         if let Some(&i) = self.index.get(&p) {
-            let old = std::mem::replace(&mut self.peers[i].as_mut().expect("indexed").has, has.clone());
+            let old = std::mem::replace(
+                &mut self.peers[i].as_mut().expect("indexed").has,
+                has.clone(),
+            );
             for idx in old.iter_ones() {
                 if !has.get(idx) {
                     self.avail_dec(idx);
@@ -312,7 +319,9 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
 
     /// `p` left (disconnected or stopped serving this image).
     pub fn remove_peer(&mut self, p: &P) {
-        let Some(i) = self.index.remove(p) else { return };
+        let Some(i) = self.index.remove(p) else {
+            return;
+        };
         let slot = self.peers[i].take().expect("indexed");
         self.free.push(i);
         for (idx, _) in &slot.out {
@@ -386,7 +395,10 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
                 }
                 for l in losers {
                     self.release(idx);
-                    self.actions.push_back(Action::Cancel { peer: l, chunk: idx });
+                    self.actions.push_back(Action::Cancel {
+                        peer: l,
+                        chunk: idx,
+                    });
                 }
             }
             if self.have.is_full() && !self.completed {
@@ -446,7 +458,11 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
         if s.out.is_empty() {
             return None;
         }
-        let rate = s.rate.rate().unwrap_or(0.0).max(self.cfg.assumed_rate as f64);
+        let rate = s
+            .rate
+            .rate()
+            .unwrap_or(0.0)
+            .max(self.cfg.assumed_rate as f64);
         let wait = self.cfg.base_timeout_us as f64
             + self.cfg.timeout_factor as f64 * s.out_bytes as f64 * 1e6 / rate;
         Some(s.since.saturating_add(wait as u64))
@@ -454,7 +470,11 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
 
     /// Earliest time `poll` has timeouts to check; the shell wakes up then.
     pub fn next_deadline(&self) -> Option<Micros> {
-        self.peers.iter().flatten().filter_map(|s| self.deadline(s)).min()
+        self.peers
+            .iter()
+            .flatten()
+            .filter_map(|s| self.deadline(s))
+            .min()
     }
 
     /// Rarest wanted chunk `s` has that nobody is fetching yet.
@@ -468,7 +488,9 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
                 .has
                 .iter_ones()
                 .filter(|&i| {
-                    !self.have.get(i) && self.inflight[i as usize] == 0 && self.avail[i as usize] > 0
+                    !self.have.get(i)
+                        && self.inflight[i as usize] == 0
+                        && self.avail[i as usize] > 0
                 })
                 .min_by_key(|&i| (self.avail[i as usize], self.rank[i as usize]));
         }
@@ -524,7 +546,10 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
             let strikes = s.strikes;
             tracing::debug!(peer = ?id, chunk = idx, strikes, "chunk request timed out");
             self.release(idx);
-            self.actions.push_back(Action::Cancel { peer: id.clone(), chunk: idx });
+            self.actions.push_back(Action::Cancel {
+                peer: id.clone(),
+                chunk: idx,
+            });
             if strikes > self.cfg.max_strikes {
                 self.remove_peer(&id);
                 self.actions.push_back(Action::Disconnect { peer: id });
@@ -544,14 +569,18 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
         for k in 0..2 * n {
             let i = (self.rr + k) % n;
             loop {
-                let Some(s) = self.peers[i].as_ref() else { break };
+                let Some(s) = self.peers[i].as_ref() else {
+                    break;
+                };
                 if (s.strikes > 0) == (k < n) {
                     break;
                 }
                 if s.out.len() >= self.depth(s) {
                     break;
                 }
-                let Some(idx) = self.pick(s).or_else(|| self.pick_endgame(s)) else { break };
+                let Some(idx) = self.pick(s).or_else(|| self.pick_endgame(s)) else {
+                    break;
+                };
                 let size = self.sizes[idx as usize] as u64;
                 let s = self.peers[i].as_mut().expect("live");
                 if s.out.is_empty() {
@@ -565,7 +594,10 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
                     self.inflight_set.insert(idx);
                 }
                 self.inflight[idx as usize] += 1;
-                self.actions.push_back(Action::Request { peer: id, chunk: idx });
+                self.actions.push_back(Action::Request {
+                    peer: id,
+                    chunk: idx,
+                });
             }
         }
     }
@@ -641,7 +673,10 @@ mod tests {
         let acts = drain(&mut l);
         assert!(acts.contains(&Action::Ban { peer: 1 }));
         assert_eq!(reqs(&acts), vec![(2, 0)]);
-        assert!(!l.add_peer(1, Bitfield::full(1), PeerKind::Normal, 6), "banned peer re-added");
+        assert!(
+            !l.add_peer(1, Bitfield::full(1), PeerKind::Normal, 6),
+            "banned peer re-added"
+        );
     }
 
     #[test]
@@ -649,18 +684,27 @@ mod tests {
         // 256 KiB chunks over 1 Mbit/s (125 kB/s): ~2.1 s each
         let n = 20;
         let size = 256 * 1024;
-        let mut l = Leecher::new(vec![size; n], Bitfield::new(n as u32), 5, LeecherConfig::default());
+        let mut l = Leecher::new(
+            vec![size; n],
+            Bitfield::new(n as u32),
+            5,
+            LeecherConfig::default(),
+        );
         l.add_peer(1, Bitfield::full(n as u32), PeerKind::Normal, 0);
         let mut now = 0u64;
         l.poll(now);
-        let mut outstanding: VecDeque<u32> = reqs(&drain(&mut l)).into_iter().map(|x| x.1).collect();
+        let mut outstanding: VecDeque<u32> =
+            reqs(&drain(&mut l)).into_iter().map(|x| x.1).collect();
         let per_chunk = size as u64 * 1_000_000 / 125_000;
         while let Some(c) = outstanding.pop_front() {
             now += per_chunk;
             // nothing timed out before the reply
             l.poll(now - 1);
             let acts = drain(&mut l);
-            assert!(!acts.iter().any(|a| matches!(a, Action::Cancel { .. })), "{acts:?} at {now}");
+            assert!(
+                !acts.iter().any(|a| matches!(a, Action::Cancel { .. })),
+                "{acts:?} at {now}"
+            );
             outstanding.extend(reqs(&acts).into_iter().map(|x| x.1));
             l.on_chunk(&1, c, true, now);
             l.poll(now);
@@ -671,7 +715,12 @@ mod tests {
 
     #[test]
     fn silent_peer_times_out_and_request_moves() {
-        let mut l = Leecher::new(vec![65536; 2], Bitfield::new(2), 5, LeecherConfig::default());
+        let mut l = Leecher::new(
+            vec![65536; 2],
+            Bitfield::new(2),
+            5,
+            LeecherConfig::default(),
+        );
         let mut one = Bitfield::new(2);
         one.set(0);
         l.add_peer(1, one.clone(), PeerKind::Normal, 0);
@@ -706,7 +755,12 @@ mod tests {
 
     #[test]
     fn super_seed_offers_all_requested() {
-        let mut l = Leecher::new(vec![100; 10], Bitfield::new(10), 5, LeecherConfig::default());
+        let mut l = Leecher::new(
+            vec![100; 10],
+            Bitfield::new(10),
+            5,
+            LeecherConfig::default(),
+        );
         let mut offers = Bitfield::new(10);
         for i in 0..5 {
             offers.set(i);

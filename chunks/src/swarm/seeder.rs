@@ -42,7 +42,10 @@ pub struct SeederConfig {
 
 impl Default for SeederConfig {
     fn default() -> Self {
-        SeederConfig { offer_depth: 2, extra_fraction: 0.03 }
+        SeederConfig {
+            offer_depth: 2,
+            extra_fraction: 0.03,
+        }
     }
 }
 
@@ -130,7 +133,12 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Seeder<P> {
         for i in has.iter_ones() {
             self.holders[i as usize] += 1;
         }
-        let slot = SeedPeer { id: p.clone(), has, offered: Vec::new(), serving: Vec::new() };
+        let slot = SeedPeer {
+            id: p.clone(),
+            has,
+            offered: Vec::new(),
+            serving: Vec::new(),
+        };
         let i = match self.free.pop() {
             Some(i) => {
                 self.peers[i] = Some(slot);
@@ -170,7 +178,9 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Seeder<P> {
 
     /// `p` left; chunks only it held (or was offered) are handed out again.
     pub fn remove_peer(&mut self, p: &P) {
-        let Some(i) = self.index.remove(p) else { return };
+        let Some(i) = self.index.remove(p) else {
+            return;
+        };
         let s = self.peers[i].take().expect("indexed");
         self.free.push(i);
         self.serving_total -= s.serving.len();
@@ -188,7 +198,9 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Seeder<P> {
     /// `p` asks for chunk `idx`. Serve only what was offered to it; the shell must
     /// call [`Seeder::on_sent`] when the reply is out (or failed).
     pub fn on_request(&mut self, p: &P, idx: u32, _now: Micros) -> Decision {
-        let Some(&i) = self.index.get(p) else { return Decision::Refuse };
+        let Some(&i) = self.index.get(p) else {
+            return Decision::Refuse;
+        };
         let s = self.peers[i].as_mut().expect("indexed");
         if !s.offered.contains(&idx) || s.serving.contains(&idx) {
             return Decision::Refuse;
@@ -218,7 +230,10 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Seeder<P> {
         let s = self.peers[i].as_mut().expect("live");
         s.offered.push(idx);
         self.assigned[idx as usize] += 1;
-        self.actions.push_back(SeedAction::Offer { peer: s.id.clone(), chunk: idx });
+        self.actions.push_back(SeedAction::Offer {
+            peer: s.id.clone(),
+            chunk: idx,
+        });
     }
 
     /// Hands out offers. Call after every event.
@@ -232,11 +247,15 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Seeder<P> {
         for k in 0..n {
             let i = (self.rr + k) % n;
             loop {
-                let Some(s) = self.peers[i].as_ref() else { break };
+                let Some(s) = self.peers[i].as_ref() else {
+                    break;
+                };
                 if s.offered.len() >= self.cfg.offer_depth || s.has.is_full() {
                     break;
                 }
-                let Some(idx) = self.unsent.pop_front() else { break };
+                let Some(idx) = self.unsent.pop_front() else {
+                    break;
+                };
                 self.queued.clear(idx);
                 if self.holders[idx as usize] > 0 || self.assigned[idx as usize] > 0 {
                     continue; // someone has it (e.g. from an older version): peers share it
@@ -255,7 +274,9 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Seeder<P> {
         let budget = (self.total as f64 * self.cfg.extra_fraction) as u64;
         for k in 0..n {
             let i = (self.rr + k) % n;
-            let Some(s) = self.peers[i].as_ref() else { continue };
+            let Some(s) = self.peers[i].as_ref() else {
+                continue;
+            };
             if !s.offered.is_empty() || s.has.is_full() {
                 continue;
             }
@@ -312,7 +333,11 @@ mod tests {
         let other = (p + 1) % 3;
         assert_eq!(s.on_request(&other, c, 0), Decision::Refuse);
         assert_eq!(s.on_request(&p, c, 0), Decision::Serve);
-        assert_eq!(s.on_request(&p, c, 0), Decision::Refuse, "duplicate while serving");
+        assert_eq!(
+            s.on_request(&p, c, 0),
+            Decision::Refuse,
+            "duplicate while serving"
+        );
         s.on_sent(&p, c);
         s.peer_have(&p, c);
         s.poll(1);
@@ -324,12 +349,21 @@ mod tests {
 
     #[test]
     fn lost_chunk_is_handed_out_again() {
-        let mut s = Seeder::new(vec![100; 2], SeederConfig { offer_depth: 1, extra_fraction: 0.0 });
+        let mut s = Seeder::new(
+            vec![100; 2],
+            SeederConfig {
+                offer_depth: 1,
+                extra_fraction: 0.0,
+            },
+        );
         s.add_peer(1, Bitfield::new(2));
         s.add_peer(2, Bitfield::new(2));
         s.poll(0);
         let o = offers(&mut s);
-        let (p1c, p2c) = (o.iter().find(|x| x.0 == 1).unwrap().1, o.iter().find(|x| x.0 == 2).unwrap().1);
+        let (p1c, p2c) = (
+            o.iter().find(|x| x.0 == 1).unwrap().1,
+            o.iter().find(|x| x.0 == 2).unwrap().1,
+        );
         assert_eq!(s.on_request(&1, p1c, 0), Decision::Serve);
         s.on_sent(&1, p1c);
         s.peer_have(&1, p1c);
@@ -355,7 +389,13 @@ mod tests {
 
     #[test]
     fn idle_tail_spends_bounded_extra() {
-        let mut s = Seeder::new(vec![100; 10], SeederConfig { offer_depth: 2, extra_fraction: 0.1 });
+        let mut s = Seeder::new(
+            vec![100; 10],
+            SeederConfig {
+                offer_depth: 2,
+                extra_fraction: 0.1,
+            },
+        );
         s.add_peer(1, Bitfield::full(10));
         s.add_peer(2, Bitfield::new(10));
         s.poll(0);

@@ -60,7 +60,12 @@ pub(crate) fn run(cfg: &SimConfig) -> SimResult {
     let total: u64 = cfg.sizes.iter().map(|&s| s as u64).sum();
     let mut seeder = Seeder::<usize>::new(cfg.sizes.clone(), SeederConfig::default());
     let mut nodes: Vec<Node> = Vec::new();
-    nodes.push(Node { leech: None, has: Bitfield::full(nch), done: Some(0.0), wake_at: None });
+    nodes.push(Node {
+        leech: None,
+        has: Bitfield::full(nch),
+        done: Some(0.0),
+        wake_at: None,
+    });
     for i in 1..=cfg.n {
         let mut l = Leecher::new(
             cfg.sizes.clone(),
@@ -74,7 +79,12 @@ pub(crate) fn run(cfg: &SimConfig) -> SimResult {
                 l.add_peer(j, Bitfield::new(nch), PeerKind::Normal, 0);
             }
         }
-        nodes.push(Node { leech: Some(l), has: Bitfield::new(nch), done: None, wake_at: None });
+        nodes.push(Node {
+            leech: Some(l),
+            has: Bitfield::new(nch),
+            done: None,
+            wake_at: None,
+        });
         seeder.add_peer(i, Bitfield::new(nch));
     }
     let up = |i: usize| if i == 0 { cfg.seed_up } else { cfg.peer_up };
@@ -125,8 +135,14 @@ pub(crate) fn run(cfg: &SimConfig) -> SimResult {
                 t_done = t_done.min(now_f + t.left / t.rate * 1e6);
             }
         }
-        let t_msg = heap.peek().map(|Reverse((t, _, _))| *t as f64).unwrap_or(f64::INFINITY);
-        assert!(t_done.is_finite() || t_msg.is_finite(), "deadlock: nothing moves");
+        let t_msg = heap
+            .peek()
+            .map(|Reverse((t, _, _))| *t as f64)
+            .unwrap_or(f64::INFINITY);
+        assert!(
+            t_done.is_finite() || t_msg.is_finite(),
+            "deadlock: nothing moves"
+        );
         let t = t_done.min(t_msg);
         let dt = (t - now_f) / 1e6;
         for tr in transfers.iter_mut() {
@@ -147,7 +163,16 @@ pub(crate) fn run(cfg: &SimConfig) -> SimResult {
                         send(&mut heap, &mut msgs, now + lat, peer, Msg::Offer { chunk });
                     }
                 }
-                send(&mut heap, &mut msgs, now + lat, tr.to, Msg::Data { from: tr.from, chunk: tr.chunk });
+                send(
+                    &mut heap,
+                    &mut msgs,
+                    now + lat,
+                    tr.to,
+                    Msg::Data {
+                        from: tr.from,
+                        chunk: tr.chunk,
+                    },
+                );
             } else {
                 k += 1;
             }
@@ -155,7 +180,9 @@ pub(crate) fn run(cfg: &SimConfig) -> SimResult {
         if t_msg > t_done {
             continue;
         }
-        let Some(Reverse((_, _, mi))) = heap.pop() else { continue };
+        let Some(Reverse((_, _, mi))) = heap.pop() else {
+            continue;
+        };
         let (to, m) = msgs[mi].take().expect("message delivered once");
         let mut touched = vec![to];
         match m {
@@ -178,7 +205,13 @@ pub(crate) fn run(cfg: &SimConfig) -> SimResult {
                     });
                     rates_dirty = true;
                 } else {
-                    send(&mut heap, &mut msgs, now + lat, from, Msg::Lacks { from: to, chunk });
+                    send(
+                        &mut heap,
+                        &mut msgs,
+                        now + lat,
+                        from,
+                        Msg::Lacks { from: to, chunk },
+                    );
                 }
             }
             Msg::Lacks { from, chunk } => {
@@ -209,7 +242,13 @@ pub(crate) fn run(cfg: &SimConfig) -> SimResult {
                 if nodes[to].has.set(chunk) {
                     for j in 0..=cfg.n {
                         if j != to {
-                            send(&mut heap, &mut msgs, now + lat, j, Msg::Have { from: to, chunk });
+                            send(
+                                &mut heap,
+                                &mut msgs,
+                                now + lat,
+                                j,
+                                Msg::Have { from: to, chunk },
+                            );
                         }
                     }
                     touched.clear();
@@ -225,13 +264,19 @@ pub(crate) fn run(cfg: &SimConfig) -> SimResult {
                 continue;
             }
             let node = &mut nodes[i];
-            let Some(l) = node.leech.as_mut() else { continue };
+            let Some(l) = node.leech.as_mut() else {
+                continue;
+            };
             l.poll(now);
             while let Some(a) = l.next_action() {
                 match a {
-                    Action::Request { peer, chunk } => {
-                        send(&mut heap, &mut msgs, now + lat, peer, Msg::Request { from: i, chunk })
-                    }
+                    Action::Request { peer, chunk } => send(
+                        &mut heap,
+                        &mut msgs,
+                        now + lat,
+                        peer,
+                        Msg::Request { from: i, chunk },
+                    ),
                     Action::Complete => node.done = Some(now as f64 / 1e6),
                     Action::Cancel { .. } | Action::Ban { .. } | Action::Disconnect { .. } => {}
                 }
@@ -251,13 +296,21 @@ pub(crate) fn run(cfg: &SimConfig) -> SimResult {
     SimResult {
         seed_bytes,
         total,
-        finish: nodes[1..].iter().map(|n| n.done.expect("all done")).collect(),
+        finish: nodes[1..]
+            .iter()
+            .map(|n| n.done.expect("all done"))
+            .collect(),
         bound,
     }
 }
 
 /// Max-min fair rates by progressive filling over every node's up- and downlink.
-fn allocate(ts: &mut [Transfer], nodes: usize, up: &dyn Fn(usize) -> f64, down: &dyn Fn(usize) -> f64) {
+fn allocate(
+    ts: &mut [Transfer],
+    nodes: usize,
+    up: &dyn Fn(usize) -> f64,
+    down: &dyn Fn(usize) -> f64,
+) {
     let mut cap_up: Vec<f64> = (0..nodes).map(up).collect();
     let mut cap_down: Vec<f64> = (0..nodes).map(down).collect();
     let mut frozen = vec![false; ts.len()];
@@ -345,7 +398,11 @@ mod tests {
                 last / r.bound
             );
             assert!(ratio <= 1.05, "seed sent {ratio:.3} copies");
-            assert!(last <= 1.1 * r.bound, "last peer {last:.1} s vs bound {:.1} s", r.bound);
+            assert!(
+                last <= 1.1 * r.bound,
+                "last peer {last:.1} s vs bound {:.1} s",
+                r.bound
+            );
         }
     }
 

@@ -1,0 +1,1054 @@
+//! libp2p networking of the node: discovery (Kademlia, identify, bootstrap peers,
+//! optional mDNS) and the chunk-swarm protocol, a thin I/O shell around the
+//! sans-IO scheduler in `chunks::swarm`.
+//!
+//! One task owns the libp2p `Swarm` and every image's swarm state; the control
+//! socket talks to it through a channel. A buyer super-seeds the images it holds
+//! (`Seeder`); a seller fetches with a `Leecher` and serves everything it holds.
+//! Every received chunk is checked against its id before it is stored; every
+//! manifest's signature before it is used.
+
+pub mod codec;
+pub mod wire;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chunks::swarm::{
+    Action, Bitfield, Decision, Leecher, LeecherConfig, PeerKind, SeedAction, Seeder, SeederConfig,
+};
+use chunks::{ChunkId, ChunkStore, ImageId, PinGuard, SignedManifest};
+use futures::StreamExt;
+use libp2p::request_response::{self, InboundRequestId, OutboundRequestId, ProtocolSupport};
+use libp2p::swarm::{behaviour::toggle::Toggle, NetworkBehaviour, SwarmEvent};
+use libp2p::{identify, kad, mdns, noise, ping, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Swarm};
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, info_span, warn};
+
+use crate::cli::Role;
+use crate::control::{Progress, Router};
+use crate::daemon::Node;
+use crate::error::{Error, Result};
+use codec::SwarmCodec;
+use wire::{PeerRole, Request, Response};
+
+/// How long a fetch waits for any peer to hand over a valid manifest.
+const MANIFEST_WAIT: Duration = Duration::from_secs(60);
+/// How often providers are looked up again and new ones greeted.
+const DISCOVERY_EVERY: Duration = Duration::from_secs(2);
+/// Fault injection for tests (a scripted bad peer at the test's edge).
+const FAULT_ENV: &str = "CPUSHARE_TEST_FAULT";
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    kad: kad::Behaviour<kad::store::MemoryStore>,
+    rr: request_response::Behaviour<SwarmCodec>,
+    mdns: Toggle<mdns::tokio::Behaviour>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fault {
+    None,
+    CorruptChunks,
+    TamperManifest,
+    TruncateManifest,
+}
+
+enum Cmd {
+    Fetch {
+        image: ImageId,
+        progress: Progress,
+        reply: oneshot::Sender<std::result::Result<Value, String>>,
+    },
+}
+
+/// Counters shown by `status`.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+struct ImageStats {
+    uploaded_bytes: u64,
+    downloaded_bytes: u64,
+    chunks_downloaded: u64,
+    duplicate_chunks: u64,
+    bad_chunks: u64,
+    resumed_bytes: u64,
+    banned: BTreeSet<String>,
+    complete: bool,
+}
+
+#[derive(Clone, Debug, Default, serde::Serialize)]
+struct Rejects {
+    bad_manifests: u64,
+    bad_chunks: u64,
+    bad_messages: u64,
+    failed_inbound: u64,
+}
+
+#[derive(Default)]
+struct Snapshot {
+    listen: Vec<String>,
+    connected: BTreeSet<String>,
+    images: BTreeMap<String, ImageStats>,
+    rejects: Rejects,
+}
+
+/// Registers the `image.fetch` method and the `p2p` status section, and spawns
+/// the networking task. Must run inside the daemon's tokio runtime.
+pub fn start(node: Arc<Node>, router: &mut Router) -> Result<()> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let snapshot = Arc::new(Mutex::new(Snapshot::default()));
+    let net = Net::new(node.clone(), snapshot.clone())?;
+    {
+        let snapshot = snapshot.clone();
+        let peer_id = node.identity.peer_id().to_string();
+        router.status_section("p2p", move || {
+            let s = snapshot.lock().expect("snapshot lock");
+            let banned: Vec<Value> = s
+                .images
+                .iter()
+                .flat_map(|(img, st)| st.banned.iter().map(move |p| json!({"peer": p, "image": img})))
+                .collect();
+            json!({
+                "peer_id": peer_id,
+                "listen_addrs": s.listen,
+                "connected_peers": s.connected,
+                "images": s.images,
+                "banned_peers": banned,
+                "rejected": s.rejects,
+            })
+        });
+    }
+    let role = node.role;
+    router.method("image.fetch", move |params: Value, progress: Progress| {
+        let tx = tx.clone();
+        async move {
+            if role != Role::Seller {
+                return Err(Error::WrongRole { needed: "seller", actual: role.as_str() });
+            }
+            let id = params
+                .get("id")
+                .and_then(|v| v.as_str())
+                .ok_or_else(|| Error::BadArg { what: "id", reason: "missing image id".into() })?;
+            let image: ImageId = id.parse().map_err(|_| Error::BadArg {
+                what: "image id",
+                reason: format!("{id:?} is not a 64-digit hex image id"),
+            })?;
+            let (rtx, rrx) = oneshot::channel();
+            tx.send(Cmd::Fetch { image, progress, reply: rtx })
+                .map_err(|_| Error::P2p("the networking task stopped".into()))?;
+            match rrx.await {
+                Ok(Ok(v)) => Ok(v),
+                Ok(Err(e)) => Err(Error::P2p(e)),
+                Err(_) => Err(Error::P2p("the networking task stopped".into())),
+            }
+        }
+    });
+    let span = info_span!("p2p", peer = %node.identity.peer_id());
+    tokio::spawn(tracing::Instrument::instrument(net.run(rx), span));
+    Ok(())
+}
+
+enum Pending {
+    Manifest { image: ImageId },
+    Hello { image: ImageId },
+    Have,
+    Chunk { image: ImageId, index: u32 },
+}
+
+struct Waiter {
+    progress: Progress,
+    reply: oneshot::Sender<std::result::Result<Value, String>>,
+}
+
+struct ManifestFetch {
+    asked: HashSet<PeerId>,
+    waiters: Vec<Waiter>,
+    started: Instant,
+}
+
+enum Mode {
+    Seed(Seeder<PeerId>),
+    Leech(Box<Leecher<PeerId>>),
+    Done,
+}
+
+struct Fetch {
+    waiters: Vec<Waiter>,
+    started: Instant,
+    _pin: PinGuard,
+    last_report: Instant,
+}
+
+struct ImageSwarm {
+    id: ImageId,
+    chunk_ids: Vec<ChunkId>,
+    sizes: Vec<u32>,
+    total: u64,
+    have: Bitfield,
+    have_bytes: u64,
+    mode: Mode,
+    members: HashSet<PeerId>,
+    greeted: HashSet<PeerId>,
+    early_haves: HashMap<PeerId, Vec<u32>>,
+    have_queue: HashMap<PeerId, Vec<u32>>,
+    fetch: Option<Fetch>,
+    stats: ImageStats,
+}
+
+struct Net {
+    swarm: Swarm<Behaviour>,
+    store: Arc<ChunkStore>,
+    role: Role,
+    epoch: Instant,
+    images: HashMap<ImageId, ImageSwarm>,
+    manifest_fetches: HashMap<ImageId, ManifestFetch>,
+    pending: HashMap<OutboundRequestId, Pending>,
+    seed_serving: HashMap<InboundRequestId, (ImageId, PeerId, u32)>,
+    provider_queries: HashMap<kad::QueryId, ImageId>,
+    providing: HashSet<ImageId>,
+    connected: HashSet<PeerId>,
+    listen: Vec<Multiaddr>,
+    rejects: Rejects,
+    fault: Fault,
+    snapshot: Arc<Mutex<Snapshot>>,
+    rng_seed: u64,
+}
+
+fn p2p_err(e: impl std::fmt::Display) -> Error {
+    Error::P2p(e.to_string())
+}
+
+impl Net {
+    fn new(node: Arc<Node>, snapshot: Arc<Mutex<Snapshot>>) -> Result<Net> {
+        let keypair = node.identity.keypair().clone();
+        let local = keypair.public().to_peer_id();
+        let mdns_on = node.settings.mdns;
+        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+            .with_tokio()
+            .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+            .map_err(p2p_err)?
+            .with_behaviour(|key| {
+                let mut kcfg = kad::Config::new(StreamProtocol::new("/cpushare/kad/1"));
+                kcfg.set_query_timeout(Duration::from_secs(20));
+                let mut kad = kad::Behaviour::with_config(local, kad::store::MemoryStore::new(local), kcfg);
+                // small private swarms on loopback never get a confirmed external
+                // address; serve the DHT anyway
+                kad.set_mode(Some(kad::Mode::Server));
+                let rr = request_response::Behaviour::with_codec(
+                    SwarmCodec,
+                    [(StreamProtocol::new(wire::PROTOCOL), ProtocolSupport::Full)],
+                    // the scheduler owns timeouts (scaled by size and rate)
+                    request_response::Config::default()
+                        .with_request_timeout(Duration::from_secs(600))
+                        .with_max_concurrent_streams(1024),
+                );
+                let mdns = if mdns_on {
+                    Some(mdns::tokio::Behaviour::new(mdns::Config::default(), local)?)
+                } else {
+                    None
+                };
+                Ok(Behaviour {
+                    identify: identify::Behaviour::new(identify::Config::new(
+                        "/cpushare/id/1".into(),
+                        key.public(),
+                    )),
+                    ping: ping::Behaviour::new(ping::Config::new()),
+                    kad,
+                    rr,
+                    mdns: Toggle::from(mdns),
+                })
+            })
+            .map_err(p2p_err)?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
+            .build();
+        let listen: Multiaddr = node.settings.listen.parse().map_err(|e| Error::BadArg {
+            what: "--listen",
+            reason: format!("{:?} is not a multiaddr: {e}", node.settings.listen),
+        })?;
+        swarm.listen_on(listen.clone()).map_err(|e| Error::BadArg {
+            what: "--listen",
+            reason: format!("cannot listen on {listen}: {e}"),
+        })?;
+        for b in &node.settings.bootstrap {
+            let addr: Multiaddr = b.parse().map_err(|e| Error::BadArg {
+                what: "--bootstrap",
+                reason: format!("{b:?} is not a multiaddr: {e}"),
+            })?;
+            let Some(libp2p::multiaddr::Protocol::P2p(peer)) = addr.iter().last() else {
+                return Err(Error::BadArg {
+                    what: "--bootstrap",
+                    reason: format!("{b} must end in /p2p/<peer id>"),
+                });
+            };
+            swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+            if let Err(e) = swarm.dial(addr) {
+                warn!(bootstrap = %b, error = %e, "cannot dial bootstrap peer");
+            }
+        }
+        let fault = match std::env::var(FAULT_ENV).as_deref() {
+            Ok("corrupt-chunks") => Fault::CorruptChunks,
+            Ok("tamper-manifest") => Fault::TamperManifest,
+            Ok("truncate-manifest") => Fault::TruncateManifest,
+            _ => Fault::None,
+        };
+        if fault != Fault::None {
+            warn!(?fault, "TEST FAULT INJECTION ACTIVE: this node serves bad data on purpose");
+        }
+        let pid = local.to_bytes();
+        let rng_seed = pid.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        });
+        Ok(Net {
+            swarm,
+            store: node.store.clone(),
+            role: node.role,
+            epoch: Instant::now(),
+            images: HashMap::new(),
+            manifest_fetches: HashMap::new(),
+            pending: HashMap::new(),
+            seed_serving: HashMap::new(),
+            provider_queries: HashMap::new(),
+            providing: HashSet::new(),
+            connected: HashSet::new(),
+            listen: Vec::new(),
+            rejects: Rejects::default(),
+            fault,
+            snapshot,
+            rng_seed,
+        })
+    }
+
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut slow = tokio::time::interval(DISCOVERY_EVERY);
+        let mut kad_boot = tokio::time::interval(Duration::from_secs(30));
+        let mut last_snapshot = Instant::now();
+        loop {
+            tokio::select! {
+                ev = self.swarm.select_next_some() => self.on_swarm_event(ev),
+                cmd = rx.recv() => match cmd {
+                    Some(c) => self.on_cmd(c),
+                    None => return,
+                },
+                _ = tick.tick() => self.on_tick(),
+                _ = slow.tick() => self.on_slow_tick(),
+                _ = kad_boot.tick() => {
+                    let _ = self.swarm.behaviour_mut().kad.bootstrap();
+                }
+            }
+            if last_snapshot.elapsed() > Duration::from_millis(200) {
+                self.publish_snapshot();
+                last_snapshot = Instant::now();
+            }
+        }
+    }
+
+    fn publish_snapshot(&self) {
+        let mut s = self.snapshot.lock().expect("snapshot lock");
+        s.listen = self.listen.iter().map(|a| a.to_string()).collect();
+        s.connected = self.connected.iter().map(|p| p.to_string()).collect();
+        for (id, img) in &self.images {
+            s.images.insert(id.to_hex(), img.stats.clone());
+        }
+        s.rejects = self.rejects.clone();
+    }
+
+    // ------------------------------------------------------------ commands
+
+    fn on_cmd(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Fetch { image, progress, reply } => {
+                let w = Waiter { progress, reply };
+                if let Some(img) = self.images.get_mut(&image) {
+                    match (&img.mode, &mut img.fetch) {
+                        (Mode::Leech(_), Some(f)) => f.waiters.push(w),
+                        _ => {
+                            let _ = w.reply.send(Ok(fetch_report(img, 0.0)));
+                        }
+                    }
+                    return;
+                }
+                match self.store.get_manifest(image) {
+                    Ok(Some(m)) => self.start_leech(image, m, vec![w]),
+                    Ok(None) => {
+                        let mf = self.manifest_fetches.entry(image).or_insert_with(|| ManifestFetch {
+                            asked: HashSet::new(),
+                            waiters: Vec::new(),
+                            started: Instant::now(),
+                        });
+                        mf.waiters.push(w);
+                        self.ask_manifest(image);
+                        self.find_providers(image);
+                    }
+                    Err(e) => {
+                        let _ = w.reply.send(Err(e.to_string()));
+                    }
+                }
+            }
+        }
+    }
+
+    fn find_providers(&mut self, image: ImageId) {
+        let q = self.swarm.behaviour_mut().kad.get_providers(kad::RecordKey::new(&image.0));
+        self.provider_queries.insert(q, image);
+    }
+
+    /// Asks every connected peer not asked yet for the manifest.
+    fn ask_manifest(&mut self, image: ImageId) {
+        let peers: Vec<PeerId> = self.connected.iter().copied().collect();
+        for p in peers {
+            self.ask_manifest_from(image, p);
+        }
+    }
+
+    fn ask_manifest_from(&mut self, image: ImageId, p: PeerId) {
+        let Some(mf) = self.manifest_fetches.get_mut(&image) else { return };
+        if !mf.asked.insert(p) {
+            return;
+        }
+        let id = self.swarm.behaviour_mut().rr.send_request(&p, Request::GetManifest { image });
+        self.pending.insert(id, Pending::Manifest { image });
+    }
+
+    fn on_manifest(&mut self, image: ImageId, from: PeerId, bytes: Vec<u8>) {
+        if !self.manifest_fetches.contains_key(&image) {
+            return;
+        }
+        let m = match SignedManifest::decode_for(image, &bytes) {
+            Ok(m) => m,
+            Err(e) => {
+                self.rejects.bad_manifests += 1;
+                warn!(peer = %from, image = %image, error = %e, "rejected manifest");
+                return;
+            }
+        };
+        if let Err(e) = self.store.put_manifest(&m) {
+            let mf = self.manifest_fetches.remove(&image).expect("checked");
+            for w in mf.waiters {
+                let _ = w.reply.send(Err(format!("storing manifest: {e}")));
+            }
+            return;
+        }
+        let mf = self.manifest_fetches.remove(&image).expect("checked");
+        info!(image = %image, peer = %from, "manifest verified");
+        self.start_leech(image, m, mf.waiters);
+    }
+
+    fn new_image_swarm(&self, image: ImageId, m: &SignedManifest) -> Result<ImageSwarm> {
+        let uniq = m.manifest().unique_chunks();
+        let n = uniq.len() as u32;
+        let mut have = Bitfield::new(n);
+        let mut have_bytes = 0u64;
+        for (i, c) in uniq.iter().enumerate() {
+            if self.store.has_chunk(&c.id) {
+                have.set(i as u32);
+                have_bytes += c.size as u64;
+            }
+        }
+        Ok(ImageSwarm {
+            id: image,
+            chunk_ids: uniq.iter().map(|c| c.id).collect(),
+            sizes: uniq.iter().map(|c| c.size).collect(),
+            total: uniq.iter().map(|c| c.size as u64).sum(),
+            have,
+            have_bytes,
+            mode: Mode::Done,
+            members: HashSet::new(),
+            greeted: HashSet::new(),
+            early_haves: HashMap::new(),
+            have_queue: HashMap::new(),
+            fetch: None,
+            stats: ImageStats::default(),
+        })
+    }
+
+    fn start_leech(&mut self, image: ImageId, m: SignedManifest, waiters: Vec<Waiter>) {
+        let fail = |waiters: Vec<Waiter>, e: String| {
+            for w in waiters {
+                let _ = w.reply.send(Err(e.clone()));
+            }
+        };
+        let pin = match self.store.pin_temp(image) {
+            Ok(p) => p,
+            Err(e) => return fail(waiters, e.to_string()),
+        };
+        let mut img = match self.new_image_swarm(image, &m) {
+            Ok(i) => i,
+            Err(e) => return fail(waiters, e.to_string()),
+        };
+        img.stats.resumed_bytes = img.have_bytes;
+        info!(image = %image, chunks = img.sizes.len(), present = img.have.count(), "fetch started");
+        let leecher = Leecher::new(
+            img.sizes.clone(),
+            img.have.clone(),
+            self.rng_seed ^ u64::from_le_bytes(image.0[..8].try_into().expect("8 bytes")),
+            LeecherConfig::default(),
+        );
+        img.mode = Mode::Leech(Box::new(leecher));
+        img.fetch = Some(Fetch { waiters, started: Instant::now(), _pin: pin, last_report: Instant::now() });
+        self.images.insert(image, img);
+        self.provide(image);
+        let peers: Vec<PeerId> = self.connected.iter().copied().collect();
+        for p in peers {
+            self.greet(image, p);
+        }
+        self.find_providers(image);
+        self.drive(image);
+    }
+
+    fn provide(&mut self, image: ImageId) {
+        if self.providing.insert(image) {
+            if let Err(e) = self.swarm.behaviour_mut().kad.start_providing(kad::RecordKey::new(&image.0)) {
+                warn!(image = %image, error = %e, "cannot advertise image");
+                self.providing.remove(&image);
+            }
+        }
+    }
+
+    /// Sends our have-set for `image` to `p` (once per connection).
+    fn greet(&mut self, image: ImageId, p: PeerId) {
+        let Some(img) = self.images.get_mut(&image) else { return };
+        if !img.greeted.insert(p) {
+            return;
+        }
+        let have = img.have.to_bytes();
+        let id = self.swarm.behaviour_mut().rr.send_request(&p, Request::Hello { image, have });
+        self.pending.insert(id, Pending::Hello { image });
+    }
+
+    /// Loads the swarm state of a complete local image on first use.
+    fn ensure_image(&mut self, image: ImageId) -> bool {
+        if self.images.contains_key(&image) {
+            return true;
+        }
+        let m = match self.store.get_manifest(image) {
+            Ok(Some(m)) => m,
+            _ => return false,
+        };
+        match self.store.is_complete(image) {
+            Ok(true) => {}
+            _ => return false,
+        }
+        let Ok(mut img) = self.new_image_swarm(image, &m) else { return false };
+        img.stats.complete = true;
+        img.mode = if self.role == Role::Buyer {
+            Mode::Seed(Seeder::new(img.sizes.clone(), SeederConfig::default()))
+        } else {
+            Mode::Done
+        };
+        self.images.insert(image, img);
+        true
+    }
+
+    // ------------------------------------------------------------ events
+
+    fn on_swarm_event(&mut self, ev: SwarmEvent<BehaviourEvent>) {
+        match ev {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                info!(addr = %address, "listening");
+                println!("listening on {address}");
+                self.listen.push(address);
+            }
+            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                if self.connected.insert(peer_id) {
+                    debug!(peer = %peer_id, "connected");
+                    let fetching: Vec<ImageId> = self.manifest_fetches.keys().copied().collect();
+                    for image in fetching {
+                        self.ask_manifest_from(image, peer_id);
+                    }
+                    let leeching: Vec<ImageId> = self
+                        .images
+                        .iter()
+                        .filter(|(_, i)| matches!(i.mode, Mode::Leech(_)))
+                        .map(|(k, _)| *k)
+                        .collect();
+                    for image in leeching {
+                        self.greet(image, peer_id);
+                    }
+                }
+            }
+            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+                self.connected.remove(&peer_id);
+                let ids: Vec<ImageId> = self.images.keys().copied().collect();
+                for image in ids {
+                    let img = self.images.get_mut(&image).expect("listed");
+                    img.members.remove(&peer_id);
+                    img.greeted.remove(&peer_id);
+                    img.have_queue.remove(&peer_id);
+                    img.early_haves.remove(&peer_id);
+                    match &mut img.mode {
+                        Mode::Seed(s) => s.remove_peer(&peer_id),
+                        Mode::Leech(l) => l.remove_peer(&peer_id),
+                        Mode::Done => {}
+                    }
+                    self.drive(image);
+                }
+                for mf in self.manifest_fetches.values_mut() {
+                    mf.asked.remove(&peer_id);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
+                for a in info.listen_addrs {
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, a);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(list))) => {
+                for (p, a) in list {
+                    self.swarm.behaviour_mut().kad.add_address(&p, a.clone());
+                    let _ = self.swarm.dial(a);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed { id, result, .. })) => {
+                if let kad::QueryResult::GetProviders(res) = result {
+                    let Some(&image) = self.provider_queries.get(&id) else { return };
+                    match res {
+                        Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => {
+                            let me = *self.swarm.local_peer_id();
+                            for p in providers.into_iter().filter(|p| *p != me) {
+                                self.ask_manifest_from(image, p);
+                                if self.images.contains_key(&image) {
+                                    self.greet(image, p);
+                                }
+                            }
+                        }
+                        Ok(_) | Err(_) => {
+                            self.provider_queries.remove(&id);
+                        }
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Rr(ev)) => self.on_rr(ev),
+            _ => {}
+        }
+    }
+
+    fn on_rr(&mut self, ev: request_response::Event<Request, Response>) {
+        use request_response::{Event, Message};
+        match ev {
+            Event::Message { peer, message: Message::Request { request_id, request, channel }, .. } => {
+                let resp = self.on_request(peer, request_id, request);
+                if self.swarm.behaviour_mut().rr.send_response(channel, resp).is_err() {
+                    self.finish_seed_send(request_id);
+                }
+            }
+            Event::Message { peer, message: Message::Response { request_id, response }, .. } => {
+                if let Some(p) = self.pending.remove(&request_id) {
+                    self.on_response(peer, p, response);
+                }
+            }
+            Event::OutboundFailure { peer, request_id, error, .. } => {
+                let Some(p) = self.pending.remove(&request_id) else { return };
+                debug!(peer = %peer, error = %error, "request failed");
+                if let request_response::OutboundFailure::Io(e) = &error {
+                    if e.kind() == std::io::ErrorKind::InvalidData {
+                        self.rejects.bad_messages += 1;
+                        warn!(peer = %peer, error = %e, "rejected reply");
+                    }
+                }
+                match p {
+                    Pending::Chunk { image, index } => {
+                        let now = self.now();
+                        if let Some(ImageSwarm { mode: Mode::Leech(l), .. }) = self.images.get_mut(&image) {
+                            l.peer_lacks(&peer, index, now);
+                        }
+                        self.drive(image);
+                    }
+                    Pending::Hello { image } => {
+                        if let Some(img) = self.images.get_mut(&image) {
+                            img.greeted.remove(&peer);
+                        }
+                    }
+                    Pending::Manifest { .. } | Pending::Have => {}
+                }
+            }
+            Event::InboundFailure { peer, request_id, error, .. } => {
+                self.rejects.failed_inbound += 1;
+                if let request_response::InboundFailure::Io(e) = &error {
+                    if e.kind() == std::io::ErrorKind::InvalidData {
+                        self.rejects.bad_messages += 1;
+                    }
+                }
+                warn!(peer = %peer, error = %error, "rejected inbound request");
+                self.finish_seed_send(request_id);
+            }
+            Event::ResponseSent { request_id, .. } => self.finish_seed_send(request_id),
+        }
+    }
+
+    fn finish_seed_send(&mut self, request_id: InboundRequestId) {
+        if let Some((image, peer, idx)) = self.seed_serving.remove(&request_id) {
+            if let Some(ImageSwarm { mode: Mode::Seed(s), .. }) = self.images.get_mut(&image) {
+                s.on_sent(&peer, idx);
+            }
+            self.drive(image);
+        }
+    }
+
+    fn on_request(&mut self, peer: PeerId, rid: InboundRequestId, req: Request) -> Response {
+        match req {
+            Request::GetManifest { image } => match self.store.get_manifest(image) {
+                Ok(Some(m)) => {
+                    let mut b = m.as_bytes().to_vec();
+                    match self.fault {
+                        Fault::TamperManifest => {
+                            let i = b.len() / 2;
+                            b[i] ^= 0x40;
+                        }
+                        Fault::TruncateManifest => b.truncate(b.len() / 2),
+                        _ => {}
+                    }
+                    Response::Manifest(b)
+                }
+                _ => Response::NotFound,
+            },
+            Request::Hello { image, have } => {
+                if !self.ensure_image(image) {
+                    return Response::NotFound;
+                }
+                let now = self.now();
+                let img = self.images.get_mut(&image).expect("ensured");
+                let Some(bf) = Bitfield::from_bytes(img.sizes.len() as u32, &have) else {
+                    self.rejects.bad_messages += 1;
+                    warn!(peer = %peer, image = %image, "malformed have-set");
+                    return Response::NotFound;
+                };
+                img.members.insert(peer);
+                let resp = match &mut img.mode {
+                    Mode::Seed(s) => {
+                        s.add_peer(peer, bf);
+                        s.poll(now);
+                        // offers for this peer ride in the reply; others queue as Haves
+                        let mut offers = Bitfield::new(img.sizes.len() as u32);
+                        while let Some(SeedAction::Offer { peer: to, chunk }) = s.next_action() {
+                            if to == peer {
+                                offers.set(chunk);
+                            } else {
+                                img.have_queue.entry(to).or_default().push(chunk);
+                            }
+                        }
+                        Response::HelloAck { role: PeerRole::SuperSeed, have: offers.to_bytes() }
+                    }
+                    Mode::Leech(l) => {
+                        if l.add_peer(peer, bf, PeerKind::Normal, now) {
+                            for c in img.early_haves.remove(&peer).unwrap_or_default() {
+                                l.peer_have(&peer, c);
+                            }
+                        }
+                        Response::HelloAck { role: PeerRole::Peer, have: img.have.to_bytes() }
+                    }
+                    Mode::Done => Response::HelloAck { role: PeerRole::Peer, have: img.have.to_bytes() },
+                };
+                // greet back so both sides know each other
+                img.greeted.insert(peer);
+                self.drive(image);
+                resp
+            }
+            Request::Have { image, chunks } => {
+                let Some(img) = self.images.get_mut(&image) else { return Response::Ack };
+                let n = img.sizes.len() as u32;
+                if chunks.iter().any(|&c| c >= n) {
+                    self.rejects.bad_messages += 1;
+                    return Response::Ack;
+                }
+                match &mut img.mode {
+                    Mode::Seed(s) => {
+                        for c in chunks {
+                            s.peer_have(&peer, c);
+                        }
+                    }
+                    Mode::Leech(l) => {
+                        if img.members.contains(&peer) && !l.is_banned(&peer) {
+                            for c in chunks {
+                                l.peer_have(&peer, c);
+                            }
+                        } else {
+                            img.early_haves.entry(peer).or_default().extend(chunks);
+                        }
+                    }
+                    Mode::Done => {}
+                }
+                self.drive(image);
+                Response::Ack
+            }
+            Request::GetChunk { image, index } => {
+                if !self.ensure_image(image) {
+                    return Response::NotFound;
+                }
+                let now = self.now();
+                let img = self.images.get_mut(&image).expect("ensured");
+                if index as usize >= img.sizes.len() || !img.have.get(index) {
+                    return Response::NotHave;
+                }
+                if let Mode::Seed(s) = &mut img.mode {
+                    if s.on_request(&peer, index, now) == Decision::Refuse {
+                        return Response::NotHave;
+                    }
+                    self.seed_serving.insert(rid, (image, peer, index));
+                }
+                match self.store.get_chunk(&img.chunk_ids[index as usize]) {
+                    Ok(Some(mut bytes)) => {
+                        img.stats.uploaded_bytes += bytes.len() as u64;
+                        if self.fault == Fault::CorruptChunks {
+                            bytes[0] ^= 0xff;
+                        }
+                        Response::Chunk(bytes)
+                    }
+                    Ok(None) | Err(_) => {
+                        img.have.clear(index);
+                        Response::NotHave
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_response(&mut self, peer: PeerId, p: Pending, resp: Response) {
+        let now = self.now();
+        match (p, resp) {
+            (Pending::Manifest { image }, Response::Manifest(bytes)) => self.on_manifest(image, peer, bytes),
+            (Pending::Manifest { .. }, _) => {}
+            (Pending::Hello { image }, Response::HelloAck { role, have }) => {
+                let Some(img) = self.images.get_mut(&image) else { return };
+                let Some(bf) = Bitfield::from_bytes(img.sizes.len() as u32, &have) else {
+                    self.rejects.bad_messages += 1;
+                    warn!(peer = %peer, image = %image, "malformed have-set");
+                    return;
+                };
+                img.members.insert(peer);
+                match &mut img.mode {
+                    Mode::Leech(l) => {
+                        let kind = match role {
+                            PeerRole::SuperSeed => PeerKind::SuperSeed,
+                            PeerRole::Peer => PeerKind::Normal,
+                        };
+                        if l.add_peer(peer, bf, kind, now) {
+                            for c in img.early_haves.remove(&peer).unwrap_or_default() {
+                                l.peer_have(&peer, c);
+                            }
+                        }
+                    }
+                    Mode::Seed(s) => s.add_peer(peer, bf),
+                    Mode::Done => {}
+                }
+                self.drive(image);
+            }
+            (Pending::Hello { image }, _) => {
+                if let Some(img) = self.images.get_mut(&image) {
+                    img.members.remove(&peer);
+                }
+            }
+            (Pending::Have, _) => {}
+            (Pending::Chunk { image, index }, Response::Chunk(bytes)) => self.on_chunk(image, index, peer, bytes),
+            (Pending::Chunk { image, index }, _) => {
+                if let Some(ImageSwarm { mode: Mode::Leech(l), .. }) = self.images.get_mut(&image) {
+                    l.peer_lacks(&peer, index, now);
+                }
+                self.drive(image);
+            }
+        }
+    }
+
+    fn on_chunk(&mut self, image: ImageId, index: u32, peer: PeerId, bytes: Vec<u8>) {
+        let now = self.now();
+        let Some(img) = self.images.get_mut(&image) else { return };
+        let Mode::Leech(l) = &mut img.mode else { return };
+        let id = img.chunk_ids[index as usize];
+        if ChunkId::of(&bytes) != id {
+            img.stats.bad_chunks += 1;
+            self.rejects.bad_chunks += 1;
+            warn!(peer = %peer, image = %image, chunk = index, "chunk failed its hash; banning peer for this image");
+            l.on_chunk(&peer, index, false, now);
+            self.drive(image);
+            return;
+        }
+        img.stats.downloaded_bytes += bytes.len() as u64;
+        img.stats.chunks_downloaded += 1;
+        if img.have.get(index) {
+            img.stats.duplicate_chunks += 1;
+        } else {
+            match self.store.put_chunk(&id, &bytes) {
+                Ok(_) => {
+                    img.have.set(index);
+                    img.have_bytes += bytes.len() as u64;
+                    // the sender too: a super-seed tops up its offers on this
+                    for m in &img.members {
+                        img.have_queue.entry(*m).or_default().push(index);
+                    }
+                }
+                Err(e) => {
+                    warn!(image = %image, error = %e, "cannot store chunk; fetch aborted");
+                    let msg = e.to_string();
+                    if let Some(f) = img.fetch.take() {
+                        for w in f.waiters {
+                            let _ = w.reply.send(Err(msg.clone()));
+                        }
+                    }
+                    img.mode = Mode::Done;
+                    return;
+                }
+            }
+        }
+        l.on_chunk(&peer, index, true, now);
+        if let Some(f) = &mut img.fetch {
+            if f.last_report.elapsed() > Duration::from_millis(250) {
+                f.last_report = Instant::now();
+                for w in &f.waiters {
+                    w.progress.report("fetch", img.have_bytes, img.total);
+                }
+            }
+        }
+        self.drive(image);
+    }
+
+    /// Runs the image's scheduler and carries out its actions.
+    fn drive(&mut self, image: ImageId) {
+        let now = self.now();
+        let Some(img) = self.images.get_mut(&image) else { return };
+        let mut requests = Vec::new();
+        let mut complete = false;
+        match &mut img.mode {
+            Mode::Seed(s) => {
+                s.poll(now);
+                while let Some(SeedAction::Offer { peer, chunk }) = s.next_action() {
+                    img.have_queue.entry(peer).or_default().push(chunk);
+                }
+            }
+            Mode::Leech(l) => {
+                l.poll(now);
+                while let Some(a) = l.next_action() {
+                    match a {
+                        Action::Request { peer, chunk } => requests.push((peer, chunk)),
+                        Action::Cancel { .. } => {}
+                        Action::Ban { peer } => {
+                            img.stats.banned.insert(peer.to_string());
+                            img.members.remove(&peer);
+                        }
+                        Action::Disconnect { peer } => {
+                            debug!(peer = %peer, image = %image, "peer stalled; dropped from this fetch");
+                            img.greeted.remove(&peer);
+                        }
+                        Action::Complete => complete = true,
+                    }
+                }
+            }
+            Mode::Done => {}
+        }
+        for (peer, index) in requests {
+            let id = self.swarm.behaviour_mut().rr.send_request(&peer, Request::GetChunk { image, index });
+            self.pending.insert(id, Pending::Chunk { image, index });
+        }
+        if complete {
+            self.complete(image);
+        }
+    }
+
+    fn complete(&mut self, image: ImageId) {
+        let Some(img) = self.images.get_mut(&image) else { return };
+        img.mode = Mode::Done;
+        img.stats.complete = true;
+        let _ = self.store.flush();
+        if let Some(f) = img.fetch.take() {
+            let secs = f.started.elapsed().as_secs_f64();
+            info!(image = %image, secs, downloaded = img.stats.downloaded_bytes, "fetch complete");
+            let report = fetch_report(img, secs);
+            for w in f.waiters {
+                w.progress.report("fetch", img.total, img.total);
+                let _ = w.reply.send(Ok(report.clone()));
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let ids: Vec<ImageId> = self.images.keys().copied().collect();
+        for image in ids {
+            let leeching = matches!(self.images[&image].mode, Mode::Leech(_));
+            if leeching {
+                self.drive(image);
+            }
+            self.flush_haves(image);
+        }
+    }
+
+    fn flush_haves(&mut self, image: ImageId) {
+        let Some(img) = self.images.get_mut(&image) else { return };
+        if img.have_queue.is_empty() {
+            return;
+        }
+        let queue = std::mem::take(&mut img.have_queue);
+        for (peer, mut chunks) in queue {
+            if !self.connected.contains(&peer) {
+                continue;
+            }
+            while !chunks.is_empty() {
+                let rest = chunks.split_off(chunks.len().min(wire::MAX_HAVES));
+                let id = self.swarm.behaviour_mut().rr.send_request(&peer, Request::Have { image, chunks });
+                self.pending.insert(id, Pending::Have);
+                chunks = rest;
+            }
+        }
+    }
+
+    fn on_slow_tick(&mut self) {
+        // advertise complete local images (imports happen outside this task)
+        if let Ok(list) = self.store.list_images() {
+            for image in list {
+                if !self.providing.contains(&image) && self.store.is_complete(image).unwrap_or(false) {
+                    self.provide(image);
+                }
+            }
+        }
+        let leeching: Vec<ImageId> = self
+            .images
+            .iter()
+            .filter(|(_, i)| matches!(i.mode, Mode::Leech(_)))
+            .map(|(k, _)| *k)
+            .collect();
+        for image in leeching {
+            self.find_providers(image);
+        }
+        let waiting: Vec<ImageId> = self.manifest_fetches.keys().copied().collect();
+        for image in waiting {
+            let mf = &self.manifest_fetches[&image];
+            if mf.started.elapsed() > MANIFEST_WAIT {
+                let mf = self.manifest_fetches.remove(&image).expect("listed");
+                let msg = if self.rejects.bad_manifests > 0 {
+                    format!("no peer gave a valid manifest for image {image} ({} rejected as invalid)", self.rejects.bad_manifests)
+                } else {
+                    format!("no peer has image {image} (asked {} peers)", mf.asked.len())
+                };
+                for w in mf.waiters {
+                    let _ = w.reply.send(Err(msg.clone()));
+                }
+            } else {
+                self.ask_manifest(image);
+                self.find_providers(image);
+            }
+        }
+        // forget finished provider queries
+        if self.provider_queries.len() > 256 {
+            self.provider_queries.clear();
+        }
+    }
+}
+
+fn fetch_report(img: &ImageSwarm, secs: f64) -> Value {
+    json!({
+        "image": img.id.to_hex(),
+        "total_bytes": img.total,
+        "downloaded_bytes": img.stats.downloaded_bytes,
+        "chunks_downloaded": img.stats.chunks_downloaded,
+        "duplicate_chunks": img.stats.duplicate_chunks,
+        "resumed_bytes": img.stats.resumed_bytes,
+        "bad_chunks": img.stats.bad_chunks,
+        "banned": img.stats.banned,
+        "seconds": secs,
+    })
+}
