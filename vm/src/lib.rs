@@ -11,7 +11,9 @@
 pub mod auto;
 pub mod backend;
 pub mod error;
+pub mod kvm_probe;
 pub mod microvm;
+pub mod qemu;
 
 pub use auto::{auto, Choice};
 pub use backend::{
