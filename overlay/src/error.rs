@@ -26,7 +26,9 @@ pub enum Error {
         expected: usize,
     },
     /// The first byte of a datagram is not an overlay message type.
-    #[error("unknown overlay message type {0:#04x} (not a cpushare overlay peer, or a newer version)")]
+    #[error(
+        "unknown overlay message type {0:#04x} (not a cpushare overlay peer, or a newer version)"
+    )]
     UnknownMessageType(u8),
     /// Reserved header bytes were not zero.
     #[error("malformed overlay header: reserved bytes must be zero")]
@@ -97,7 +99,9 @@ pub enum Error {
     #[error("/dev/net/tun does not exist: load the tun module (`modprobe tun`) or pass the device into the container")]
     NoTunDevice,
     /// The UDP port is taken.
-    #[error("UDP address {0} is already in use: choose another port, or stop the program using it")]
+    #[error(
+        "UDP address {0} is already in use: choose another port, or stop the program using it"
+    )]
     PortInUse(SocketAddr),
     /// A peer key that the buyer never admitted.
     #[error("unknown peer key {0}: it is not admitted on this buyer (see `overlay ls`)")]

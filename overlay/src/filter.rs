@@ -36,9 +36,7 @@ pub fn classify_egress(lease: &GuestLease, frame: &[u8]) -> Result<Verdict, Drop
     }
     let payload = &frame[ETH_HDR..];
     match ethertype(frame) {
-        ETHERTYPE_VLAN | ETHERTYPE_QINQ | ETHERTYPE_QINQ_OLD => {
-            return Err(DropReason::VlanTagged)
-        }
+        ETHERTYPE_VLAN | ETHERTYPE_QINQ | ETHERTYPE_QINQ_OLD => return Err(DropReason::VlanTagged),
         ETHERTYPE_IPV4 => check_ipv4(lease, payload)?,
         ETHERTYPE_ARP => check_arp(lease, payload)?,
         ETHERTYPE_IPV6 if lease.allow_ipv6 => check_ipv6(payload)?,
@@ -283,42 +281,226 @@ mod tests {
 
         type Case = (&'static str, GuestLease, Vec<u8>, Result<bool, DropReason>);
         let cases: Vec<Case> = vec![
-            ("unicast udp", lease(), udp4(GUEST_MAC, BUYER_MAC, GUEST_IP, BUYER_IP, 1000, 53, b"q"), Ok(false)),
-            ("to the internet is still only into the session", lease(), udp4(GUEST_MAC, BUYER_MAC, GUEST_IP, Ipv4Addr::new(8, 8, 8, 8), 1, 2, b""), Ok(false)),
-            ("full-size frame", lease(), udp4(GUEST_MAC, BUYER_MAC, GUEST_IP, BUYER_IP, 1, 2, &full[..1400 - 28]), Ok(false)),
-            ("oversize frame", lease(), udp4(GUEST_MAC, BUYER_MAC, GUEST_IP, BUYER_IP, 1, 2, &too_big[..1401 - 28]), Err(DropReason::Oversize)),
+            (
+                "unicast udp",
+                lease(),
+                udp4(GUEST_MAC, BUYER_MAC, GUEST_IP, BUYER_IP, 1000, 53, b"q"),
+                Ok(false),
+            ),
+            (
+                "to the internet is still only into the session",
+                lease(),
+                udp4(
+                    GUEST_MAC,
+                    BUYER_MAC,
+                    GUEST_IP,
+                    Ipv4Addr::new(8, 8, 8, 8),
+                    1,
+                    2,
+                    b"",
+                ),
+                Ok(false),
+            ),
+            (
+                "full-size frame",
+                lease(),
+                udp4(
+                    GUEST_MAC,
+                    BUYER_MAC,
+                    GUEST_IP,
+                    BUYER_IP,
+                    1,
+                    2,
+                    &full[..1400 - 28],
+                ),
+                Ok(false),
+            ),
+            (
+                "oversize frame",
+                lease(),
+                udp4(
+                    GUEST_MAC,
+                    BUYER_MAC,
+                    GUEST_IP,
+                    BUYER_IP,
+                    1,
+                    2,
+                    &too_big[..1401 - 28],
+                ),
+                Err(DropReason::Oversize),
+            ),
             ("runt", lease(), vec![0u8; 13], Err(DropReason::Runt)),
-            ("forged source mac", lease(), udp4(other_mac, BUYER_MAC, GUEST_IP, BUYER_IP, 1, 2, b""), Err(DropReason::SourceMac)),
-            ("forged source ip", lease(), udp4(GUEST_MAC, BUYER_MAC, other_ip, BUYER_IP, 1, 2, b""), Err(DropReason::Ipv4Source)),
-            ("dhcp discover from 0.0.0.0", lease(), udp4(GUEST_MAC, MacAddr::BROADCAST, zero, bcast, 68, 67, b"d"), Ok(true)),
-            ("0.0.0.0 but not dhcp", lease(), udp4(GUEST_MAC, MacAddr::BROADCAST, zero, bcast, 68, 1234, b"d"), Err(DropReason::Ipv4Source)),
-            ("0.0.0.0 dhcp not broadcast", lease(), udp4(GUEST_MAC, BUYER_MAC, zero, BUYER_IP, 68, 67, b"d"), Err(DropReason::Ipv4Source)),
-            ("dhcp renew from own ip", lease(), udp4(GUEST_MAC, BUYER_MAC, GUEST_IP, BUYER_IP, 68, 67, b"d"), Ok(false)),
-            ("rogue dhcp server", lease(), udp4(GUEST_MAC, MacAddr::BROADCAST, GUEST_IP, bcast, 67, 68, b"o"), Err(DropReason::DhcpServerReply)),
-            ("non-first fragment with ports-like bytes", lease(), later_fragment, Err(DropReason::Ipv4Source)),
-            ("non-first fragment from own ip", lease(), frag_dhcp_guest, Ok(false)),
-            ("ipv4 bad ihl", lease(), bad_ihl, Err(DropReason::Ipv4Malformed)),
-            ("ipv4 total length past frame", lease(), short_total, Err(DropReason::Ipv4Malformed)),
-            ("ipv4 header cut", lease(), eth(GUEST_MAC, BUYER_MAC, 0x0800, &[0x45; 10]), Err(DropReason::Ipv4Malformed)),
-            ("arp request", lease(), arp(GUEST_MAC, GUEST_MAC, GUEST_IP, BUYER_IP, 1), Ok(true)),
-            ("arp reply", lease(), arp(GUEST_MAC, GUEST_MAC, GUEST_IP, BUYER_IP, 2), Ok(true)),
-            ("arp probe from 0.0.0.0", lease(), arp(GUEST_MAC, GUEST_MAC, zero, GUEST_IP, 1), Ok(true)),
-            ("arp reply from 0.0.0.0", lease(), arp(GUEST_MAC, GUEST_MAC, zero, GUEST_IP, 2), Err(DropReason::ArpSpoof)),
-            ("arp spoofed sender ip", lease(), arp(GUEST_MAC, GUEST_MAC, BUYER_IP, other_ip, 2), Err(DropReason::ArpSpoof)),
-            ("arp spoofed sender mac", lease(), arp(GUEST_MAC, other_mac, GUEST_IP, BUYER_IP, 2), Err(DropReason::ArpSpoof)),
-            ("arp malformed", lease(), bad_arp, Err(DropReason::ArpMalformed)),
-            ("arp truncated", lease(), eth(GUEST_MAC, MacAddr::BROADCAST, 0x0806, &[0; 20]), Err(DropReason::ArpMalformed)),
+            (
+                "forged source mac",
+                lease(),
+                udp4(other_mac, BUYER_MAC, GUEST_IP, BUYER_IP, 1, 2, b""),
+                Err(DropReason::SourceMac),
+            ),
+            (
+                "forged source ip",
+                lease(),
+                udp4(GUEST_MAC, BUYER_MAC, other_ip, BUYER_IP, 1, 2, b""),
+                Err(DropReason::Ipv4Source),
+            ),
+            (
+                "dhcp discover from 0.0.0.0",
+                lease(),
+                udp4(GUEST_MAC, MacAddr::BROADCAST, zero, bcast, 68, 67, b"d"),
+                Ok(true),
+            ),
+            (
+                "0.0.0.0 but not dhcp",
+                lease(),
+                udp4(GUEST_MAC, MacAddr::BROADCAST, zero, bcast, 68, 1234, b"d"),
+                Err(DropReason::Ipv4Source),
+            ),
+            (
+                "0.0.0.0 dhcp not broadcast",
+                lease(),
+                udp4(GUEST_MAC, BUYER_MAC, zero, BUYER_IP, 68, 67, b"d"),
+                Err(DropReason::Ipv4Source),
+            ),
+            (
+                "dhcp renew from own ip",
+                lease(),
+                udp4(GUEST_MAC, BUYER_MAC, GUEST_IP, BUYER_IP, 68, 67, b"d"),
+                Ok(false),
+            ),
+            (
+                "rogue dhcp server",
+                lease(),
+                udp4(GUEST_MAC, MacAddr::BROADCAST, GUEST_IP, bcast, 67, 68, b"o"),
+                Err(DropReason::DhcpServerReply),
+            ),
+            (
+                "non-first fragment with ports-like bytes",
+                lease(),
+                later_fragment,
+                Err(DropReason::Ipv4Source),
+            ),
+            (
+                "non-first fragment from own ip",
+                lease(),
+                frag_dhcp_guest,
+                Ok(false),
+            ),
+            (
+                "ipv4 bad ihl",
+                lease(),
+                bad_ihl,
+                Err(DropReason::Ipv4Malformed),
+            ),
+            (
+                "ipv4 total length past frame",
+                lease(),
+                short_total,
+                Err(DropReason::Ipv4Malformed),
+            ),
+            (
+                "ipv4 header cut",
+                lease(),
+                eth(GUEST_MAC, BUYER_MAC, 0x0800, &[0x45; 10]),
+                Err(DropReason::Ipv4Malformed),
+            ),
+            (
+                "arp request",
+                lease(),
+                arp(GUEST_MAC, GUEST_MAC, GUEST_IP, BUYER_IP, 1),
+                Ok(true),
+            ),
+            (
+                "arp reply",
+                lease(),
+                arp(GUEST_MAC, GUEST_MAC, GUEST_IP, BUYER_IP, 2),
+                Ok(true),
+            ),
+            (
+                "arp probe from 0.0.0.0",
+                lease(),
+                arp(GUEST_MAC, GUEST_MAC, zero, GUEST_IP, 1),
+                Ok(true),
+            ),
+            (
+                "arp reply from 0.0.0.0",
+                lease(),
+                arp(GUEST_MAC, GUEST_MAC, zero, GUEST_IP, 2),
+                Err(DropReason::ArpSpoof),
+            ),
+            (
+                "arp spoofed sender ip",
+                lease(),
+                arp(GUEST_MAC, GUEST_MAC, BUYER_IP, other_ip, 2),
+                Err(DropReason::ArpSpoof),
+            ),
+            (
+                "arp spoofed sender mac",
+                lease(),
+                arp(GUEST_MAC, other_mac, GUEST_IP, BUYER_IP, 2),
+                Err(DropReason::ArpSpoof),
+            ),
+            (
+                "arp malformed",
+                lease(),
+                bad_arp,
+                Err(DropReason::ArpMalformed),
+            ),
+            (
+                "arp truncated",
+                lease(),
+                eth(GUEST_MAC, MacAddr::BROADCAST, 0x0806, &[0; 20]),
+                Err(DropReason::ArpMalformed),
+            ),
             ("vlan 802.1q", lease(), vlan, Err(DropReason::VlanTagged)),
             ("qinq 802.1ad", lease(), qinq, Err(DropReason::VlanTagged)),
-            ("qinq 0x9100", lease(), qinq_old, Err(DropReason::VlanTagged)),
-            ("ipv6 when not allowed", lease(), ns.clone(), Err(DropReason::EtherType)),
-            ("other ethertype", lease(), eth(GUEST_MAC, BUYER_MAC, 0x88cc, &[0; 40]), Err(DropReason::EtherType)),
+            (
+                "qinq 0x9100",
+                lease(),
+                qinq_old,
+                Err(DropReason::VlanTagged),
+            ),
+            (
+                "ipv6 when not allowed",
+                lease(),
+                ns.clone(),
+                Err(DropReason::EtherType),
+            ),
+            (
+                "other ethertype",
+                lease(),
+                eth(GUEST_MAC, BUYER_MAC, 0x88cc, &[0; 40]),
+                Err(DropReason::EtherType),
+            ),
             ("ipv6 neighbour solicitation", v6_lease(), ns, Ok(true)),
-            ("ipv6 router advertisement", v6_lease(), ra, Err(DropReason::RouterAdvertisement)),
-            ("ipv6 RA behind hop-by-hop", v6_lease(), icmp6_with_hbh(GUEST_MAC, 134), Err(DropReason::RouterAdvertisement)),
-            ("dhcpv6 server reply", v6_lease(), udp6(GUEST_MAC, 547, 546), Err(DropReason::Dhcpv6ServerReply)),
-            ("dhcpv6 client", v6_lease(), udp6(GUEST_MAC, 546, 547), Ok(true)),
-            ("ipv6 truncated", v6_lease(), eth(GUEST_MAC, BUYER_MAC, 0x86dd, &[0x60; 30]), Err(DropReason::Ipv6Malformed)),
+            (
+                "ipv6 router advertisement",
+                v6_lease(),
+                ra,
+                Err(DropReason::RouterAdvertisement),
+            ),
+            (
+                "ipv6 RA behind hop-by-hop",
+                v6_lease(),
+                icmp6_with_hbh(GUEST_MAC, 134),
+                Err(DropReason::RouterAdvertisement),
+            ),
+            (
+                "dhcpv6 server reply",
+                v6_lease(),
+                udp6(GUEST_MAC, 547, 546),
+                Err(DropReason::Dhcpv6ServerReply),
+            ),
+            (
+                "dhcpv6 client",
+                v6_lease(),
+                udp6(GUEST_MAC, 546, 547),
+                Ok(true),
+            ),
+            (
+                "ipv6 truncated",
+                v6_lease(),
+                eth(GUEST_MAC, BUYER_MAC, 0x86dd, &[0x60; 30]),
+                Err(DropReason::Ipv6Malformed),
+            ),
         ];
         for (name, lease, frame, want) in cases {
             let got = classify_egress(&lease, &frame).map(|v| v.group);
@@ -343,12 +525,19 @@ mod tests {
         for _ in 0..3 {
             assert_eq!(f.check_egress(&b, t0), Ok(()));
         }
-        assert_eq!(f.check_egress(&b, t0), Err(DropReason::BroadcastRate), "broadcast storm");
+        assert_eq!(
+            f.check_egress(&b, t0),
+            Err(DropReason::BroadcastRate),
+            "broadcast storm"
+        );
         assert_eq!(f.check_egress(&b, t0 + Duration::from_secs(1)), Ok(()));
         let big = udp4(GUEST_MAC, BUYER_MAC, GUEST_IP, BUYER_IP, 1, 2, &[0; 1000]);
         assert_eq!(f.check_egress(&big, t0 + Duration::from_secs(1)), Ok(()));
         assert_eq!(f.check_egress(&big, t0 + Duration::from_secs(1)), Ok(()));
-        assert_eq!(f.check_egress(&big, t0 + Duration::from_secs(1)), Err(DropReason::ByteRate));
+        assert_eq!(
+            f.check_egress(&big, t0 + Duration::from_secs(1)),
+            Err(DropReason::ByteRate)
+        );
         let small = udp4(GUEST_MAC, BUYER_MAC, GUEST_IP, BUYER_IP, 1, 2, b"");
         let t2 = t0 + Duration::from_secs(2);
         let mut ok = 0;
@@ -365,15 +554,32 @@ mod tests {
         let f6 = EgressFilter::new(&v6_lease());
         let to_guest = udp4(BUYER_MAC, GUEST_MAC, BUYER_IP, GUEST_IP, 1, 2, b"");
         let to_bcast = arp(BUYER_MAC, BUYER_MAC, BUYER_IP, GUEST_IP, 1);
-        let to_other = udp4(BUYER_MAC, MacAddr([2, 0, 0, 0, 0, 0x42]), BUYER_IP, GUEST_IP, 1, 2, b"");
+        let to_other = udp4(
+            BUYER_MAC,
+            MacAddr([2, 0, 0, 0, 0, 0x42]),
+            BUYER_IP,
+            GUEST_IP,
+            1,
+            2,
+            b"",
+        );
         let mut to_v6mc = to_guest.clone();
         to_v6mc[..6].copy_from_slice(&[0x33, 0x33, 0, 0, 0, 1]);
         assert_eq!(f.check_ingress(&to_guest), Ok(()));
         assert_eq!(f.check_ingress(&to_bcast), Ok(()));
-        assert_eq!(f.check_ingress(&to_other), Err(DropReason::IngressNotForGuest));
-        assert_eq!(f.check_ingress(&to_v6mc), Err(DropReason::IngressNotForGuest));
+        assert_eq!(
+            f.check_ingress(&to_other),
+            Err(DropReason::IngressNotForGuest)
+        );
+        assert_eq!(
+            f.check_ingress(&to_v6mc),
+            Err(DropReason::IngressNotForGuest)
+        );
         assert_eq!(f6.check_ingress(&to_v6mc), Ok(()));
         assert_eq!(f.check_ingress(&[0; 10]), Err(DropReason::Runt));
-        assert_eq!(f.check_ingress(&vec![0xff; 1415]), Err(DropReason::Oversize));
+        assert_eq!(
+            f.check_ingress(&vec![0xff; 1415]),
+            Err(DropReason::Oversize)
+        );
     }
 }

@@ -29,7 +29,10 @@ pub struct Identity {
 impl std::fmt::Debug for Identity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Identity")
-            .field("public", &hex::encode(self.signing.verifying_key().as_bytes()))
+            .field(
+                "public",
+                &hex::encode(self.signing.verifying_key().as_bytes()),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -65,6 +68,14 @@ impl Identity {
 
     pub(crate) fn noise_secret(&self) -> &[u8; 32] {
         &self.noise_secret
+    }
+
+    /// A test identity whose binding signature was made by another key.
+    #[cfg(test)]
+    pub(crate) fn with_forged_binding(signing: SigningKey, forger: &SigningKey) -> Identity {
+        let mut id = Identity::from_signing_key(signing);
+        id.binding = forger.sign(&binding_message(&id.noise_public));
+        id
     }
 
     /// The signature binding the Noise static key to the ed25519 key.
@@ -123,8 +134,12 @@ mod tests {
         let a = Identity::generate();
         let b = Identity::generate();
         verify_binding(&a.public_key(), &a.noise_public(), &a.binding_signature()).unwrap();
-        assert!(verify_binding(&b.public_key(), &a.noise_public(), &a.binding_signature()).is_err());
-        assert!(verify_binding(&a.public_key(), &b.noise_public(), &a.binding_signature()).is_err());
+        assert!(
+            verify_binding(&b.public_key(), &a.noise_public(), &a.binding_signature()).is_err()
+        );
+        assert!(
+            verify_binding(&a.public_key(), &b.noise_public(), &a.binding_signature()).is_err()
+        );
     }
 
     #[test]

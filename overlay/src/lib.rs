@@ -11,26 +11,30 @@
 pub mod action;
 pub mod buyer;
 pub mod config;
+pub mod dhcp;
 pub mod error;
 pub mod eth;
 pub mod filter;
 pub mod identity;
+pub mod io;
 pub mod ratelimit;
 pub mod replay;
-pub mod io;
 pub mod seller;
 pub mod session;
 pub mod stats;
+pub mod switch;
 pub mod wire;
 
+#[cfg(test)]
+mod core_tests;
 #[cfg(test)]
 mod testutil;
 
 pub use action::{Action, Actions, Event};
 pub use buyer::BuyerCore;
 pub use config::{
-    guest_mtu_for_path, BuyerConfig, GuestLease, HandshakeLimits, RateLimits, SellerConfig,
-    Timers, DEFAULT_GUEST_MTU, OVERLAY_OVERHEAD,
+    guest_mtu_for_path, BuyerConfig, GuestLease, HandshakeLimits, RateLimits, SellerConfig, Timers,
+    DEFAULT_GUEST_MTU, OVERLAY_OVERHEAD,
 };
 pub use error::{Error, Result};
 pub use eth::MacAddr;

@@ -63,7 +63,9 @@ impl TokenBucket {
         if self.rate == 0 {
             return Duration::MAX;
         }
-        Duration::from_nanos((self.burst as u128 * NANOS / self.rate as u128).min(u64::MAX as u128) as u64)
+        Duration::from_nanos(
+            (self.burst as u128 * NANOS / self.rate as u128).min(u64::MAX as u128) as u64,
+        )
     }
 }
 
@@ -88,7 +90,8 @@ impl HandshakeLimiter {
 
     /// Whether a handshake from `ip` may be processed now.
     pub fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
-        if !self.sources.contains_key(&ip) && self.sources.len() >= self.limits.max_tracked_sources {
+        if !self.sources.contains_key(&ip) && self.sources.len() >= self.limits.max_tracked_sources
+        {
             // Forget sources whose buckets have refilled: they are as good as new.
             let per = TokenBucket::new(
                 self.limits.per_source_per_sec as u64,
@@ -136,7 +139,10 @@ mod tests {
             assert!(b.take(1, later));
         }
         assert!(!b.take(1, later));
-        assert!(!b.take(6, later + Duration::from_secs(10)), "more than burst never fits");
+        assert!(
+            !b.take(6, later + Duration::from_secs(10)),
+            "more than burst never fits"
+        );
     }
 
     #[test]

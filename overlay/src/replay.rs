@@ -118,7 +118,10 @@ mod tests {
         assert!(w.check(10_000));
         assert!(w.commit(3));
         assert!(w.check(10_000));
-        assert!(w.commit(4), "a checked-but-uncommitted far counter must not move the window");
+        assert!(
+            w.commit(4),
+            "a checked-but-uncommitted far counter must not move the window"
+        );
     }
 
     proptest! {

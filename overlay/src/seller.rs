@@ -28,6 +28,8 @@ pub struct SellerCore {
     stats: SellerStats,
     /// The first `now` seen, paired with `config.wall_clock`.
     epoch: Option<Instant>,
+    /// Last initiation timestamp sent (kept strictly increasing).
+    last_timestamp: u64,
 }
 
 impl SellerCore {
@@ -51,6 +53,7 @@ impl SellerCore {
             pending: VecDeque::new(),
             stats: SellerStats::default(),
             epoch: None,
+            last_timestamp: 0,
         })
     }
 
@@ -113,10 +116,7 @@ impl SellerCore {
         now: Instant,
         out: &mut Actions,
     ) {
-        let Some(hs) = self
-            .handshake
-            .take_if(|h| h.local_index == receiver_index)
-        else {
+        let Some(hs) = self.handshake.take_if(|h| h.local_index == receiver_index) else {
             self.stats.drops.inc(DropReason::UnexpectedResponse);
             return;
         };
@@ -252,7 +252,9 @@ impl SellerCore {
             .wall_clock
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
-        (base + now.saturating_duration_since(epoch)).as_nanos() as u64
+        let t = (base + now.saturating_duration_since(epoch)).as_nanos() as u64;
+        self.last_timestamp = t.max(self.last_timestamp + 1);
+        self.last_timestamp
     }
 
     fn initiate(&mut self, now: Instant, out: &mut Actions) {
@@ -332,6 +334,12 @@ impl SellerCore {
         {
             self.send(&[], now, out);
         }
+    }
+
+    /// Test hook: a misbehaving seller that skips its own egress filter.
+    #[cfg(test)]
+    pub(crate) fn send_unfiltered(&mut self, frame: &[u8], now: Instant, out: &mut Actions) {
+        self.send(frame, now, out);
     }
 
     /// Counters for status output.

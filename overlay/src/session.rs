@@ -82,11 +82,6 @@ impl Keypair {
         }
     }
 
-    /// Messages sent with this key so far.
-    pub fn sent(&self) -> u64 {
-        self.send_counter
-    }
-
     /// Whether these keys may no longer send or receive.
     pub fn expired(&self, now: Instant, t: &Timers) -> bool {
         now.saturating_duration_since(self.created) >= t.reject_after_time
@@ -219,7 +214,8 @@ impl Initiation {
             .read_message(noise, &mut payload)
             .map_err(noise_err)?;
         let p = ResponsePayload::decode(&payload[..n])?;
-        let claimed = VerifyingKey::from_bytes(&p.identity).map_err(|_| Error::BadIdentitySignature)?;
+        let claimed =
+            VerifyingKey::from_bytes(&p.identity).map_err(|_| Error::BadIdentitySignature)?;
         if claimed != *buyer {
             return Err(Error::BadIdentitySignature);
         }
@@ -233,7 +229,13 @@ impl Initiation {
             return Err(Error::Noise("handshake not finished after response".into()));
         }
         let (i_to_r, r_to_i) = self.hs.dangerously_get_raw_split();
-        Ok(Keypair::new(self.local_index, responder_index, i_to_r, r_to_i, now))
+        Ok(Keypair::new(
+            self.local_index,
+            responder_index,
+            i_to_r,
+            r_to_i,
+            now,
+        ))
     }
 }
 
@@ -381,28 +383,53 @@ mod tests {
         let now = Instant::now();
         let mac = MacAddr([2, 0, 0, 0, 0, 1]);
         let mut init = Vec::new();
-        let hs = Initiation::start(&seller, &buyer.public_key(), mac, 1, 7, now, &mut init).unwrap();
-        let wire::Message::HandshakeInit { sender_index, noise } = wire::parse(&init).unwrap() else {
+        let hs =
+            Initiation::start(&seller, &buyer.public_key(), mac, 1, 7, now, &mut init).unwrap();
+        let wire::Message::HandshakeInit {
+            sender_index,
+            noise,
+        } = wire::parse(&init).unwrap()
+        else {
             panic!("not an init");
         };
         let mut resp = Vec::new();
-        let acc = respond(&buyer, sender_index, noise, 9, now, |p, m, _| {
-            assert!(*p == seller.public_key() && m == mac);
-            Ok(())
-        }, &mut resp)
+        let acc = respond(
+            &buyer,
+            sender_index,
+            noise,
+            9,
+            now,
+            |p, m, _| {
+                assert!(*p == seller.public_key() && m == mac);
+                Ok(())
+            },
+            &mut resp,
+        )
         .unwrap();
         assert_eq!(acc.peer, seller.public_key());
-        let wire::Message::HandshakeResponse { sender_index, receiver_index, noise } = wire::parse(&resp).unwrap() else {
+        let wire::Message::HandshakeResponse {
+            sender_index,
+            receiver_index,
+            noise,
+        } = wire::parse(&resp).unwrap()
+        else {
             panic!("not a response");
         };
         assert_eq!(receiver_index, 7);
-        let k = hs.finish(&buyer.public_key(), sender_index, noise, now).unwrap();
+        let k = hs
+            .finish(&buyer.public_key(), sender_index, noise, now)
+            .unwrap();
         (seller, buyer, k, acc.keypair)
     }
 
     fn data(d: &[u8]) -> (u64, Vec<u8>, Vec<u8>) {
         match wire::parse(d).unwrap() {
-            wire::Message::Data { counter, header, ciphertext, .. } => (counter, header.to_vec(), ciphertext.to_vec()),
+            wire::Message::Data {
+                counter,
+                header,
+                ciphertext,
+                ..
+            } => (counter, header.to_vec(), ciphertext.to_vec()),
             m => panic!("{m:?}"),
         }
     }
@@ -434,13 +461,26 @@ mod tests {
             }
             let mut t = msg.clone();
             t[i] ^= 0x40;
-            if let Ok(wire::Message::Data { counter, header, ciphertext, .. }) = wire::parse(&t) {
-                assert!(b.decrypt_into(counter, header, ciphertext, &mut out).is_err(), "byte {i}");
+            if let Ok(wire::Message::Data {
+                counter,
+                header,
+                ciphertext,
+                ..
+            }) = wire::parse(&t)
+            {
+                assert!(
+                    b.decrypt_into(counter, header, ciphertext, &mut out)
+                        .is_err(),
+                    "byte {i}"
+                );
             }
         }
         let (c, h, ct) = data(&msg);
         b.decrypt_into(c, &h, &ct, &mut out).unwrap();
-        assert!(matches!(b.decrypt_into(c, &h, &ct, &mut out), Err(Error::Replay(0))));
+        assert!(matches!(
+            b.decrypt_into(c, &h, &ct, &mut out),
+            Err(Error::Replay(0))
+        ));
     }
 
     #[test]
@@ -453,8 +493,22 @@ mod tests {
         let mut init = Vec::new();
         // The seller expects `buyer`, but `impostor` receives the initiation.
         Initiation::start(&seller, &buyer.public_key(), mac, 1, 1, now, &mut init).unwrap();
-        let wire::Message::HandshakeInit { sender_index, noise } = wire::parse(&init).unwrap() else { panic!() };
-        let r = respond(&impostor, sender_index, noise, 2, now, |_, _, _| Ok(()), &mut Vec::new());
+        let wire::Message::HandshakeInit {
+            sender_index,
+            noise,
+        } = wire::parse(&init).unwrap()
+        else {
+            panic!()
+        };
+        let r = respond(
+            &impostor,
+            sender_index,
+            noise,
+            2,
+            now,
+            |_, _, _| Ok(()),
+            &mut Vec::new(),
+        );
         assert!(matches!(r, Err(Error::Noise(_))), "{:?}", r.err());
     }
 
@@ -463,9 +517,37 @@ mod tests {
         let seller = Identity::generate();
         let buyer = Identity::generate();
         let mut init = Vec::new();
-        Initiation::start(&seller, &buyer.public_key(), MacAddr([2; 6]), 1, 1, Instant::now(), &mut init).unwrap();
-        let wire::Message::HandshakeInit { sender_index, noise } = wire::parse(&init).unwrap() else { panic!() };
-        let r = respond(&buyer, sender_index, noise, 2, Instant::now(), |p, m, _| Err(Error::NotAdmitted { peer: hex::encode(p.as_bytes()), mac: m }), &mut Vec::new());
+        Initiation::start(
+            &seller,
+            &buyer.public_key(),
+            MacAddr([2; 6]),
+            1,
+            1,
+            Instant::now(),
+            &mut init,
+        )
+        .unwrap();
+        let wire::Message::HandshakeInit {
+            sender_index,
+            noise,
+        } = wire::parse(&init).unwrap()
+        else {
+            panic!()
+        };
+        let r = respond(
+            &buyer,
+            sender_index,
+            noise,
+            2,
+            Instant::now(),
+            |p, m, _| {
+                Err(Error::NotAdmitted {
+                    peer: hex::encode(p.as_bytes()),
+                    mac: m,
+                })
+            },
+            &mut Vec::new(),
+        );
         assert!(matches!(r, Err(Error::NotAdmitted { .. })));
     }
 

@@ -58,6 +58,11 @@ drop_reasons! {
     UnexpectedResponse => "unexpected_response",
     /// Buyer: frame from a session whose source MAC is not the session's guest MAC.
     SessionMacMismatch => "session_mac_mismatch",
+    /// Buyer: a switched frame addressed back to the port it came from.
+    Hairpin => "hairpin",
+    /// Buyer: a guest's message to the DHCP server that does not parse, or is for
+    /// another client hardware address.
+    DhcpMalformed => "dhcp_malformed",
     /// Frame shorter than an Ethernet header.
     Runt => "runt",
     /// Frame longer than MTU + 14.

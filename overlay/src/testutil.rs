@@ -53,7 +53,12 @@ pub fn udp4(
     dport: u16,
     data: &[u8],
 ) -> Vec<u8> {
-    eth(smac, dmac, 0x0800, &ipv4(src, dst, 17, &udp(sport, dport, data)))
+    eth(
+        smac,
+        dmac,
+        0x0800,
+        &ipv4(src, dst, 17, &udp(sport, dport, data)),
+    )
 }
 
 pub fn arp(smac: MacAddr, sha: MacAddr, spa: Ipv4Addr, tpa: Ipv4Addr, op: u16) -> Vec<u8> {
@@ -82,15 +87,30 @@ fn ipv6(next: u8, payload: &[u8]) -> Vec<u8> {
 }
 
 pub fn icmp6(smac: MacAddr, ty: u8) -> Vec<u8> {
-    eth(smac, MacAddr([0x33, 0x33, 0, 0, 0, 1]), 0x86dd, &ipv6(58, &[ty, 0, 0, 0, 0, 0, 0, 0]))
+    eth(
+        smac,
+        MacAddr([0x33, 0x33, 0, 0, 0, 1]),
+        0x86dd,
+        &ipv6(58, &[ty, 0, 0, 0, 0, 0, 0, 0]),
+    )
 }
 
 pub fn icmp6_with_hbh(smac: MacAddr, ty: u8) -> Vec<u8> {
     let mut ext = vec![58, 0, 1, 4, 0, 0, 0, 0];
     ext.extend_from_slice(&[ty, 0, 0, 0, 0, 0, 0, 0]);
-    eth(smac, MacAddr([0x33, 0x33, 0, 0, 0, 1]), 0x86dd, &ipv6(0, &ext))
+    eth(
+        smac,
+        MacAddr([0x33, 0x33, 0, 0, 0, 1]),
+        0x86dd,
+        &ipv6(0, &ext),
+    )
 }
 
 pub fn udp6(smac: MacAddr, sport: u16, dport: u16) -> Vec<u8> {
-    eth(smac, MacAddr([0x33, 0x33, 0, 1, 0, 2]), 0x86dd, &ipv6(17, &udp(sport, dport, b"x")))
+    eth(
+        smac,
+        MacAddr([0x33, 0x33, 0, 1, 0, 2]),
+        0x86dd,
+        &ipv6(17, &udp(sport, dport, b"x")),
+    )
 }

@@ -252,7 +252,10 @@ mod tests {
     #[test]
     fn rejects_bad_headers() {
         assert!(matches!(parse(&[]), Err(Error::Truncated { .. })));
-        assert!(matches!(parse(&[9, 0, 0, 0]), Err(Error::UnknownMessageType(9))));
+        assert!(matches!(
+            parse(&[9, 0, 0, 0]),
+            Err(Error::UnknownMessageType(9))
+        ));
         let mut d = vec![0u8; HANDSHAKE_INIT_LEN];
         d[0] = TYPE_HANDSHAKE_INIT;
         assert!(parse(&d).is_ok());
