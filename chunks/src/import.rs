@@ -409,3 +409,337 @@ pub fn import_reader<R: Read>(
     }
     finish(store, key, manifest)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::materialize::{export, materialize, materialize_range};
+    use crate::store::UNLIMITED;
+    use rand::{RngCore, SeedableRng};
+    use std::io::Read;
+
+    fn random(n: usize, seed: u64) -> Vec<u8> {
+        let mut v = vec![0u8; n];
+        rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut v);
+        v
+    }
+
+    fn key() -> SigningKey {
+        SigningKey::from_bytes(&[42; 32])
+    }
+
+    fn read_all(mut f: File) -> Vec<u8> {
+        let mut v = Vec::new();
+        f.read_to_end(&mut v).unwrap();
+        v
+    }
+
+    #[test]
+    fn import_raw_then_materialize_and_export() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path().join("store"), UNLIMITED).unwrap();
+        let mut data = random(3 << 20, 7);
+        data[1 << 20..(1 << 20) + 600_000].fill(0); // a hole-worthy run
+        let src = dir.path().join("disk.img");
+        std::fs::write(&src, &data).unwrap();
+        let mut calls = Vec::new();
+        let (id, m) = import_file(&store, &key(), &src, &ImportOptions::default(), |d, t| {
+            calls.push((d, t))
+        })
+        .unwrap();
+        assert_eq!(m.image_id(), id);
+        assert_eq!(m.manifest().name, "disk.img");
+        assert_eq!(m.manifest().format, ImageFormat::Raw);
+        assert_eq!(m.manifest().total_size, data.len() as u64);
+        assert_eq!(m.importer(), &key().verifying_key());
+        assert_eq!(calls.last(), Some(&(data.len() as u64, data.len() as u64)));
+        assert!(calls.windows(2).all(|w| w[0].0 < w[1].0));
+        assert!(store.is_pinned(id), "imported images are pinned");
+        assert!(store.is_complete(id).unwrap());
+        assert_eq!(store.list_images().unwrap(), vec![id]);
+
+        // Materialise: right bytes, no name on disk.
+        let vmdir = dir.path().join("vm");
+        std::fs::create_dir(&vmdir).unwrap();
+        let f = materialize(&store, id, &vmdir, None).unwrap();
+        assert_eq!(
+            std::fs::read_dir(&vmdir).unwrap().count(),
+            0,
+            "path unlinked"
+        );
+        assert_eq!(read_all(f), data);
+        let e = materialize(&store, id, &vmdir, Some(data.len() as u64 - 1)).unwrap_err();
+        assert!(matches!(e, Error::ImageTooLarge { .. }), "{e:?}");
+
+        // Export: a normal file with the same bytes, nothing else left behind.
+        let out = dir.path().join("out").join("copy.img");
+        std::fs::create_dir(out.parent().unwrap()).unwrap();
+        assert_eq!(export(&store, id, &out).unwrap(), data.len() as u64);
+        assert_eq!(std::fs::read(&out).unwrap(), data);
+        assert_eq!(std::fs::read_dir(out.parent().unwrap()).unwrap().count(), 1);
+
+        // Same file, same key: same image id (canonical, deterministic).
+        let (id2, _) =
+            import_file(&store, &key(), &src, &ImportOptions::default(), |_, _| {}).unwrap();
+        assert_eq!(id2, id);
+    }
+
+    #[test]
+    fn failed_export_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path().join("store"), UNLIMITED).unwrap();
+        let data = random(1 << 20, 8);
+        let (id, m) = import_reader(
+            &store,
+            &key(),
+            &data[..],
+            "x",
+            ImageFormat::Raw,
+            0,
+            |_, _| {},
+        )
+        .unwrap();
+        // Lose one chunk (as after eviction or a corrupt read).
+        let victim = m.manifest().chunks[3].id;
+        store.unpin(id).unwrap();
+        let outdir = dir.path().join("out");
+        std::fs::create_dir(&outdir).unwrap();
+        let other = ChunkStore::open(dir.path().join("store2"), UNLIMITED).unwrap();
+        other.put_manifest(&m).unwrap();
+        for c in m.manifest().unique_chunks() {
+            if c.id != victim {
+                other
+                    .put_chunk(&c.id, &store.get_chunk(&c.id).unwrap().unwrap())
+                    .unwrap();
+            }
+        }
+        assert_eq!(other.missing_chunks(id).unwrap(), vec![victim]);
+        let e = export(&other, id, &outdir.join("img")).unwrap_err();
+        assert!(
+            matches!(e, Error::ImageIncomplete { missing: 1, .. }),
+            "{e:?}"
+        );
+        assert_eq!(std::fs::read_dir(&outdir).unwrap().count(), 0);
+        let e = materialize(&other, id, &outdir, None).unwrap_err();
+        assert!(matches!(e, Error::ImageIncomplete { .. }));
+        let e = export(&other, crate::ids::ImageId([3; 32]), &outdir.join("img")).unwrap_err();
+        assert!(matches!(e, Error::UnknownImage(_)));
+    }
+
+    #[test]
+    fn second_version_reuses_chunks_in_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path(), UNLIMITED).unwrap();
+        let n = 8 << 20;
+        let v1 = random(n, 11);
+        import_reader(
+            &store,
+            &key(),
+            &v1[..],
+            "v1",
+            ImageFormat::Raw,
+            n as u64,
+            |_, _| {},
+        )
+        .unwrap();
+        let before = store.size_bytes();
+        let mut v2 = v1.clone();
+        for at in [1_000_000usize, 5_000_000] {
+            for b in &mut v2[at..at + n / 200] {
+                *b ^= 0x5a;
+            }
+        }
+        let (id2, m2) = import_reader(
+            &store,
+            &key(),
+            &v2[..],
+            "v2",
+            ImageFormat::Raw,
+            n as u64,
+            |_, _| {},
+        )
+        .unwrap();
+        let added = store.size_bytes() - before;
+        // Only chunks v1 lacks were added (the 5 % average bound over many
+        // images is checked in chunking::tests; one sample varies).
+        let v1_ids: std::collections::HashSet<_> = crate::chunking::chunk_ids(&v1[..])
+            .unwrap()
+            .into_iter()
+            .map(|c| c.0)
+            .collect();
+        let expect: u64 = m2
+            .manifest()
+            .unique_chunks()
+            .iter()
+            .filter(|c| !v1_ids.contains(&c.id))
+            .map(|c| c.size as u64)
+            .sum();
+        assert_eq!(added, expect);
+        assert!(added * 10 <= n as u64, "v2 added {added} bytes");
+        assert!(store.is_complete(id2).unwrap());
+    }
+
+    #[test]
+    fn iso_detection_and_empty_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut iso = random(64 * 1024, 9);
+        iso[0x8001..0x8006].copy_from_slice(b"CD001");
+        let p = dir.path().join("live.iso");
+        std::fs::write(&p, &iso).unwrap();
+        assert_eq!(detect_kind(&p).unwrap(), InputKind::Iso);
+        let store = ChunkStore::open(dir.path().join("s"), UNLIMITED).unwrap();
+        let (_, m) = import_file(&store, &key(), &p, &ImportOptions::default(), |_, _| {}).unwrap();
+        assert_eq!(m.manifest().format, ImageFormat::Iso);
+
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, b"").unwrap();
+        let e =
+            import_file(&store, &key(), &empty, &ImportOptions::default(), |_, _| {}).unwrap_err();
+        assert!(e.to_string().contains("file is empty"), "{e}");
+        let e = import_file(
+            &store,
+            &key(),
+            &dir.path().join("nope"),
+            &ImportOptions::default(),
+            |_, _| {},
+        )
+        .unwrap_err();
+        assert!(matches!(e, Error::BadImageFile { .. }), "{e:?}");
+        let e = import_file(
+            &store,
+            &key(),
+            dir.path(),
+            &ImportOptions::default(),
+            |_, _| {},
+        )
+        .unwrap_err();
+        assert!(matches!(e, Error::BadImageFile { .. }), "{e:?}");
+    }
+
+    #[test]
+    fn qcow2_is_converted_with_qemu_img() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut raw = random(2 << 20, 10);
+        raw[512 * 1024..1024 * 1024].fill(0);
+        let rawp = dir.path().join("d.raw");
+        std::fs::write(&rawp, &raw).unwrap();
+        let q = dir.path().join("d.qcow2");
+        let st = Command::new("qemu-img")
+            .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+            .arg(&rawp)
+            .arg(&q)
+            .status()
+            .expect("qemu-img must be installed (Debian package qemu-utils)");
+        assert!(st.success());
+        assert_eq!(detect_kind(&q).unwrap(), InputKind::Qcow2);
+        let store = ChunkStore::open(dir.path().join("s"), UNLIMITED).unwrap();
+        let tmp = dir.path().join("tmp");
+        std::fs::create_dir(&tmp).unwrap();
+        let opts = ImportOptions {
+            temp_dir: Some(tmp.clone()),
+            ..Default::default()
+        };
+        let (id, m) = import_file(&store, &key(), &q, &opts, |_, _| {}).unwrap();
+        assert_eq!(m.manifest().format, ImageFormat::Qcow2Converted);
+        assert_eq!(
+            std::fs::read_dir(&tmp).unwrap().count(),
+            0,
+            "converted temp file removed"
+        );
+        let out = dir.path().join("back.raw");
+        export(&store, id, &out).unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), raw);
+
+        // A broken qcow2 gives a qemu-img error, not a panic.
+        let mut broken = std::fs::read(&q).unwrap();
+        broken.truncate(100);
+        let bq = dir.path().join("broken.qcow2");
+        std::fs::write(&bq, &broken).unwrap();
+        let e = import_file(&store, &key(), &bq, &opts, |_, _| {}).unwrap_err();
+        assert!(matches!(e, Error::QemuImg { .. }), "{e:?}");
+    }
+
+    #[test]
+    fn direct_boot_parts_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path().join("s"), UNLIMITED).unwrap();
+        let kernel = random(700_000, 1);
+        let initrd = random(300_000, 2);
+        let disk = random(1_000_000, 3);
+        for (n, d) in [("k", &kernel), ("i", &initrd), ("d", &disk)] {
+            std::fs::write(dir.path().join(n), d).unwrap();
+        }
+        let parts = DirectBoot {
+            kernel: dir.path().join("k"),
+            initrd: Some(dir.path().join("i")),
+            disk: Some(dir.path().join("d")),
+            cmdline: "console=ttyS0 root=/dev/vda".into(),
+        };
+        let (id, m) = import_direct_boot(&store, &key(), &parts, "guest", None, |_, _| {}).unwrap();
+        let boot = m.manifest().boot.clone().unwrap();
+        assert_eq!(boot.cmdline, "console=ttyS0 root=/dev/vda");
+        let d = dir.path();
+        assert_eq!(read_all(materialize(&store, id, d, None).unwrap()), disk);
+        assert_eq!(
+            read_all(materialize_range(&store, id, boot.kernel, d, None).unwrap()),
+            kernel
+        );
+        assert_eq!(
+            read_all(materialize_range(&store, id, boot.initrd.unwrap(), d, None).unwrap()),
+            initrd
+        );
+        let bad = ByteRange {
+            offset: m.manifest().total_size,
+            len: 1,
+        };
+        assert!(matches!(
+            materialize_range(&store, id, bad, d, None),
+            Err(Error::RangeOutOfImage { .. })
+        ));
+
+        // Kernel + initrd only: no disk to materialise.
+        let parts = DirectBoot {
+            disk: None,
+            ..parts
+        };
+        let (id, _) =
+            import_direct_boot(&store, &key(), &parts, "netboot", None, |_, _| {}).unwrap();
+        assert!(matches!(
+            materialize(&store, id, d, None),
+            Err(Error::NoDisk(_))
+        ));
+    }
+
+    #[test]
+    fn import_under_small_cap_keeps_its_own_chunks() {
+        // Cap smaller than the image: the import fails cleanly with
+        // StoreFull instead of evicting its own earlier chunks.
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path(), 1 << 20).unwrap();
+        let data = random(2 << 20, 12);
+        let e = import_reader(
+            &store,
+            &key(),
+            &data[..],
+            "big",
+            ImageFormat::Raw,
+            0,
+            |_, _| {},
+        )
+        .unwrap_err();
+        assert!(matches!(e, Error::StoreFull { .. }), "{e:?}");
+        // Its chunks are no longer held: another image can push them out.
+        let other = random(1 << 20, 13);
+        import_reader(
+            &store,
+            &key(),
+            &other[..],
+            "small",
+            ImageFormat::Raw,
+            0,
+            |_, _| {},
+        )
+        .unwrap();
+        assert!(store.size_bytes() <= 1 << 20);
+    }
+}

@@ -779,7 +779,10 @@ mod tests {
         let key = SigningKey::from_bytes(&[9; 32]);
         let refs = chunks
             .iter()
-            .map(|(id, d)| ChunkRef { id: *id, size: d.len() as u32 })
+            .map(|(id, d)| ChunkRef {
+                id: *id,
+                size: d.len() as u32,
+            })
             .collect();
         let m = Manifest::new(name, ImageFormat::Raw, refs, None, key.verifying_key());
         SignedManifest::sign(m, &key).unwrap()
@@ -874,7 +877,13 @@ mod tests {
         assert_eq!(rep.bad_removed, 2);
         assert_eq!(rep.repaired, 1);
         assert_eq!(s.size_bytes(), 3 * 3000);
-        assert_eq!(s.verify_all().unwrap(), VerifyReport { ok: 3, ..Default::default() });
+        assert_eq!(
+            s.verify_all().unwrap(),
+            VerifyReport {
+                ok: 3,
+                ..Default::default()
+            }
+        );
     }
 
     #[test]
@@ -902,7 +911,10 @@ mod tests {
         assert_eq!((info.unique_chunks, info.present_chunks), (4, 3));
         s.put_chunk(&cs[3].0, &cs[3].1).unwrap();
         assert!(s.is_complete(m.image_id()).unwrap());
-        assert!(matches!(s.missing_chunks(ImageId([1; 32])), Err(Error::UnknownImage(_))));
+        assert!(matches!(
+            s.missing_chunks(ImageId([1; 32])),
+            Err(Error::UnknownImage(_))
+        ));
     }
 
     #[test]
