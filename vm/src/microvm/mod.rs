@@ -179,7 +179,14 @@ impl Backend for Microvm {
         }
     }
 
-    fn start(&self, mut spec: GuestSpec) -> Result<Box<dyn Guest>> {
+    fn start(&self, spec: GuestSpec) -> Result<Box<dyn Guest>> {
+        Ok(Box::new(self.start_guest(spec)?))
+    }
+}
+
+impl Microvm {
+    /// Like [`Backend::start`], returning the concrete handle (for its extra counters).
+    pub fn start_guest(&self, mut spec: GuestSpec) -> Result<MicrovmGuest> {
         spec.validate()?;
         check_spec(&spec)?;
         let span = tracing::info_span!("microvm", guest = %spec.name);
@@ -245,7 +252,7 @@ impl Backend for Microvm {
             memory_mib = spec.memory_mib,
             "microvm guest started"
         );
-        Ok(Box::new(MicrovmGuest { running }))
+        Ok(MicrovmGuest { running })
     }
 }
 

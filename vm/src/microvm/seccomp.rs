@@ -67,6 +67,16 @@ fn common_syscalls() -> Vec<i64> {
 pub fn filter(kind: ThreadKind, log_only: bool) -> Result<BpfProgram, seccompiler::BackendError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         common_syscalls().into_iter().map(|s| (s, vec![])).collect();
+    // fcntl(F_GETFD) only: debug builds of std check an fd is open before closing it.
+    rules.insert(
+        libc::SYS_fcntl,
+        vec![SeccompRule::new(vec![SeccompCondition::new(
+            1,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            libc::F_GETFD as u64,
+        )?])?],
+    );
     match kind {
         ThreadKind::Vcpu => {
             let ioctls = [KVM_RUN, KVM_GET_REGS, KVM_GET_MP_STATE]

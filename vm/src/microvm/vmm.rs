@@ -544,12 +544,13 @@ pub fn start(
     drop(bus);
 
     let sup_shared = shared.clone();
+    let sup_fanout = fanout.clone();
     let deadline = limit.map(|l| started + l);
     let supervisor = std::thread::Builder::new()
         .name(format!("{name}-vmm"))
         .spawn(move || {
             supervise(
-                sup_shared,
+                &sup_shared,
                 vcpu_threads,
                 rx_thread,
                 rx_exit,
@@ -559,6 +560,8 @@ pub fn start(
             // The VM (and with it every vCPU and irqfd) and guest memory go last.
             drop(vm);
             drop(mem);
+            sup_fanout.close();
+            sup_shared.set_done();
         })
         .map_err(|e| BuildError::Other(format!("spawning the supervisor thread: {e}")))?;
 
@@ -582,7 +585,7 @@ fn kick(threads: &[JoinHandle<()>]) {
 }
 
 fn supervise(
-    shared: Arc<Shared>,
+    shared: &Shared,
     vcpus: Vec<JoinHandle<()>>,
     rx: Option<JoinHandle<()>>,
     rx_exit: Arc<EventFd>,
@@ -643,7 +646,6 @@ fn supervise(
         let _ = rx.join();
     }
     let _ = console.join();
-    shared.set_done();
 }
 
 fn vcpu_loop(id: usize, mut vcpu: VcpuFd, bus: Arc<Bus>, shared: Arc<Shared>) {

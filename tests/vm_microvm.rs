@@ -1,0 +1,783 @@
+//! The microvm backend on this machine's KVM, with tiny guest programs assembled at
+//! test time (tests/guests/): serial output and HLT, virtio-blk reads checked against
+//! the host file, virtio-net frames both ways through a tap in a namespace of ours,
+//! and guests that write outside their memory or loop forever being contained.
+//!
+//! Needs root (taps, namespaces), /dev/kvm, and binutils (`as`, `ld`).
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant};
+
+use cpushare_tests::netns::Netns;
+use vm::microvm::Microvm;
+use vm::{Backend, Boot, DiskSpec, Guest, GuestExit, GuestSpec, NetSpec, Tap};
+
+const GUEST_MAC: [u8; 6] = [0x02, 0xc5, 0x00, 0x00, 0x00, 0x07];
+
+fn guests_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("guests")
+}
+
+fn run_tool(prog: &str, args: &[&str]) {
+    let out = std::process::Command::new(prog)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {prog} (install binutils): {e}"));
+    assert!(
+        out.status.success(),
+        "{prog} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Assemble and link a tiny guest. 64-bit guests get lib64.S linked in.
+fn build_guest(dir: &Path, name: &str, src: &str, with_lib: bool) -> PathBuf {
+    let s = dir.join(format!("{name}.S"));
+    std::fs::write(&s, src).unwrap();
+    let o = dir.join(format!("{name}.o"));
+    run_tool(
+        "as",
+        &["--64", "-o", o.to_str().unwrap(), s.to_str().unwrap()],
+    );
+    let mut objs = vec![o.to_str().unwrap().to_string()];
+    if with_lib {
+        let lo = dir.join("lib64.o");
+        if !lo.exists() {
+            let lib = guests_dir().join("lib64.S");
+            run_tool(
+                "as",
+                &["--64", "-o", lo.to_str().unwrap(), lib.to_str().unwrap()],
+            );
+        }
+        objs.push(lo.to_str().unwrap().to_string());
+    }
+    let elf = dir.join(format!("{name}.elf"));
+    let ld_script = guests_dir().join("link.ld");
+    let mut args = vec![
+        "-m".to_string(),
+        "elf_x86_64".into(),
+        "-T".into(),
+        ld_script.to_str().unwrap().into(),
+        "-o".into(),
+        elf.to_str().unwrap().into(),
+    ];
+    args.extend(objs);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_tool("ld", &args);
+    elf
+}
+
+fn spec(kernel: &Path, limit: Duration) -> GuestSpec {
+    let mut s = GuestSpec::new(
+        "cmv-test",
+        Boot::Direct {
+            kernel: kernel.to_path_buf(),
+            initrd: None,
+            cmdline: String::new(),
+        },
+    );
+    s.memory_mib = 32;
+    s.wall_clock_limit = Some(limit);
+    s
+}
+
+fn require_kvm() {
+    assert!(
+        Path::new("/dev/kvm").exists(),
+        "these tests need /dev/kvm (TESTING.md: KVM runs tiny guests on these machines)"
+    );
+}
+
+/// Collects console output on a thread so the guest never waits on us.
+struct Console {
+    rx: Receiver<Vec<u8>>,
+    buf: Vec<u8>,
+}
+
+impl Console {
+    fn new(guest: &mut dyn Guest) -> Self {
+        Console {
+            rx: guest.take_console().expect("console available once"),
+            buf: Vec::new(),
+        }
+    }
+    /// Wait until the output contains `needle`.
+    fn wait_for(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        while !String::from_utf8_lossy(&self.buf).contains(needle) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(chunk) => self.buf.extend(chunk),
+                Err(_) => panic!(
+                    "no {needle:?} on the console within {timeout:?}; got {:?}",
+                    String::from_utf8_lossy(&self.buf)
+                ),
+            }
+        }
+        self.text()
+    }
+    /// Everything until the stream ends (the guest exited).
+    fn drain(&mut self) -> String {
+        while let Ok(chunk) = self.rx.recv_timeout(Duration::from_secs(10)) {
+            self.buf.extend(chunk);
+        }
+        self.text()
+    }
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.buf).into_owned()
+    }
+}
+
+fn run_to_exit(spec: GuestSpec) -> (GuestExit, String) {
+    let mut guest = Microvm.start(spec).expect("microvm starts");
+    let mut con = Console::new(guest.as_mut());
+    let exit = guest
+        .wait_timeout(Duration::from_secs(30))
+        .unwrap()
+        .expect("guest ends");
+    (exit, con.drain())
+}
+
+const HELLO64: &str = r#"
+.intel_syntax noprefix
+.code64
+.text
+.globl _start
+_start:
+    lea rsi, [msg]
+    call puts
+    cli
+    hlt
+.section .rodata
+msg: .asciz "hello from long mode\n"
+"#;
+
+const HELLO_PVH: &str = r#"
+.intel_syntax noprefix
+.section .note.Xen, "a", @note
+    .align 4
+    .long 4
+    .long 4
+    .long 18
+    .asciz "Xen"
+    .align 4
+    .long _start
+    .align 4
+.text
+.code32
+.globl _start
+_start:
+    mov esi, offset msg
+    mov dx, 0x3f8
+1:  lodsb
+    test al, al
+    jz 2f
+    out dx, al
+    jmp 1b
+2:  cli
+    hlt
+msg: .asciz "hello from PVH\n"
+"#;
+
+#[test]
+fn serial_hello_then_hlt_in_long_mode_and_pvh() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    for (name, src, lib, want) in [
+        ("hello64", HELLO64, true, "hello from long mode\n"),
+        ("hellopvh", HELLO_PVH, false, "hello from PVH\n"),
+    ] {
+        let elf = build_guest(dir.path(), name, src, lib);
+        let log = dir.path().join(format!("{name}.log"));
+        let mut s = spec(&elf, Duration::from_secs(20));
+        s.serial_log = Some(Box::new(File::create(&log).unwrap()));
+        s.vcpus = 2;
+        let (exit, out) = run_to_exit(s);
+        assert_eq!(out, want, "{name} console");
+        // cli; hlt on the boot vCPU (the second one never started): halted for good.
+        assert_eq!(exit, GuestExit::PoweredOff, "{name}");
+        assert_eq!(
+            std::fs::read_to_string(&log).unwrap(),
+            want,
+            "{name} serial log sink"
+        );
+    }
+}
+
+const RESETS: &str = r#"
+.intel_syntax noprefix
+.code64
+.text
+.globl _start
+_start:
+    lea rsi, [msg]
+    call puts
+    mov al, MODE
+    cmp al, 1
+    je 1f
+    mov al, 0xfe
+    out 0x64, al
+    jmp 2f
+1:  mov dx, 0x3c0
+    mov al, (5 << 2) | 0x20
+    out dx, al
+2:  jmp 2b
+.section .rodata
+msg: .asciz "bye\n"
+"#;
+
+#[test]
+fn i8042_reset_and_acpi_poweroff_end_the_guest() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    for (mode, want) in [(0, GuestExit::Reset), (1, GuestExit::PoweredOff)] {
+        let src = RESETS.replace("MODE", &mode.to_string());
+        let elf = build_guest(dir.path(), &format!("reset{mode}"), &src, true);
+        let (exit, out) = run_to_exit(spec(&elf, Duration::from_secs(20)));
+        assert_eq!(out, "bye\n");
+        assert_eq!(exit, want);
+    }
+}
+
+/// Simple 32-bit checksum the guest computes too: h = h * 31 + byte.
+fn checksum(bytes: &[u8]) -> u32 {
+    bytes
+        .iter()
+        .fold(0u32, |h, &b| h.wrapping_mul(31).wrapping_add(u32::from(b)))
+}
+
+const BLK: &str = r#"
+.intel_syntax noprefix
+.code64
+.text
+.globl _start
+_start:
+    mov r12, 0xd0000000
+    cmp dword ptr [r12 + 8], 2
+    jne vfail
+    mov r13d, 1
+    call vinit
+    xor r15d, r15d
+    # Read 4096 bytes from sector 3.
+    mov rdi, 3
+    mov esi, 0
+    mov edx, 3
+    call blkreq
+    lea rsi, [m_st]
+    call puts
+    call puthex
+    xor eax, eax
+    mov rsi, 0x211000
+    mov ecx, 4096
+1:  imul eax, eax, 31
+    movzx edx, byte ptr [rsi]
+    add eax, edx
+    inc rsi
+    dec ecx
+    jnz 1b
+    lea rsi, [m_sum]
+    call puts
+    call puthex
+    # Write 4096 bytes of 0x5a at sector 20.
+    mov rdi, 0x211000
+    mov ecx, 4096
+    mov al, 0x5a
+    rep stosb
+    mov rdi, 20
+    mov esi, 1
+    mov edx, 1
+    call blkreq
+    lea rsi, [m_wr]
+    call puts
+    call puthex
+    # Read past the end of the disk: must fail with IOERR (1).
+    mov rdi, qword ptr [r12 + 0x100]
+    mov esi, 0
+    mov edx, 3
+    call blkreq
+    lea rsi, [m_oob]
+    call puts
+    call puthex
+    lea rsi, [m_cap]
+    call puts
+    mov eax, dword ptr [r12 + 0x100]
+    call puthex
+    mov al, 10
+    call putc
+    cli
+    hlt
+
+# blkreq: sector rdi, type esi, data descriptor flags edx (3 = NEXT|WRITE for reads,
+# 1 = NEXT for writes); 4096 bytes at 0x211000. Returns the status byte in eax.
+blkreq:
+    mov dword ptr [0x210000], esi
+    mov dword ptr [0x210004], 0
+    mov qword ptr [0x210008], rdi
+    mov byte ptr [0x212000], 0xff
+    mov qword ptr [0x200000], 0x210000
+    mov dword ptr [0x200008], 16
+    mov word ptr [0x20000c], 1
+    mov word ptr [0x20000e], 1
+    mov qword ptr [0x200010], 0x211000
+    mov dword ptr [0x200018], 4096
+    mov word ptr [0x20001c], dx
+    mov word ptr [0x20001e], 2
+    mov qword ptr [0x200020], 0x212000
+    mov dword ptr [0x200028], 1
+    mov word ptr [0x20002c], 2
+    mov word ptr [0x20002e], 0
+    mov eax, r15d
+    mov ecx, eax
+    and ecx, 7
+    mov word ptr [0x201004 + rcx * 2], 0
+    inc eax
+    mov word ptr [0x201002], ax
+    mov r15d, eax
+    mov dword ptr [r12 + 0x50], 0
+2:  movzx edx, word ptr [0x202002]
+    cmp edx, r15d
+    jne 2b
+    movzx eax, byte ptr [0x212000]
+    ret
+
+.section .rodata
+m_st: .asciz "st="
+m_sum: .asciz " sum="
+m_wr: .asciz " wr="
+m_oob: .asciz " oob="
+m_cap: .asciz " cap="
+"#;
+
+#[test]
+fn virtio_blk_reads_and_writes_the_unlinked_file_in_place() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let elf = build_guest(dir.path(), "blk", BLK, true);
+    // The disk: 64 KiB of random bytes in an unlinked file, as the seller passes it.
+    let mut disk = tempfile::tempfile().unwrap();
+    let data: Vec<u8> = (0..65536).map(|_| rand::random::<u8>()).collect();
+    disk.write_all(&data).unwrap();
+    let host = disk.try_clone().unwrap();
+    let mut s = spec(&elf, Duration::from_secs(20));
+    s.disk = Some(DiskSpec::new(disk));
+    let (exit, out) = run_to_exit(s);
+    let want_sum = checksum(&data[3 * 512..3 * 512 + 4096]);
+    assert_eq!(
+        out,
+        format!("st=00000000 sum={want_sum:08x} wr=00000000 oob=00000001 cap=00000080\n")
+    );
+    assert_eq!(exit, GuestExit::PoweredOff);
+    let mut after = Vec::new();
+    let mut host = host;
+    host.seek(SeekFrom::Start(0)).unwrap();
+    host.read_to_end(&mut after).unwrap();
+    assert_eq!(after.len(), data.len(), "disk size unchanged");
+    assert!(
+        after[20 * 512..20 * 512 + 4096].iter().all(|&b| b == 0x5a),
+        "guest write landed in the file"
+    );
+    assert!(
+        after[..20 * 512] == data[..20 * 512],
+        "nothing before the write changed"
+    );
+    assert!(
+        after[28 * 512..] == data[28 * 512..],
+        "nothing after the write changed"
+    );
+}
+
+/// A tap (its fd for the VMM) and a packet socket on it, in a namespace of ours.
+struct TapInNs {
+    _ns: Netns,
+    tap: Option<OwnedFd>,
+    packet: OwnedFd,
+}
+
+impl TapInNs {
+    fn new(ns_name: &str, tap_name: &'static str) -> Self {
+        assert!(ns_name.len() <= 15 && tap_name.len() <= 15);
+        let ns = Netns::new(ns_name).expect("create netns (needs root)");
+        // No IPv6: the kernel would send router/neighbour solicitations on the tap.
+        ns.exec("sysctl", &["-qw", "net.ipv6.conf.all.disable_ipv6=1"])
+            .unwrap();
+        ns.exec("sysctl", &["-qw", "net.ipv6.conf.default.disable_ipv6=1"])
+            .unwrap();
+        let path = format!("/var/run/netns/{ns_name}");
+        // Open the tap and the packet socket from a thread that entered the namespace.
+        let (tap, packet) = std::thread::spawn(move || {
+            let nsf = File::open(&path).unwrap();
+            nix::sched::setns(&nsf, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let tap = vm::microvm::virtio::net::open_tap(tap_name).unwrap();
+            // SAFETY: plain socket(2).
+            let fd = unsafe {
+                libc::socket(
+                    libc::AF_PACKET,
+                    libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                    (libc::ETH_P_ALL as u16).to_be() as i32,
+                )
+            };
+            assert!(
+                fd >= 0,
+                "packet socket: {}",
+                std::io::Error::last_os_error()
+            );
+            // SAFETY: fd was just created.
+            let packet = unsafe { OwnedFd::from_raw_fd(fd) };
+            (tap, packet)
+        })
+        .join()
+        .unwrap();
+        ns.ip(&["link", "set", tap_name, "up"]).unwrap();
+        let t = TapInNs {
+            _ns: ns,
+            tap: Some(tap),
+            packet,
+        };
+        let idx = std::thread::scope(|sc| {
+            sc.spawn(|| {
+                let nsf = File::open(format!("/var/run/netns/{ns_name}")).unwrap();
+                nix::sched::setns(&nsf, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+                let c = std::ffi::CString::new(tap_name).unwrap();
+                // SAFETY: valid C string.
+                unsafe { libc::if_nametoindex(c.as_ptr()) }
+            })
+            .join()
+            .unwrap()
+        });
+        assert!(idx > 0);
+        // SAFETY: sockaddr_ll is plain data; bind reads it.
+        unsafe {
+            let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+            sll.sll_ifindex = idx as i32;
+            let r = libc::bind(
+                t.packet.as_raw_fd(),
+                &sll as *const _ as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            );
+            assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
+            let tv = libc::timeval {
+                tv_sec: 1,
+                tv_usec: 0,
+            };
+            libc::setsockopt(
+                t.packet.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                &tv as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::timeval>() as u32,
+            );
+        }
+        t
+    }
+
+    /// Next frame with EtherType `ethertype`, within `timeout`.
+    fn recv(&self, ethertype: u16, timeout: Duration) -> Option<Vec<u8>> {
+        let deadline = Instant::now() + timeout;
+        let mut buf = vec![0u8; 2048];
+        while Instant::now() < deadline {
+            // SAFETY: buf is valid for its length.
+            let n = unsafe {
+                libc::recv(
+                    self.packet.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    0,
+                )
+            };
+            if n >= 14 && u16::from_be_bytes([buf[12], buf[13]]) == ethertype {
+                return Some(buf[..n as usize].to_vec());
+            }
+        }
+        None
+    }
+
+    fn send(&self, frame: &[u8]) {
+        // SAFETY: frame is valid for its length.
+        let n = unsafe {
+            libc::send(
+                self.packet.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+            )
+        };
+        assert_eq!(
+            n,
+            frame.len() as isize,
+            "send: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+const NET_TX: &str = r#"
+.intel_syntax noprefix
+.code64
+.text
+.globl _start
+_start:
+    mov r12, 0xd0000000
+    cmp dword ptr [r12 + 8], 1
+    jne vfail
+    mov r13d, 2
+    call vinit
+    # virtio-net header (12 bytes of zero) then the frame, at 0x230000.
+    mov dword ptr [0x23000c], 0xffffffff
+    mov word ptr [0x230010], 0xffff
+    mov eax, dword ptr [r12 + 0x100]
+    mov dword ptr [0x230012], eax
+    mov ax, word ptr [r12 + 0x104]
+    mov word ptr [0x230016], ax
+    mov word ptr [0x230018], 0xb588
+    lea rsi, [payload]
+    mov rdi, 0x23001a
+    mov ecx, 20
+    rep movsb
+    # TX is queue 1: descriptors at 0x210000, avail 0x211000, used 0x212000.
+    mov qword ptr [0x210000], 0x230000
+    mov dword ptr [0x210008], 72
+    mov word ptr [0x21000c], 0
+    mov word ptr [0x211004], 0
+    mov word ptr [0x211002], 1
+    mov dword ptr [r12 + 0x50], 1
+1:  cmp word ptr [0x212002], 1
+    jne 1b
+    lea rsi, [msg]
+    call puts
+    cli
+    hlt
+.section .rodata
+payload: .ascii "cpushare-tx-frame-01"
+msg: .asciz "sent\n"
+"#;
+
+#[test]
+fn virtio_net_guest_sends_a_frame_the_test_reads_from_the_tap() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let elf = build_guest(dir.path(), "nettx", NET_TX, true);
+    let mut tap = TapInNs::new("cmvtx", "cmvtap0");
+    let mut s = spec(&elf, Duration::from_secs(20));
+    s.net = Some(NetSpec {
+        tap: Tap::Fd(tap.tap.take().unwrap()),
+        mac: GUEST_MAC,
+    });
+    let (exit, out) = run_to_exit(s);
+    assert_eq!(out, "sent\n");
+    assert_eq!(exit, GuestExit::PoweredOff);
+    let frame = tap
+        .recv(0x88b5, Duration::from_secs(5))
+        .expect("the guest's frame on the tap");
+    assert_eq!(&frame[0..6], &[0xff; 6], "broadcast destination");
+    assert_eq!(
+        &frame[6..12],
+        &GUEST_MAC,
+        "source is the MAC from the device config"
+    );
+    assert_eq!(&frame[14..34], b"cpushare-tx-frame-01");
+    assert_eq!(frame.len(), 60, "header stripped: 72 - 12 bytes");
+}
+
+const NET_RX: &str = r#"
+.intel_syntax noprefix
+.code64
+.text
+.globl _start
+_start:
+    mov r12, 0xd0000000
+    mov r13d, 2
+    call vinit
+    # One 2 KiB receive buffer at 0x240000 on queue 0.
+    mov qword ptr [0x200000], 0x240000
+    mov dword ptr [0x200008], 2048
+    mov word ptr [0x20000c], 2
+    mov word ptr [0x201004], 0
+    mov word ptr [0x201002], 1
+    mov dword ptr [r12 + 0x50], 0
+    lea rsi, [ready]
+    call puts
+1:  pause
+    cmp word ptr [0x202002], 1
+    jne 1b
+    lea rsi, [got]
+    call puts
+    mov eax, dword ptr [0x202008]
+    call puthex
+    mov al, ' '
+    call putc
+    # Payload after the 12-byte virtio header and the 14-byte Ethernet header.
+    mov rsi, 0x24001a
+    mov ecx, 20
+2:  lodsb
+    call putc
+    dec ecx
+    jnz 2b
+    mov al, 10
+    call putc
+    cli
+    hlt
+.section .rodata
+ready: .asciz "ready\n"
+got: .asciz "rx len="
+"#;
+
+#[test]
+fn virtio_net_guest_receives_a_frame_the_test_writes_to_the_tap() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let elf = build_guest(dir.path(), "netrx", NET_RX, true);
+    let mut tap = TapInNs::new("cmvrx", "cmvtap1");
+    let mut s = spec(&elf, Duration::from_secs(20));
+    s.net = Some(NetSpec {
+        tap: Tap::Fd(tap.tap.take().unwrap()),
+        mac: GUEST_MAC,
+    });
+    let mut guest = Microvm.start(s).expect("microvm starts");
+    let mut con = Console::new(guest.as_mut());
+    con.wait_for("ready\n", Duration::from_secs(10));
+    let mut frame = Vec::new();
+    frame.extend_from_slice(&GUEST_MAC);
+    frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
+    frame.extend_from_slice(&[0x88, 0xb5]);
+    frame.extend_from_slice(b"hello-from-host-1234");
+    tap.send(&frame);
+    let exit = guest
+        .wait_timeout(Duration::from_secs(20))
+        .unwrap()
+        .expect("guest ends");
+    let out = con.drain();
+    assert_eq!(
+        out,
+        format!(
+            "ready\nrx len={:08x} hello-from-host-1234\n",
+            12 + frame.len()
+        )
+    );
+    assert_eq!(exit, GuestExit::PoweredOff);
+}
+
+const OUTSIDE: &str = r#"
+.intel_syntax noprefix
+.code64
+.text
+.globl _start
+_start:
+    # 768 MiB: identity-mapped by the boot page tables, far beyond the 32 MiB of RAM.
+    mov rbx, 0x30000000
+    mov dword ptr [rbx], 0x41414141
+    mov eax, dword ptr [rbx]
+    lea rsi, [m1]
+    call puts
+    call puthex
+    # Inside the MMIO gap, where no device lives.
+    mov rbx, 0xe0000000
+    mov qword ptr [rbx], -1
+    mov eax, dword ptr [rbx + 0x10]
+    lea rsi, [m2]
+    call puts
+    call puthex
+    mov al, 10
+    call putc
+1:  jmp 1b
+.section .rodata
+m1: .asciz "far="
+m2: .asciz " gap="
+"#;
+
+const LOOP: &str = r#"
+.intel_syntax noprefix
+.code64
+.text
+.globl _start
+_start:
+    lea rsi, [msg]
+    call puts
+    sti
+1:  jmp 1b
+.section .rodata
+msg: .asciz "looping\n"
+"#;
+
+#[test]
+fn guest_writing_outside_its_memory_is_contained_and_stopped_by_the_limit() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let elf = build_guest(dir.path(), "outside", OUTSIDE, true);
+    let mut guest = Microvm
+        .start_guest(spec(&elf, Duration::from_secs(2)))
+        .expect("microvm starts");
+    let mut con = Console::new(&mut guest);
+    let t0 = Instant::now();
+    let exit = guest
+        .wait_timeout(Duration::from_secs(30))
+        .unwrap()
+        .expect("guest ends");
+    let out = con.drain();
+    // Reads of unbacked addresses see all-ones, never host memory; the guest kept
+    // running (into its loop) until the wall-clock limit.
+    assert_eq!(out, "far=ffffffff gap=ffffffff\n");
+    assert_eq!(exit, GuestExit::LimitReached);
+    assert!(
+        guest.unmapped_accesses() >= 4,
+        "accesses counted: {}",
+        guest.unmapped_accesses()
+    );
+    assert!(t0.elapsed() < Duration::from_secs(15));
+}
+
+#[test]
+fn looping_guest_is_stopped_by_the_limit_and_by_stop() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let elf = build_guest(dir.path(), "loop", LOOP, true);
+    let (exit, out) = run_to_exit(spec(&elf, Duration::from_millis(500)));
+    assert_eq!(out, "looping\n");
+    assert_eq!(exit, GuestExit::LimitReached);
+
+    let mut guest = Microvm.start(spec(&elf, Duration::from_secs(600))).unwrap();
+    let mut con = Console::new(guest.as_mut());
+    con.wait_for("looping\n", Duration::from_secs(10));
+    assert_eq!(guest.state(), vm::GuestState::Running);
+    assert_eq!(
+        guest.stop(Duration::from_secs(1)).unwrap(),
+        GuestExit::Stopped
+    );
+    assert!(matches!(
+        guest.state(),
+        vm::GuestState::Exited(GuestExit::Stopped)
+    ));
+}
+
+#[test]
+fn clear_errors_for_unbootable_kernels_and_oversized_memory() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk");
+    std::fs::write(&junk, vec![0x5au8; 8192]).unwrap();
+    let err = Microvm
+        .start(spec(&junk, Duration::from_secs(5)))
+        .err()
+        .expect("junk refused");
+    assert!(matches!(err, vm::Error::KernelNotBootable { .. }), "{err}");
+
+    let elf = build_guest(dir.path(), "hello64", HELLO64, true);
+    let mut s = spec(&elf, Duration::from_secs(5));
+    s.memory_mib = 1 << 40;
+    let err = Microvm.start(s).err().expect("huge memory refused");
+    assert!(matches!(err, vm::Error::MemoryTooLarge { .. }), "{err}");
+    assert!(err.to_string().contains("too large"));
+
+    let s = GuestSpec::new("iso", Boot::Iso { iso: junk.clone() });
+    let err = Microvm.start(s).err().expect("ISO refused");
+    assert!(matches!(err, vm::Error::Unsupported { .. }), "{err}");
+
+    // The probe runs a real guest instruction on this KVM.
+    let p = Microvm.probe(&spec(&elf, Duration::from_secs(5)));
+    assert!(p.usable, "{}", p.reason);
+}
