@@ -2,6 +2,7 @@
 //! network namespaces.
 
 pub mod netns;
+pub mod node;
 
 use std::path::PathBuf;
 

@@ -111,7 +111,17 @@ pub fn veth(
     addr_b: &str,
 ) -> Result<()> {
     ip(&[
-        "link", "add", if_a, "netns", a.name(), "type", "veth", "peer", "name", if_b, "netns",
+        "link",
+        "add",
+        if_a,
+        "netns",
+        a.name(),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        if_b,
+        "netns",
         b.name(),
     ])?;
     for (ns, ifname, addr) in [(a, if_a, addr_a), (b, if_b, addr_b)] {
