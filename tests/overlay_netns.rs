@@ -50,16 +50,34 @@ fn overlay_netns_end_to_end_and_attacks() {
     let lan_ip = Ipv4Addr::new(10, 202, 2, 2);
     underlay(
         &wan,
-        &[(&buy, "covbu", b_ip), (&s1, "covs1u", s1_ip), (&s2, "covs2u", s2_ip), (&inet, "covinu", inet_ip)],
+        &[
+            (&buy, "covbu", b_ip),
+            (&s1, "covs1u", s1_ip),
+            (&s2, "covs2u", s2_ip),
+            (&inet, "covinu", inet_ip),
+        ],
         "covw",
     )
     .unwrap();
     // Seller 1 is also a home router with a LAN host behind it.
-    cpushare_tests::netns::veth(&s1, "covs1n", "10.202.2.1/24", &lan, "covlann", "10.202.2.2/24").unwrap();
+    cpushare_tests::netns::veth(
+        &s1,
+        "covs1n",
+        "10.202.2.1/24",
+        &lan,
+        "covlann",
+        "10.202.2.2/24",
+    )
+    .unwrap();
     s1.sysctl("net.ipv4.ip_forward=1").unwrap();
 
     let buyer_addr = SocketAddr::from((b_ip, BUYER_PORT));
-    let (buyer, buyer_id) = start_buyer("covbuy", SocketAddr::from(([0, 0, 0, 0], BUYER_PORT)), "covbtap").unwrap();
+    let (buyer, buyer_id) = start_buyer(
+        "covbuy",
+        SocketAddr::from(([0, 0, 0, 0], BUYER_PORT)),
+        "covbtap",
+    )
+    .unwrap();
     let g1_mac: MacAddr = "52:54:00:77:00:11".parse().unwrap();
     let g2_mac: MacAddr = "52:54:00:77:00:12".parse().unwrap();
     let g1_ip = Ipv4Addr::new(10, 77, 0, 11);
@@ -68,7 +86,9 @@ fn overlay_netns_end_to_end_and_attacks() {
     buyer.admit(id1.public_key(), g1_mac, g1_ip).unwrap();
     buyer.admit(id2.public_key(), g2_mac, g2_ip).unwrap();
     // Address conflicts are refused with a clear error.
-    let e = buyer.admit(id2.public_key(), g1_mac, Ipv4Addr::new(10, 77, 0, 13)).unwrap_err();
+    let e = buyer
+        .admit(id2.public_key(), g1_mac, Ipv4Addr::new(10, 77, 0, 13))
+        .unwrap_err();
     assert!(e.to_string().contains("conflict"), "{e}");
 
     // Captures: everything on seller 1's uplink and LAN, on the LAN and internet hosts,
@@ -80,10 +100,17 @@ fn overlay_netns_end_to_end_and_attacks() {
     let cap_tap = Capture::start("covbuy", "covbtap").unwrap();
 
     let pk = buyer_id.public_key();
-    let h1 = start_seller(s1, s1_ip, "covs1u", "covg1", "covl1", "cov1", pk, buyer_addr, g1_mac, g1_ip, id1).unwrap();
-    let h2 = start_seller(s2, s2_ip, "covs2u", "covg2", "covl2", "cov2", pk, buyer_addr, g2_mac, g2_ip, id2).unwrap();
+    let h1 = start_seller(
+        s1, s1_ip, "covs1u", "covg1", "covl1", "cov1", pk, buyer_addr, g1_mac, g1_ip, id1,
+    )
+    .unwrap();
+    let h2 = start_seller(
+        s2, s2_ip, "covs2u", "covg2", "covl2", "cov2", pk, buyer_addr, g2_mac, g2_ip, id2,
+    )
+    .unwrap();
     assert!(
-        wait_until(Duration::from_secs(10), || h1.seller.is_established() && h2.seller.is_established()),
+        wait_until(Duration::from_secs(10), || h1.seller.is_established()
+            && h2.seller.is_established()),
         "sessions never came up: {:?} / {:?}",
         h1.seller.stats(),
         h2.seller.stats()
@@ -93,12 +120,21 @@ fn overlay_netns_end_to_end_and_attacks() {
     for h in [&h1, &h2] {
         let (ip, mtu) = dhcp(&h.guest, &h.guest_if).unwrap();
         assert_eq!(ip, h.guest_ip, "DHCP gave the lease's address");
-        assert!(mtu <= 1400 && mtu >= 1280, "DHCP MTU fits a 1500-byte path: {mtu}");
+        assert!(
+            mtu <= 1400 && mtu >= 1280,
+            "DHCP MTU fits a 1500-byte path: {mtu}"
+        );
     }
 
     // Reachability: guest -> buyer, guest <-> guest through the buyer's switch.
-    assert!(ping(&h1.guest, BUYER_IP, 3), "guest 1 cannot ping the buyer");
-    assert!(ping(&h2.guest, BUYER_IP, 3), "guest 2 cannot ping the buyer");
+    assert!(
+        ping(&h1.guest, BUYER_IP, 3),
+        "guest 1 cannot ping the buyer"
+    );
+    assert!(
+        ping(&h2.guest, BUYER_IP, 3),
+        "guest 2 cannot ping the buyer"
+    );
     assert!(ping(&h1.guest, g2_ip, 3), "guest 1 cannot ping guest 2");
     assert!(ping(&h2.guest, g1_ip, 3), "guest 2 cannot ping guest 1");
 
@@ -114,59 +150,187 @@ fn overlay_netns_end_to_end_and_attacks() {
     let s1_mac = mac_of(&h1.host, "covs1u").unwrap();
     let lan_mac = mac_of(&lan, "covlann").unwrap();
     let inet_mac = mac_of(&inet, "covinu").unwrap();
-    let echo = |src: Ipv4Addr, dst: Ipv4Addr, seq: u16| ipv4(src, dst, 1, &icmp_echo(0x4242, seq, b"cpushare attack"));
+    let echo = |src: Ipv4Addr, dst: Ipv4Addr, seq: u16| {
+        ipv4(src, dst, 1, &icmp_echo(0x4242, seq, b"cpushare attack"))
+    };
     let inject_g1 = |frames: Vec<Vec<u8>>| inject("covg1", &h1.guest_if, frames).unwrap();
     let drops = || h1.seller.stats().drops;
     let n = 5usize;
 
     let mut expect: Vec<(&str, Vec<DropReason>, u64, Box<dyn Fn() -> Vec<Vec<u8>>>)> = Vec::new();
-    expect.push(("forged source MAC", vec![DropReason::SourceMac], n as u64,
-        Box::new(move || (0..n).map(|i| eth(gw, forged_mac, 0x0800, &echo(g1_ip, BUYER_IP, i as u16))).collect())));
-    expect.push(("forged source IP", vec![DropReason::Ipv4Source], n as u64,
-        Box::new(move || (0..n).map(|i| eth(gw, g, 0x0800, &echo(Ipv4Addr::new(10, 77, 0, 99), BUYER_IP, i as u16))).collect())));
-    expect.push(("ARP spoofing (claims the buyer's IP)", vec![DropReason::ArpSpoof], n as u64,
-        Box::new(move || (0..n).map(|_| eth(MacAddr::BROADCAST, g, 0x0806, &arp(2, g, BUYER_IP, MacAddr::BROADCAST, BUYER_IP))).collect())));
-    expect.push(("ARP spoofing (forged sender MAC)", vec![DropReason::ArpSpoof], n as u64,
-        Box::new(move || (0..n).map(|_| eth(gw, g, 0x0806, &arp(2, forged_mac, g1_ip, gw, BUYER_IP))).collect())));
-    expect.push(("rogue DHCP server", vec![DropReason::DhcpServerReply], n as u64,
-        Box::new(move || (0..n).map(|_| eth(MacAddr::BROADCAST, g, 0x0800,
-            &ipv4(g1_ip, Ipv4Addr::BROADCAST, 17, &udp(67, 68, &dhcp_offer(g1_ip, g2_ip, g2_mac))))).collect())));
-    expect.push(("VLAN-tagged frames", vec![DropReason::VlanTagged], n as u64,
-        Box::new(move || (0..n).map(|i| vlan_tag(&eth(gw, g, 0x0800, &echo(g1_ip, BUYER_IP, i as u16)), 7)).collect())));
-    expect.push(("IPv6 router advertisements", vec![DropReason::EtherType, DropReason::RouterAdvertisement], n as u64,
-        Box::new(move || (0..n).map(|_| ipv6_ra(g)).collect())));
-    expect.push(("oversized frames", vec![DropReason::Oversize], n as u64,
-        Box::new(move || (0..n).map(|_| eth(gw, g, 0x0800, &ipv4(g1_ip, BUYER_IP, 17, &udp(9, 9, &vec![0xab; 3000])))).collect())));
+    expect.push((
+        "forged source MAC",
+        vec![DropReason::SourceMac],
+        n as u64,
+        Box::new(move || {
+            (0..n)
+                .map(|i| eth(gw, forged_mac, 0x0800, &echo(g1_ip, BUYER_IP, i as u16)))
+                .collect()
+        }),
+    ));
+    expect.push((
+        "forged source IP",
+        vec![DropReason::Ipv4Source],
+        n as u64,
+        Box::new(move || {
+            (0..n)
+                .map(|i| {
+                    eth(
+                        gw,
+                        g,
+                        0x0800,
+                        &echo(Ipv4Addr::new(10, 77, 0, 99), BUYER_IP, i as u16),
+                    )
+                })
+                .collect()
+        }),
+    ));
+    expect.push((
+        "ARP spoofing (claims the buyer's IP)",
+        vec![DropReason::ArpSpoof],
+        n as u64,
+        Box::new(move || {
+            (0..n)
+                .map(|_| {
+                    eth(
+                        MacAddr::BROADCAST,
+                        g,
+                        0x0806,
+                        &arp(2, g, BUYER_IP, MacAddr::BROADCAST, BUYER_IP),
+                    )
+                })
+                .collect()
+        }),
+    ));
+    expect.push((
+        "ARP spoofing (forged sender MAC)",
+        vec![DropReason::ArpSpoof],
+        n as u64,
+        Box::new(move || {
+            (0..n)
+                .map(|_| eth(gw, g, 0x0806, &arp(2, forged_mac, g1_ip, gw, BUYER_IP)))
+                .collect()
+        }),
+    ));
+    expect.push((
+        "rogue DHCP server",
+        vec![DropReason::DhcpServerReply],
+        n as u64,
+        Box::new(move || {
+            (0..n)
+                .map(|_| {
+                    eth(
+                        MacAddr::BROADCAST,
+                        g,
+                        0x0800,
+                        &ipv4(
+                            g1_ip,
+                            Ipv4Addr::BROADCAST,
+                            17,
+                            &udp(67, 68, &dhcp_offer(g1_ip, g2_ip, g2_mac)),
+                        ),
+                    )
+                })
+                .collect()
+        }),
+    ));
+    expect.push((
+        "VLAN-tagged frames",
+        vec![DropReason::VlanTagged],
+        n as u64,
+        Box::new(move || {
+            (0..n)
+                .map(|i| vlan_tag(&eth(gw, g, 0x0800, &echo(g1_ip, BUYER_IP, i as u16)), 7))
+                .collect()
+        }),
+    ));
+    expect.push((
+        "IPv6 router advertisements",
+        vec![DropReason::EtherType, DropReason::RouterAdvertisement],
+        n as u64,
+        Box::new(move || (0..n).map(|_| ipv6_ra(g)).collect()),
+    ));
+    expect.push((
+        "oversized frames",
+        vec![DropReason::Oversize],
+        n as u64,
+        Box::new(move || {
+            (0..n)
+                .map(|_| {
+                    eth(
+                        gw,
+                        g,
+                        0x0800,
+                        &ipv4(g1_ip, BUYER_IP, 17, &udp(9, 9, &vec![0xab; 3000])),
+                    )
+                })
+                .collect()
+        }),
+    ));
 
     // Oversized frames need the guest's own MTU raised for the kernel to send them.
-    h1.guest.ip(&["link", "set", &h1.guest_if, "mtu", "9000"]).unwrap();
+    h1.guest
+        .ip(&["link", "set", &h1.guest_if, "mtu", "9000"])
+        .unwrap();
     for (what, reasons, want, frames) in &expect {
         let before = drops();
         let sent = inject_g1(frames());
         assert_eq!(sent as u64, *want);
         let counted = || {
             let d = drops();
-            reasons.iter().map(|r| d.get(*r) - before.get(*r)).sum::<u64>()
+            reasons
+                .iter()
+                .map(|r| d.get(*r) - before.get(*r))
+                .sum::<u64>()
         };
-        assert!(wait_until(Duration::from_secs(3), || counted() >= *want), "{what}: counted {} of {want} drops", counted());
+        assert!(
+            wait_until(Duration::from_secs(3), || counted() >= *want),
+            "{what}: counted {} of {want} drops",
+            counted()
+        );
         std::thread::sleep(Duration::from_millis(100));
-        assert_eq!(counted(), *want, "{what}: every frame dropped once, for the right reason");
+        assert_eq!(
+            counted(),
+            *want,
+            "{what}: every frame dropped once, for the right reason"
+        );
     }
-    h1.guest.ip(&["link", "set", &h1.guest_if, "mtu", "1400"]).unwrap();
+    h1.guest
+        .ip(&["link", "set", &h1.guest_if, "mtu", "1400"])
+        .unwrap();
 
     // Broadcast storm: legitimate-looking ARP requests, far over the broadcast rate.
     let before = drops();
     let storm = 3000usize;
     let t0 = Instant::now();
-    inject_g1((0..storm).map(|i| eth(MacAddr::BROADCAST, g, 0x0806,
-        &arp(1, g, g1_ip, MacAddr([0; 6]), Ipv4Addr::new(10, 77, 1, (i % 250) as u8)))).collect());
+    inject_g1(
+        (0..storm)
+            .map(|i| {
+                eth(
+                    MacAddr::BROADCAST,
+                    g,
+                    0x0806,
+                    &arp(
+                        1,
+                        g,
+                        g1_ip,
+                        MacAddr([0; 6]),
+                        Ipv4Addr::new(10, 77, 1, (i % 250) as u8),
+                    ),
+                )
+            })
+            .collect(),
+    );
     let secs = t0.elapsed().as_secs_f64();
     let rl = overlay::RateLimits::default();
     let max_pass = rl.broadcast_burst as f64 + rl.broadcast_per_sec as f64 * (secs + 3.0);
-    let storm_drops = || drops().get(DropReason::BroadcastRate) - before.get(DropReason::BroadcastRate);
+    let storm_drops =
+        || drops().get(DropReason::BroadcastRate) - before.get(DropReason::BroadcastRate);
     assert!(
-        wait_until(Duration::from_secs(3), || storm_drops() as f64 >= storm as f64 - max_pass),
-        "broadcast storm: only {} of {storm} dropped", storm_drops()
+        wait_until(Duration::from_secs(3), || storm_drops() as f64
+            >= storm as f64 - max_pass),
+        "broadcast storm: only {} of {storm} dropped",
+        storm_drops()
     );
 
     // Legitimately sourced packets aimed at the seller, its LAN and the internet: the
@@ -177,62 +341,127 @@ fn overlay_netns_end_to_end_and_attacks() {
     for (i, (mac, ip)) in targets.iter().enumerate() {
         frames.push(eth(*mac, g, 0x0800, &echo(g1_ip, *ip, 100 + i as u16)));
         frames.push(eth(gw, g, 0x0800, &echo(g1_ip, *ip, 200 + i as u16)));
-        frames.push(eth(*mac, g, 0x0800, &ipv4(g1_ip, *ip, 17, &udp(4000, 53, b"x"))));
+        frames.push(eth(
+            *mac,
+            g,
+            0x0800,
+            &ipv4(g1_ip, *ip, 17, &udp(4000, 53, b"x")),
+        ));
     }
     inject_g1(frames);
     for (_, ip) in targets {
-        assert!(!ping(&h1.guest, ip, 1), "guest reached {ip} outside the overlay");
+        assert!(
+            !ping(&h1.guest, ip, 1),
+            "guest reached {ip} outside the overlay"
+        );
     }
     std::thread::sleep(Duration::from_millis(500));
 
     // ---------------------------------------------------------------- verdicts
     let up = cap_up.finish();
-    assert!(!up.is_empty(), "uplink capture saw nothing (capture broken?)");
+    assert!(
+        !up.is_empty(),
+        "uplink capture saw nothing (capture broken?)"
+    );
     let local_port = h1.seller.local_addr().port();
+    let mut sent_udp = 0;
     for f in &up {
         let b = &f.bytes;
+        assert!(
+            b[6..12] != g.0 && b[0..6] != g.0,
+            "guest MAC on the seller uplink"
+        );
+        if let Some(src) = ipv4_src(b) {
+            assert!(
+                !(src.octets()[0] == 10 && src.octets()[1] == 77),
+                "overlay address {src} on the seller uplink"
+            );
+        }
+        // Incoming frames are other hosts' business (e.g. their ARP broadcasts);
+        // everything the seller sends must be the session or ARP for it.
+        if !f.outgoing {
+            continue;
+        }
         let et = u16::from_be_bytes([b[12], b[13]]);
         if et == 0x0806 {
-            let (spa, tpa) = (Ipv4Addr::new(b[28], b[29], b[30], b[31]), Ipv4Addr::new(b[38], b[39], b[40], b[41]));
+            let (spa, tpa) = (
+                Ipv4Addr::new(b[28], b[29], b[30], b[31]),
+                Ipv4Addr::new(b[38], b[39], b[40], b[41]),
+            );
             assert!(
-                (spa == s1_ip && tpa == b_ip) || (spa == b_ip && tpa == s1_ip),
-                "uplink ARP not between seller and buyer: {spa} -> {tpa}"
+                spa == s1_ip && tpa == b_ip,
+                "seller sent ARP other than for the buyer: {spa} -> {tpa}"
             );
             continue;
         }
-        assert!(et == 0x0800 && !f.vlan && b[23] == 17, "non-UDP frame on the seller uplink: {:02x?}", &b[..b.len().min(48)]);
+        assert!(
+            et == 0x0800 && !f.vlan && b[23] == 17,
+            "seller sent a non-UDP frame: {:02x?}",
+            &b[..b.len().min(48)]
+        );
         let ihl = (b[14] & 15) as usize * 4;
-        let (src, dst) = (Ipv4Addr::new(b[26], b[27], b[28], b[29]), Ipv4Addr::new(b[30], b[31], b[32], b[33]));
+        let (src, dst) = (
+            Ipv4Addr::new(b[26], b[27], b[28], b[29]),
+            Ipv4Addr::new(b[30], b[31], b[32], b[33]),
+        );
         let sport = u16::from_be_bytes([b[14 + ihl], b[15 + ihl]]);
         let dport = u16::from_be_bytes([b[16 + ihl], b[17 + ihl]]);
-        let ok = (src == s1_ip && sport == local_port && dst == b_ip && dport == BUYER_PORT)
-            || (src == b_ip && sport == BUYER_PORT && dst == s1_ip && dport == local_port);
-        assert!(ok, "uplink UDP not between the session endpoints: {src}:{sport} -> {dst}:{dport}");
+        assert!(
+            src == s1_ip && sport == local_port && dst == b_ip && dport == BUYER_PORT,
+            "seller sent UDP other than to the buyer's endpoint: {src}:{sport} -> {dst}:{dport}"
+        );
+        sent_udp += 1;
     }
-    for (name, cap) in [("seller LAN interface", cap_lan_if), ("LAN host", cap_lan), ("internet host", cap_inet)] {
+    assert!(
+        sent_udp > 1000,
+        "uplink capture saw only {sent_udp} session datagrams"
+    );
+    for (name, cap) in [
+        ("seller LAN interface", cap_lan_if),
+        ("LAN host", cap_lan),
+        ("internet host", cap_inet),
+    ] {
         for f in cap.finish() {
             let b = &f.bytes;
-            assert!(b[6..12] != g.0 && b[0..6] != g.0, "{name} saw a frame from/to the guest MAC");
+            assert!(
+                b[6..12] != g.0 && b[0..6] != g.0,
+                "{name} saw a frame from/to the guest MAC"
+            );
             if let Some(src) = ipv4_src(b) {
-                assert!(!(src.octets()[0] == 10 && src.octets()[1] == 77), "{name} saw overlay address {src}");
+                assert!(
+                    !(src.octets()[0] == 10 && src.octets()[1] == 77),
+                    "{name} saw overlay address {src}"
+                );
             }
         }
     }
     let admitted = [g1_mac, g2_mac];
     let tap = cap_tap.finish();
-    assert!(tap.iter().any(|f| !f.outgoing), "tap capture saw no guest frames");
+    assert!(
+        tap.iter().any(|f| !f.outgoing),
+        "tap capture saw no guest frames"
+    );
     for f in tap.iter().filter(|f| !f.outgoing) {
         let b = &f.bytes;
         let src = MacAddr::from_slice(&b[6..12]).unwrap();
-        assert!(admitted.contains(&src), "buyer tap got a frame from unknown MAC {src}");
+        assert!(
+            admitted.contains(&src),
+            "buyer tap got a frame from unknown MAC {src}"
+        );
         assert!(!f.vlan, "buyer tap got a VLAN-tagged frame");
         assert!(f.len <= 1400 + 14, "buyer tap got a {}-byte frame", f.len);
         let et = u16::from_be_bytes([b[12], b[13]]);
-        assert!(et == 0x0800 || et == 0x0806, "buyer tap got EtherType {et:#06x}");
+        assert!(
+            et == 0x0800 || et == 0x0806,
+            "buyer tap got EtherType {et:#06x}"
+        );
         let ip_of = |m: MacAddr| if m == g1_mac { g1_ip } else { g2_ip };
         if et == 0x0800 {
             let s = ipv4_src(b).unwrap();
-            assert!(s == ip_of(src) || s == Ipv4Addr::UNSPECIFIED, "buyer tap got IPv4 source {s} from {src}");
+            assert!(
+                s == ip_of(src) || s == Ipv4Addr::UNSPECIFIED,
+                "buyer tap got IPv4 source {s} from {src}"
+            );
             let ihl = (b[14] & 15) as usize * 4;
             if b[23] == 17 {
                 let sport = u16::from_be_bytes([b[14 + ihl], b[15 + ihl]]);
@@ -240,12 +469,20 @@ fn overlay_netns_end_to_end_and_attacks() {
             }
         } else {
             assert_eq!(&b[22..28], &src.0, "ARP sender MAC");
-            assert_eq!(Ipv4Addr::new(b[28], b[29], b[30], b[31]), ip_of(src), "ARP sender IP");
+            assert_eq!(
+                Ipv4Addr::new(b[28], b[29], b[30], b[31]),
+                ip_of(src),
+                "ARP sender IP"
+            );
         }
     }
     // The buyer saw no session-level trouble from honest sellers.
     let bs = buyer.stats();
-    for r in [DropReason::Decrypt, DropReason::Replay, DropReason::SessionMacMismatch] {
+    for r in [
+        DropReason::Decrypt,
+        DropReason::Replay,
+        DropReason::SessionMacMismatch,
+    ] {
         assert_eq!(bs.total_drops().get(r), 0, "buyer drops {r:?}");
     }
     eprintln!("seller 1 drops: {:?}", h1.seller.stats().drops.to_map());

@@ -11,9 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
 use ::overlay::io::{self, shell, Buyer, BuyerIoConfig, NetNs, PacketPort, Seller};
 use ::overlay::{BuyerConfig, BuyerCore, GuestLease, Identity, MacAddr, SellerConfig, SellerCore};
+use anyhow::{bail, Context, Result};
 
 use crate::netns::{ip, veth, Netns};
 
@@ -34,8 +34,13 @@ pub fn scrub(names: &[&str]) {
 }
 
 /// Run `f` inside the named namespace on its own thread.
-pub fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> std::io::Result<T> + Send + 'static) -> Result<T> {
-    NetNs::open(ns)?.run(f).with_context(|| format!("in netns {ns}"))
+pub fn in_ns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> Result<T> {
+    NetNs::open(ns)?
+        .run(f)
+        .with_context(|| format!("in netns {ns}"))
 }
 
 /// One seller host with one guest.
@@ -101,7 +106,15 @@ pub fn start_seller(
     guest.ip(&["link", "set", &guest_if, "up"])?;
     let port = PacketPort::open_in(&lease, &lease_if)?;
     let lease_cfg = GuestLease::new(guest_mac, guest_ip, BUYER_MAC, BUYER_IP);
-    let core = SellerCore::new(seller_id, SellerConfig::new(buyer_key, buyer_addr, lease_cfg, std::time::SystemTime::now()))?;
+    let core = SellerCore::new(
+        seller_id,
+        SellerConfig::new(
+            buyer_key,
+            buyer_addr,
+            lease_cfg,
+            std::time::SystemTime::now(),
+        ),
+    )?;
     let udp = in_ns(host.name(), || {
         shell::bind_udp("0.0.0.0:0".parse().unwrap()).map_err(std::io::Error::other)
     })?;
@@ -132,7 +145,9 @@ pub fn dhcp(guest: &Netns, ifname: &str) -> Result<(Ipv4Addr, u32)> {
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
     let out = guest
         .command("busybox")
-        .args(["udhcpc", "-i", ifname, "-f", "-q", "-n", "-t", "8", "-T", "1", "-s"])
+        .args([
+            "udhcpc", "-i", ifname, "-f", "-q", "-n", "-t", "8", "-T", "1", "-s",
+        ])
         .arg(&script)
         .output()
         .context("running busybox udhcpc (apt-get install busybox-static)")?;
@@ -166,7 +181,15 @@ pub fn dhcp(guest: &Netns, ifname: &str) -> Result<(Ipv4Addr, u32)> {
 /// `ping -c n` from a namespace; true if all replies came back.
 pub fn ping(ns: &Netns, dst: Ipv4Addr, n: u32) -> bool {
     ns.command("ping")
-        .args(["-c", &n.to_string(), "-i", "0.2", "-W", "2", &dst.to_string()])
+        .args([
+            "-c",
+            &n.to_string(),
+            "-i",
+            "0.2",
+            "-W",
+            "2",
+            &dst.to_string(),
+        ])
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false)
@@ -186,12 +209,21 @@ pub fn wait_until(t: Duration, mut f: impl FnMut() -> bool) -> bool {
 
 /// Deterministic bytes for transfers.
 pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u32).wrapping_mul(2654435761).to_le_bytes()[1] ^ seed).collect()
+    (0..len)
+        .map(|i| (i as u32).wrapping_mul(2654435761).to_le_bytes()[1] ^ seed)
+        .collect()
 }
 
 /// TCP both ways between `server_ns` (listening on `server_ip:port`) and `client_ns`:
 /// the client sends `up` bytes, then the server sends `down` bytes. Both checked.
-pub fn tcp_both_ways(server_ns: &str, server_ip: Ipv4Addr, port: u16, client_ns: &str, up: usize, down: usize) -> Result<()> {
+pub fn tcp_both_ways(
+    server_ns: &str,
+    server_ip: Ipv4Addr,
+    port: u16,
+    client_ns: &str,
+    up: usize,
+    down: usize,
+) -> Result<()> {
     let listener = in_ns(server_ns, move || TcpListener::bind((server_ip, port)))?;
     let srv = std::thread::spawn(move || -> std::io::Result<Vec<u8>> {
         let (mut s, _) = listener.accept()?;
@@ -203,7 +235,10 @@ pub fn tcp_both_ways(server_ns: &str, server_ip: Ipv4Addr, port: u16, client_ns:
         Ok(got)
     });
     let got_down = in_ns(client_ns, move || {
-        let mut s = TcpStream::connect_timeout(&SocketAddr::from((server_ip, port)), Duration::from_secs(10))?;
+        let mut s = TcpStream::connect_timeout(
+            &SocketAddr::from((server_ip, port)),
+            Duration::from_secs(10),
+        )?;
         s.set_read_timeout(Some(Duration::from_secs(30)))?;
         s.write_all(&pattern(up, 1))?;
         s.shutdown(std::net::Shutdown::Write)?;
@@ -211,12 +246,17 @@ pub fn tcp_both_ways(server_ns: &str, server_ip: Ipv4Addr, port: u16, client_ns:
         s.read_to_end(&mut got)?;
         Ok(got)
     })?;
-    let got_up = srv.join().map_err(|_| anyhow::anyhow!("server panicked"))??;
+    let got_up = srv
+        .join()
+        .map_err(|_| anyhow::anyhow!("server panicked"))??;
     if got_up != pattern(up, 1) {
         bail!("upload corrupted or short: {} of {up} bytes", got_up.len());
     }
     if got_down != pattern(down, 2) {
-        bail!("download corrupted or short: {} of {down} bytes", got_down.len());
+        bail!(
+            "download corrupted or short: {} of {down} bytes",
+            got_down.len()
+        );
     }
     Ok(())
 }
@@ -227,7 +267,13 @@ fn raw_socket(ifname: &str, all_protocols: bool) -> std::io::Result<OwnedFd> {
     let idx = io::sys::if_index(ifname)?;
     let proto = if all_protocols { 0x0003u16.to_be() } else { 0 };
     // SAFETY: plain socket(2).
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto as i32) };
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            proto as i32,
+        )
+    };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -258,11 +304,22 @@ pub fn inject(ns: &str, ifname: &str, frames: Vec<Vec<u8>>) -> Result<usize> {
         let mut n = 0;
         for f in &frames {
             // SAFETY: send on a bound packet socket.
-            let r = unsafe { libc::send(fd.as_raw_fd(), f.as_ptr() as *const libc::c_void, f.len(), 0) };
+            let r = unsafe {
+                libc::send(
+                    fd.as_raw_fd(),
+                    f.as_ptr() as *const libc::c_void,
+                    f.len(),
+                    0,
+                )
+            };
             if r < 0 {
                 return Err(std::io::Error::new(
                     std::io::Error::last_os_error().kind(),
-                    format!("sending a {}-byte frame on {ifname}: {}", f.len(), std::io::Error::last_os_error()),
+                    format!(
+                        "sending a {}-byte frame on {ifname}: {}",
+                        f.len(),
+                        std::io::Error::last_os_error()
+                    ),
                 ));
             }
             n += 1;
@@ -289,12 +346,23 @@ pub struct Capture {
 }
 
 impl Capture {
+    /// Capture the first 256 bytes of every frame.
     pub fn start(ns: &str, ifname: &str) -> Result<Capture> {
+        Capture::start_with(ns, ifname, 256)
+    }
+
+    /// Capture the first `keep` bytes of every frame.
+    pub fn start_with(ns: &str, ifname: &str, keep: usize) -> Result<Capture> {
         let n = ifname.to_string();
         let fd = in_ns(ns, move || {
             let fd = raw_socket(&n, true)?;
             let one: libc::c_int = 1;
-            io::sys::setsockopt(fd.as_raw_fd(), libc::SOL_PACKET, io::sys::PACKET_AUXDATA, &one)?;
+            io::sys::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_PACKET,
+                io::sys::PACKET_AUXDATA,
+                &one,
+            )?;
             io::sys::set_recv_timeout(fd.as_raw_fd(), 50)?;
             io::sys::set_socket_buffers(fd.as_raw_fd(), 32 << 20);
             Ok(fd)
@@ -328,7 +396,9 @@ impl Capture {
                 unsafe {
                     let mut c = libc::CMSG_FIRSTHDR(&mh);
                     while !c.is_null() {
-                        if (*c).cmsg_level == libc::SOL_PACKET && (*c).cmsg_type == io::sys::PACKET_AUXDATA {
+                        if (*c).cmsg_level == libc::SOL_PACKET
+                            && (*c).cmsg_type == io::sys::PACKET_AUXDATA
+                        {
                             let mut a = io::sys::TpacketAuxdata::default();
                             std::ptr::copy_nonoverlapping(
                                 libc::CMSG_DATA(c),
@@ -340,7 +410,7 @@ impl Capture {
                         c = libc::CMSG_NXTHDR(&mh, c);
                     }
                 }
-                let keep = len.min(buf.len()).min(256);
+                let keep = len.min(buf.len()).min(keep);
                 f2.lock().unwrap().push(Captured {
                     outgoing: sll.sll_pkttype == libc::PACKET_OUTGOING as u8,
                     len,
@@ -508,4 +578,19 @@ pub fn underlay(bridge_ns: &Netns, hosts: &[(&Netns, &str, Ipv4Addr)], prefix: &
         bridge_ns.ip(&["link", "set", &port, "master", "br0"])?;
     }
     Ok(())
+}
+
+/// The UDP payload of a captured IPv4 frame with destination port `dport`.
+pub fn udp_payload_to(f: &Captured, dport: u16) -> Option<Vec<u8>> {
+    let b = &f.bytes;
+    if b.len() < 34 || b[12..14] != [8, 0] || b[23] != 17 {
+        return None;
+    }
+    let ihl = (b[14] & 15) as usize * 4;
+    let u = 14 + ihl;
+    if b.len() < u + 8 || u16::from_be_bytes([b[u + 2], b[u + 3]]) != dport {
+        return None;
+    }
+    let ulen = u16::from_be_bytes([b[u + 4], b[u + 5]]) as usize;
+    (ulen >= 8 && b.len() >= u + ulen && f.len == b.len()).then(|| b[u + 8..u + ulen].to_vec())
 }
