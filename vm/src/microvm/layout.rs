@@ -55,6 +55,14 @@ pub const I8042_CMD: u16 = 0x64;
 pub const ACPI_SLEEP_CTL: u16 = 0x3c0;
 pub const ACPI_SLEEP_STS: u16 = 0x3c1;
 
+// Fixed boot tables sit below the kernel and do not overlap each other.
+const _: () = {
+    assert!(ZERO_PAGE + 4096 <= BOOT_STACK);
+    assert!(PD_ADDR + 4 * 4096 <= CMDLINE_ADDR);
+    assert!(PVH_MEMMAP < ZERO_PAGE);
+    assert!(CMDLINE_ADDR + CMDLINE_MAX as u64 <= EBDA_START);
+};
+
 /// Guest RAM ranges for `mem_bytes` of memory.
 pub fn ram_ranges(mem_bytes: u64) -> Vec<(u64, u64)> {
     if mem_bytes <= MMIO_START {
@@ -80,10 +88,6 @@ mod tests {
             ram_ranges(4 << 30),
             vec![(0, MMIO_START), (FOUR_GIB, (4u64 << 30) - MMIO_START)]
         );
-        // Fixed tables must sit below the kernel and not overlap each other.
-        assert!(ZERO_PAGE + 4096 <= BOOT_STACK);
-        assert!(PD_ADDR + 4 * 4096 <= CMDLINE_ADDR);
-        assert!(PVH_MEMMAP < ZERO_PAGE);
         assert!(virtio_mmio_addr(MAX_VIRTIO_DEVICES) < IOAPIC_ADDR);
     }
 }

@@ -658,6 +658,8 @@ fn vcpu_loop(id: usize, mut vcpu: VcpuFd, bus: Arc<Bus>, shared: Arc<Shared>) {
         libc::sigaddset(&mut set, kick_signal());
         libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
     }
+    // CPUSHARE_MICROVM_TRACE=1: print where each vCPU is at every kick (diagnosis).
+    let trace = std::env::var_os("CPUSHARE_MICROVM_TRACE").is_some();
     if let Err(e) = seccomp::apply(ThreadKind::Vcpu) {
         shared.finish(GuestExit::Crashed(e));
         KVM_RUN_PTR.with(|c| c.set(std::ptr::null_mut()));
@@ -668,6 +670,17 @@ fn vcpu_loop(id: usize, mut vcpu: VcpuFd, bus: Arc<Bus>, shared: Arc<Shared>) {
             Ok(exit) => handle_exit(exit, &bus),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 vcpu.set_kvm_immediate_exit(0);
+                if trace {
+                    if let Ok(r) = vcpu.get_regs() {
+                        eprintln!(
+                            "microvm vcpu{id}: rip={:#x} rsp={:#x} rflags={:#x} mp={:?}",
+                            r.rip,
+                            r.rsp,
+                            r.rflags,
+                            vcpu.get_mp_state().map(|m| m.mp_state)
+                        );
+                    }
+                }
                 check_halted(id, &vcpu, &shared);
                 None
             }
