@@ -15,6 +15,8 @@ pub mod dhcp;
 pub mod error;
 pub mod eth;
 pub mod filter;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod identity;
 pub mod io;
 pub mod ratelimit;

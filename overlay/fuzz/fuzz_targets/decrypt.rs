@@ -1,0 +1,6 @@
+//! Decryption and handshake processing (`handle_udp`) on arbitrary and mutated datagrams.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    overlay::fuzzing::decrypt_case(data);
+});

@@ -1,0 +1,6 @@
+//! The seller's egress filter / ingress check and the DHCP parser on arbitrary frames.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    overlay::fuzzing::filter_case(data);
+});
