@@ -147,7 +147,6 @@ case "$1" in
         [ -n "$mtu" ] && ip link set "$interface" mtu "$mtu"
         [ -n "$router" ] && ip route add default via "${router%% *}" dev "$interface"
         echo "$ip" >/run/cs-ip
-        echo "cs-dhcp: $ip"
         ;;
 esac
 exit 0
@@ -184,8 +183,8 @@ fi
 ip link set lo up
 if ! flag cs.nonet && [ -d /sys/class/net/eth0 ]; then
     ip link set eth0 up
-    udhcpc -i eth0 -q -n -t 10 -T 1 -s /usr/share/udhcpc/default.script >/dev/null 2>&1 \
-        || echo "cs-dhcp: failed"
+    udhcpc -i eth0 -q -n -t 10 -T 1 -s /usr/share/udhcpc/default.script >/dev/null 2>&1
+    if [ -s /run/cs-ip ]; then echo "cs-dhcp: $(cat /run/cs-ip)"; else echo "cs-dhcp: failed"; fi
 fi
 run="$(arg cs.run64 | base64 -d 2>/dev/null)"
 [ -z "$run" ] && run="$(arg cs.run)"

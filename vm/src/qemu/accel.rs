@@ -97,10 +97,18 @@ pub fn choose(binary: &Path, policy: AccelPolicy) -> Result<AccelChoice> {
                     "KVM works: /dev/kvm opens, qemu initialises KVM, and the instruction probe ran"
                         .into(),
             },
-            Err(e) => AccelChoice {
-                accel: Accel::Tcg,
-                reason: format!("using TCG (slower) because {e}"),
-            },
+            Err(e) => {
+                let why = match e {
+                    Error::KvmUnusable { reason } => {
+                        format!("KVM cannot run Linux guests here: {reason}")
+                    }
+                    other => other.to_string(),
+                };
+                AccelChoice {
+                    accel: Accel::Tcg,
+                    reason: format!("using TCG (slower): {why}"),
+                }
+            }
         }),
     }
 }
@@ -116,8 +124,12 @@ fn kvm_usable(binary: &Path) -> Result<()> {
     let result = g
         .entry(binary.to_path_buf())
         .or_insert_with(|| {
-            qemu_initialises_kvm(binary).map_err(|e| e.to_string())?;
-            crate::kvm_probe::linux_instructions().map_err(|e| e.to_string())
+            let reason = |e: Error| match e {
+                Error::KvmUnusable { reason } => reason,
+                other => other.to_string(),
+            };
+            qemu_initialises_kvm(binary).map_err(reason)?;
+            crate::kvm_probe::linux_instructions().map_err(reason)
         })
         .clone();
     result.map_err(|reason| Error::KvmUnusable { reason })

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 pub use accel::{Accel, AccelChoice, AccelPolicy};
 
 use crate::backend::{
-    Backend, BackendKind, Guest, GuestExit, GuestSpec, GuestState, Probe, SerialFanout, Tap,
+    Backend, BackendKind, Boot, Guest, GuestExit, GuestSpec, GuestState, Probe, SerialFanout, Tap,
 };
 use crate::error::{Error, Result};
 
@@ -81,12 +81,17 @@ impl Qemu {
     }
 
     /// Like [`Backend::start`], returning the concrete handle.
-    pub fn start_guest(&self, spec: GuestSpec) -> Result<QemuGuest> {
+    pub fn start_guest(&self, mut spec: GuestSpec) -> Result<QemuGuest> {
         spec.validate()?;
         let binary = self.binary()?;
         let accel = accel::choose(&binary, self.config.accel)?;
         let span = tracing::info_span!("qemu", guest = %spec.name, accel = %accel.accel);
         let _enter = span.enter();
+        if accel.accel == Accel::Tcg {
+            if let Boot::Direct { cmdline, .. } = &mut spec.boot {
+                add_tsc_hint(cmdline);
+            }
+        }
         tracing::info!(reason = %accel.reason, boot = spec.boot.kind(), "starting qemu");
         start(&binary, &self.config, accel, spec)
     }
@@ -113,6 +118,46 @@ impl Backend for Qemu {
     fn start(&self, spec: GuestSpec) -> Result<Box<dyn Guest>> {
         Ok(Box::new(self.start_guest(spec)?))
     }
+}
+
+/// Under TCG the `microvm` machine gives Linux no clock to calibrate the TSC against
+/// (no HPET, no ACPI PM timer) and PIT calibration fails on a loaded host, after which
+/// the kernel hangs early in boot. TCG's guest TSC ticks at the host TSC's rate, so we
+/// tell the kernel that rate (`tsc_early_khz`, ignored by non-Linux kernels) unless
+/// the command line already sets it.
+fn add_tsc_hint(cmdline: &mut String) {
+    if cmdline.contains("tsc_early_khz=") {
+        return;
+    }
+    if let Some(khz) = host_tsc_khz() {
+        if !cmdline.is_empty() {
+            cmdline.push(' ');
+        }
+        cmdline.push_str(&format!("tsc_early_khz={khz}"));
+    }
+}
+
+/// The host TSC's rate, measured once against the monotonic clock (20 ms).
+pub fn host_tsc_khz() -> Option<u64> {
+    static KHZ: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *KHZ.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: rdtsc has no preconditions on x86_64.
+            let t0 = unsafe { std::arch::x86_64::_rdtsc() };
+            let i0 = Instant::now();
+            std::thread::sleep(Duration::from_millis(20));
+            // SAFETY: as above.
+            let t1 = unsafe { std::arch::x86_64::_rdtsc() };
+            let ns = i0.elapsed().as_nanos() as u64;
+            let khz = (t1.wrapping_sub(t0) as u128 * 1_000_000 / ns.max(1) as u128) as u64;
+            (100_000..20_000_000).contains(&khz).then_some(khz)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            None
+        }
+    })
 }
 
 /// Resolves a binary name through PATH.
@@ -360,6 +405,10 @@ fn start(
     let grace = spec.shutdown_grace;
     let startup_timeout = cfg.startup_timeout;
     let name = spec.name.clone();
+    let kernel = match &spec.boot {
+        Boot::Direct { kernel, .. } => Some(kernel.clone()),
+        _ => None,
+    };
 
     let sup_shared = shared.clone();
     let sup_fanout = fanout.clone();
@@ -393,6 +442,7 @@ fn start(
                     grace,
                     startup_timeout,
                     name,
+                    kernel,
                 },
             );
         })
@@ -438,6 +488,8 @@ struct Supervision {
     grace: Duration,
     startup_timeout: Duration,
     name: String,
+    /// The direct-boot kernel, for error messages.
+    kernel: Option<PathBuf>,
 }
 
 /// Runs in the thread that spawned qemu, until qemu has been reaped.
@@ -500,7 +552,7 @@ fn supervise(mut child: std::process::Child, s: Supervision) {
         }
         let _ = serial_thread.join();
         s.fanout.close();
-        let err = startup_error(&stderr_text(), &why, status.ok());
+        let err = startup_error(&stderr_text(), &why, status.ok(), s.kernel.as_deref());
         {
             let mut g = s.shared.lock();
             g.state = GuestState::Exited(GuestExit::Crashed(err.to_string()));
@@ -629,20 +681,29 @@ fn last_line(s: &str) -> &str {
 }
 
 /// Turns qemu's startup complaint into the most specific error.
-fn startup_error(stderr: &str, why: &str, status: Option<std::process::ExitStatus>) -> Error {
+fn startup_error(
+    stderr: &str,
+    why: &str,
+    status: Option<std::process::ExitStatus>,
+    kernel: Option<&Path>,
+) -> Error {
     let msg = if stderr.is_empty() {
         why.to_string()
     } else {
         last_line(stderr).to_string()
     };
     let lower = stderr.to_ascii_lowercase();
-    if lower.contains("kernel")
-        && (lower.contains("load") || lower.contains("too old") || lower.contains("pvh"))
-    {
-        return Error::KernelNotBootable {
-            path: PathBuf::from("(qemu -kernel)"),
-            reason: msg,
-        };
+    let about_kernel = lower.contains("kernel") && !lower.contains("ram disk");
+    if let (true, Some(path)) = (about_kernel, kernel) {
+        if ["load", "too old", "pvh", "invalid", "header"]
+            .iter()
+            .any(|w| lower.contains(w))
+        {
+            return Error::KernelNotBootable {
+                path: path.to_path_buf(),
+                reason: msg,
+            };
+        }
     }
     if lower.contains("kvm")
         && (lower.contains("failed to initialize") || lower.contains("could not access"))
@@ -653,5 +714,27 @@ fn startup_error(stderr: &str, why: &str, status: Option<std::process::ExitStatu
     Error::VmmFailed {
         backend: "qemu",
         message: format!("{msg}{status}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tsc_hint_is_added_once_and_plausible() {
+        let mut c = String::from("console=ttyS0");
+        add_tsc_hint(&mut c);
+        let khz = host_tsc_khz().expect("x86_64 host has a TSC");
+        assert_eq!(c, format!("console=ttyS0 tsc_early_khz={khz}"));
+        add_tsc_hint(&mut c);
+        assert_eq!(c.matches("tsc_early_khz").count(), 1);
+    }
+
+    #[test]
+    fn missing_binary_is_a_clear_error() {
+        let e = find_binary(Path::new("cvq-no-such-qemu")).unwrap_err();
+        assert!(matches!(e, Error::QemuMissing { .. }));
+        assert!(e.to_string().contains("apt-get install qemu-system-x86"));
     }
 }
