@@ -1,7 +1,8 @@
 //! Picking the best backend this host can run a guest with, and saying why.
 
-use crate::backend::{Backend, BackendKind, GuestSpec};
+use crate::backend::{Backend, BackendKind, Guest, GuestSpec, Probe};
 use crate::error::{Error, Result};
+use crate::qemu::{AccelPolicy, Qemu, QemuConfig};
 
 /// The backend picked for a guest, with the reasons for the pick and for every backend
 /// passed over, in preference order.
@@ -58,12 +59,97 @@ pub fn choose(spec: &GuestSpec, candidates: Vec<Box<dyn Backend>>) -> Result<Cho
     })
 }
 
-/// The backends this crate has, most preferred first.
+/// The microvm, admitted for a direct (Linux) boot only where KVM also passes the
+/// Linux instruction probe ([`crate::kvm_probe`]): a KVM that runs tiny guests but
+/// cannot emulate what Linux does would otherwise be picked and fail tens of seconds
+/// into the boot.
+struct MicrovmForLinux(crate::microvm::Microvm);
+
+impl Backend for MicrovmForLinux {
+    fn kind(&self) -> BackendKind {
+        self.0.kind()
+    }
+
+    fn probe(&self, spec: &GuestSpec) -> Probe {
+        let p = self.0.probe(spec);
+        if !p.usable {
+            return p;
+        }
+        match crate::kvm_probe::linux_instructions() {
+            Ok(()) => p,
+            Err(Error::KvmUnusable { reason }) => Probe {
+                usable: false,
+                reason: format!("KVM cannot run Linux here: {reason}"),
+            },
+            Err(e) => Probe {
+                usable: false,
+                reason: e.to_string(),
+            },
+        }
+    }
+
+    fn start(&self, spec: GuestSpec) -> Result<Box<dyn Guest>> {
+        self.0.start(spec)
+    }
+}
+
+/// The backends this crate has, most preferred first: the microvm (KVM, direct boot),
+/// then qemu configured by `qemu`.
+pub fn backends_with(qemu: QemuConfig) -> Vec<Box<dyn Backend>> {
+    let mut v: Vec<Box<dyn Backend>> = Vec::new();
+    // TCG forced means "no KVM": the microvm is KVM only.
+    if qemu.accel != AccelPolicy::Tcg {
+        v.push(Box::new(MicrovmForLinux(crate::microvm::Microvm::new())));
+    }
+    v.push(Box::new(Qemu::new(qemu)));
+    v
+}
+
+/// The backends with default settings, most preferred first.
 pub fn default_backends() -> Vec<Box<dyn Backend>> {
-    Vec::new()
+    backends_with(QemuConfig::default())
 }
 
 /// Picks the best backend for `spec` on this host.
 pub fn auto(spec: &GuestSpec) -> Result<Choice> {
     choose(spec, default_backends())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Boot;
+
+    #[test]
+    fn firmware_boot_never_picks_the_microvm_and_says_why() {
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(1 << 20).unwrap();
+        let mut spec = GuestSpec::new("t", Boot::Disk);
+        spec.disk = Some(crate::backend::DiskSpec::new(file));
+        match auto(&spec) {
+            Ok(choice) => {
+                assert_eq!(choice.backend.kind(), BackendKind::Qemu);
+                assert!(
+                    choice.explain().contains("not microvm"),
+                    "{}",
+                    choice.explain()
+                );
+            }
+            // No qemu on this host: the error names both backends.
+            Err(Error::NoBackend { reasons }) => {
+                assert_eq!(reasons.len(), 2, "{reasons:?}");
+            }
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+
+    #[test]
+    fn forced_tcg_leaves_only_qemu() {
+        let v = backends_with(QemuConfig {
+            accel: AccelPolicy::Tcg,
+            ..QemuConfig::default()
+        });
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0].kind(), BackendKind::Qemu);
+    }
 }
