@@ -99,6 +99,10 @@ pub enum Command {
     #[command(subcommand)]
     Image(ImageCommand),
 
+    /// The L2 overlay: admit guests (buyer), attach guest ports (seller), list sessions.
+    #[command(subcommand)]
+    Overlay(crate::overlay_service::OverlayCommand),
+
     /// Show the daemon's peer id, addresses, peers, transfer counters and store.
     Status {
         /// Print machine-readable JSON.

@@ -73,6 +73,7 @@ async fn run_async(settings: Settings, role: Role) -> Result<()> {
         });
     }
     image_service::register(&mut router, node.clone());
+    crate::overlay_service::register(&mut router, node.clone());
     crate::p2p::start(node.clone(), &mut router)?;
 
     let router = Arc::new(router);

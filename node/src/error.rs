@@ -29,6 +29,9 @@ pub enum Error {
     #[error(transparent)]
     Chunks(#[from] chunks::Error),
 
+    #[error(transparent)]
+    Overlay(#[from] overlay::Error),
+
     #[error("control socket protocol error: {0}")]
     Control(String),
 

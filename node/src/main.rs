@@ -9,6 +9,7 @@ mod identity;
 mod image_cmd;
 mod image_service;
 mod logging;
+mod overlay_service;
 mod p2p;
 mod progress;
 mod status_cmd;
@@ -47,6 +48,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Some(Command::Image(cmd)) => image_cmd::run(&settings, cmd),
+        Some(Command::Overlay(cmd)) => overlay_service::run_cli(&settings, cmd),
         Some(Command::Status { json }) => status_cmd::run(&settings, json),
         Some(Command::Id) => {
             let id = identity::Identity::load_or_create(&settings.identity_file())?;

@@ -1,0 +1,179 @@
+#!/usr/bin/env bash
+# Overlay benchmark: cpushare's overlay vs the reference VPNs, side by side in one run.
+#
+# Each rep runs ../shared-style anchors (plain veth, OpenVPN tap AES-256-GCM, tinc
+# switch mode, unencrypted vde2, boringtun) through overlay-anchors.sh, then cpushare
+# in the same two-host topology:
+#
+#   netns covba ("buyer")  10.202.9.1/24 <-- veth --> 10.202.9.2/24  netns covbb ("seller")
+#   covba: cpushare-node --role buyer; overlay switch, tap csovl0 = 10.77.0.1/16
+#   covbb: cpushare-node --role seller; guest port = veth end in lease netns covbl
+#   guest: netns covbg, veth covbgv (MAC/IP from the lease, address by DHCP via busybox udhcpc)
+#   iperf3 client in the guest -> server on the buyer (TCP, DUR s, -P 1 and -P 4); ping guest -> buyer.
+#
+# Usage (root):  scripts/bench-overlay.sh              # REPS=3 DUR=10, all anchors
+#   INSTALL=1 scripts/bench-overlay.sh                  # apt-get the VPNs/iperf3/busybox, cargo install boringtun-cli
+#   REPS=1 DUR=5 ANCHORS="veth vde-udp" scripts/bench-overlay.sh
+#   PERF=1 ...                                          # also perf-record both nodes during one -P 1 run
+# Output: a Markdown table (medians) with ratios; raw data under $WORK (default /tmp/cov-bench).
+set -u
+export LC_ALL=C
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+ANCHOR_SCRIPT=${ANCHOR_SCRIPT:-$ROOT/../shared/bench/overlay-anchors.sh}
+[ -x "$ANCHOR_SCRIPT" ] || ANCHOR_SCRIPT=/work/shared/bench/overlay-anchors.sh
+WORK=${WORK:-/tmp/cov-bench}
+REPS=${REPS:-3}
+DUR=${DUR:-10}
+PINGS=${PINGS:-50}
+ANCHORS=${ANCHORS-"veth ovpn-aes256gcm tinc-aes256cbc vde-udp boringtun"}
+NODE=${NODE:-$ROOT/target/release/cpushare-node}
+UA=10.202.9.1 UB=10.202.9.2 OA=10.77.0.1
+GMAC=52:54:00:77:09:02 GIP=10.77.0.2
+HZ=$(getconf CLK_TCK)
+
+log() { echo "[$(date +%T)] $*" >&2; }
+die() { log "FATAL: $*"; exit 1; }
+[ "$(id -u)" = 0 ] || die "must run as root"
+
+if [ "${INSTALL:-0}" = 1 ]; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends busybox-static iperf3 jq >&2 || die "apt-get failed"
+  INSTALL=1 CONFIGS=veth REPS=1 DUR=1 SAVE=0 WORK=$WORK/install "$ANCHOR_SCRIPT" >/dev/null || log "anchor install step reported a problem"
+fi
+for t in ip iperf3 ping jq busybox; do command -v $t >/dev/null || die "missing $t (try INSTALL=1)"; done
+if [ "${BUILD:-1}" = 1 ]; then
+  (cd "$ROOT" && cargo build --release -p node >&2) || die "cargo build --release -p node failed"
+fi
+[ -x "$NODE" ] || die "no node binary at $NODE"
+
+rm -rf "$WORK"; mkdir -p "$WORK"
+RAW=$WORK/raw.tsv
+printf 'cfg\trep\tp1_mbps\tp1_retr\tp4_mbps\tp4_retr\trtt_min_ms\trtt_avg_ms\tloss_pct\tp1_daemon_cpu\tp1_sys_cpu\tp4_daemon_cpu\tp4_sys_cpu\tnote\tp1_bg_cpu\tp4_bg_cpu\tip_frags\n' > "$RAW"
+
+NSS="covba covbb covbl covbg"
+PIDS=()
+tree() { local p=$1 c; [ -d /proc/$p ] || return 0; echo "$p"
+  for c in $(cat /proc/$p/task/*/children 2>/dev/null); do tree "$c"; done; }
+ticks() { local t=0 p v; for p in $(for r in "$@"; do tree "$r"; done); do
+    v=$(sed 's/^.*) //' /proc/$p/stat 2>/dev/null | awk '{print $12+$13}'); t=$((t + ${v:-0})); done; echo $t; }
+sysbusy() { awk '/^cpu /{print $2+$3+$4+$7+$8+$9}' /proc/stat; }
+teardown() {
+  local p
+  for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null; done
+  sleep 0.5
+  for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null; done
+  wait 2>/dev/null; PIDS=()
+  for ns in $NSS; do ip netns del $ns 2>/dev/null; done
+  return 0
+}
+trap teardown EXIT
+trap 'exit 130' INT TERM
+wait_for() { local end=$(( $(date +%s) + $1 )); shift
+  while [ "$(date +%s)" -lt $end ]; do "$@" >/dev/null 2>&1 && return 0; sleep 0.2; done; return 1; }
+
+setup_cpushare() {
+  teardown
+  for ns in covba covbb covbg; do ip netns add $ns || return 1; ip -n $ns link set lo up; done
+  ip link add covbva netns covba type veth peer name covbvb netns covbb || return 1
+  ip -n covba addr add $UA/24 dev covbva; ip -n covbb addr add $UB/24 dev covbvb
+  ip -n covba link set covbva up; ip -n covbb link set covbvb up
+  local d=$WORK/node; rm -rf $d; mkdir -p $d/a $d/b
+  ip netns exec covba "$NODE" --role buyer --data-dir $d/a --listen /ip4/127.0.0.1/tcp/0 >$WORK/buyer.log 2>&1 </dev/null &
+  PIDS+=($!)
+  ip netns exec covbb "$NODE" --role seller --data-dir $d/b --listen /ip4/127.0.0.1/tcp/0 >$WORK/seller.log 2>&1 </dev/null &
+  PIDS+=($!)
+  wait_for 20 test -S $d/a/control.sock && wait_for 20 test -S $d/b/control.sock || { log "nodes did not start"; return 1; }
+  local skey bkey
+  skey=$("$NODE" --data-dir $d/b id | awk '/public key/{print $3}')
+  bkey=$("$NODE" --data-dir $d/a id | awk '/public key/{print $3}')
+  "$NODE" --data-dir $d/a overlay admit --key "$skey" --mac $GMAC --ip $GIP --listen 0.0.0.0:7451 >&2 || return 1
+  # The lease namespace with the guest's veth end; the seller opens its guest port there.
+  ip netns add covbl || return 1
+  ip link add covbgv netns covbg type veth peer name covblv netns covbl || return 1
+  ip -n covbl link set covblv mtu 9000
+  ip -n covbg link set covbgv address $GMAC
+  ip -n covbg link set covbgv up
+  "$NODE" --data-dir $d/b overlay attach --netns covbl --iface covblv --buyer $UA:7451 --buyer-key "$bkey" \
+    --mac $GMAC --ip $GIP >&2 || return 1
+  printf '#!/bin/sh\ncase "$1" in bound|renew) ip addr flush dev "$interface"; ip addr add "$ip/$mask" dev "$interface"; [ -n "$mtu" ] && ip link set "$interface" mtu "$mtu";; esac\nexit 0\n' > $WORK/udhcpc.sh
+  chmod +x $WORK/udhcpc.sh
+  ip netns exec covbg busybox udhcpc -i covbgv -f -q -n -t 10 -T 1 -s $WORK/udhcpc.sh >&2 || { log "guest got no DHCP lease"; return 1; }
+  ip netns exec covba iperf3 -s -B $OA >$WORK/iperf-srv.log 2>&1 </dev/null &
+  PIDS+=($!)
+  sleep 0.5
+}
+
+QUIET_PCT=${QUIET_PCT:-15} QUIET_MAX=${QUIET_MAX:-60}   # same idle gate as overlay-anchors.sh
+NCPU=$(nproc)
+quiet_gate() { local end=$(( $(date +%s) + QUIET_MAX )) s0 s1 b
+  while :; do s0=$(sysbusy); sleep 1; s1=$(sysbusy); b=$(( (s1 - s0) * 100 / HZ ))
+    [ "$b" -le "$QUIET_PCT" ] && break; [ "$(date +%s)" -ge $end ] && break; done; echo $b; }
+iperf_run() { # P tag -> "mbps retr daemon_cpu% sys_cpu%"
+  local P=$1 f=$WORK/iperf-$2.json c0 c1 s0 s1 t0 t1
+  quiet_gate >/dev/null
+  c0=$(ticks "${PIDS[@]:0:2}"); s0=$(sysbusy); t0=$(date +%s%N)
+  ip netns exec covbg timeout $((DUR + 30)) iperf3 -c $OA -t $DUR -P $P -J > $f 2>&1
+  c1=$(ticks "${PIDS[@]:0:2}"); s1=$(sysbusy); t1=$(date +%s%N)
+  local mbps retr
+  mbps=$(jq -r '.end.sum_received.bits_per_second / 1e6 | . * 10 | round / 10' $f 2>/dev/null)
+  retr=$(jq -r '.end.sum_sent.retransmits' $f 2>/dev/null)
+  awk -v m="${mbps:-NA}" -v r="${retr:-NA}" -v c=$((c1 - c0)) -v s=$((s1 - s0)) -v dt=$((t1 - t0)) -v hz=$HZ \
+    'BEGIN{ if (m=="" || m=="null") m="NA"; if (r=="" || r=="null") r="NA"; sec=dt/1e9;
+            printf "%s %s %.0f %.0f\n", m, r, 100*c/hz/sec, 100*s/hz/sec }'
+}
+
+measure_cpushare() { # rep
+  local rep=$1
+  if ! setup_cpushare; then
+    log "cpushare rep$rep: setup failed (see $WORK/*.log)"
+    printf 'cpushare\t%s\tNA\tNA\tNA\tNA\tNA\tNA\tNA\t-\t-\t-\t-\tSETUP FAILED\t-\t-\t-\n' $rep >> "$RAW"; return 1
+  fi
+  wait_for 20 ip netns exec covbg ping -c1 -W1 $OA || log "cpushare rep$rep: overlay never came up"
+  sleep 1
+  ip netns exec covbg timeout 20 iperf3 -c $OA -t 2 >/dev/null 2>&1
+  local pr rmin ravg loss r1 r4
+  pr=$(ip netns exec covbg timeout 30 ping -q -c $PINGS -i 0.05 -W 1 $OA 2>&1)
+  rmin=$(echo "$pr" | awk -F'[/ ]' '/^rtt/{print $7}'); ravg=$(echo "$pr" | awk -F'[/ ]' '/^rtt/{print $8}')
+  loss=$(echo "$pr" | grep -o '[0-9.]*% packet loss' | cut -d% -f1)
+  if [ "${PERF:-0}" = 1 ] && [ "$rep" = 1 ] && command -v perf >/dev/null; then
+    perf record -F 999 -g -o $WORK/perf.data -p "$(echo ${PIDS[@]:0:2} | tr ' ' ,)" -- sleep $((DUR - 1)) >/dev/null 2>&1 &
+    local perfpid=$!
+  fi
+  r1=$(iperf_run 1 cpushare-$rep-P1)
+  if [ -n "${perfpid:-}" ]; then wait $perfpid; perf report -i $WORK/perf.data --no-children --percent-limit 1.5 --stdio > $WORK/perf-report.txt 2>/dev/null; log "perf report: $WORK/perf-report.txt"; fi
+  r4=$(iperf_run 4 cpushare-$rep-P4)
+  local frag=0 ns v
+  for ns in covba covbb covbg; do v=$(ip netns exec $ns awk '/^Ip:/{if(!h){for(i=1;i<=NF;i++)if($i=="FragCreates")c=i;h=1}else print $c}' /proc/net/snmp); frag=$((frag + ${v:-0})); done
+  set -- $r1 $r4
+  printf 'cpushare\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t-\t-\t%s\n' $rep $1 $2 $5 $6 "${rmin:-NA}" "${ravg:-NA}" "${loss:-NA}" \
+    $3 $4 $7 $8 "Noise IK + ChaCha20-Poly1305, guest behind veth + AF_PACKET lease port, DHCP MTU" $frag >> "$RAW"
+  log "cpushare rep$rep: P1 $1 Mbit/s (retr $2, nodes ${3}%)  P4 $5 Mbit/s  rtt avg ${ravg:-NA} ms"
+  mkdir -p $WORK/logs/cpushare-$rep; cp $WORK/*.log $WORK/logs/cpushare-$rep/ 2>/dev/null
+  teardown
+}
+
+log "work dir $WORK; anchors: $ANCHORS; reps $REPS; dur ${DUR}s"
+for rep in $(seq $REPS); do
+  if [ -n "$ANCHORS" ]; then
+    CONFIGS="$ANCHORS" REPS=1 DUR=$DUR PINGS=$PINGS SAVE=0 WORK=$WORK/anchors-$rep "$ANCHOR_SCRIPT" >/dev/null \
+      || log "anchors rep$rep failed"
+    tail -n +2 $WORK/anchors-$rep/raw.tsv 2>/dev/null | awk -F'\t' -v OFS='\t' -v r=$rep '{$2=r; print}' >> "$RAW"
+  fi
+  measure_cpushare $rep
+done
+
+median() { grep -v -e '^NA$' -e '^-$' -e '^$' | sort -g | awk '{a[NR]=$1} END{ if (NR==0) print "NA"; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2 }'; }
+col() { awk -F'\t' -v c="$1" -v k="$2" 'NR>1 && $1==c {print $k}' "$RAW" | median; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (a=="NA" || b=="NA" || b==0) print "NA"; else printf "%.2f", a/b }'; }
+TABLE=$WORK/table.md
+{
+  echo "| config | TCP -P1 Mbit/s | TCP -P4 Mbit/s | RTT avg ms | RTT min ms | cpushare P1 / this | cpushare P4 / this | this RTT / cpushare RTT | daemon CPU % (P1 / P4) | n |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+  c1=$(col cpushare 3); c4=$(col cpushare 5); cr=$(col cpushare 8)
+  for cfg in cpushare $ANCHORS; do
+    p1=$(col $cfg 3); p4=$(col $cfg 5); ra=$(col $cfg 8)
+    n=$(awk -F'\t' -v c=$cfg 'NR>1 && $1==c && $3!="NA" {n++} END{print n+0}' "$RAW")
+    echo "| $cfg | $p1 | $p4 | $ra | $(col $cfg 7) | $(ratio $c1 $p1) | $(ratio $c4 $p4) | $(ratio $ra $cr) | $(col $cfg 10) / $(col $cfg 12) | $n |"
+  done
+} > $TABLE
+cat $TABLE
+log "raw: $RAW"
