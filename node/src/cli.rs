@@ -103,6 +103,10 @@ pub enum Command {
     #[command(subcommand)]
     Overlay(crate::overlay_service::OverlayCommand),
 
+    /// Run a guest here (from files or an image in the store) and print its console.
+    #[command(subcommand)]
+    Vm(crate::vm_cmd::VmCommand),
+
     /// Show the daemon's peer id, addresses, peers, transfer counters and store.
     Status {
         /// Print machine-readable JSON.

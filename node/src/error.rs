@@ -32,6 +32,9 @@ pub enum Error {
     #[error(transparent)]
     Overlay(#[from] overlay::Error),
 
+    #[error(transparent)]
+    Vm(#[from] vm::Error),
+
     #[error("control socket protocol error: {0}")]
     Control(String),
 

@@ -13,6 +13,7 @@ mod overlay_service;
 mod p2p;
 mod progress;
 mod status_cmd;
+mod vm_cmd;
 
 use std::process::ExitCode;
 
@@ -50,6 +51,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Some(Command::Image(cmd)) => image_cmd::run(&settings, cmd),
         Some(Command::Overlay(cmd)) => overlay_service::run_cli(&settings, cmd),
         Some(Command::Status { json }) => status_cmd::run(&settings, json),
+        Some(Command::Vm(cmd)) => vm_cmd::run(&settings, cmd),
         Some(Command::Id) => {
             let id = identity::Identity::load_or_create(&settings.identity_file())?;
             println!("peer id: {}", id.peer_id());

@@ -92,7 +92,7 @@ impl Qemu {
                 add_tsc_hint(cmdline);
             }
         }
-        tracing::info!(reason = %accel.reason, boot = spec.boot.kind(), "starting qemu");
+        tracing::debug!(reason = %accel.reason, boot = spec.boot.kind(), "starting qemu");
         start(&binary, &self.config, accel, spec)
     }
 }
@@ -583,7 +583,7 @@ fn supervise(mut child: std::process::Child, s: Supervision) {
             }
         }
     });
-    tracing::info!(pid, guest = %s.name, "qemu running");
+    tracing::debug!(pid, guest = %s.name, "qemu running");
     let _ = s.ready.send(Startup::Ready { pid });
 
     // Watch: wall-clock limit, stop requests, kill requests, exit.
@@ -639,7 +639,7 @@ fn supervise(mut child: std::process::Child, s: Supervision) {
         )),
         (None, _, Err(e)) => GuestExit::Crashed(format!("waiting for qemu: {e}")),
     };
-    tracing::info!(guest = %s.name, %exit, "qemu exited");
+    tracing::debug!(guest = %s.name, %exit, "qemu exited");
     g.state = GuestState::Exited(exit);
     drop(g);
     s.shared.cv.notify_all();
