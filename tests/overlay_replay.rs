@@ -46,7 +46,7 @@ fn replayed_capture_delivers_nothing_twice() {
     let sid = Identity::generate();
     buyer.admit(sid.public_key(), gmac, gip).unwrap();
 
-    let cap_wire = Capture::start_with("covrb", "covrbu", 4096).unwrap();
+    let cap_wire = Capture::start_with("covrb", "covrbu", 65600).unwrap();
     let cap_tap = Capture::start("covrb", "covrtap").unwrap();
     let h = start_seller(
         s,
@@ -112,7 +112,7 @@ fn replayed_capture_delivers_nothing_twice() {
         .finish()
         .iter()
         .filter(|f| !f.outgoing)
-        .filter_map(|f| udp_payload_to(f, BUYER_PORT))
+        .flat_map(|f| udp_payloads_to(f, BUYER_PORT))
         .collect();
     let data_msgs = wire
         .iter()

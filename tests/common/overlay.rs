@@ -336,6 +336,28 @@ pub struct Captured {
     pub bytes: Vec<u8>,
     /// The kernel had stripped an 802.1Q tag into metadata.
     pub vlan: bool,
+    /// virtio_net_hdr GSO type (0 none, 1 TCPv4, 5 UDP L4) and segment size.
+    pub gso_type: u8,
+    pub gso_size: usize,
+}
+
+impl Captured {
+    /// How many wire frames this capture stands for (GSO bursts count per segment).
+    pub fn wire_frames(&self) -> usize {
+        if self.gso_type == 0 || self.gso_size == 0 || self.bytes.len() < 34 {
+            return 1;
+        }
+        let ihl = (self.bytes[14] & 15) as usize * 4;
+        let l4h = if self.gso_type == 5 {
+            8
+        } else {
+            (self.bytes.get(14 + ihl + 12).copied().unwrap_or(0x50) >> 4) as usize * 4
+        };
+        self.len
+            .saturating_sub(14 + ihl + l4h)
+            .div_ceil(self.gso_size)
+            .max(1)
+    }
 }
 
 /// An AF_PACKET capture of every frame on one interface, both directions.
@@ -361,6 +383,13 @@ impl Capture {
                 fd.as_raw_fd(),
                 libc::SOL_PACKET,
                 io::sys::PACKET_AUXDATA,
+                &one,
+            )?;
+            // Offload metadata, so UDP/TCP GSO bursts can be told apart and split.
+            io::sys::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_PACKET,
+                io::sys::PACKET_VNET_HDR,
                 &one,
             )?;
             io::sys::set_recv_timeout(fd.as_raw_fd(), 50)?;
@@ -410,12 +439,20 @@ impl Capture {
                         c = libc::CMSG_NXTHDR(&mh, c);
                     }
                 }
-                let keep = len.min(buf.len()).min(keep);
+                let hl = ::overlay::io::offload::VNET_HDR_LEN;
+                if len < hl {
+                    continue;
+                }
+                let vh = ::overlay::io::offload::VnetHdr::parse(&buf).unwrap();
+                let len = len - hl;
+                let keep = len.min(buf.len() - hl).min(keep);
                 f2.lock().unwrap().push(Captured {
                     outgoing: sll.sll_pkttype == libc::PACKET_OUTGOING as u8,
                     len,
-                    bytes: buf[..keep].to_vec(),
+                    bytes: buf[hl..hl + keep].to_vec(),
                     vlan,
+                    gso_type: vh.gso_type,
+                    gso_size: vh.gso_size as usize,
                 });
             }
         });
@@ -580,17 +617,26 @@ pub fn underlay(bridge_ns: &Netns, hosts: &[(&Netns, &str, Ipv4Addr)], prefix: &
     Ok(())
 }
 
-/// The UDP payload of a captured IPv4 frame with destination port `dport`.
-pub fn udp_payload_to(f: &Captured, dport: u16) -> Option<Vec<u8>> {
+/// The UDP payloads (one per datagram; a UDP GSO burst holds several) of a captured
+/// IPv4 frame with destination port `dport`.
+pub fn udp_payloads_to(f: &Captured, dport: u16) -> Vec<Vec<u8>> {
     let b = &f.bytes;
-    if b.len() < 34 || b[12..14] != [8, 0] || b[23] != 17 {
-        return None;
+    if b.len() < 34 || b[12..14] != [8, 0] || b[23] != 17 || f.len != b.len() {
+        return Vec::new();
     }
     let ihl = (b[14] & 15) as usize * 4;
     let u = 14 + ihl;
     if b.len() < u + 8 || u16::from_be_bytes([b[u + 2], b[u + 3]]) != dport {
-        return None;
+        return Vec::new();
     }
-    let ulen = u16::from_be_bytes([b[u + 4], b[u + 5]]) as usize;
-    (ulen >= 8 && b.len() >= u + ulen && f.len == b.len()).then(|| b[u + 8..u + ulen].to_vec())
+    let data = &b[u + 8..];
+    if f.gso_type == 5 && f.gso_size > 0 {
+        data.chunks(f.gso_size).map(|c| c.to_vec()).collect()
+    } else {
+        let ulen = u16::from_be_bytes([b[u + 4], b[u + 5]]) as usize;
+        if ulen < 8 || b.len() < u + ulen {
+            return Vec::new();
+        }
+        vec![b[u + 8..u + ulen].to_vec()]
+    }
 }

@@ -90,7 +90,11 @@ impl RecvBatch {
                 let e = io::Error::last_os_error();
                 match e.kind() {
                     io::ErrorKind::Interrupted => continue,
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                    // A connected UDP socket reports an earlier ICMP error here; the
+                    // peer may come up later, so it is not fatal.
+                    io::ErrorKind::WouldBlock
+                    | io::ErrorKind::TimedOut
+                    | io::ErrorKind::ConnectionRefused => {
                         self.n = 0;
                         return Ok(0);
                     }
@@ -122,6 +126,24 @@ impl RecvBatch {
         (&mut self.bufs[i * self.slot..(i + 1) * self.slot], l)
     }
 
+    /// Ask the kernel to hand over coalesced UDP datagrams (UDP_GRO); slots must be
+    /// 64 KiB. Use [`RecvBatch::segments`] to split them.
+    pub fn enable_udp_gro(&self, fd: RawFd) -> bool {
+        let one: libc::c_int = 1;
+        sys::setsockopt(fd, libc::SOL_UDP, UDP_GRO, &one).is_ok()
+    }
+
+    /// The datagrams in message `i` (several when the kernel coalesced them).
+    pub fn segments(&self, i: usize) -> impl Iterator<Item = &[u8]> {
+        let d = self.data(i);
+        let seg = self
+            .cmsg::<libc::c_int>(i, libc::SOL_UDP, UDP_GRO)
+            .filter(|&g| g > 0)
+            .map(|g| g as usize)
+            .unwrap_or(d.len().max(1));
+        d.chunks(seg)
+    }
+
     /// The message did not fit its slot.
     pub fn truncated(&self, i: usize) -> bool {
         self.hdrs[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0
@@ -143,7 +165,12 @@ impl RecvBatch {
     }
 
     /// The first control message of `level`/`ty` on message `i`, copied into a T.
-    pub fn cmsg<T: Copy + Default>(&self, i: usize, level: libc::c_int, ty: libc::c_int) -> Option<T> {
+    pub fn cmsg<T: Copy + Default>(
+        &self,
+        i: usize,
+        level: libc::c_int,
+        ty: libc::c_int,
+    ) -> Option<T> {
         let h = &self.hdrs[i].msg_hdr;
         // SAFETY: walking the control buffer the kernel filled, bounded by msg_controllen.
         unsafe {
@@ -153,7 +180,11 @@ impl RecvBatch {
                     let mut v = T::default();
                     let avail = (*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
                     let n = avail.min(std::mem::size_of::<T>());
-                    std::ptr::copy_nonoverlapping(libc::CMSG_DATA(c), &mut v as *mut T as *mut u8, n);
+                    std::ptr::copy_nonoverlapping(
+                        libc::CMSG_DATA(c),
+                        &mut v as *mut T as *mut u8,
+                        n,
+                    );
                     return Some(v);
                 }
                 c = libc::CMSG_NXTHDR(h, c);
@@ -172,6 +203,23 @@ pub struct SendBatch {
     iov: Vec<libc::iovec>,
     hdrs: Vec<libc::mmsghdr>,
     n: usize,
+    connected: Option<SocketAddr>,
+    gso: bool,
+    ctrl: Vec<[u64; 4]>,
+    runs: Vec<(usize, usize)>,
+}
+
+const UDP_SEGMENT: libc::c_int = 103;
+const UDP_GRO: libc::c_int = 104;
+/// Datagrams per UDP GSO send (the kernel's limit is 64 on older kernels).
+const GSO_MAX_SEGS: usize = 64;
+/// Bytes per UDP GSO send (an IP packet holds at most 65535).
+const GSO_MAX_BYTES: usize = 65000;
+
+fn same_dest(a: &libc::sockaddr_in, b: &libc::sockaddr_in) -> bool {
+    a.sin_family == b.sin_family
+        && a.sin_port == b.sin_port
+        && a.sin_addr.s_addr == b.sin_addr.s_addr
 }
 
 // SAFETY: the raw pointers only ever point into this struct's own vectors.
@@ -194,7 +242,17 @@ impl SendBatch {
             ],
             hdrs: vec![unsafe { std::mem::zeroed() }; slots],
             n: 0,
+            connected: None,
+            gso: false,
+            ctrl: vec![[0; 4]; slots],
+            runs: Vec::with_capacity(slots),
         }
+    }
+
+    /// The socket is connected to `peer`: datagrams to it go without an address, so
+    /// the kernel uses the socket's cached route.
+    pub fn set_connected(&mut self, peer: Option<SocketAddr>) {
+        self.connected = peer;
     }
 
     pub fn is_full(&self) -> bool {
@@ -216,6 +274,11 @@ impl SendBatch {
         let i = self.n;
         let l = fill(&mut self.bufs[i * self.slot..(i + 1) * self.slot]);
         self.lens[i] = l.min(self.slot);
+        let dest = if dest.is_some() && dest == self.connected {
+            None
+        } else {
+            dest
+        };
         self.dests[i] = match dest {
             Some(SocketAddr::V4(a)) => libc::sockaddr_in {
                 sin_family: libc::AF_INET as libc::sa_family_t,
@@ -231,42 +294,98 @@ impl SendBatch {
         self.n += 1;
     }
 
+    /// Coalesce runs of equal-size datagrams to one destination into UDP GSO sends
+    /// (one trip through the stack per run). Falls back by itself if the kernel or
+    /// device refuses.
+    pub fn set_gso(&mut self, on: bool) {
+        self.gso = on;
+    }
+
     /// Send everything queued. Datagrams the kernel refuses (e.g. a full buffer on a
     /// non-blocking socket or an unreachable peer) are dropped, like a wire would.
     /// Returns how many were sent.
     pub fn flush(&mut self, fd: RawFd) -> io::Result<usize> {
         let n = self.n;
+        self.n = 0;
+        if n == 0 {
+            return Ok(0);
+        }
         for i in 0..n {
             self.iov[i] = libc::iovec {
                 iov_base: self.bufs[i * self.slot..].as_mut_ptr() as *mut libc::c_void,
                 iov_len: self.lens[i],
             };
-            let h = &mut self.hdrs[i].msg_hdr;
-            if self.dests[i].sin_family == libc::AF_INET as libc::sa_family_t {
-                h.msg_name = &mut self.dests[i] as *mut _ as *mut libc::c_void;
+        }
+        // Messages: runs [start, end) of slots; a run of 2+ is one GSO send.
+        let mut runs = std::mem::take(&mut self.runs);
+        runs.clear();
+        let mut i = 0;
+        while i < n {
+            let mut j = i + 1;
+            if self.gso {
+                let (len, d) = (self.lens[i], &self.dests[i]);
+                let mut total = len;
+                while j < n
+                    && j - i < GSO_MAX_SEGS
+                    && same_dest(&self.dests[j], d)
+                    && self.lens[j] <= len
+                    && total + self.lens[j] <= GSO_MAX_BYTES
+                    && self.lens[j - 1] == len
+                {
+                    total += self.lens[j];
+                    j += 1;
+                }
+            }
+            runs.push((i, j));
+            i = j;
+        }
+        let m = runs.len();
+        for (k, &(a, b)) in runs.iter().enumerate() {
+            let h = &mut self.hdrs[k].msg_hdr;
+            if self.dests[a].sin_family == libc::AF_INET as libc::sa_family_t {
+                h.msg_name = &mut self.dests[a] as *mut _ as *mut libc::c_void;
                 h.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
             } else {
                 h.msg_name = std::ptr::null_mut();
                 h.msg_namelen = 0;
             }
-            h.msg_iov = &mut self.iov[i];
-            h.msg_iovlen = 1;
-            h.msg_control = std::ptr::null_mut();
-            h.msg_controllen = 0;
+            h.msg_iov = &mut self.iov[a];
+            h.msg_iovlen = (b - a) as _;
+            if b - a > 1 {
+                let c = &mut self.ctrl[k];
+                h.msg_control = c.as_mut_ptr() as *mut libc::c_void;
+                // SAFETY: the control buffer has room for one u16 cmsg.
+                unsafe {
+                    h.msg_controllen = libc::CMSG_SPACE(2) as _;
+                    let cm = libc::CMSG_FIRSTHDR(h);
+                    (*cm).cmsg_level = libc::SOL_UDP;
+                    (*cm).cmsg_type = UDP_SEGMENT;
+                    (*cm).cmsg_len = libc::CMSG_LEN(2) as _;
+                    std::ptr::write_unaligned(libc::CMSG_DATA(cm) as *mut u16, self.lens[a] as u16);
+                }
+            } else {
+                h.msg_control = std::ptr::null_mut();
+                h.msg_controllen = 0;
+            }
         }
         let mut off = 0;
         let mut sent = 0;
-        let mut result = Ok(());
-        while off < n {
+        while off < m {
             // SAFETY: headers point into self's buffers.
             let r = unsafe {
-                libc::sendmmsg(fd, self.hdrs[off..].as_mut_ptr(), (n - off) as libc::c_uint, 0)
+                libc::sendmmsg(
+                    fd,
+                    self.hdrs[off..].as_mut_ptr(),
+                    (m - off) as libc::c_uint,
+                    0,
+                )
             };
             if r < 0 {
                 let e = io::Error::last_os_error();
+                let (a, b) = runs[off];
                 match e.kind() {
                     io::ErrorKind::Interrupted => continue,
-                    // Drop the message the kernel refused and go on with the rest.
+                    // Drop what the kernel refused and go on with the rest.
                     io::ErrorKind::WouldBlock
                     | io::ErrorKind::ConnectionRefused
                     | io::ErrorKind::HostUnreachable
@@ -274,25 +393,52 @@ impl SendBatch {
                         off += 1;
                         continue;
                     }
-                    _ if e.raw_os_error() == Some(libc::ENOBUFS)
-                        || e.raw_os_error() == Some(libc::EMSGSIZE)
-                        || e.raw_os_error() == Some(libc::ENXIO)
-                        || e.raw_os_error() == Some(libc::ENETDOWN) =>
+                    _ if b - a > 1
+                        && matches!(
+                            e.raw_os_error(),
+                            Some(libc::EIO) | Some(libc::EINVAL) | Some(libc::ENOPROTOOPT)
+                        ) =>
+                    {
+                        // No UDP GSO on this path: send this run one by one, and stop trying.
+                        self.gso = false;
+                        let h = &mut self.hdrs[off].msg_hdr;
+                        h.msg_control = std::ptr::null_mut();
+                        h.msg_controllen = 0;
+                        for s in a..b {
+                            h.msg_iov = &mut self.iov[s];
+                            h.msg_iovlen = 1;
+                            // SAFETY: as above, one message.
+                            if unsafe { libc::sendmsg(fd, h, 0) } >= 0 {
+                                sent += 1;
+                            }
+                        }
+                        off += 1;
+                        continue;
+                    }
+                    _ if matches!(
+                        e.raw_os_error(),
+                        Some(libc::ENOBUFS)
+                            | Some(libc::EMSGSIZE)
+                            | Some(libc::ENXIO)
+                            | Some(libc::ENETDOWN)
+                    ) =>
                     {
                         off += 1;
                         continue;
                     }
                     _ => {
-                        result = Err(e);
-                        break;
+                        self.runs = runs;
+                        return Err(e);
                     }
                 }
             }
+            for &(a, b) in &runs[off..off + r as usize] {
+                sent += b - a;
+            }
             off += r as usize;
-            sent += r as usize;
         }
-        self.n = 0;
-        result.map(|_| sent)
+        self.runs = runs;
+        Ok(sent)
     }
 }
 

@@ -9,8 +9,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::batch::{RecvBatch, SendBatch};
-use super::offload::{self, VnetHdr, VNET_HDR_LEN};
-use super::shell::{self, os, IoCounters, POLL_MS, UDP_BATCH, UDP_SLOT};
+use super::offload::{self, TcpMerger, VnetHdr, VNET_HDR_LEN};
+use super::shell::{self, os, IoCounters, POLL_MS, UDP_BATCH, UDP_GRO_SLOT, UDP_SLOT};
 use super::sys;
 use super::tap::{Tap, TapOptions};
 use crate::stats::BuyerStats;
@@ -57,7 +57,13 @@ fn lock(m: &Mutex<BuyerCore>) -> MutexGuard<'_, BuyerCore> {
 
 /// Check that `ip/prefix` does not collide with an address already on this host.
 fn check_conflict(tap: &str, ip: Ipv4Addr, prefix: u8) -> Result<(), Error> {
-    let mask = |p: u8| if p == 0 { 0 } else { u32::MAX << (32 - p as u32) };
+    let mask = |p: u8| {
+        if p == 0 {
+            0
+        } else {
+            u32::MAX << (32 - p as u32)
+        }
+    };
     for (dev, other, op) in sys::ipv4_addrs_except(tap).map_err(os("listing host addresses"))? {
         let m = mask(prefix.min(op));
         if u32::from(other) & m == u32::from(ip) & m && !other.is_loopback() {
@@ -108,19 +114,43 @@ impl Buyer {
                 .map_err(os("spawning an overlay thread"))
         };
         {
-            let (core, stop, udp, tap, c) =
-                (core.clone(), stop.clone(), udp.clone(), tap.clone(), counters.clone());
-            threads.push(spawn("ovl-buyer-udp", Box::new(move || udp_loop(&core, &stop, &udp, &tap, &c)))?);
+            let (core, stop, udp, tap, c) = (
+                core.clone(),
+                stop.clone(),
+                udp.clone(),
+                tap.clone(),
+                counters.clone(),
+            );
+            threads.push(spawn(
+                "ovl-buyer-udp",
+                Box::new(move || udp_loop(&core, &stop, &udp, &tap, &c)),
+            )?);
         }
         {
-            let (core, stop, udp, tap, c) =
-                (core.clone(), stop.clone(), udp.clone(), tap.clone(), counters.clone());
-            threads.push(spawn("ovl-buyer-tap", Box::new(move || tap_loop(&core, &stop, &udp, &tap, &c)))?);
+            let (core, stop, udp, tap, c) = (
+                core.clone(),
+                stop.clone(),
+                udp.clone(),
+                tap.clone(),
+                counters.clone(),
+            );
+            threads.push(spawn(
+                "ovl-buyer-tap",
+                Box::new(move || tap_loop(&core, &stop, &udp, &tap, &c)),
+            )?);
         }
         {
-            let (core, stop, udp, tap, c) =
-                (core.clone(), stop.clone(), udp.clone(), tap.clone(), counters.clone());
-            threads.push(spawn("ovl-buyer-tick", Box::new(move || tick_loop(&core, &stop, &udp, &tap, &c)))?);
+            let (core, stop, udp, tap, c) = (
+                core.clone(),
+                stop.clone(),
+                udp.clone(),
+                tap.clone(),
+                counters.clone(),
+            );
+            threads.push(spawn(
+                "ovl-buyer-tick",
+                Box::new(move || tick_loop(&core, &stop, &udp, &tap, &c)),
+            )?);
         }
         tracing::info!(%local, tap = %cfg.tap_name, %host_ip, "buyer overlay up");
         Ok(Buyer {
@@ -200,11 +230,27 @@ fn write_tap(tap: &Tap, frame: &[u8], c: &IoCounters) {
     }
 }
 
-fn udp_loop(core: &Mutex<BuyerCore>, stop: &AtomicBool, udp: &UdpSocket, tap: &Tap, c: &IoCounters) {
+/// Write a buffer that already starts with its virtio_net_hdr.
+fn write_raw(tap: &Tap, buf: &[u8], c: &IoCounters) {
+    if tap.write(buf).is_err() {
+        IoCounters::bump(&c.write_errors);
+    }
+}
+
+fn udp_loop(
+    core: &Mutex<BuyerCore>,
+    stop: &AtomicBool,
+    udp: &UdpSocket,
+    tap: &Tap,
+    c: &IoCounters,
+) {
     let fd = udp.as_raw_fd();
-    let mut rx = RecvBatch::new(UDP_BATCH, UDP_SLOT);
+    let mut rx = RecvBatch::new(UDP_BATCH, UDP_GRO_SLOT);
+    rx.enable_udp_gro(fd);
     let mut tx = SendBatch::new(UDP_BATCH, UDP_SLOT);
+    tx.set_gso(true);
     let mut out = Actions::new();
+    let mut merger = TcpMerger::new();
     while !stop.load(Ordering::Relaxed) {
         let n = match rx.recv(fd) {
             Ok(n) => n,
@@ -222,11 +268,20 @@ fn udp_loop(core: &Mutex<BuyerCore>, stop: &AtomicBool, udp: &UdpSocket, tap: &T
             let mut core = lock(core);
             for i in 0..n {
                 if let Some(from) = rx.addr(i) {
-                    core.handle_udp(from, rx.data(i), now, &mut out);
+                    for d in rx.segments(i) {
+                        core.handle_udp(from, d, now, &mut out);
+                    }
                 }
             }
         }
-        shell::run_actions(&mut out, fd, &mut tx, |f| write_tap(tap, f, c));
+        if tap.vnet_hdr() {
+            // Merge this batch's in-order TCP segments into GSO frames.
+            let mut raw = |b: &[u8]| write_raw(tap, b, c);
+            shell::run_actions(&mut out, fd, &mut tx, |f| merger.push(f, &mut raw));
+            merger.flush(&mut raw);
+        } else {
+            shell::run_actions(&mut out, fd, &mut tx, |f| write_tap(tap, f, c));
+        }
         let _ = tx.flush(fd);
     }
 }
@@ -234,11 +289,18 @@ fn udp_loop(core: &Mutex<BuyerCore>, stop: &AtomicBool, udp: &UdpSocket, tap: &T
 /// Frames read from the tap per core lock.
 const TAP_BATCH: usize = 32;
 
-fn tap_loop(core: &Mutex<BuyerCore>, stop: &AtomicBool, udp: &UdpSocket, tap: &Tap, c: &IoCounters) {
+fn tap_loop(
+    core: &Mutex<BuyerCore>,
+    stop: &AtomicBool,
+    udp: &UdpSocket,
+    tap: &Tap,
+    c: &IoCounters,
+) {
     let fd = udp.as_raw_fd();
     let tfd = tap.as_raw_fd();
     let _ = tap.set_nonblocking(true);
     let mut tx = SendBatch::new(UDP_BATCH, UDP_SLOT);
+    tx.set_gso(true);
     let mut out = Actions::new();
     let slot = 65536 + VNET_HDR_LEN;
     let mut bufs = vec![0u8; TAP_BATCH * slot];
@@ -269,7 +331,9 @@ fn tap_loop(core: &Mutex<BuyerCore>, stop: &AtomicBool, udp: &UdpSocket, tap: &T
             for i in 0..n {
                 let buf = &mut bufs[i * slot..i * slot + lens[i]];
                 if tap.vnet_hdr() {
-                    let Some(h) = VnetHdr::parse(buf) else { continue };
+                    let Some(h) = VnetHdr::parse(buf) else {
+                        continue;
+                    };
                     let (_, frame) = buf.split_at_mut(VNET_HDR_LEN);
                     let r = offload::to_wire_frames(&h, frame, &mut seg, |f| {
                         core.handle_tap_frame(f, now, &mut out)
@@ -288,9 +352,16 @@ fn tap_loop(core: &Mutex<BuyerCore>, stop: &AtomicBool, udp: &UdpSocket, tap: &T
     }
 }
 
-fn tick_loop(core: &Mutex<BuyerCore>, stop: &AtomicBool, udp: &UdpSocket, tap: &Tap, c: &IoCounters) {
+fn tick_loop(
+    core: &Mutex<BuyerCore>,
+    stop: &AtomicBool,
+    udp: &UdpSocket,
+    tap: &Tap,
+    c: &IoCounters,
+) {
     let fd = udp.as_raw_fd();
     let mut tx = SendBatch::new(UDP_BATCH, UDP_SLOT);
+    tx.set_gso(true);
     let mut out = Actions::new();
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(POLL_MS));

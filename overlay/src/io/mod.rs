@@ -3,14 +3,14 @@
 //! [`crate::BuyerCore`] and [`crate::SellerCore`].
 
 pub mod batch;
+pub mod buyer;
 pub mod netns;
 pub mod offload;
 pub mod packet;
-pub mod sys;
-pub mod tap;
-pub mod buyer;
 pub mod seller;
 pub mod shell;
+pub mod sys;
+pub mod tap;
 
 pub use buyer::{Buyer, BuyerIoConfig};
 pub use netns::NetNs;

@@ -98,7 +98,8 @@ impl NetNs {
             })?;
         let p2 = path.clone();
         let r = std::thread::spawn(move || -> io::Result<()> {
-            unshare(CloneFlags::CLONE_NEWNET).map_err(|e| perm_hint(e.into(), "unshare(CLONE_NEWNET)"))?;
+            unshare(CloneFlags::CLONE_NEWNET)
+                .map_err(|e| perm_hint(e.into(), "unshare(CLONE_NEWNET)"))?;
             mount(
                 Some("/proc/thread-self/ns/net"),
                 &p2,
@@ -153,13 +154,15 @@ impl NetNs {
         &self,
         f: impl FnOnce() -> io::Result<T> + Send + 'static,
     ) -> io::Result<T> {
-        let ns = File::open(&self.path).map_err(|e| perm_hint(e, &format!("opening {}", self.path.display())))?;
+        let ns = File::open(&self.path)
+            .map_err(|e| perm_hint(e, &format!("opening {}", self.path.display())))?;
         let name = self.name.clone();
         std::thread::Builder::new()
             .name(format!("netns-{name}"))
             .spawn(move || {
-                setns(&ns, CloneFlags::CLONE_NEWNET)
-                    .map_err(|e| perm_hint(e.into(), &format!("entering network namespace {name:?}")))?;
+                setns(&ns, CloneFlags::CLONE_NEWNET).map_err(|e| {
+                    perm_hint(e.into(), &format!("entering network namespace {name:?}"))
+                })?;
                 f()
             })?
             .join()

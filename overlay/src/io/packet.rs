@@ -132,7 +132,9 @@ impl PacketPort {
             scratch.clear();
             match aux {
                 Some(a) if a.tp_status & sys::TP_STATUS_VLAN_VALID != 0 && frame.len() >= 12 => {
-                    let tpid = if a.tp_status & sys::TP_STATUS_VLAN_TPID_VALID != 0 && a.tp_vlan_tpid != 0 {
+                    let tpid = if a.tp_status & sys::TP_STATUS_VLAN_TPID_VALID != 0
+                        && a.tp_vlan_tpid != 0
+                    {
                         a.tp_vlan_tpid
                     } else {
                         0x8100

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use super::batch::{RecvBatch, SendBatch};
 use super::netns::NetNs;
 use super::packet::PacketPort;
-use super::shell::{self, os, IoCounters, POLL_MS, UDP_BATCH, UDP_SLOT};
+use super::shell::{self, os, IoCounters, POLL_MS, UDP_BATCH, UDP_GRO_SLOT, UDP_SLOT};
 use super::sys;
 use super::tap::{Tap, TapOptions};
 use crate::stats::SellerStats;
@@ -30,7 +30,10 @@ pub fn create_lease_netns(name: &str) -> Result<NetNs, Error> {
         }
     })?;
     ns.run(|| {
-        for k in ["ipv6/conf/all/disable_ipv6", "ipv6/conf/default/disable_ipv6"] {
+        for k in [
+            "ipv6/conf/all/disable_ipv6",
+            "ipv6/conf/default/disable_ipv6",
+        ] {
             sys::write_net_sysctl(k, "1")?;
         }
         sys::write_net_sysctl("ipv4/ip_forward", "0")?;
@@ -53,7 +56,10 @@ pub fn create_guest_tap(ns: &NetNs, name: &str, persist: bool) -> Result<Tap, Er
         sys::write_net_sysctl(&format!("ipv6/conf/{n}/disable_ipv6"), "1")?;
         Ok(t)
     })
-    .map_err(os(format!("creating guest tap {name} in netns {}", ns.name())))
+    .map_err(os(format!(
+        "creating guest tap {name} in netns {}",
+        ns.name()
+    )))
 }
 
 /// Remove a persistent tap made by [`create_guest_tap`].
@@ -85,19 +91,22 @@ fn lock(m: &Mutex<SellerCore>) -> MutexGuard<'_, SellerCore> {
 }
 
 impl Seller {
-    /// Start a guest session on an already opened guest port. `bind` is the local UDP
-    /// address (normally 0.0.0.0:0: only the buyer needs a reachable port).
-    /// `netns`/`tap` are kept alive as long as the session runs.
+    /// Start a guest session on an already opened guest port and a UDP socket from
+    /// [`shell::bind_udp`] (normally bound to 0.0.0.0:0: only the buyer needs a
+    /// reachable port). `netns`/`tap` are kept alive as long as the session runs.
     pub fn start(
         core: SellerCore,
         port: PacketPort,
-        bind: SocketAddr,
+        udp: UdpSocket,
         netns: Option<NetNs>,
         tap: Option<Tap>,
     ) -> Result<Seller, Error> {
-        let udp = shell::bind_udp(bind)?;
         let local = udp.local_addr().map_err(os("reading the UDP address"))?;
         let buyer = core.config().buyer_addr;
+        // Only the buyer may talk to this socket; the route is looked up once.
+        udp.connect(buyer).map_err(os(format!(
+            "connecting the UDP socket to the buyer at {buyer}"
+        )))?;
         let ifname = port.ifname().to_string();
         let core = Arc::new(Mutex::new(core));
         let counters = Arc::new(IoCounters::default());
@@ -108,9 +117,13 @@ impl Seller {
         {
             let mut out = Actions::new();
             let mut tx = SendBatch::new(UDP_BATCH, UDP_SLOT);
+            tx.set_gso(true);
+            tx.set_connected(udp.peer_addr().ok());
             lock(&core).tick(Instant::now(), &mut out);
             let mut gtx = PacketPort::send_batch(8, 65536);
-            shell::run_actions(&mut out, udp.as_raw_fd(), &mut tx, |f| PacketPort::queue(&mut gtx, f));
+            shell::run_actions(&mut out, udp.as_raw_fd(), &mut tx, |f| {
+                PacketPort::queue(&mut gtx, f)
+            });
             let _ = tx.flush(udp.as_raw_fd());
             let _ = port.flush(&mut gtx);
         }
@@ -123,19 +136,43 @@ impl Seller {
         };
         let tag: String = ifname.chars().take(8).collect();
         {
-            let (core, stop, udp, port, c) =
-                (core.clone(), stop.clone(), udp.clone(), port.clone(), counters.clone());
-            threads.push(spawn(format!("ovl-g-{tag}"), Box::new(move || guest_loop(&core, &stop, &udp, &port, &c)))?);
+            let (core, stop, udp, port, c) = (
+                core.clone(),
+                stop.clone(),
+                udp.clone(),
+                port.clone(),
+                counters.clone(),
+            );
+            threads.push(spawn(
+                format!("ovl-g-{tag}"),
+                Box::new(move || guest_loop(&core, &stop, &udp, &port, &c)),
+            )?);
         }
         {
-            let (core, stop, udp, port, c) =
-                (core.clone(), stop.clone(), udp.clone(), port.clone(), counters.clone());
-            threads.push(spawn(format!("ovl-u-{tag}"), Box::new(move || udp_loop(&core, &stop, &udp, &port, &c)))?);
+            let (core, stop, udp, port, c) = (
+                core.clone(),
+                stop.clone(),
+                udp.clone(),
+                port.clone(),
+                counters.clone(),
+            );
+            threads.push(spawn(
+                format!("ovl-u-{tag}"),
+                Box::new(move || udp_loop(&core, &stop, &udp, &port, &c)),
+            )?);
         }
         {
-            let (core, stop, udp, port, c) =
-                (core.clone(), stop.clone(), udp.clone(), port.clone(), counters.clone());
-            threads.push(spawn(format!("ovl-t-{tag}"), Box::new(move || tick_loop(&core, &stop, &udp, &port, &c)))?);
+            let (core, stop, udp, port, c) = (
+                core.clone(),
+                stop.clone(),
+                udp.clone(),
+                port.clone(),
+                counters.clone(),
+            );
+            threads.push(spawn(
+                format!("ovl-t-{tag}"),
+                Box::new(move || tick_loop(&core, &stop, &udp, &port, &c)),
+            )?);
         }
         tracing::info!(%local, %buyer, guest_if = %ifname, "seller guest port attached");
         Ok(Seller {
@@ -191,18 +228,25 @@ fn flush_guest(port: &PacketPort, gtx: &mut SendBatch, c: &IoCounters) {
     }
 }
 
-fn guest_loop(core: &Mutex<SellerCore>, stop: &AtomicBool, udp: &UdpSocket, port: &PacketPort, c: &IoCounters) {
+fn guest_loop(
+    core: &Mutex<SellerCore>,
+    stop: &AtomicBool,
+    udp: &UdpSocket,
+    port: &PacketPort,
+    c: &IoCounters,
+) {
     let fd = udp.as_raw_fd();
     let _ = sys::set_recv_timeout(port.as_raw_fd(), POLL_MS);
     let mut rx = PacketPort::recv_batch(16);
     let mut tx = SendBatch::new(UDP_BATCH, UDP_SLOT);
+    tx.set_gso(true);
+    tx.set_connected(udp.peer_addr().ok());
     let mut out = Actions::new();
     let mut scratch = Vec::with_capacity(65536 + 64);
     let mut seg = Vec::with_capacity(2048);
     let mut frames: Vec<Vec<u8>> = Vec::new();
-    let mut nf = 0usize;
     while !stop.load(Ordering::Relaxed) {
-        nf = 0;
+        let mut nf = 0usize;
         let r = port.recv_frames(&mut rx, &mut scratch, &mut seg, |f, err| {
             if err.is_some() {
                 IoCounters::bump(&c.offload_errors);
@@ -241,13 +285,21 @@ fn guest_loop(core: &Mutex<SellerCore>, stop: &AtomicBool, udp: &UdpSocket, port
             flush_guest(port, &mut b, c);
         }
     }
-    let _ = nf;
 }
 
-fn udp_loop(core: &Mutex<SellerCore>, stop: &AtomicBool, udp: &UdpSocket, port: &PacketPort, c: &IoCounters) {
+fn udp_loop(
+    core: &Mutex<SellerCore>,
+    stop: &AtomicBool,
+    udp: &UdpSocket,
+    port: &PacketPort,
+    c: &IoCounters,
+) {
     let fd = udp.as_raw_fd();
-    let mut rx = RecvBatch::new(UDP_BATCH, UDP_SLOT);
+    let mut rx = RecvBatch::new(UDP_BATCH, UDP_GRO_SLOT);
+    rx.enable_udp_gro(fd);
     let mut tx = SendBatch::new(UDP_BATCH, UDP_SLOT);
+    tx.set_gso(true);
+    tx.set_connected(udp.peer_addr().ok());
     let mut gtx = PacketPort::send_batch(UDP_BATCH, UDP_SLOT);
     let mut out = Actions::new();
     while !stop.load(Ordering::Relaxed) {
@@ -267,7 +319,9 @@ fn udp_loop(core: &Mutex<SellerCore>, stop: &AtomicBool, udp: &UdpSocket, port: 
             let mut core = lock(core);
             for i in 0..n {
                 if let Some(from) = rx.addr(i) {
-                    core.handle_udp(from, rx.data(i), now, &mut out);
+                    for d in rx.segments(i) {
+                        core.handle_udp(from, d, now, &mut out);
+                    }
                 }
             }
         }
@@ -282,9 +336,17 @@ fn udp_loop(core: &Mutex<SellerCore>, stop: &AtomicBool, udp: &UdpSocket, port: 
     }
 }
 
-fn tick_loop(core: &Mutex<SellerCore>, stop: &AtomicBool, udp: &UdpSocket, port: &PacketPort, c: &IoCounters) {
+fn tick_loop(
+    core: &Mutex<SellerCore>,
+    stop: &AtomicBool,
+    udp: &UdpSocket,
+    port: &PacketPort,
+    c: &IoCounters,
+) {
     let fd = udp.as_raw_fd();
     let mut tx = SendBatch::new(UDP_BATCH, UDP_SLOT);
+    tx.set_gso(true);
+    tx.set_connected(udp.peer_addr().ok());
     let mut gtx = PacketPort::send_batch(UDP_BATCH, UDP_SLOT);
     let mut out = Actions::new();
     while !stop.load(Ordering::Relaxed) {

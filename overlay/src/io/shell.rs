@@ -27,6 +27,8 @@ pub fn os(what: impl Into<String>) -> impl FnOnce(io::Error) -> Error {
 pub const UDP_BATCH: usize = 64;
 /// Largest overlay datagram we send or accept (a full jumbo-less frame + overhead).
 pub const UDP_SLOT: usize = 2048;
+/// Receive slot when the kernel may coalesce datagrams (UDP GRO).
+pub const UDP_GRO_SLOT: usize = 65536;
 /// How long a blocking receive waits before a loop checks for a stop request.
 pub const POLL_MS: u64 = 100;
 
@@ -71,7 +73,9 @@ pub fn log_event(e: &Event) {
             guest_mac,
             endpoint,
             rekey,
-        } => tracing::info!(peer = %hex::encode(peer.as_bytes()), %guest_mac, %endpoint, rekey, "overlay session established"),
+        } => {
+            tracing::info!(peer = %hex::encode(peer.as_bytes()), %guest_mac, %endpoint, rekey, "overlay session established")
+        }
         Event::SessionExpired { peer, guest_mac } => {
             tracing::warn!(peer = %hex::encode(peer.as_bytes()), %guest_mac, "overlay session expired")
         }
@@ -79,7 +83,9 @@ pub fn log_event(e: &Event) {
             peer,
             guest_mac,
             endpoint,
-        } => tracing::info!(peer = %hex::encode(peer.as_bytes()), %guest_mac, %endpoint, "overlay peer endpoint changed"),
+        } => {
+            tracing::info!(peer = %hex::encode(peer.as_bytes()), %guest_mac, %endpoint, "overlay peer endpoint changed")
+        }
         Event::HandshakeInitiated { to, attempt } => {
             tracing::debug!(%to, attempt, "overlay handshake initiated")
         }

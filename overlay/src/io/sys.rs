@@ -243,15 +243,18 @@ pub fn ipv4_addrs_except(skip: &str) -> io::Result<Vec<(String, Ipv4Addr, u8)>> 
 
 /// Write a sysctl under /proc/sys/net for the calling thread's network namespace.
 pub fn write_net_sysctl(path: &str, value: &str) -> io::Result<()> {
-    std::fs::write(format!("/proc/sys/net/{path}"), value).map_err(|e| {
-        io::Error::new(e.kind(), format!("writing /proc/sys/net/{path}: {e}"))
-    })
+    std::fs::write(format!("/proc/sys/net/{path}"), value)
+        .map_err(|e| io::Error::new(e.kind(), format!("writing /proc/sys/net/{path}: {e}")))
 }
 
 pub fn set_nonblocking(fd: RawFd, nb: bool) -> io::Result<()> {
     // SAFETY: fcntl on an fd we own.
     let fl = cvt(unsafe { libc::fcntl(fd, libc::F_GETFL) })?;
-    let fl = if nb { fl | libc::O_NONBLOCK } else { fl & !libc::O_NONBLOCK };
+    let fl = if nb {
+        fl | libc::O_NONBLOCK
+    } else {
+        fl & !libc::O_NONBLOCK
+    };
     cvt(unsafe { libc::fcntl(fd, libc::F_SETFL, fl) }).map(|_| ())
 }
 

@@ -74,8 +74,16 @@ impl Tap {
             unsafe { sys::ioctl_ptr(file.as_raw_fd(), sys::TUNSETVNETHDRSZ, &mut sz2) }?;
             let off = sys::TUN_F_CSUM | sys::TUN_F_TSO4 | sys::TUN_F_TSO6;
             // SAFETY: TUNSETOFFLOAD takes the flags by value.
-            sys::cvt(unsafe { libc::ioctl(file.as_raw_fd(), sys::TUNSETOFFLOAD as _, off as libc::c_ulong) })
-                .map_err(|e| io::Error::new(e.kind(), format!("enabling offloads on tap {name:?}: {e}")))?;
+            sys::cvt(unsafe {
+                libc::ioctl(
+                    file.as_raw_fd(),
+                    sys::TUNSETOFFLOAD as _,
+                    off as libc::c_ulong,
+                )
+            })
+            .map_err(|e| {
+                io::Error::new(e.kind(), format!("enabling offloads on tap {name:?}: {e}"))
+            })?;
         }
         Ok(Tap {
             file,
@@ -96,8 +104,14 @@ impl Tap {
     /// Keep the interface after the fd closes (so a VMM can open it by name).
     pub fn set_persist(&self, on: bool) -> io::Result<()> {
         // SAFETY: TUNSETPERSIST takes an int by value.
-        sys::cvt(unsafe { libc::ioctl(self.file.as_raw_fd(), sys::TUNSETPERSIST as _, on as libc::c_ulong) })
-            .map(|_| ())
+        sys::cvt(unsafe {
+            libc::ioctl(
+                self.file.as_raw_fd(),
+                sys::TUNSETPERSIST as _,
+                on as libc::c_ulong,
+            )
+        })
+        .map(|_| ())
     }
 
     pub fn set_nonblocking(&self, nb: bool) -> io::Result<()> {
