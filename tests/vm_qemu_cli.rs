@@ -1,0 +1,231 @@
+//! `cpushare-node vm run`: boots from files and from an image in the chunk store
+//! (through a running daemon, and directly without one), exits with the guest, and
+//! fails with one clear line on bad input.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::Output;
+
+use cpushare_tests::node::{cli, NodeProc};
+
+#[path = "common/vmguest.rs"]
+mod vmguest;
+
+fn vm_run(data_dir: &Path, args: &[&str]) -> Output {
+    let mut all = vec!["vm", "run", "--backend", "qemu", "--accel", "tcg"];
+    all.extend_from_slice(args);
+    cli(data_dir, &all).expect("run cpushare-node")
+}
+
+fn show(out: &Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn vm_run_boots_linux_from_files_and_exits_with_the_guest() {
+    let files = vmguest::test_guest();
+    let data = tempfile::tempdir_in(vmguest::scratch_dir()).unwrap();
+    let kernel = files.vmlinuz.to_str().unwrap();
+    let initrd = files.initrd.to_str().unwrap();
+
+    let append = vmguest::cmdline("echo cvq-cli-hello-$((6*7))", "cs.nonet");
+    let out = vm_run(
+        data.path(),
+        &[
+            "--kernel",
+            kernel,
+            "--initrd",
+            initrd,
+            "--append",
+            &append,
+            "--memory-mib",
+            "128",
+        ],
+    );
+    assert!(out.status.success(), "{}", show(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("cvq-cli-hello-42"), "{}", show(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("vm: qemu with tcg"),
+        "backend choice not explained: {stderr}"
+    );
+    assert!(stderr.contains("guest powered off"), "{stderr}");
+
+    // A guest that never ends is stopped by --timeout; exit code 124.
+    let append = vmguest::cmdline("echo cvq-spin; while true; do :; done", "cs.nonet");
+    let out = vm_run(
+        data.path(),
+        &[
+            "--kernel",
+            kernel,
+            "--initrd",
+            initrd,
+            "--append",
+            &append,
+            "--memory-mib",
+            "128",
+            "--timeout",
+            "15",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(124), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("cvq-spin"),
+        "{}",
+        show(&out)
+    );
+}
+
+/// A raw BIOS disk: the boot sector prints to COM1 and powers off through ACPI.
+fn bios_disk(path: &Path) {
+    let msg = b"cvq-cli-bios-ok\r\n\0";
+    let mut code: Vec<u8> = vec![0xBA, 0xF8, 0x03]; // mov dx, 0x3f8
+    code.extend_from_slice(&[0xBE, 0x40, 0x7C]); // mov si, 0x7c40
+    code.extend_from_slice(&[0xAC, 0x84, 0xC0, 0x74, 0x03, 0xEE, 0xEB, 0xF8]); // print loop
+    code.extend_from_slice(&[
+        0xBA, 0x04, 0x06, 0xB8, 0x00, 0x20, 0xEF, 0xFA, 0xF4, 0xEB, 0xFD,
+    ]); // S5
+    let mut mbr = vec![0u8; 512];
+    mbr[..code.len()].copy_from_slice(&code);
+    mbr[0x40..0x40 + msg.len()].copy_from_slice(msg);
+    mbr[510] = 0x55;
+    mbr[511] = 0xAA;
+    let mut f = std::fs::File::create(path).unwrap();
+    f.write_all(&mbr).unwrap();
+    // Distinct random content so the image id is fresh for every run.
+    let mut rest = vec![0u8; (2 << 20) - 512];
+    rand::Rng::fill(&mut rand::thread_rng(), &mut rest[..]);
+    f.write_all(&rest).unwrap();
+}
+
+#[test]
+fn vm_run_boots_an_image_from_the_store_with_and_without_a_daemon() {
+    assert!(cpushare_tests::is_root(), "needs root");
+    let dir = tempfile::tempdir_in(vmguest::scratch_dir()).unwrap();
+    let data = dir.path().join("node");
+    let disk = dir.path().join("bios.img");
+    bios_disk(&disk);
+
+    let mut node = NodeProc::spawn(&[], &data, "seller", &["--listen", "/ip4/127.0.0.1/tcp/0"])
+        .expect("daemon");
+    let id = node
+        .cli_ok(&["image", "import", disk.to_str().unwrap()])
+        .expect("import");
+    let id = id.trim().to_string();
+    assert_eq!(id.len(), 64, "image id: {id:?}");
+    std::fs::remove_file(&disk).unwrap();
+
+    // Daemon running: it holds the store and exports the image for us.
+    let out = vm_run(
+        &data,
+        &["--image", &id, "--memory-mib", "32", "--timeout", "60"],
+    );
+    assert!(
+        out.status.success(),
+        "{}\ndaemon log:\n{}",
+        show(&out),
+        node.log()
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("cvq-cli-bios-ok"),
+        "{}",
+        show(&out)
+    );
+    // The temp export was unlinked: nothing is left behind.
+    let leftovers: Vec<_> = std::fs::read_dir(data.join("vm-tmp"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
+
+    // Too big for the disk cap: refused before booting, one clear line.
+    let out = vm_run(&data, &["--image", &id, "--disk-cap-mib", "1"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("larger than the disk cap"),
+        "{}",
+        show(&out)
+    );
+
+    // No daemon: the store is opened directly and the image materialised unlinked.
+    node.stop().expect("daemon stops");
+    let out = vm_run(
+        &data,
+        &["--image", &id, "--memory-mib", "32", "--timeout", "60"],
+    );
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("cvq-cli-bios-ok"),
+        "{}",
+        show(&out)
+    );
+
+    let out = vm_run(&data, &["--image", &"ab".repeat(32)]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not in the store"),
+        "{}",
+        show(&out)
+    );
+}
+
+#[test]
+fn vm_run_bad_input_fails_with_one_clear_line() {
+    let data = tempfile::tempdir_in(vmguest::scratch_dir()).unwrap();
+    let files = vmguest::test_guest();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["--kernel".into(), "/nonexistent/vmlinuz".into()],
+            "--kernel",
+        ),
+        (vec![], "nothing to boot"),
+        (
+            vec![
+                "--disk".into(),
+                files.rootfs.display().to_string(),
+                "--disk-cap-mib".into(),
+                "1".into(),
+                "--read-only".into(),
+            ],
+            "larger than the disk cap",
+        ),
+        (
+            vec![
+                "--kernel".into(),
+                files.vmlinuz.display().to_string(),
+                "--tap".into(),
+                "cvqx".into(),
+                "--mac".into(),
+                "01:00:00:00:00:01".into(),
+            ],
+            "multicast",
+        ),
+        (
+            vec![
+                "--kernel".into(),
+                files.vmlinuz.display().to_string(),
+                "--qemu".into(),
+                "/nonexistent/qemu".into(),
+            ],
+            "not found",
+        ),
+    ];
+    for (args, want) in cases {
+        let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        let out = vm_run(data.path(), &args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(
+            stderr.contains(want),
+            "{args:?}: want {want:?} in: {stderr}"
+        );
+        let lines: Vec<_> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(lines.len(), 1, "{args:?}: {stderr}");
+    }
+}
