@@ -47,7 +47,10 @@ fn build_guest(dir: &Path) -> PathBuf {
     let ld = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/guests/link.ld");
     std::fs::write(&s, GUEST).unwrap();
     for (prog, args) in [
-        ("as", vec!["--64", "-o", o.to_str().unwrap(), s.to_str().unwrap()]),
+        (
+            "as",
+            vec!["--64", "-o", o.to_str().unwrap(), s.to_str().unwrap()],
+        ),
         (
             "ld",
             vec![
@@ -61,7 +64,10 @@ fn build_guest(dir: &Path) -> PathBuf {
             ],
         ),
     ] {
-        let st = Command::new(prog).args(&args).status().expect("binutils installed");
+        let st = Command::new(prog)
+            .args(&args)
+            .status()
+            .expect("binutils installed");
         assert!(st.success(), "{prog} failed");
     }
     elf
@@ -117,7 +123,9 @@ fn smaps_guest_and_total(pid: u32, mib: u64) -> (u64, u64) {
 }
 
 fn measure(mut cmd: Command, mib: u64) -> Sample {
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
     let t0 = Instant::now();
     let mut c: Child = cmd.spawn().expect("spawn VMM");
     let mut out = c.stdout.take().unwrap();
@@ -200,7 +208,10 @@ fn main() {
     }
     let report = |name: &str, s: &[Sample]| -> (f64, f64) {
         let ms = median(s.iter().map(|x| x.first_byte.as_secs_f64() * 1e3).collect());
-        let min = s.iter().map(|x| x.first_byte.as_secs_f64() * 1e3).fold(f64::MAX, f64::min);
+        let min = s
+            .iter()
+            .map(|x| x.first_byte.as_secs_f64() * 1e3)
+            .fold(f64::MAX, f64::min);
         let rss = median(s.iter().map(|x| x.rss_kib as f64 / 1024.0).collect());
         let guest = median(s.iter().map(|x| x.guest_kib as f64 / 1024.0).collect());
         let over = median(
@@ -208,9 +219,7 @@ fn main() {
                 .map(|x| (x.rss_kib.saturating_sub(x.guest_kib)) as f64 / 1024.0)
                 .collect(),
         );
-        println!(
-            "| {name} | {ms:.1} | {min:.1} | {rss:.1} | {guest:.1} | {over:.1} |"
-        );
+        println!("| {name} | {ms:.1} | {min:.1} | {rss:.1} | {guest:.1} | {over:.1} |");
         (ms, over)
     };
     println!("guest: tiny PVH ELF (prints \"hello\", spins), {mib} MiB, 1 vCPU, KVM; {iterations} runs each, alternating");
@@ -220,6 +229,10 @@ fn main() {
     let (a, oa) = report("cpushare microvm", &ours);
     let (b, ob) = report("qemu -M microvm (KVM)", &theirs);
     println!();
-    println!("ratio first byte microvm/qemu: {:.3}; overhead microvm/qemu: {:.3}", a / b, oa / ob);
+    println!(
+        "ratio first byte microvm/qemu: {:.3}; overhead microvm/qemu: {:.3}",
+        a / b,
+        oa / ob
+    );
     let _ = std::io::stdout().flush();
 }
