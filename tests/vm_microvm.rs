@@ -744,6 +744,21 @@ fn looping_guest_is_stopped_by_the_limit_and_by_stop() {
     let mut con = Console::new(guest.as_mut());
     con.wait_for("looping\n", Duration::from_secs(10));
     assert_eq!(guest.state(), vm::GuestState::Running);
+    // The vCPU thread runs under a seccomp filter (mode 2).
+    let mut filtered = 0;
+    for task in std::fs::read_dir("/proc/self/task").unwrap() {
+        let task = task.unwrap().path();
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        if comm.trim() == "cmv-test-vcpu0" {
+            let status = std::fs::read_to_string(task.join("status")).unwrap();
+            assert!(
+                status.lines().any(|l| l == "Seccomp:\t2"),
+                "vCPU thread not filtered:\n{status}"
+            );
+            filtered += 1;
+        }
+    }
+    assert!(filtered >= 1, "no vCPU thread found");
     assert_eq!(
         guest.stop(Duration::from_secs(1)).unwrap(),
         GuestExit::Stopped

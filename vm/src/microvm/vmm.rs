@@ -262,12 +262,22 @@ fn install_kick_handler() -> Result<(), String> {
 
 /// Open /dev/kvm, mapping errors to what a user can act on.
 pub fn open_kvm() -> Result<Kvm, crate::Error> {
-    let path = std::path::PathBuf::from("/dev/kvm");
-    Kvm::new().map_err(|e| match e.errno() {
+    open_kvm_at(std::path::Path::new("/dev/kvm"))
+}
+
+/// Open the KVM device at `path` (tests use other paths).
+pub fn open_kvm_at(path: &std::path::Path) -> Result<Kvm, crate::Error> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
+        crate::Error::KvmUnusable {
+            reason: format!("bad device path {}", path.display()),
+        }
+    })?;
+    let path = path.to_path_buf();
+    Kvm::new_with_path(&c).map_err(|e| match e.errno() {
         libc::ENOENT | libc::ENXIO | libc::ENODEV => crate::Error::KvmMissing { path },
         libc::EACCES | libc::EPERM => crate::Error::KvmPermission { path },
         _ => crate::Error::KvmUnusable {
-            reason: format!("opening /dev/kvm: {e}"),
+            reason: format!("opening {}: {e}", path.display()),
         },
     })
 }
@@ -756,4 +766,24 @@ fn handle_exit(exit: VcpuExit<'_>, bus: &Bus) -> Option<GuestExit> {
         other => return Some(GuestExit::Crashed(format!("unexpected KVM exit {other:?}"))),
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kvm_errors_say_what_is_wrong() {
+        let missing = open_kvm_at(std::path::Path::new("/nonexistent/kvm"))
+            .err()
+            .unwrap();
+        assert!(
+            matches!(missing, crate::Error::KvmMissing { .. }),
+            "{missing}"
+        );
+        // Something that opens but is not KVM: present, but cannot run guests.
+        let kvm = open_kvm_at(std::path::Path::new("/dev/null")).unwrap();
+        let err = check_caps(&kvm).unwrap_err();
+        assert!(err.contains("API version"), "{err}");
+    }
 }
