@@ -229,3 +229,84 @@ fn vm_run_bad_input_fails_with_one_clear_line() {
         assert_eq!(lines.len(), 1, "{args:?}: {stderr}");
     }
 }
+
+/// Children of `pid` named `comm`, from /proc.
+fn children_named(pid: u32, comm: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...
+        let Some(close) = stat.rfind(')') else {
+            continue;
+        };
+        let name = &stat[stat.find('(').unwrap_or(0) + 1..close];
+        let ppid: u32 = stat[close + 2..]
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        if ppid == pid && name == comm {
+            out.push(child);
+        }
+    }
+    out
+}
+
+#[test]
+fn qemu_dies_with_a_killed_node() {
+    let files = vmguest::test_guest();
+    let data = tempfile::tempdir_in(vmguest::scratch_dir()).unwrap();
+    let append = vmguest::cmdline("sleep 600", "cs.nonet");
+    let mut child = std::process::Command::new(cpushare_tests::node_bin())
+        .arg("--data-dir")
+        .arg(data.path())
+        .args([
+            "vm",
+            "run",
+            "--backend",
+            "qemu",
+            "--accel",
+            "tcg",
+            "--memory-mib",
+            "128",
+            "--quiet",
+        ])
+        .args([
+            "--kernel",
+            files.vmlinuz.to_str().unwrap(),
+            "--initrd",
+            files.initrd.to_str().unwrap(),
+        ])
+        .args(["--append", &append])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let node_pid = child.id();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let qemu = loop {
+        if let Some(&p) = children_named(node_pid, "cs-qemu").first() {
+            break p;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no qemu child of the node appeared"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    child.kill().unwrap(); // SIGKILL: no chance to clean up
+    child.wait().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while Path::new(&format!("/proc/{qemu}/exe")).exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "qemu {qemu} outlived the killed node"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
