@@ -7,6 +7,17 @@
 //! are COM1, i8042 (reset), the ACPI sleep register (power-off), virtio-blk on the
 //! open disk file and virtio-net on the guest tap, both virtio-mmio and described in
 //! the ACPI DSDT.
+//!
+//! What a stock distribution kernel needs to find the devices: ACPI (Debian's cloud
+//! kernel has it built in) and, since virtio is modular there, `virtio_mmio.ko` (it binds
+//! to the DSDT's `LNRO0005` devices) plus `virtio_blk`/`virtio_net` (with `failover`,
+//! `net_failover`) loaded from the initramfs, as scripts/build-test-guest.sh does; no
+//! `virtio_mmio.device=` command-line devices are needed. A buyer's own initramfs must
+//! carry those modules (Debian's initramfs-tools `MODULES=most` does). Disk images that
+//! boot through firmware (BIOS/GRUB) are for the qemu backend.
+//!
+//! Not provided: a power button (stop is immediate; the guest's disk is a throwaway
+//! file anyway), serial input, PCI, and multi-queue or offloads on virtio-net.
 
 pub mod acpi;
 pub mod boot;
