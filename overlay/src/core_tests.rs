@@ -757,3 +757,81 @@ fn admit_checks_conflicts() {
     assert!(h.buyer.revoke(guest_mac(9)));
     assert!(!h.buyer.revoke(guest_mac(9)));
 }
+
+#[test]
+fn too_old_dropped_far_ahead_accepted() {
+    let mut h = Harness::connect(1);
+    for t in 0..2100u32 {
+        h.guest_sends(
+            0,
+            &frame_from_guest(0, BUYER_MAC, BUYER_IP, (t % 251) as u8),
+        );
+    }
+    let first = h.net.pop_front().unwrap();
+    let near = h.net.remove(500).unwrap();
+    let last = h.net.pop_back().unwrap();
+    // Far ahead first: the window jumps; the oldest is now outside it.
+    h.deliver(last);
+    h.deliver(first);
+    h.deliver(near);
+    assert_eq!(h.tap.len(), 2, "far-ahead and within-window frames arrive");
+    assert_eq!(
+        h.buyer.stats().peers[0].drops.get(DropReason::Replay),
+        1,
+        "too old"
+    );
+}
+
+#[test]
+fn lost_initiation_is_retried() {
+    let mut h = Harness::new(1);
+    h.tick();
+    assert_eq!(h.net.len(), 1);
+    h.net.clear(); // lost
+    h.advance(Duration::from_secs(2));
+    h.tick();
+    assert!(h.net.is_empty(), "no retry before the retry interval");
+    h.advance(Duration::from_secs(4));
+    h.tick();
+    assert!(h
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::HandshakeInitiated { attempt: 2, .. })));
+    h.settle();
+    assert!(h.sellers[0].is_established());
+    assert!(h.buyer.stats().peers[0].established);
+}
+
+#[test]
+fn restarted_seller_reconnects() {
+    let mut h = Harness::connect(1);
+    let f = frame_from_guest(0, BUYER_MAC, BUYER_IP, 1);
+    // Same identity and lease, a new core (process restart), a moment later.
+    h.advance(Duration::from_secs(3));
+    let id =
+        Identity::from_signing_key(ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng));
+    assert!(h.buyer.revoke(guest_mac(0)));
+    h.buyer
+        .admit(id.public_key(), guest_mac(0), guest_ip(0))
+        .unwrap();
+    let lease = GuestLease::new(guest_mac(0), guest_ip(0), BUYER_MAC, BUYER_IP);
+    let cfg = SellerConfig::new(
+        h.buyer_id.public_key(),
+        BUYER_ADDR.parse().unwrap(),
+        lease.clone(),
+        SystemTime::now(),
+    );
+    h.sellers[0] = SellerCore::new(id.clone(), cfg).unwrap();
+    h.tick();
+    h.settle();
+    let cfg = SellerConfig::new(
+        h.buyer_id.public_key(),
+        BUYER_ADDR.parse().unwrap(),
+        lease,
+        SystemTime::now() + Duration::from_secs(1),
+    );
+    h.sellers[0] = SellerCore::new(id, cfg).unwrap();
+    h.guest_sends(0, &f);
+    h.settle();
+    assert_eq!(h.tap, vec![f]);
+}

@@ -6,9 +6,8 @@
 
 use std::time::Instant;
 
-use chacha20poly1305::aead::{AeadInPlace, KeyInit};
-use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce, Tag};
 use ed25519_dalek::{Signature, VerifyingKey};
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
 
 use crate::identity::{noise_static_of, verify_binding};
 use crate::replay::ReplayWindow;
@@ -39,8 +38,8 @@ pub(crate) struct Keypair {
     pub local_index: u32,
     /// The peer's index: we put it in data headers we send.
     pub remote_index: u32,
-    send: ChaCha20Poly1305,
-    recv: ChaCha20Poly1305,
+    send: LessSafeKey,
+    recv: LessSafeKey,
     send_counter: u64,
     replay: ReplayWindow,
     /// When the handshake completed.
@@ -60,7 +59,11 @@ impl std::fmt::Debug for Keypair {
 fn nonce(counter: u64) -> Nonce {
     let mut n = [0u8; 12];
     n[4..].copy_from_slice(&counter.to_le_bytes());
-    n.into()
+    Nonce::assume_unique_for_key(n)
+}
+
+fn aead_key(k: &[u8; 32]) -> LessSafeKey {
+    LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, k).expect("32-byte key"))
 }
 
 impl Keypair {
@@ -74,8 +77,8 @@ impl Keypair {
         Keypair {
             local_index,
             remote_index,
-            send: ChaCha20Poly1305::new(Key::from_slice(&send)),
-            recv: ChaCha20Poly1305::new(Key::from_slice(&recv)),
+            send: aead_key(&send),
+            recv: aead_key(&recv),
             send_counter: 0,
             replay: ReplayWindow::new(),
             created: now,
@@ -112,9 +115,9 @@ impl Keypair {
         let (header, body) = out.split_at_mut(DATA_HEADER_LEN);
         let tag = self
             .send
-            .encrypt_in_place_detached(&nonce(counter), header, body)
+            .seal_in_place_separate_tag(nonce(counter), Aad::from(&*header), body)
             .expect("ChaCha20-Poly1305 accepts any length under 256 GiB");
-        out.extend_from_slice(&tag);
+        out.extend_from_slice(tag.as_ref());
     }
 
     /// Authenticates and decrypts a data message into `out` (cleared first). The replay
@@ -129,16 +132,17 @@ impl Keypair {
         if !self.replay.check(counter) {
             return Err(Error::Replay(counter));
         }
-        let body_len = ciphertext.len() - TAG_LEN;
         out.clear();
-        out.extend_from_slice(&ciphertext[..body_len]);
-        let tag = Tag::from_slice(&ciphertext[body_len..]);
-        self.recv
-            .decrypt_in_place_detached(&nonce(counter), header, out, tag)
-            .map_err(|_| {
-                out.clear();
-                Error::Decrypt
-            })?;
+        out.extend_from_slice(ciphertext);
+        if self
+            .recv
+            .open_in_place(nonce(counter), Aad::from(header), out)
+            .is_err()
+        {
+            out.clear();
+            return Err(Error::Decrypt);
+        }
+        out.truncate(ciphertext.len() - TAG_LEN);
         self.replay.commit(counter);
         Ok(())
     }
