@@ -472,14 +472,13 @@ fn md5_hex(data: &[u8]) -> String {
         .to_string()
 }
 
-#[test]
-fn firmware_boot_from_an_unlinked_disk_runs_the_boot_sector() {
-    // A 512-byte MBR: print to COM1, then ACPI power off (q35 PM1a_CNT at 0x604).
-    let msg = b"cvq-bios-boot-ok\r\n\0";
-    let mut code: Vec<u8> = vec![0xBA, 0xF8, 0x03]; // mov dx, 0x3f8
-    let msg_at = 0x7c00u16 + 0x40;
-    code.extend_from_slice(&[0xBE, msg_at as u8, (msg_at >> 8) as u8]); // mov si, msg
-                                                                        // loop: lodsb; test al,al; jz done; out dx,al; jmp loop
+/// 512 bytes of real-mode code that prints `msg` on COM1 and powers off through ACPI
+/// (q35's PM1a_CNT at 0x604, S5 = 0), with the MBR signature.
+fn boot_sector(msg: &str) -> Vec<u8> {
+    let mut code: Vec<u8> = vec![0x31, 0xC0, 0x8E, 0xD8]; // xor ax,ax; mov ds,ax
+    code.extend_from_slice(&[0xBA, 0xF8, 0x03]); // mov dx, 0x3f8
+    code.extend_from_slice(&[0xBE, 0x40, 0x7C]); // mov si, 0x7c40 (the message)
+                                                 // loop: lodsb; test al,al; jz done; out dx,al; jmp loop
     code.extend_from_slice(&[0xAC, 0x84, 0xC0, 0x74, 0x03, 0xEE, 0xEB, 0xF8]);
     // done: mov dx,0x604; mov ax,0x2000; out dx,ax; cli; hlt; jmp $-2
     code.extend_from_slice(&[
@@ -487,9 +486,82 @@ fn firmware_boot_from_an_unlinked_disk_runs_the_boot_sector() {
     ]);
     let mut mbr = vec![0u8; 512];
     mbr[..code.len()].copy_from_slice(&code);
-    mbr[0x40..0x40 + msg.len()].copy_from_slice(msg);
+    let msg = format!("{msg}\r\n\0");
+    mbr[0x40..0x40 + msg.len()].copy_from_slice(msg.as_bytes());
     mbr[510] = 0x55;
     mbr[511] = 0xAA;
+    mbr
+}
+
+/// A minimal El Torito ISO 9660 image whose no-emulation boot image is `boot`.
+fn el_torito_iso(boot: &[u8]) -> Vec<u8> {
+    const S: usize = 2048;
+    let mut iso = vec![0u8; 32 * S];
+    let both32 = |v: u32| [v.to_le_bytes(), v.to_be_bytes()].concat();
+    // Primary volume descriptor (sector 16).
+    let pvd = &mut iso[16 * S..17 * S];
+    pvd[0] = 1;
+    pvd[1..6].copy_from_slice(b"CD001");
+    pvd[6] = 1;
+    pvd[80..88].copy_from_slice(&both32(32));
+    pvd[128..132].copy_from_slice(&[0x00, 0x08, 0x08, 0x00]); // block size 2048, both-endian
+                                                              // Boot record (sector 17) pointing at the boot catalog (sector 19).
+    let br = &mut iso[17 * S..18 * S];
+    br[1..6].copy_from_slice(b"CD001");
+    br[6] = 1;
+    br[7..7 + 23].copy_from_slice(b"EL TORITO SPECIFICATION");
+    br[0x47..0x4B].copy_from_slice(&19u32.to_le_bytes());
+    // Terminator (sector 18).
+    let t = &mut iso[18 * S..19 * S];
+    t[0] = 255;
+    t[1..6].copy_from_slice(b"CD001");
+    t[6] = 1;
+    // Boot catalog (sector 19): validation entry + default entry.
+    let cat = &mut iso[19 * S..20 * S];
+    cat[0] = 1;
+    cat[30] = 0x55;
+    cat[31] = 0xAA;
+    let sum: u16 = cat[..32].chunks(2).fold(0u16, |a, w| {
+        a.wrapping_add(u16::from_le_bytes([w[0], w[1]]))
+    });
+    cat[28..30].copy_from_slice(&0u16.wrapping_sub(sum).to_le_bytes());
+    cat[32] = 0x88; // bootable, no emulation, load segment 0 (= 0x7c0)
+    cat[38..40].copy_from_slice(&4u16.to_le_bytes()); // 4 x 512 bytes
+    cat[40..44].copy_from_slice(&20u32.to_le_bytes()); // at sector 20
+    iso[20 * S..20 * S + boot.len()].copy_from_slice(boot);
+    iso
+}
+
+#[test]
+fn firmware_boot_of_an_iso_live_cd() {
+    let dir = vmguest::scratch_dir();
+    let path = dir.join(format!("cvq-live-{}.iso", std::process::id()));
+    std::fs::write(&path, el_torito_iso(&boot_sector("cvq-iso-boot-ok"))).unwrap();
+    let mut spec = GuestSpec::new("cvq-iso", Boot::Iso { iso: path.clone() });
+    spec.memory_mib = 32;
+    spec.wall_clock_limit = Some(Duration::from_secs(60));
+    spec.shutdown_grace = Duration::from_secs(1);
+    let started = backend().start_guest(spec);
+    let _ = std::fs::remove_file(&path);
+    let mut guest = started.expect("qemu starts");
+    let console = Console::follow(&mut guest);
+    let exit = guest.wait_timeout(Duration::from_secs(90)).unwrap();
+    assert!(
+        console.text().contains("cvq-iso-boot-ok"),
+        "console:\n{}",
+        console.text()
+    );
+    assert_eq!(
+        exit,
+        Some(GuestExit::PoweredOff),
+        "console:\n{}",
+        console.text()
+    );
+}
+
+#[test]
+fn firmware_boot_from_an_unlinked_disk_runs_the_boot_sector() {
+    let mbr = boot_sector("cvq-bios-boot-ok");
     let dir = vmguest::scratch_dir();
     let mut disk = tempfile::tempfile_in(&dir).unwrap();
     disk.write_all(&mbr).unwrap();
@@ -589,5 +661,49 @@ fn dropping_the_handle_kills_qemu_and_bad_kernels_fail_clearly() {
     assert!(
         matches!(err, vm::Error::KernelNotBootable { .. }),
         "{err:?}"
+    );
+}
+
+/// `auto` must pick a backend that really boots Linux here, and say why.
+#[test]
+fn auto_choice_boots_linux_and_explains_itself() {
+    let files = vmguest::test_guest();
+    let mut spec = GuestSpec::new(
+        "cvq-auto",
+        Boot::Direct {
+            kernel: files.vmlinuz.clone(),
+            initrd: Some(files.initrd.clone()),
+            cmdline: vmguest::cmdline("echo cvq-auto-ok", "cs.nonet"),
+        },
+    );
+    spec.memory_mib = 128;
+    spec.wall_clock_limit = Some(Duration::from_secs(180));
+    let choice = vm::auto(&spec).expect("some backend runs Linux here");
+    let why = choice.explain();
+    eprintln!("auto: {why}");
+    match vm::kvm_probe::linux_instructions() {
+        Err(e) => {
+            assert_eq!(choice.backend.kind(), vm::BackendKind::Qemu, "{why}");
+            assert!(why.contains("tcg") && why.contains("not microvm"), "{why}");
+            eprintln!("KVM cannot run Linux here: {e}");
+        }
+        Ok(()) => assert_eq!(choice.backend.kind(), vm::BackendKind::Microvm, "{why}"),
+    }
+    let mut guest = choice
+        .backend
+        .start(spec)
+        .expect("the chosen backend starts");
+    let console = Console::follow(guest.as_mut());
+    let exit = guest.wait_timeout(Duration::from_secs(200)).unwrap();
+    assert_eq!(
+        exit,
+        Some(GuestExit::PoweredOff),
+        "console:\n{}",
+        console.text()
+    );
+    assert!(
+        console.text().contains("cvq-auto-ok"),
+        "console:\n{}",
+        console.text()
     );
 }
