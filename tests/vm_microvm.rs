@@ -633,6 +633,9 @@ fn virtio_net_guest_receives_a_frame_the_test_writes_to_the_tap() {
     let dir = tempfile::tempdir().unwrap();
     let elf = build_guest(dir.path(), "netrx", NET_RX, true);
     let mut tap = TapInNs::new("cmvrx", "cmvtap1");
+    tap._ns
+        .ip(&["link", "set", "cmvtap1", "mtu", "9000"])
+        .unwrap();
     let mut s = spec(&elf, Duration::from_secs(20));
     s.net = Some(NetSpec {
         tap: Tap::Fd(tap.tap.take().unwrap()),
@@ -641,6 +644,12 @@ fn virtio_net_guest_receives_a_frame_the_test_writes_to_the_tap() {
     let mut guest = Microvm.start(s).expect("microvm starts");
     let mut con = Console::new(guest.as_mut());
     con.wait_for("ready\n", Duration::from_secs(10));
+    // First a frame larger than the guest's 2 KiB buffer: dropped, buffer kept.
+    let mut big = Vec::new();
+    big.extend_from_slice(&GUEST_MAC);
+    big.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01, 0x88, 0xb5]);
+    big.resize(3000, b'B');
+    tap.send(&big);
     let mut frame = Vec::new();
     frame.extend_from_slice(&GUEST_MAC);
     frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);

@@ -200,21 +200,32 @@ fn deliver(t: &mut super::mmio::MmioTransport, frame: &[u8], vnet_hdr: bool) -> 
     let Some(chain) = pop_chain(&mut t.queues[RXQ], &mem) else {
         return false;
     };
-    let mut hdr = [0u8; VNET_HDR_LEN];
-    hdr[10] = 1; // num_buffers
-    let written = if vnet_hdr {
-        let mut f = frame.to_vec();
-        if f.len() >= VNET_HDR_LEN {
-            f[10] = 1;
-            f[11] = 0;
-        }
-        write_to_bufs(&mem, &chain.bufs, &f)
-    } else {
-        let mut f = Vec::with_capacity(VNET_HDR_LEN + frame.len());
-        f.extend_from_slice(&hdr);
+    let mut f = Vec::with_capacity(VNET_HDR_LEN + frame.len());
+    if vnet_hdr {
         f.extend_from_slice(frame);
-        write_to_bufs(&mem, &chain.bufs, &f)
-    };
+    } else {
+        f.extend_from_slice(&[0u8; VNET_HDR_LEN]);
+        f.extend_from_slice(frame);
+    }
+    if f.len() < VNET_HDR_LEN {
+        return true;
+    }
+    f[10] = 1; // num_buffers
+    f[11] = 0;
+    let room: u64 = chain
+        .bufs
+        .iter()
+        .filter(|b| b.write_only)
+        .map(|b| u64::from(b.len))
+        .sum();
+    if (f.len() as u64) > room {
+        // Too big for the guest's buffer: drop the frame (as a NIC drops frames above
+        // its MTU) and leave the buffer for the next one.
+        let q = &mut t.queues[RXQ];
+        q.set_next_avail(q.next_avail().wrapping_sub(1));
+        return true;
+    }
+    let written = write_to_bufs(&mem, &chain.bufs, &f);
     let len = written.unwrap_or(0) as u32;
     if add_used(&mut t.queues[RXQ], &mem, chain.head, len) {
         t.irq.signal_used();
