@@ -351,7 +351,6 @@ fn create_vm(kvm: &Kvm, mem_bytes: u64) -> Result<(VmFd, GuestMemoryMmap), Build
 fn setup_vcpu(
     kvm: &Kvm,
     vm: &VmFd,
-    mem: &GuestMemoryMmap,
     id: u8,
     count: u8,
     mode: BootMode,
@@ -381,7 +380,6 @@ fn setup_vcpu(
     vcpu.set_fpu(&cpu::boot_fpu())
         .map_err(|e| format!("setting the FPU of vCPU {id}: {e}"))?;
     cpu::configure_lapic(&vcpu).map_err(|e| format!("configuring the LAPIC of vCPU {id}: {e}"))?;
-    let _ = mem;
     Ok(vcpu)
 }
 
@@ -505,9 +503,8 @@ pub fn start(
 
     let mut vcpu_fds = Vec::new();
     for id in 0..vcpus {
-        vcpu_fds.push(
-            setup_vcpu(&kvm, &vm, &mem, id, vcpus, loaded.mode, &gdt).map_err(BuildError::Kvm)?,
-        );
+        vcpu_fds
+            .push(setup_vcpu(&kvm, &vm, id, vcpus, loaded.mode, &gdt).map_err(BuildError::Kvm)?);
     }
 
     let (fanout, console_stream) = SerialFanout::new(serial_log);
