@@ -17,7 +17,7 @@ fn cases(default: u32) -> ProptestConfig {
 }
 
 proptest! {
-    #![proptest_config(cases(3000))]
+    #![proptest_config(cases(5000))]
 
     #[test]
     fn decrypt_never_accepts_what_was_not_sent(input in proptest::collection::vec(any::<u8>(), 0..1600)) {
@@ -33,7 +33,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(cases(200_000))]
+    #![proptest_config(cases(1_000_000))]
 
     #[test]
     fn filter_accepts_only_what_the_lease_allows(input in proptest::collection::vec(any::<u8>(), 0..200)) {
