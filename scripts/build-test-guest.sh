@@ -18,6 +18,7 @@
 #   cs.root=/dev/vda                       mount this ext4 disk and switch_root into it
 #   cs.nonet                               skip DHCP
 #   cs.keep                                do not power off after the command
+# The ACPI power button (a host stop request) powers the guest off (busybox acpid).
 # /init prints "cs-init: ..." progress lines, "cs-dhcp: <ip>" after a lease, and
 # "cs-exit: <status>" after the command, then powers off (poweroff -f).
 #
@@ -99,7 +100,7 @@ for applet in $("$rootdir/bin/busybox" --list); do
 done
 
 # Modules the guest needs, with their dependencies, in load order; built-ins skipped.
-want="virtio_ring virtio virtio_mmio virtio_pci failover net_failover virtio_net virtio_blk af_packet crc32c_generic ext4"
+want="virtio_ring virtio virtio_mmio virtio_pci failover net_failover virtio_net virtio_blk af_packet crc32c_generic ext4 button evdev"
 resolved=()
 declare -A seen=()
 # The package ships no modules.dep (depmod runs at install), so read each module's
@@ -152,6 +153,11 @@ esac
 exit 0
 EOF
 chmod +x "$rootdir/usr/share/udhcpc/default.script"
+# busybox acpid: the action file maps an event to a handler under the conf dir.
+mkdir -p "$rootdir/etc/acpi"
+echo "PWRF power" >"$rootdir/etc/acpid.conf"
+printf '#!/bin/sh\necho "cs-acpi: power button"\nsync\npoweroff -f\n' >"$rootdir/etc/acpi/power"
+chmod +x "$rootdir/etc/acpi/power"
 
 cat >"$rootdir/init" <<'EOF'
 #!/bin/sh
@@ -181,6 +187,10 @@ if [ -n "$root" ] && [ ! -f /etc/cs-rootfs ]; then
 fi
 [ -f /etc/cs-rootfs ] && echo "cs-init: running from root disk $(cat /etc/cs-rootfs)"
 ip link set lo up
+# ACPI power button (a stop request from the host) -> clean power-off.
+if ls /dev/input/event* >/dev/null 2>&1; then
+    acpid -c /etc/acpi -a /etc/acpid.conf -l /dev/null
+fi
 if ! flag cs.nonet && [ -d /sys/class/net/eth0 ]; then
     ip link set eth0 up
     udhcpc -i eth0 -q -n -t 10 -T 1 -s /usr/share/udhcpc/default.script >/dev/null 2>&1
