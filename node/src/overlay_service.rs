@@ -290,7 +290,10 @@ fn attach(node: &Node, st: &Shared, p: AttachParams) -> Result<Value> {
             reason: format!("{} has no IPv4 address", p.buyer),
         })?;
     if lock(st).sellers.contains_key(&mac) {
-        return Err(overlay::Error::AddressConflict(format!("guest MAC {mac} is already attached")).into());
+        return Err(overlay::Error::AddressConflict(format!(
+            "guest MAC {mac} is already attached"
+        ))
+        .into());
     }
     let (ns, ifname, created_tap, tap) = match (&p.tap, &p.iface) {
         (Some(tap), None) => {
@@ -317,8 +320,10 @@ fn attach(node: &Node, st: &Shared, p: AttachParams) -> Result<Value> {
             })
         }
     };
-    let port = PacketPort::open_in(&ns, &ifname)
-        .map_err(shell::os(format!("opening the guest port on {ifname} in netns {}", ns.name())))?;
+    let port = PacketPort::open_in(&ns, &ifname).map_err(shell::os(format!(
+        "opening the guest port on {ifname} in netns {}",
+        ns.name()
+    )))?;
     let lease = GuestLease::new(mac, p.ip, buyer_mac(&buyer_key), p.buyer_ip);
     let core = SellerCore::new(
         overlay_identity(node),
@@ -328,7 +333,8 @@ fn attach(node: &Node, st: &Shared, p: AttachParams) -> Result<Value> {
     let nsname = ns.name().to_string();
     // The seller keeps a namespace it created alive; a persistent tap is removed on detach.
     let (keep_ns, created) = if created_tap {
-        let again = NetNs::open(&nsname).map_err(|e| Error::io("reopening the lease namespace", e))?;
+        let again =
+            NetNs::open(&nsname).map_err(|e| Error::io("reopening the lease namespace", e))?;
         (Some(ns), Some((again, ifname.clone())))
     } else {
         (None, None)
@@ -360,7 +366,9 @@ fn detach(node: &Node, st: &Shared, p: MacParams) -> Result<Value> {
         reason: format!("no guest {mac} is attached (see `overlay ls`)"),
     })?;
     let Attachment {
-        seller, created_tap, ..
+        seller,
+        created_tap,
+        ..
     } = a;
     if let Some((ns, tap)) = &created_tap {
         let _ = oio::remove_guest_tap(ns, tap);
@@ -373,9 +381,16 @@ fn revoke(node: &Node, st: &Shared, p: MacParams) -> Result<Value> {
     need(node, Role::Buyer)?;
     let mac = mac_arg(&p.mac)?;
     let g = lock(st);
-    let found = g.buyer.as_ref().map(|b| b.buyer.revoke(mac)).unwrap_or(false);
+    let found = g
+        .buyer
+        .as_ref()
+        .map(|b| b.buyer.revoke(mac))
+        .unwrap_or(false);
     if !found {
-        return Err(overlay::Error::UnknownPeer(format!("for guest MAC {mac}")).into());
+        return Err(Error::BadArg {
+            what: "--mac",
+            reason: format!("no guest {mac} is admitted on this buyer (see `overlay ls`)"),
+        });
     }
     Ok(json!({"mac": mac.to_string(), "revoked": true}))
 }
@@ -412,16 +427,35 @@ pub fn register(router: &mut Router, node: Arc<Node>) {
 /// Client side of `cpushare-node overlay ...`.
 pub fn run_cli(settings: &Settings, cmd: OverlayCommand) -> Result<ExitCode> {
     let (method, params) = match &cmd {
-        OverlayCommand::Admit { key, mac, ip, listen, tap, host_ip } => {
+        OverlayCommand::Admit {
+            key,
+            mac,
+            ip,
+            listen,
+            tap,
+            host_ip,
+        } => {
             overlay::parse_peer_key(key)?;
             mac_arg(mac)?;
-            ("overlay.admit", json!({"key": key, "mac": mac, "ip": ip, "listen": listen, "tap": tap, "host_ip": host_ip}))
+            (
+                "overlay.admit",
+                json!({"key": key, "mac": mac, "ip": ip, "listen": listen, "tap": tap, "host_ip": host_ip}),
+            )
         }
         OverlayCommand::Revoke { mac } => {
             mac_arg(mac)?;
             ("overlay.revoke", json!({ "mac": mac }))
         }
-        OverlayCommand::Attach { tap, iface, netns, buyer, buyer_key, mac, ip, buyer_ip } => {
+        OverlayCommand::Attach {
+            tap,
+            iface,
+            netns,
+            buyer,
+            buyer_key,
+            mac,
+            ip,
+            buyer_ip,
+        } => {
             overlay::parse_peer_key(buyer_key)?;
             mac_arg(mac)?;
             if tap.is_none() && iface.is_none() {
@@ -451,16 +485,29 @@ pub fn run_cli(settings: &Settings, cmd: OverlayCommand) -> Result<ExitCode> {
 }
 
 fn print_ls(v: &Value) {
-    let s = |v: &Value| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
+    let s = |v: &Value| {
+        v.as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| v.to_string())
+    };
     if let Some(sw) = v.get("switch").filter(|x| !x.is_null()) {
-        println!("switch on {} tap {}  drops {}", s(&sw["udp"]), s(&sw["tap"]), sw["drops"]);
+        println!(
+            "switch on {} tap {}  drops {}",
+            s(&sw["udp"]),
+            s(&sw["tap"]),
+            sw["drops"]
+        );
         for g in sw["guests"].as_array().into_iter().flatten() {
             println!(
                 "  {} {:<15} peer {}…  {}  endpoint {}  rx {} tx {} frames  drops {}",
                 s(&g["mac"]),
                 s(&g["ip"]),
                 &s(&g["peer"])[..16.min(s(&g["peer"]).len())],
-                if g["established"] == true { "up" } else { "down" },
+                if g["established"] == true {
+                    "up"
+                } else {
+                    "down"
+                },
                 s(&g["endpoint"]),
                 g["traffic"]["rx_frames"],
                 g["traffic"]["tx_frames"],
@@ -477,7 +524,11 @@ fn print_ls(v: &Value) {
             s(&g["netns"]),
             s(&g["iface"]),
             s(&g["buyer"]),
-            if g["established"] == true { "up" } else { "down" },
+            if g["established"] == true {
+                "up"
+            } else {
+                "down"
+            },
             g["traffic"]["rx_frames"],
             g["traffic"]["tx_frames"],
             g["drops"]

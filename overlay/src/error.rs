@@ -103,9 +103,6 @@ pub enum Error {
         "UDP address {0} is already in use: choose another port, or stop the program using it"
     )]
     PortInUse(SocketAddr),
-    /// A peer key that the buyer never admitted.
-    #[error("unknown peer key {0}: it is not admitted on this buyer (see `overlay ls`)")]
-    UnknownPeer(String),
 }
 
 /// Shorthand for results of this crate.

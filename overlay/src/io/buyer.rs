@@ -82,8 +82,8 @@ impl Buyer {
         let host_ip = core.config().host_ip;
         let host_mac = core.config().host_mac;
         let mtu = core.config().guest_mtu;
-        check_conflict(&cfg.tap_name, host_ip, cfg.prefix)?;
         let udp = shell::bind_udp(cfg.listen)?;
+        check_conflict(&cfg.tap_name, host_ip, cfg.prefix)?;
         let local = udp.local_addr().map_err(os("reading the UDP address"))?;
         let tap = Tap::create(
             &cfg.tap_name,

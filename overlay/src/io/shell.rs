@@ -89,6 +89,12 @@ pub fn log_event(e: &Event) {
         Event::HandshakeInitiated { to, attempt } => {
             tracing::debug!(%to, attempt, "overlay handshake initiated")
         }
+        // An unknown key is what an operator needs to see (a missing `overlay admit`);
+        // handshakes are rate-limited, so this cannot flood the log.
+        Event::HandshakeRejected {
+            from,
+            error: error @ crate::Error::NotAdmitted { .. },
+        } => tracing::warn!(%from, %error, "overlay handshake from an unknown peer"),
         Event::HandshakeRejected { from, error } => {
             tracing::debug!(%from, %error, "overlay handshake rejected")
         }
