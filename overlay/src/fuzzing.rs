@@ -192,9 +192,7 @@ pub fn decrypt_case(input: &[u8]) {
 /// panic, and every accepted frame satisfies the lease's address rules. Returns the
 /// EtherType of an accepted frame (so tests can check the rules are reached).
 pub fn filter_case(input: &[u8]) -> Option<u16> {
-    let Some((&ctl, rest)) = input.split_first() else {
-        return None;
-    };
+    let (&ctl, rest) = input.split_first()?;
     let mut f = rest.to_vec();
     let mut lease = GuestLease::new(GUEST_MAC, GUEST_IP, BUYER_MAC, BUYER_IP);
     lease.allow_ipv6 = ctl & 1 != 0;
