@@ -234,5 +234,46 @@ fn main() {
         a / b,
         oa / ob
     );
+    let (n, per) = in_process(&elf, mib, 8);
+    println!(
+        "{n} microvm guests in one process: VMM overhead {per:.2} MiB per guest \
+         (RSS growth minus resident guest RAM, divided by {n})"
+    );
     let _ = std::io::stdout().flush();
+}
+
+/// Marginal cost per guest inside one process, as in `cpushare-node`: start `n`
+/// guests, wait for each one's serial output, and compare RSS before and after.
+fn in_process(elf: &Path, mib: u64, n: usize) -> (usize, f64) {
+    use vm::{Backend, Boot, GuestSpec};
+    let me = std::process::id();
+    let (before, guest_before) = smaps_guest_and_total(me, mib);
+    let mut guests = Vec::new();
+    for i in 0..n {
+        let mut spec = GuestSpec::new(
+            format!("bench{i}"),
+            Boot::Direct {
+                kernel: elf.to_path_buf(),
+                initrd: None,
+                cmdline: String::new(),
+            },
+        );
+        spec.memory_mib = mib;
+        let mut g = vm::microvm::Microvm.start(spec).expect("microvm starts");
+        let rx = g.take_console().unwrap();
+        let mut got = Vec::new();
+        while !got.ends_with(b"\n") {
+            got.extend(
+                rx.recv_timeout(Duration::from_secs(10))
+                    .expect("guest output"),
+            );
+        }
+        guests.push((g, rx));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let (after, guest_after) = smaps_guest_and_total(me, mib);
+    drop(guests);
+    let grown =
+        after.saturating_sub(before) as f64 - guest_after.saturating_sub(guest_before) as f64;
+    (n, grown / 1024.0 / n as f64)
 }

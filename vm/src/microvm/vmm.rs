@@ -30,6 +30,9 @@ use crate::backend::{GuestExit, SerialFanout};
 /// How often the supervisor kicks vCPUs out of KVM_RUN to look for a guest that has
 /// halted with interrupts off (it can never run again: e.g. Linux after `halt`).
 const HALT_POLL: Duration = Duration::from_millis(100);
+/// Serial writes (one byte each, mostly) buffered between a vCPU and the console
+/// thread before the vCPU waits; the channel preallocates its slots.
+const CONSOLE_BACKLOG: usize = 4096;
 const KVM_MP_STATE_UNINITIALIZED: u32 = 1;
 const KVM_MP_STATE_INIT_RECEIVED: u32 = 2;
 const KVM_MP_STATE_HALTED: u32 = 3;
@@ -491,7 +494,7 @@ pub fn start(
         EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BuildError::Other(e.to_string()))?;
     vm.register_irqfd(&serial_evt, SERIAL_IRQ)
         .map_err(|e| BuildError::Kvm(format!("registering the serial irqfd: {e}")))?;
-    let (console_tx, console_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(65536);
+    let (console_tx, console_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(CONSOLE_BACKLOG);
     let bus = Arc::new(Bus {
         serial: Mutex::new(Serial::new(
             IrqTrigger(serial_evt),
