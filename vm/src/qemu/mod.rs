@@ -210,7 +210,6 @@ pub struct QemuGuest {
     console: Option<Receiver<Vec<u8>>>,
     fanout: SerialFanout,
     supervisor: Option<JoinHandle<()>>,
-    grace: Duration,
 }
 
 impl QemuGuest {
@@ -299,7 +298,6 @@ impl Drop for QemuGuest {
         if let Some(h) = self.supervisor.take() {
             let _ = h.join();
         }
-        let _ = self.grace;
     }
 }
 
@@ -457,7 +455,6 @@ fn start(
             console: Some(console),
             fanout,
             supervisor: Some(supervisor),
-            grace,
         }),
         Ok(Startup::Failed(e)) => {
             let _ = supervisor.join();
