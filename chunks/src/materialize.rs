@@ -151,3 +151,141 @@ fn write_range(
     f.sync_all().map_err(io)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::ImageFormat;
+    use crate::store::UNLIMITED;
+    use ed25519_dalek::SigningKey;
+    use rand::{RngCore, SeedableRng};
+
+    /// A small tmpfs mounted for one test, unmounted on drop (also on panic).
+    struct SmallFs {
+        dir: tempfile::TempDir,
+    }
+
+    impl SmallFs {
+        fn new(size: &str) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let st = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(dir.path())
+                .status()
+                .expect("run mount");
+            assert!(
+                st.success(),
+                "mounting a tmpfs needs root (CI runs tests as root)"
+            );
+            SmallFs { dir }
+        }
+        fn path(&self) -> &Path {
+            self.dir.path()
+        }
+    }
+
+    impl Drop for SmallFs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(self.dir.path())
+                .status();
+        }
+    }
+
+    fn setup(n: usize) -> (tempfile::TempDir, ChunkStore, ImageId, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path(), UNLIMITED).unwrap();
+        let mut data = vec![0u8; n];
+        rand::rngs::StdRng::seed_from_u64(5).fill_bytes(&mut data);
+        let key = SigningKey::from_bytes(&[1; 32]);
+        let (id, _) = crate::import::import_reader(
+            &store,
+            &key,
+            &data[..],
+            "img",
+            ImageFormat::Raw,
+            0,
+            |_, _| {},
+        )
+        .unwrap();
+        (dir, store, id, data)
+    }
+
+    #[test]
+    fn disk_full_is_reported_and_leaves_nothing() {
+        let (_d, store, id, _) = setup(3 << 20);
+        let fs = SmallFs::new("1m");
+        let e = materialize(&store, id, fs.path(), None).unwrap_err();
+        assert!(matches!(e, Error::DiskFull { .. }), "{e:?}");
+        assert!(
+            e.to_string()
+                .starts_with("disk full while writing image file"),
+            "{e}"
+        );
+        let dest = fs.path().join("out.img");
+        let e = export(&store, id, &dest).unwrap_err();
+        assert!(matches!(e, Error::DiskFull { .. }), "{e:?}");
+        assert_eq!(
+            std::fs::read_dir(fs.path()).unwrap().count(),
+            0,
+            "no partial export left"
+        );
+    }
+
+    #[test]
+    fn chunk_store_on_full_disk_says_disk_full() {
+        let fs = SmallFs::new("8m");
+        let store = ChunkStore::open(fs.path().join("store"), UNLIMITED).unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(6);
+        let mut err = None;
+        for _ in 0..200 {
+            let mut v = vec![0u8; 64 * 1024];
+            rng.fill_bytes(&mut v);
+            if let Err(e) = store.put_chunk(&crate::ChunkId::of(&v), &v) {
+                err = Some(e);
+                break;
+            }
+        }
+        let e = err.expect("an 8 MiB disk cannot hold 12 MiB of chunks");
+        assert!(matches!(e, Error::DiskFull { .. }), "{e:?}");
+        assert!(
+            e.to_string()
+                .starts_with("disk full while writing chunk store"),
+            "{e}"
+        );
+        // The store still works for reads, and after freeing space for writes.
+        assert!(store.verify_all().unwrap().bad_removed == 0);
+        assert!(store.chunk_count() > 0);
+    }
+
+    #[test]
+    fn sparse_zero_runs_and_exact_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path().join("s"), UNLIMITED).unwrap();
+        let mut data = vec![0u8; 2 << 20];
+        data[100] = 1;
+        let key = SigningKey::from_bytes(&[1; 32]);
+        let (id, _) = crate::import::import_reader(
+            &store,
+            &key,
+            &data[..],
+            "z",
+            ImageFormat::Raw,
+            0,
+            |_, _| {},
+        )
+        .unwrap();
+        let mut f = materialize(&store, id, dir.path(), None).unwrap();
+        let mut back = Vec::new();
+        std::io::Read::read_to_end(&mut f, &mut back).unwrap();
+        assert_eq!(back, data);
+        use std::os::unix::fs::MetadataExt;
+        let md = f.metadata().unwrap();
+        assert_eq!(md.nlink(), 0, "unlinked");
+        assert!(
+            md.blocks() * 512 < data.len() as u64,
+            "zero runs left as holes"
+        );
+    }
+}

@@ -378,6 +378,19 @@ impl ChunkStore {
             return Ok(false);
         }
         let size = bytes.len() as u64;
+        // sled does not recover from ENOSPC mid-write (it stalls), so refuse
+        // before the filesystem is full.
+        if let Some(free) = free_bytes(&self.inner.path) {
+            if free < size + DISK_RESERVE {
+                if hold {
+                    release_one(&mut st.holds, id);
+                }
+                return Err(Error::DiskFull {
+                    what: "writing chunk store",
+                    path: self.inner.path.clone(),
+                });
+            }
+        }
         if st.size + size > self.inner.cap {
             let need = st.size + size - self.inner.cap;
             if let Err(e) = self.evict_locked(&mut st, need) {
@@ -723,6 +736,23 @@ impl ChunkStore {
         self.inner.db.flush().map_err(|e| self.err(e))?;
         Ok(())
     }
+}
+
+/// Free space kept on the store's filesystem: sled needs room to write its
+/// log and compact; running it into ENOSPC stalls it.
+pub const DISK_RESERVE: u64 = 4 << 20;
+
+/// Bytes available to us on the filesystem holding `path`.
+fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a writable statvfs.
+    let r = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    if r != 0 {
+        return None;
+    }
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
 fn release_one<K: std::hash::Hash + Eq + Copy>(m: &mut HashMap<K, u32>, k: &K) {
