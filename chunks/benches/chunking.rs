@@ -157,14 +157,14 @@ fn main() {
         "| full import into sled store (chunk + hash + store + sign) | {ri:.0} | {:.2} |",
         ri / rh
     );
+    if !full {
+        return;
+    }
     println!();
     println!(
         "### Share of a second version in new chunks (1 % of bytes changed in k contiguous places)"
     );
     println!();
-    if !full {
-        return;
-    }
     println!("| image | places | mean new bytes | worst of 20 |");
     println!("| --- | ---: | ---: | ---: |");
     for (sz, label) in [(8usize << 20, "8 MiB"), (64 << 20, "64 MiB")] {
