@@ -487,6 +487,112 @@ fn run_guest(settings: &Settings, args: RunArgs) -> Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    fn settings(dir: &Path) -> Settings {
+        Settings {
+            role: None,
+            data_dir: dir.to_path_buf(),
+            listen: String::new(),
+            bootstrap: Vec::new(),
+            mdns: false,
+            log_format: crate::cli::LogFormat::Text,
+            store_cap_mib: 1024,
+        }
+    }
+
+    #[derive(Parser)]
+    struct TestCli {
+        #[command(subcommand)]
+        cmd: VmCommand,
+    }
+
+    fn run_args(extra: &[&str]) -> RunArgs {
+        let mut argv = vec!["t", "run"];
+        argv.extend_from_slice(extra);
+        match TestCli::parse_from(argv).cmd {
+            VmCommand::Run(a) => a,
+        }
+    }
+
+    /// A direct-boot image in the store comes out as unlinked files whose bytes are
+    /// the original parts, reachable by path through /proc for qemu.
+    #[test]
+    fn direct_boot_image_materialises_into_unlinked_parts() {
+        let dir = tempfile::tempdir().unwrap();
+        let parts_dir = dir.path().join("parts");
+        std::fs::create_dir_all(&parts_dir).unwrap();
+        let mut part = |name: &str, len: usize, seed: u8| {
+            let data: Vec<u8> = (0..len)
+                .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+                .collect();
+            let p = parts_dir.join(name);
+            std::fs::write(&p, &data).unwrap();
+            (p, data)
+        };
+        let (kernel, kernel_data) = part("vmlinuz", 300_000, 1);
+        let (initrd, initrd_data) = part("initrd", 200_000, 2);
+        let (disk, disk_data) = part("disk.img", 1 << 20, 3);
+        let s = settings(dir.path());
+        let id = {
+            let store = chunks::ChunkStore::open(s.store_dir(), chunks::UNLIMITED).unwrap();
+            let key = ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]);
+            let boot = chunks::DirectBoot {
+                kernel,
+                initrd: Some(initrd),
+                disk: Some(disk),
+                cmdline: "console=ttyS0 from-manifest".into(),
+            };
+            let (id, _) =
+                chunks::import_direct_boot(&store, &key, &boot, "t", None, |_, _| {}).unwrap();
+            id
+        };
+        let hex = id.to_hex();
+        let p = prepare_from_store(&s, &run_args(&["--image", &hex]), &hex).unwrap();
+        let Boot::Direct {
+            kernel,
+            initrd,
+            cmdline,
+        } = &p.boot
+        else {
+            panic!("not a direct boot: {:?}", p.boot)
+        };
+        assert_eq!(cmdline, "console=ttyS0 from-manifest");
+        assert_eq!(std::fs::read(kernel).unwrap(), kernel_data);
+        assert_eq!(
+            std::fs::read(initrd.as_ref().unwrap()).unwrap(),
+            initrd_data
+        );
+        let mut disk = p.disk.as_ref().unwrap();
+        let mut got = Vec::new();
+        std::io::Read::read_to_end(&mut disk, &mut got).unwrap();
+        assert_eq!(got, disk_data);
+        let target = std::fs::read_link(kernel).unwrap();
+        assert!(
+            target.to_string_lossy().ends_with("(deleted)")
+                || target.to_string_lossy().contains("#"),
+            "{target:?}"
+        );
+        // Nothing named is left in the temp dir.
+        let names: Vec<_> = std::fs::read_dir(dir.path().join("vm-tmp"))
+            .unwrap()
+            .flatten()
+            .collect();
+        assert!(names.is_empty(), "{names:?}");
+
+        // --append replaces the manifest's command line; a cap smaller than the disk refuses.
+        let p =
+            prepare_from_store(&s, &run_args(&["--image", &hex, "--append", "x=1"]), &hex).unwrap();
+        assert!(matches!(&p.boot, Boot::Direct { cmdline, .. } if cmdline == "x=1"));
+        let e = prepare_from_store(
+            &s,
+            &run_args(&["--image", &hex, "--disk-cap-mib", "0"]),
+            &hex,
+        )
+        .err()
+        .unwrap();
+        assert!(e.to_string().contains("larger"), "{e}");
+    }
 
     #[test]
     fn mac_parsing() {
