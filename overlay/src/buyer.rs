@@ -203,6 +203,9 @@ impl BuyerCore {
             for i in g.keys.indices() {
                 self.by_index.remove(&i);
             }
+            if let Some(e) = g.endpoint {
+                self.limiter.forget_known(e.ip());
+            }
         }
         self.table.forget_port(Port::Guest(slot));
         true
@@ -241,7 +244,12 @@ impl BuyerCore {
         out: &mut Actions,
     ) {
         // Before any public-key work.
-        if !self.limiter.allow(from.ip(), now) {
+        let known = self
+            .guests
+            .iter()
+            .flatten()
+            .any(|g| g.endpoint.is_some_and(|e| e.ip() == from.ip()));
+        if !self.limiter.allow(from.ip(), now, known) {
             self.drops.inc(DropReason::HandshakeRateLimited);
             return;
         }

@@ -835,3 +835,66 @@ fn restarted_seller_reconnects() {
     h.settle();
     assert_eq!(h.tap, vec![f]);
 }
+
+#[test]
+fn idle_session_stays_up_without_rekey_churn() {
+    let mut h = Harness::connect(1);
+    for _ in 0..100 {
+        h.advance(Duration::from_secs(1));
+        h.tick();
+        h.settle();
+    }
+    assert_eq!(
+        h.sellers[0].stats().handshakes,
+        1,
+        "keepalives keep it quiet"
+    );
+    assert!(h.buyer.stats().peers[0].established);
+}
+
+#[test]
+fn seller_recovers_from_a_buyer_restart() {
+    let mut h = Harness::connect(1);
+    let seller_key = h.buyer.stats().peers[0].peer;
+    // The buyer restarts: same identity, sessions gone.
+    h.buyer = BuyerCore::new(h.buyer_id.clone(), BuyerConfig::new(BUYER_MAC)).unwrap();
+    h.buyer
+        .admit(seller_key, guest_mac(0), guest_ip(0))
+        .unwrap();
+    let f = frame_from_guest(0, BUYER_MAC, BUYER_IP, 1);
+    h.guest_sends(0, &f);
+    h.settle();
+    assert!(h.tap.is_empty(), "old keys are unknown to the new buyer");
+    for _ in 0..35 {
+        h.advance(Duration::from_secs(1));
+        h.tick();
+        h.settle();
+    }
+    assert!(
+        h.buyer.stats().peers[0].established,
+        "seller re-handshook after silence"
+    );
+    h.guest_sends(0, &f);
+    h.settle();
+    assert_eq!(h.tap, vec![f]);
+}
+
+#[test]
+fn spoofed_handshake_flood_does_not_block_a_known_seller() {
+    let mut h = Harness::connect(1);
+    h.tick();
+    // Exhaust the global budget from many spoofed sources.
+    let mut junk = vec![0u8; crate::wire::HANDSHAKE_INIT_LEN];
+    junk[0] = crate::wire::TYPE_HANDSHAKE_INIT;
+    for i in 0..5000u32 {
+        let src = SocketAddr::from((u32::to_be_bytes(0x0a00_0000 + i), 9));
+        h.buyer.handle_udp(src, &junk, h.now, &mut h.out);
+    }
+    let _ = h.out.drain().count();
+    assert!(h.buyer.stats().drops.get(DropReason::HandshakeRateLimited) > 4000);
+    // The established seller can still rekey.
+    h.advance(Duration::from_secs(121));
+    h.tick();
+    h.settle();
+    assert_eq!(h.buyer.stats().peers[0].handshakes, 2);
+}

@@ -76,6 +76,9 @@ pub struct HandshakeLimiter {
     limits: HandshakeLimits,
     global: TokenBucket,
     sources: HashMap<IpAddr, TokenBucket>,
+    /// Buckets of endpoints that already completed a session (bounded by the number
+    /// of admitted guests).
+    known: HashMap<IpAddr, TokenBucket>,
 }
 
 impl HandshakeLimiter {
@@ -84,12 +87,30 @@ impl HandshakeLimiter {
         HandshakeLimiter {
             global: TokenBucket::new(limits.global_per_sec as u64, limits.global_burst as u64),
             sources: HashMap::new(),
+            known: HashMap::new(),
             limits,
         }
     }
 
-    /// Whether a handshake from `ip` may be processed now.
-    pub fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
+    /// Forgets the known-endpoint bucket of `ip` (its session went away).
+    pub fn forget_known(&mut self, ip: IpAddr) {
+        self.known.remove(&ip);
+    }
+
+    /// Whether a handshake from `ip` may be processed now. `known`: `ip` is the
+    /// endpoint of an authenticated session. Those keep their own per-source bucket
+    /// outside the global cap, so a flood from spoofed addresses cannot stop an
+    /// existing session from rekeying.
+    pub fn allow(&mut self, ip: IpAddr, now: Instant, known: bool) -> bool {
+        if known {
+            let per = self.known.entry(ip).or_insert_with(|| {
+                TokenBucket::new(
+                    self.limits.per_source_per_sec as u64,
+                    self.limits.per_source_burst as u64,
+                )
+            });
+            return per.take(1, now);
+        }
         if !self.sources.contains_key(&ip) && self.sources.len() >= self.limits.max_tracked_sources
         {
             // Forget sources whose buckets have refilled: they are as good as new.
@@ -158,12 +179,20 @@ mod tests {
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
         let c: IpAddr = "10.0.0.3".parse().unwrap();
-        assert!(l.allow(a, t0) && l.allow(a, t0));
-        assert!(!l.allow(a, t0), "per-source burst spent");
-        assert!(l.allow(b, t0));
-        assert!(!l.allow(b, t0), "global burst spent");
-        assert!(!l.allow(c, t0), "table full, nobody idle");
+        assert!(l.allow(a, t0, false) && l.allow(a, t0, false));
+        assert!(!l.allow(a, t0, false), "per-source burst spent");
+        assert!(l.allow(b, t0, false));
+        assert!(!l.allow(b, t0, false), "global burst spent");
+        assert!(!l.allow(c, t0, false), "table full, nobody idle");
         let t1 = t0 + Duration::from_secs(5);
-        assert!(l.allow(c, t1), "idle sources forgotten");
+        assert!(l.allow(c, t1, false), "idle sources forgotten");
+        let d: IpAddr = "10.0.0.4".parse().unwrap();
+        while l.allow(b, t1, false) {} // spend the global bucket
+        assert!(!l.allow(d, t1, false), "global cap spent");
+        assert!(
+            l.allow(d, t1, true) && l.allow(d, t1, true),
+            "known endpoint bypasses the cap"
+        );
+        assert!(!l.allow(d, t1, true), "but keeps its per-source limit");
     }
 }

@@ -124,6 +124,7 @@ impl SellerCore {
             Ok(k) => {
                 let rekey = self.keys.current.is_some();
                 self.keys.install(k);
+                self.keys.last_received = Some(now);
                 self.attempts = 0;
                 self.stats.handshakes += 1;
                 debug!(buyer = %self.config.buyer_addr, guest = %self.config.lease.guest_mac, rekey, "overlay session established");
@@ -317,9 +318,14 @@ impl SellerCore {
             }
             Some(_) => {}
             None => {
+                // Nothing heard for two keepalive intervals although the buyer
+                // sends keepalives: it may have restarted and lost our keys.
+                let silent = self.keys.last_received.is_some_and(|t| {
+                    now.saturating_duration_since(t) >= 2 * timers.keepalive_interval
+                });
                 let needed = match &self.keys.current {
                     None => true,
-                    Some(k) => k.wants_rekey(now, &timers),
+                    Some(k) => k.wants_rekey(now, &timers) || silent,
                 };
                 if needed {
                     self.initiate(now, out);
