@@ -103,6 +103,8 @@ struct Inner {
     pins: sled::Tree,
     cap: u64,
     state: Mutex<State>,
+    /// Serialises pinned-set rebuilds so the last one sees every pin change.
+    repin: Mutex<()>,
 }
 
 #[derive(Clone, Copy)]
@@ -225,6 +227,7 @@ impl ChunkStore {
                 pins,
                 cap: cap_bytes,
                 state: Mutex::new(State::default()),
+                repin: Mutex::new(()),
             }),
         };
         store.load()?;
@@ -279,6 +282,7 @@ impl ChunkStore {
 
     /// Rebuild the set of chunks protected by pinned images.
     fn recompute_pinned(&self) -> Result<()> {
+        let _serial = self.inner.repin.lock().unwrap_or_else(|p| p.into_inner());
         let pinned: Vec<ImageId> = {
             let st = self.state();
             st.persistent_pins
@@ -1094,6 +1098,58 @@ mod tests {
             sled::Error::Io(std::io::Error::from_raw_os_error(libc::ENOSPC)),
         );
         assert_eq!(e.to_string(), "disk full while writing chunk store at /s");
+    }
+
+    #[test]
+    fn concurrent_writers_keep_accounting_and_pins() {
+        let dir = tempfile::tempdir().unwrap();
+        let sz = 8_000usize;
+        let s = ChunkStore::open(dir.path(), 40 * sz as u64).unwrap();
+        let pinned: Vec<_> = (0..10).map(|i| chunk(7000 + i, sz)).collect();
+        let m = manifest_of(&pinned, "keep");
+        s.put_manifest(&m).unwrap();
+        let guard = s.pin_temp(m.image_id()).unwrap();
+        for (id, d) in &pinned {
+            s.put_chunk(id, d).unwrap();
+        }
+        let other = manifest_of(
+            &(0..5).map(|i| chunk(8000 + i, sz)).collect::<Vec<_>>(),
+            "x",
+        );
+        s.put_manifest(&other).unwrap();
+        std::thread::scope(|sc| {
+            for t in 0..3u64 {
+                let s = s.clone();
+                sc.spawn(move || {
+                    for i in 0..80 {
+                        let (id, d) = chunk(10_000 * (t + 1) + i, sz);
+                        s.put_chunk(&id, &d).unwrap();
+                        assert_eq!(s.get_chunk(&id).unwrap().as_deref(), Some(&d[..]));
+                    }
+                });
+            }
+            let s2 = s.clone();
+            let oid = other.image_id();
+            sc.spawn(move || {
+                for _ in 0..50 {
+                    let g = s2.pin_temp(oid).unwrap();
+                    s2.pin(oid).unwrap();
+                    s2.unpin(oid).unwrap();
+                    drop(g);
+                }
+            });
+        });
+        assert!(pinned.iter().all(|(id, _)| s.has_chunk(id)));
+        assert!(s.size_bytes() <= s.cap_bytes());
+        let present: u64 = s
+            .inner
+            .chunks
+            .iter()
+            .map(|kv| kv.unwrap().1.len() as u64)
+            .sum();
+        assert_eq!(present, s.size_bytes());
+        drop(guard);
+        assert!(!s.is_pinned(m.image_id()));
     }
 
     const KILL_DIR_ENV: &str = "CHUNKS_KILL_TEST_DIR";
