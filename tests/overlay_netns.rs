@@ -16,6 +16,14 @@ const NAMES: &[&str] = &[
     "covwan", "covbuy", "covs1", "covs2", "covlan", "covinet", "covl1", "covl2", "covg1", "covg2",
 ];
 
+/// What an attack is called, the drop reasons it must hit, how many, and its frames.
+type Attack = (
+    &'static str,
+    Vec<DropReason>,
+    u64,
+    Box<dyn Fn() -> Vec<Vec<u8>>>,
+);
+
 fn quiet_v6(ns: &Netns) {
     let _ = ns.sysctl("net.ipv6.conf.all.disable_ipv6=1");
     let _ = ns.sysctl("net.ipv6.conf.default.disable_ipv6=1");
@@ -121,7 +129,7 @@ fn overlay_netns_end_to_end_and_attacks() {
         let (ip, mtu) = dhcp(&h.guest, &h.guest_if).unwrap();
         assert_eq!(ip, h.guest_ip, "DHCP gave the lease's address");
         assert!(
-            mtu <= 1400 && mtu >= 1280,
+            (1280..=1400).contains(&mtu),
             "DHCP MTU fits a 1500-byte path: {mtu}"
         );
     }
@@ -157,7 +165,7 @@ fn overlay_netns_end_to_end_and_attacks() {
     let drops = || h1.seller.stats().drops;
     let n = 5usize;
 
-    let mut expect: Vec<(&str, Vec<DropReason>, u64, Box<dyn Fn() -> Vec<Vec<u8>>>)> = Vec::new();
+    let mut expect: Vec<Attack> = Vec::new();
     expect.push((
         "forged source MAC",
         vec![DropReason::SourceMac],

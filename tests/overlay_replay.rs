@@ -139,7 +139,7 @@ fn replayed_capture_delivers_nothing_twice() {
             for d in &wire {
                 sock.send_to(d, (b_ip, BUYER_PORT))?;
                 n += 1;
-                if n % 64 == 0 {
+                if n.is_multiple_of(64) {
                     std::thread::sleep(Duration::from_millis(2));
                 }
             }

@@ -447,7 +447,7 @@ impl Capture {
                 let len = len - hl;
                 let keep = len.min(buf.len() - hl).min(keep);
                 f2.lock().unwrap().push(Captured {
-                    outgoing: sll.sll_pkttype == libc::PACKET_OUTGOING as u8,
+                    outgoing: sll.sll_pkttype == libc::PACKET_OUTGOING,
                     len,
                     bytes: buf[hl..hl + keep].to_vec(),
                     vlan,
