@@ -481,15 +481,24 @@ fn md5_hex(data: &[u8]) -> String {
 /// 512 bytes of real-mode code that prints `msg` on COM1 and powers off through ACPI
 /// (q35's PM1a_CNT at 0x604, S5 = 0), with the MBR signature.
 fn boot_sector(msg: &str) -> Vec<u8> {
+    boot_sector_then(msg, true)
+}
+
+/// Like [`boot_sector`]; without `poweroff` it spins forever after printing.
+fn boot_sector_then(msg: &str, poweroff: bool) -> Vec<u8> {
     let mut code: Vec<u8> = vec![0x31, 0xC0, 0x8E, 0xD8]; // xor ax,ax; mov ds,ax
     code.extend_from_slice(&[0xBA, 0xF8, 0x03]); // mov dx, 0x3f8
     code.extend_from_slice(&[0xBE, 0x40, 0x7C]); // mov si, 0x7c40 (the message)
                                                  // loop: lodsb; test al,al; jz done; out dx,al; jmp loop
     code.extend_from_slice(&[0xAC, 0x84, 0xC0, 0x74, 0x03, 0xEE, 0xEB, 0xF8]);
-    // done: mov dx,0x604; mov ax,0x2000; out dx,ax; cli; hlt; jmp $-2
-    code.extend_from_slice(&[
-        0xBA, 0x04, 0x06, 0xB8, 0x00, 0x20, 0xEF, 0xFA, 0xF4, 0xEB, 0xFD,
-    ]);
+    // done: mov dx,0x604; mov ax,0x2000; out dx,ax; cli; hlt; jmp $-2  (or: jmp $)
+    if poweroff {
+        code.extend_from_slice(&[
+            0xBA, 0x04, 0x06, 0xB8, 0x00, 0x20, 0xEF, 0xFA, 0xF4, 0xEB, 0xFD,
+        ]);
+    } else {
+        code.extend_from_slice(&[0xEB, 0xFE]);
+    }
     let mut mbr = vec![0u8; 512];
     mbr[..code.len()].copy_from_slice(&code);
     let msg = format!("{msg}\r\n\0");
@@ -596,24 +605,29 @@ fn firmware_boot_from_an_unlinked_disk_runs_the_boot_sector() {
 
 #[test]
 fn wall_clock_limit_stops_a_guest_that_never_ends() {
-    let files = vmguest::test_guest();
-    let mut spec = GuestSpec::new(
-        "cvq-limit",
-        Boot::Direct {
-            kernel: files.vmlinuz.clone(),
-            initrd: Some(files.initrd.clone()),
-            cmdline: vmguest::cmdline("echo cs-looping; while true; do :; done", "cs.nonet"),
-        },
-    );
-    spec.memory_mib = 128;
-    spec.wall_clock_limit = Some(Duration::from_secs(20));
+    // A boot sector that prints and then spins: ignores the ACPI request, so the
+    // limit ends in a kill after the grace period.
+    let dir = vmguest::scratch_dir();
+    let mut disk = tempfile::tempfile_in(&dir).unwrap();
+    disk.write_all(&boot_sector_then("cs-looping", false))
+        .unwrap();
+    disk.set_len(1 << 20).unwrap();
+    let mut spec = GuestSpec::new("cvq-limit", Boot::Disk);
+    spec.memory_mib = 32;
+    spec.disk = Some(DiskSpec::new(disk));
+    spec.wall_clock_limit = Some(Duration::from_secs(5));
     spec.shutdown_grace = Duration::from_secs(1);
     let log = Arc::new(Mutex::new(Vec::new()));
     spec.serial_log = Some(Box::new(vmguest::SharedLog(log.clone())));
+    let started = Instant::now();
     let mut guest = backend().start_guest(spec).expect("qemu starts");
     let pid = guest.vmm_pid().unwrap();
     let exit = guest.wait_timeout(Duration::from_secs(120)).unwrap();
     assert_eq!(exit, Some(GuestExit::LimitReached));
+    assert!(
+        started.elapsed() >= Duration::from_secs(5),
+        "stopped before its limit"
+    );
     assert!(
         !std::path::Path::new(&format!("/proc/{pid}/exe")).exists(),
         "qemu outlived its limit"

@@ -58,20 +58,17 @@ fn vm_run_boots_linux_from_files_and_exits_with_the_guest() {
     assert!(stderr.contains("guest powered off"), "{stderr}");
 
     // A guest that never ends is stopped by --timeout; exit code 124.
-    let append = vmguest::cmdline("echo cvq-spin; while true; do :; done", "cs.nonet");
+    let spin = data.path().join("spin.img");
+    bios_disk_then(&spin, "cvq-spin", false);
     let out = vm_run(
         data.path(),
         &[
-            "--kernel",
-            kernel,
-            "--initrd",
-            initrd,
-            "--append",
-            &append,
+            "--disk",
+            spin.to_str().unwrap(),
             "--memory-mib",
-            "128",
+            "32",
             "--timeout",
-            "15",
+            "5",
         ],
     );
     assert_eq!(out.status.code(), Some(124), "{}", show(&out));
@@ -84,13 +81,23 @@ fn vm_run_boots_linux_from_files_and_exits_with_the_guest() {
 
 /// A raw BIOS disk: the boot sector prints to COM1 and powers off through ACPI.
 fn bios_disk(path: &Path) {
-    let msg = b"cvq-cli-bios-ok\r\n\0";
+    bios_disk_then(path, "cvq-cli-bios-ok", true)
+}
+
+/// Like [`bios_disk`] with message `msg`; without `poweroff` it spins forever.
+fn bios_disk_then(path: &Path, msg: &str, poweroff: bool) {
+    let msg = format!("{msg}\r\n\0");
+    let msg = msg.as_bytes();
     let mut code: Vec<u8> = vec![0xBA, 0xF8, 0x03]; // mov dx, 0x3f8
     code.extend_from_slice(&[0xBE, 0x40, 0x7C]); // mov si, 0x7c40
     code.extend_from_slice(&[0xAC, 0x84, 0xC0, 0x74, 0x03, 0xEE, 0xEB, 0xF8]); // print loop
-    code.extend_from_slice(&[
-        0xBA, 0x04, 0x06, 0xB8, 0x00, 0x20, 0xEF, 0xFA, 0xF4, 0xEB, 0xFD,
-    ]); // S5
+    if poweroff {
+        code.extend_from_slice(&[
+            0xBA, 0x04, 0x06, 0xB8, 0x00, 0x20, 0xEF, 0xFA, 0xF4, 0xEB, 0xFD,
+        ]); // S5
+    } else {
+        code.extend_from_slice(&[0xEB, 0xFE]); // jmp $
+    }
     let mut mbr = vec![0u8; 512];
     mbr[..code.len()].copy_from_slice(&code);
     mbr[0x40..0x40 + msg.len()].copy_from_slice(msg);
