@@ -937,3 +937,86 @@ fn guest_reads_a_disk_four_times_its_memory_without_the_vmm_copying_it() {
         GuestExit::Stopped
     );
 }
+
+const POWER_BUTTON: &str = r#"
+.intel_syntax noprefix
+.code64
+.text
+.globl _start
+_start:
+    # IDT gate for vector 0x30.
+    lea rax, [handler]
+    lea rdi, [idt + 0x300]
+    mov word ptr [rdi], ax
+    mov word ptr [rdi + 2], 0x8
+    mov word ptr [rdi + 4], 0x8e00
+    shr rax, 16
+    mov word ptr [rdi + 6], ax
+    shr rax, 16
+    mov dword ptr [rdi + 8], eax
+    mov dword ptr [rdi + 12], 0
+    lidt [idtr]
+    # LAPIC on (spurious vector 0xff); IOAPIC pin 23 (the GED) -> vector 0x30,
+    # edge, active high, unmasked, to APIC 0.
+    mov rbx, 0xfee000f0
+    mov dword ptr [rbx], 0x1ff
+    mov rbx, 0xfec00000
+    mov dword ptr [rbx], 0x3f
+    mov dword ptr [rbx + 0x10], 0
+    mov dword ptr [rbx], 0x3e
+    mov dword ptr [rbx + 0x10], 0x30
+    lea rsi, [armed]
+    call puts
+    sti
+1:  hlt
+    jmp 1b
+handler:
+    # What an OS does on the power button: power off through the ACPI sleep register.
+    lea rsi, [pressed]
+    call puts
+    mov dx, 0x3c0
+    mov al, (5 << 2) | 0x20
+    out dx, al
+2:  jmp 2b
+.section .rodata
+armed: .asciz "armed\n"
+pressed: .asciz "power button\n"
+.data
+.align 16
+idt: .fill 4096, 1, 0
+idtr:
+    .word 4095
+    .quad idt
+"#;
+
+#[test]
+fn stop_presses_the_acpi_power_button_then_kills_after_the_grace() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let elf = build_guest(dir.path(), "pwrbtn", POWER_BUTTON, true);
+    let mut guest = Microvm.start(spec(&elf, Duration::from_secs(30))).unwrap();
+    let mut con = Console::new(guest.as_mut());
+    con.wait_for("armed\n", Duration::from_secs(10));
+    // Halted with interrupts on is not "halted for good": still running.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(guest.state(), vm::GuestState::Running);
+    let exit = guest.stop(Duration::from_secs(10)).unwrap();
+    assert_eq!(
+        exit,
+        GuestExit::PoweredOff,
+        "guest acted on the power button"
+    );
+    assert_eq!(con.drain(), "armed\npower button\n");
+
+    // A guest that ignores the button is stopped once the grace period is over.
+    let elf = build_guest(dir.path(), "loop", LOOP, true);
+    let mut guest = Microvm.start(spec(&elf, Duration::from_secs(30))).unwrap();
+    let mut con = Console::new(guest.as_mut());
+    con.wait_for("looping\n", Duration::from_secs(10));
+    let t0 = Instant::now();
+    assert_eq!(
+        guest.stop(Duration::from_millis(300)).unwrap(),
+        GuestExit::Stopped
+    );
+    assert!(t0.elapsed() >= Duration::from_millis(300));
+}

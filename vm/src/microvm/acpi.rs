@@ -64,6 +64,27 @@ fn dsdt(devices: &[MmioDesc]) -> Vec<u8> {
             vec![&hid, &uid, &cca, &crs],
         )));
     }
+    // Power button: a control-method button (PNP0C0C) notified by a hardware-reduced
+    // generic event device (ACPI0013) whose interrupt the VMM raises on stop.
+    let pwrb_hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C"));
+    let pwrb_uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    body.extend(to_bytes(&aml::Device::new(
+        "_SB_.PWRB".into(),
+        vec![&pwrb_hid, &pwrb_uid],
+    )));
+    let ged_irq = aml::Interrupt::new(true, true, false, false, GED_IRQ);
+    let ged_res = aml::ResourceTemplate::new(vec![&ged_irq]);
+    let ged_hid = aml::Name::new("_HID".into(), &"ACPI0013");
+    let ged_uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let ged_crs = aml::Name::new("_CRS".into(), &ged_res);
+    let pwrb_path = aml::Path::new("\\_SB_.PWRB");
+    let notify_value: u8 = 0x80;
+    let notify = aml::Notify::new(&pwrb_path, &notify_value);
+    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&notify]);
+    body.extend(to_bytes(&aml::Device::new(
+        "_SB_.GED0".into(),
+        vec![&ged_hid, &ged_uid, &ged_crs, &evt],
+    )));
     let s5 = aml::Package::new(vec![&S5_SLP_TYP, &0u8]);
     body.extend(to_bytes(&aml::Name::new("_S5_".into(), &s5)));
     let mut sdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE, 1);
@@ -164,6 +185,7 @@ mod tests {
         let hay = String::from_utf8_lossy(&d);
         assert!(hay.contains("LNRO0005"));
         assert!(hay.contains("_S5_"));
+        assert!(hay.contains("ACPI0013") && hay.contains("_EVT") && hay.contains("PWRB"));
         let f = fadt(0x1234);
         assert_eq!(&f[0..4], b"FACP");
         assert_eq!(sum(&f), 0);

@@ -44,8 +44,10 @@ pub const FOUR_GIB: u64 = 0x1_0000_0000;
 /// Legacy IRQ of COM1 and the first GSI handed to virtio devices.
 pub const SERIAL_IRQ: u32 = 4;
 pub const VIRTIO_IRQ_BASE: u32 = 5;
-/// IOAPIC has 24 pins; 5..=23 are free for devices.
-pub const MAX_VIRTIO_DEVICES: usize = 19;
+/// The ACPI generic event device (power button) uses the last IOAPIC pin.
+pub const GED_IRQ: u32 = 23;
+/// IOAPIC has 24 pins; 5..=22 are free for virtio devices.
+pub const MAX_VIRTIO_DEVICES: usize = 18;
 
 /// COM1 and the i8042 controller.
 pub const SERIAL_PORT: u16 = 0x3f8;
@@ -89,5 +91,6 @@ mod tests {
             vec![(0, MMIO_START), (FOUR_GIB, (4u64 << 30) - MMIO_START)]
         );
         assert!(virtio_mmio_addr(MAX_VIRTIO_DEVICES) < IOAPIC_ADDR);
+        assert!(VIRTIO_IRQ_BASE + (MAX_VIRTIO_DEVICES as u32) <= GED_IRQ);
     }
 }

@@ -16,8 +16,11 @@
 //! carry those modules (Debian's initramfs-tools `MODULES=most` does). Disk images that
 //! boot through firmware (BIOS/GRUB) are for the qemu backend.
 //!
-//! Not provided: a power button (stop is immediate; the guest's disk is a throwaway
-//! file anyway), serial input, PCI, and multi-queue or offloads on virtio-net.
+//! `stop` presses an ACPI power button (a GED device notifying PNP0C0C, as
+//! hardware-reduced ACPI has it); Linux reports KEY_POWER and a guest whose userspace
+//! acts on it (systemd-logind, acpid) powers off, anything else is stopped after the
+//! grace period. Not provided: serial input, PCI, multi-queue or offloads on
+//! virtio-net.
 
 pub mod acpi;
 pub mod boot;
@@ -309,9 +312,15 @@ impl Guest for MicrovmGuest {
     fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<GuestExit>> {
         Ok(self.running.shared.wait_done(timeout))
     }
-    fn stop(&mut self, _grace: Duration) -> Result<GuestExit> {
-        // The microvm has no power button for the guest to act on; stopping is
-        // immediate. A guest that already ended keeps its own exit reason.
+    fn stop(&mut self, grace: Duration) -> Result<GuestExit> {
+        // Press the power button and give the guest `grace` to power off; then stop
+        // it. A guest that already ended keeps its own exit reason.
+        if self.running.shared.exit().is_none() && !grace.is_zero() {
+            self.running.press_power_button();
+            if let Some(exit) = self.running.shared.wait_done(grace) {
+                return Ok(exit);
+            }
+        }
         Ok(self
             .running
             .stop(GuestExit::Stopped)

@@ -389,6 +389,7 @@ fn setup_vcpu(
 /// A running machine; the handle side.
 pub struct Running {
     pub shared: Arc<Shared>,
+    power_button: EventFd,
     pub console: Option<Receiver<Vec<u8>>>,
     pub fanout: SerialFanout,
     supervisor: Option<JoinHandle<()>>,
@@ -396,6 +397,11 @@ pub struct Running {
 }
 
 impl Running {
+    /// Press the ACPI power button (the GED interrupt); an ACPI guest shuts down.
+    pub fn press_power_button(&self) {
+        let _ = self.power_button.write(1);
+    }
+
     /// Stop the guest (if still running) and wait for teardown.
     pub fn stop(&mut self, exit: GuestExit) -> Option<GuestExit> {
         self.shared.finish(exit);
@@ -494,6 +500,10 @@ pub fn start(
         EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BuildError::Other(e.to_string()))?;
     vm.register_irqfd(&serial_evt, SERIAL_IRQ)
         .map_err(|e| BuildError::Kvm(format!("registering the serial irqfd: {e}")))?;
+    let power_button =
+        EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BuildError::Other(e.to_string()))?;
+    vm.register_irqfd(&power_button, GED_IRQ)
+        .map_err(|e| BuildError::Kvm(format!("registering the power button irqfd: {e}")))?;
     let (console_tx, console_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(CONSOLE_BACKLOG);
     let bus = Arc::new(Bus {
         serial: Mutex::new(Serial::new(
@@ -577,6 +587,7 @@ pub fn start(
 
     Ok(Running {
         shared,
+        power_button,
         console: Some(console_stream),
         fanout,
         supervisor: Some(supervisor),
