@@ -231,6 +231,16 @@ impl ChunkStore {
             }),
         };
         store.load()?;
+        // The cap may have been lowered since the last run.
+        {
+            let mut st = store.state();
+            if st.size > store.inner.cap {
+                let need = st.size - store.inner.cap;
+                if let Err(e) = store.evict_locked(&mut st, need) {
+                    warn!(error = %e, "store is over its cap after open");
+                }
+            }
+        }
         Ok(store)
     }
 
@@ -508,13 +518,14 @@ impl ChunkStore {
         }
     }
 
-    /// Store a verified manifest (idempotent). Returns its image id.
+    /// Store a verified manifest (idempotent, durable). Returns its image id.
     pub fn put_manifest(&self, m: &SignedManifest) -> Result<ImageId> {
         let id = m.image_id();
         self.inner
             .manifests
             .insert(id.0, m.as_bytes())
             .map_err(|e| self.err(e))?;
+        self.inner.db.flush().map_err(|e| self.err(e))?;
         if self.state().is_pinned_image(&id) {
             self.recompute_pinned()?;
         }
@@ -619,6 +630,7 @@ impl ChunkStore {
             .pins
             .insert(image.0, &[][..])
             .map_err(|e| self.err(e))?;
+        self.inner.db.flush().map_err(|e| self.err(e))?;
         let new = self.state().persistent_pins.insert(image);
         if new {
             self.recompute_pinned()?;
@@ -1062,6 +1074,28 @@ mod tests {
             "unpinned after guard drop, so evictable"
         );
         assert!(s.size_bytes() <= s.cap_bytes());
+    }
+
+    #[test]
+    fn lowered_cap_evicts_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let cs: Vec<_> = (0..6).map(|i| chunk(900 + i, 1000)).collect();
+        let m = manifest_of(&cs[..2], "keep");
+        {
+            let s = ChunkStore::open(dir.path(), UNLIMITED).unwrap();
+            s.put_manifest(&m).unwrap();
+            s.pin(m.image_id()).unwrap();
+            for (id, d) in &cs {
+                s.put_chunk(id, d).unwrap();
+            }
+        }
+        let s = ChunkStore::open(dir.path(), 3000).unwrap();
+        assert_eq!(s.size_bytes(), 3000);
+        assert!(
+            s.has_chunk(&cs[0].0) && s.has_chunk(&cs[1].0),
+            "pinned kept"
+        );
+        assert!(s.has_chunk(&cs[5].0), "newest unpinned kept");
     }
 
     #[test]
