@@ -178,6 +178,61 @@ fn bench(c: &mut Criterion) {
     });
     let _ = nw.buyer_addr;
     g.finish();
+
+    // Responder work per handshake initiation: bounds the CPU a flood can take
+    // (global cap per second x this).
+    let mut g = c.benchmark_group("overlay-handshake");
+    let bid = Identity::generate();
+    let sid = Identity::generate();
+    let buyer_addr: SocketAddr = "192.0.2.1:5555".parse().unwrap();
+    let lease = GuestLease::new(mac(0), Ipv4Addr::new(10, 77, 1, 10), BUYER_MAC, BUYER_IP);
+    let mut limits = overlay::HandshakeLimits::default();
+    limits.per_source_per_sec = u32::MAX;
+    limits.per_source_burst = u32::MAX;
+    limits.global_per_sec = u32::MAX;
+    limits.global_burst = u32::MAX;
+    let mut cfg = BuyerConfig::new(BUYER_MAC);
+    cfg.handshake_limits = limits;
+    let mut buyer = BuyerCore::new(bid.clone(), cfg).unwrap();
+    buyer
+        .admit(sid.public_key(), mac(0), Ipv4Addr::new(10, 77, 1, 10))
+        .unwrap();
+    let mut seller = SellerCore::new(
+        sid,
+        SellerConfig::new(bid.public_key(), buyer_addr, lease, SystemTime::now()),
+    )
+    .unwrap();
+    let from = SocketAddr::from(([198, 51, 100, 1], 40000));
+    let mut clock = Instant::now();
+    g.bench_function("buyer: answer a valid initiation", |b| {
+        b.iter_custom(|iters| {
+            let mut total = std::time::Duration::ZERO;
+            for _ in 0..iters {
+                // A fresh initiation each time: the seller's retry timer fires.
+                clock += std::time::Duration::from_secs(6);
+                let mut s2 = Actions::new();
+                seller.tick(clock, &mut s2);
+                let init = sends(&mut s2).pop().unwrap().1;
+                let t = Instant::now();
+                buyer.handle_udp(from, &init, Instant::now(), &mut out);
+                total += t.elapsed();
+                let _ = out.drain().count();
+            }
+            total
+        })
+    });
+    let junk = {
+        let mut j = vec![0x5a; 214];
+        j[..4].copy_from_slice(&[1, 0, 0, 0]);
+        j
+    };
+    g.bench_function("buyer: reject a junk initiation", |b| {
+        b.iter(|| {
+            buyer.handle_udp(from, &junk, Instant::now(), &mut out);
+            let _ = out.drain().count();
+        })
+    });
+    g.finish();
 }
 
 criterion_group!(benches, bench);
