@@ -186,11 +186,13 @@ fn bench(c: &mut Criterion) {
     let sid = Identity::generate();
     let buyer_addr: SocketAddr = "192.0.2.1:5555".parse().unwrap();
     let lease = GuestLease::new(mac(0), Ipv4Addr::new(10, 77, 1, 10), BUYER_MAC, BUYER_IP);
-    let mut limits = overlay::HandshakeLimits::default();
-    limits.per_source_per_sec = u32::MAX;
-    limits.per_source_burst = u32::MAX;
-    limits.global_per_sec = u32::MAX;
-    limits.global_burst = u32::MAX;
+    let limits = overlay::HandshakeLimits {
+        per_source_per_sec: u32::MAX,
+        per_source_burst: u32::MAX,
+        global_per_sec: u32::MAX,
+        global_burst: u32::MAX,
+        ..Default::default()
+    };
     let mut cfg = BuyerConfig::new(BUYER_MAC);
     cfg.handshake_limits = limits;
     let mut buyer = BuyerCore::new(bid.clone(), cfg).unwrap();
