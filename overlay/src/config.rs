@@ -33,6 +33,8 @@ pub struct Timers {
     /// Keys that protected this many messages are retired.
     pub reject_after_messages: u64,
     /// Send an empty keepalive when nothing was sent for this long (keeps NAT open).
+    /// The seller re-handshakes when it heard nothing for twice this long (the buyer
+    /// may have restarted), so both sides should use the same value.
     pub keepalive_interval: Duration,
     /// Resend a handshake initiation that got no response after this long.
     pub handshake_retry: Duration,

@@ -1,12 +1,17 @@
 //! The buyer-owned layer-2 overlay.
 //!
-//! Everything here is sans-IO: the cores take datagrams, frames and an `Instant`
-//! and return [`Action`]s; the I/O shells in `io` own sockets, taps and clocks.
+//! Everything outside `io` is sans-IO: the cores take datagrams, frames and an
+//! `Instant` and hand out [`Action`]s; the I/O shells in `io` own sockets, taps and
+//! clocks.
 //!
-//! - [`wire`]: message framing.
+//! - [`wire`]: message framing (handshake initiation/response, data, keepalive).
 //! - [`identity`]: ed25519 identity and the Noise static key bound to it.
-//! - [`BuyerCore`]: Noise responder, learning switch, DHCP server.
-//! - [`SellerCore`]: Noise initiator for one guest, egress filter.
+//! - [`session`]: Noise IK handshakes (snow) and the transport keys (explicit
+//!   counters, header as associated data), [`replay`]: the sliding replay window.
+//! - [`BuyerCore`]: Noise responder for every admitted guest, learning [`switch`],
+//!   [`dhcp`] server, handshake rate limiting ([`ratelimit`]).
+//! - [`SellerCore`]: Noise initiator for one guest, egress [`filter`].
+//! - [`stats`]: counters and drop reasons for `cpushare-node status`.
 
 pub mod action;
 pub mod buyer;
