@@ -593,6 +593,11 @@ _start:
     mov r12, 0xd0000000
     mov r13d, 2
     call vinit
+    # The device's interrupt (GSI 5, from the DSDT) -> vector 0x31.
+    lea rdi, [on_irq]
+    mov esi, 5
+    mov edx, 0x31
+    call irq_init
     # One 2 KiB receive buffer at 0x240000 on queue 0.
     mov qword ptr [0x200000], 0x240000
     mov dword ptr [0x200008], 2048
@@ -602,9 +607,19 @@ _start:
     mov dword ptr [r12 + 0x50], 0
     lea rsi, [ready]
     call puts
-1:  pause
+    # Sleep until the interrupt says the buffer was used.
+1:  cli
     cmp word ptr [0x202002], 1
-    jne 1b
+    je 3f
+    sti
+    hlt
+    jmp 1b
+3:  lea rsi, [m_irq]
+    call puts
+    mov eax, dword ptr [irqs]
+    call puthex
+    mov al, ' '
+    call putc
     lea rsi, [got]
     call puts
     mov eax, dword ptr [0x202008]
@@ -622,9 +637,20 @@ _start:
     call putc
     cli
     hlt
+on_irq:
+    push rax
+    mov eax, dword ptr [r12 + 0x60]
+    mov dword ptr [r12 + 0x64], eax
+    inc dword ptr [irqs]
+    call eoi
+    pop rax
+    iretq
 .section .rodata
 ready: .asciz "ready\n"
 got: .asciz "rx len="
+m_irq: .asciz "irqs="
+.data
+irqs: .long 0
 "#;
 
 #[test]
@@ -664,7 +690,7 @@ fn virtio_net_guest_receives_a_frame_the_test_writes_to_the_tap() {
     assert_eq!(
         out,
         format!(
-            "ready\nrx len={:08x} hello-from-host-1234\n",
+            "ready\nirqs=00000001 rx len={:08x} hello-from-host-1234\n",
             12 + frame.len()
         )
     );
@@ -944,27 +970,11 @@ const POWER_BUTTON: &str = r#"
 .text
 .globl _start
 _start:
-    # IDT gate for vector 0x30.
-    lea rax, [handler]
-    lea rdi, [idt + 0x300]
-    mov word ptr [rdi], ax
-    mov word ptr [rdi + 2], 0x8
-    mov word ptr [rdi + 4], 0x8e00
-    shr rax, 16
-    mov word ptr [rdi + 6], ax
-    shr rax, 16
-    mov dword ptr [rdi + 8], eax
-    mov dword ptr [rdi + 12], 0
-    lidt [idtr]
-    # LAPIC on (spurious vector 0xff); IOAPIC pin 23 (the GED) -> vector 0x30,
-    # edge, active high, unmasked, to APIC 0.
-    mov rbx, 0xfee000f0
-    mov dword ptr [rbx], 0x1ff
-    mov rbx, 0xfec00000
-    mov dword ptr [rbx], 0x3f
-    mov dword ptr [rbx + 0x10], 0
-    mov dword ptr [rbx], 0x3e
-    mov dword ptr [rbx + 0x10], 0x30
+    # The GED (power button) is IOAPIC pin 23.
+    lea rdi, [handler]
+    mov esi, 23
+    mov edx, 0x30
+    call irq_init
     lea rsi, [armed]
     call puts
     sti
@@ -981,12 +991,6 @@ handler:
 .section .rodata
 armed: .asciz "armed\n"
 pressed: .asciz "power button\n"
-.data
-.align 16
-idt: .fill 4096, 1, 0
-idtr:
-    .word 4095
-    .quad idt
 "#;
 
 #[test]
