@@ -241,6 +241,7 @@ pub fn import_file(
     opts: &ImportOptions,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<(ImageId, SignedManifest)> {
+    let _span = tracing::info_span!("import", path = %path.display()).entered();
     let kind = match opts.kind {
         Some(k) => k,
         None => detect_kind(path)?,

@@ -22,6 +22,7 @@ pub fn materialize(
     dir: &Path,
     max_size: Option<u64>,
 ) -> Result<File> {
+    let _span = tracing::info_span!("materialize", image = %image.short()).entered();
     let m = manifest(store, image)?;
     let range = m.manifest().disk_range().ok_or(Error::NoDisk(image))?;
     write_unlinked(store, &m, range, dir, max_size)
@@ -44,6 +45,7 @@ pub fn materialize_range(
 /// beside `dest`, fsynced, then renamed, so a failure leaves no partial file.
 /// Returns the number of bytes written.
 pub fn export(store: &ChunkStore, image: ImageId, dest: &Path) -> Result<u64> {
+    let _span = tracing::info_span!("export", image = %image.short()).entered();
     let m = manifest(store, image)?;
     let parent = match dest.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),

@@ -405,8 +405,8 @@ impl ChunkStore {
                 });
             }
         }
-        if st.size + size > self.inner.cap {
-            let need = st.size + size - self.inner.cap;
+        if st.size.saturating_add(size) > self.inner.cap {
+            let need = st.size.saturating_add(size) - self.inner.cap;
             if let Err(e) = self.evict_locked(&mut st, need) {
                 if hold {
                     release_one(&mut st.holds, id);
