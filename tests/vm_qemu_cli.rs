@@ -12,7 +12,10 @@ use cpushare_tests::node::{cli, NodeProc};
 mod vmguest;
 
 fn vm_run(data_dir: &Path, args: &[&str]) -> Output {
-    let mut all = vec!["vm", "run", "--backend", "qemu", "--accel", "tcg"];
+    let mut all = vec!["vm", "run"];
+    if !args.contains(&"--accel") {
+        all.extend_from_slice(&["--backend", "qemu", "--accel", "tcg"]);
+    }
     all.extend_from_slice(args);
     cli(data_dir, &all).expect("run cpushare-node")
 }
@@ -186,7 +189,7 @@ fn vm_run_boots_an_image_from_the_store_with_and_without_a_daemon() {
 fn vm_run_bad_input_fails_with_one_clear_line() {
     let data = tempfile::tempdir_in(vmguest::scratch_dir()).unwrap();
     let files = vmguest::test_guest();
-    let cases: Vec<(Vec<String>, &str)> = vec![
+    let mut cases: Vec<(Vec<String>, &str)> = vec![
         (
             vec!["--kernel".into(), "/nonexistent/vmlinuz".into()],
             "--kernel",
@@ -223,6 +226,13 @@ fn vm_run_bad_input_fails_with_one_clear_line() {
             "not found",
         ),
     ];
+    // Where KVM cannot run Linux (this dev host), forcing it is a clear error.
+    if vm::kvm_probe::linux_instructions().is_err() {
+        let v = files.vmlinuz.display().to_string();
+        let args = ["--backend", "qemu", "--accel", "kvm", "--kernel", &v];
+        let args = args.iter().map(|s| s.to_string()).collect();
+        cases.push((args, "KVM is present but cannot run this guest"));
+    }
     for (args, want) in cases {
         let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
         let out = vm_run(data.path(), &args);
