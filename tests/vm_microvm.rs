@@ -784,7 +784,7 @@ fn looping_guest_is_stopped_by_the_limit_and_by_stop() {
     for task in std::fs::read_dir("/proc/self/task").unwrap() {
         let task = task.unwrap().path();
         let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
-        if comm.trim() == "cmv-test-vcpu0" {
+        if comm.trim() == "vcpu0" {
             let status = std::fs::read_to_string(task.join("status")).unwrap();
             assert!(
                 status.lines().any(|l| l == "Seccomp:\t2"),

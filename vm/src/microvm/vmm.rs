@@ -523,7 +523,7 @@ pub fn start(
     let (fanout, console_stream) = SerialFanout::new(serial_log);
     let console_fanout = fanout.clone();
     let console_thread = std::thread::Builder::new()
-        .name(format!("{name}-console"))
+        .name("mvm-console".to_string())
         .spawn(move || {
             for chunk in console_rx {
                 console_fanout.push(&chunk);
@@ -533,12 +533,18 @@ pub fn start(
 
     let started = Instant::now();
     let mut vcpu_threads = Vec::new();
+    // Threads carry the guest's span (thread names are too short for lease ids).
+    let span = tracing::Span::current();
     for (id, fd) in vcpu_fds.into_iter().enumerate() {
         let bus = bus.clone();
         let shared = shared.clone();
+        let span = span.clone();
         let h = std::thread::Builder::new()
-            .name(format!("{name}-vcpu{id}"))
-            .spawn(move || vcpu_loop(id, fd, bus, shared))
+            .name(format!("vcpu{id}"))
+            .spawn(move || {
+                let _g = span.enter();
+                vcpu_loop(id, fd, bus, shared)
+            })
             .map_err(|e| BuildError::Other(format!("spawning vCPU thread: {e}")))?;
         vcpu_threads.push(h);
     }
@@ -546,10 +552,12 @@ pub fn start(
         Some((t, tap, kick, vnet_hdr)) => {
             let exit = rx_exit.clone();
             let shared = shared.clone();
+            let span = span.clone();
             Some(
                 std::thread::Builder::new()
-                    .name(format!("{name}-netrx"))
+                    .name("mvm-netrx".to_string())
                     .spawn(move || {
+                        let _g = span.enter();
                         if let Err(e) = seccomp::apply(ThreadKind::NetRx) {
                             shared.finish(GuestExit::Crashed(e));
                             return;
@@ -567,8 +575,9 @@ pub fn start(
     let sup_fanout = fanout.clone();
     let deadline = limit.map(|l| started + l);
     let supervisor = std::thread::Builder::new()
-        .name(format!("{name}-vmm"))
+        .name("mvm-supervisor".to_string())
         .spawn(move || {
+            let _g = span.enter();
             supervise(
                 &sup_shared,
                 vcpu_threads,
