@@ -607,14 +607,17 @@ _start:
     mov dword ptr [r12 + 0x50], 0
     lea rsi, [ready]
     call puts
-    # Sleep until the interrupt says the buffer was used.
+    # Sleep until the used-buffer interrupt has been taken (sti; hlt takes one that
+    # is already pending), then check the used ring.
 1:  cli
-    cmp word ptr [0x202002], 1
-    je 3f
+    cmp dword ptr [irqs], 0
+    jne 3f
     sti
     hlt
     jmp 1b
-3:  lea rsi, [m_irq]
+3:  cmp word ptr [0x202002], 1
+    jne 1b
+    lea rsi, [m_irq]
     call puts
     mov eax, dword ptr [irqs]
     call puthex
