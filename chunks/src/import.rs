@@ -176,8 +176,10 @@ impl Drop for Holds<'_> {
 }
 
 /// Chunk `src` (of `total` bytes) into the store; returns the chunk list.
-/// The chunks stay protected from eviction while `holds` lives.
-fn store_stream<R: Read>(
+/// The chunks stay protected from eviction while `holds` lives. Reading,
+/// cutting and hashing run on a second thread, overlapped with the sled
+/// writes on this one.
+fn store_stream<R: Read + Send>(
     store: &ChunkStore,
     src: R,
     done_before: u64,
@@ -185,20 +187,32 @@ fn store_stream<R: Read>(
     holds: &mut Holds<'_>,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Vec<ChunkRef>> {
-    let mut refs = Vec::new();
-    let mut done = done_before;
-    for c in Chunker::new(src) {
-        let c = c.map_err(|e| Error::io("reading image", store.path(), e))?;
-        store.put_chunk_inner(&c.id, &c.data, true, true)?;
-        holds.ids.push(c.id);
-        refs.push(ChunkRef {
-            id: c.id,
-            size: c.data.len() as u32,
+    std::thread::scope(|sc| {
+        let (tx, rx) = std::sync::mpsc::sync_channel(16);
+        sc.spawn(move || {
+            for c in Chunker::new(src) {
+                let stop = c.is_err();
+                // The receiver is gone when the writer gave up: stop reading.
+                if tx.send(c).is_err() || stop {
+                    break;
+                }
+            }
         });
-        done += c.data.len() as u64;
-        progress(done, total);
-    }
-    Ok(refs)
+        let mut refs = Vec::new();
+        let mut done = done_before;
+        for c in rx {
+            let c = c.map_err(|e| Error::io("reading image", store.path(), e))?;
+            store.put_chunk_inner(&c.id, &c.data, true, true)?;
+            holds.ids.push(c.id);
+            refs.push(ChunkRef {
+                id: c.id,
+                size: c.data.len() as u32,
+            });
+            done += c.data.len() as u64;
+            progress(done, total);
+        }
+        Ok(refs)
+    })
 }
 
 fn finish(
@@ -344,7 +358,7 @@ pub fn import_direct_boot(
     let initrd = parts.initrd.as_ref().and_then(|_| it.next());
     let total = off;
     // One chunk stream over the concatenation, so parts dedupe across versions.
-    let mut chain: Box<dyn Read> = Box::new(std::io::empty());
+    let mut chain: Box<dyn Read + Send> = Box::new(std::io::empty());
     for (_, r) in inputs.iter() {
         let f = r
             .file
@@ -381,7 +395,7 @@ pub fn import_direct_boot(
 
 /// Chunk any reader into the store and sign a manifest for it (used by tests
 /// and by callers that already have a raw stream).
-pub fn import_reader<R: Read>(
+pub fn import_reader<R: Read + Send>(
     store: &ChunkStore,
     key: &SigningKey,
     src: R,
@@ -742,5 +756,33 @@ mod tests {
         )
         .unwrap();
         assert!(store.size_bytes() <= 1 << 20);
+    }
+
+    #[test]
+    fn read_error_mid_import_is_reported_and_releases_holds() {
+        struct FailAfter(Vec<u8>, usize);
+        impl Read for FailAfter {
+            fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+                if self.1 >= self.0.len() {
+                    return Err(std::io::Error::other("device went away"));
+                }
+                let n = out.len().min(self.0.len() - self.1);
+                out[..n].copy_from_slice(&self.0[self.1..self.1 + n]);
+                self.1 += n;
+                Ok(n)
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path(), UNLIMITED).unwrap();
+        let src = FailAfter(random(6 << 20, 21), 0);
+        let e =
+            import_reader(&store, &key(), src, "x", ImageFormat::Raw, 0, |_, _| {}).unwrap_err();
+        assert!(matches!(e, Error::Io { .. }), "{e:?}");
+        assert!(e.to_string().contains("device went away"), "{e}");
+        assert!(
+            store.list_images().unwrap().is_empty(),
+            "no manifest for a failed import"
+        );
+        assert!(store.no_holds(), "holds released");
     }
 }

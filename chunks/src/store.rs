@@ -471,6 +471,11 @@ impl ChunkStore {
             .map_err(|e| self.txn_err(e))
     }
 
+    #[cfg(test)]
+    pub(crate) fn no_holds(&self) -> bool {
+        self.state().holds.is_empty()
+    }
+
     pub(crate) fn release_holds(&self, ids: &[ChunkId]) {
         let mut st = self.state();
         for id in ids {
