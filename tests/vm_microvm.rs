@@ -782,18 +782,28 @@ fn looping_guest_is_stopped_by_the_limit_and_by_stop() {
     let mut con = Console::new(guest.as_mut());
     con.wait_for("looping\n", Duration::from_secs(10));
     assert_eq!(guest.state(), vm::GuestState::Running);
-    // The vCPU thread runs under a seccomp filter (mode 2).
+    // The vCPU thread runs under a seccomp filter (mode 2). Other tests' guests may
+    // have a vCPU thread that is just starting (filter not yet on): give each a moment.
     let mut filtered = 0;
     for task in std::fs::read_dir("/proc/self/task").unwrap() {
         let task = task.unwrap().path();
         let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
         if comm.trim() == "vcpu0" {
-            let status = std::fs::read_to_string(task.join("status")).unwrap();
-            assert!(
-                status.lines().any(|l| l == "Seccomp:\t2"),
-                "vCPU thread not filtered:\n{status}"
-            );
-            filtered += 1;
+            let deadline = Instant::now() + Duration::from_secs(2);
+            loop {
+                let Ok(status) = std::fs::read_to_string(task.join("status")) else {
+                    break; // the thread ended
+                };
+                if status.lines().any(|l| l == "Seccomp:\t2") {
+                    filtered += 1;
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "vCPU thread not filtered:\n{status}"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
     }
     assert!(filtered >= 1, "no vCPU thread found");
