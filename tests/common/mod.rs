@@ -3,6 +3,7 @@
 
 pub mod netns;
 pub mod node;
+pub mod swarm;
 
 use std::path::PathBuf;
 

@@ -201,6 +201,12 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
         self.slot(p).map(|s| s.bytes_in).unwrap_or(0)
     }
 
+    /// True when incomplete and nothing is requested anywhere: every peer we
+    /// know lacks what we miss (or is banned). A super-seed should be told.
+    pub fn is_starving(&self) -> bool {
+        !self.have.is_full() && self.inflight_set.is_empty()
+    }
+
     /// Number of requests in flight.
     pub fn in_flight(&self) -> usize {
         self.peers.iter().flatten().map(|s| s.out.len()).sum()

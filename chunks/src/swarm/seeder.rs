@@ -57,6 +57,9 @@ struct SeedPeer<P> {
     offered: Vec<u32>,
     /// Requests being answered now.
     serving: Vec<u32>,
+    /// It said it has nothing to fetch from anyone (e.g. its other sources
+    /// were banned): feed it once, outside the extra budget.
+    starving: bool,
 }
 
 /// Per-image super-seeding state.
@@ -123,7 +126,7 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Seeder<P> {
     }
 
     /// A peer joined with have-set `has` (a known peer's set is replaced).
-    pub fn add_peer(&mut self, p: P, has: Bitfield) {
+    pub fn add_peer(&mut self, p: P, has: Bitfield, _now: Micros) {
         if has.len() as usize != self.sizes.len() {
             return;
         }
@@ -138,6 +141,7 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Seeder<P> {
             has,
             offered: Vec::new(),
             serving: Vec::new(),
+            starving: false,
         };
         let i = match self.free.pop() {
             Some(i) => {
@@ -153,7 +157,7 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Seeder<P> {
     }
 
     /// `p` announced it now holds `idx`.
-    pub fn peer_have(&mut self, p: &P, idx: u32) {
+    pub fn peer_have(&mut self, p: &P, idx: u32, _now: Micros) {
         let Some(&i) = self.index.get(p) else { return };
         if idx as usize >= self.sizes.len() {
             return;
@@ -173,6 +177,15 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Seeder<P> {
         if self.holders[u] == 0 && self.assigned[u] == 0 && self.queued.set(idx) {
             // lost chunks go first: somebody still needs them and only we have them
             self.unsent.push_front(idx);
+        }
+    }
+
+    /// `p` says it has nothing to fetch from anyone: it gets chunks straight from
+    /// the seed (up to `offer_depth`), even beyond the extra budget. A peer
+    /// whose other sources are all banned or gone would otherwise stall.
+    pub fn peer_starving(&mut self, p: &P) {
+        if let Some(&i) = self.index.get(p) {
+            self.peers[i].as_mut().expect("indexed").starving = true;
         }
     }
 
@@ -266,9 +279,33 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Seeder<P> {
                 self.offer(i, idx);
             }
         }
+        if !self.unsent.is_empty() {
+            return;
+        }
+        // starving peers: fed directly, whatever the budget (one round per signal)
+        for k in 0..n {
+            let i = (self.rr + k) % n;
+            let Some(s) = self.peers[i].as_ref() else {
+                continue;
+            };
+            if !s.starving {
+                continue;
+            }
+            while let Some(s) = self.peers[i].as_ref() {
+                if s.has.is_full() || s.offered.len() >= self.cfg.offer_depth {
+                    break;
+                }
+                let best = (0..self.sizes.len() as u32)
+                    .filter(|&c| !s.has.get(c) && !s.offered.contains(&c))
+                    .min_by_key(|&c| (self.assigned[c as usize], self.holders[c as usize], c));
+                let Some(c) = best else { break };
+                self.offer(i, c);
+            }
+            self.peers[i].as_mut().expect("live").starving = false;
+        }
         // the end: nothing left to hand out and the uplink is idle. Spend a little
         // of the extra budget on the scarcest chunks the slowest peers still lack.
-        if !self.unsent.is_empty() || self.serving_total > 0 {
+        if self.serving_total > 0 {
             return;
         }
         let budget = (self.total as f64 * self.cfg.extra_fraction) as u64;
@@ -319,7 +356,7 @@ mod tests {
     fn each_chunk_offered_to_one_peer_first() {
         let mut s = Seeder::new(vec![100; 8], SeederConfig::default());
         for p in 0..3 {
-            s.add_peer(p, Bitfield::new(8));
+            s.add_peer(p, Bitfield::new(8), 0);
         }
         s.poll(0);
         let o = offers(&mut s);
@@ -339,7 +376,7 @@ mod tests {
             "duplicate while serving"
         );
         s.on_sent(&p, c);
-        s.peer_have(&p, c);
+        s.peer_have(&p, c, 0);
         s.poll(1);
         let more = offers(&mut s);
         assert_eq!(more.len(), 1);
@@ -354,10 +391,11 @@ mod tests {
             SeederConfig {
                 offer_depth: 1,
                 extra_fraction: 0.0,
+                ..Default::default()
             },
         );
-        s.add_peer(1, Bitfield::new(2));
-        s.add_peer(2, Bitfield::new(2));
+        s.add_peer(1, Bitfield::new(2), 0);
+        s.add_peer(2, Bitfield::new(2), 0);
         s.poll(0);
         let o = offers(&mut s);
         let (p1c, p2c) = (
@@ -366,10 +404,10 @@ mod tests {
         );
         assert_eq!(s.on_request(&1, p1c, 0), Decision::Serve);
         s.on_sent(&1, p1c);
-        s.peer_have(&1, p1c);
+        s.peer_have(&1, p1c, 0);
         // peer 1 vanishes before anyone copied its chunk
         s.remove_peer(&1);
-        s.peer_have(&2, p2c);
+        s.peer_have(&2, p2c, 0);
         s.poll(1);
         assert_eq!(offers(&mut s), vec![(2, p1c)]);
     }
@@ -380,8 +418,8 @@ mod tests {
         let mut has = Bitfield::new(4);
         has.set(0);
         has.set(1);
-        s.add_peer(1, has);
-        s.add_peer(2, Bitfield::new(4));
+        s.add_peer(1, has, 0);
+        s.add_peer(2, Bitfield::new(4), 0);
         s.poll(0);
         let o = offers(&mut s);
         assert!(o.iter().all(|&(_, c)| c >= 2), "{o:?}");
@@ -394,10 +432,11 @@ mod tests {
             SeederConfig {
                 offer_depth: 2,
                 extra_fraction: 0.1,
+                ..Default::default()
             },
         );
-        s.add_peer(1, Bitfield::full(10));
-        s.add_peer(2, Bitfield::new(10));
+        s.add_peer(1, Bitfield::full(10), 0);
+        s.add_peer(2, Bitfield::new(10), 0);
         s.poll(0);
         // everything is held by peer 1; seed idle: peer 2 may get one extra chunk (10%)
         let o = offers(&mut s);
@@ -405,5 +444,39 @@ mod tests {
         let c = o[0].1;
         assert_eq!(s.on_request(&2, c, 0), Decision::Serve);
         assert_eq!(s.extra_bytes(), 0, "first time the seed sends it");
+    }
+
+    #[test]
+    fn starving_peer_is_fed_beyond_the_budget() {
+        // peer 1 claims everything but (say) was banned by peer 2: peer 2 gets
+        // nothing from anyone else and says so; the seed feeds it
+        let cfg = SeederConfig {
+            offer_depth: 2,
+            extra_fraction: 0.0,
+        };
+        let mut s = Seeder::new(vec![100; 10], cfg);
+        s.add_peer(1, Bitfield::full(10), 0);
+        s.add_peer(2, Bitfield::new(10), 0);
+        s.poll(10);
+        assert!(offers(&mut s).is_empty(), "not starving yet, no budget");
+        let mut got = 0;
+        let mut now = 2000;
+        loop {
+            s.peer_starving(&2);
+            s.poll(now);
+            let o = offers(&mut s);
+            if o.is_empty() {
+                break;
+            }
+            for (p, c) in o {
+                assert_eq!(p, 2);
+                assert_eq!(s.on_request(&2, c, now), Decision::Serve);
+                s.on_sent(&2, c);
+                s.peer_have(&2, c, now);
+                got += 1;
+            }
+            now += 10;
+        }
+        assert_eq!(got, 10, "fed the whole image");
     }
 }

@@ -37,6 +37,7 @@ enum Msg {
     Have { from: usize, chunk: u32 },
     Offer { chunk: u32 },
     Data { from: usize, chunk: u32 },
+    Starving { from: usize },
     Wake,
 }
 
@@ -85,7 +86,7 @@ pub(crate) fn run(cfg: &SimConfig) -> SimResult {
             done: None,
             wake_at: None,
         });
-        seeder.add_peer(i, Bitfield::new(nch));
+        seeder.add_peer(i, Bitfield::new(nch), 0);
     }
     let up = |i: usize| if i == 0 { cfg.seed_up } else { cfg.peer_up };
     let down = |i: usize| if i == 0 { f64::INFINITY } else { cfg.peer_down };
@@ -221,7 +222,7 @@ pub(crate) fn run(cfg: &SimConfig) -> SimResult {
             }
             Msg::Have { from, chunk } => {
                 if to == 0 {
-                    seeder.peer_have(&from, chunk);
+                    seeder.peer_have(&from, chunk, now);
                     seeder.poll(now);
                     while let Some(SeedAction::Offer { peer, chunk }) = seeder.next_action() {
                         send(&mut heap, &mut msgs, now + lat, peer, Msg::Offer { chunk });
@@ -255,6 +256,13 @@ pub(crate) fn run(cfg: &SimConfig) -> SimResult {
                     touched.push(to);
                 }
             }
+            Msg::Starving { from } => {
+                seeder.peer_starving(&from);
+                seeder.poll(now);
+                while let Some(SeedAction::Offer { peer, chunk }) = seeder.next_action() {
+                    send(&mut heap, &mut msgs, now + lat, peer, Msg::Offer { chunk });
+                }
+            }
             Msg::Wake => {
                 nodes[to].wake_at = None;
             }
@@ -280,6 +288,15 @@ pub(crate) fn run(cfg: &SimConfig) -> SimResult {
                     Action::Complete => node.done = Some(now as f64 / 1e6),
                     Action::Cancel { .. } | Action::Ban { .. } | Action::Disconnect { .. } => {}
                 }
+            }
+            if l.is_starving() {
+                send(
+                    &mut heap,
+                    &mut msgs,
+                    now + lat,
+                    0,
+                    Msg::Starving { from: i },
+                );
             }
             if let Some(d) = l.next_deadline() {
                 if node.wake_at.is_none_or(|w| w > d) {

@@ -1,6 +1,8 @@
 //! libp2p request-response codec: length-prefixed frames with hard size limits.
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures::prelude::*;
@@ -8,8 +10,20 @@ use libp2p::StreamProtocol;
 
 use super::wire::{Request, Response, MAX_REQUEST, MAX_RESPONSE};
 
+/// Counts the inbound messages it refused (libp2p drops those streams without
+/// telling the behaviour, so the codec keeps the tally for `status`).
 #[derive(Clone, Default)]
-pub struct SwarmCodec;
+pub struct SwarmCodec {
+    pub rejected: Arc<AtomicU64>,
+}
+
+impl SwarmCodec {
+    fn reject(&self, e: io::Error) -> io::Error {
+        self.rejected.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(error = %e, "rejected inbound message");
+        e
+    }
+}
 
 async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T, max: usize) -> io::Result<Vec<u8>> {
     let mut len = [0u8; 4];
@@ -47,8 +61,10 @@ impl libp2p::request_response::Codec for SwarmCodec {
     where
         T: AsyncRead + Unpin + Send,
     {
-        let b = read_frame(io, MAX_REQUEST).await?;
-        Request::decode(&b).map_err(invalid)
+        let b = read_frame(io, MAX_REQUEST)
+            .await
+            .map_err(|e| self.reject(e))?;
+        Request::decode(&b).map_err(|e| self.reject(invalid(e)))
     }
 
     async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Response>
@@ -59,14 +75,24 @@ impl libp2p::request_response::Codec for SwarmCodec {
         Response::decode(&b).map_err(invalid)
     }
 
-    async fn write_request<T>(&mut self, _: &StreamProtocol, io: &mut T, req: Request) -> io::Result<()>
+    async fn write_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: Request,
+    ) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {
         write_frame(io, &req.encode()).await
     }
 
-    async fn write_response<T>(&mut self, _: &StreamProtocol, io: &mut T, res: Response) -> io::Result<()>
+    async fn write_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        res: Response,
+    ) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {

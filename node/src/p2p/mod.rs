@@ -22,7 +22,9 @@ use chunks::{ChunkId, ChunkStore, ImageId, PinGuard, SignedManifest};
 use futures::StreamExt;
 use libp2p::request_response::{self, InboundRequestId, OutboundRequestId, ProtocolSupport};
 use libp2p::swarm::{behaviour::toggle::Toggle, NetworkBehaviour, SwarmEvent};
-use libp2p::{identify, kad, mdns, noise, ping, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Swarm};
+use libp2p::{
+    identify, kad, mdns, noise, ping, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Swarm,
+};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, info_span, warn};
@@ -35,9 +37,11 @@ use codec::SwarmCodec;
 use wire::{PeerRole, Request, Response};
 
 /// How long a fetch waits for any peer to hand over a valid manifest.
-const MANIFEST_WAIT: Duration = Duration::from_secs(60);
+const MANIFEST_WAIT: Duration = Duration::from_secs(15);
 /// How often providers are looked up again and new ones greeted.
 const DISCOVERY_EVERY: Duration = Duration::from_secs(2);
+/// Least time between two "starving" notes to a super-seed.
+const STARVING_EVERY: Duration = Duration::from_millis(200);
 /// Fault injection for tests (a scripted bad peer at the test's edge).
 const FAULT_ENV: &str = "CPUSHARE_TEST_FAULT";
 
@@ -109,7 +113,11 @@ pub fn start(node: Arc<Node>, router: &mut Router) -> Result<()> {
             let banned: Vec<Value> = s
                 .images
                 .iter()
-                .flat_map(|(img, st)| st.banned.iter().map(move |p| json!({"peer": p, "image": img})))
+                .flat_map(|(img, st)| {
+                    st.banned
+                        .iter()
+                        .map(move |p| json!({"peer": p, "image": img}))
+                })
                 .collect();
             json!({
                 "peer_id": peer_id,
@@ -126,19 +134,29 @@ pub fn start(node: Arc<Node>, router: &mut Router) -> Result<()> {
         let tx = tx.clone();
         async move {
             if role != Role::Seller {
-                return Err(Error::WrongRole { needed: "seller", actual: role.as_str() });
+                return Err(Error::WrongRole {
+                    needed: "seller",
+                    actual: role.as_str(),
+                });
             }
             let id = params
                 .get("id")
                 .and_then(|v| v.as_str())
-                .ok_or_else(|| Error::BadArg { what: "id", reason: "missing image id".into() })?;
+                .ok_or_else(|| Error::BadArg {
+                    what: "id",
+                    reason: "missing image id".into(),
+                })?;
             let image: ImageId = id.parse().map_err(|_| Error::BadArg {
                 what: "image id",
                 reason: format!("{id:?} is not a 64-digit hex image id"),
             })?;
             let (rtx, rrx) = oneshot::channel();
-            tx.send(Cmd::Fetch { image, progress, reply: rtx })
-                .map_err(|_| Error::P2p("the networking task stopped".into()))?;
+            tx.send(Cmd::Fetch {
+                image,
+                progress,
+                reply: rtx,
+            })
+            .map_err(|_| Error::P2p("the networking task stopped".into()))?;
             match rrx.await {
                 Ok(Ok(v)) => Ok(v),
                 Ok(Err(e)) => Err(Error::P2p(e)),
@@ -193,6 +211,9 @@ struct ImageSwarm {
     members: HashSet<PeerId>,
     greeted: HashSet<PeerId>,
     early_haves: HashMap<PeerId, Vec<u32>>,
+    /// Peers that answered as super-seeds (told when we starve).
+    seeds: HashSet<PeerId>,
+    last_starving: Option<Instant>,
     have_queue: HashMap<PeerId, Vec<u32>>,
     fetch: Option<Fetch>,
     stats: ImageStats,
@@ -215,6 +236,7 @@ struct Net {
     fault: Fault,
     snapshot: Arc<Mutex<Snapshot>>,
     rng_seed: u64,
+    codec_rejects: Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn p2p_err(e: impl std::fmt::Display) -> Error {
@@ -226,19 +248,26 @@ impl Net {
         let keypair = node.identity.keypair().clone();
         let local = keypair.public().to_peer_id();
         let mdns_on = node.settings.mdns;
+        let codec = SwarmCodec::default();
+        let codec_rejects = codec.rejected.clone();
         let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
             .with_tokio()
-            .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+            .with_tcp(
+                tcp::Config::default().nodelay(true),
+                noise::Config::new,
+                yamux::Config::default,
+            )
             .map_err(p2p_err)?
             .with_behaviour(|key| {
                 let mut kcfg = kad::Config::new(StreamProtocol::new("/cpushare/kad/1"));
                 kcfg.set_query_timeout(Duration::from_secs(20));
-                let mut kad = kad::Behaviour::with_config(local, kad::store::MemoryStore::new(local), kcfg);
+                let mut kad =
+                    kad::Behaviour::with_config(local, kad::store::MemoryStore::new(local), kcfg);
                 // small private swarms on loopback never get a confirmed external
                 // address; serve the DHT anyway
                 kad.set_mode(Some(kad::Mode::Server));
                 let rr = request_response::Behaviour::with_codec(
-                    SwarmCodec,
+                    codec.clone(),
                     [(StreamProtocol::new(wire::PROTOCOL), ProtocolSupport::Full)],
                     // the scheduler owns timeouts (scaled by size and rate)
                     request_response::Config::default()
@@ -295,7 +324,10 @@ impl Net {
             _ => Fault::None,
         };
         if fault != Fault::None {
-            warn!(?fault, "TEST FAULT INJECTION ACTIVE: this node serves bad data on purpose");
+            warn!(
+                ?fault,
+                "TEST FAULT INJECTION ACTIVE: this node serves bad data on purpose"
+            );
         }
         let pid = local.to_bytes();
         let rng_seed = pid.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
@@ -318,6 +350,7 @@ impl Net {
             fault,
             snapshot,
             rng_seed,
+            codec_rejects,
         })
     }
 
@@ -359,13 +392,20 @@ impl Net {
             s.images.insert(id.to_hex(), img.stats.clone());
         }
         s.rejects = self.rejects.clone();
+        s.rejects.bad_messages += self
+            .codec_rejects
+            .load(std::sync::atomic::Ordering::Relaxed);
     }
 
     // ------------------------------------------------------------ commands
 
     fn on_cmd(&mut self, cmd: Cmd) {
         match cmd {
-            Cmd::Fetch { image, progress, reply } => {
+            Cmd::Fetch {
+                image,
+                progress,
+                reply,
+            } => {
                 let w = Waiter { progress, reply };
                 if let Some(img) = self.images.get_mut(&image) {
                     match (&img.mode, &mut img.fetch) {
@@ -379,11 +419,14 @@ impl Net {
                 match self.store.get_manifest(image) {
                     Ok(Some(m)) => self.start_leech(image, m, vec![w]),
                     Ok(None) => {
-                        let mf = self.manifest_fetches.entry(image).or_insert_with(|| ManifestFetch {
-                            asked: HashSet::new(),
-                            waiters: Vec::new(),
-                            started: Instant::now(),
-                        });
+                        let mf =
+                            self.manifest_fetches
+                                .entry(image)
+                                .or_insert_with(|| ManifestFetch {
+                                    asked: HashSet::new(),
+                                    waiters: Vec::new(),
+                                    started: Instant::now(),
+                                });
                         mf.waiters.push(w);
                         self.ask_manifest(image);
                         self.find_providers(image);
@@ -397,7 +440,11 @@ impl Net {
     }
 
     fn find_providers(&mut self, image: ImageId) {
-        let q = self.swarm.behaviour_mut().kad.get_providers(kad::RecordKey::new(&image.0));
+        let q = self
+            .swarm
+            .behaviour_mut()
+            .kad
+            .get_providers(kad::RecordKey::new(&image.0));
         self.provider_queries.insert(q, image);
     }
 
@@ -410,11 +457,17 @@ impl Net {
     }
 
     fn ask_manifest_from(&mut self, image: ImageId, p: PeerId) {
-        let Some(mf) = self.manifest_fetches.get_mut(&image) else { return };
+        let Some(mf) = self.manifest_fetches.get_mut(&image) else {
+            return;
+        };
         if !mf.asked.insert(p) {
             return;
         }
-        let id = self.swarm.behaviour_mut().rr.send_request(&p, Request::GetManifest { image });
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .rr
+            .send_request(&p, Request::GetManifest { image });
         self.pending.insert(id, Pending::Manifest { image });
     }
 
@@ -464,6 +517,8 @@ impl Net {
             members: HashSet::new(),
             greeted: HashSet::new(),
             early_haves: HashMap::new(),
+            seeds: HashSet::new(),
+            last_starving: None,
             have_queue: HashMap::new(),
             fetch: None,
             stats: ImageStats::default(),
@@ -493,7 +548,12 @@ impl Net {
             LeecherConfig::default(),
         );
         img.mode = Mode::Leech(Box::new(leecher));
-        img.fetch = Some(Fetch { waiters, started: Instant::now(), _pin: pin, last_report: Instant::now() });
+        img.fetch = Some(Fetch {
+            waiters,
+            started: Instant::now(),
+            _pin: pin,
+            last_report: Instant::now(),
+        });
         self.images.insert(image, img);
         self.provide(image);
         let peers: Vec<PeerId> = self.connected.iter().copied().collect();
@@ -506,7 +566,12 @@ impl Net {
 
     fn provide(&mut self, image: ImageId) {
         if self.providing.insert(image) {
-            if let Err(e) = self.swarm.behaviour_mut().kad.start_providing(kad::RecordKey::new(&image.0)) {
+            if let Err(e) = self
+                .swarm
+                .behaviour_mut()
+                .kad
+                .start_providing(kad::RecordKey::new(&image.0))
+            {
                 warn!(image = %image, error = %e, "cannot advertise image");
                 self.providing.remove(&image);
             }
@@ -515,12 +580,18 @@ impl Net {
 
     /// Sends our have-set for `image` to `p` (once per connection).
     fn greet(&mut self, image: ImageId, p: PeerId) {
-        let Some(img) = self.images.get_mut(&image) else { return };
+        let Some(img) = self.images.get_mut(&image) else {
+            return;
+        };
         if !img.greeted.insert(p) {
             return;
         }
         let have = img.have.to_bytes();
-        let id = self.swarm.behaviour_mut().rr.send_request(&p, Request::Hello { image, have });
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .rr
+            .send_request(&p, Request::Hello { image, have });
         self.pending.insert(id, Pending::Hello { image });
     }
 
@@ -537,7 +608,9 @@ impl Net {
             Ok(true) => {}
             _ => return false,
         }
-        let Ok(mut img) = self.new_image_swarm(image, &m) else { return false };
+        let Ok(mut img) = self.new_image_swarm(image, &m) else {
+            return false;
+        };
         img.stats.complete = true;
         img.mode = if self.role == Role::Buyer {
             Mode::Seed(Seeder::new(img.sizes.clone(), SeederConfig::default()))
@@ -575,7 +648,11 @@ impl Net {
                     }
                 }
             }
-            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } => {
                 self.connected.remove(&peer_id);
                 let ids: Vec<ImageId> = self.images.keys().copied().collect();
                 for image in ids {
@@ -595,7 +672,11 @@ impl Net {
                     mf.asked.remove(&peer_id);
                 }
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
                 for a in info.listen_addrs {
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, a);
                 }
@@ -606,9 +687,15 @@ impl Net {
                     let _ = self.swarm.dial(a);
                 }
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed { id, result, .. })) => {
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                id,
+                result,
+                ..
+            })) => {
                 if let kad::QueryResult::GetProviders(res) = result {
-                    let Some(&image) = self.provider_queries.get(&id) else { return };
+                    let Some(&image) = self.provider_queries.get(&id) else {
+                        return;
+                    };
                     match res {
                         Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => {
                             let me = *self.swarm.local_peer_id();
@@ -633,19 +720,49 @@ impl Net {
     fn on_rr(&mut self, ev: request_response::Event<Request, Response>) {
         use request_response::{Event, Message};
         match ev {
-            Event::Message { peer, message: Message::Request { request_id, request, channel }, .. } => {
+            Event::Message {
+                peer,
+                message:
+                    Message::Request {
+                        request_id,
+                        request,
+                        channel,
+                    },
+                ..
+            } => {
                 let resp = self.on_request(peer, request_id, request);
-                if self.swarm.behaviour_mut().rr.send_response(channel, resp).is_err() {
+                if self
+                    .swarm
+                    .behaviour_mut()
+                    .rr
+                    .send_response(channel, resp)
+                    .is_err()
+                {
                     self.finish_seed_send(request_id);
                 }
             }
-            Event::Message { peer, message: Message::Response { request_id, response }, .. } => {
+            Event::Message {
+                peer,
+                message:
+                    Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
                 if let Some(p) = self.pending.remove(&request_id) {
                     self.on_response(peer, p, response);
                 }
             }
-            Event::OutboundFailure { peer, request_id, error, .. } => {
-                let Some(p) = self.pending.remove(&request_id) else { return };
+            Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                let Some(p) = self.pending.remove(&request_id) else {
+                    return;
+                };
                 debug!(peer = %peer, error = %error, "request failed");
                 if let request_response::OutboundFailure::Io(e) = &error {
                     if e.kind() == std::io::ErrorKind::InvalidData {
@@ -656,7 +773,11 @@ impl Net {
                 match p {
                     Pending::Chunk { image, index } => {
                         let now = self.now();
-                        if let Some(ImageSwarm { mode: Mode::Leech(l), .. }) = self.images.get_mut(&image) {
+                        if let Some(ImageSwarm {
+                            mode: Mode::Leech(l),
+                            ..
+                        }) = self.images.get_mut(&image)
+                        {
                             l.peer_lacks(&peer, index, now);
                         }
                         self.drive(image);
@@ -669,7 +790,12 @@ impl Net {
                     Pending::Manifest { .. } | Pending::Have => {}
                 }
             }
-            Event::InboundFailure { peer, request_id, error, .. } => {
+            Event::InboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
                 self.rejects.failed_inbound += 1;
                 if let request_response::InboundFailure::Io(e) = &error {
                     if e.kind() == std::io::ErrorKind::InvalidData {
@@ -685,7 +811,11 @@ impl Net {
 
     fn finish_seed_send(&mut self, request_id: InboundRequestId) {
         if let Some((image, peer, idx)) = self.seed_serving.remove(&request_id) {
-            if let Some(ImageSwarm { mode: Mode::Seed(s), .. }) = self.images.get_mut(&image) {
+            if let Some(ImageSwarm {
+                mode: Mode::Seed(s),
+                ..
+            }) = self.images.get_mut(&image)
+            {
                 s.on_sent(&peer, idx);
             }
             self.drive(image);
@@ -723,7 +853,7 @@ impl Net {
                 img.members.insert(peer);
                 let resp = match &mut img.mode {
                     Mode::Seed(s) => {
-                        s.add_peer(peer, bf);
+                        s.add_peer(peer, bf, now);
                         s.poll(now);
                         // offers for this peer ride in the reply; others queue as Haves
                         let mut offers = Bitfield::new(img.sizes.len() as u32);
@@ -734,7 +864,10 @@ impl Net {
                                 img.have_queue.entry(to).or_default().push(chunk);
                             }
                         }
-                        Response::HelloAck { role: PeerRole::SuperSeed, have: offers.to_bytes() }
+                        Response::HelloAck {
+                            role: PeerRole::SuperSeed,
+                            have: offers.to_bytes(),
+                        }
                     }
                     Mode::Leech(l) => {
                         if l.add_peer(peer, bf, PeerKind::Normal, now) {
@@ -742,9 +875,15 @@ impl Net {
                                 l.peer_have(&peer, c);
                             }
                         }
-                        Response::HelloAck { role: PeerRole::Peer, have: img.have.to_bytes() }
+                        Response::HelloAck {
+                            role: PeerRole::Peer,
+                            have: img.have.to_bytes(),
+                        }
                     }
-                    Mode::Done => Response::HelloAck { role: PeerRole::Peer, have: img.have.to_bytes() },
+                    Mode::Done => Response::HelloAck {
+                        role: PeerRole::Peer,
+                        have: img.have.to_bytes(),
+                    },
                 };
                 // greet back so both sides know each other
                 img.greeted.insert(peer);
@@ -752,7 +891,10 @@ impl Net {
                 resp
             }
             Request::Have { image, chunks } => {
-                let Some(img) = self.images.get_mut(&image) else { return Response::Ack };
+                let now = self.now();
+                let Some(img) = self.images.get_mut(&image) else {
+                    return Response::Ack;
+                };
                 let n = img.sizes.len() as u32;
                 if chunks.iter().any(|&c| c >= n) {
                     self.rejects.bad_messages += 1;
@@ -761,7 +903,7 @@ impl Net {
                 match &mut img.mode {
                     Mode::Seed(s) => {
                         for c in chunks {
-                            s.peer_have(&peer, c);
+                            s.peer_have(&peer, c, now);
                         }
                     }
                     Mode::Leech(l) => {
@@ -776,6 +918,17 @@ impl Net {
                     Mode::Done => {}
                 }
                 self.drive(image);
+                Response::Ack
+            }
+            Request::Starving { image } => {
+                if let Some(ImageSwarm {
+                    mode: Mode::Seed(s),
+                    ..
+                }) = self.images.get_mut(&image)
+                {
+                    s.peer_starving(&peer);
+                    self.drive(image);
+                }
                 Response::Ack
             }
             Request::GetChunk { image, index } => {
@@ -813,10 +966,14 @@ impl Net {
     fn on_response(&mut self, peer: PeerId, p: Pending, resp: Response) {
         let now = self.now();
         match (p, resp) {
-            (Pending::Manifest { image }, Response::Manifest(bytes)) => self.on_manifest(image, peer, bytes),
+            (Pending::Manifest { image }, Response::Manifest(bytes)) => {
+                self.on_manifest(image, peer, bytes)
+            }
             (Pending::Manifest { .. }, _) => {}
             (Pending::Hello { image }, Response::HelloAck { role, have }) => {
-                let Some(img) = self.images.get_mut(&image) else { return };
+                let Some(img) = self.images.get_mut(&image) else {
+                    return;
+                };
                 let Some(bf) = Bitfield::from_bytes(img.sizes.len() as u32, &have) else {
                     self.rejects.bad_messages += 1;
                     warn!(peer = %peer, image = %image, "malformed have-set");
@@ -826,7 +983,10 @@ impl Net {
                 match &mut img.mode {
                     Mode::Leech(l) => {
                         let kind = match role {
-                            PeerRole::SuperSeed => PeerKind::SuperSeed,
+                            PeerRole::SuperSeed => {
+                                img.seeds.insert(peer);
+                                PeerKind::SuperSeed
+                            }
                             PeerRole::Peer => PeerKind::Normal,
                         };
                         if l.add_peer(peer, bf, kind, now) {
@@ -835,7 +995,7 @@ impl Net {
                             }
                         }
                     }
-                    Mode::Seed(s) => s.add_peer(peer, bf),
+                    Mode::Seed(s) => s.add_peer(peer, bf, now),
                     Mode::Done => {}
                 }
                 self.drive(image);
@@ -846,9 +1006,15 @@ impl Net {
                 }
             }
             (Pending::Have, _) => {}
-            (Pending::Chunk { image, index }, Response::Chunk(bytes)) => self.on_chunk(image, index, peer, bytes),
+            (Pending::Chunk { image, index }, Response::Chunk(bytes)) => {
+                self.on_chunk(image, index, peer, bytes)
+            }
             (Pending::Chunk { image, index }, _) => {
-                if let Some(ImageSwarm { mode: Mode::Leech(l), .. }) = self.images.get_mut(&image) {
+                if let Some(ImageSwarm {
+                    mode: Mode::Leech(l),
+                    ..
+                }) = self.images.get_mut(&image)
+                {
                     l.peer_lacks(&peer, index, now);
                 }
                 self.drive(image);
@@ -858,8 +1024,12 @@ impl Net {
 
     fn on_chunk(&mut self, image: ImageId, index: u32, peer: PeerId, bytes: Vec<u8>) {
         let now = self.now();
-        let Some(img) = self.images.get_mut(&image) else { return };
-        let Mode::Leech(l) = &mut img.mode else { return };
+        let Some(img) = self.images.get_mut(&image) else {
+            return;
+        };
+        let Mode::Leech(l) = &mut img.mode else {
+            return;
+        };
         let id = img.chunk_ids[index as usize];
         if ChunkId::of(&bytes) != id {
             img.stats.bad_chunks += 1;
@@ -911,9 +1081,12 @@ impl Net {
     /// Runs the image's scheduler and carries out its actions.
     fn drive(&mut self, image: ImageId) {
         let now = self.now();
-        let Some(img) = self.images.get_mut(&image) else { return };
+        let Some(img) = self.images.get_mut(&image) else {
+            return;
+        };
         let mut requests = Vec::new();
         let mut complete = false;
+        let mut starving = Vec::new();
         match &mut img.mode {
             Mode::Seed(s) => {
                 s.poll(now);
@@ -938,11 +1111,32 @@ impl Net {
                         Action::Complete => complete = true,
                     }
                 }
+                // nothing to ask anyone for: tell the super-seeds (throttled)
+                if l.is_starving()
+                    && img
+                        .last_starving
+                        .is_none_or(|t| t.elapsed() > STARVING_EVERY)
+                {
+                    img.last_starving = Some(Instant::now());
+                    starving.extend(img.seeds.iter().copied());
+                }
             }
             Mode::Done => {}
         }
+        for peer in starving {
+            let id = self
+                .swarm
+                .behaviour_mut()
+                .rr
+                .send_request(&peer, Request::Starving { image });
+            self.pending.insert(id, Pending::Have);
+        }
         for (peer, index) in requests {
-            let id = self.swarm.behaviour_mut().rr.send_request(&peer, Request::GetChunk { image, index });
+            let id = self
+                .swarm
+                .behaviour_mut()
+                .rr
+                .send_request(&peer, Request::GetChunk { image, index });
             self.pending.insert(id, Pending::Chunk { image, index });
         }
         if complete {
@@ -951,7 +1145,9 @@ impl Net {
     }
 
     fn complete(&mut self, image: ImageId) {
-        let Some(img) = self.images.get_mut(&image) else { return };
+        let Some(img) = self.images.get_mut(&image) else {
+            return;
+        };
         img.mode = Mode::Done;
         img.stats.complete = true;
         let _ = self.store.flush();
@@ -969,8 +1165,8 @@ impl Net {
     fn on_tick(&mut self) {
         let ids: Vec<ImageId> = self.images.keys().copied().collect();
         for image in ids {
-            let leeching = matches!(self.images[&image].mode, Mode::Leech(_));
-            if leeching {
+            // seeds too: starving peers are noticed by time, not by an event
+            if !matches!(self.images[&image].mode, Mode::Done) {
                 self.drive(image);
             }
             self.flush_haves(image);
@@ -978,7 +1174,9 @@ impl Net {
     }
 
     fn flush_haves(&mut self, image: ImageId) {
-        let Some(img) = self.images.get_mut(&image) else { return };
+        let Some(img) = self.images.get_mut(&image) else {
+            return;
+        };
         if img.have_queue.is_empty() {
             return;
         }
@@ -989,7 +1187,11 @@ impl Net {
             }
             while !chunks.is_empty() {
                 let rest = chunks.split_off(chunks.len().min(wire::MAX_HAVES));
-                let id = self.swarm.behaviour_mut().rr.send_request(&peer, Request::Have { image, chunks });
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .rr
+                    .send_request(&peer, Request::Have { image, chunks });
                 self.pending.insert(id, Pending::Have);
                 chunks = rest;
             }
@@ -1000,7 +1202,9 @@ impl Net {
         // advertise complete local images (imports happen outside this task)
         if let Ok(list) = self.store.list_images() {
             for image in list {
-                if !self.providing.contains(&image) && self.store.is_complete(image).unwrap_or(false) {
+                if !self.providing.contains(&image)
+                    && self.store.is_complete(image).unwrap_or(false)
+                {
                     self.provide(image);
                 }
             }
@@ -1020,7 +1224,10 @@ impl Net {
             if mf.started.elapsed() > MANIFEST_WAIT {
                 let mf = self.manifest_fetches.remove(&image).expect("listed");
                 let msg = if self.rejects.bad_manifests > 0 {
-                    format!("no peer gave a valid manifest for image {image} ({} rejected as invalid)", self.rejects.bad_manifests)
+                    format!(
+                        "no peer gave a valid manifest for image {image} ({} rejected as invalid)",
+                        self.rejects.bad_manifests
+                    )
                 } else {
                     format!("no peer has image {image} (asked {} peers)", mf.asked.len())
                 };

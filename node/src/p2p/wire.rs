@@ -10,6 +10,7 @@
 //! - 2 Hello: image[32] | u32 n | n bytes have-set (n = ceil(chunks / 8))
 //! - 3 Have: image[32] | u32 count (<= MAX_HAVES) | count x u32 chunk index
 //! - 4 GetChunk: image[32] | u32 chunk index
+//! - 5 Starving: image[32] (to a super-seed: nobody else has what I miss)
 //!
 //! Responses:
 //! - 1 Manifest: signed manifest bytes (rest)
@@ -36,6 +37,7 @@ pub enum Request {
     Hello { image: ImageId, have: Vec<u8> },
     Have { image: ImageId, chunks: Vec<u32> },
     GetChunk { image: ImageId, index: u32 },
+    Starving { image: ImageId },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,7 +85,9 @@ impl<'a> Rd<'a> {
         Ok(self.take(1)?[0])
     }
     fn u32(&mut self) -> Result<u32, WireError> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
     }
     fn image(&mut self) -> Result<ImageId, WireError> {
         Ok(ImageId(self.take(32)?.try_into().expect("32 bytes")))
@@ -127,6 +131,10 @@ impl Request {
                 b.extend_from_slice(&image.0);
                 b.extend_from_slice(&index.to_le_bytes());
             }
+            Request::Starving { image } => {
+                b.push(5);
+                b.extend_from_slice(&image.0);
+            }
         }
         b
     }
@@ -142,7 +150,10 @@ impl Request {
                 if n > MAX_REQUEST {
                     return Err(WireError::TooLarge("have-set"));
                 }
-                Request::Hello { image, have: r.take(n)?.to_vec() }
+                Request::Hello {
+                    image,
+                    have: r.take(n)?.to_vec(),
+                }
             }
             3 => {
                 let image = r.image()?;
@@ -156,7 +167,11 @@ impl Request {
                 }
                 Request::Have { image, chunks }
             }
-            4 => Request::GetChunk { image: r.image()?, index: r.u32()? },
+            4 => Request::GetChunk {
+                image: r.image()?,
+                index: r.u32()?,
+            },
+            5 => Request::Starving { image: r.image()? },
             t => return Err(WireError::UnknownTag(t)),
         };
         r.end()?;
@@ -208,7 +223,10 @@ impl Response {
                 if n > MAX_REQUEST {
                     return Err(WireError::TooLarge("have-set"));
                 }
-                Response::HelloAck { role, have: r.take(n)?.to_vec() }
+                Response::HelloAck {
+                    role,
+                    have: r.take(n)?.to_vec(),
+                }
             }
             4 => Response::Ack,
             5 => {
@@ -242,9 +260,19 @@ mod tests {
     fn roundtrip_all() {
         let reqs = vec![
             Request::GetManifest { image: img(1) },
-            Request::Hello { image: img(2), have: vec![1, 2, 3] },
-            Request::Have { image: img(3), chunks: vec![0, 7, 99] },
-            Request::GetChunk { image: img(4), index: 5 },
+            Request::Hello {
+                image: img(2),
+                have: vec![1, 2, 3],
+            },
+            Request::Have {
+                image: img(3),
+                chunks: vec![0, 7, 99],
+            },
+            Request::GetChunk {
+                image: img(4),
+                index: 5,
+            },
+            Request::Starving { image: img(5) },
         ];
         for r in reqs {
             assert_eq!(Request::decode(&r.encode()).unwrap(), r);
@@ -252,7 +280,10 @@ mod tests {
         let resps = vec![
             Response::Manifest(vec![9; 10]),
             Response::NotFound,
-            Response::HelloAck { role: PeerRole::SuperSeed, have: vec![0xff] },
+            Response::HelloAck {
+                role: PeerRole::SuperSeed,
+                have: vec![0xff],
+            },
             Response::Ack,
             Response::Chunk(vec![1; 100]),
             Response::NotHave,
@@ -264,7 +295,11 @@ mod tests {
 
     #[test]
     fn rejects_trailing_unknown_and_truncated() {
-        let mut b = Request::GetChunk { image: img(4), index: 5 }.encode();
+        let mut b = Request::GetChunk {
+            image: img(4),
+            index: 5,
+        }
+        .encode();
         b.push(0);
         assert_eq!(Request::decode(&b), Err(WireError::Trailing(1)));
         assert_eq!(Request::decode(&[9]), Err(WireError::UnknownTag(9)));
@@ -276,7 +311,10 @@ mod tests {
         let mut haves = vec![3];
         haves.extend_from_slice(&[0; 32]);
         haves.extend_from_slice(&(u32::MAX).to_le_bytes());
-        assert_eq!(Request::decode(&haves), Err(WireError::TooLarge("have list")));
+        assert_eq!(
+            Request::decode(&haves),
+            Err(WireError::TooLarge("have list"))
+        );
     }
 
     proptest! {
