@@ -327,3 +327,53 @@ fn qemu_dies_with_a_killed_node() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// A direct-boot image (kernel + initrd + cmdline) imported into a running
+/// daemon boots with `vm run --image`, the daemon exporting it for the client.
+#[test]
+fn vm_run_boots_a_direct_boot_image_through_the_daemon() {
+    assert!(cpushare_tests::is_root(), "needs root");
+    let files = vmguest::test_guest();
+    let dir = tempfile::tempdir_in(vmguest::scratch_dir()).unwrap();
+    let data = dir.path().join("node");
+    let node = NodeProc::spawn(&[], &data, "seller", &["--listen", "/ip4/127.0.0.1/tcp/0"])
+        .expect("daemon");
+    let cmdline = vmguest::cmdline("echo cvq-direct-$((6*7)); poweroff -f", "");
+    let id = node
+        .cli_ok(&[
+            "image",
+            "import",
+            "--kernel",
+            files.vmlinuz.to_str().unwrap(),
+            "--initrd",
+            files.initrd.to_str().unwrap(),
+            "--cmdline",
+            &cmdline,
+        ])
+        .expect("import direct boot");
+    let id = id.trim();
+    let ls: serde_json::Value =
+        serde_json::from_str(&node.cli_ok(&["image", "ls", "--json"]).unwrap()).unwrap();
+    assert!(
+        ls.as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["id"] == id && i["boot"]["cmdline"] == cmdline.as_str()),
+        "image ls lacks the boot info: {ls}"
+    );
+    let out = vm_run(
+        &data,
+        &["--image", id, "--memory-mib", "256", "--timeout", "90"],
+    );
+    assert!(
+        out.status.success(),
+        "{}\ndaemon log:\n{}",
+        show(&out),
+        node.log()
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("cvq-direct-42"),
+        "{}",
+        show(&out)
+    );
+}

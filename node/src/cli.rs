@@ -120,10 +120,22 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum ImageCommand {
-    /// Chunk a disk image into the store, sign its manifest, print the image id.
+    /// Chunk a disk image (or a kernel + initrd + disk for direct boot) into the
+    /// store, sign its manifest, print the image id.
     Import {
-        /// Raw disk image, ISO, or qcow2 (converted with qemu-img).
-        file: PathBuf,
+        /// Raw disk image, ISO, or qcow2 (converted with qemu-img). With --kernel:
+        /// the optional root disk.
+        #[arg(required_unless_present = "kernel")]
+        file: Option<PathBuf>,
+        /// Linux kernel (bzImage or ELF vmlinux): import a direct-boot image.
+        #[arg(long)]
+        kernel: Option<PathBuf>,
+        /// Initial ramdisk of a direct-boot image.
+        #[arg(long, requires = "kernel")]
+        initrd: Option<PathBuf>,
+        /// Kernel command line of a direct-boot image.
+        #[arg(long, requires = "kernel", default_value = "console=ttyS0")]
+        cmdline: String,
         /// Image format; guessed from the file when omitted.
         #[arg(long, value_enum)]
         format: Option<ImageFormatArg>,

@@ -56,11 +56,6 @@ pub struct Progress {
 }
 
 impl Progress {
-    /// A sink that drops every update (for calls made inside the daemon).
-    pub fn none() -> Self {
-        Progress { tx: None }
-    }
-
     pub fn report(&self, what: &str, done: u64, total: u64) {
         if let Some(tx) = &self.tx {
             let _ = tx.send(Reply::Progress(ProgressUpdate {

@@ -14,14 +14,36 @@ use crate::progress::Display;
 pub fn run(settings: &Settings, cmd: ImageCommand) -> Result<ExitCode> {
     // Validate what can be checked here before bothering the daemon.
     let (method, params) = match &cmd {
-        ImageCommand::Import { file, format, name } => {
-            let path = absolute_existing_file(file)?;
+        ImageCommand::Import {
+            file,
+            kernel,
+            initrd,
+            cmdline,
+            format,
+            name,
+        } => {
+            let path = file.as_deref().map(absolute_existing_file).transpose()?;
             let kind = format.map(|f| match f {
                 ImageFormatArg::Raw => "raw",
                 ImageFormatArg::Iso => "iso",
                 ImageFormatArg::Qcow2 => "qcow2",
             });
-            ("image.import", json!({ "path": path, "kind": kind, "name": name }))
+            match kernel {
+                Some(k) => (
+                    "image.import",
+                    json!({
+                        "kernel": absolute_existing_file(k)?,
+                        "initrd": initrd.as_deref().map(absolute_existing_file).transpose()?,
+                        "disk": path,
+                        "cmdline": cmdline,
+                        "name": name,
+                    }),
+                ),
+                None => (
+                    "image.import",
+                    json!({ "path": path, "kind": kind, "name": name }),
+                ),
+            }
         }
         ImageCommand::Ls { .. } => ("image.ls", Value::Null),
         ImageCommand::Fetch { id } => {

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use chunks::{ImageId, ImportOptions, InputKind};
+use chunks::{DirectBoot, ImageId, ImportOptions, InputKind};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tracing::{info, info_span};
@@ -15,7 +15,17 @@ use crate::error::{Error, Result};
 
 #[derive(Deserialize)]
 struct ImportParams {
-    path: PathBuf,
+    /// The image file (or, for direct boot, the optional disk).
+    #[serde(default)]
+    path: Option<PathBuf>,
+    #[serde(default)]
+    disk: Option<PathBuf>,
+    #[serde(default)]
+    kernel: Option<PathBuf>,
+    #[serde(default)]
+    initrd: Option<PathBuf>,
+    #[serde(default)]
+    cmdline: Option<String>,
     #[serde(default)]
     kind: Option<String>,
     #[serde(default)]
@@ -62,23 +72,42 @@ pub fn register(router: &mut Router, node: Arc<Node>) {
                 }
             };
             blocking(move || {
-                let _span = info_span!("import", file = %p.path.display()).entered();
-                let opts = ImportOptions {
-                    name: p.name,
-                    kind,
-                    temp_dir: Some(node.settings.data_dir.join("tmp")),
+                let tmp = node.settings.data_dir.join("tmp");
+                std::fs::create_dir_all(&tmp)
+                    .map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
+                let report = |done, total| progress.report("import", done, total);
+                let key = node.identity.signing_key();
+                let (id, m) = match p.kernel {
+                    Some(kernel) => {
+                        let _span = info_span!("import", kernel = %kernel.display()).entered();
+                        let name = p.name.unwrap_or_else(|| {
+                            kernel
+                                .file_name()
+                                .map(|n| n.to_string_lossy().into_owned())
+                                .unwrap_or_else(|| "direct-boot".into())
+                        });
+                        let parts = DirectBoot {
+                            kernel,
+                            initrd: p.initrd,
+                            disk: p.disk.or(p.path),
+                            cmdline: p.cmdline.unwrap_or_default(),
+                        };
+                        chunks::import_direct_boot(&node.store, key, &parts, &name, Some(&tmp), report)?
+                    }
+                    None => {
+                        let path = p.path.ok_or(Error::BadArg {
+                            what: "image file",
+                            reason: "give a file to import, or --kernel for a direct-boot image".into(),
+                        })?;
+                        let _span = info_span!("import", file = %path.display()).entered();
+                        let opts = ImportOptions {
+                            name: p.name,
+                            kind,
+                            temp_dir: Some(tmp),
+                        };
+                        chunks::import_file(&node.store, key, &path, &opts, report)?
+                    }
                 };
-                if let Some(t) = &opts.temp_dir {
-                    std::fs::create_dir_all(t)
-                        .map_err(|e| Error::io(format!("creating {}", t.display()), e))?;
-                }
-                let (id, m) = chunks::import_file(
-                    &node.store,
-                    node.identity.signing_key(),
-                    &p.path,
-                    &opts,
-                    |done, total| progress.report("import", done, total),
-                )?;
                 node.store.flush()?;
                 let man = m.manifest();
                 info!(image = %id, size = man.total_size, chunks = man.chunks.len(), "imported");
@@ -101,6 +130,10 @@ pub fn register(router: &mut Router, node: Arc<Node>) {
                 let mut out = Vec::new();
                 for id in node.store.list_images()? {
                     let info = node.store.image_info(id)?;
+                    let boot = node
+                        .store
+                        .get_manifest(id)?
+                        .and_then(|m| m.manifest().boot.clone());
                     out.push(json!({
                         "id": id.to_hex(),
                         "name": info.name,
@@ -110,6 +143,7 @@ pub fn register(router: &mut Router, node: Arc<Node>) {
                         "present_chunks": info.present_chunks,
                         "complete": info.is_complete(),
                         "pinned": info.pinned,
+                        "boot": boot,
                     }));
                 }
                 Ok(Value::Array(out))

@@ -307,12 +307,12 @@ fn prepare_via_daemon(
                 format!("image {id_hex} is not in the daemon's store"),
             )
         })?;
-    if info.get("boot").is_some_and(|b| !b.is_null()) {
-        return Err(bad(
-            "--image",
-            "direct-boot images cannot be run while the daemon holds the store; stop the daemon first",
-        ));
-    }
+    let boot_info: Option<chunks::BootInfo> = match info.get("boot") {
+        None | Some(Value::Null) => None,
+        Some(b) => Some(serde_json::from_value(b.clone()).map_err(|e| {
+            Error::Control(format!("unreadable boot info from the daemon: {e}"))
+        })?),
+    };
     if let (Some(cap), Some(size)) = (cap, info["size"].as_u64()) {
         if size > cap {
             return Err(vm::Error::ImageTooLarge { size, cap }.into());
@@ -332,6 +332,24 @@ fn prepare_via_daemon(
     let _ = std::fs::remove_file(&path);
     let file =
         file.map_err(|e| Error::io(format!("opening the exported image {}", path.display()), e))?;
+    if let Some(b) = boot_info {
+        // Direct boot: cut the kernel, initrd and disk out of the exported image
+        // into unlinked files of their own.
+        let kernel = copy_range_unlinked(&file, b.kernel, tmp)?;
+        let initrd = b
+            .initrd
+            .map(|r| copy_range_unlinked(&file, r, tmp))
+            .transpose()?;
+        let disk = b.disk.map(|r| copy_range_unlinked(&file, r, tmp)).transpose()?;
+        let boot = Boot::Direct {
+            kernel: fd_path(&kernel),
+            initrd: initrd.as_ref().map(fd_path),
+            cmdline: args.append.clone().unwrap_or(b.cmdline),
+        };
+        let mut keep = vec![kernel];
+        keep.extend(initrd);
+        return Ok(Prepared { boot, disk, keep });
+    }
     if info["format"].as_str() == Some("iso") {
         let boot = Boot::Iso {
             iso: fd_path(&file),
@@ -348,6 +366,27 @@ fn prepare_via_daemon(
         disk: Some(file),
         keep: Vec::new(),
     })
+}
+
+/// Copy `range` of `src` into a new unlinked temp file in `dir`, positioned at 0.
+fn copy_range_unlinked(src: &File, range: chunks::ByteRange, dir: &Path) -> Result<File> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut out = tempfile::tempfile_in(dir)
+        .map_err(|e| Error::io(format!("creating a temp file in {}", dir.display()), e))?;
+    let mut src = src;
+    src.seek(SeekFrom::Start(range.offset))
+        .map_err(|e| Error::io("seeking in the exported image", e))?;
+    let copied = std::io::copy(&mut src.take(range.len), &mut out)
+        .map_err(|e| Error::io("copying a part of the exported image", e))?;
+    if copied != range.len {
+        return Err(Error::Control(format!(
+            "exported image is shorter than its boot info says ({copied} of {} bytes)",
+            range.len
+        )));
+    }
+    out.seek(SeekFrom::Start(0))
+        .map_err(|e| Error::io("rewinding a temp file", e))?;
+    Ok(out)
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
