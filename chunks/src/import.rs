@@ -182,7 +182,7 @@ impl Drop for Holds<'_> {
 fn store_stream<R: Read + Send>(
     store: &ChunkStore,
     src: R,
-    done_before: u64,
+    origin: &Path,
     total: u64,
     holds: &mut Holds<'_>,
     progress: &mut dyn FnMut(u64, u64),
@@ -199,9 +199,9 @@ fn store_stream<R: Read + Send>(
             }
         });
         let mut refs = Vec::new();
-        let mut done = done_before;
+        let mut done = 0;
         for c in rx {
-            let c = c.map_err(|e| Error::io("reading image", store.path(), e))?;
+            let c = c.map_err(|e| Error::io("reading image", origin, e))?;
             store.put_chunk_inner(&c.id, &c.data, true, true)?;
             holds.ids.push(c.id);
             refs.push(ChunkRef {
@@ -274,7 +274,7 @@ pub fn import_file(
     let refs = store_stream(
         store,
         BufReader::new(raw.file),
-        0,
+        path,
         raw.size,
         &mut holds,
         &mut progress,
@@ -359,18 +359,25 @@ pub fn import_direct_boot(
     let total = off;
     // One chunk stream over the concatenation, so parts dedupe across versions.
     let mut chain: Box<dyn Read + Send> = Box::new(std::io::empty());
-    for (_, r) in inputs.iter() {
+    for (p, r) in inputs.iter() {
         let f = r
             .file
             .try_clone()
-            .map_err(|e| Error::io("reading image", store.path(), e))?;
+            .map_err(|e| Error::io("reading image", p, e))?;
         chain = Box::new(chain.chain(BufReader::new(f)));
     }
     let mut holds = Holds {
         store,
         ids: Vec::new(),
     };
-    let refs = store_stream(store, chain, 0, total, &mut holds, &mut progress)?;
+    let refs = store_stream(
+        store,
+        chain,
+        &parts.kernel,
+        total,
+        &mut holds,
+        &mut progress,
+    )?;
     let boot = BootInfo {
         kernel,
         initrd,
@@ -408,7 +415,14 @@ pub fn import_reader<R: Read + Send>(
         store,
         ids: Vec::new(),
     };
-    let refs = store_stream(store, src, 0, total_hint, &mut holds, &mut progress)?;
+    let refs = store_stream(
+        store,
+        src,
+        Path::new(name),
+        total_hint,
+        &mut holds,
+        &mut progress,
+    )?;
     let manifest = Manifest::new(
         check_name(name.to_string()),
         format,
