@@ -93,7 +93,7 @@ setup_cpushare() {
   ip -n covbg link set covbgv address $GMAC
   ip -n covbg link set covbgv up
   "$NODE" --data-dir $d/b overlay attach --netns covbl --iface covblv --buyer $UA:7451 --buyer-key "$bkey" \
-    --mac $GMAC --ip $GIP >&2 || return 1
+    --mac $GMAC --ip $GIP --max-mbit ${MAX_MBIT:-20000} --max-pps ${MAX_PPS:-4000000} >&2 || return 1
   printf '#!/bin/sh\ncase "$1" in bound|renew) ip addr flush dev "$interface"; ip addr add "$ip/$mask" dev "$interface"; [ -n "$mtu" ] && ip link set "$interface" mtu "$mtu";; esac\nexit 0\n' > $WORK/udhcpc.sh
   chmod +x $WORK/udhcpc.sh
   ip netns exec covbg busybox udhcpc -i covbgv -f -q -n -t 10 -T 1 -s $WORK/udhcpc.sh >&2 || { log "guest got no DHCP lease"; return 1; }
@@ -110,9 +110,20 @@ quiet_gate() { local end=$(( $(date +%s) + QUIET_MAX )) s0 s1 b
 iperf_run() { # P tag -> "mbps retr daemon_cpu% sys_cpu%"
   local P=$1 f=$WORK/iperf-$2.json c0 c1 s0 s1 t0 t1
   quiet_gate >/dev/null
+  local perfpid=
+  if [ -n "${3:-}" ]; then # system-wide profile of this run (nodes, iperf3, kernel)
+    perf record -a -g -F 499 -o $WORK/perf.data -- sleep $((DUR - 1)) >/dev/null 2>&1 &
+    perfpid=$!
+  fi
   c0=$(ticks "${PIDS[@]:0:2}"); s0=$(sysbusy); t0=$(date +%s%N)
   ip netns exec covbg timeout $((DUR + 30)) iperf3 -c $OA -t $DUR -P $P -J > $f 2>&1
   c1=$(ticks "${PIDS[@]:0:2}"); s1=$(sysbusy); t1=$(date +%s%N)
+  if [ -n "$perfpid" ]; then
+    wait $perfpid
+    perf report -i $WORK/perf.data --no-children --sort comm,dso,sym --percent-limit 0.7 --stdio -g none > $WORK/perf-report.txt 2>/dev/null
+    perf report -i $WORK/perf.data --no-children --sort comm --stdio -g none > $WORK/perf-comm.txt 2>/dev/null
+    log "perf reports: $WORK/perf-report.txt $WORK/perf-comm.txt"
+  fi
   local mbps retr
   mbps=$(jq -r '.end.sum_received.bits_per_second / 1e6 | . * 10 | round / 10' $f 2>/dev/null)
   retr=$(jq -r '.end.sum_sent.retransmits' $f 2>/dev/null)
@@ -134,12 +145,8 @@ measure_cpushare() { # rep
   pr=$(ip netns exec covbg timeout 30 ping -q -c $PINGS -i 0.05 -W 1 $OA 2>&1)
   rmin=$(echo "$pr" | awk -F'[/ ]' '/^rtt/{print $7}'); ravg=$(echo "$pr" | awk -F'[/ ]' '/^rtt/{print $8}')
   loss=$(echo "$pr" | grep -o '[0-9.]*% packet loss' | cut -d% -f1)
-  if [ "${PERF:-0}" = 1 ] && [ "$rep" = 1 ] && command -v perf >/dev/null; then
-    perf record -F 999 -g -o $WORK/perf.data -p "$(echo ${PIDS[@]:0:2} | tr ' ' ,)" -- sleep $((DUR - 1)) >/dev/null 2>&1 &
-    local perfpid=$!
-  fi
-  r1=$(iperf_run 1 cpushare-$rep-P1)
-  if [ -n "${perfpid:-}" ]; then wait $perfpid; perf report -i $WORK/perf.data --no-children --percent-limit 1.5 --stdio > $WORK/perf-report.txt 2>/dev/null; log "perf report: $WORK/perf-report.txt"; fi
+  local prof=; [ "${PERF:-0}" = 1 ] && [ "$rep" = 1 ] && command -v perf >/dev/null && prof=1
+  r1=$(iperf_run 1 cpushare-$rep-P1 $prof)
   r4=$(iperf_run 4 cpushare-$rep-P4)
   local frag=0 ns v
   for ns in covba covbb covbg; do v=$(ip netns exec $ns awk '/^Ip:/{if(!h){for(i=1;i<=NF;i++)if($i=="FragCreates")c=i;h=1}else print $c}' /proc/net/snmp); frag=$((frag + ${v:-0})); done
@@ -147,6 +154,9 @@ measure_cpushare() { # rep
   printf 'cpushare\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t-\t-\t%s\n' $rep $1 $2 $5 $6 "${rmin:-NA}" "${ravg:-NA}" "${loss:-NA}" \
     $3 $4 $7 $8 "Noise IK + ChaCha20-Poly1305, guest behind veth + AF_PACKET lease port, DHCP MTU" $frag >> "$RAW"
   log "cpushare rep$rep: P1 $1 Mbit/s (retr $2, nodes ${3}%)  P4 $5 Mbit/s  rtt avg ${ravg:-NA} ms"
+  # Drop counters by reason, for the record.
+  "$NODE" --data-dir $WORK/node/b overlay ls --json > $WORK/seller-overlay.log 2>&1
+  "$NODE" --data-dir $WORK/node/a overlay ls --json > $WORK/buyer-overlay.log 2>&1
   mkdir -p $WORK/logs/cpushare-$rep; cp $WORK/*.log $WORK/logs/cpushare-$rep/ 2>/dev/null
   teardown
 }

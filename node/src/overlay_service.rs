@@ -91,6 +91,12 @@ pub enum OverlayCommand {
         /// The buyer host's overlay address.
         #[arg(long, default_value_t = DEFAULT_HOST_IP)]
         buyer_ip: Ipv4Addr,
+        /// Cap on the guest's sending rate in Mbit/s (egress token bucket; default from the lease defaults).
+        #[arg(long)]
+        max_mbit: Option<u64>,
+        /// Cap on the guest's sending rate in frames per second.
+        #[arg(long)]
+        max_pps: Option<u64>,
     },
     /// Seller: end a guest's session and remove what attach created.
     Detach {
@@ -237,6 +243,10 @@ struct AttachParams {
     mac: String,
     ip: Ipv4Addr,
     buyer_ip: Ipv4Addr,
+    #[serde(default)]
+    max_mbit: Option<u64>,
+    #[serde(default)]
+    max_pps: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -324,7 +334,28 @@ fn attach(node: &Node, st: &Shared, p: AttachParams) -> Result<Value> {
         "opening the guest port on {ifname} in netns {}",
         ns.name()
     )))?;
-    let lease = GuestLease::new(mac, p.ip, buyer_mac(&buyer_key), p.buyer_ip);
+    let mut lease = GuestLease::new(mac, p.ip, buyer_mac(&buyer_key), p.buyer_ip);
+    if let Some(m) = p.max_mbit {
+        if m == 0 {
+            return Err(Error::BadArg {
+                what: "--max-mbit",
+                reason: "must be positive".into(),
+            });
+        }
+        lease.limits.bytes_per_sec = m * 125_000;
+        // Let a 20 ms burst through at full rate.
+        lease.limits.byte_burst = lease.limits.byte_burst.max(m * 125_000 / 50);
+    }
+    if let Some(pps) = p.max_pps {
+        if pps == 0 {
+            return Err(Error::BadArg {
+                what: "--max-pps",
+                reason: "must be positive".into(),
+            });
+        }
+        lease.limits.packets_per_sec = pps;
+        lease.limits.packet_burst = lease.limits.packet_burst.max(pps / 50);
+    }
     let core = SellerCore::new(
         overlay_identity(node),
         SellerConfig::new(buyer_key, buyer_addr, lease, SystemTime::now()),
@@ -455,6 +486,8 @@ pub fn run_cli(settings: &Settings, cmd: OverlayCommand) -> Result<ExitCode> {
             mac,
             ip,
             buyer_ip,
+            max_mbit,
+            max_pps,
         } => {
             overlay::parse_peer_key(buyer_key)?;
             mac_arg(mac)?;
@@ -466,7 +499,7 @@ pub fn run_cli(settings: &Settings, cmd: OverlayCommand) -> Result<ExitCode> {
             }
             (
                 "overlay.attach",
-                json!({"tap": tap, "iface": iface, "netns": netns, "buyer": buyer, "buyer_key": buyer_key, "mac": mac, "ip": ip, "buyer_ip": buyer_ip}),
+                json!({"tap": tap, "iface": iface, "netns": netns, "buyer": buyer, "buyer_key": buyer_key, "mac": mac, "ip": ip, "buyer_ip": buyer_ip, "max_mbit": max_mbit, "max_pps": max_pps}),
             )
         }
         OverlayCommand::Detach { mac } => {
