@@ -65,7 +65,10 @@ pub struct Shared {
     done: Mutex<bool>,
     cond: Condvar,
     stop: AtomicBool,
-    halted: Vec<AtomicBool>,
+    /// Kick generation, and per vCPU the generation it last reported on, shifted left
+    /// by one, with bit 0 set when it was halted for good.
+    kick_gen: AtomicU64,
+    halted: Vec<AtomicU64>,
     pub unmapped_accesses: AtomicU64,
 }
 
@@ -76,7 +79,8 @@ impl Shared {
             done: Mutex::new(false),
             cond: Condvar::new(),
             stop: AtomicBool::new(false),
-            halted: (0..vcpus).map(|_| AtomicBool::new(false)).collect(),
+            kick_gen: AtomicU64::new(0),
+            halted: (0..vcpus).map(|_| AtomicU64::new(0)).collect(),
             unmapped_accesses: AtomicU64::new(0),
         }
     }
@@ -622,6 +626,7 @@ fn supervise(
     console: JoinHandle<()>,
     deadline: Option<Instant>,
 ) {
+    let mut halted_rounds = 0;
     loop {
         let guard = shared.exit.lock().unwrap_or_else(|p| p.into_inner());
         if guard.is_some() {
@@ -652,12 +657,25 @@ fn supervise(
             ));
             break;
         }
-        // Ask every vCPU to report whether it is halted for good.
-        kick(&vcpus);
-        if shared.halted.iter().all(|h| h.load(Ordering::SeqCst)) {
+        // Did every vCPU report "halted for good" on the previous kick? Twice in a
+        // row, so an AP woken by a SIPI just before the BSP halted is seen running.
+        let prev = shared.kick_gen.load(Ordering::SeqCst);
+        let all = shared
+            .halted
+            .iter()
+            .all(|h| h.load(Ordering::SeqCst) == (prev << 1) | 1);
+        halted_rounds = if all && prev > 0 {
+            halted_rounds + 1
+        } else {
+            0
+        };
+        if halted_rounds >= 2 {
             shared.finish(GuestExit::PoweredOff);
             break;
         }
+        // Ask every vCPU to report again.
+        shared.kick_gen.fetch_add(1, Ordering::SeqCst);
+        kick(&vcpus);
     }
     shared.stop.store(true, Ordering::SeqCst);
     // Kick until every vCPU has left KVM_RUN (a signal can land just before entry;
@@ -751,8 +769,9 @@ fn check_halted(id: usize, vcpu: &VcpuFd, shared: &Shared) {
         }
         Err(_) => false,
     };
+    let gen = shared.kick_gen.load(Ordering::SeqCst);
     if let Some(h) = shared.halted.get(id) {
-        h.store(halted_for_good, Ordering::SeqCst);
+        h.store((gen << 1) | u64::from(halted_for_good), Ordering::SeqCst);
     }
 }
 
