@@ -1191,6 +1191,36 @@ mod tests {
         assert!(!s.is_pinned(m.image_id()));
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// Network input: random bytes offered under a random or off-by-a-bit
+        /// id are never stored; the right id always is.
+        #[test]
+        fn offered_chunks_are_stored_only_under_their_hash(
+            data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..5000),
+            claimed in proptest::prelude::any::<[u8; 32]>(),
+            flip in 0usize..256,
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let s = ChunkStore::open(dir.path(), UNLIMITED).unwrap();
+            let real = ChunkId::of(&data);
+            let mut near = real;
+            near.0[flip / 8] ^= 1 << (flip % 8);
+            for id in [ChunkId(claimed), near] {
+                if id != real {
+                    let rejected = matches!(s.put_chunk(&id, &data), Err(Error::ChunkHashMismatch { .. }));
+                    proptest::prop_assert!(rejected);
+                    proptest::prop_assert!(!s.has_chunk(&id));
+                    proptest::prop_assert_eq!(s.get_chunk(&id).unwrap(), None);
+                }
+            }
+            proptest::prop_assert_eq!(s.size_bytes(), 0);
+            proptest::prop_assert!(s.put_chunk(&real, &data).unwrap());
+            proptest::prop_assert_eq!(s.get_chunk(&real).unwrap(), Some(data.clone()));
+        }
+    }
+
     const KILL_DIR_ENV: &str = "CHUNKS_KILL_TEST_DIR";
 
     /// Child half of `kill_9_mid_write`: writes chunks until killed.
