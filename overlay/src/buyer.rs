@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use tracing::debug;
 
+use crate::cookie::CookieChecker;
 use crate::dhcp::{self, DhcpServer};
 use crate::eth::{dst_mac, src_mac, ETH_HDR};
 use crate::ratelimit::HandshakeLimiter;
@@ -46,6 +47,7 @@ pub struct BuyerCore {
     by_index: HashMap<u32, usize>,
     table: MacTable,
     limiter: HandshakeLimiter,
+    cookies: CookieChecker,
     drops: DropCounters,
     tap_rx_frames: u64,
     tap_tx_frames: u64,
@@ -97,6 +99,7 @@ impl BuyerCore {
             },
             table: MacTable::new(config.mac_aging, MAC_TABLE_CAPACITY),
             limiter: HandshakeLimiter::new(config.handshake_limits.clone()),
+            cookies: CookieChecker::new(&identity.noise_public()),
             identity,
             config,
             guests: Vec::new(),
@@ -224,8 +227,10 @@ impl BuyerCore {
             Ok(Message::HandshakeInit {
                 sender_index,
                 noise,
-            }) => self.on_init(from, sender_index, noise, now, out),
-            Ok(Message::HandshakeResponse { .. }) => self.drops.inc(DropReason::UnexpectedResponse),
+            }) => self.on_init(from, datagram, sender_index, noise, now, out),
+            Ok(Message::HandshakeResponse { .. } | Message::CookieReply { .. }) => {
+                self.drops.inc(DropReason::UnexpectedResponse)
+            }
             Ok(Message::Data {
                 receiver_index,
                 counter,
@@ -235,23 +240,42 @@ impl BuyerCore {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn on_init(
         &mut self,
         from: SocketAddr,
+        datagram: &[u8],
         sender_index: u32,
         noise: &[u8],
         now: Instant,
         out: &mut Actions,
     ) {
-        // Before any public-key work.
+        // All before any public-key work. mac1 shows the sender knows our key.
+        if !self.cookies.mac1_ok(datagram) {
+            self.drops.inc(DropReason::HandshakeInvalid);
+            return;
+        }
         let known = self
             .guests
             .iter()
             .flatten()
             .any(|g| g.endpoint.is_some_and(|e| e.ip() == from.ip()));
         if !self.limiter.allow(from.ip(), now, known) {
-            self.drops.inc(DropReason::HandshakeRateLimited);
-            return;
+            // Over the rate: only senders proving their address (mac2 with our
+            // cookie) get through; the others get a cookie to retry with.
+            let proven = self.cookies.mac2_ok(datagram, &from, now)
+                && self.limiter.allow(from.ip(), now, true);
+            if !proven {
+                self.drops.inc(DropReason::HandshakeRateLimited);
+                let mut buf = out.buffer();
+                self.cookies
+                    .reply(datagram, sender_index, &from, now, &mut buf);
+                out.push(Action::SendUdp {
+                    to: from,
+                    bytes: buf,
+                });
+                return;
+            }
         }
         let idx = loop {
             let i: u32 = rand::random();

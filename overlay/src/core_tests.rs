@@ -879,24 +879,85 @@ fn seller_recovers_from_a_buyer_restart() {
     assert_eq!(h.tap, vec![f]);
 }
 
+/// Initiations with a valid mac1 (the attacker knows the buyer's public key) from a
+/// stranger, to flood with.
+fn stranger_init(h: &Harness) -> Vec<u8> {
+    let lease = GuestLease::new(guest_mac(9), guest_ip(9), BUYER_MAC, BUYER_IP);
+    let cfg = SellerConfig::new(
+        h.buyer_id.public_key(),
+        BUYER_ADDR.parse().unwrap(),
+        lease,
+        SystemTime::now(),
+    );
+    let mut s = SellerCore::new(Identity::generate(), cfg).unwrap();
+    let mut out = Actions::new();
+    s.tick(h.now, &mut out);
+    let init = out
+        .drain()
+        .find_map(|a| match a {
+            Action::SendUdp { bytes, .. } => Some(bytes),
+            _ => None,
+        })
+        .unwrap();
+    init
+}
+
+fn flood(h: &mut Harness, n: u32) -> usize {
+    let init = stranger_init(h);
+    let mut cookie_replies = 0;
+    for i in 0..n {
+        let src = SocketAddr::from((u32::to_be_bytes(0x0a00_0000 + i), 9));
+        h.buyer.handle_udp(src, &init, h.now, &mut h.out);
+        for a in h.out.drain() {
+            if let Action::SendUdp { bytes, .. } = a {
+                assert_eq!(bytes.len(), crate::wire::COOKIE_REPLY_LEN, "only cookies");
+                assert!(bytes.len() < init.len(), "no amplification");
+                cookie_replies += 1;
+            }
+        }
+    }
+    cookie_replies
+}
+
 #[test]
 fn spoofed_handshake_flood_does_not_block_a_known_seller() {
     let mut h = Harness::connect(1);
     h.tick();
-    // Exhaust the global budget from many spoofed sources.
-    let mut junk = vec![0u8; crate::wire::HANDSHAKE_INIT_LEN];
-    junk[0] = crate::wire::TYPE_HANDSHAKE_INIT;
-    for i in 0..5000u32 {
-        let src = SocketAddr::from((u32::to_be_bytes(0x0a00_0000 + i), 9));
-        h.buyer.handle_udp(src, &junk, h.now, &mut h.out);
-    }
-    let _ = h.out.drain().count();
-    assert!(h.buyer.stats().drops.get(DropReason::HandshakeRateLimited) > 4000);
+    let replies = flood(&mut h, 3000);
+    let s = h.buyer.stats();
+    assert!(s.drops.get(DropReason::HandshakeRateLimited) > 2500);
+    assert_eq!(
+        replies as u64,
+        s.drops.get(DropReason::HandshakeRateLimited)
+    );
     // The established seller can still rekey.
     h.advance(Duration::from_secs(121));
     h.tick();
     h.settle();
     assert_eq!(h.buyer.stats().peers[0].handshakes, 2);
+}
+
+#[test]
+fn new_seller_connects_during_a_flood_with_a_cookie() {
+    let mut h = Harness::new(1);
+    flood(&mut h, 3000);
+    // Global budget spent: the first initiation gets a cookie reply, the seller
+    // retries at once with mac2 and is let through.
+    h.tick();
+    h.settle();
+    assert!(h.sellers[0].is_established());
+    assert!(h.buyer.stats().peers[0].established);
+    assert_eq!(h.sellers[0].stats().handshakes, 1);
+}
+
+#[test]
+fn initiation_without_mac1_costs_nothing() {
+    let mut h = Harness::new(1);
+    let mut junk = vec![0u8; crate::wire::HANDSHAKE_INIT_LEN];
+    junk[0] = crate::wire::TYPE_HANDSHAKE_INIT;
+    h.buyer.handle_udp(seller_addr(0), &junk, h.now, &mut h.out);
+    assert!(h.out.is_empty());
+    assert_eq!(h.buyer.stats().drops.get(DropReason::HandshakeInvalid), 1);
 }
 
 mod model {

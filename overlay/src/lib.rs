@@ -16,6 +16,7 @@
 pub mod action;
 pub mod buyer;
 pub mod config;
+pub mod cookie;
 pub mod dhcp;
 pub mod error;
 pub mod eth;

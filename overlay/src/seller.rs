@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use tracing::debug;
 
+use crate::cookie::CookieJar;
 use crate::filter::EgressFilter;
 use crate::session::{Initiation, Keyring};
 use crate::stats::SellerStats;
@@ -30,6 +31,8 @@ pub struct SellerCore {
     epoch: Option<Instant>,
     /// Last initiation timestamp sent (kept strictly increasing).
     last_timestamp: u64,
+    /// mac1/mac2 for initiations, the buyer's cookie when it is under load.
+    cookies: CookieJar,
 }
 
 impl SellerCore {
@@ -44,6 +47,7 @@ impl SellerCore {
             )));
         }
         Ok(SellerCore {
+            cookies: CookieJar::new(&crate::identity::noise_static_of(&config.buyer)),
             filter: EgressFilter::new(&config.lease),
             identity,
             config,
@@ -94,6 +98,23 @@ impl SellerCore {
         };
         match msg {
             Message::HandshakeInit { .. } => self.stats.drops.inc(DropReason::HandshakeInvalid),
+            Message::CookieReply {
+                receiver_index,
+                nonce,
+                sealed,
+            } => {
+                let ours = self
+                    .handshake
+                    .as_ref()
+                    .is_some_and(|h| h.local_index == receiver_index);
+                if ours && self.cookies.consume(nonce, sealed, now).is_ok() {
+                    // The buyer is under load: retry at once, now with mac2.
+                    self.handshake = None;
+                    self.initiate(now, out);
+                } else {
+                    self.stats.drops.inc(DropReason::UnexpectedResponse);
+                }
+            }
             Message::HandshakeResponse {
                 sender_index,
                 receiver_index,
@@ -277,6 +298,7 @@ impl SellerCore {
             &mut buf,
         ) {
             Ok(hs) => {
+                self.cookies.stamp(&mut buf, now);
                 self.handshake = Some(hs);
                 self.attempts += 1;
                 out.event(Event::HandshakeInitiated {

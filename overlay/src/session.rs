@@ -389,6 +389,7 @@ mod tests {
         let mut init = Vec::new();
         let hs =
             Initiation::start(&seller, &buyer.public_key(), mac, 1, 7, now, &mut init).unwrap();
+        init.extend_from_slice(&[0; 32]); // mac1, mac2
         let wire::Message::HandshakeInit {
             sender_index,
             noise,
@@ -497,6 +498,7 @@ mod tests {
         let mut init = Vec::new();
         // The seller expects `buyer`, but `impostor` receives the initiation.
         Initiation::start(&seller, &buyer.public_key(), mac, 1, 1, now, &mut init).unwrap();
+        init.extend_from_slice(&[0; 32]); // mac1, mac2
         let wire::Message::HandshakeInit {
             sender_index,
             noise,
@@ -531,6 +533,7 @@ mod tests {
             &mut init,
         )
         .unwrap();
+        init.extend_from_slice(&[0; 32]); // mac1, mac2
         let wire::Message::HandshakeInit {
             sender_index,
             noise,

@@ -1,8 +1,9 @@
 //! Overlay message framing. All integers little-endian.
 //!
 //! ```text
-//! handshake init      1 | 0 0 0 | sender index u32 | Noise IK message 1 (206 bytes)
+//! handshake init      1 | 0 0 0 | sender index u32 | Noise IK message 1 (206 bytes) | mac1 (16) | mac2 (16)
 //! handshake response  2 | 0 0 0 | sender index u32 | receiver index u32 | Noise IK message 2 (144 bytes)
+//! cookie reply        3 | 0 0 0 | receiver index u32 | nonce (24) | XChaCha20-Poly1305(cookie) (32)
 //! data                4 | 0 0 0 | receiver index u32 | counter u64 | ChaCha20-Poly1305(frame) | tag (16)
 //! ```
 //! The data header (16 bytes) is the AEAD's associated data; the nonce is the counter.
@@ -15,6 +16,8 @@ use crate::{Error, MacAddr};
 pub const TYPE_HANDSHAKE_INIT: u8 = 1;
 /// Message type: handshake response (buyer to seller).
 pub const TYPE_HANDSHAKE_RESPONSE: u8 = 2;
+/// Message type: cookie reply (buyer under load to seller).
+pub const TYPE_COOKIE_REPLY: u8 = 3;
 /// Message type: transport data or keepalive.
 pub const TYPE_DATA: u8 = 4;
 
@@ -36,8 +39,10 @@ pub const RESPONSE_PAYLOAD_LEN: usize = 32 + 64;
 pub const INIT_NOISE_LEN: usize = 32 + (32 + TAG_LEN) + (INIT_PAYLOAD_LEN + TAG_LEN);
 /// Noise IK message 2: e, payload (encrypted).
 pub const RESPONSE_NOISE_LEN: usize = 32 + (RESPONSE_PAYLOAD_LEN + TAG_LEN);
-/// Full handshake initiation datagram.
-pub const HANDSHAKE_INIT_LEN: usize = 8 + INIT_NOISE_LEN;
+/// Full handshake initiation datagram (with mac1 and mac2).
+pub const HANDSHAKE_INIT_LEN: usize = 8 + INIT_NOISE_LEN + 2 * crate::cookie::MAC_LEN;
+/// Full cookie reply datagram.
+pub const COOKIE_REPLY_LEN: usize = 8 + 24 + 16 + TAG_LEN;
 /// Full handshake response datagram.
 pub const HANDSHAKE_RESPONSE_LEN: usize = 12 + RESPONSE_NOISE_LEN;
 
@@ -59,6 +64,15 @@ pub enum Message<'a> {
         receiver_index: u32,
         /// Noise message 2.
         noise: &'a [u8],
+    },
+    /// Cookie reply: retry the handshake with this cookie in mac2.
+    CookieReply {
+        /// The initiator's index of the initiation it answers.
+        receiver_index: u32,
+        /// XChaCha20 nonce.
+        nonce: &'a [u8],
+        /// Encrypted cookie and tag.
+        sealed: &'a [u8],
     },
     /// Data or keepalive.
     Data {
@@ -101,6 +115,7 @@ pub fn parse(d: &[u8]) -> Result<Message<'_>, Error> {
     match ty {
         TYPE_HANDSHAKE_INIT => exact(HANDSHAKE_INIT_LEN, "handshake initiation")?,
         TYPE_HANDSHAKE_RESPONSE => exact(HANDSHAKE_RESPONSE_LEN, "handshake response")?,
+        TYPE_COOKIE_REPLY => exact(COOKIE_REPLY_LEN, "cookie reply")?,
         TYPE_DATA => {
             if d.len() < DATA_MIN_LEN {
                 return Err(Error::Truncated {
@@ -125,12 +140,17 @@ pub fn parse(d: &[u8]) -> Result<Message<'_>, Error> {
     Ok(match ty {
         TYPE_HANDSHAKE_INIT => Message::HandshakeInit {
             sender_index: u32_at(d, 4),
-            noise: &d[8..],
+            noise: &d[8..8 + INIT_NOISE_LEN],
         },
         TYPE_HANDSHAKE_RESPONSE => Message::HandshakeResponse {
             sender_index: u32_at(d, 4),
             receiver_index: u32_at(d, 8),
             noise: &d[12..],
+        },
+        TYPE_COOKIE_REPLY => Message::CookieReply {
+            receiver_index: u32_at(d, 4),
+            nonce: &d[8..32],
+            sealed: &d[32..],
         },
         _ => Message::Data {
             receiver_index: u32_at(d, 4),
@@ -158,6 +178,12 @@ pub fn put_init_header(buf: &mut Vec<u8>, sender_index: u32) {
 pub fn put_response_header(buf: &mut Vec<u8>, sender_index: u32, receiver_index: u32) {
     buf.extend_from_slice(&[TYPE_HANDSHAKE_RESPONSE, 0, 0, 0]);
     buf.extend_from_slice(&sender_index.to_le_bytes());
+    buf.extend_from_slice(&receiver_index.to_le_bytes());
+}
+
+/// Appends a cookie reply header; the caller appends nonce and sealed cookie.
+pub fn put_cookie_header(buf: &mut Vec<u8>, receiver_index: u32) {
+    buf.extend_from_slice(&[TYPE_COOKIE_REPLY, 0, 0, 0]);
     buf.extend_from_slice(&receiver_index.to_le_bytes());
 }
 
@@ -245,7 +271,8 @@ mod tests {
 
     #[test]
     fn lengths() {
-        assert_eq!(HANDSHAKE_INIT_LEN, 214);
+        assert_eq!(HANDSHAKE_INIT_LEN, 246);
+        assert_eq!(COOKIE_REPLY_LEN, 64);
         assert_eq!(HANDSHAKE_RESPONSE_LEN, 156);
     }
 
@@ -304,6 +331,7 @@ mod tests {
                 match m {
                     Message::HandshakeInit { noise, .. } => prop_assert_eq!(noise.len(), INIT_NOISE_LEN),
                     Message::HandshakeResponse { noise, .. } => prop_assert_eq!(noise.len(), RESPONSE_NOISE_LEN),
+                    Message::CookieReply { nonce, sealed, .. } => prop_assert_eq!((nonce.len(), sealed.len()), (24, 32)),
                     Message::Data { ciphertext, .. } => prop_assert!(ciphertext.len() >= TAG_LEN),
                 }
             }
