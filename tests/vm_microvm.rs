@@ -1037,3 +1037,55 @@ fn stop_presses_the_acpi_power_button_then_kills_after_the_grace() {
     );
     assert!(t0.elapsed() >= Duration::from_millis(300));
 }
+
+const SMP: &str = r#"
+.intel_syntax noprefix
+.code64
+.text
+.globl _start
+_start:
+    # Real-mode trampoline for the AP at 0x10000 (SIPI vector 0x10).
+    lea rsi, [tramp]
+    mov rdi, 0x10000
+    mov ecx, tramp_end - tramp
+    rep movsb
+    # LAPIC on; INIT then SIPI to APIC 1.
+    mov rbx, 0xfee000f0
+    mov dword ptr [rbx], 0x1ff
+    mov rbx, 0xfee00310
+    mov dword ptr [rbx], 0x01000000
+    mov rbx, 0xfee00300
+    mov dword ptr [rbx], 0x00004500
+    mov dword ptr [rbx], 0x00004610
+1:  pause
+    cmp byte ptr [0x10100], 1
+    jne 1b
+    lea rsi, [msg]
+    call puts
+    cli
+    hlt
+.section .rodata
+msg: .asciz "B\n"
+# mov dx, 0x3f8; mov al, 'A'; out dx, al; mov ax, 0x1000; mov ds, ax;
+# mov byte [0x100], 1; cli; hlt
+tramp:
+    .byte 0xba, 0xf8, 0x03, 0xb0, 0x41, 0xee
+    .byte 0xb8, 0x00, 0x10, 0x8e, 0xd8, 0xc6, 0x06, 0x00, 0x01, 0x01
+    .byte 0xfa, 0xf4
+tramp_end:
+"#;
+
+#[test]
+fn second_vcpu_starts_by_init_sipi_and_both_halting_ends_the_guest() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let elf = build_guest(dir.path(), "smp", SMP, true);
+    let mut s = spec(&elf, Duration::from_secs(20));
+    s.vcpus = 2;
+    let (exit, out) = run_to_exit(s);
+    assert_eq!(
+        out, "AB\n",
+        "the AP ran its real-mode trampoline, then the BSP went on"
+    );
+    assert_eq!(exit, GuestExit::PoweredOff);
+}
