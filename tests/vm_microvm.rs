@@ -1089,3 +1089,78 @@ fn second_vcpu_starts_by_init_sipi_and_both_halting_ends_the_guest() {
     );
     assert_eq!(exit, GuestExit::PoweredOff);
 }
+
+const HELLO_BZ: &str = r#"
+.intel_syntax noprefix
+.code64
+.section .text.boot, "ax"
+    # The 64-bit entry of a bzImage is 0x200 past where its payload is loaded.
+    .skip 0x200
+.globl _start
+_start:
+    # rsi: the zero page (struct boot_params).
+    mov rbx, rsi
+    lea rsi, [msg]
+    call puts
+    # The command line, via hdr.cmd_line_ptr.
+    mov esi, dword ptr [rbx + 0x228]
+    call puts
+    # The number of e820 entries.
+    lea rsi, [m_e820]
+    call puts
+    movzx eax, byte ptr [rbx + 0x1e8]
+    call puthex
+    mov al, 10
+    call putc
+    cli
+    hlt
+.section .rodata
+msg: .asciz "hello from a bzImage\n"
+m_e820: .asciz "\ne820="
+"#;
+
+/// Wrap the flat image of `elf` (linked at 1 MiB) in a minimal bzImage: one setup
+/// sector with the boot protocol header, then the payload.
+fn make_bzimage(dir: &Path, elf: &Path) -> PathBuf {
+    let flat = dir.join("payload.bin");
+    run_tool(
+        "objcopy",
+        &[
+            "-O",
+            "binary",
+            elf.to_str().unwrap(),
+            flat.to_str().unwrap(),
+        ],
+    );
+    let mut img = vec![0u8; 1024];
+    img[0x1f1] = 1; // setup_sects
+    img[0x1fe] = 0x55; // boot_flag
+    img[0x1ff] = 0xaa;
+    img[0x202..0x206].copy_from_slice(b"HdrS");
+    img[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes()); // protocol 2.15
+    img[0x211] = 0x01; // loadflags: LOADED_HIGH
+    img[0x214..0x218].copy_from_slice(&0x0010_0000u32.to_le_bytes()); // code32_start
+    img[0x236..0x238].copy_from_slice(&1u16.to_le_bytes()); // xloadflags: XLF_KERNEL_64
+    img.extend(std::fs::read(&flat).unwrap());
+    let out = dir.join("hello.bzImage");
+    std::fs::write(&out, img).unwrap();
+    out
+}
+
+#[test]
+fn bzimage_boots_through_the_linux_64bit_entry() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let elf = build_guest(dir.path(), "hellobz", HELLO_BZ, true);
+    let bz = make_bzimage(dir.path(), &elf);
+    let mut s = spec(&bz, Duration::from_secs(20));
+    if let Boot::Direct { cmdline, .. } = &mut s.boot {
+        *cmdline = "console=ttyS0 a=b".into();
+    }
+    let (exit, out) = run_to_exit(s);
+    assert_eq!(
+        out,
+        "hello from a bzImage\nconsole=ttyS0 a=b\ne820=00000003\n"
+    );
+    assert_eq!(exit, GuestExit::PoweredOff);
+}
