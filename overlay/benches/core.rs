@@ -224,13 +224,32 @@ fn bench(c: &mut Criterion) {
         })
     });
     let junk = {
-        let mut j = vec![0x5a; 214];
+        let mut j = vec![0x5a; overlay::wire::HANDSHAKE_INIT_LEN];
         j[..4].copy_from_slice(&[1, 0, 0, 0]);
         j
     };
-    g.bench_function("buyer: reject a junk initiation", |b| {
+    g.bench_function("buyer: reject an initiation without mac1", |b| {
         b.iter(|| {
             buyer.handle_udp(from, &junk, Instant::now(), &mut out);
+            let _ = out.drain().count();
+        })
+    });
+    // A stranger who knows the buyer's public key: valid mac1, full Noise work,
+    // refused as not admitted (the most a rejected initiation can cost).
+    let stranger = {
+        let lease = GuestLease::new(mac(9), Ipv4Addr::new(10, 77, 1, 99), BUYER_MAC, BUYER_IP);
+        let mut s = SellerCore::new(
+            Identity::generate(),
+            SellerConfig::new(bid.public_key(), buyer_addr, lease, SystemTime::now()),
+        )
+        .unwrap();
+        let mut o = Actions::new();
+        s.tick(Instant::now(), &mut o);
+        sends(&mut o).pop().unwrap().1
+    };
+    g.bench_function("buyer: reject a stranger's initiation (valid mac1)", |b| {
+        b.iter(|| {
+            buyer.handle_udp(from, &stranger, Instant::now(), &mut out);
             let _ = out.drain().count();
         })
     });
