@@ -574,10 +574,7 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
         // peers that recently timed out are served last
         for k in 0..2 * n {
             let i = (self.rr + k) % n;
-            loop {
-                let Some(s) = self.peers[i].as_ref() else {
-                    break;
-                };
+            while let Some(s) = self.peers[i].as_ref() {
                 if (s.strikes > 0) == (k < n) {
                     break;
                 }

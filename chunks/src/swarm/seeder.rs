@@ -259,10 +259,7 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Seeder<P> {
         // first copies: every peer keeps `offer_depth` distinct never-sent chunks
         for k in 0..n {
             let i = (self.rr + k) % n;
-            loop {
-                let Some(s) = self.peers[i].as_ref() else {
-                    break;
-                };
+            while let Some(s) = self.peers[i].as_ref() {
                 if s.offered.len() >= self.cfg.offer_depth || s.has.is_full() {
                     break;
                 }
@@ -391,7 +388,6 @@ mod tests {
             SeederConfig {
                 offer_depth: 1,
                 extra_fraction: 0.0,
-                ..Default::default()
             },
         );
         s.add_peer(1, Bitfield::new(2), 0);
@@ -432,7 +428,6 @@ mod tests {
             SeederConfig {
                 offer_depth: 2,
                 extra_fraction: 0.1,
-                ..Default::default()
             },
         );
         s.add_peer(1, Bitfield::full(10), 0);

@@ -188,7 +188,7 @@ struct ManifestFetch {
 }
 
 enum Mode {
-    Seed(Seeder<PeerId>),
+    Seed(Box<Seeder<PeerId>>),
     Leech(Box<Leecher<PeerId>>),
     Done,
 }
@@ -613,7 +613,10 @@ impl Net {
         };
         img.stats.complete = true;
         img.mode = if self.role == Role::Buyer {
-            Mode::Seed(Seeder::new(img.sizes.clone(), SeederConfig::default()))
+            Mode::Seed(Box::new(Seeder::new(
+                img.sizes.clone(),
+                SeederConfig::default(),
+            )))
         } else {
             Mode::Done
         };
@@ -630,22 +633,20 @@ impl Net {
                 println!("listening on {address}");
                 self.listen.push(address);
             }
-            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
-                if self.connected.insert(peer_id) {
-                    debug!(peer = %peer_id, "connected");
-                    let fetching: Vec<ImageId> = self.manifest_fetches.keys().copied().collect();
-                    for image in fetching {
-                        self.ask_manifest_from(image, peer_id);
-                    }
-                    let leeching: Vec<ImageId> = self
-                        .images
-                        .iter()
-                        .filter(|(_, i)| matches!(i.mode, Mode::Leech(_)))
-                        .map(|(k, _)| *k)
-                        .collect();
-                    for image in leeching {
-                        self.greet(image, peer_id);
-                    }
+            SwarmEvent::ConnectionEstablished { peer_id, .. } if self.connected.insert(peer_id) => {
+                debug!(peer = %peer_id, "connected");
+                let fetching: Vec<ImageId> = self.manifest_fetches.keys().copied().collect();
+                for image in fetching {
+                    self.ask_manifest_from(image, peer_id);
+                }
+                let leeching: Vec<ImageId> = self
+                    .images
+                    .iter()
+                    .filter(|(_, i)| matches!(i.mode, Mode::Leech(_)))
+                    .map(|(k, _)| *k)
+                    .collect();
+                for image in leeching {
+                    self.greet(image, peer_id);
                 }
             }
             SwarmEvent::ConnectionClosed {
@@ -689,26 +690,24 @@ impl Net {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
                 id,
-                result,
+                result: kad::QueryResult::GetProviders(res),
                 ..
             })) => {
-                if let kad::QueryResult::GetProviders(res) = result {
-                    let Some(&image) = self.provider_queries.get(&id) else {
-                        return;
-                    };
-                    match res {
-                        Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => {
-                            let me = *self.swarm.local_peer_id();
-                            for p in providers.into_iter().filter(|p| *p != me) {
-                                self.ask_manifest_from(image, p);
-                                if self.images.contains_key(&image) {
-                                    self.greet(image, p);
-                                }
+                let Some(&image) = self.provider_queries.get(&id) else {
+                    return;
+                };
+                match res {
+                    Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => {
+                        let me = *self.swarm.local_peer_id();
+                        for p in providers.into_iter().filter(|p| *p != me) {
+                            self.ask_manifest_from(image, p);
+                            if self.images.contains_key(&image) {
+                                self.greet(image, p);
                             }
                         }
-                        Ok(_) | Err(_) => {
-                            self.provider_queries.remove(&id);
-                        }
+                    }
+                    Ok(_) | Err(_) => {
+                        self.provider_queries.remove(&id);
                     }
                 }
             }
