@@ -1164,3 +1164,86 @@ fn bzimage_boots_through_the_linux_64bit_entry() {
     );
     assert_eq!(exit, GuestExit::PoweredOff);
 }
+
+const PVH_INFO: &str = r#"
+.intel_syntax noprefix
+.section .note.Xen, "a", @note
+    .align 4
+    .long 4
+    .long 4
+    .long 18
+    .asciz "Xen"
+    .align 4
+    .long _start
+    .align 4
+.text
+.code32
+.globl _start
+_start:
+    # ebx: struct hvm_start_info. Stack below the boot tables.
+    mov esp, 0x8ff0
+    cmp dword ptr [ebx], 0x336ec578
+    jne bad
+    # Command line.
+    mov esi, dword ptr [ebx + 24]
+    call puts32
+    mov al, 10
+    call putc32
+    # The initrd: module 0 of the module list.
+    cmp dword ptr [ebx + 12], 1
+    jne bad
+    mov edi, dword ptr [ebx + 16]
+    mov esi, dword ptr [edi]
+    call puts32
+    mov al, 10
+    call putc32
+    # The ACPI RSDP signature (8 bytes).
+    mov esi, dword ptr [ebx + 32]
+    mov ecx, 8
+1:  lodsb
+    call putc32
+    dec ecx
+    jnz 1b
+    mov al, 10
+    call putc32
+    cli
+    hlt
+bad:
+    mov al, '!'
+    call putc32
+    cli
+    hlt
+putc32:
+    push edx
+    mov dx, 0x3f8
+    out dx, al
+    pop edx
+    ret
+puts32:
+    push eax
+2:  lodsb
+    test al, al
+    jz 3f
+    call putc32
+    jmp 2b
+3:  pop eax
+    ret
+"#;
+
+#[test]
+fn pvh_guest_gets_start_info_with_cmdline_initrd_and_rsdp() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let elf = build_guest(dir.path(), "pvhinfo", PVH_INFO, false);
+    let initrd = dir.path().join("initrd");
+    std::fs::write(&initrd, b"initrd-content-7\0").unwrap();
+    let mut s = spec(&elf, Duration::from_secs(20));
+    s.boot = Boot::Direct {
+        kernel: elf.clone(),
+        initrd: Some(initrd),
+        cmdline: "console=ttyS0 pvh=yes".into(),
+    };
+    let (exit, out) = run_to_exit(s);
+    assert_eq!(out, "console=ttyS0 pvh=yes\ninitrd-content-7\nRSD PTR \n");
+    assert_eq!(exit, GuestExit::PoweredOff);
+}
