@@ -9,7 +9,7 @@
 //! - [`session`]: Noise IK handshakes (snow) and the transport keys (explicit
 //!   counters, header as associated data), [`replay`]: the sliding replay window.
 //! - [`BuyerCore`]: Noise responder for every admitted guest, learning [`switch`],
-//!   [`dhcp`] server, handshake rate limiting ([`ratelimit`]).
+//!   [`dhcp`] server, handshake rate limiting ([`ratelimit`]) and [`cookie`] replies.
 //! - [`SellerCore`]: Noise initiator for one guest, egress [`filter`].
 //! - [`stats`]: counters and drop reasons for `cpushare-node status`.
 
