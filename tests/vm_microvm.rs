@@ -1105,6 +1105,11 @@ _start:
     # The command line, via hdr.cmd_line_ptr.
     mov esi, dword ptr [rbx + 0x228]
     call puts
+    # The initrd, via hdr.ramdisk_image.
+    mov al, 10
+    call putc
+    mov esi, dword ptr [rbx + 0x218]
+    call puts
     # The number of e820 entries.
     lea rsi, [m_e820]
     call puts
@@ -1153,14 +1158,18 @@ fn bzimage_boots_through_the_linux_64bit_entry() {
     let dir = tempfile::tempdir().unwrap();
     let elf = build_guest(dir.path(), "hellobz", HELLO_BZ, true);
     let bz = make_bzimage(dir.path(), &elf);
+    let initrd = dir.path().join("initrd");
+    std::fs::write(&initrd, b"bz-initrd-9\0").unwrap();
     let mut s = spec(&bz, Duration::from_secs(20));
-    if let Boot::Direct { cmdline, .. } = &mut s.boot {
-        *cmdline = "console=ttyS0 a=b".into();
-    }
+    s.boot = Boot::Direct {
+        kernel: bz,
+        initrd: Some(initrd),
+        cmdline: "console=ttyS0 a=b".into(),
+    };
     let (exit, out) = run_to_exit(s);
     assert_eq!(
         out,
-        "hello from a bzImage\nconsole=ttyS0 a=b\ne820=00000003\n"
+        "hello from a bzImage\nconsole=ttyS0 a=b\nbz-initrd-9\ne820=00000003\n"
     );
     assert_eq!(exit, GuestExit::PoweredOff);
 }
