@@ -790,10 +790,8 @@ fn looping_guest_is_stopped_by_the_limit_and_by_stop() {
         let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
         if comm.trim() == "vcpu0" {
             let deadline = Instant::now() + Duration::from_secs(2);
-            loop {
-                let Ok(status) = std::fs::read_to_string(task.join("status")) else {
-                    break; // the thread ended
-                };
+            // A thread that ended stops the loop.
+            while let Ok(status) = std::fs::read_to_string(task.join("status")) {
                 if status.lines().any(|l| l == "Seccomp:\t2") {
                     filtered += 1;
                     break;
