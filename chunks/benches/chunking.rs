@@ -44,6 +44,22 @@ fn chunk_file(path: &std::path::Path) -> (usize, u64) {
     (n, bytes)
 }
 
+/// Bytes allocated on disk under `dir` (not apparent sizes).
+fn dir_blocks(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let md = e.metadata().unwrap();
+        total += if md.is_dir() {
+            dir_blocks(&e.path())
+        } else {
+            md.blocks() * 512
+        };
+    }
+    total
+}
+
 fn mibs(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / (1 << 20) as f64 / d.as_secs_f64()
 }
@@ -122,6 +138,7 @@ fn main() {
 
     let (mut t_hash, mut t_chunk, mut t_import) = (Vec::new(), Vec::new(), Vec::new());
     let mut nchunks = 0;
+    let mut disk_use = 0u64;
     let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
     for r in 0..rounds {
         let t = Instant::now();
@@ -141,6 +158,8 @@ fn main() {
         let f = BufReader::new(File::open(&path).unwrap());
         chunks::import_reader(&store, &key, f, "bench", ImageFormat::Raw, size, |_, _| {}).unwrap();
         t_import.push(t.elapsed());
+        store.flush().unwrap();
+        disk_use = dir_blocks(&sdir);
         drop(store);
         let _ = std::fs::remove_dir_all(&sdir);
     }
@@ -156,6 +175,12 @@ fn main() {
     println!(
         "| full import into sled store (chunk + hash + store + sign) | {ri:.0} | {:.2} |",
         ri / rh
+    );
+    println!();
+    println!(
+        "sled store on disk after the import: {:.0} MiB for {mib} MiB of chunks ({:.2}x)",
+        disk_use as f64 / (1 << 20) as f64,
+        disk_use as f64 / size as f64
     );
     if !full {
         return;

@@ -36,6 +36,9 @@ use crate::error::{Error, Result};
 use crate::ids::{ChunkId, ImageId};
 use crate::manifest::{ImageFormat, SignedManifest};
 
+/// sled page cache size.
+const SLED_CACHE_BYTES: u64 = 64 << 20;
+
 /// Cap meaning "no limit".
 pub const UNLIMITED: u64 = u64::MAX;
 
@@ -192,7 +195,12 @@ impl ChunkStore {
         let path = path.as_ref().to_path_buf();
         std::fs::create_dir_all(&path)
             .map_err(|e| Error::io("creating chunk store directory", &path, e))?;
-        let cfg = sled::Config::new().path(&path).flush_every_ms(Some(500));
+        // sled's default page cache is 1 GiB; a home seller's daemon should
+        // not hold that much memory for chunks it mostly streams once.
+        let cfg = sled::Config::new()
+            .path(&path)
+            .cache_capacity(SLED_CACHE_BYTES)
+            .flush_every_ms(Some(500));
         // A store closed moments ago in this process may still be locked by
         // sled's background flusher for a short while: retry briefly.
         let mut attempt = 0;
