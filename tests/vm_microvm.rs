@@ -399,6 +399,10 @@ struct TapInNs {
 
 impl TapInNs {
     fn new(ns_name: &str, tap_name: &'static str) -> Self {
+        Self::with_vnet_hdr(ns_name, tap_name, false)
+    }
+
+    fn with_vnet_hdr(ns_name: &str, tap_name: &'static str, vnet_hdr: bool) -> Self {
         assert!(ns_name.len() <= 15 && tap_name.len() <= 15);
         let ns = Netns::new(ns_name).expect("create netns (needs root)");
         // No IPv6: the kernel would send router/neighbour solicitations on the tap.
@@ -411,7 +415,7 @@ impl TapInNs {
         let (tap, packet) = std::thread::spawn(move || {
             let nsf = File::open(&path).unwrap();
             nix::sched::setns(&nsf, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            let tap = vm::microvm::virtio::net::open_tap(tap_name).unwrap();
+            let tap = vm::microvm::virtio::net::open_tap_with(tap_name, vnet_hdr).unwrap();
             // SAFETY: plain socket(2).
             let fd = unsafe {
                 libc::socket(
@@ -562,26 +566,29 @@ fn virtio_net_guest_sends_a_frame_the_test_reads_from_the_tap() {
     require_kvm();
     let dir = tempfile::tempdir().unwrap();
     let elf = build_guest(dir.path(), "nettx", NET_TX, true);
-    let mut tap = TapInNs::new("cmvtx", "cmvtap0");
-    let mut s = spec(&elf, Duration::from_secs(20));
-    s.net = Some(NetSpec {
-        tap: Tap::Fd(tap.tap.take().unwrap()),
-        mac: GUEST_MAC,
-    });
-    let (exit, out) = run_to_exit(s);
-    assert_eq!(out, "sent\n");
-    assert_eq!(exit, GuestExit::PoweredOff);
-    let frame = tap
-        .recv(0x88b5, Duration::from_secs(5))
-        .expect("the guest's frame on the tap");
-    assert_eq!(&frame[0..6], &[0xff; 6], "broadcast destination");
-    assert_eq!(
-        &frame[6..12],
-        &GUEST_MAC,
-        "source is the MAC from the device config"
-    );
-    assert_eq!(&frame[14..34], b"cpushare-tx-frame-01");
-    assert_eq!(frame.len(), 60, "header stripped: 72 - 12 bytes");
+    // Plain tap, and one whose frames carry a virtio-net header (passed through).
+    for vnet_hdr in [false, true] {
+        let mut tap = TapInNs::with_vnet_hdr("cmvtx", "cmvtap0", vnet_hdr);
+        let mut s = spec(&elf, Duration::from_secs(20));
+        s.net = Some(NetSpec {
+            tap: Tap::Fd(tap.tap.take().unwrap()),
+            mac: GUEST_MAC,
+        });
+        let (exit, out) = run_to_exit(s);
+        assert_eq!(out, "sent\n");
+        assert_eq!(exit, GuestExit::PoweredOff);
+        let frame = tap
+            .recv(0x88b5, Duration::from_secs(5))
+            .expect("the guest's frame on the tap");
+        assert_eq!(&frame[0..6], &[0xff; 6], "broadcast destination");
+        assert_eq!(
+            &frame[6..12],
+            &GUEST_MAC,
+            "source is the MAC from the device config"
+        );
+        assert_eq!(&frame[14..34], b"cpushare-tx-frame-01");
+        assert_eq!(frame.len(), 60, "header stripped: 72 - 12 bytes");
+    }
 }
 
 const NET_RX: &str = r#"
@@ -661,43 +668,45 @@ fn virtio_net_guest_receives_a_frame_the_test_writes_to_the_tap() {
     require_kvm();
     let dir = tempfile::tempdir().unwrap();
     let elf = build_guest(dir.path(), "netrx", NET_RX, true);
-    let mut tap = TapInNs::new("cmvrx", "cmvtap1");
-    tap._ns
-        .ip(&["link", "set", "cmvtap1", "mtu", "9000"])
-        .unwrap();
-    let mut s = spec(&elf, Duration::from_secs(20));
-    s.net = Some(NetSpec {
-        tap: Tap::Fd(tap.tap.take().unwrap()),
-        mac: GUEST_MAC,
-    });
-    let mut guest = Microvm.start(s).expect("microvm starts");
-    let mut con = Console::new(guest.as_mut());
-    con.wait_for("ready\n", Duration::from_secs(10));
-    // First a frame larger than the guest's 2 KiB buffer: dropped, buffer kept.
-    let mut big = Vec::new();
-    big.extend_from_slice(&GUEST_MAC);
-    big.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01, 0x88, 0xb5]);
-    big.resize(3000, b'B');
-    tap.send(&big);
-    let mut frame = Vec::new();
-    frame.extend_from_slice(&GUEST_MAC);
-    frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
-    frame.extend_from_slice(&[0x88, 0xb5]);
-    frame.extend_from_slice(b"hello-from-host-1234");
-    tap.send(&frame);
-    let exit = guest
-        .wait_timeout(Duration::from_secs(20))
-        .unwrap()
-        .expect("guest ends");
-    let out = con.drain();
-    assert_eq!(
-        out,
-        format!(
-            "ready\nirqs=00000001 rx len={:08x} hello-from-host-1234\n",
-            12 + frame.len()
-        )
-    );
-    assert_eq!(exit, GuestExit::PoweredOff);
+    for vnet_hdr in [false, true] {
+        let mut tap = TapInNs::with_vnet_hdr("cmvrx", "cmvtap1", vnet_hdr);
+        tap._ns
+            .ip(&["link", "set", "cmvtap1", "mtu", "9000"])
+            .unwrap();
+        let mut s = spec(&elf, Duration::from_secs(20));
+        s.net = Some(NetSpec {
+            tap: Tap::Fd(tap.tap.take().unwrap()),
+            mac: GUEST_MAC,
+        });
+        let mut guest = Microvm.start(s).expect("microvm starts");
+        let mut con = Console::new(guest.as_mut());
+        con.wait_for("ready\n", Duration::from_secs(10));
+        // First a frame larger than the guest's 2 KiB buffer: dropped, buffer kept.
+        let mut big = Vec::new();
+        big.extend_from_slice(&GUEST_MAC);
+        big.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01, 0x88, 0xb5]);
+        big.resize(3000, b'B');
+        tap.send(&big);
+        let mut frame = Vec::new();
+        frame.extend_from_slice(&GUEST_MAC);
+        frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
+        frame.extend_from_slice(&[0x88, 0xb5]);
+        frame.extend_from_slice(b"hello-from-host-1234");
+        tap.send(&frame);
+        let exit = guest
+            .wait_timeout(Duration::from_secs(20))
+            .unwrap()
+            .expect("guest ends");
+        let out = con.drain();
+        assert_eq!(
+            out,
+            format!(
+                "ready\nirqs=00000001 rx len={:08x} hello-from-host-1234\n",
+                12 + frame.len()
+            )
+        );
+        assert_eq!(exit, GuestExit::PoweredOff);
+    }
 }
 
 const OUTSIDE: &str = r#"

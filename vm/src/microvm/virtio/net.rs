@@ -40,6 +40,12 @@ struct IfReq {
 
 /// Open the tap interface `name` (in this process's network namespace).
 pub fn open_tap(name: &str) -> std::io::Result<OwnedFd> {
+    open_tap_with(name, false)
+}
+
+/// Open the tap interface `name`; with `vnet_hdr`, frames on the fd carry a virtio-net
+/// header (IFF_VNET_HDR), which the device then passes through instead of adding.
+pub fn open_tap_with(name: &str, vnet_hdr: bool) -> std::io::Result<OwnedFd> {
     if name.is_empty() || name.len() > 15 {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
@@ -55,7 +61,7 @@ pub fn open_tap(name: &str) -> std::io::Result<OwnedFd> {
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let mut req = IfReq {
         name: [0; 16],
-        flags: IFF_TAP | IFF_NO_PI,
+        flags: IFF_TAP | IFF_NO_PI | if vnet_hdr { IFF_VNET_HDR } else { 0 },
         _pad: [0; 22],
     };
     req.name[..name.len()].copy_from_slice(name.as_bytes());
