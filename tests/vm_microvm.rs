@@ -398,10 +398,6 @@ struct TapInNs {
 }
 
 impl TapInNs {
-    fn new(ns_name: &str, tap_name: &'static str) -> Self {
-        Self::with_vnet_hdr(ns_name, tap_name, false)
-    }
-
     fn with_vnet_hdr(ns_name: &str, tap_name: &'static str, vnet_hdr: bool) -> Self {
         assert!(ns_name.len() <= 15 && tap_name.len() <= 15);
         let ns = Netns::new(ns_name).expect("create netns (needs root)");
