@@ -4,7 +4,7 @@
 //! - [`manifest`]: the signed, canonically encoded chunk list of an image.
 //! - [`store`]: the sled chunk store (verify on write and read, LRU cap, pins).
 //! - [`import`]: file -> chunks + signed manifest in the store.
-//! - [`materialize`]: store -> unlinked temp file for a VM, or an exported file.
+//! - [`mod@materialize`]: store -> unlinked temp file for a VM, or an exported file.
 //! - [`swarm`]: the sans-IO swarm scheduler (which chunk, from whom, when).
 
 pub mod chunking;
