@@ -207,6 +207,11 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
         !self.have.is_full() && self.inflight_set.is_empty()
     }
 
+    /// Whether `p` is known to hold chunk `idx`.
+    pub fn peer_has(&self, p: &P, idx: u32) -> bool {
+        self.slot(p).is_some_and(|s| s.has.get(idx))
+    }
+
     /// Number of requests in flight.
     pub fn in_flight(&self) -> usize {
         self.peers.iter().flatten().map(|s| s.out.len()).sum()

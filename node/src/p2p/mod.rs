@@ -215,6 +215,9 @@ struct ImageSwarm {
     seeds: HashSet<PeerId>,
     last_starving: Option<Instant>,
     have_queue: HashMap<PeerId, Vec<u32>>,
+    /// Haves a super-seed does not need at once (it did not offer those chunks):
+    /// sent in bigger batches to spare its uplink the per-message overhead.
+    slow_have_queue: HashMap<PeerId, Vec<u32>>,
     fetch: Option<Fetch>,
     stats: ImageStats,
 }
@@ -237,6 +240,7 @@ struct Net {
     snapshot: Arc<Mutex<Snapshot>>,
     rng_seed: u64,
     codec_rejects: Arc<std::sync::atomic::AtomicU64>,
+    ticks: u64,
 }
 
 fn p2p_err(e: impl std::fmt::Display) -> Error {
@@ -351,6 +355,7 @@ impl Net {
             snapshot,
             rng_seed,
             codec_rejects,
+            ticks: 0,
         })
     }
 
@@ -520,6 +525,7 @@ impl Net {
             seeds: HashSet::new(),
             last_starving: None,
             have_queue: HashMap::new(),
+            slow_have_queue: HashMap::new(),
             fetch: None,
             stats: ImageStats::default(),
         })
@@ -1049,7 +1055,11 @@ impl Net {
                     img.have_bytes += bytes.len() as u64;
                     // the sender too: a super-seed tops up its offers on this
                     for m in &img.members {
-                        img.have_queue.entry(*m).or_default().push(index);
+                        if img.seeds.contains(m) && !l.peer_has(m, index) {
+                            img.slow_have_queue.entry(*m).or_default().push(index);
+                        } else {
+                            img.have_queue.entry(*m).or_default().push(index);
+                        }
                     }
                 }
                 Err(e) => {
@@ -1162,24 +1172,33 @@ impl Net {
     }
 
     fn on_tick(&mut self) {
+        self.ticks += 1;
+        // 50 ticks of 20 ms: the slow have-queue goes out once a second
+        let slow = self.ticks % 50 == 0;
         let ids: Vec<ImageId> = self.images.keys().copied().collect();
         for image in ids {
             // seeds too: starving peers are noticed by time, not by an event
             if !matches!(self.images[&image].mode, Mode::Done) {
                 self.drive(image);
             }
-            self.flush_haves(image);
+            self.flush_haves(image, slow);
         }
     }
 
-    fn flush_haves(&mut self, image: ImageId) {
+    fn flush_haves(&mut self, image: ImageId, slow: bool) {
         let Some(img) = self.images.get_mut(&image) else {
             return;
         };
-        if img.have_queue.is_empty() {
+        let done = matches!(img.mode, Mode::Done);
+        let mut queue = std::mem::take(&mut img.have_queue);
+        if slow || done {
+            for (p, c) in img.slow_have_queue.drain() {
+                queue.entry(p).or_default().extend(c);
+            }
+        }
+        if queue.is_empty() {
             return;
         }
-        let queue = std::mem::take(&mut img.have_queue);
         for (peer, mut chunks) in queue {
             if !self.connected.contains(&peer) {
                 continue;
