@@ -53,6 +53,8 @@ pub struct LeecherConfig {
     pub max_dup: u8,
     /// Consecutive timeouts before a peer is dropped.
     pub max_strikes: u32,
+    /// Nothing to request from anyone for this long (us) means starving.
+    pub starve_after_us: Micros,
 }
 
 impl Default for LeecherConfig {
@@ -66,6 +68,7 @@ impl Default for LeecherConfig {
             assumed_rate: 32_000,
             max_dup: 2,
             max_strikes: 3,
+            starve_after_us: 500_000,
         }
     }
 }
@@ -130,6 +133,7 @@ pub struct Leecher<P> {
     dirty: bool,
     rr: usize,
     completed: bool,
+    starving_since: Option<Micros>,
 }
 
 impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
@@ -168,6 +172,7 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
             dirty: true,
             rr: 0,
             completed: false,
+            starving_since: None,
         };
         if l.have.is_full() {
             l.completed = true;
@@ -201,10 +206,12 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
         self.slot(p).map(|s| s.bytes_in).unwrap_or(0)
     }
 
-    /// True when incomplete and nothing is requested anywhere: every peer we
-    /// know lacks what we miss (or is banned). A super-seed should be told.
-    pub fn is_starving(&self) -> bool {
-        !self.have.is_full() && self.inflight_set.is_empty()
+    /// True when incomplete and nothing was requested anywhere for
+    /// `starve_after_us`: every peer we know lacks what we miss (or is banned).
+    /// A super-seed should be told. Updated by `poll`.
+    pub fn is_starving(&self, now: Micros) -> bool {
+        self.starving_since
+            .is_some_and(|t| now.saturating_sub(t) >= self.cfg.starve_after_us)
     }
 
     /// Whether `p` is known to hold chunk `idx`.
@@ -535,6 +542,15 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
 
     /// Checks timeouts and fills pipelines. Call after events and at `next_deadline`.
     pub fn poll(&mut self, now: Micros) {
+        self.poll_inner(now);
+        if !self.have.is_full() && self.inflight_set.is_empty() {
+            self.starving_since.get_or_insert(now);
+        } else {
+            self.starving_since = None;
+        }
+    }
+
+    fn poll_inner(&mut self, now: Micros) {
         // timeouts
         let mut timed_out = Vec::new();
         for (i, s) in self.peers.iter().enumerate() {

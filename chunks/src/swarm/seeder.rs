@@ -38,13 +38,17 @@ pub struct SeederConfig {
     /// Bytes the seed may send beyond one copy of the image, as a fraction of it,
     /// to fill otherwise idle uplink at the end.
     pub extra_fraction: f64,
+    /// The uplink counts as idle only this long (us) after the last reply was
+    /// handed to the network: socket buffers and the modem queue still drain.
+    pub idle_grace_us: Micros,
 }
 
 impl Default for SeederConfig {
     fn default() -> Self {
         SeederConfig {
-            offer_depth: 2,
-            extra_fraction: 0.03,
+            offer_depth: 4,
+            extra_fraction: 0.02,
+            idle_grace_us: 500_000,
         }
     }
 }
@@ -82,6 +86,7 @@ pub struct Seeder<P> {
     bytes_sent: u64,
     extra_bytes: u64,
     serving_total: usize,
+    last_sent: Micros,
     actions: VecDeque<SeedAction<P>>,
     rr: usize,
 }
@@ -105,6 +110,7 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Seeder<P> {
             bytes_sent: 0,
             extra_bytes: 0,
             serving_total: 0,
+            last_sent: 0,
             actions: VecDeque::new(),
             rr: 0,
         }
@@ -229,13 +235,26 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Seeder<P> {
         Decision::Serve
     }
 
-    /// The reply to `p` for `idx` was handed to the network (or failed).
-    pub fn on_sent(&mut self, p: &P, idx: u32) {
+    /// The reply to `p` for `idx` was handed to the network (`delivered`), or
+    /// failed. A delivered chunk counts as held by `p` right away: the next offer
+    /// goes out without waiting for its Have, which keeps the uplink queue full
+    /// and spares the seed's uplink one round of messages per chunk.
+    pub fn on_sent(&mut self, p: &P, idx: u32, delivered: bool, now: Micros) {
+        self.last_sent = self.last_sent.max(now);
         let Some(&i) = self.index.get(p) else { return };
         let s = self.peers[i].as_mut().expect("indexed");
         if let Some(pos) = s.serving.iter().position(|&c| c == idx) {
             s.serving.swap_remove(pos);
             self.serving_total -= 1;
+        }
+        if delivered {
+            if s.has.set(idx) {
+                self.holders[idx as usize] += 1;
+            }
+            if let Some(pos) = s.offered.iter().position(|&c| c == idx) {
+                s.offered.swap_remove(pos);
+                self.assigned[idx as usize] -= 1;
+            }
         }
     }
 
@@ -250,17 +269,25 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Seeder<P> {
     }
 
     /// Hands out offers. Call after every event.
-    pub fn poll(&mut self, _now: Micros) {
+    pub fn poll(&mut self, now: Micros) {
         let n = self.peers.len();
         if n == 0 {
             return;
         }
         self.rr = (self.rr + 1) % n;
-        // first copies: every peer keeps `offer_depth` distinct never-sent chunks
+        // first copies: every peer keeps `offer_depth` distinct never-sent chunks.
+        // Near the end, one each: the last chunks then trickle out one by one and
+        // start spreading, instead of all landing at once and queueing at the
+        // peers' uplinks (that burst is the tail after the seed falls silent).
+        let depth = if self.unsent.len() <= self.index.len() * self.cfg.offer_depth {
+            1
+        } else {
+            self.cfg.offer_depth
+        };
         for k in 0..n {
             let i = (self.rr + k) % n;
             while let Some(s) = self.peers[i].as_ref() {
-                if s.offered.len() >= self.cfg.offer_depth || s.has.is_full() {
+                if s.offered.len() >= depth || s.has.is_full() {
                     break;
                 }
                 let Some(idx) = self.unsent.pop_front() else {
@@ -279,8 +306,14 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Seeder<P> {
         if !self.unsent.is_empty() {
             return;
         }
-        // starving peers: fed directly, whatever the budget (one round per signal)
+        // starving peers: fed directly once the uplink is idle, whatever the
+        // budget (one round per signal)
+        let idle = self.serving_total == 0
+            && now.saturating_sub(self.last_sent) >= self.cfg.idle_grace_us;
         for k in 0..n {
+            if !idle {
+                break;
+            }
             let i = (self.rr + k) % n;
             let Some(s) = self.peers[i].as_ref() else {
                 continue;
@@ -302,7 +335,7 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Seeder<P> {
         }
         // the end: nothing left to hand out and the uplink is idle. Spend a little
         // of the extra budget on the scarcest chunks the slowest peers still lack.
-        if self.serving_total > 0 {
+        if self.serving_total > 0 || now.saturating_sub(self.last_sent) < self.cfg.idle_grace_us {
             return;
         }
         let budget = (self.total as f64 * self.cfg.extra_fraction) as u64;
@@ -351,9 +384,12 @@ mod tests {
 
     #[test]
     fn each_chunk_offered_to_one_peer_first() {
-        let mut s = Seeder::new(vec![100; 8], SeederConfig::default());
+        let mut s = Seeder::new(vec![100; 40], SeederConfig {
+                offer_depth: 2,
+                ..Default::default()
+            });
         for p in 0..3 {
-            s.add_peer(p, Bitfield::new(8), 0);
+            s.add_peer(p, Bitfield::new(40), 0);
         }
         s.poll(0);
         let o = offers(&mut s);
@@ -372,7 +408,7 @@ mod tests {
             Decision::Refuse,
             "duplicate while serving"
         );
-        s.on_sent(&p, c);
+        s.on_sent(&p, c, true, 0);
         s.peer_have(&p, c, 0);
         s.poll(1);
         let more = offers(&mut s);
@@ -388,6 +424,7 @@ mod tests {
             SeederConfig {
                 offer_depth: 1,
                 extra_fraction: 0.0,
+                idle_grace_us: 0,
             },
         );
         s.add_peer(1, Bitfield::new(2), 0);
@@ -399,7 +436,7 @@ mod tests {
             o.iter().find(|x| x.0 == 2).unwrap().1,
         );
         assert_eq!(s.on_request(&1, p1c, 0), Decision::Serve);
-        s.on_sent(&1, p1c);
+        s.on_sent(&1, p1c, true, 0);
         s.peer_have(&1, p1c, 0);
         // peer 1 vanishes before anyone copied its chunk
         s.remove_peer(&1);
@@ -428,6 +465,7 @@ mod tests {
             SeederConfig {
                 offer_depth: 2,
                 extra_fraction: 0.1,
+                idle_grace_us: 0,
             },
         );
         s.add_peer(1, Bitfield::full(10), 0);
@@ -448,6 +486,7 @@ mod tests {
         let cfg = SeederConfig {
             offer_depth: 2,
             extra_fraction: 0.0,
+            idle_grace_us: 0,
         };
         let mut s = Seeder::new(vec![100; 10], cfg);
         s.add_peer(1, Bitfield::full(10), 0);
@@ -466,7 +505,7 @@ mod tests {
             for (p, c) in o {
                 assert_eq!(p, 2);
                 assert_eq!(s.on_request(&2, c, now), Decision::Serve);
-                s.on_sent(&2, c);
+                s.on_sent(&2, c, true, now);
                 s.peer_have(&2, c, now);
                 got += 1;
             }

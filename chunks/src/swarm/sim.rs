@@ -158,7 +158,7 @@ pub(crate) fn run(cfg: &SimConfig) -> SimResult {
                 let tr = transfers.swap_remove(k);
                 rates_dirty = true;
                 if tr.from == 0 {
-                    seeder.on_sent(&tr.to, tr.chunk);
+                    seeder.on_sent(&tr.to, tr.chunk, true, now);
                     seeder.poll(now);
                     while let Some(SeedAction::Offer { peer, chunk }) = seeder.next_action() {
                         send(&mut heap, &mut msgs, now + lat, peer, Msg::Offer { chunk });
@@ -289,7 +289,7 @@ pub(crate) fn run(cfg: &SimConfig) -> SimResult {
                     Action::Cancel { .. } | Action::Ban { .. } | Action::Disconnect { .. } => {}
                 }
             }
-            if l.is_starving() {
+            if l.is_starving(now) {
                 send(
                     &mut heap,
                     &mut msgs,

@@ -215,8 +215,9 @@ struct ImageSwarm {
     seeds: HashSet<PeerId>,
     last_starving: Option<Instant>,
     have_queue: HashMap<PeerId, Vec<u32>>,
-    /// Haves a super-seed does not need at once (it did not offer those chunks):
-    /// sent in bigger batches to spare its uplink the per-message overhead.
+    /// Haves for super-seeds: they count a chunk as ours once they sent it, and
+    /// need the rest only for bookkeeping, so these go in bigger batches to
+    /// spare the seed's uplink the per-message overhead.
     slow_have_queue: HashMap<PeerId, Vec<u32>>,
     fetch: Option<Fetch>,
     stats: ImageStats,
@@ -743,7 +744,7 @@ impl Net {
                     .send_response(channel, resp)
                     .is_err()
                 {
-                    self.finish_seed_send(request_id);
+                    self.finish_seed_send(request_id, false);
                 }
             }
             Event::Message {
@@ -808,20 +809,21 @@ impl Net {
                     }
                 }
                 warn!(peer = %peer, error = %error, "rejected inbound request");
-                self.finish_seed_send(request_id);
+                self.finish_seed_send(request_id, false);
             }
-            Event::ResponseSent { request_id, .. } => self.finish_seed_send(request_id),
+            Event::ResponseSent { request_id, .. } => self.finish_seed_send(request_id, true),
         }
     }
 
-    fn finish_seed_send(&mut self, request_id: InboundRequestId) {
+    fn finish_seed_send(&mut self, request_id: InboundRequestId, delivered: bool) {
+        let now = self.now();
         if let Some((image, peer, idx)) = self.seed_serving.remove(&request_id) {
             if let Some(ImageSwarm {
                 mode: Mode::Seed(s),
                 ..
             }) = self.images.get_mut(&image)
             {
-                s.on_sent(&peer, idx);
+                s.on_sent(&peer, idx, delivered, now);
             }
             self.drive(image);
         }
@@ -1055,7 +1057,7 @@ impl Net {
                     img.have_bytes += bytes.len() as u64;
                     // the sender too: a super-seed tops up its offers on this
                     for m in &img.members {
-                        if img.seeds.contains(m) && !l.peer_has(m, index) {
+                        if img.seeds.contains(m) {
                             img.slow_have_queue.entry(*m).or_default().push(index);
                         } else {
                             img.have_queue.entry(*m).or_default().push(index);
@@ -1121,7 +1123,7 @@ impl Net {
                     }
                 }
                 // nothing to ask anyone for: tell the super-seeds (throttled)
-                if l.is_starving()
+                if l.is_starving(now)
                     && img
                         .last_starving
                         .is_none_or(|t| t.elapsed() > STARVING_EVERY)
