@@ -561,7 +561,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let parts_dir = dir.path().join("parts");
         std::fs::create_dir_all(&parts_dir).unwrap();
-        let mut part = |name: &str, len: usize, seed: u8| {
+        let part = |name: &str, len: usize, seed: u8| {
             let data: Vec<u8> = (0..len)
                 .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
                 .collect();
