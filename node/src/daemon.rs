@@ -49,7 +49,7 @@ async fn run_async(settings: Settings, role: Role) -> Result<()> {
     println!("peer id: {peer_id}");
     let span = info_span!("node", peer = %peer_id, role = role.as_str());
 
-    let store = chunks::ChunkStore::open(&settings.store_dir(), settings.store_cap_mib << 20)?;
+    let store = chunks::ChunkStore::open(settings.store_dir(), settings.store_cap_mib << 20)?;
     let node = Arc::new(Node {
         settings: settings.clone(),
         role,
