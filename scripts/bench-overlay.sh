@@ -139,9 +139,10 @@ measure_cpushare() { # rep
     printf 'cpushare\t%s\tNA\tNA\tNA\tNA\tNA\tNA\tNA\t-\t-\t-\t-\tSETUP FAILED\t-\t-\t-\n' $rep >> "$RAW"; return 1
   fi
   wait_for 20 ip netns exec covbg ping -c1 -W1 $OA || log "cpushare rep$rep: overlay never came up"
-  sleep 1
+  sleep 2
   ip netns exec covbg timeout 20 iperf3 -c $OA -t 2 >/dev/null 2>&1
   local pr rmin ravg loss r1 r4
+  quiet_gate >/dev/null   # as overlay-anchors.sh does before its ping
   pr=$(ip netns exec covbg timeout 30 ping -q -c $PINGS -i 0.05 -W 1 $OA 2>&1)
   rmin=$(echo "$pr" | awk -F'[/ ]' '/^rtt/{print $7}'); ravg=$(echo "$pr" | awk -F'[/ ]' '/^rtt/{print $8}')
   loss=$(echo "$pr" | grep -o '[0-9.]*% packet loss' | cut -d% -f1)
