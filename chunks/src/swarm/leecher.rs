@@ -51,6 +51,9 @@ pub struct LeecherConfig {
     pub assumed_rate: u64,
     /// Endgame: most concurrent requests for one chunk.
     pub max_dup: u8,
+    /// Endgame starts only when at most this many chunks are missing (all in
+    /// flight): earlier, duplicates would only load the peers' uplinks.
+    pub endgame_chunks: usize,
     /// Consecutive timeouts before a peer is dropped.
     pub max_strikes: u32,
     /// Nothing to request from anyone for this long (us) means starving.
@@ -67,6 +70,7 @@ impl Default for LeecherConfig {
             timeout_factor: 4,
             assumed_rate: 32_000,
             max_dup: 2,
+            endgame_chunks: 8,
             max_strikes: 3,
             starve_after_us: 500_000,
         }
@@ -526,7 +530,7 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
     /// can also serve, fewest copies first.
     fn pick_endgame(&self, s: &PeerSlot<P>) -> Option<u32> {
         let missing = (self.have.len() - self.have.count()) as usize;
-        if missing == 0 || self.inflight_set.len() != missing {
+        if missing == 0 || missing > self.cfg.endgame_chunks || self.inflight_set.len() != missing {
             return None;
         }
         self.inflight_set
