@@ -308,8 +308,8 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Seeder<P> {
         }
         // starving peers: fed directly once the uplink is idle, whatever the
         // budget (one round per signal)
-        let idle = self.serving_total == 0
-            && now.saturating_sub(self.last_sent) >= self.cfg.idle_grace_us;
+        let idle =
+            self.serving_total == 0 && now.saturating_sub(self.last_sent) >= self.cfg.idle_grace_us;
         for k in 0..n {
             if !idle {
                 break;
@@ -384,10 +384,13 @@ mod tests {
 
     #[test]
     fn each_chunk_offered_to_one_peer_first() {
-        let mut s = Seeder::new(vec![100; 40], SeederConfig {
+        let mut s = Seeder::new(
+            vec![100; 40],
+            SeederConfig {
                 offer_depth: 2,
                 ..Default::default()
-            });
+            },
+        );
         for p in 0..3 {
             s.add_peer(p, Bitfield::new(40), 0);
         }
