@@ -1174,9 +1174,12 @@ impl Net {
     }
 
     fn on_tick(&mut self) {
-        self.ticks += 1;
         // 50 ticks of 20 ms: the slow have-queue goes out once a second
-        let slow = self.ticks.is_multiple_of(50);
+        self.ticks += 1;
+        let slow = self.ticks >= 50;
+        if slow {
+            self.ticks = 0;
+        }
         let ids: Vec<ImageId> = self.images.keys().copied().collect();
         for image in ids {
             // seeds too: starving peers are noticed by time, not by an event
