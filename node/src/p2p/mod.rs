@@ -40,6 +40,8 @@ use wire::{PeerRole, Request, Response};
 const MANIFEST_WAIT: Duration = Duration::from_secs(15);
 /// How often providers are looked up again and new ones greeted.
 const DISCOVERY_EVERY: Duration = Duration::from_secs(2);
+/// A fetch with no new chunk for this long fails (and can be restarted).
+const FETCH_STALL: Duration = Duration::from_secs(120);
 /// Least time between two "starving" notes to a super-seed.
 const STARVING_EVERY: Duration = Duration::from_millis(200);
 /// Fault injection for tests (a scripted bad peer at the test's edge).
@@ -198,6 +200,8 @@ struct Fetch {
     started: Instant,
     _pin: PinGuard,
     last_report: Instant,
+    /// Last time a chunk was stored.
+    last_progress: Instant,
 }
 
 struct ImageSwarm {
@@ -560,6 +564,7 @@ impl Net {
             started: Instant::now(),
             _pin: pin,
             last_report: Instant::now(),
+            last_progress: Instant::now(),
         });
         self.images.insert(image, img);
         self.provide(image);
@@ -1079,6 +1084,7 @@ impl Net {
         }
         l.on_chunk(&peer, index, true, now);
         if let Some(f) = &mut img.fetch {
+            f.last_progress = Instant::now();
             if f.last_report.elapsed() > Duration::from_millis(250) {
                 f.last_report = Instant::now();
                 for w in &f.waiters {
@@ -1221,6 +1227,32 @@ impl Net {
         }
     }
 
+    /// A fetch that got no chunk for `FETCH_STALL` ends with an error (its
+    /// waiters would wait forever otherwise); chunks stored so far are kept.
+    fn fail_if_stalled(&mut self, image: ImageId) {
+        let Some(img) = self.images.get_mut(&image) else {
+            return;
+        };
+        let Some(f) = &img.fetch else { return };
+        if f.last_progress.elapsed() < FETCH_STALL {
+            return;
+        }
+        let f = img.fetch.take().expect("checked");
+        let msg = format!(
+            "fetch of image {image} stalled: no chunk arrived for {} s ({} of {} chunks present, {} peers banned); \
+             the chunks so far are kept, run `image fetch` again to resume",
+            FETCH_STALL.as_secs(),
+            img.have.count(),
+            img.sizes.len(),
+            img.stats.banned.len()
+        );
+        warn!(image = %image, "{msg}");
+        for w in f.waiters {
+            let _ = w.reply.send(Err(msg.clone()));
+        }
+        self.images.remove(&image);
+    }
+
     fn on_slow_tick(&mut self) {
         // advertise complete local images (imports happen outside this task)
         if let Ok(list) = self.store.list_images() {
@@ -1240,6 +1272,7 @@ impl Net {
             .collect();
         for image in leeching {
             self.find_providers(image);
+            self.fail_if_stalled(image);
         }
         let waiting: Vec<ImageId> = self.manifest_fetches.keys().copied().collect();
         for image in waiting {
