@@ -105,7 +105,10 @@ impl Buyer {
         let counters = Arc::new(IoCounters::default());
         let stop = Arc::new(AtomicBool::new(false));
         let udp = Arc::new(udp);
+        tap.set_nonblocking(true)
+            .map_err(os(format!("making {name} non-blocking")))?;
         let tap = Arc::new(tap);
+        let reader = Arc::new(Mutex::new(TapReader::new()));
         let mut threads = Vec::new();
         let spawn = |n: &str, f: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new()
@@ -121,9 +124,10 @@ impl Buyer {
                 tap.clone(),
                 counters.clone(),
             );
+            let rd = reader.clone();
             threads.push(spawn(
                 "ovl-buyer-udp",
-                Box::new(move || udp_loop(&core, &stop, &udp, &tap, &c)),
+                Box::new(move || udp_loop(&core, &stop, &udp, &tap, &c, &rd)),
             )?);
         }
         {
@@ -134,9 +138,10 @@ impl Buyer {
                 tap.clone(),
                 counters.clone(),
             );
+            let rd = reader.clone();
             threads.push(spawn(
                 "ovl-buyer-tap",
-                Box::new(move || tap_loop(&core, &stop, &udp, &tap, &c)),
+                Box::new(move || tap_loop(&core, &stop, &udp, &tap, &c, &rd)),
             )?);
         }
         {
@@ -243,6 +248,7 @@ fn udp_loop(
     udp: &UdpSocket,
     tap: &Tap,
     c: &IoCounters,
+    reader: &Mutex<TapReader>,
 ) {
     let fd = udp.as_raw_fd();
     let mut rx = RecvBatch::new(UDP_BATCH, UDP_GRO_SLOT);
@@ -274,20 +280,118 @@ fn udp_loop(
                 }
             }
         }
+        // Hold the tap reader while writing, then read the host's answers ourselves.
+        let mut rd = None;
         if tap.vnet_hdr() {
             // Merge this batch's in-order TCP segments into GSO frames.
             let mut raw = |b: &[u8]| write_raw(tap, b, c);
-            shell::run_actions(&mut out, fd, &mut tx, |f| merger.push(f, &mut raw));
+            shell::run_actions(&mut out, fd, &mut tx, |f| {
+                rd.get_or_insert_with(|| lock_reader(reader));
+                merger.push(f, &mut raw)
+            });
             merger.flush(&mut raw);
         } else {
-            shell::run_actions(&mut out, fd, &mut tx, |f| write_tap(tap, f, c));
+            shell::run_actions(&mut out, fd, &mut tx, |f| {
+                rd.get_or_insert_with(|| lock_reader(reader));
+                write_tap(tap, f, c)
+            });
         }
         let _ = tx.flush(fd);
+        if let Some(mut r) = rd {
+            r.drain(TAP_PEEK, core, udp, tap, c);
+        }
     }
 }
 
 /// Frames read from the tap per core lock.
 const TAP_BATCH: usize = 32;
+
+/// Reads frames from the host tap and sends them into the overlay. The tap thread and
+/// the UDP thread share one, behind a mutex: the UDP thread holds it while it writes
+/// to the tap and then reads the tap once itself, because the host's answer (a ping
+/// reply, an ACK) is queued by the time the write returns. The tap thread, woken by
+/// that answer, waits on the mutex instead of racing for it, so the answer leaves
+/// without a thread hand-off on the round trip. The mutex also keeps reads in order.
+struct TapReader {
+    bufs: Vec<u8>,
+    lens: [usize; TAP_BATCH],
+    seg: Vec<u8>,
+    tx: SendBatch,
+    out: Actions,
+}
+
+const TAP_SLOT: usize = 65536 + VNET_HDR_LEN;
+/// Frames the UDP thread reads from the tap after writing to it (answers, not bulk).
+const TAP_PEEK: usize = 4;
+
+impl TapReader {
+    fn new() -> TapReader {
+        let mut tx = SendBatch::new(UDP_BATCH, UDP_SLOT);
+        tx.set_gso(true);
+        TapReader {
+            bufs: vec![0u8; TAP_BATCH * TAP_SLOT],
+            lens: [0; TAP_BATCH],
+            seg: Vec::with_capacity(2048),
+            tx,
+            out: Actions::new(),
+        }
+    }
+
+    /// Read up to `max` queued frames (non-blocking) and send them; returns frames read.
+    fn drain(
+        &mut self,
+        max: usize,
+        core: &Mutex<BuyerCore>,
+        udp: &UdpSocket,
+        tap: &Tap,
+        c: &IoCounters,
+    ) -> usize {
+        let fd = udp.as_raw_fd();
+        let mut n = 0;
+        while n < max.min(TAP_BATCH) {
+            match tap.read(&mut self.bufs[n * TAP_SLOT..(n + 1) * TAP_SLOT]) {
+                Ok(l) => {
+                    self.lens[n] = l;
+                    n += 1;
+                }
+                Err(_) => break,
+            }
+        }
+        if n == 0 {
+            return 0;
+        }
+        let now = Instant::now();
+        {
+            let mut core = lock(core);
+            for i in 0..n {
+                let buf = &mut self.bufs[i * TAP_SLOT..i * TAP_SLOT + self.lens[i]];
+                let out = &mut self.out;
+                if tap.vnet_hdr() {
+                    let Some(h) = VnetHdr::parse(buf) else {
+                        continue;
+                    };
+                    let (_, frame) = buf.split_at_mut(VNET_HDR_LEN);
+                    let r = offload::to_wire_frames(&h, frame, &mut self.seg, |f| {
+                        core.handle_tap_frame(f, now, out)
+                    });
+                    if r.is_err() {
+                        IoCounters::bump(&c.offload_errors);
+                        core.handle_tap_frame(frame, now, out);
+                    }
+                } else {
+                    core.handle_tap_frame(buf, now, out);
+                }
+            }
+        }
+        shell::run_actions(&mut self.out, fd, &mut self.tx, |f| write_tap(tap, f, c));
+        let _ = self.tx.flush(fd);
+        n
+    }
+}
+
+fn lock_reader(m: &Mutex<TapReader>) -> MutexGuard<'_, TapReader> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 fn tap_loop(
     core: &Mutex<BuyerCore>,
@@ -295,60 +399,17 @@ fn tap_loop(
     udp: &UdpSocket,
     tap: &Tap,
     c: &IoCounters,
+    reader: &Mutex<TapReader>,
 ) {
-    let fd = udp.as_raw_fd();
     let tfd = tap.as_raw_fd();
-    let _ = tap.set_nonblocking(true);
-    let mut tx = SendBatch::new(UDP_BATCH, UDP_SLOT);
-    tx.set_gso(true);
-    let mut out = Actions::new();
-    let slot = 65536 + VNET_HDR_LEN;
-    let mut bufs = vec![0u8; TAP_BATCH * slot];
-    let mut lens = [0usize; TAP_BATCH];
-    let mut seg = Vec::with_capacity(2048);
     while !stop.load(Ordering::Relaxed) {
         match sys::poll_readable(tfd, POLL_MS as i32) {
             Ok(true) => {}
             Ok(false) => continue,
             Err(_) => break,
         }
-        let mut n = 0;
-        while n < TAP_BATCH {
-            match tap.read(&mut bufs[n * slot..(n + 1) * slot]) {
-                Ok(l) => {
-                    lens[n] = l;
-                    n += 1;
-                }
-                Err(_) => break,
-            }
-        }
-        if n == 0 {
-            continue;
-        }
-        let now = Instant::now();
-        {
-            let mut core = lock(core);
-            for i in 0..n {
-                let buf = &mut bufs[i * slot..i * slot + lens[i]];
-                if tap.vnet_hdr() {
-                    let Some(h) = VnetHdr::parse(buf) else {
-                        continue;
-                    };
-                    let (_, frame) = buf.split_at_mut(VNET_HDR_LEN);
-                    let r = offload::to_wire_frames(&h, frame, &mut seg, |f| {
-                        core.handle_tap_frame(f, now, &mut out)
-                    });
-                    if r.is_err() {
-                        IoCounters::bump(&c.offload_errors);
-                        core.handle_tap_frame(frame, now, &mut out);
-                    }
-                } else {
-                    core.handle_tap_frame(buf, now, &mut out);
-                }
-            }
-        }
-        shell::run_actions(&mut out, fd, &mut tx, |f| write_tap(tap, f, c));
-        let _ = tx.flush(fd);
+        let mut r = lock_reader(reader);
+        while r.drain(TAP_BATCH, core, udp, tap, c) == TAP_BATCH {}
     }
 }
 
