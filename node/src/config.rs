@@ -75,7 +75,10 @@ impl Settings {
                 .unwrap_or_else(|| format!("/ip4/0.0.0.0/tcp/{DEFAULT_PORT}")),
             bootstrap,
             mdns: daemon.mdns.or(file.mdns).unwrap_or(OnOff::Off) == OnOff::On,
-            log_format: global.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
+            log_format: global
+                .log_format
+                .or(file.log_format)
+                .unwrap_or(LogFormat::Text),
             store_cap_mib: daemon
                 .store_cap_mib
                 .or(file.store_cap_mib)
@@ -146,6 +149,9 @@ mod tests {
             ..Default::default()
         };
         let err = Settings::resolve(&global, &DaemonArgs::default()).unwrap_err();
-        assert!(err.to_string().contains(&cfg.display().to_string()), "{err}");
+        assert!(
+            err.to_string().contains(&cfg.display().to_string()),
+            "{err}"
+        );
     }
 }

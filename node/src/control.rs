@@ -214,8 +214,6 @@ async fn serve_one(stream: UnixStream, router: Arc<Router>) -> std::io::Result<(
     }
 }
 
-
-
 /// Blocking client used by the subcommands.
 pub struct Client {
     reader: BufReader<StdUnixStream>,
@@ -293,7 +291,9 @@ mod tests {
             progress.report("echo", 1, 2);
             Ok(params)
         });
-        router.method("test.fail", |_, _| async { Err(Error::Remote("nope".into())) });
+        router.method("test.fail", |_, _| async {
+            Err(Error::Remote("nope".into()))
+        });
         router.status_section("store", || serde_json::json!({"bytes": 5}));
         let listener = bind(&sock, dir.path()).unwrap();
         let server = tokio::spawn(serve(listener, Arc::new(router)));

@@ -65,7 +65,9 @@ pub fn run(settings: &Settings, cmd: ImageCommand) -> Result<ExitCode> {
     let v = result?;
     match cmd {
         ImageCommand::Import { .. } => println!("{}", str_field(&v, "id")),
-        ImageCommand::Ls { json: true } => println!("{}", serde_json::to_string_pretty(&v).expect("json")),
+        ImageCommand::Ls { json: true } => {
+            println!("{}", serde_json::to_string_pretty(&v).expect("json"))
+        }
         ImageCommand::Ls { json: false } => {
             let images = v.as_array().cloned().unwrap_or_default();
             if images.is_empty() {
@@ -79,7 +81,11 @@ pub fn run(settings: &Settings, cmd: ImageCommand) -> Result<ExitCode> {
                     i["present_chunks"],
                     i["chunks"],
                     str_field(&i, "name"),
-                    if i["pinned"] == true { "  (pinned)" } else { "" }
+                    if i["pinned"] == true {
+                        "  (pinned)"
+                    } else {
+                        ""
+                    }
                 );
             }
         }
@@ -95,7 +101,9 @@ fn str_field(v: &Value, k: &str) -> String {
 }
 
 fn check_id(id: &str) -> Result<()> {
-    id.parse::<chunks::ImageId>().map(|_| ()).map_err(Error::from)
+    id.parse::<chunks::ImageId>()
+        .map(|_| ())
+        .map_err(Error::from)
 }
 
 fn absolute_existing_file(file: &Path) -> Result<std::path::PathBuf> {

@@ -47,7 +47,9 @@ pub fn parse_image_id(s: &str) -> Result<ImageId> {
 }
 
 /// Run blocking store work off the async threads.
-pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Error::Control(format!("worker failed: {e}")))?
@@ -92,12 +94,20 @@ pub fn register(router: &mut Router, node: Arc<Node>) {
                             disk: p.disk.or(p.path),
                             cmdline: p.cmdline.unwrap_or_default(),
                         };
-                        chunks::import_direct_boot(&node.store, key, &parts, &name, Some(&tmp), report)?
+                        chunks::import_direct_boot(
+                            &node.store,
+                            key,
+                            &parts,
+                            &name,
+                            Some(&tmp),
+                            report,
+                        )?
                     }
                     None => {
                         let path = p.path.ok_or(Error::BadArg {
                             what: "image file",
-                            reason: "give a file to import, or --kernel for a direct-boot image".into(),
+                            reason: "give a file to import, or --kernel for a direct-boot image"
+                                .into(),
                         })?;
                         let _span = info_span!("import", file = %path.display()).entered();
                         let opts = ImportOptions {

@@ -40,7 +40,13 @@ impl Display {
             let decile = (p.done * 10).checked_div(p.total).unwrap_or(10);
             if self.last_decile != Some(decile) {
                 self.last_decile = Some(decile);
-                eprintln!("{}: {} / {} bytes ({}%)", p.what, p.done, p.total, decile * 10);
+                eprintln!(
+                    "{}: {} / {} bytes ({}%)",
+                    p.what,
+                    p.done,
+                    p.total,
+                    decile * 10
+                );
             }
         }
     }

@@ -307,12 +307,13 @@ fn prepare_via_daemon(
                 format!("image {id_hex} is not in the daemon's store"),
             )
         })?;
-    let boot_info: Option<chunks::BootInfo> = match info.get("boot") {
-        None | Some(Value::Null) => None,
-        Some(b) => Some(serde_json::from_value(b.clone()).map_err(|e| {
-            Error::Control(format!("unreadable boot info from the daemon: {e}"))
-        })?),
-    };
+    let boot_info: Option<chunks::BootInfo> =
+        match info.get("boot") {
+            None | Some(Value::Null) => None,
+            Some(b) => Some(serde_json::from_value(b.clone()).map_err(|e| {
+                Error::Control(format!("unreadable boot info from the daemon: {e}"))
+            })?),
+        };
     if let (Some(cap), Some(size)) = (cap, info["size"].as_u64()) {
         if size > cap {
             return Err(vm::Error::ImageTooLarge { size, cap }.into());
@@ -340,7 +341,10 @@ fn prepare_via_daemon(
             .initrd
             .map(|r| copy_range_unlinked(&file, r, tmp))
             .transpose()?;
-        let disk = b.disk.map(|r| copy_range_unlinked(&file, r, tmp)).transpose()?;
+        let disk = b
+            .disk
+            .map(|r| copy_range_unlinked(&file, r, tmp))
+            .transpose()?;
         let boot = Boot::Direct {
             kernel: fd_path(&kernel),
             initrd: initrd.as_ref().map(fd_path),
