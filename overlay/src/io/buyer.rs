@@ -258,27 +258,13 @@ fn udp_loop(
     let mut out = Actions::new();
     let mut merger = TcpMerger::new();
     while !stop.load(Ordering::Relaxed) {
-        let n = match rx.recv(fd) {
-            Ok(n) => n,
-            Err(e) => {
-                tracing::warn!(error = %e, "buyer UDP receive failed");
-                std::thread::sleep(Duration::from_millis(POLL_MS));
-                continue;
-            }
-        };
-        if n == 0 {
+        let Some(n) = shell::recv_udp(&mut rx, fd, "buyer") else {
             continue;
-        }
+        };
         let now = Instant::now();
         {
             let mut core = lock(core);
-            for i in 0..n {
-                if let Some(from) = rx.addr(i) {
-                    for d in rx.segments(i) {
-                        core.handle_udp(from, d, now, &mut out);
-                    }
-                }
-            }
+            shell::each_datagram(&rx, n, |from, d| core.handle_udp(from, d, now, &mut out));
         }
         // Hold the tap reader while writing, then read the host's answers ourselves.
         let mut rd = None;

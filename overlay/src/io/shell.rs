@@ -5,7 +5,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::batch::SendBatch;
+use super::batch::{RecvBatch, SendBatch};
 use super::sys;
 use crate::{Action, Actions, Error, Event};
 
@@ -31,6 +31,31 @@ pub const UDP_SLOT: usize = 2048;
 pub const UDP_GRO_SLOT: usize = 65536;
 /// How long a blocking receive waits before a loop checks for a stop request.
 pub const POLL_MS: u64 = 100;
+
+/// Receive one batch of overlay datagrams: `Some(count)` when any arrived. A receive
+/// error is logged and followed by a short pause, so the caller's loop just goes on.
+pub fn recv_udp(rx: &mut RecvBatch, fd: std::os::fd::RawFd, side: &str) -> Option<usize> {
+    match rx.recv(fd) {
+        Ok(0) => None,
+        Ok(n) => Some(n),
+        Err(e) => {
+            tracing::warn!(error = %e, side, "overlay UDP receive failed");
+            std::thread::sleep(std::time::Duration::from_millis(POLL_MS));
+            None
+        }
+    }
+}
+
+/// Hand every datagram of the first `n` slots (GRO-coalesced ones split back) to `f`.
+pub fn each_datagram(rx: &RecvBatch, n: usize, mut f: impl FnMut(SocketAddr, &[u8])) {
+    for i in 0..n {
+        if let Some(from) = rx.addr(i) {
+            for d in rx.segments(i) {
+                f(from, d);
+            }
+        }
+    }
+}
 
 /// Bind the overlay UDP socket with large buffers and a receive timeout.
 pub fn bind_udp(addr: SocketAddr) -> Result<UdpSocket, Error> {
