@@ -15,6 +15,8 @@
 #   INSTALL=1 scripts/bench-overlay.sh                  # apt-get the VPNs/iperf3/busybox, cargo install boringtun-cli
 #   REPS=1 DUR=5 ANCHORS="veth vde-udp" scripts/bench-overlay.sh
 #   PERF=1 ...                                          # also perf-record both nodes during one -P 1 run
+#   BUSY_POLL_US=N ...                                  # --busy-poll-us for both nodes (default: the node's default)
+#   NOPOLL=1 ...                                        # also a "cpushare-nopoll" row: the same with --busy-poll-us 0
 # Output: a Markdown table (medians) with ratios; raw data under $WORK (default /tmp/cov-bench).
 set -u
 export LC_ALL=C
@@ -47,7 +49,7 @@ fi
 
 rm -rf "$WORK"; mkdir -p "$WORK"
 RAW=$WORK/raw.tsv
-printf 'cfg\trep\tp1_mbps\tp1_retr\tp4_mbps\tp4_retr\trtt_min_ms\trtt_avg_ms\tloss_pct\tp1_daemon_cpu\tp1_sys_cpu\tp4_daemon_cpu\tp4_sys_cpu\tnote\tp1_bg_cpu\tp4_bg_cpu\tip_frags\n' > "$RAW"
+printf 'cfg\trep\tp1_mbps\tp1_retr\tp4_mbps\tp4_retr\trtt_min_ms\trtt_avg_ms\tloss_pct\tp1_daemon_cpu\tp1_sys_cpu\tp4_daemon_cpu\tp4_sys_cpu\tnote\tp1_bg_cpu\tp4_bg_cpu\tip_frags\tping_cpu_us\n' > "$RAW"
 
 NSS="covba covbb covbl covbg"
 PIDS=()
@@ -56,6 +58,7 @@ tree() { local p=$1 c; [ -d /proc/$p ] || return 0; echo "$p"
 ticks() { local t=0 p v; for p in $(for r in "$@"; do tree "$r"; done); do
     v=$(sed 's/^.*) //' /proc/$p/stat 2>/dev/null | awk '{print $12+$13}'); t=$((t + ${v:-0})); done; echo $t; }
 sysbusy() { awk '/^cpu /{print $2+$3+$4+$7+$8+$9}' /proc/stat; }
+cpu_ns() { local t=0 p v; for p in "$@"; do for v in $(awk '{print $1}' /proc/$p/task/*/schedstat 2>/dev/null); do t=$((t + v)); done; done; echo $t; }
 teardown() {
   local p
   for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null; done
@@ -70,7 +73,9 @@ trap 'exit 130' INT TERM
 wait_for() { local end=$(( $(date +%s) + $1 )); shift
   while [ "$(date +%s)" -lt $end ]; do "$@" >/dev/null 2>&1 && return 0; sleep 0.2; done; return 1; }
 
-setup_cpushare() {
+setup_cpushare() { # [busy-poll-us]
+  local bp=${1:-${BUSY_POLL_US:-}} bpa=()
+  [ -n "$bp" ] && bpa=(--busy-poll-us "$bp")
   teardown
   for ns in covba covbb covbg; do ip netns add $ns || return 1; ip -n $ns link set lo up; done
   ip link add covbva netns covba type veth peer name covbvb netns covbb || return 1
@@ -85,7 +90,7 @@ setup_cpushare() {
   local skey bkey
   skey=$("$NODE" --data-dir $d/b id | awk '/public key/{print $3}')
   bkey=$("$NODE" --data-dir $d/a id | awk '/public key/{print $3}')
-  "$NODE" --data-dir $d/a overlay admit --key "$skey" --mac $GMAC --ip $GIP --listen 0.0.0.0:7451 >&2 || return 1
+  "$NODE" --data-dir $d/a overlay admit --key "$skey" --mac $GMAC --ip $GIP --listen 0.0.0.0:7451 "${bpa[@]}" >&2 || return 1
   # The lease namespace with the guest's veth end; the seller opens its guest port there.
   ip netns add covbl || return 1
   ip link add covbgv netns covbg type veth peer name covblv netns covbl || return 1
@@ -93,7 +98,7 @@ setup_cpushare() {
   ip -n covbg link set covbgv address $GMAC
   ip -n covbg link set covbgv up
   "$NODE" --data-dir $d/b overlay attach --netns covbl --iface covblv --buyer $UA:7451 --buyer-key "$bkey" \
-    --mac $GMAC --ip $GIP --max-mbit ${MAX_MBIT:-20000} --max-pps ${MAX_PPS:-4000000} >&2 || return 1
+    --mac $GMAC --ip $GIP --max-mbit ${MAX_MBIT:-20000} --max-pps ${MAX_PPS:-4000000} "${bpa[@]}" >&2 || return 1
   printf '#!/bin/sh\ncase "$1" in bound|renew) ip addr flush dev "$interface"; ip addr add "$ip/$mask" dev "$interface"; [ -n "$mtu" ] && ip link set "$interface" mtu "$mtu";; esac\nexit 0\n' > $WORK/udhcpc.sh
   chmod +x $WORK/udhcpc.sh
   ip netns exec covbg busybox udhcpc -i covbgv -f -q -n -t 10 -T 1 -s $WORK/udhcpc.sh >&2 || { log "guest got no DHCP lease"; return 1; }
@@ -132,33 +137,37 @@ iperf_run() { # P tag -> "mbps retr daemon_cpu% sys_cpu%"
             printf "%s %s %.0f %.0f\n", m, r, 100*c/hz/sec, 100*s/hz/sec }'
 }
 
-measure_cpushare() { # rep
-  local rep=$1
-  if ! setup_cpushare; then
-    log "cpushare rep$rep: setup failed (see $WORK/*.log)"
-    printf 'cpushare\t%s\tNA\tNA\tNA\tNA\tNA\tNA\tNA\t-\t-\t-\t-\tSETUP FAILED\t-\t-\t-\n' $rep >> "$RAW"; return 1
+measure_cpushare() { # rep [cfg busy-poll-us]
+  local rep=$1 cfg=${2:-cpushare} bpv=${3:-${BUSY_POLL_US:-default}}
+  if ! setup_cpushare ${3:-}; then
+    log "$cfg rep$rep: setup failed (see $WORK/*.log)"
+    printf '%s\t%s\tNA\tNA\tNA\tNA\tNA\tNA\tNA\t-\t-\t-\t-\tSETUP FAILED\t-\t-\t-\t-\n' $cfg $rep >> "$RAW"; return 1
   fi
   wait_for 20 ip netns exec covbg ping -c1 -W1 $OA || log "cpushare rep$rep: overlay never came up"
   sleep 2
   ip netns exec covbg timeout 20 iperf3 -c $OA -t 2 >/dev/null 2>&1
   local pr rmin ravg loss r1 r4
   quiet_gate >/dev/null   # as overlay-anchors.sh does before its ping
+  local n0 n1
+  n0=$(cpu_ns "${PIDS[@]:0:2}")
   pr=$(ip netns exec covbg timeout 30 ping -q -c $PINGS -i 0.05 -W 1 $OA 2>&1)
+  n1=$(cpu_ns "${PIDS[@]:0:2}")
+  local pcpu=$(( (n1 - n0) / 1000 / PINGS ))   # both nodes' CPU per ping round trip, µs
   rmin=$(echo "$pr" | awk -F'[/ ]' '/^rtt/{print $7}'); ravg=$(echo "$pr" | awk -F'[/ ]' '/^rtt/{print $8}')
   loss=$(echo "$pr" | grep -o '[0-9.]*% packet loss' | cut -d% -f1)
-  local prof=; [ "${PERF:-0}" = 1 ] && [ "$rep" = 1 ] && command -v perf >/dev/null && prof=1
-  r1=$(iperf_run 1 cpushare-$rep-P1 $prof)
-  r4=$(iperf_run 4 cpushare-$rep-P4)
+  local prof=; [ "${PERF:-0}" = 1 ] && [ "$rep" = 1 ] && [ $cfg = cpushare ] && command -v perf >/dev/null && prof=1
+  r1=$(iperf_run 1 $cfg-$rep-P1 $prof)
+  r4=$(iperf_run 4 $cfg-$rep-P4)
   local frag=0 ns v
   for ns in covba covbb covbg; do v=$(ip netns exec $ns awk '/^Ip:/{if(!h){for(i=1;i<=NF;i++)if($i=="FragCreates")c=i;h=1}else print $c}' /proc/net/snmp); frag=$((frag + ${v:-0})); done
   set -- $r1 $r4
-  printf 'cpushare\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t-\t-\t%s\n' $rep $1 $2 $5 $6 "${rmin:-NA}" "${ravg:-NA}" "${loss:-NA}" \
-    $3 $4 $7 $8 "Noise IK + ChaCha20-Poly1305, guest behind veth + AF_PACKET lease port, DHCP MTU" $frag >> "$RAW"
-  log "cpushare rep$rep: P1 $1 Mbit/s (retr $2, nodes ${3}%)  P4 $5 Mbit/s  rtt avg ${ravg:-NA} ms"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t-\t-\t%s\t%s\n' $cfg $rep $1 $2 $5 $6 "${rmin:-NA}" "${ravg:-NA}" "${loss:-NA}" \
+    $3 $4 $7 $8 "Noise IK + ChaCha20-Poly1305, guest behind veth + AF_PACKET lease port, DHCP MTU, busy-poll $bpv us" $frag $pcpu >> "$RAW"
+  log "$cfg rep$rep: P1 $1 Mbit/s (retr $2, nodes ${3}%)  P4 $5 Mbit/s  rtt avg ${ravg:-NA} ms  nodes' CPU per ping ${pcpu} us"
   # Drop counters by reason, for the record.
   "$NODE" --data-dir $WORK/node/b overlay ls --json > $WORK/seller-overlay.log 2>&1
   "$NODE" --data-dir $WORK/node/a overlay ls --json > $WORK/buyer-overlay.log 2>&1
-  mkdir -p $WORK/logs/cpushare-$rep; cp $WORK/*.log $WORK/logs/cpushare-$rep/ 2>/dev/null
+  mkdir -p $WORK/logs/$cfg-$rep; cp $WORK/*.log $WORK/logs/$cfg-$rep/ 2>/dev/null
   teardown
 }
 
@@ -170,20 +179,22 @@ for rep in $(seq $REPS); do
     tail -n +2 $WORK/anchors-$rep/raw.tsv 2>/dev/null | awk -F'\t' -v OFS='\t' -v r=$rep '{$2=r; print}' >> "$RAW"
   fi
   measure_cpushare $rep
+  [ "${NOPOLL:-0}" = 1 ] && measure_cpushare $rep cpushare-nopoll 0
 done
+OURS=cpushare; [ "${NOPOLL:-0}" = 1 ] && OURS="cpushare cpushare-nopoll"
 
 median() { grep -v -e '^NA$' -e '^-$' -e '^$' | sort -g | awk '{a[NR]=$1} END{ if (NR==0) print "NA"; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2 }'; }
 col() { awk -F'\t' -v c="$1" -v k="$2" 'NR>1 && $1==c {print $k}' "$RAW" | median; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (a=="NA" || b=="NA" || b==0) print "NA"; else printf "%.2f", a/b }'; }
 TABLE=$WORK/table.md
 {
-  echo "| config | TCP -P1 Mbit/s | TCP -P4 Mbit/s | RTT avg ms | RTT min ms | cpushare P1 / this | cpushare P4 / this | this RTT / cpushare RTT | daemon CPU % (P1 / P4) | n |"
-  echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+  echo "| config | TCP -P1 Mbit/s | TCP -P4 Mbit/s | RTT avg ms | RTT min ms | cpushare P1 / this | cpushare P4 / this | this RTT / cpushare RTT | daemon CPU % (P1 / P4) | nodes' CPU per ping µs | n |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
   c1=$(col cpushare 3); c4=$(col cpushare 5); cr=$(col cpushare 8)
-  for cfg in cpushare $ANCHORS; do
+  for cfg in $OURS $ANCHORS; do
     p1=$(col $cfg 3); p4=$(col $cfg 5); ra=$(col $cfg 8)
     n=$(awk -F'\t' -v c=$cfg 'NR>1 && $1==c && $3!="NA" {n++} END{print n+0}' "$RAW")
-    echo "| $cfg | $p1 | $p4 | $ra | $(col $cfg 7) | $(ratio $c1 $p1) | $(ratio $c4 $p4) | $(ratio $ra $cr) | $(col $cfg 10) / $(col $cfg 12) | $n |"
+    echo "| $cfg | $p1 | $p4 | $ra | $(col $cfg 7) | $(ratio $c1 $p1) | $(ratio $c4 $p4) | $(ratio $ra $cr) | $(col $cfg 10) / $(col $cfg 12) | $(col $cfg 18) | $n |"
   done
 } > $TABLE
 cat $TABLE

@@ -33,6 +33,10 @@ pub const DEFAULT_PORT: u16 = 7451;
 pub const DEFAULT_TAP: &str = "csovl0";
 /// Default overlay address of the buyer's host.
 pub const DEFAULT_HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
+/// Default busy-poll budget of the overlay I/O threads (see `overlay::io::spin`).
+pub const DEFAULT_BUSY_POLL_US: u64 = oio::spin::DEFAULT_BUDGET.as_micros() as u64;
+/// Largest busy-poll budget accepted (a spin is meant to cover a LAN round trip).
+const MAX_BUSY_POLL_US: u64 = 100_000;
 
 #[derive(Debug, Subcommand)]
 pub enum OverlayCommand {
@@ -57,6 +61,11 @@ pub enum OverlayCommand {
         /// The buyer host's overlay address, /16 (first call only).
         #[arg(long, default_value_t = DEFAULT_HOST_IP)]
         host_ip: Ipv4Addr,
+        /// After forwarding a frame, poll for its answer this many microseconds before
+        /// sleeping (lower latency for up to one core while packets flow; 0 = off;
+        /// first call only).
+        #[arg(long, default_value_t = DEFAULT_BUSY_POLL_US)]
+        busy_poll_us: u64,
     },
     /// Buyer: remove an admitted guest (its session ends at once).
     Revoke {
@@ -97,6 +106,11 @@ pub enum OverlayCommand {
         /// Cap on the guest's sending rate in frames per second.
         #[arg(long)]
         max_pps: Option<u64>,
+        /// After forwarding a frame, poll for its answer this many microseconds before
+        /// sleeping; answers from the buyer only while they come that fast (lower
+        /// latency for up to one core while packets flow; 0 = off).
+        #[arg(long, default_value_t = DEFAULT_BUSY_POLL_US)]
+        busy_poll_us: u64,
     },
     /// Seller: end a guest's session and remove what attach created.
     Detach {
@@ -231,6 +245,22 @@ struct AdmitParams {
     listen: SocketAddr,
     tap: String,
     host_ip: Ipv4Addr,
+    #[serde(default = "default_busy_poll")]
+    busy_poll_us: u64,
+}
+
+fn default_busy_poll() -> u64 {
+    DEFAULT_BUSY_POLL_US
+}
+
+fn busy_poll(us: u64) -> Result<std::time::Duration> {
+    if us > MAX_BUSY_POLL_US {
+        return Err(Error::BadArg {
+            what: "--busy-poll-us",
+            reason: format!("at most {MAX_BUSY_POLL_US} (0 turns busy-polling off)"),
+        });
+    }
+    Ok(std::time::Duration::from_micros(us))
 }
 
 #[derive(Deserialize)]
@@ -247,6 +277,8 @@ struct AttachParams {
     max_mbit: Option<u64>,
     #[serde(default)]
     max_pps: Option<u64>,
+    #[serde(default = "default_busy_poll")]
+    busy_poll_us: u64,
 }
 
 #[derive(Deserialize)]
@@ -265,7 +297,9 @@ fn admit(node: &Node, st: &Shared, p: AdmitParams) -> Result<Value> {
         cfg.host_ip = p.host_ip;
         cfg.dns = p.host_ip;
         let core = BuyerCore::new(id, cfg)?;
-        let buyer = Buyer::start(core, BuyerIoConfig::new(p.listen, &p.tap))?;
+        let mut io = BuyerIoConfig::new(p.listen, &p.tap);
+        io.busy_poll = busy_poll(p.busy_poll_us)?;
+        let buyer = Buyer::start(core, io)?;
         info!(listen = %p.listen, tap = %p.tap, "overlay switch started");
         g.buyer = Some(BuyerState {
             buyer,
@@ -372,7 +406,10 @@ fn attach(node: &Node, st: &Shared, p: AttachParams) -> Result<Value> {
     };
     // The VMM (later) opens the tap by name; until then nobody holds it.
     drop(tap);
-    let seller = Seller::start(core, port, udp, keep_ns, None)?;
+    let io = oio::seller::SellerIoConfig {
+        busy_poll: busy_poll(p.busy_poll_us)?,
+    };
+    let seller = Seller::start_with(core, port, udp, keep_ns, None, io)?;
     info!(%mac, ip = %p.ip, buyer = %buyer_addr, netns = %nsname, iface = %ifname, "overlay guest attached");
     let local = seller.local_addr();
     lock(st).sellers.insert(
@@ -465,12 +502,13 @@ pub fn run_cli(settings: &Settings, cmd: OverlayCommand) -> Result<ExitCode> {
             listen,
             tap,
             host_ip,
+            busy_poll_us,
         } => {
             overlay::parse_peer_key(key)?;
             mac_arg(mac)?;
             (
                 "overlay.admit",
-                json!({"key": key, "mac": mac, "ip": ip, "listen": listen, "tap": tap, "host_ip": host_ip}),
+                json!({"key": key, "mac": mac, "ip": ip, "listen": listen, "tap": tap, "host_ip": host_ip, "busy_poll_us": busy_poll_us}),
             )
         }
         OverlayCommand::Revoke { mac } => {
@@ -488,6 +526,7 @@ pub fn run_cli(settings: &Settings, cmd: OverlayCommand) -> Result<ExitCode> {
             buyer_ip,
             max_mbit,
             max_pps,
+            busy_poll_us,
         } => {
             overlay::parse_peer_key(buyer_key)?;
             mac_arg(mac)?;
@@ -499,7 +538,7 @@ pub fn run_cli(settings: &Settings, cmd: OverlayCommand) -> Result<ExitCode> {
             }
             (
                 "overlay.attach",
-                json!({"tap": tap, "iface": iface, "netns": netns, "buyer": buyer, "buyer_key": buyer_key, "mac": mac, "ip": ip, "buyer_ip": buyer_ip, "max_mbit": max_mbit, "max_pps": max_pps}),
+                json!({"tap": tap, "iface": iface, "netns": netns, "buyer": buyer, "buyer_key": buyer_key, "mac": mac, "ip": ip, "buyer_ip": buyer_ip, "max_mbit": max_mbit, "max_pps": max_pps, "busy_poll_us": busy_poll_us}),
             )
         }
         OverlayCommand::Detach { mac } => {

@@ -1,5 +1,6 @@
 //! The buyer's I/O shell: one UDP socket for every guest session, the host tap, and
-//! three threads (UDP in, tap in, timers) driving one [`BuyerCore`].
+//! three threads (UDP, tap helper for bulk host traffic, timers) driving one
+//! [`BuyerCore`].
 
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
@@ -11,6 +12,7 @@ use std::time::{Duration, Instant};
 use super::batch::{RecvBatch, SendBatch};
 use super::offload::{self, TcpMerger, VnetHdr, VNET_HDR_LEN};
 use super::shell::{self, os, IoCounters, POLL_MS, UDP_BATCH, UDP_GRO_SLOT, UDP_SLOT};
+use super::spin::{self, Handoff, Spin, Wake, HANDBACK};
 use super::sys;
 use super::tap::{Tap, TapOptions};
 use crate::stats::BuyerStats;
@@ -27,6 +29,8 @@ pub struct BuyerIoConfig {
     pub prefix: u8,
     /// Let the kernel hand the tap TCP bursts we segment ourselves.
     pub tap_offload: bool,
+    /// Busy-poll budget (see [`super::spin`]); zero turns busy-polling off.
+    pub busy_poll: Duration,
 }
 
 impl BuyerIoConfig {
@@ -36,6 +40,7 @@ impl BuyerIoConfig {
             tap_name: tap_name.to_string(),
             prefix: 16,
             tap_offload: true,
+            busy_poll: spin::DEFAULT_BUDGET,
         }
     }
 }
@@ -108,7 +113,18 @@ impl Buyer {
         tap.set_nonblocking(true)
             .map_err(os(format!("making {name} non-blocking")))?;
         let tap = Arc::new(tap);
-        let reader = Arc::new(Mutex::new(TapReader::new()));
+        let shared = Arc::new(Shared {
+            core: core.clone(),
+            stop: stop.clone(),
+            c: counters.clone(),
+            udp,
+            tap,
+            reader: Mutex::new(TapReader::new()),
+            handoff: Handoff::default(),
+            home: Wake::new().map_err(os("creating an eventfd"))?,
+            helper: Wake::new().map_err(os("creating an eventfd"))?,
+            budget: cfg.busy_poll,
+        });
         let mut threads = Vec::new();
         let spawn = |n: &str, f: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new()
@@ -116,47 +132,12 @@ impl Buyer {
                 .spawn(f)
                 .map_err(os("spawning an overlay thread"))
         };
-        {
-            let (core, stop, udp, tap, c) = (
-                core.clone(),
-                stop.clone(),
-                udp.clone(),
-                tap.clone(),
-                counters.clone(),
-            );
-            let rd = reader.clone();
-            threads.push(spawn(
-                "ovl-buyer-udp",
-                Box::new(move || udp_loop(&core, &stop, &udp, &tap, &c, &rd)),
-            )?);
-        }
-        {
-            let (core, stop, udp, tap, c) = (
-                core.clone(),
-                stop.clone(),
-                udp.clone(),
-                tap.clone(),
-                counters.clone(),
-            );
-            let rd = reader.clone();
-            threads.push(spawn(
-                "ovl-buyer-tap",
-                Box::new(move || tap_loop(&core, &stop, &udp, &tap, &c, &rd)),
-            )?);
-        }
-        {
-            let (core, stop, udp, tap, c) = (
-                core.clone(),
-                stop.clone(),
-                udp.clone(),
-                tap.clone(),
-                counters.clone(),
-            );
-            threads.push(spawn(
-                "ovl-buyer-tick",
-                Box::new(move || tick_loop(&core, &stop, &udp, &tap, &c)),
-            )?);
-        }
+        let sh = shared.clone();
+        threads.push(spawn("ovl-buyer-udp", Box::new(move || home_loop(&sh)))?);
+        let sh = shared.clone();
+        threads.push(spawn("ovl-buyer-tap", Box::new(move || helper_loop(&sh)))?);
+        let sh = shared;
+        threads.push(spawn("ovl-buyer-tick", Box::new(move || tick_loop(&sh)))?);
         tracing::info!(%local, tap = %cfg.tap_name, %host_ip, "buyer overlay up");
         Ok(Buyer {
             core,
@@ -242,62 +223,104 @@ fn write_raw(tap: &Tap, buf: &[u8], c: &IoCounters) {
     }
 }
 
-fn udp_loop(
-    core: &Mutex<BuyerCore>,
-    stop: &AtomicBool,
-    udp: &UdpSocket,
-    tap: &Tap,
-    c: &IoCounters,
-    reader: &Mutex<TapReader>,
-) {
+/// What the buyer's threads share.
+struct Shared {
+    core: Arc<Mutex<BuyerCore>>,
+    stop: Arc<AtomicBool>,
+    c: Arc<IoCounters>,
+    udp: Arc<UdpSocket>,
+    tap: Arc<Tap>,
+    reader: Mutex<TapReader>,
+    /// Who serves tap -> overlay: the home (UDP) thread, or the helper in bulk.
+    handoff: Handoff,
+    home: Wake,
+    helper: Wake,
+    budget: Duration,
+}
+
+/// The UDP thread: overlay -> switch/tap, and tap -> overlay unless the helper has
+/// it; spins for answers (see [`super::spin`]).
+fn home_loop(sh: &Shared) {
+    let (core, udp, tap, c) = (&*sh.core, &*sh.udp, &*sh.tap, &*sh.c);
     let fd = udp.as_raw_fd();
+    let tfd = tap.as_raw_fd();
     let mut rx = RecvBatch::new(UDP_BATCH, UDP_GRO_SLOT);
     rx.enable_udp_gro(fd);
     let mut tx = SendBatch::new(UDP_BATCH, UDP_SLOT);
     tx.set_gso(true);
     let mut out = Actions::new();
     let mut merger = TcpMerger::new();
-    while !stop.load(Ordering::Relaxed) {
-        let Some(n) = shell::recv_udp(&mut rx, fd, "buyer") else {
+    let mut spin = Spin::new(sh.budget);
+    while !sh.stop.load(Ordering::Relaxed) {
+        let mut u = 0;
+        if let Some(n) = shell::recv_udp(&mut rx, fd, "buyer") {
+            u = n;
+            let now = Instant::now();
+            spin.got_remote(now);
+            {
+                let mut core = lock(core);
+                shell::each_datagram(&rx, n, |from, d| core.handle_udp(from, d, now, &mut out));
+            }
+            // Hold the tap reader while writing, then read the host's answers ourselves.
+            let mut rd = None;
+            if tap.vnet_hdr() {
+                // Merge this batch's in-order TCP segments into GSO frames.
+                let mut raw = |b: &[u8]| write_raw(tap, b, c);
+                shell::run_actions(&mut out, fd, &mut tx, |f| {
+                    rd.get_or_insert_with(|| lock_reader(&sh.reader));
+                    merger.push(f, &mut raw)
+                });
+                merger.flush(&mut raw);
+            } else {
+                shell::run_actions(&mut out, fd, &mut tx, |f| {
+                    rd.get_or_insert_with(|| lock_reader(&sh.reader));
+                    write_tap(tap, f, c)
+                });
+            }
+            let _ = tx.flush(fd);
+            if let Some(mut r) = rd {
+                if r.drain(TAP_PEEK, core, udp, tap, c) > 0 {
+                    spin.sent_remote(now);
+                } else {
+                    // The host has not answered yet (a process, not the kernel).
+                    spin.sent_local(now);
+                }
+            }
+        }
+        let mut t = 0;
+        let helper = sh.handoff.helper();
+        if !helper {
+            t = lock_reader(&sh.reader).drain(TAP_BATCH, core, udp, tap, c);
+            if t > 0 {
+                spin.sent_remote(Instant::now());
+            }
+            if t == TAP_BATCH {
+                sh.handoff.to_helper(&sh.helper);
+            }
+        }
+        if u > 0 || t > 0 {
             continue;
-        };
-        let now = Instant::now();
-        {
-            let mut core = lock(core);
-            shell::each_datagram(&rx, n, |from, d| core.handle_udp(from, d, now, &mut out));
         }
-        // Hold the tap reader while writing, then read the host's answers ourselves.
-        let mut rd = None;
-        if tap.vnet_hdr() {
-            // Merge this batch's in-order TCP segments into GSO frames.
-            let mut raw = |b: &[u8]| write_raw(tap, b, c);
-            shell::run_actions(&mut out, fd, &mut tx, |f| {
-                rd.get_or_insert_with(|| lock_reader(reader));
-                merger.push(f, &mut raw)
-            });
-            merger.flush(&mut raw);
-        } else {
-            shell::run_actions(&mut out, fd, &mut tx, |f| {
-                rd.get_or_insert_with(|| lock_reader(reader));
-                write_tap(tap, f, c)
-            });
+        if spin.spinning(Instant::now()) {
+            spin::yield_now();
+            continue;
         }
-        let _ = tx.flush(fd);
-        if let Some(mut r) = rd {
-            r.drain(TAP_PEEK, core, udp, tap, c);
-        }
+        let fds = [fd, tfd];
+        let fds = if helper { &fds[..1] } else { &fds[..] };
+        shell::park(&sh.home, fds, || sh.handoff.helper() == helper, "buyer");
     }
 }
 
 /// Frames read from the tap per core lock.
 const TAP_BATCH: usize = 32;
 
-/// Reads frames from the host tap and sends them into the overlay. The tap thread and
-/// the UDP thread share one, behind a mutex: the UDP thread holds it while it writes
-/// to the tap and then reads the tap once itself, because the host's answer (a ping
-/// reply, an ACK) is queued by the time the write returns. The tap thread, woken by
-/// that answer, waits on the mutex instead of racing for it, so the answer leaves
-/// without a thread hand-off on the round trip. The mutex also keeps reads in order.
+/// Reads frames from the host tap and sends them into the overlay. The UDP thread
+/// and the tap (helper) thread share one, behind a mutex: the UDP thread holds it
+/// while it writes to the tap and then reads the tap once itself, because the host's
+/// answer (a ping reply, an ACK) is queued by the time the write returns; while the
+/// tap direction is light the UDP thread is also the only one waiting on the tap
+/// (see [`super::spin`]), so the answer leaves without a thread hand-off or a
+/// wake-up. The mutex also keeps reads in order.
 struct TapReader {
     bufs: Vec<u8>,
     lens: [usize; TAP_BATCH],
@@ -379,41 +402,49 @@ fn lock_reader(m: &Mutex<TapReader>) -> MutexGuard<'_, TapReader> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn tap_loop(
-    core: &Mutex<BuyerCore>,
-    stop: &AtomicBool,
-    udp: &UdpSocket,
-    tap: &Tap,
-    c: &IoCounters,
-    reader: &Mutex<TapReader>,
-) {
+/// Serves tap -> overlay while it brings full batches, so both directions get a core.
+fn helper_loop(sh: &Shared) {
+    let (core, udp, tap, c) = (&*sh.core, &*sh.udp, &*sh.tap, &*sh.c);
     let tfd = tap.as_raw_fd();
-    while !stop.load(Ordering::Relaxed) {
-        match sys::poll_readable(tfd, POLL_MS as i32) {
-            Ok(true) => {}
-            Ok(false) => continue,
-            Err(_) => break,
+    let mut last = Instant::now();
+    while !sh.stop.load(Ordering::Relaxed) {
+        if !sh.handoff.helper() {
+            shell::park(&sh.helper, &[], || !sh.handoff.helper(), "buyer helper");
+            last = Instant::now();
+            continue;
         }
-        let mut r = lock_reader(reader);
-        while r.drain(TAP_BATCH, core, udp, tap, c) == TAP_BATCH {}
+        let got = {
+            let mut r = lock_reader(&sh.reader);
+            let mut got = 0;
+            loop {
+                let k = r.drain(TAP_BATCH, core, udp, tap, c);
+                got += k;
+                if k < TAP_BATCH {
+                    break;
+                }
+            }
+            got
+        };
+        let now = Instant::now();
+        if got > 0 {
+            last = now;
+        } else if now.duration_since(last) >= HANDBACK {
+            sh.handoff.to_home(&sh.home);
+        } else {
+            shell::park(&sh.helper, &[tfd], || sh.handoff.helper(), "buyer helper");
+        }
     }
 }
 
-fn tick_loop(
-    core: &Mutex<BuyerCore>,
-    stop: &AtomicBool,
-    udp: &UdpSocket,
-    tap: &Tap,
-    c: &IoCounters,
-) {
-    let fd = udp.as_raw_fd();
+fn tick_loop(sh: &Shared) {
+    let fd = sh.udp.as_raw_fd();
     let mut tx = SendBatch::new(UDP_BATCH, UDP_SLOT);
     tx.set_gso(true);
     let mut out = Actions::new();
-    while !stop.load(Ordering::Relaxed) {
+    while !sh.stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(POLL_MS));
-        lock(core).tick(Instant::now(), &mut out);
-        shell::run_actions(&mut out, fd, &mut tx, |f| write_tap(tap, f, c));
+        lock(&sh.core).tick(Instant::now(), &mut out);
+        shell::run_actions(&mut out, fd, &mut tx, |f| write_tap(&sh.tap, f, &sh.c));
         let _ = tx.flush(fd);
     }
 }

@@ -9,11 +9,12 @@ pub mod offload;
 pub mod packet;
 pub mod seller;
 pub mod shell;
+pub mod spin;
 pub mod sys;
 pub mod tap;
 
 pub use buyer::{Buyer, BuyerIoConfig};
 pub use netns::NetNs;
 pub use packet::PacketPort;
-pub use seller::{create_guest_tap, create_lease_netns, remove_guest_tap, Seller};
+pub use seller::{create_guest_tap, create_lease_netns, remove_guest_tap, Seller, SellerIoConfig};
 pub use tap::{Tap, TapOptions};

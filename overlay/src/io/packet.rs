@@ -50,6 +50,9 @@ impl PacketPort {
         sys::setsockopt(raw, libc::SOL_PACKET, sys::PACKET_AUXDATA, &one)?;
         // Offload metadata: partial checksums and TSO bursts from the guest.
         sys::setsockopt(raw, libc::SOL_PACKET, sys::PACKET_VNET_HDR, &one)?;
+        // Frames to the guest go straight to the device (no qdisc on the way): the
+        // core's token buckets already pace them.
+        let _ = sys::setsockopt(raw, libc::SOL_PACKET, sys::PACKET_QDISC_BYPASS, &one);
         sys::set_socket_buffers(raw, 8 << 20);
         // SAFETY: sockaddr_ll is plain; bind to this interface, all protocols.
         let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
@@ -119,9 +122,33 @@ impl PacketPort {
         batch: &mut RecvBatch,
         scratch: &mut Vec<u8>,
         seg: &mut Vec<u8>,
-        mut emit: impl FnMut(&[u8], Option<OffloadError>),
+        emit: impl FnMut(&[u8], Option<OffloadError>),
     ) -> io::Result<usize> {
         let n = batch.recv(self.fd.as_raw_fd())?;
+        Self::split_frames(batch, n, scratch, seg, emit);
+        Ok(n)
+    }
+
+    /// Like [`PacketPort::recv_frames`] but never blocks (0 when nothing is queued).
+    pub fn recv_frames_nowait(
+        &self,
+        batch: &mut RecvBatch,
+        scratch: &mut Vec<u8>,
+        seg: &mut Vec<u8>,
+        emit: impl FnMut(&[u8], Option<OffloadError>),
+    ) -> io::Result<usize> {
+        let n = batch.recv_nowait(self.fd.as_raw_fd())?;
+        Self::split_frames(batch, n, scratch, seg, emit);
+        Ok(n)
+    }
+
+    fn split_frames(
+        batch: &RecvBatch,
+        n: usize,
+        scratch: &mut Vec<u8>,
+        seg: &mut Vec<u8>,
+        mut emit: impl FnMut(&[u8], Option<OffloadError>),
+    ) {
         for i in 0..n {
             let aux: Option<sys::TpacketAuxdata> =
                 batch.cmsg(i, libc::SOL_PACKET, sys::PACKET_AUXDATA);
@@ -168,7 +195,6 @@ impl PacketPort {
                 emit(scratch, Some(e));
             }
         }
-        Ok(n)
     }
 
     /// Queue `frame` for transmission on the guest interface.

@@ -1,6 +1,7 @@
 //! The seller's I/O shell for one guest: the guest port (an AF_PACKET socket inside
 //! the lease's network namespace), a UDP socket towards the buyer, and three threads
-//! (guest in, UDP in, timers) driving one [`SellerCore`].
+//! (guest port, UDP helper for bulk from the buyer, timers) driving one
+//! [`SellerCore`].
 
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
@@ -13,6 +14,7 @@ use super::batch::{RecvBatch, SendBatch};
 use super::netns::NetNs;
 use super::packet::PacketPort;
 use super::shell::{self, os, IoCounters, POLL_MS, UDP_BATCH, UDP_GRO_SLOT, UDP_SLOT};
+use super::spin::{self, Handoff, Spin, Wake, HANDBACK};
 use super::sys;
 use super::tap::{Tap, TapOptions};
 use crate::stats::SellerStats;
@@ -72,6 +74,21 @@ pub fn remove_guest_tap(ns: &NetNs, name: &str) -> Result<(), Error> {
     .map_err(os(format!("removing guest tap {name}")))
 }
 
+/// Tuning of a seller's I/O shell.
+#[derive(Debug, Clone)]
+pub struct SellerIoConfig {
+    /// Busy-poll budget (see [`super::spin`]); zero turns busy-polling off.
+    pub busy_poll: Duration,
+}
+
+impl Default for SellerIoConfig {
+    fn default() -> SellerIoConfig {
+        SellerIoConfig {
+            busy_poll: spin::DEFAULT_BUDGET,
+        }
+    }
+}
+
 /// A running seller-side guest session. Dropping it stops the threads (and deletes
 /// the lease namespace if it owns it).
 pub struct Seller {
@@ -101,6 +118,18 @@ impl Seller {
         netns: Option<NetNs>,
         tap: Option<Tap>,
     ) -> Result<Seller, Error> {
+        Seller::start_with(core, port, udp, netns, tap, SellerIoConfig::default())
+    }
+
+    /// [`Seller::start`] with explicit I/O tuning.
+    pub fn start_with(
+        core: SellerCore,
+        port: PacketPort,
+        udp: UdpSocket,
+        netns: Option<NetNs>,
+        tap: Option<Tap>,
+        io: SellerIoConfig,
+    ) -> Result<Seller, Error> {
         let local = udp.local_addr().map_err(os("reading the UDP address"))?;
         let buyer = core.config().buyer_addr;
         // Only the buyer may talk to this socket; the route is looked up once.
@@ -127,6 +156,18 @@ impl Seller {
             let _ = tx.flush(udp.as_raw_fd());
             let _ = port.flush(&mut gtx);
         }
+        let shared = Arc::new(Shared {
+            core: core.clone(),
+            stop: stop.clone(),
+            c: counters.clone(),
+            udp_in: Mutex::new(UdpIn::new(&udp)),
+            udp,
+            port,
+            handoff: Handoff::default(),
+            home: Wake::new().map_err(os("creating an eventfd"))?,
+            helper: Wake::new().map_err(os("creating an eventfd"))?,
+            budget: io.busy_poll,
+        });
         let mut threads = Vec::new();
         let spawn = |n: String, f: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new()
@@ -135,45 +176,21 @@ impl Seller {
                 .map_err(os("spawning an overlay thread"))
         };
         let tag: String = ifname.chars().take(8).collect();
-        {
-            let (core, stop, udp, port, c) = (
-                core.clone(),
-                stop.clone(),
-                udp.clone(),
-                port.clone(),
-                counters.clone(),
-            );
-            threads.push(spawn(
-                format!("ovl-g-{tag}"),
-                Box::new(move || guest_loop(&core, &stop, &udp, &port, &c)),
-            )?);
-        }
-        {
-            let (core, stop, udp, port, c) = (
-                core.clone(),
-                stop.clone(),
-                udp.clone(),
-                port.clone(),
-                counters.clone(),
-            );
-            threads.push(spawn(
-                format!("ovl-u-{tag}"),
-                Box::new(move || udp_loop(&core, &stop, &udp, &port, &c)),
-            )?);
-        }
-        {
-            let (core, stop, udp, port, c) = (
-                core.clone(),
-                stop.clone(),
-                udp.clone(),
-                port.clone(),
-                counters.clone(),
-            );
-            threads.push(spawn(
-                format!("ovl-t-{tag}"),
-                Box::new(move || tick_loop(&core, &stop, &udp, &port, &c)),
-            )?);
-        }
+        let sh = shared.clone();
+        threads.push(spawn(
+            format!("ovl-g-{tag}"),
+            Box::new(move || home_loop(&sh)),
+        )?);
+        let sh = shared.clone();
+        threads.push(spawn(
+            format!("ovl-u-{tag}"),
+            Box::new(move || helper_loop(&sh)),
+        )?);
+        let sh = shared;
+        threads.push(spawn(
+            format!("ovl-t-{tag}"),
+            Box::new(move || tick_loop(&sh)),
+        )?);
         tracing::info!(%local, %buyer, guest_if = %ifname, "seller guest port attached");
         Ok(Seller {
             core,
@@ -222,129 +239,238 @@ impl Drop for Seller {
     }
 }
 
+/// What the seller's threads share.
+struct Shared {
+    core: Arc<Mutex<SellerCore>>,
+    stop: Arc<AtomicBool>,
+    c: Arc<IoCounters>,
+    udp: Arc<UdpSocket>,
+    port: Arc<PacketPort>,
+    /// The UDP -> guest direction, driven by whichever thread serves it.
+    udp_in: Mutex<UdpIn>,
+    /// Who serves UDP -> guest: the home (guest port) thread, or the helper in bulk.
+    handoff: Handoff,
+    home: Wake,
+    helper: Wake,
+    budget: Duration,
+}
+
 fn flush_guest(port: &PacketPort, gtx: &mut SendBatch, c: &IoCounters) {
     if !gtx.is_empty() && port.flush(gtx).is_err() {
         IoCounters::bump(&c.write_errors);
     }
 }
 
-fn guest_loop(
-    core: &Mutex<SellerCore>,
-    stop: &AtomicBool,
-    udp: &UdpSocket,
-    port: &PacketPort,
-    c: &IoCounters,
-) {
-    let fd = udp.as_raw_fd();
-    let _ = sys::set_recv_timeout(port.as_raw_fd(), POLL_MS);
-    let mut rx = PacketPort::recv_batch(16);
-    let mut tx = SendBatch::new(UDP_BATCH, UDP_SLOT);
-    tx.set_gso(true);
-    tx.set_connected(udp.peer_addr().ok());
-    let mut out = Actions::new();
-    let mut scratch = Vec::with_capacity(65536 + 64);
-    let mut seg = Vec::with_capacity(2048);
-    let mut frames: Vec<Vec<u8>> = Vec::new();
-    while !stop.load(Ordering::Relaxed) {
+/// The guest -> buyer direction (always driven by the home thread).
+struct GuestIn {
+    rx: RecvBatch,
+    tx: SendBatch,
+    out: Actions,
+    scratch: Vec<u8>,
+    seg: Vec<u8>,
+    frames: Vec<Vec<u8>>,
+}
+
+impl GuestIn {
+    fn new(udp: &UdpSocket) -> GuestIn {
+        let mut tx = SendBatch::new(UDP_BATCH, UDP_SLOT);
+        tx.set_gso(true);
+        tx.set_connected(udp.peer_addr().ok());
+        GuestIn {
+            rx: PacketPort::recv_batch(16),
+            tx,
+            out: Actions::new(),
+            scratch: Vec::with_capacity(65536 + 64),
+            seg: Vec::with_capacity(2048),
+            frames: Vec::new(),
+        }
+    }
+
+    /// Take what the guest port has queued (never blocks), filter, encrypt and send
+    /// it. Returns (messages read, whether anything went to the buyer).
+    fn pass(&mut self, sh: &Shared) -> (usize, bool) {
+        let fd = sh.udp.as_raw_fd();
         let mut nf = 0usize;
-        let r = port.recv_frames(&mut rx, &mut scratch, &mut seg, |f, err| {
-            if err.is_some() {
-                IoCounters::bump(&c.offload_errors);
-            }
-            if nf == frames.len() {
-                frames.push(Vec::with_capacity(2048));
-            }
-            frames[nf].clear();
-            frames[nf].extend_from_slice(f);
-            nf += 1;
-        });
-        match r {
-            Ok(0) => continue,
-            Ok(_) => {}
+        let (frames, c) = (&mut self.frames, &sh.c);
+        let r =
+            sh.port
+                .recv_frames_nowait(&mut self.rx, &mut self.scratch, &mut self.seg, |f, err| {
+                    if err.is_some() {
+                        IoCounters::bump(&c.offload_errors);
+                    }
+                    if nf == frames.len() {
+                        frames.push(Vec::with_capacity(2048));
+                    }
+                    frames[nf].clear();
+                    frames[nf].extend_from_slice(f);
+                    nf += 1;
+                });
+        let n = match r {
+            Ok(n) => n,
             Err(e) => {
                 tracing::warn!(error = %e, "guest port receive failed");
                 std::thread::sleep(Duration::from_millis(POLL_MS));
-                continue;
+                return (0, false);
             }
+        };
+        if n == 0 {
+            return (0, false);
         }
         let now = Instant::now();
         {
-            let mut core = lock(core);
-            for f in &frames[..nf] {
-                core.handle_guest_frame(f, now, &mut out);
+            let mut core = lock(&sh.core);
+            for f in &self.frames[..nf] {
+                core.handle_guest_frame(f, now, &mut self.out);
             }
         }
+        let sent = !self.out.is_empty();
         let mut gtx = None::<SendBatch>;
-        shell::run_actions(&mut out, fd, &mut tx, |f| {
+        shell::run_actions(&mut self.out, fd, &mut self.tx, |f| {
             // The core never sends guest-bound frames from here, but stay correct if it does.
             let b = gtx.get_or_insert_with(|| PacketPort::send_batch(8, 65536));
             PacketPort::queue(b, f);
         });
-        let _ = tx.flush(fd);
+        let _ = self.tx.flush(fd);
         if let Some(mut b) = gtx {
-            flush_guest(port, &mut b, c);
+            flush_guest(&sh.port, &mut b, &sh.c);
         }
+        (n, sent)
     }
 }
 
-fn udp_loop(
-    core: &Mutex<SellerCore>,
-    stop: &AtomicBool,
-    udp: &UdpSocket,
-    port: &PacketPort,
-    c: &IoCounters,
-) {
-    let fd = udp.as_raw_fd();
-    let mut rx = RecvBatch::new(UDP_BATCH, UDP_GRO_SLOT);
-    rx.enable_udp_gro(fd);
-    let mut tx = SendBatch::new(UDP_BATCH, UDP_SLOT);
-    tx.set_gso(true);
-    tx.set_connected(udp.peer_addr().ok());
-    let mut gtx = PacketPort::send_batch(UDP_BATCH, UDP_SLOT);
-    let mut out = Actions::new();
-    while !stop.load(Ordering::Relaxed) {
-        let Some(n) = shell::recv_udp(&mut rx, fd, "seller") else {
-            continue;
+/// The buyer -> guest direction (home thread when light, helper thread in bulk).
+struct UdpIn {
+    rx: RecvBatch,
+    tx: SendBatch,
+    gtx: SendBatch,
+    out: Actions,
+}
+
+impl UdpIn {
+    fn new(udp: &UdpSocket) -> UdpIn {
+        let rx = RecvBatch::new(UDP_BATCH, UDP_GRO_SLOT);
+        rx.enable_udp_gro(udp.as_raw_fd());
+        let mut tx = SendBatch::new(UDP_BATCH, UDP_SLOT);
+        tx.set_gso(true);
+        tx.set_connected(udp.peer_addr().ok());
+        UdpIn {
+            rx,
+            tx,
+            gtx: PacketPort::send_batch(UDP_BATCH, UDP_SLOT),
+            out: Actions::new(),
+        }
+    }
+
+    /// Take the queued datagrams (never blocks), decrypt and deliver them. Returns
+    /// (messages read, whether frames went to the guest).
+    fn pass(&mut self, sh: &Shared) -> (usize, bool) {
+        let fd = sh.udp.as_raw_fd();
+        let Some(n) = shell::recv_udp(&mut self.rx, fd, "seller") else {
+            return (0, false);
         };
         let now = Instant::now();
         {
-            let mut core = lock(core);
-            shell::each_datagram(&rx, n, |from, d| core.handle_udp(from, d, now, &mut out));
+            let mut core = lock(&sh.core);
+            let out = &mut self.out;
+            shell::each_datagram(&self.rx, n, |from, d| core.handle_udp(from, d, now, out));
         }
-        shell::run_actions(&mut out, fd, &mut tx, |f| {
+        let (gtx, port, c) = (&mut self.gtx, &sh.port, &sh.c);
+        shell::run_actions(&mut self.out, fd, &mut self.tx, |f| {
             if gtx.is_full() {
-                flush_guest(port, &mut gtx, c);
+                flush_guest(port, gtx, c);
             }
-            PacketPort::queue(&mut gtx, f)
+            PacketPort::queue(gtx, f)
         });
-        let _ = tx.flush(fd);
-        flush_guest(port, &mut gtx, c);
+        let _ = self.tx.flush(fd);
+        let delivered = !self.gtx.is_empty();
+        flush_guest(&sh.port, &mut self.gtx, &sh.c);
+        (n, delivered)
     }
 }
 
-fn tick_loop(
-    core: &Mutex<SellerCore>,
-    stop: &AtomicBool,
-    udp: &UdpSocket,
-    port: &PacketPort,
-    c: &IoCounters,
-) {
-    let fd = udp.as_raw_fd();
+/// The guest port's thread; also serves UDP -> guest unless the helper has it, and
+/// spins for answers (see [`super::spin`]).
+fn home_loop(sh: &Shared) {
+    let mut gin = GuestIn::new(&sh.udp);
+    let mut spin = Spin::new(sh.budget);
+    let (pfd, ufd) = (sh.port.as_raw_fd(), sh.udp.as_raw_fd());
+    while !sh.stop.load(Ordering::Relaxed) {
+        let (g, sent) = gin.pass(sh);
+        let mut u = 0;
+        let helper = sh.handoff.helper();
+        if !helper {
+            let (n, delivered) = lock_in(&sh.udp_in).pass(sh);
+            u = n;
+            if n > 0 {
+                let now = Instant::now();
+                spin.got_remote(now);
+                if delivered {
+                    spin.sent_local(now);
+                }
+            }
+            if n == UDP_BATCH {
+                sh.handoff.to_helper(&sh.helper);
+            }
+        }
+        if sent {
+            spin.sent_remote(Instant::now());
+        }
+        if g > 0 || u > 0 {
+            continue;
+        }
+        if spin.spinning(Instant::now()) {
+            spin::yield_now();
+            continue;
+        }
+        let fds = [pfd, ufd];
+        let fds = if helper { &fds[..1] } else { &fds[..] };
+        shell::park(&sh.home, fds, || sh.handoff.helper() == helper, "seller");
+    }
+}
+
+/// Serves UDP -> guest while it brings full batches, so both directions get a core.
+fn helper_loop(sh: &Shared) {
+    let ufd = sh.udp.as_raw_fd();
+    let mut last = Instant::now();
+    while !sh.stop.load(Ordering::Relaxed) {
+        if !sh.handoff.helper() {
+            shell::park(&sh.helper, &[], || !sh.handoff.helper(), "seller helper");
+            last = Instant::now();
+            continue;
+        }
+        let (n, _) = lock_in(&sh.udp_in).pass(sh);
+        let now = Instant::now();
+        if n > 0 {
+            last = now;
+        } else if now.duration_since(last) >= HANDBACK {
+            sh.handoff.to_home(&sh.home);
+        } else {
+            shell::park(&sh.helper, &[ufd], || sh.handoff.helper(), "seller helper");
+        }
+    }
+}
+
+fn lock_in(m: &Mutex<UdpIn>) -> MutexGuard<'_, UdpIn> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn tick_loop(sh: &Shared) {
+    let fd = sh.udp.as_raw_fd();
     let mut tx = SendBatch::new(UDP_BATCH, UDP_SLOT);
     tx.set_gso(true);
-    tx.set_connected(udp.peer_addr().ok());
+    tx.set_connected(sh.udp.peer_addr().ok());
     let mut gtx = PacketPort::send_batch(UDP_BATCH, UDP_SLOT);
     let mut out = Actions::new();
-    while !stop.load(Ordering::Relaxed) {
+    while !sh.stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(POLL_MS));
-        lock(core).tick(Instant::now(), &mut out);
+        lock(&sh.core).tick(Instant::now(), &mut out);
         shell::run_actions(&mut out, fd, &mut tx, |f| {
             if gtx.is_full() {
-                flush_guest(port, &mut gtx, c);
+                flush_guest(&sh.port, &mut gtx, &sh.c);
             }
             PacketPort::queue(&mut gtx, f)
         });
         let _ = tx.flush(fd);
-        flush_guest(port, &mut gtx, c);
+        flush_guest(&sh.port, &mut gtx, &sh.c);
     }
 }

@@ -6,6 +6,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::batch::{RecvBatch, SendBatch};
+use super::spin::Wake;
 use super::sys;
 use crate::{Action, Actions, Error, Event};
 
@@ -32,10 +33,11 @@ pub const UDP_GRO_SLOT: usize = 65536;
 /// How long a blocking receive waits before a loop checks for a stop request.
 pub const POLL_MS: u64 = 100;
 
-/// Receive one batch of overlay datagrams: `Some(count)` when any arrived. A receive
-/// error is logged and followed by a short pause, so the caller's loop just goes on.
+/// Receive one batch of overlay datagrams without blocking: `Some(count)` when any
+/// arrived, `None` when none was queued. A receive error is logged and followed by a
+/// short pause.
 pub fn recv_udp(rx: &mut RecvBatch, fd: std::os::fd::RawFd, side: &str) -> Option<usize> {
-    match rx.recv(fd) {
+    match rx.recv_nowait(fd) {
         Ok(0) => None,
         Ok(n) => Some(n),
         Err(e) => {
@@ -43,6 +45,14 @@ pub fn recv_udp(rx: &mut RecvBatch, fd: std::os::fd::RawFd, side: &str) -> Optio
             std::thread::sleep(std::time::Duration::from_millis(POLL_MS));
             None
         }
+    }
+}
+
+/// Park on `fds` (see [`Wake::park`]); a failed wait is logged and paused on.
+pub fn park(wake: &Wake, fds: &[std::os::fd::RawFd], still: impl Fn() -> bool, side: &str) {
+    if let Err(e) = wake.park(fds, POLL_MS as i32, still) {
+        tracing::warn!(error = %e, side, "overlay wait failed");
+        std::thread::sleep(std::time::Duration::from_millis(POLL_MS));
     }
 }
 

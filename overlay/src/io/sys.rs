@@ -26,6 +26,7 @@ pub const PACKET_ADD_MEMBERSHIP: libc::c_int = 1;
 pub const PACKET_MR_PROMISC: libc::c_ushort = 1;
 pub const PACKET_AUXDATA: libc::c_int = 8;
 pub const PACKET_VNET_HDR: libc::c_int = 15;
+pub const PACKET_QDISC_BYPASS: libc::c_int = 20;
 pub const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
 pub const TP_STATUS_VLAN_VALID: u32 = 1 << 4;
 pub const TP_STATUS_VLAN_TPID_VALID: u32 = 1 << 6;
@@ -276,6 +277,36 @@ pub fn poll_readable(fd: RawFd, timeout_ms: i32) -> io::Result<bool> {
             return Err(e);
         }
         return Ok(r > 0);
+    }
+}
+
+/// Wait until one of `fds` (at most 8) is readable or `timeout_ms` passed; bit i of
+/// the result is set when `fds[i]` is readable (or in error).
+pub fn poll_any(fds: &[RawFd], timeout_ms: i32) -> io::Result<u32> {
+    let mut p = [libc::pollfd {
+        fd: -1,
+        events: libc::POLLIN,
+        revents: 0,
+    }; 8];
+    let n = fds.len().min(8);
+    for (q, fd) in p.iter_mut().zip(fds) {
+        q.fd = *fd;
+    }
+    loop {
+        // SAFETY: n valid pollfds.
+        let r = unsafe { libc::poll(p.as_mut_ptr(), n as libc::nfds_t, timeout_ms) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        return Ok(p[..n]
+            .iter()
+            .enumerate()
+            .filter(|(_, q)| q.revents != 0)
+            .fold(0, |m, (i, _)| m | 1 << i));
     }
 }
 

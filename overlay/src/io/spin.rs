@@ -1,0 +1,371 @@
+//! Taking thread wake-ups off the round trip: one waiter per side when idle, and
+//! bounded busy-polling for the answer after a frame is forwarded.
+//!
+//! Each side has two threads, one per direction, so that bulk traffic both ways
+//! uses two cores. When traffic is light, though, a second thread only adds
+//! wake-ups: the thread that sleeps on the other direction's fd is woken by every
+//! answer (and, if it sleeps on a halted CPU, that wake-up is the dearest part of
+//! the round trip in a VM). So the *home* thread owns both fds while the second
+//! direction is light and waits on both; the *helper* thread takes that direction
+//! over only while it brings full batches ([`Handoff`]), and hands it back after
+//! it has been quiet for [`HANDBACK`].
+//!
+//! After forwarding a frame, the home thread polls its fds without blocking
+//! (yielding the CPU to anything runnable in between) for up to a budget before it
+//! parks ([`Spin`]): the answer (a ping reply, a TCP ACK, an application's
+//! response) then needs no wake-up at all. A frame that went across the network is
+//! answered only a network round trip later, so after such a frame the thread spins
+//! only while answers have been arriving within the budget: it measures, for each
+//! such frame, how long until the next datagram came (spinning or not), and spins
+//! only while at least half of the last [`SAMPLES`] delays fit. Over the internet
+//! they do not, and the measurement is all it costs.
+//!
+//! Cost: at most one budget of one CPU per forwarded burst, so CPU use grows with the
+//! packet rate up to one core when bursts come more often than every budget (and
+//! then the thread would have been busy anyway). Budget zero turns spinning off.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use super::sys;
+
+/// Default spin budget: a bit more than a round trip through a local overlay.
+pub const DEFAULT_BUDGET: Duration = Duration::from_micros(200);
+/// Reply delays remembered for the spin decision.
+pub const SAMPLES: usize = 8;
+/// A helper hands its direction back after this long without input.
+pub const HANDBACK: Duration = Duration::from_millis(20);
+
+/// A thread's doorbell: an eventfd it waits on besides its fds, rung only when the
+/// thread is really parked.
+#[derive(Debug)]
+pub struct Wake {
+    efd: OwnedFd,
+    parked: AtomicBool,
+}
+
+impl Wake {
+    pub fn new() -> io::Result<Wake> {
+        // SAFETY: plain eventfd(2); owned right away.
+        let fd = sys::cvt(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })?;
+        Ok(Wake {
+            efd: unsafe { OwnedFd::from_raw_fd(fd) },
+            parked: AtomicBool::new(false),
+        })
+    }
+
+    /// Make the owner re-check its state (after the caller changed it).
+    pub fn ring(&self) {
+        if self.parked.swap(false, Ordering::SeqCst) {
+            let one: u64 = 1;
+            // SAFETY: writes 8 bytes from a live u64 to our eventfd.
+            unsafe { libc::write(self.efd.as_raw_fd(), &one as *const u64 as *const _, 8) };
+        }
+    }
+
+    /// Block until one of `fds` is readable, the bell rings or `timeout_ms` passes.
+    /// `still` is checked after announcing the park: if it says the state changed
+    /// meanwhile, return at once (a ringer that saw us awake did not write the fd).
+    pub fn park(&self, fds: &[RawFd], timeout_ms: i32, still: impl Fn() -> bool) -> io::Result<()> {
+        self.parked.store(true, Ordering::SeqCst);
+        if !still() {
+            self.parked.store(false, Ordering::SeqCst);
+            return Ok(());
+        }
+        let mut all = [0 as RawFd; 4];
+        let n = fds.len().min(3);
+        all[..n].copy_from_slice(&fds[..n]);
+        all[n] = self.efd.as_raw_fd();
+        let r = sys::poll_any(&all[..n + 1], timeout_ms);
+        self.parked.store(false, Ordering::SeqCst);
+        if r? & (1 << n) != 0 {
+            let mut v: u64 = 0;
+            // SAFETY: reads 8 bytes into a live u64 (non-blocking eventfd).
+            unsafe { libc::read(self.efd.as_raw_fd(), &mut v as *mut u64 as *mut _, 8) };
+        }
+        Ok(())
+    }
+}
+
+/// Who serves a direction: the home thread (light traffic) or the helper (bulk).
+#[derive(Debug, Default)]
+pub struct Handoff {
+    helper: AtomicBool,
+}
+
+impl Handoff {
+    /// Is the helper serving the direction now?
+    pub fn helper(&self) -> bool {
+        self.helper.load(Ordering::SeqCst)
+    }
+
+    /// The home thread saw a full batch: give the direction to the helper.
+    pub fn to_helper(&self, helper: &Wake) {
+        if !self.helper.swap(true, Ordering::SeqCst) {
+            helper.ring();
+        }
+    }
+
+    /// The helper saw it quiet: give it back to the home thread.
+    pub fn to_home(&self, home: &Wake) {
+        if self.helper.swap(false, Ordering::SeqCst) {
+            home.ring();
+        }
+    }
+}
+
+/// When the home thread spins (pure logic: time is passed in).
+#[derive(Debug, Clone)]
+pub struct Spin {
+    budget: Duration,
+    until: Option<Instant>,
+    sent_at: Option<Instant>,
+    delays: [Duration; SAMPLES],
+    n: usize,
+}
+
+impl Spin {
+    pub fn new(budget: Duration) -> Spin {
+        Spin {
+            budget,
+            until: None,
+            sent_at: None,
+            delays: [Duration::ZERO; SAMPLES],
+            n: 0,
+        }
+    }
+
+    pub fn budget(&self) -> Duration {
+        self.budget
+    }
+
+    fn open(&mut self, now: Instant) {
+        if !self.budget.is_zero() {
+            let end = now + self.budget;
+            self.until = Some(self.until.map_or(end, |u| u.max(end)));
+        }
+    }
+
+    /// A frame went out across the network: spin for its answer if answers have
+    /// been coming within the budget, and time the answer.
+    pub fn sent_remote(&mut self, now: Instant) {
+        if self.sent_at.is_none() {
+            self.sent_at = Some(now);
+        }
+        if self.answers_in_budget() {
+            self.open(now);
+        }
+    }
+
+    /// A frame went to a local port (guest, host tap): its answer comes within
+    /// microseconds unless nobody answers at all.
+    pub fn sent_local(&mut self, now: Instant) {
+        self.open(now);
+    }
+
+    /// Datagrams arrived from the network: that ends the timing of a sent frame.
+    pub fn got_remote(&mut self, now: Instant) {
+        if let Some(k) = self.sent_at.take() {
+            self.delays[self.n % SAMPLES] = now.saturating_duration_since(k);
+            self.n += 1;
+        }
+    }
+
+    /// Whether answers have been coming soon enough for a spin to be worth it.
+    pub fn answers_in_budget(&self) -> bool {
+        if self.budget.is_zero() {
+            return false;
+        }
+        if self.n < SAMPLES / 2 {
+            return true;
+        }
+        let have = self.n.min(SAMPLES);
+        let fit = self.delays[..have]
+            .iter()
+            .filter(|d| **d <= self.budget)
+            .count();
+        fit * 2 >= have
+    }
+
+    /// Keep polling instead of parking?
+    pub fn spinning(&mut self, now: Instant) -> bool {
+        match self.until {
+            Some(u) if now < u => true,
+            Some(_) => {
+                self.until = None;
+                false
+            }
+            None => false,
+        }
+    }
+}
+
+/// Give the CPU to anything runnable, then come back (one spin step).
+pub fn yield_now() {
+    // SAFETY: no arguments.
+    unsafe { libc::sched_yield() };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const B: Duration = Duration::from_micros(100);
+
+    #[test]
+    fn a_local_send_opens_one_budget() {
+        let t = Instant::now();
+        let mut s = Spin::new(B);
+        assert!(!s.spinning(t));
+        s.sent_local(t);
+        assert!(s.spinning(t + B / 2));
+        assert!(!s.spinning(t + B));
+    }
+
+    #[test]
+    fn zero_budget_never_spins() {
+        let t = Instant::now();
+        let mut s = Spin::new(Duration::ZERO);
+        s.sent_local(t);
+        s.sent_remote(t);
+        assert!(!s.spinning(t));
+        assert!(!s.answers_in_budget());
+    }
+
+    #[test]
+    fn remote_sends_stop_spinning_when_answers_come_late() {
+        let t = Instant::now();
+        let mut s = Spin::new(B);
+        // Optimistic until enough samples exist.
+        s.sent_remote(t);
+        assert!(s.spinning(t));
+        // Answers 10 ms after each send (a far peer).
+        let mut now = t;
+        for _ in 0..SAMPLES {
+            s.sent_remote(now);
+            now += Duration::from_millis(10);
+            s.got_remote(now);
+            now += Duration::from_millis(1);
+        }
+        assert!(!s.answers_in_budget());
+        s.sent_remote(now);
+        assert!(!s.spinning(now), "a far peer must not make us spin");
+        // Answers come quickly again (the path changed): spinning resumes.
+        for _ in 0..SAMPLES {
+            now += Duration::from_micros(30);
+            s.got_remote(now);
+            now += Duration::from_millis(1);
+            s.sent_remote(now);
+        }
+        assert!(s.answers_in_budget());
+        assert!(s.spinning(now));
+    }
+
+    #[test]
+    fn the_first_send_of_a_burst_is_the_one_timed() {
+        let t = Instant::now();
+        let mut s = Spin::new(B);
+        for i in 0..SAMPLES {
+            let t0 = t + Duration::from_millis(10 * i as u64);
+            s.sent_remote(t0);
+            s.sent_remote(t0 + Duration::from_micros(90));
+            s.got_remote(t0 + Duration::from_micros(150));
+        }
+        // Every answer came 150 us after the burst began: over the budget.
+        assert!(!s.answers_in_budget());
+    }
+
+    #[test]
+    fn half_the_samples_in_budget_is_enough() {
+        let t = Instant::now();
+        let mut s = Spin::new(B);
+        let mut now = t;
+        for i in 0..SAMPLES {
+            s.sent_remote(now);
+            now += if i % 2 == 0 {
+                Duration::from_micros(50)
+            } else {
+                Duration::from_millis(5)
+            };
+            s.got_remote(now);
+        }
+        assert!(s.answers_in_budget());
+    }
+
+    #[test]
+    fn local_sends_spin_whatever_the_network_does() {
+        let t = Instant::now();
+        let mut s = Spin::new(B);
+        let mut now = t;
+        for _ in 0..SAMPLES {
+            s.sent_remote(now);
+            now += Duration::from_millis(10);
+            s.got_remote(now);
+        }
+        s.sent_local(now);
+        assert!(s.spinning(now));
+    }
+
+    fn pipe() -> (OwnedFd, OwnedFd) {
+        let mut p = [0; 2];
+        assert_eq!(unsafe { libc::pipe(p.as_mut_ptr()) }, 0);
+        unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) }
+    }
+
+    #[test]
+    fn a_ring_wakes_a_parked_thread() {
+        let w = std::sync::Arc::new(Wake::new().unwrap());
+        let h = std::sync::Arc::new(Handoff::default());
+        // A pipe nobody writes to: only the bell can end the wait early.
+        let (r, _wr) = pipe();
+        let (w2, h2) = (w.clone(), h.clone());
+        let fd = r.as_raw_fd();
+        let t = Instant::now();
+        let th = std::thread::spawn(move || {
+            while !h2.helper() {
+                w2.park(&[fd], 10_000, || !h2.helper()).unwrap();
+            }
+        });
+        std::thread::sleep(Duration::from_millis(20));
+        h.to_helper(&w);
+        th.join().unwrap();
+        assert!(t.elapsed() < Duration::from_secs(5), "the ring was lost");
+    }
+
+    #[test]
+    fn park_returns_when_an_fd_is_readable() {
+        let w = Wake::new().unwrap();
+        let (r, wr) = pipe();
+        assert_eq!(
+            unsafe { libc::write(wr.as_raw_fd(), b"x".as_ptr() as *const _, 1) },
+            1
+        );
+        let t = Instant::now();
+        w.park(&[r.as_raw_fd()], 10_000, || true).unwrap();
+        assert!(t.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn park_does_not_sleep_on_a_changed_state() {
+        let w = Wake::new().unwrap();
+        let (r, _wr) = pipe();
+        let t = Instant::now();
+        w.park(&[r.as_raw_fd()], 10_000, || false).unwrap();
+        assert!(t.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn handoff_rings_only_on_a_change() {
+        let home = Wake::new().unwrap();
+        let helper = Wake::new().unwrap();
+        let h = Handoff::default();
+        assert!(!h.helper());
+        h.to_helper(&helper);
+        assert!(h.helper());
+        h.to_helper(&helper);
+        h.to_home(&home);
+        assert!(!h.helper());
+    }
+}
