@@ -18,6 +18,8 @@ pub struct RecvBatch {
     names: Vec<libc::sockaddr_storage>,
     ctrl: Vec<[u64; CTRL_LEN / 8]>,
     n: usize,
+    /// Leading headers the kernel may have written since they were last reset.
+    dirty: usize,
 }
 
 // SAFETY: the raw pointers only ever point into this struct's own vectors.
@@ -25,7 +27,7 @@ unsafe impl Send for RecvBatch {}
 
 impl RecvBatch {
     pub fn new(slots: usize, slot_size: usize) -> RecvBatch {
-        RecvBatch {
+        let mut b = RecvBatch {
             slot: slot_size,
             bufs: vec![0; slots * slot_size],
             iov: vec![
@@ -40,7 +42,37 @@ impl RecvBatch {
             names: vec![unsafe { std::mem::zeroed() }; slots],
             ctrl: vec![[0; CTRL_LEN / 8]; slots],
             n: 0,
+            dirty: 0,
+        };
+        // The headers point into the vectors' heap buffers, which never move: set
+        // them up once, so a receive only resets what the last one wrote (a light
+        // receive then touches one header, not all of them).
+        for i in 0..slots {
+            b.iov[i] = libc::iovec {
+                iov_base: b.bufs[i * b.slot..].as_mut_ptr() as *mut libc::c_void,
+                iov_len: b.slot,
+            };
+            let h = &mut b.hdrs[i].msg_hdr;
+            h.msg_name = &mut b.names[i] as *mut _ as *mut libc::c_void;
+            h.msg_iov = &mut b.iov[i];
+            h.msg_iovlen = 1;
+            h.msg_control = b.ctrl[i].as_mut_ptr() as *mut libc::c_void;
         }
+        b.dirty = slots;
+        b.reset_headers();
+        b
+    }
+
+    /// Give back the lengths and flags the kernel overwrote in the used headers.
+    fn reset_headers(&mut self) {
+        for i in 0..self.dirty {
+            let h = &mut self.hdrs[i].msg_hdr;
+            h.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            h.msg_controllen = CTRL_LEN as _;
+            h.msg_flags = 0;
+            self.hdrs[i].msg_len = 0;
+        }
+        self.dirty = 0;
     }
 
     pub fn slots(&self) -> usize {
@@ -60,21 +92,7 @@ impl RecvBatch {
 
     fn recv_flags(&mut self, fd: RawFd, flags: libc::c_int) -> io::Result<usize> {
         let slots = self.slots();
-        for i in 0..slots {
-            self.iov[i] = libc::iovec {
-                iov_base: self.bufs[i * self.slot..].as_mut_ptr() as *mut libc::c_void,
-                iov_len: self.slot,
-            };
-            let h = &mut self.hdrs[i].msg_hdr;
-            h.msg_name = &mut self.names[i] as *mut _ as *mut libc::c_void;
-            h.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            h.msg_iov = &mut self.iov[i];
-            h.msg_iovlen = 1;
-            h.msg_control = self.ctrl[i].as_mut_ptr() as *mut libc::c_void;
-            h.msg_controllen = CTRL_LEN as _;
-            h.msg_flags = 0;
-            self.hdrs[i].msg_len = 0;
-        }
+        self.reset_headers();
         loop {
             // SAFETY: every header points at live buffers owned by self.
             let r = unsafe {
@@ -86,10 +104,19 @@ impl RecvBatch {
                     std::ptr::null_mut(),
                 )
             };
+            // The kernel may have written up to the header after the last message.
+            self.dirty = if r < 0 {
+                slots
+            } else {
+                (r as usize + 1).min(slots)
+            };
             if r < 0 {
                 let e = io::Error::last_os_error();
                 match e.kind() {
-                    io::ErrorKind::Interrupted => continue,
+                    io::ErrorKind::Interrupted => {
+                        self.reset_headers();
+                        continue;
+                    }
                     // A connected UDP socket reports an earlier ICMP error here; the
                     // peer may come up later, so it is not fatal.
                     io::ErrorKind::WouldBlock
@@ -494,5 +521,47 @@ mod tests {
         assert_eq!(got, want);
         let mut b = [0u8; 16];
         assert_eq!(other.recv(&mut b).unwrap(), 3);
+    }
+
+    // Headers are set up once and only the used ones reset: a full batch, then a
+    // truncated one, then a short one from another sender must each read right.
+    #[test]
+    fn reused_headers_report_each_receive_right() {
+        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let a = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let b = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let dst = rx.local_addr().unwrap();
+        let mut recv = RecvBatch::new(4, 64);
+        for i in 0..4u8 {
+            a.send_to(&[i; 40], dst).unwrap();
+        }
+        let wait = |recv: &mut RecvBatch, want: usize| {
+            let t = std::time::Instant::now();
+            loop {
+                let n = recv.recv_nowait(rx.as_raw_fd()).unwrap();
+                if n > 0 {
+                    assert_eq!(n, want);
+                    return;
+                }
+                assert!(t.elapsed().as_secs() < 5, "nothing received");
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        };
+        wait(&mut recv, 4);
+        for i in 0..4 {
+            assert_eq!(recv.data(i), &[i as u8; 40][..]);
+            assert_eq!(recv.addr(i), Some(a.local_addr().unwrap()));
+            assert!(!recv.truncated(i));
+        }
+        a.send_to(&[9; 100], dst).unwrap();
+        wait(&mut recv, 1);
+        assert!(recv.truncated(0));
+        assert_eq!(recv.data(0), &[9; 64][..]);
+        b.send_to(&[7; 10], dst).unwrap();
+        wait(&mut recv, 1);
+        assert!(!recv.truncated(0));
+        assert_eq!(recv.data(0), &[7; 10][..]);
+        assert_eq!(recv.addr(0), Some(b.local_addr().unwrap()));
+        assert_eq!(recv.recv_nowait(rx.as_raw_fd()).unwrap(), 0);
     }
 }

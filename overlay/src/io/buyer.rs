@@ -280,9 +280,11 @@ fn home_loop(sh: &Shared) {
             let _ = tx.flush(fd);
             if let Some(mut r) = rd {
                 if r.drain(TAP_PEEK, core, udp, tap, c) > 0 {
-                    spin.sent_remote(now);
+                    // The host's kernel answered at once, and the answer went out.
+                    spin.local_answered_at_once();
+                    spin.sent_remote(Instant::now());
                 } else {
-                    // The host has not answered yet (a process, not the kernel).
+                    // A process on the host will answer, soon or not at all.
                     spin.sent_local(now);
                 }
             }
@@ -292,7 +294,9 @@ fn home_loop(sh: &Shared) {
         if !helper {
             t = lock_reader(&sh.reader).drain(TAP_BATCH, core, udp, tap, c);
             if t > 0 {
-                spin.sent_remote(Instant::now());
+                let now = Instant::now();
+                spin.got_local(now);
+                spin.sent_remote(now);
             }
             if t == TAP_BATCH {
                 sh.handoff.to_helper(&sh.helper);

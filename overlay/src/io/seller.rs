@@ -396,6 +396,9 @@ fn home_loop(sh: &Shared) {
     let (pfd, ufd) = (sh.port.as_raw_fd(), sh.udp.as_raw_fd());
     while !sh.stop.load(Ordering::Relaxed) {
         let (g, sent) = gin.pass(sh);
+        if g > 0 {
+            spin.got_local(Instant::now());
+        }
         let mut u = 0;
         let helper = sh.handoff.helper();
         if !helper {

@@ -13,12 +13,13 @@
 //! After forwarding a frame, the home thread polls its fds without blocking
 //! (yielding the CPU to anything runnable in between) for up to a budget before it
 //! parks ([`Spin`]): the answer (a ping reply, a TCP ACK, an application's
-//! response) then needs no wake-up at all. A frame that went across the network is
-//! answered only a network round trip later, so after such a frame the thread spins
-//! only while answers have been arriving within the budget: it measures, for each
-//! such frame, how long until the next datagram came (spinning or not), and spins
-//! only while at least half of the last [`SAMPLES`] delays fit. Over the internet
-//! they do not, and the measurement is all it costs.
+//! response) then needs no wake-up at all. It spins only where that has been paying
+//! off: for frames sent across the network and for frames sent to the local port
+//! (guest, host tap) apart, it measures how long until the next input came back
+//! from that side (spinning or not), and spins after a send only while at least
+//! half of the last [`SAMPLES`] delays fit the budget. A frame to a buyer over the
+//! internet is answered a network round trip later, a guest that only sends never
+//! answers what it gets; then the measurement is all it costs.
 //!
 //! Cost: at most one budget of one CPU per forwarded burst, so CPU use grows with the
 //! packet rate up to one core when bursts come more often than every budget (and
@@ -116,14 +117,56 @@ impl Handoff {
     }
 }
 
-/// When the home thread spins (pure logic: time is passed in).
+/// How soon answers came after recent frames sent one way.
+#[derive(Debug, Clone, Default)]
+struct Answers {
+    sent_at: Option<Instant>,
+    delays: [Duration; SAMPLES],
+    n: usize,
+}
+
+impl Answers {
+    /// Time the first frame of a burst.
+    fn sent(&mut self, now: Instant) {
+        if self.sent_at.is_none() {
+            self.sent_at = Some(now);
+        }
+    }
+
+    fn got(&mut self, now: Instant) {
+        if let Some(k) = self.sent_at.take() {
+            self.record(now.saturating_duration_since(k));
+        }
+    }
+
+    fn record(&mut self, d: Duration) {
+        self.delays[self.n % SAMPLES] = d;
+        self.n += 1;
+    }
+
+    /// At least half of the recent answers came within `budget` (optimistic until
+    /// a few are known).
+    fn fit(&self, budget: Duration) -> bool {
+        if self.n < SAMPLES / 2 {
+            return true;
+        }
+        let have = self.n.min(SAMPLES);
+        let fit = self.delays[..have].iter().filter(|d| **d <= budget).count();
+        fit * 2 >= have
+    }
+}
+
+/// When the home thread spins (pure logic: time is passed in). Answers to frames
+/// sent across the network and to frames sent to the local port are timed apart:
+/// after a send it spins only if answers to that kind of send have been coming
+/// within the budget (a far buyer; a guest that never answers, e.g. when it is the
+/// one pinging).
 #[derive(Debug, Clone)]
 pub struct Spin {
     budget: Duration,
     until: Option<Instant>,
-    sent_at: Option<Instant>,
-    delays: [Duration; SAMPLES],
-    n: usize,
+    remote: Answers,
+    local: Answers,
 }
 
 impl Spin {
@@ -131,9 +174,8 @@ impl Spin {
         Spin {
             budget,
             until: None,
-            sent_at: None,
-            delays: [Duration::ZERO; SAMPLES],
-            n: 0,
+            remote: Answers::default(),
+            local: Answers::default(),
         }
     }
 
@@ -142,51 +184,60 @@ impl Spin {
     }
 
     fn open(&mut self, now: Instant) {
-        if !self.budget.is_zero() {
-            let end = now + self.budget;
-            self.until = Some(self.until.map_or(end, |u| u.max(end)));
-        }
+        let end = now + self.budget;
+        self.until = Some(self.until.map_or(end, |u| u.max(end)));
     }
 
-    /// A frame went out across the network: spin for its answer if answers have
-    /// been coming within the budget, and time the answer.
+    /// A frame went out across the network.
     pub fn sent_remote(&mut self, now: Instant) {
-        if self.sent_at.is_none() {
-            self.sent_at = Some(now);
-        }
-        if self.answers_in_budget() {
+        self.remote.sent(now);
+        if self.remote_fits() {
             self.open(now);
         }
     }
 
-    /// A frame went to a local port (guest, host tap): its answer comes within
-    /// microseconds unless nobody answers at all.
+    /// A frame went to the local port (guest, host tap).
     pub fn sent_local(&mut self, now: Instant) {
-        self.open(now);
+        self.local.sent(now);
+        if self.local_fits() {
+            self.open(now);
+        }
     }
 
-    /// Datagrams arrived from the network: that ends the timing of a sent frame.
+    /// A frame went to the local port and its answer was read right away (the
+    /// kernel answered within the write): nothing to wait for.
+    pub fn local_answered_at_once(&mut self) {
+        self.local.sent_at = None;
+        self.local.record(Duration::ZERO);
+    }
+
+    /// Datagrams arrived from the network.
     pub fn got_remote(&mut self, now: Instant) {
-        if let Some(k) = self.sent_at.take() {
-            self.delays[self.n % SAMPLES] = now.saturating_duration_since(k);
-            self.n += 1;
+        self.remote.got(now);
+        self.answered();
+    }
+
+    /// Frames arrived from the local port.
+    pub fn got_local(&mut self, now: Instant) {
+        self.local.got(now);
+        self.answered();
+    }
+
+    /// Nothing left to wait for: stop spinning (forwarding the answer may reopen).
+    fn answered(&mut self) {
+        if self.remote.sent_at.is_none() && self.local.sent_at.is_none() {
+            self.until = None;
         }
     }
 
-    /// Whether answers have been coming soon enough for a spin to be worth it.
-    pub fn answers_in_budget(&self) -> bool {
-        if self.budget.is_zero() {
-            return false;
-        }
-        if self.n < SAMPLES / 2 {
-            return true;
-        }
-        let have = self.n.min(SAMPLES);
-        let fit = self.delays[..have]
-            .iter()
-            .filter(|d| **d <= self.budget)
-            .count();
-        fit * 2 >= have
+    /// Whether answers from the network have been coming within the budget.
+    pub fn remote_fits(&self) -> bool {
+        !self.budget.is_zero() && self.remote.fit(self.budget)
+    }
+
+    /// Whether answers from the local port have been coming within the budget.
+    pub fn local_fits(&self) -> bool {
+        !self.budget.is_zero() && self.local.fit(self.budget)
     }
 
     /// Keep polling instead of parking?
@@ -225,13 +276,26 @@ mod tests {
     }
 
     #[test]
+    fn the_answer_ends_the_spin() {
+        let t = Instant::now();
+        let mut s = Spin::new(B);
+        s.sent_remote(t);
+        s.sent_local(t);
+        s.got_local(t + B / 4);
+        assert!(s.spinning(t + B / 4), "still waiting for the network");
+        s.got_remote(t + B / 2);
+        assert!(!s.spinning(t + B / 2));
+    }
+
+    #[test]
     fn zero_budget_never_spins() {
         let t = Instant::now();
         let mut s = Spin::new(Duration::ZERO);
         s.sent_local(t);
         s.sent_remote(t);
         assert!(!s.spinning(t));
-        assert!(!s.answers_in_budget());
+        assert!(!s.remote_fits());
+        assert!(!s.local_fits());
     }
 
     #[test]
@@ -249,7 +313,7 @@ mod tests {
             s.got_remote(now);
             now += Duration::from_millis(1);
         }
-        assert!(!s.answers_in_budget());
+        assert!(!s.remote_fits());
         s.sent_remote(now);
         assert!(!s.spinning(now), "a far peer must not make us spin");
         // Answers come quickly again (the path changed): spinning resumes.
@@ -259,7 +323,7 @@ mod tests {
             now += Duration::from_millis(1);
             s.sent_remote(now);
         }
-        assert!(s.answers_in_budget());
+        assert!(s.remote_fits());
         assert!(s.spinning(now));
     }
 
@@ -274,7 +338,7 @@ mod tests {
             s.got_remote(t0 + Duration::from_micros(150));
         }
         // Every answer came 150 us after the burst began: over the budget.
-        assert!(!s.answers_in_budget());
+        assert!(!s.remote_fits());
     }
 
     #[test]
@@ -291,21 +355,47 @@ mod tests {
             };
             s.got_remote(now);
         }
-        assert!(s.answers_in_budget());
+        assert!(s.remote_fits());
     }
 
     #[test]
-    fn local_sends_spin_whatever_the_network_does() {
+    fn local_and_remote_answers_are_timed_apart() {
         let t = Instant::now();
         let mut s = Spin::new(B);
         let mut now = t;
+        // The network answers late, the local port at once.
         for _ in 0..SAMPLES {
             s.sent_remote(now);
+            s.sent_local(now);
+            now += Duration::from_micros(20);
+            s.got_local(now);
             now += Duration::from_millis(10);
             s.got_remote(now);
         }
+        assert!(!s.remote_fits());
+        assert!(s.local_fits());
+        now += Duration::from_millis(1);
+        s.sent_remote(now);
+        assert!(!s.spinning(now));
         s.sent_local(now);
         assert!(s.spinning(now));
+    }
+
+    #[test]
+    fn a_port_that_never_answers_stops_local_spins() {
+        let t = Instant::now();
+        let mut s = Spin::new(B);
+        let mut now = t;
+        // A guest that sends (pings) but is never the one answering: its next frame
+        // comes 50 ms after what we delivered to it.
+        for _ in 0..SAMPLES {
+            s.sent_local(now);
+            now += Duration::from_millis(50);
+            s.got_local(now);
+        }
+        assert!(!s.local_fits());
+        s.sent_local(now);
+        assert!(!s.spinning(now));
     }
 
     fn pipe() -> (OwnedFd, OwnedFd) {
