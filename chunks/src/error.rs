@@ -177,6 +177,17 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// A store write made no progress for `secs` seconds (a wedged sled,
+    /// e.g. spacejam/sled#1412, or a hung disk). The store refuses further
+    /// writes; what is on disk is intact and a restart recovers it.
+    #[error("chunk store at {path} stopped responding (a write made no progress for {secs} s); restart cpushare-node: stored chunks are kept and fetches resume")]
+    StoreStalled {
+        /// Store directory.
+        path: PathBuf,
+        /// The stall limit that was exceeded.
+        secs: u64,
+    },
+
     /// Any other sled error.
     #[error("chunk store at {path}: {detail}")]
     Store {
