@@ -43,6 +43,10 @@ async fn run_async(settings: Settings, role: Role) -> Result<()> {
     let socket = settings.control_socket();
     let listener = control::bind(&socket, dir)?;
 
+    // Holding the socket, we are the only daemon on this data dir: remove lease
+    // namespaces a killed predecessor left behind.
+    crate::overlay_leases::sweep(dir);
+
     let identity = Identity::load_or_create(&settings.identity_file())?;
     let peer_id = identity.peer_id();
     // Printed on stdout so scripts and tests can read it.

@@ -9,6 +9,7 @@ mod identity;
 mod image_cmd;
 mod image_service;
 mod logging;
+mod overlay_leases;
 mod overlay_service;
 mod p2p;
 mod progress;

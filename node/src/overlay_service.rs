@@ -26,6 +26,7 @@ use crate::control::{Client, Router};
 use crate::daemon::Node;
 use crate::error::{Error, Result};
 use crate::image_service::{blocking, parse_params};
+use crate::overlay_leases::LeaseRecord;
 
 /// Default UDP port of the buyer's switch.
 pub const DEFAULT_PORT: u16 = 7451;
@@ -144,6 +145,8 @@ struct Attachment {
     netns: String,
     // A persistent tap we made: removed on detach.
     created_tap: Option<(NetNs, String)>,
+    // Dropped last, after the namespace is gone (see `overlay_leases`).
+    _record: Option<LeaseRecord>,
 }
 
 #[derive(Default)]
@@ -339,11 +342,13 @@ fn attach(node: &Node, st: &Shared, p: AttachParams) -> Result<Value> {
         ))
         .into());
     }
+    let mut record = None;
     let (ns, ifname, created_tap, tap) = match (&p.tap, &p.iface) {
         (Some(tap), None) => {
             let nsname = p.netns.clone().unwrap_or_else(|| format!("cs-{tap}"));
             let ns = oio::create_lease_netns(&nsname)?;
             let t = oio::create_guest_tap(&ns, tap, true)?;
+            record = Some(LeaseRecord::create(&node.settings.data_dir, &ns, tap)?);
             (ns, tap.clone(), true, Some(t))
         }
         (None, Some(iface)) => {
@@ -421,6 +426,7 @@ fn attach(node: &Node, st: &Shared, p: AttachParams) -> Result<Value> {
             guest_ip: p.ip,
             netns: nsname.clone(),
             created_tap: created,
+            _record: record,
         },
     );
     Ok(json!({"mac": mac.to_string(), "netns": nsname, "iface": ifname, "udp": local.to_string()}))

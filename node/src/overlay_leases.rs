@@ -1,0 +1,172 @@
+//! Lease namespaces (and their taps) made by `overlay attach --tap`, recorded in
+//! the data dir while they exist, so a daemon restarted after `kill -9` or a
+//! crash removes what its predecessor left behind.
+//!
+//! One file per namespace under `<data-dir>/overlay-leases/`, holding the
+//! namespace's name, its tap and the namespace's inode. Names are global to the
+//! host but inodes identify one namespace: the sweep only deletes a namespace
+//! whose inode still matches, never a same-named one someone made since. The
+//! sweep runs once the daemon holds the data dir's control socket, so it never
+//! races a live daemon on the same data dir.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use nix::mount::{umount2, MntFlags};
+use overlay::io::{self as oio, NetNs};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::error::{Error, Result};
+
+/// Where `ip netns` (and [`NetNs`]) keep named namespaces.
+const NETNS_DIR: &str = "/run/netns";
+/// Subdirectory of the data dir holding the records.
+const RECORDS: &str = "overlay-leases";
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Record {
+    netns: String,
+    tap: String,
+    netns_ino: u64,
+}
+
+fn netns_ino(name: &str) -> Option<u64> {
+    std::fs::metadata(Path::new(NETNS_DIR).join(name))
+        .ok()
+        .map(|m| m.ino())
+}
+
+/// The record of one live lease namespace; dropping it deletes the record
+/// (after its owner has removed the namespace).
+#[derive(Debug)]
+pub struct LeaseRecord {
+    path: PathBuf,
+}
+
+impl LeaseRecord {
+    /// Record that this daemon created namespace `ns` holding tap `tap`.
+    pub fn create(data_dir: &Path, ns: &NetNs, tap: &str) -> Result<LeaseRecord> {
+        let dir = data_dir.join(RECORDS);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        let netns_ino = netns_ino(ns.name()).ok_or_else(|| {
+            Error::io(
+                format!("reading {NETNS_DIR}/{}", ns.name()),
+                std::io::Error::from(std::io::ErrorKind::NotFound),
+            )
+        })?;
+        let rec = Record {
+            netns: ns.name().to_string(),
+            tap: tap.to_string(),
+            netns_ino,
+        };
+        let path = dir.join(format!("{}.json", ns.name()));
+        let tmp = dir.join(format!(".{}.tmp", ns.name()));
+        let body = serde_json::to_vec(&rec).expect("record serialises");
+        std::fs::write(&tmp, body)
+            .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
+            .and_then(|_| std::fs::rename(&tmp, &path))
+            .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+        Ok(LeaseRecord { path })
+    }
+}
+
+impl Drop for LeaseRecord {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Delete the namespace bound at `/run/netns/<name>` (what `ip netns del` does);
+/// its interfaces go with it once nothing else holds it.
+fn delete_netns(name: &str) -> std::io::Result<()> {
+    let path = Path::new(NETNS_DIR).join(name);
+    let _ = umount2(&path, MntFlags::MNT_DETACH);
+    std::fs::remove_file(&path)
+}
+
+/// Remove lease namespaces and taps recorded by an earlier run of a daemon on
+/// `data_dir` that did not clean up (killed, crashed). Returns the names of the
+/// namespaces removed. Problems are logged, never fatal: a leftover must not
+/// keep a seller from starting.
+pub fn sweep(data_dir: &Path) -> Vec<String> {
+    let dir = data_dir.join(RECORDS);
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    let mut swept = Vec::new();
+    for e in entries.flatten() {
+        let path = e.path();
+        if path.extension().and_then(|x| x.to_str()) != Some("json") {
+            // A temp file of a record write that never finished.
+            let _ = std::fs::remove_file(&path);
+            continue;
+        }
+        let rec: Record = match std::fs::read(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+        {
+            Ok(r) => r,
+            Err(err) => {
+                warn!(file = %path.display(), error = %err, "unreadable lease record; removed");
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
+        };
+        match netns_ino(&rec.netns) {
+            None => {} // already gone
+            Some(ino) if ino != rec.netns_ino => {
+                warn!(netns = %rec.netns, "a namespace with a leftover lease's name exists but is not the one this daemon made; leaving it alone");
+            }
+            Some(_) => {
+                if let Ok(ns) = NetNs::open(&rec.netns) {
+                    if let Err(err) = oio::remove_guest_tap(&ns, &rec.tap) {
+                        warn!(netns = %rec.netns, tap = %rec.tap, error = %err, "removing a leftover lease tap failed");
+                    }
+                }
+                match delete_netns(&rec.netns) {
+                    Ok(()) => {
+                        info!(netns = %rec.netns, tap = %rec.tap, "removed a lease namespace left by an earlier run");
+                        swept.push(rec.netns.clone());
+                    }
+                    Err(err) => {
+                        // Keep the record: the next start tries again.
+                        warn!(netns = %rec.netns, error = %err, "removing a leftover lease namespace failed; remove it with `ip netns del {}`", rec.netns);
+                        continue;
+                    }
+                }
+            }
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+    swept
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sweep_drops_records_of_vanished_namespaces_and_garbage() {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = dir.path().join(RECORDS);
+        std::fs::create_dir_all(&rec).unwrap();
+        let gone = Record {
+            netns: "cvs-never-existed-xyz".into(),
+            tap: "cvsnotap".into(),
+            netns_ino: 1,
+        };
+        std::fs::write(
+            rec.join("cvs-never-existed-xyz.json"),
+            serde_json::to_vec(&gone).unwrap(),
+        )
+        .unwrap();
+        std::fs::write(rec.join("junk.json"), b"{not json").unwrap();
+        std::fs::write(rec.join(".half.tmp"), b"x").unwrap();
+        assert!(sweep(dir.path()).is_empty());
+        assert_eq!(std::fs::read_dir(&rec).unwrap().count(), 0);
+        // No records directory at all: nothing to do.
+        assert!(sweep(&dir.path().join("nope")).is_empty());
+    }
+}
