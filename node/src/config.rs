@@ -1,11 +1,15 @@
 //! Settings: defaults, then the TOML config file, then command-line flags.
 
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
 use crate::cli::{DaemonArgs, GlobalArgs, LogFormat, OnOff, Role};
 use crate::error::{Error, Result};
+use crate::overlay_service::{
+    DEFAULT_BUSY_POLL_US, DEFAULT_HOST_IP, DEFAULT_PORT as OVERLAY_PORT, DEFAULT_TAP,
+};
 
 /// The libp2p port every node listens on unless told otherwise.
 pub const DEFAULT_PORT: u16 = 7450;
@@ -24,6 +28,89 @@ pub struct FileConfig {
     pub mdns: Option<OnOff>,
     pub log_format: Option<LogFormat>,
     pub store_cap_mib: Option<u64>,
+    #[serde(default)]
+    pub overlay: OverlayConfig,
+}
+
+/// The `[overlay]` table: defaults for the `overlay admit` / `overlay attach`
+/// flags of the same names (a flag given on the command line wins).
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OverlayConfig {
+    /// Buyer: UDP address sellers connect to.
+    pub listen: Option<SocketAddr>,
+    /// Buyer: name of the host tap.
+    pub tap: Option<String>,
+    /// Buyer: the host's overlay address (/16).
+    pub host_ip: Option<Ipv4Addr>,
+    /// Seller: the buyer host's overlay address.
+    pub buyer_ip: Option<Ipv4Addr>,
+    /// Seller: cap on a guest's sending rate, Mbit/s.
+    pub max_mbit: Option<u64>,
+    /// Seller: cap on a guest's sending rate, frames per second.
+    pub max_pps: Option<u64>,
+    /// Both: busy-poll budget of the overlay I/O threads, microseconds.
+    pub busy_poll_us: Option<u64>,
+}
+
+/// Resolved `overlay admit` settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdmitSettings {
+    pub listen: SocketAddr,
+    pub tap: String,
+    pub host_ip: Ipv4Addr,
+    pub busy_poll_us: u64,
+}
+
+/// Resolved `overlay attach` settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachSettings {
+    pub buyer_ip: Ipv4Addr,
+    pub max_mbit: Option<u64>,
+    pub max_pps: Option<u64>,
+    pub busy_poll_us: u64,
+}
+
+impl OverlayConfig {
+    /// Flags (`Some`) over the config file over built-in defaults.
+    pub fn admit(
+        &self,
+        listen: Option<SocketAddr>,
+        tap: Option<String>,
+        host_ip: Option<Ipv4Addr>,
+        busy_poll_us: Option<u64>,
+    ) -> AdmitSettings {
+        AdmitSettings {
+            listen: listen
+                .or(self.listen)
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], OVERLAY_PORT))),
+            tap: tap
+                .or_else(|| self.tap.clone())
+                .unwrap_or_else(|| DEFAULT_TAP.to_string()),
+            host_ip: host_ip.or(self.host_ip).unwrap_or(DEFAULT_HOST_IP),
+            busy_poll_us: busy_poll_us
+                .or(self.busy_poll_us)
+                .unwrap_or(DEFAULT_BUSY_POLL_US),
+        }
+    }
+
+    /// Flags (`Some`) over the config file over built-in defaults.
+    pub fn attach(
+        &self,
+        buyer_ip: Option<Ipv4Addr>,
+        max_mbit: Option<u64>,
+        max_pps: Option<u64>,
+        busy_poll_us: Option<u64>,
+    ) -> AttachSettings {
+        AttachSettings {
+            buyer_ip: buyer_ip.or(self.buyer_ip).unwrap_or(DEFAULT_HOST_IP),
+            max_mbit: max_mbit.or(self.max_mbit),
+            max_pps: max_pps.or(self.max_pps),
+            busy_poll_us: busy_poll_us
+                .or(self.busy_poll_us)
+                .unwrap_or(DEFAULT_BUSY_POLL_US),
+        }
+    }
 }
 
 impl FileConfig {
@@ -49,6 +136,8 @@ pub struct Settings {
     pub mdns: bool,
     pub log_format: LogFormat,
     pub store_cap_mib: u64,
+    /// The config file's `[overlay]` table (resolved against flags per command).
+    pub overlay: OverlayConfig,
 }
 
 impl Settings {
@@ -83,6 +172,7 @@ impl Settings {
                 .store_cap_mib
                 .or(file.store_cap_mib)
                 .unwrap_or(DEFAULT_STORE_CAP_MIB),
+            overlay: file.overlay,
         })
     }
 
@@ -137,6 +227,78 @@ mod tests {
         assert_eq!(s.bootstrap.len(), 2);
         assert!(s.mdns);
         assert_eq!(s.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn overlay_table_fills_in_flags_not_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("c.toml");
+        std::fs::write(
+            &cfg,
+            "[overlay]\nlisten = \"127.0.0.1:9000\"\ntap = \"ovl7\"\nhost_ip = \"10.9.0.1\"\n\
+             buyer_ip = \"10.9.0.2\"\nmax_mbit = 40\nmax_pps = 5000\nbusy_poll_us = 0\n",
+        )
+        .unwrap();
+        let global = GlobalArgs {
+            config: Some(cfg),
+            data_dir: Some(dir.path().into()),
+            log_format: None,
+        };
+        let o = Settings::resolve(&global, &DaemonArgs::default())
+            .unwrap()
+            .overlay;
+        // Nothing on the command line: the file's values.
+        assert_eq!(
+            o.admit(None, None, None, None),
+            AdmitSettings {
+                listen: "127.0.0.1:9000".parse().unwrap(),
+                tap: "ovl7".into(),
+                host_ip: Ipv4Addr::new(10, 9, 0, 1),
+                busy_poll_us: 0,
+            }
+        );
+        assert_eq!(
+            o.attach(None, None, None, None),
+            AttachSettings {
+                buyer_ip: Ipv4Addr::new(10, 9, 0, 2),
+                max_mbit: Some(40),
+                max_pps: Some(5000),
+                busy_poll_us: 0,
+            }
+        );
+        // Flags win, one by one.
+        let a = o.admit(None, Some("ovl8".into()), None, Some(20));
+        assert_eq!((a.tap.as_str(), a.busy_poll_us), ("ovl8", 20));
+        assert_eq!(a.listen, "127.0.0.1:9000".parse().unwrap());
+        let t = o.attach(Some(Ipv4Addr::new(10, 9, 0, 3)), None, Some(7), None);
+        assert_eq!(t.buyer_ip, Ipv4Addr::new(10, 9, 0, 3));
+        assert_eq!((t.max_mbit, t.max_pps), (Some(40), Some(7)));
+        // No file: the built-in defaults.
+        let d = OverlayConfig::default();
+        let a = d.admit(None, None, None, None);
+        assert_eq!(a.listen, SocketAddr::from(([0, 0, 0, 0], OVERLAY_PORT)));
+        assert_eq!(
+            (a.tap.as_str(), a.host_ip, a.busy_poll_us),
+            (DEFAULT_TAP, DEFAULT_HOST_IP, DEFAULT_BUSY_POLL_US)
+        );
+        let t = d.attach(None, None, None, None);
+        assert_eq!(
+            (t.buyer_ip, t.max_mbit, t.max_pps),
+            (DEFAULT_HOST_IP, None, None)
+        );
+    }
+
+    #[test]
+    fn unknown_overlay_keys_are_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("c.toml");
+        std::fs::write(&cfg, "[overlay]\nbusy_pol_us = 3\n").unwrap();
+        let global = GlobalArgs {
+            config: Some(cfg),
+            ..Default::default()
+        };
+        let err = Settings::resolve(&global, &DaemonArgs::default()).unwrap_err();
+        assert!(err.to_string().contains("busy_pol_us"), "{err}");
     }
 
     #[test]

@@ -53,20 +53,21 @@ pub enum OverlayCommand {
         /// The guest's overlay IPv4 address (handed out by the switch's DHCP).
         #[arg(long)]
         ip: Ipv4Addr,
-        /// UDP address sellers connect to (first call only).
-        #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)))]
-        listen: SocketAddr,
-        /// Name of the buyer's host tap (first call only).
-        #[arg(long, default_value = DEFAULT_TAP)]
-        tap: String,
-        /// The buyer host's overlay address, /16 (first call only).
-        #[arg(long, default_value_t = DEFAULT_HOST_IP)]
-        host_ip: Ipv4Addr,
+        /// UDP address sellers connect to (first call only) [default: 0.0.0.0:7451,
+        /// or `listen` in the config file's [overlay] table, as for the flags below].
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Name of the buyer's host tap (first call only) [default: csovl0].
+        #[arg(long)]
+        tap: Option<String>,
+        /// The buyer host's overlay address, /16 (first call only) [default: 10.77.0.1].
+        #[arg(long)]
+        host_ip: Option<Ipv4Addr>,
         /// After forwarding a frame, poll for its answer this many microseconds before
         /// sleeping (lower latency for up to one core while packets flow; 0 = off;
-        /// first call only).
-        #[arg(long, default_value_t = DEFAULT_BUSY_POLL_US)]
-        busy_poll_us: u64,
+        /// first call only) [default: 200].
+        #[arg(long)]
+        busy_poll_us: Option<u64>,
     },
     /// Buyer: remove an admitted guest (its session ends at once).
     Revoke {
@@ -98,9 +99,10 @@ pub enum OverlayCommand {
         /// The guest's overlay IPv4 address.
         #[arg(long)]
         ip: Ipv4Addr,
-        /// The buyer host's overlay address.
-        #[arg(long, default_value_t = DEFAULT_HOST_IP)]
-        buyer_ip: Ipv4Addr,
+        /// The buyer host's overlay address [default: 10.77.0.1, or `buyer_ip` in the
+        /// config file's [overlay] table, as for the flags below].
+        #[arg(long)]
+        buyer_ip: Option<Ipv4Addr>,
         /// Cap on the guest's sending rate in Mbit/s (egress token bucket; default from the lease defaults).
         #[arg(long)]
         max_mbit: Option<u64>,
@@ -110,8 +112,8 @@ pub enum OverlayCommand {
         /// After forwarding a frame, poll for its answer this many microseconds before
         /// sleeping; answers from the buyer only while they come that fast (lower
         /// latency for up to one core while packets flow; 0 = off).
-        #[arg(long, default_value_t = DEFAULT_BUSY_POLL_US)]
-        busy_poll_us: u64,
+        #[arg(long)]
+        busy_poll_us: Option<u64>,
     },
     /// Seller: end a guest's session and remove what attach created.
     Detach {
@@ -512,9 +514,12 @@ pub fn run_cli(settings: &Settings, cmd: OverlayCommand) -> Result<ExitCode> {
         } => {
             overlay::parse_peer_key(key)?;
             mac_arg(mac)?;
+            let a = settings
+                .overlay
+                .admit(*listen, tap.clone(), *host_ip, *busy_poll_us);
             (
                 "overlay.admit",
-                json!({"key": key, "mac": mac, "ip": ip, "listen": listen, "tap": tap, "host_ip": host_ip, "busy_poll_us": busy_poll_us}),
+                json!({"key": key, "mac": mac, "ip": ip, "listen": a.listen, "tap": a.tap, "host_ip": a.host_ip, "busy_poll_us": a.busy_poll_us}),
             )
         }
         OverlayCommand::Revoke { mac } => {
@@ -542,9 +547,12 @@ pub fn run_cli(settings: &Settings, cmd: OverlayCommand) -> Result<ExitCode> {
                     reason: "give --tap NAME, or --netns NS --iface NAME".into(),
                 });
             }
+            let a = settings
+                .overlay
+                .attach(*buyer_ip, *max_mbit, *max_pps, *busy_poll_us);
             (
                 "overlay.attach",
-                json!({"tap": tap, "iface": iface, "netns": netns, "buyer": buyer, "buyer_key": buyer_key, "mac": mac, "ip": ip, "buyer_ip": buyer_ip, "max_mbit": max_mbit, "max_pps": max_pps, "busy_poll_us": busy_poll_us}),
+                json!({"tap": tap, "iface": iface, "netns": netns, "buyer": buyer, "buyer_key": buyer_key, "mac": mac, "ip": ip, "buyer_ip": a.buyer_ip, "max_mbit": a.max_mbit, "max_pps": a.max_pps, "busy_poll_us": a.busy_poll_us}),
             )
         }
         OverlayCommand::Detach { mac } => {

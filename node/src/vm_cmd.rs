@@ -541,6 +541,7 @@ mod tests {
             mdns: false,
             log_format: crate::cli::LogFormat::Text,
             store_cap_mib: 1024,
+            overlay: Default::default(),
         }
     }
 
