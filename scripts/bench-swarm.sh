@@ -142,7 +142,7 @@ start_bg() { local ns=$1 lf=$2; shift 2; ip netns exec "$ns" "$@" >"$lf" 2>&1 & 
 # ---------------------------------------------------------------- runs
 run_cpushare() {
   local d=$R i
-  start_bg "$SEED" "$d/buyer.out" env RUST_LOG=warn "$NODE_BIN" --role buyer --data-dir "$d/buyer" \
+  start_bg "$SEED" "$d/buyer.out" env RUST_LOG=${NODE_LOG:-warn} "$NODE_BIN" --role buyer --data-dir "$d/buyer" \
     --listen "/ip4/$SEED_IP/tcp/$PORT"
   wait_for 30 "buyer" grep -q "^peer id" "$d/buyer.out"
   local bp; bp=$(awk '/^peer id/{print $3; exit}' "$d/buyer.out")
@@ -150,7 +150,7 @@ run_cpushare() {
   IMAGE=$("$NODE_BIN" --data-dir "$d/buyer" image import "$W/file.bin" 2>/dev/null | tail -1)
   log "imported $IMAGE"
   for i in $(seq 1 "$N"); do
-    start_bg "${PEERS[$((i-1))]}" "$d/p$i.out" env RUST_LOG=warn "$NODE_BIN" --role seller --data-dir "$d/p$i" \
+    start_bg "${PEERS[$((i-1))]}" "$d/p$i.out" env RUST_LOG=${NODE_LOG:-warn} "$NODE_BIN" --role seller --data-dir "$d/p$i" \
       --listen "/ip4/$(peer_ip "$i")/tcp/$PORT" --bootstrap "/ip4/$SEED_IP/tcp/$PORT/p2p/$bp"
   done
   for i in $(seq 1 "$N"); do wait_for 30 "seller $i" "$NODE_BIN" --data-dir "$d/p$i" status; done

@@ -1,72 +1,17 @@
 //! Bad input on the wire: a scripted libp2p peer (at the test's edge) sends a
 //! running `cpushare-node` oversized messages, malformed messages and an unknown
-//! protocol version. Each is rejected; the node keeps serving valid requests.
+//! protocol version. Each is rejected (the node drops that stream and counts
+//! it); the node keeps serving valid requests on a new stream.
 
-use std::io;
 use std::time::Duration;
 
-use anyhow::{bail, Result};
-use async_trait::async_trait;
+use anyhow::{bail, Context as _, Result};
 use cpushare_tests::swarm::{import, num, random_file, spawn};
 use futures::prelude::*;
-use libp2p::request_response::{self, OutboundFailure, ProtocolSupport};
-use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{noise, tcp, yamux, Multiaddr, PeerId, StreamProtocol};
+use libp2p::swarm::SwarmEvent;
+use libp2p::{noise, tcp, yamux, Multiaddr, PeerId, Stream, StreamProtocol};
 
-/// Sends bytes exactly as given (so frames can lie about their length) and
-/// reads the reply to its end.
-#[derive(Clone, Default)]
-struct RawCodec;
-
-#[async_trait]
-impl request_response::Codec for RawCodec {
-    type Protocol = StreamProtocol;
-    type Request = Vec<u8>;
-    type Response = Vec<u8>;
-    async fn read_request<T: AsyncRead + Unpin + Send>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-    ) -> io::Result<Vec<u8>> {
-        let mut v = Vec::new();
-        io.take(1 << 20).read_to_end(&mut v).await?;
-        Ok(v)
-    }
-    async fn read_response<T: AsyncRead + Unpin + Send>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-    ) -> io::Result<Vec<u8>> {
-        let mut v = Vec::new();
-        io.take(64 << 20).read_to_end(&mut v).await?;
-        if v.is_empty() {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "no reply"));
-        }
-        Ok(v)
-    }
-    async fn write_request<T: AsyncWrite + Unpin + Send>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        r: Vec<u8>,
-    ) -> io::Result<()> {
-        io.write_all(&r).await
-    }
-    async fn write_response<T: AsyncWrite + Unpin + Send>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        r: Vec<u8>,
-    ) -> io::Result<()> {
-        io.write_all(&r).await
-    }
-}
-
-#[derive(NetworkBehaviour)]
-struct Raw {
-    v1: request_response::Behaviour<RawCodec>,
-    v9: request_response::Behaviour<RawCodec>,
-}
+const V2: &str = "/cpushare/swarm/2";
 
 fn frame(body: &[u8]) -> Vec<u8> {
     let mut f = (body.len() as u32).to_le_bytes().to_vec();
@@ -74,39 +19,24 @@ fn frame(body: &[u8]) -> Vec<u8> {
     f
 }
 
-type Outcome = std::result::Result<Vec<u8>, String>;
+/// Opens a fresh stream to the node and writes `bytes` on it.
+async fn send(ctl: &mut libp2p_stream::Control, peer: PeerId, bytes: &[u8]) -> Result<Stream> {
+    let mut s = ctl
+        .open_stream(peer, StreamProtocol::new(V2))
+        .await
+        .context("opening a stream")?;
+    s.write_all(bytes).await?;
+    s.flush().await?;
+    Ok(s)
+}
 
-async fn ask(swarm: &mut libp2p::Swarm<Raw>, peer: PeerId, v9: bool, bytes: Vec<u8>) -> Outcome {
-    let want = if v9 {
-        swarm.behaviour_mut().v9.send_request(&peer, bytes)
-    } else {
-        swarm.behaviour_mut().v1.send_request(&peer, bytes)
-    };
-    let deadline = tokio::time::sleep(Duration::from_secs(20));
-    tokio::pin!(deadline);
-    loop {
-        tokio::select! {
-            _ = &mut deadline => return Err("no answer in 20 s".into()),
-            ev = swarm.select_next_some() => {
-                let ev = match ev {
-                    SwarmEvent::Behaviour(RawEvent::V1(e)) | SwarmEvent::Behaviour(RawEvent::V9(e)) => e,
-                    _ => continue,
-                };
-                match ev {
-                    request_response::Event::Message {
-                        message: request_response::Message::Response { request_id, response }, ..
-                    } if request_id == want => return Ok(response),
-                    request_response::Event::OutboundFailure { request_id, error, .. } if request_id == want => {
-                        return Err(match error {
-                            OutboundFailure::UnsupportedProtocols => "unsupported protocol".to_string(),
-                            e => e.to_string(),
-                        })
-                    }
-                    _ => {}
-                }
-            }
-        }
-    }
+/// Waits until the node has dropped our stream (a read ends or fails).
+async fn dropped_by_node(mut s: Stream) -> bool {
+    let mut b = [0u8; 1];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(10), s.read(&mut b)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -120,7 +50,6 @@ async fn swarm_rejects_oversized_malformed_and_unknown_versions() -> Result<()> 
     let peer: PeerId = node.proc.peer_id.parse()?;
     let addr: Multiaddr = node.addr.parse()?;
 
-    let cfg = || request_response::Config::default().with_request_timeout(Duration::from_secs(15));
     let mut swarm = libp2p::SwarmBuilder::with_new_identity()
         .with_tokio()
         .with_tcp(
@@ -128,79 +57,120 @@ async fn swarm_rejects_oversized_malformed_and_unknown_versions() -> Result<()> 
             noise::Config::new,
             yamux::Config::default,
         )?
-        .with_behaviour(|_| Raw {
-            v1: request_response::Behaviour::with_codec(
-                RawCodec,
-                [(
-                    StreamProtocol::new("/cpushare/swarm/1"),
-                    ProtocolSupport::Outbound,
-                )],
-                cfg(),
-            ),
-            v9: request_response::Behaviour::with_codec(
-                RawCodec,
-                [(
-                    StreamProtocol::new("/cpushare/swarm/9"),
-                    ProtocolSupport::Outbound,
-                )],
-                cfg(),
-            ),
-        })?
+        .with_behaviour(|_| libp2p_stream::Behaviour::new())?
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
         .build();
-    swarm.add_peer_address(peer, addr);
+    let mut ctl = swarm.behaviour().new_control();
+    let mut replies = ctl.accept(StreamProtocol::new(V2))?;
+    swarm.dial(addr)?;
+    let (up_tx, up_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let mut up_tx = Some(up_tx);
+        loop {
+            match swarm.select_next_some().await {
+                SwarmEvent::ConnectionEstablished { .. } => {
+                    if let Some(tx) = up_tx.take() {
+                        let _ = tx.send(Ok(()));
+                    }
+                }
+                SwarmEvent::OutgoingConnectionError { error, .. } => {
+                    if let Some(tx) = up_tx.take() {
+                        let _ = tx.send(Err(error.to_string()));
+                    }
+                }
+                _ => {}
+            }
+        }
+    });
+    match tokio::time::timeout(Duration::from_secs(20), up_rx).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => bail!("cannot connect to the node: {e}"),
+        _ => bail!("no connection to the node in 20 s"),
+    }
 
     let mut get_manifest = vec![1u8];
     get_manifest.extend_from_slice(&image);
+    get_manifest.push(0); // not waiting
 
+    let mut bad: Vec<(&str, Vec<u8>)> = Vec::new();
     // a length prefix far beyond the limit: refused before it is read
     let mut oversized = (200u32 << 20).to_le_bytes().to_vec();
     oversized.extend_from_slice(&[3u8; 4096]);
-    let r = ask(&mut swarm, peer, false, oversized).await;
-    assert!(r.is_err(), "oversized request answered: {r:?}");
-
+    bad.push(("oversized length", oversized));
     // an oversized Have list inside a small frame
-    let mut have = vec![3u8];
+    let mut have = vec![6u8];
     have.extend_from_slice(&image);
     have.extend_from_slice(&u32::MAX.to_le_bytes());
-    assert!(ask(&mut swarm, peer, false, frame(&have)).await.is_err());
-
+    bad.push(("oversized have list", frame(&have)));
     // unknown message tag, truncated body, trailing garbage
-    assert!(ask(&mut swarm, peer, false, frame(&[99])).await.is_err());
-    assert!(ask(&mut swarm, peer, false, frame(&get_manifest[..10]))
-        .await
-        .is_err());
+    let mut unknown = vec![99u8];
+    unknown.extend_from_slice(&image);
+    bad.push(("unknown tag", frame(&unknown)));
+    bad.push(("truncated", frame(&get_manifest[..10])));
     let mut trailing = get_manifest.clone();
     trailing.push(0);
-    assert!(ask(&mut swarm, peer, false, frame(&trailing))
-        .await
-        .is_err());
+    bad.push(("trailing bytes", frame(&trailing)));
+    // a chunk for an index beyond the image
+    let mut chunk = vec![8u8];
+    chunk.extend_from_slice(&image);
+    chunk.extend_from_slice(&u32::MAX.to_le_bytes());
+    chunk.extend_from_slice(&[7u8; 100]);
+    let st0 = node.proc.status()?;
+    let before = num(&st0["p2p"]["rejected"], "bad_messages");
+    for (what, bytes) in &bad {
+        let s = send(&mut ctl, peer, bytes).await?;
+        assert!(dropped_by_node(s).await, "{what}: the node kept the stream");
+    }
+    // well-formed but unasked for (a chunk of an image nobody fetches, at an
+    // index beyond it): ignored, nothing stored, the node carries on
+    send(&mut ctl, peer, &frame(&chunk)).await?;
 
     // another protocol version: negotiation fails cleanly
-    let r = ask(&mut swarm, peer, true, frame(&get_manifest)).await;
-    assert_eq!(r, Err("unsupported protocol".to_string()));
+    match ctl
+        .open_stream(peer, StreamProtocol::new("/cpushare/swarm/9"))
+        .await
+    {
+        Err(libp2p_stream::OpenStreamError::UnsupportedProtocol(_)) => {}
+        Err(e) => bail!("expected an unsupported-protocol error, got {e}"),
+        Ok(_) => bail!("the node accepted an unknown protocol version"),
+    }
 
-    // and the node still serves a valid request: a manifest that verifies
-    let r = match ask(&mut swarm, peer, false, frame(&get_manifest)).await {
-        Ok(r) => r,
-        Err(e) => bail!(
+    // and the node still serves a valid request on a new stream: a manifest
+    // that verifies, on the node's own stream back to us
+    let _s = send(&mut ctl, peer, &frame(&get_manifest)).await?;
+    let reply = tokio::time::timeout(Duration::from_secs(20), async {
+        let (_, mut s) = replies.next().await.context("no reply stream")?;
+        let mut len = [0u8; 4];
+        s.read_exact(&mut len).await?;
+        let mut body = vec![0u8; u32::from_le_bytes(len) as usize];
+        s.read_exact(&mut body).await?;
+        anyhow::Ok(body)
+    })
+    .await;
+    let r = match reply {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => bail!(
             "valid request failed after bad input: {e}\n{}",
             node.proc.log()
         ),
+        Err(_) => bail!("no answer in 20 s after bad input\n{}", node.proc.log()),
     };
-    assert_eq!(r[4], 1, "expected a Manifest reply");
-    let m = chunks::SignedManifest::decode_for(chunks::ImageId(image), &r[5..])?;
+    assert_eq!(r[0], 2, "expected a Manifest reply");
+    assert_eq!(&r[1..33], &image[..]);
+    let m = chunks::SignedManifest::decode_for(chunks::ImageId(image), &r[33..])?;
     assert_eq!(m.image_id().to_hex(), id);
 
     // status is refreshed a few times a second
+    let want = before + bad.len() as u64;
     let mut st = node.proc.status()?;
     for _ in 0..50 {
-        if num(&st["p2p"]["rejected"], "bad_messages") >= 4 {
+        if num(&st["p2p"]["rejected"], "bad_messages") >= want {
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
         st = node.proc.status()?;
     }
-    assert!(num(&st["p2p"]["rejected"], "bad_messages") >= 4, "{st}");
+    assert!(num(&st["p2p"]["rejected"], "bad_messages") >= want, "{st}");
+    assert_eq!(st["store"], st0["store"], "bad input changed the store");
     Ok(())
 }

@@ -218,6 +218,12 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
             .is_some_and(|t| now.saturating_sub(t) >= self.cfg.starve_after_us)
     }
 
+    /// How many known peers hold chunk `idx` (a server uses it to send the
+    /// rarest of its queued replies first).
+    pub fn availability(&self, idx: u32) -> u32 {
+        self.avail.get(idx as usize).copied().unwrap_or(0)
+    }
+
     /// Whether `p` is known to hold chunk `idx`.
     pub fn peer_has(&self, p: &P, idx: u32) -> bool {
         self.slot(p).is_some_and(|s| s.has.get(idx))

@@ -8,7 +8,7 @@
 //! Every received chunk is checked against its id before it is stored; every
 //! manifest's signature before it is used.
 
-pub mod codec;
+pub mod link;
 pub mod wire;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -20,7 +20,7 @@ use chunks::swarm::{
 };
 use chunks::{ChunkId, ChunkStore, ImageId, PinGuard, SignedManifest};
 use futures::StreamExt;
-use libp2p::request_response::{self, InboundRequestId, OutboundRequestId, ProtocolSupport};
+use libp2p::core::{transport::Transport as _, upgrade};
 use libp2p::swarm::{behaviour::toggle::Toggle, NetworkBehaviour, SwarmEvent};
 use libp2p::{
     identify, kad, mdns, noise, ping, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Swarm,
@@ -33,15 +33,22 @@ use crate::cli::Role;
 use crate::control::{Progress, Router};
 use crate::daemon::Node;
 use crate::error::{Error, Result};
-use codec::SwarmCodec;
-use wire::{PeerRole, Request, Response};
+use link::{BudgetConfig, LinkEvent, Links};
+use wire::{Body, Msg, PeerRole};
 
 /// How long a fetch waits for any peer to hand over a valid manifest.
 const MANIFEST_WAIT: Duration = Duration::from_secs(15);
+/// A fetch sent elsewhere for the manifest asks the super-seed again after this.
+const MANIFEST_REDIRECT_WAIT: Duration = Duration::from_millis(1500);
 /// How often providers are looked up again and new ones greeted.
 const DISCOVERY_EVERY: Duration = Duration::from_secs(2);
+/// Longest wait between two provider lookups of an image being fetched.
+const LOOKUP_MAX_WAIT: Duration = Duration::from_secs(30);
 /// A fetch with no new chunk for this long fails (and can be restarted).
 const FETCH_STALL: Duration = Duration::from_secs(120);
+/// Unsent bytes a TCP socket may hold (TCP_NOTSENT_LOWAT): small messages
+/// then wait behind at most this much queued chunk data, not whole seconds of it.
+const UNSENT_LOWAT: libc::c_int = 32 * 1024;
 /// Least time between two "starving" notes to a super-seed.
 const STARVING_EVERY: Duration = Duration::from_millis(200);
 /// Fault injection for tests (a scripted bad peer at the test's edge).
@@ -52,7 +59,7 @@ struct Behaviour {
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     kad: kad::Behaviour<kad::store::MemoryStore>,
-    rr: request_response::Behaviour<SwarmCodec>,
+    stream: libp2p_stream::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
 }
 
@@ -99,6 +106,9 @@ struct Snapshot {
     connected: BTreeSet<String>,
     images: BTreeMap<String, ImageStats>,
     rejects: Rejects,
+    /// Chunk bytes sent and not yet acknowledged, and the limit on them.
+    upload_in_flight: u64,
+    upload_budget: u64,
 }
 
 /// Registers the `image.fetch` method and the `p2p` status section, and spawns
@@ -128,6 +138,8 @@ pub fn start(node: Arc<Node>, router: &mut Router) -> Result<()> {
                 "images": s.images,
                 "banned_peers": banned,
                 "rejected": s.rejects,
+                "upload_in_flight_bytes": s.upload_in_flight,
+                "upload_budget_bytes": s.upload_budget,
             })
         });
     }
@@ -171,13 +183,6 @@ pub fn start(node: Arc<Node>, router: &mut Router) -> Result<()> {
     Ok(())
 }
 
-enum Pending {
-    Manifest { image: ImageId },
-    Hello { image: ImageId },
-    Have,
-    Chunk { image: ImageId, index: u32 },
-}
-
 struct Waiter {
     progress: Progress,
     reply: oneshot::Sender<std::result::Result<Value, String>>,
@@ -187,6 +192,10 @@ struct ManifestFetch {
     asked: HashSet<PeerId>,
     waiters: Vec<Waiter>,
     started: Instant,
+    /// Peers a super-seed sent to us: they get the manifest once we have it.
+    forward: Vec<PeerId>,
+    /// After a redirect: when to go back to the super-seed, and who it is.
+    fallback: Option<(Instant, PeerId)>,
 }
 
 enum Mode {
@@ -225,6 +234,9 @@ struct ImageSwarm {
     slow_have_queue: HashMap<PeerId, Vec<u32>>,
     fetch: Option<Fetch>,
     stats: ImageStats,
+    /// Provider lookups made, and when the next one is due.
+    lookups: u32,
+    next_lookup: Option<Instant>,
 }
 
 struct Net {
@@ -234,8 +246,12 @@ struct Net {
     epoch: Instant,
     images: HashMap<ImageId, ImageSwarm>,
     manifest_fetches: HashMap<ImageId, ManifestFetch>,
-    pending: HashMap<OutboundRequestId, Pending>,
-    seed_serving: HashMap<InboundRequestId, (ImageId, PeerId, u32)>,
+    /// Peers given (or pointed to) each manifest we serve, oldest first.
+    manifest_given: HashMap<ImageId, Vec<PeerId>>,
+    /// Requesters already pointed elsewhere once.
+    redirected: HashSet<(ImageId, PeerId)>,
+    links: Links,
+    link_events: Option<mpsc::UnboundedReceiver<LinkEvent>>,
     provider_queries: HashMap<kad::QueryId, ImageId>,
     providing: HashSet<ImageId>,
     connected: HashSet<PeerId>,
@@ -244,8 +260,29 @@ struct Net {
     fault: Fault,
     snapshot: Arc<Mutex<Snapshot>>,
     rng_seed: u64,
-    codec_rejects: Arc<std::sync::atomic::AtomicU64>,
+    /// Inbound messages the links refused (malformed or oversized).
+    link_rejects: Arc<std::sync::atomic::AtomicU64>,
     ticks: u64,
+}
+
+/// Caps the socket's unsent queue so writers feel backpressure early (the
+/// kernel otherwise lets a send buffer grow to megabytes on a slow link).
+fn limit_unsent(s: &tokio::net::TcpStream) {
+    use std::os::fd::AsRawFd;
+    let v = UNSENT_LOWAT;
+    // SAFETY: setsockopt on a socket we own, with a pointer to a live c_int.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NOTSENT_LOWAT,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        debug!(error = %std::io::Error::last_os_error(), "TCP_NOTSENT_LOWAT not set");
+    }
 }
 
 fn p2p_err(e: impl std::fmt::Display) -> Error {
@@ -257,15 +294,21 @@ impl Net {
         let keypair = node.identity.keypair().clone();
         let local = keypair.public().to_peer_id();
         let mdns_on = node.settings.mdns;
-        let codec = SwarmCodec::default();
-        let codec_rejects = codec.rejected.clone();
         let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
             .with_tokio()
-            .with_tcp(
-                tcp::Config::default().nodelay(true),
-                noise::Config::new,
-                yamux::Config::default,
-            )
+            .with_other_transport(|key| {
+                Ok(
+                    tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
+                        .map(|s, _| {
+                            limit_unsent(&s.0);
+                            s
+                        })
+                        .upgrade(upgrade::Version::V1Lazy)
+                        .authenticate(noise::Config::new(key)?)
+                        .multiplex(yamux::Config::default())
+                        .boxed(),
+                )
+            })
             .map_err(p2p_err)?
             .with_behaviour(|key| {
                 let mut kcfg = kad::Config::new(StreamProtocol::new("/cpushare/kad/1"));
@@ -275,14 +318,6 @@ impl Net {
                 // small private swarms on loopback never get a confirmed external
                 // address; serve the DHT anyway
                 kad.set_mode(Some(kad::Mode::Server));
-                let rr = request_response::Behaviour::with_codec(
-                    codec.clone(),
-                    [(StreamProtocol::new(wire::PROTOCOL), ProtocolSupport::Full)],
-                    // the scheduler owns timeouts (scaled by size and rate)
-                    request_response::Config::default()
-                        .with_request_timeout(Duration::from_secs(600))
-                        .with_max_concurrent_streams(1024),
-                );
                 let mdns = if mdns_on {
                     Some(mdns::tokio::Behaviour::new(mdns::Config::default(), local)?)
                 } else {
@@ -295,7 +330,7 @@ impl Net {
                     )),
                     ping: ping::Behaviour::new(ping::Config::new()),
                     kad,
-                    rr,
+                    stream: libp2p_stream::Behaviour::new(),
                     mdns: Toggle::from(mdns),
                 })
             })
@@ -342,6 +377,16 @@ impl Net {
         let rng_seed = pid.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
             (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
         });
+        let link_rejects = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let budget = match node.role {
+            Role::Buyer => BudgetConfig::SEED,
+            Role::Seller => BudgetConfig::RELAY,
+        };
+        let (links, link_events) = Links::new(
+            swarm.behaviour().stream.new_control(),
+            link_rejects.clone(),
+            budget,
+        );
         Ok(Net {
             swarm,
             store: node.store.clone(),
@@ -349,8 +394,10 @@ impl Net {
             epoch: Instant::now(),
             images: HashMap::new(),
             manifest_fetches: HashMap::new(),
-            pending: HashMap::new(),
-            seed_serving: HashMap::new(),
+            manifest_given: HashMap::new(),
+            redirected: HashSet::new(),
+            links,
+            link_events: Some(link_events),
             provider_queries: HashMap::new(),
             providing: HashSet::new(),
             connected: HashSet::new(),
@@ -359,7 +406,7 @@ impl Net {
             fault,
             snapshot,
             rng_seed,
-            codec_rejects,
+            link_rejects,
             ticks: 0,
         })
     }
@@ -374,9 +421,11 @@ impl Net {
         let mut slow = tokio::time::interval(DISCOVERY_EVERY);
         let mut kad_boot = tokio::time::interval(Duration::from_secs(30));
         let mut last_snapshot = Instant::now();
+        let mut link_events = self.link_events.take().expect("run once");
         loop {
             tokio::select! {
                 ev = self.swarm.select_next_some() => self.on_swarm_event(ev),
+                Some(ev) = link_events.recv() => self.on_link_event(ev),
                 cmd = rx.recv() => match cmd {
                     Some(c) => self.on_cmd(c),
                     None => return,
@@ -402,9 +451,8 @@ impl Net {
             s.images.insert(id.to_hex(), img.stats.clone());
         }
         s.rejects = self.rejects.clone();
-        s.rejects.bad_messages += self
-            .codec_rejects
-            .load(std::sync::atomic::Ordering::Relaxed);
+        (s.upload_in_flight, s.upload_budget) = self.links.budget();
+        s.rejects.bad_messages += self.link_rejects.load(std::sync::atomic::Ordering::Relaxed);
     }
 
     // ------------------------------------------------------------ commands
@@ -436,6 +484,8 @@ impl Net {
                                     asked: HashSet::new(),
                                     waiters: Vec::new(),
                                     started: Instant::now(),
+                                    forward: Vec::new(),
+                                    fallback: None,
                                 });
                         mf.waiters.push(w);
                         self.ask_manifest(image);
@@ -473,12 +523,8 @@ impl Net {
         if !mf.asked.insert(p) {
             return;
         }
-        let id = self
-            .swarm
-            .behaviour_mut()
-            .rr
-            .send_request(&p, Request::GetManifest { image });
-        self.pending.insert(id, Pending::Manifest { image });
+        self.links
+            .send(p, Msg::new(image, Body::GetManifest { wait: false }));
     }
 
     fn on_manifest(&mut self, image: ImageId, from: PeerId, bytes: Vec<u8>) {
@@ -501,8 +547,112 @@ impl Net {
             return;
         }
         let mf = self.manifest_fetches.remove(&image).expect("checked");
-        info!(image = %image, peer = %from, "manifest verified");
+        info!(image = %image, peer = %from, forward = mf.forward.len(), "manifest verified");
+        for p in mf.forward {
+            self.links
+                .send(p, Msg::new(image, Body::Manifest(m.as_bytes().to_vec())));
+        }
         self.start_leech(image, m, mf.waiters);
+    }
+
+    /// Serves a manifest. A super-seed's uplink is the swarm's bottleneck, so
+    /// it sends each manifest about once: a requester is pointed at peers that
+    /// already have it (or are getting it and will pass it on); one that comes
+    /// back anyway gets it directly.
+    fn on_get_manifest(&mut self, peer: PeerId, image: ImageId, wait: bool) {
+        let reply = match self.store.get_manifest(image) {
+            Ok(Some(m)) => {
+                let given = self.manifest_given.entry(image).or_default();
+                given.retain(|p| self.connected.contains(p));
+                if self.role == Role::Buyer
+                    && !given.is_empty()
+                    && self.redirected.insert((image, peer))
+                {
+                    let peers: Vec<PeerId> = given
+                        .iter()
+                        .rev()
+                        .filter(|p| **p != peer)
+                        .take(wire::MAX_REDIRECT)
+                        .copied()
+                        .collect();
+                    if !given.contains(&peer) {
+                        given.push(peer);
+                    }
+                    if peers.is_empty() {
+                        self.redirected.remove(&(image, peer));
+                        self.manifest_body(&m)
+                    } else {
+                        Body::ManifestAt { peers }
+                    }
+                } else {
+                    if !given.contains(&peer) {
+                        given.push(peer);
+                    }
+                    self.manifest_body(&m)
+                }
+            }
+            _ => match self.manifest_fetches.get_mut(&image) {
+                Some(mf) if wait => {
+                    if !mf.forward.contains(&peer) {
+                        mf.forward.push(peer);
+                    }
+                    return;
+                }
+                _ => Body::NotFound,
+            },
+        };
+        self.links.send(peer, Msg::new(image, reply));
+    }
+
+    fn manifest_body(&self, m: &SignedManifest) -> Body {
+        let mut b = m.as_bytes().to_vec();
+        match self.fault {
+            Fault::TamperManifest => {
+                let i = b.len() / 2;
+                b[i] ^= 0x40;
+            }
+            Fault::TruncateManifest => b.truncate(b.len() / 2),
+            _ => {}
+        }
+        Body::Manifest(b)
+    }
+
+    /// A super-seed pointed us at peers with the manifest: ask one of them
+    /// (picked by our own id, so requesters spread out), and the seed again
+    /// if that takes too long.
+    fn on_manifest_at(&mut self, seed: PeerId, image: ImageId, peers: Vec<PeerId>) {
+        let me = *self.swarm.local_peer_id();
+        let Some(mf) = self.manifest_fetches.get_mut(&image) else {
+            return;
+        };
+        let peers: Vec<PeerId> = peers.into_iter().filter(|p| *p != me).collect();
+        if peers.is_empty() {
+            return;
+        }
+        let pick = peers[(self.rng_seed as usize) % peers.len()];
+        mf.asked.insert(pick);
+        mf.fallback = Some((Instant::now() + MANIFEST_REDIRECT_WAIT, seed));
+        debug!(image = %image, seed = %seed, via = %pick, "manifest redirected");
+        self.links
+            .send(pick, Msg::new(image, Body::GetManifest { wait: true }));
+    }
+
+    /// Redirected fetches that got nothing in time go back to the seed.
+    fn manifest_fallbacks(&mut self) {
+        let now = Instant::now();
+        let mut due = Vec::new();
+        for (image, mf) in self.manifest_fetches.iter_mut() {
+            if let Some((at, seed)) = mf.fallback {
+                if now >= at {
+                    mf.fallback = None;
+                    due.push((*image, seed));
+                }
+            }
+        }
+        for (image, seed) in due {
+            self.links
+                .send(seed, Msg::new(image, Body::GetManifest { wait: false }));
+        }
     }
 
     fn new_image_swarm(&self, image: ImageId, m: &SignedManifest) -> Result<ImageSwarm> {
@@ -533,6 +683,8 @@ impl Net {
             slow_have_queue: HashMap::new(),
             fetch: None,
             stats: ImageStats::default(),
+            lookups: 0,
+            next_lookup: None,
         })
     }
 
@@ -599,12 +751,7 @@ impl Net {
             return;
         }
         let have = img.have.to_bytes();
-        let id = self
-            .swarm
-            .behaviour_mut()
-            .rr
-            .send_request(&p, Request::Hello { image, have });
-        self.pending.insert(id, Pending::Hello { image });
+        self.links.send(p, Msg::new(image, Body::Hello { have }));
     }
 
     /// Loads the swarm state of a complete local image on first use.
@@ -667,23 +814,8 @@ impl Net {
                 ..
             } => {
                 self.connected.remove(&peer_id);
-                let ids: Vec<ImageId> = self.images.keys().copied().collect();
-                for image in ids {
-                    let img = self.images.get_mut(&image).expect("listed");
-                    img.members.remove(&peer_id);
-                    img.greeted.remove(&peer_id);
-                    img.have_queue.remove(&peer_id);
-                    img.early_haves.remove(&peer_id);
-                    match &mut img.mode {
-                        Mode::Seed(s) => s.remove_peer(&peer_id),
-                        Mode::Leech(l) => l.remove_peer(&peer_id),
-                        Mode::Done => {}
-                    }
-                    self.drive(image);
-                }
-                for mf in self.manifest_fetches.values_mut() {
-                    mf.asked.remove(&peer_id);
-                }
+                self.links.close(&peer_id);
+                self.forget_peer(peer_id);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
                 peer_id,
@@ -723,194 +855,105 @@ impl Net {
                     }
                 }
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Rr(ev)) => self.on_rr(ev),
             _ => {}
         }
     }
 
-    fn on_rr(&mut self, ev: request_response::Event<Request, Response>) {
-        use request_response::{Event, Message};
+    fn on_link_event(&mut self, ev: LinkEvent) {
         match ev {
-            Event::Message {
+            LinkEvent::Msg { peer, msg } => self.on_msg(peer, msg),
+            LinkEvent::Sent {
                 peer,
-                message:
-                    Message::Request {
-                        request_id,
-                        request,
-                        channel,
-                    },
-                ..
+                image,
+                index,
+                delivered,
             } => {
-                let resp = self.on_request(peer, request_id, request);
-                if self
-                    .swarm
-                    .behaviour_mut()
-                    .rr
-                    .send_response(channel, resp)
-                    .is_err()
-                {
-                    self.finish_seed_send(request_id, false);
-                }
-            }
-            Event::Message {
-                peer,
-                message:
-                    Message::Response {
-                        request_id,
-                        response,
-                    },
-                ..
-            } => {
-                if let Some(p) = self.pending.remove(&request_id) {
-                    self.on_response(peer, p, response);
-                }
-            }
-            Event::OutboundFailure {
-                peer,
-                request_id,
-                error,
-                ..
-            } => {
-                let Some(p) = self.pending.remove(&request_id) else {
+                let now = self.now();
+                let Some(img) = self.images.get_mut(&image) else {
                     return;
                 };
-                debug!(peer = %peer, error = %error, "request failed");
-                if let request_response::OutboundFailure::Io(e) = &error {
-                    if e.kind() == std::io::ErrorKind::InvalidData {
-                        self.rejects.bad_messages += 1;
-                        warn!(peer = %peer, error = %e, "rejected reply");
+                debug!(image = %image, chunk = index, to = %peer, delivered, "chunk sent");
+                if delivered {
+                    if let Some(&size) = img.sizes.get(index as usize) {
+                        img.stats.uploaded_bytes += size as u64;
                     }
                 }
-                match p {
-                    Pending::Chunk { image, index } => {
-                        let now = self.now();
-                        if let Some(ImageSwarm {
-                            mode: Mode::Leech(l),
-                            ..
-                        }) = self.images.get_mut(&image)
-                        {
-                            l.peer_lacks(&peer, index, now);
-                        }
-                        self.drive(image);
-                    }
-                    Pending::Hello { image } => {
-                        if let Some(img) = self.images.get_mut(&image) {
-                            img.greeted.remove(&peer);
-                        }
-                    }
-                    Pending::Manifest { .. } | Pending::Have => {}
+                if let Mode::Seed(s) = &mut img.mode {
+                    s.on_sent(&peer, index, delivered, now);
+                    self.drive(image);
                 }
             }
-            Event::InboundFailure {
-                peer,
-                request_id,
-                error,
-                ..
-            } => {
-                self.rejects.failed_inbound += 1;
-                if let request_response::InboundFailure::Io(e) = &error {
-                    if e.kind() == std::io::ErrorKind::InvalidData {
-                        self.rejects.bad_messages += 1;
+            LinkEvent::Down { peer, link } => {
+                self.links.on_down(&peer, link);
+                // messages may have been lost: start over with this peer
+                self.forget_peer(peer);
+                if self.connected.contains(&peer) {
+                    let leeching: Vec<ImageId> = self
+                        .images
+                        .iter()
+                        .filter(|(_, i)| matches!(i.mode, Mode::Leech(_)))
+                        .map(|(k, _)| *k)
+                        .collect();
+                    for image in leeching {
+                        self.greet(image, peer);
                     }
                 }
-                warn!(peer = %peer, error = %error, "rejected inbound request");
-                self.finish_seed_send(request_id, false);
             }
-            Event::ResponseSent { request_id, .. } => self.finish_seed_send(request_id, true),
         }
     }
 
-    fn finish_seed_send(&mut self, request_id: InboundRequestId, delivered: bool) {
-        let now = self.now();
-        if let Some((image, peer, idx)) = self.seed_serving.remove(&request_id) {
-            if let Some(ImageSwarm {
-                mode: Mode::Seed(s),
-                ..
-            }) = self.images.get_mut(&image)
-            {
-                s.on_sent(&peer, idx, delivered, now);
+    /// Drops every trace of `peer` from the images' swarm state.
+    fn forget_peer(&mut self, peer: PeerId) {
+        let ids: Vec<ImageId> = self.images.keys().copied().collect();
+        for image in ids {
+            let img = self.images.get_mut(&image).expect("listed");
+            img.members.remove(&peer);
+            img.greeted.remove(&peer);
+            img.have_queue.remove(&peer);
+            img.slow_have_queue.remove(&peer);
+            img.early_haves.remove(&peer);
+            match &mut img.mode {
+                Mode::Seed(s) => s.remove_peer(&peer),
+                Mode::Leech(l) => l.remove_peer(&peer),
+                Mode::Done => {}
             }
             self.drive(image);
         }
+        for mf in self.manifest_fetches.values_mut() {
+            mf.asked.remove(&peer);
+        }
     }
 
-    fn on_request(&mut self, peer: PeerId, rid: InboundRequestId, req: Request) -> Response {
-        match req {
-            Request::GetManifest { image } => match self.store.get_manifest(image) {
-                Ok(Some(m)) => {
-                    let mut b = m.as_bytes().to_vec();
-                    match self.fault {
-                        Fault::TamperManifest => {
-                            let i = b.len() / 2;
-                            b[i] ^= 0x40;
-                        }
-                        Fault::TruncateManifest => b.truncate(b.len() / 2),
-                        _ => {}
-                    }
-                    Response::Manifest(b)
+    fn on_msg(&mut self, peer: PeerId, msg: Msg) {
+        let image = msg.image;
+        let now = self.now();
+        match msg.body {
+            Body::GetManifest { wait } => self.on_get_manifest(peer, image, wait),
+            Body::ManifestAt { peers } => self.on_manifest_at(peer, image, peers),
+            Body::Manifest(bytes) => self.on_manifest(image, peer, bytes),
+            Body::NotFound => {
+                if let Some(img) = self.images.get_mut(&image) {
+                    img.members.remove(&peer);
                 }
-                _ => Response::NotFound,
-            },
-            Request::Hello { image, have } => {
-                if !self.ensure_image(image) {
-                    return Response::NotFound;
-                }
-                let now = self.now();
-                let img = self.images.get_mut(&image).expect("ensured");
-                let Some(bf) = Bitfield::from_bytes(img.sizes.len() as u32, &have) else {
-                    self.rejects.bad_messages += 1;
-                    warn!(peer = %peer, image = %image, "malformed have-set");
-                    return Response::NotFound;
-                };
-                img.members.insert(peer);
-                let resp = match &mut img.mode {
-                    Mode::Seed(s) => {
-                        s.add_peer(peer, bf, now);
-                        s.poll(now);
-                        // offers for this peer ride in the reply; others queue as Haves
-                        let mut offers = Bitfield::new(img.sizes.len() as u32);
-                        while let Some(SeedAction::Offer { peer: to, chunk }) = s.next_action() {
-                            if to == peer {
-                                offers.set(chunk);
-                            } else {
-                                img.have_queue.entry(to).or_default().push(chunk);
-                            }
-                        }
-                        Response::HelloAck {
-                            role: PeerRole::SuperSeed,
-                            have: offers.to_bytes(),
-                        }
-                    }
-                    Mode::Leech(l) => {
-                        if l.add_peer(peer, bf, PeerKind::Normal, now) {
-                            for c in img.early_haves.remove(&peer).unwrap_or_default() {
-                                l.peer_have(&peer, c);
-                            }
-                        }
-                        Response::HelloAck {
-                            role: PeerRole::Peer,
-                            have: img.have.to_bytes(),
-                        }
-                    }
-                    Mode::Done => Response::HelloAck {
-                        role: PeerRole::Peer,
-                        have: img.have.to_bytes(),
-                    },
-                };
-                // greet back so both sides know each other
-                img.greeted.insert(peer);
-                self.drive(image);
-                resp
             }
-            Request::Have { image, chunks } => {
-                let now = self.now();
+            Body::Hello { have } => {
+                let reply = self.on_hello(peer, image, have);
+                self.links.send(peer, Msg::new(image, reply));
+                self.drive(image);
+            }
+            Body::HelloAck { role, have } => self.on_hello_ack(peer, image, role, have),
+            Body::Have { chunks } => {
+                for &c in &chunks {
+                    self.links.acked(peer, image, c);
+                }
                 let Some(img) = self.images.get_mut(&image) else {
-                    return Response::Ack;
+                    return;
                 };
                 let n = img.sizes.len() as u32;
                 if chunks.iter().any(|&c| c >= n) {
                     self.rejects.bad_messages += 1;
-                    return Response::Ack;
+                    warn!(peer = %peer, image = %image, "have names a chunk beyond the image");
+                    return;
                 }
                 match &mut img.mode {
                     Mode::Seed(s) => {
@@ -930,9 +973,8 @@ impl Net {
                     Mode::Done => {}
                 }
                 self.drive(image);
-                Response::Ack
             }
-            Request::Starving { image } => {
+            Body::Starving => {
                 if let Some(ImageSwarm {
                     mode: Mode::Seed(s),
                     ..
@@ -941,87 +983,15 @@ impl Net {
                     s.peer_starving(&peer);
                     self.drive(image);
                 }
-                Response::Ack
             }
-            Request::GetChunk { image, index } => {
-                if !self.ensure_image(image) {
-                    return Response::NotFound;
-                }
-                let now = self.now();
-                let img = self.images.get_mut(&image).expect("ensured");
-                if index as usize >= img.sizes.len() || !img.have.get(index) {
-                    return Response::NotHave;
-                }
-                if let Mode::Seed(s) = &mut img.mode {
-                    if s.on_request(&peer, index, now) == Decision::Refuse {
-                        return Response::NotHave;
-                    }
-                    self.seed_serving.insert(rid, (image, peer, index));
-                }
-                match self.store.get_chunk(&img.chunk_ids[index as usize]) {
-                    Ok(Some(mut bytes)) => {
-                        img.stats.uploaded_bytes += bytes.len() as u64;
-                        if self.fault == Fault::CorruptChunks {
-                            bytes[0] ^= 0xff;
-                        }
-                        Response::Chunk(bytes)
-                    }
-                    Ok(None) | Err(_) => {
-                        img.have.clear(index);
-                        Response::NotHave
-                    }
+            Body::GetChunk { index } => {
+                if let Some(reply) = self.on_get_chunk(peer, image, index) {
+                    self.links.send(peer, Msg::new(image, reply));
                 }
             }
-        }
-    }
-
-    fn on_response(&mut self, peer: PeerId, p: Pending, resp: Response) {
-        let now = self.now();
-        match (p, resp) {
-            (Pending::Manifest { image }, Response::Manifest(bytes)) => {
-                self.on_manifest(image, peer, bytes)
-            }
-            (Pending::Manifest { .. }, _) => {}
-            (Pending::Hello { image }, Response::HelloAck { role, have }) => {
-                let Some(img) = self.images.get_mut(&image) else {
-                    return;
-                };
-                let Some(bf) = Bitfield::from_bytes(img.sizes.len() as u32, &have) else {
-                    self.rejects.bad_messages += 1;
-                    warn!(peer = %peer, image = %image, "malformed have-set");
-                    return;
-                };
-                img.members.insert(peer);
-                match &mut img.mode {
-                    Mode::Leech(l) => {
-                        let kind = match role {
-                            PeerRole::SuperSeed => {
-                                img.seeds.insert(peer);
-                                PeerKind::SuperSeed
-                            }
-                            PeerRole::Peer => PeerKind::Normal,
-                        };
-                        if l.add_peer(peer, bf, kind, now) {
-                            for c in img.early_haves.remove(&peer).unwrap_or_default() {
-                                l.peer_have(&peer, c);
-                            }
-                        }
-                    }
-                    Mode::Seed(s) => s.add_peer(peer, bf, now),
-                    Mode::Done => {}
-                }
-                self.drive(image);
-            }
-            (Pending::Hello { image }, _) => {
-                if let Some(img) = self.images.get_mut(&image) {
-                    img.members.remove(&peer);
-                }
-            }
-            (Pending::Have, _) => {}
-            (Pending::Chunk { image, index }, Response::Chunk(bytes)) => {
-                self.on_chunk(image, index, peer, bytes)
-            }
-            (Pending::Chunk { image, index }, _) => {
+            Body::Cancel { index } => self.links.cancel(peer, image, index),
+            Body::Chunk { index, bytes } => self.on_chunk(image, index, peer, bytes),
+            Body::NotHave { index } => {
                 if let Some(ImageSwarm {
                     mode: Mode::Leech(l),
                     ..
@@ -1034,25 +1004,168 @@ impl Net {
         }
     }
 
+    fn on_hello(&mut self, peer: PeerId, image: ImageId, have: Vec<u8>) -> Body {
+        if !self.ensure_image(image) {
+            return Body::NotFound;
+        }
+        let now = self.now();
+        let img = self.images.get_mut(&image).expect("ensured");
+        let Some(bf) = Bitfield::from_bytes(img.sizes.len() as u32, &have) else {
+            self.rejects.bad_messages += 1;
+            warn!(peer = %peer, image = %image, "malformed have-set");
+            return Body::NotFound;
+        };
+        img.members.insert(peer);
+        let reply = match &mut img.mode {
+            Mode::Seed(s) => {
+                s.add_peer(peer, bf, now);
+                s.poll(now);
+                // offers for this peer ride in the reply; others go out as Haves
+                let mut offers = Bitfield::new(img.sizes.len() as u32);
+                let mut others: BTreeMap<PeerId, Vec<u32>> = BTreeMap::new();
+                while let Some(SeedAction::Offer { peer: to, chunk }) = s.next_action() {
+                    if to == peer {
+                        offers.set(chunk);
+                    } else {
+                        others.entry(to).or_default().push(chunk);
+                    }
+                }
+                for (to, chunks) in others {
+                    self.links.send(to, Msg::new(image, Body::Have { chunks }));
+                }
+                Body::HelloAck {
+                    role: PeerRole::SuperSeed,
+                    have: offers.to_bytes(),
+                }
+            }
+            Mode::Leech(l) => {
+                if l.add_peer(peer, bf, PeerKind::Normal, now) {
+                    for c in img.early_haves.remove(&peer).unwrap_or_default() {
+                        l.peer_have(&peer, c);
+                    }
+                }
+                Body::HelloAck {
+                    role: PeerRole::Peer,
+                    have: img.have.to_bytes(),
+                }
+            }
+            Mode::Done => Body::HelloAck {
+                role: PeerRole::Peer,
+                have: img.have.to_bytes(),
+            },
+        };
+        // both sides know each other now: no need to greet back
+        img.greeted.insert(peer);
+        reply
+    }
+
+    fn on_hello_ack(&mut self, peer: PeerId, image: ImageId, role: PeerRole, have: Vec<u8>) {
+        let now = self.now();
+        let Some(img) = self.images.get_mut(&image) else {
+            return;
+        };
+        let Some(bf) = Bitfield::from_bytes(img.sizes.len() as u32, &have) else {
+            self.rejects.bad_messages += 1;
+            warn!(peer = %peer, image = %image, "malformed have-set");
+            return;
+        };
+        img.members.insert(peer);
+        match &mut img.mode {
+            Mode::Leech(l) => {
+                let kind = match role {
+                    PeerRole::SuperSeed => {
+                        img.seeds.insert(peer);
+                        PeerKind::SuperSeed
+                    }
+                    PeerRole::Peer => PeerKind::Normal,
+                };
+                if l.add_peer(peer, bf, kind, now) {
+                    for c in img.early_haves.remove(&peer).unwrap_or_default() {
+                        l.peer_have(&peer, c);
+                    }
+                }
+            }
+            Mode::Seed(s) => s.add_peer(peer, bf, now),
+            Mode::Done => {}
+        }
+        self.drive(image);
+    }
+
+    /// Queues the chunk for `peer`, or says why not.
+    fn on_get_chunk(&mut self, peer: PeerId, image: ImageId, index: u32) -> Option<Body> {
+        if !self.ensure_image(image) {
+            return Some(Body::NotFound);
+        }
+        let now = self.now();
+        let img = self.images.get_mut(&image).expect("ensured");
+        if index as usize >= img.sizes.len() || !img.have.get(index) {
+            return Some(Body::NotHave { index });
+        }
+        // rarest first among our queued replies: that is what others miss most
+        let prio = match &mut img.mode {
+            Mode::Seed(s) => {
+                if s.on_request(&peer, index, now) == Decision::Refuse {
+                    return Some(Body::NotHave { index });
+                }
+                0
+            }
+            Mode::Leech(l) => l.availability(index),
+            Mode::Done => u32::MAX,
+        };
+        match self.store.get_chunk(&img.chunk_ids[index as usize]) {
+            Ok(Some(mut bytes)) => {
+                if self.fault == Fault::CorruptChunks {
+                    bytes[0] ^= 0xff;
+                }
+                self.links.send_chunk(peer, image, index, bytes, prio);
+                None
+            }
+            Ok(None) | Err(_) => {
+                img.have.clear(index);
+                if let Mode::Seed(s) = &mut img.mode {
+                    s.on_sent(&peer, index, false, now);
+                }
+                Some(Body::NotHave { index })
+            }
+        }
+    }
+
     fn on_chunk(&mut self, image: ImageId, index: u32, peer: PeerId, bytes: Vec<u8>) {
         let now = self.now();
         let Some(img) = self.images.get_mut(&image) else {
             return;
         };
-        let Mode::Leech(l) = &mut img.mode else {
+        let Some(&id) = img.chunk_ids.get(index as usize) else {
+            self.rejects.bad_messages += 1;
+            warn!(peer = %peer, image = %image, chunk = index, "chunk index beyond the image");
             return;
         };
-        let id = img.chunk_ids[index as usize];
         if ChunkId::of(&bytes) != id {
             img.stats.bad_chunks += 1;
             self.rejects.bad_chunks += 1;
             warn!(peer = %peer, image = %image, chunk = index, "chunk failed its hash; banning peer for this image");
-            l.on_chunk(&peer, index, false, now);
+            if let Mode::Leech(l) = &mut img.mode {
+                l.on_chunk(&peer, index, false, now);
+            }
             self.drive(image);
             return;
         }
+        // the sender's upload budget waits for this (duplicates too)
+        self.links.send(
+            peer,
+            Msg::new(
+                image,
+                Body::Have {
+                    chunks: vec![index],
+                },
+            ),
+        );
+        let Mode::Leech(l) = &mut img.mode else {
+            return;
+        };
         img.stats.downloaded_bytes += bytes.len() as u64;
         img.stats.chunks_downloaded += 1;
+        debug!(image = %image, chunk = index, from = %peer, dup = img.have.get(index), "chunk received");
         if img.have.get(index) {
             img.stats.duplicate_chunks += 1;
         } else {
@@ -1061,7 +1174,7 @@ impl Net {
                     img.have.set(index);
                     img.have_bytes += bytes.len() as u64;
                     // the sender too: a super-seed tops up its offers on this
-                    for m in &img.members {
+                    for m in img.members.iter().filter(|m| **m != peer) {
                         if img.seeds.contains(m) {
                             img.slow_have_queue.entry(*m).or_default().push(index);
                         } else {
@@ -1102,13 +1215,16 @@ impl Net {
             return;
         };
         let mut requests = Vec::new();
+        let mut cancels = Vec::new();
         let mut complete = false;
         let mut starving = Vec::new();
+        // a super-seed's offers go out at once: they keep the sellers asking
+        let mut offers: BTreeMap<PeerId, Vec<u32>> = BTreeMap::new();
         match &mut img.mode {
             Mode::Seed(s) => {
                 s.poll(now);
                 while let Some(SeedAction::Offer { peer, chunk }) = s.next_action() {
-                    img.have_queue.entry(peer).or_default().push(chunk);
+                    offers.entry(peer).or_default().push(chunk);
                 }
             }
             Mode::Leech(l) => {
@@ -1116,7 +1232,7 @@ impl Net {
                 while let Some(a) = l.next_action() {
                     match a {
                         Action::Request { peer, chunk } => requests.push((peer, chunk)),
-                        Action::Cancel { .. } => {}
+                        Action::Cancel { peer, chunk } => cancels.push((peer, chunk)),
                         Action::Ban { peer } => {
                             img.stats.banned.insert(peer.to_string());
                             img.members.remove(&peer);
@@ -1141,20 +1257,19 @@ impl Net {
             Mode::Done => {}
         }
         for peer in starving {
-            let id = self
-                .swarm
-                .behaviour_mut()
-                .rr
-                .send_request(&peer, Request::Starving { image });
-            self.pending.insert(id, Pending::Have);
+            self.links.send(peer, Msg::new(image, Body::Starving));
+        }
+        for (peer, index) in cancels {
+            self.links
+                .send(peer, Msg::new(image, Body::Cancel { index }));
         }
         for (peer, index) in requests {
-            let id = self
-                .swarm
-                .behaviour_mut()
-                .rr
-                .send_request(&peer, Request::GetChunk { image, index });
-            self.pending.insert(id, Pending::Chunk { image, index });
+            self.links
+                .send(peer, Msg::new(image, Body::GetChunk { index }));
+        }
+        for (peer, chunks) in offers {
+            self.links
+                .send(peer, Msg::new(image, Body::Have { chunks }));
         }
         if complete {
             self.complete(image);
@@ -1186,6 +1301,8 @@ impl Net {
         if slow {
             self.ticks = 0;
         }
+        self.links.expire();
+        self.manifest_fallbacks();
         let ids: Vec<ImageId> = self.images.keys().copied().collect();
         for image in ids {
             // seeds too: starving peers are noticed by time, not by an event
@@ -1216,12 +1333,8 @@ impl Net {
             }
             while !chunks.is_empty() {
                 let rest = chunks.split_off(chunks.len().min(wire::MAX_HAVES));
-                let id = self
-                    .swarm
-                    .behaviour_mut()
-                    .rr
-                    .send_request(&peer, Request::Have { image, chunks });
-                self.pending.insert(id, Pending::Have);
+                self.links
+                    .send(peer, Msg::new(image, Body::Have { chunks }));
                 chunks = rest;
             }
         }
@@ -1271,7 +1384,21 @@ impl Net {
             .map(|(k, _)| *k)
             .collect();
         for image in leeching {
-            self.find_providers(image);
+            // providers appear as other sellers start: look often at first,
+            // then back off (each lookup costs every peer asked a reply)
+            let due = {
+                let img = self.images.get_mut(&image).expect("listed");
+                let due = img.next_lookup.is_none_or(|t| Instant::now() >= t);
+                if due {
+                    img.lookups += 1;
+                    let wait = DISCOVERY_EVERY * (1 << img.lookups.min(4));
+                    img.next_lookup = Some(Instant::now() + wait.min(LOOKUP_MAX_WAIT));
+                }
+                due
+            };
+            if due {
+                self.find_providers(image);
+            }
             self.fail_if_stalled(image);
         }
         let waiting: Vec<ImageId> = self.manifest_fetches.keys().copied().collect();
@@ -1289,6 +1416,9 @@ impl Net {
                 };
                 for w in mf.waiters {
                     let _ = w.reply.send(Err(msg.clone()));
+                }
+                for p in mf.forward {
+                    self.links.send(p, Msg::new(image, Body::NotFound));
                 }
             } else {
                 self.ask_manifest(image);

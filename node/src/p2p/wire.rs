@@ -1,44 +1,44 @@
-//! Wire format of the chunk-swarm protocol (`/cpushare/swarm/1`).
+//! Wire format of the chunk-swarm protocol (`/cpushare/swarm/2`).
 //!
-//! Every message is `u32 length (LE) | u8 tag | body`, integers little-endian.
-//! Parsers are strict: unknown tags, short bodies and trailing bytes are errors.
-//! The version lives in the protocol name, so a peer speaking another version
-//! fails protocol negotiation before any message is parsed.
+//! Each peer opens one long-lived stream to each other peer and sends every
+//! message for every image on it; replies come back on the other side's
+//! stream. One stream per peer pair (instead of one per request) spares the
+//! per-request stream set-up, negotiation and close on the buyer's slow uplink,
+//! and lets small messages share TCP segments with chunk data.
 //!
-//! Requests:
-//! - 1 GetManifest: image[32]
-//! - 2 Hello: image[32] | u32 n | n bytes have-set (n = ceil(chunks / 8))
-//! - 3 Have: image[32] | u32 count (<= MAX_HAVES) | count x u32 chunk index
-//! - 4 GetChunk: image[32] | u32 chunk index
-//! - 5 Starving: image[32] (to a super-seed: nobody else has what I miss)
+//! Every message is `u32 length (LE) | u8 tag | image[32] | body`, integers
+//! little-endian. Parsers are strict: unknown tags, short bodies and trailing
+//! bytes are errors. The version lives in the protocol name, so a peer speaking
+//! another version fails protocol negotiation before any message is parsed.
 //!
-//! Responses:
-//! - 1 Manifest: signed manifest bytes (rest)
-//! - 2 NotFound (unknown image)
-//! - 3 HelloAck: u8 kind (0 peer, 1 super-seed) | u32 n | n bytes have-set
-//! - 4 Ack
-//! - 5 Chunk: chunk bytes (rest, <= MAX_CHUNK)
-//! - 6 NotHave
+//! - 1 GetManifest: u8 wait (1: I was sent here; if you are fetching it
+//!   yourself, answer when you have it)
+//! - 2 Manifest: signed manifest bytes (rest)
+//! - 3 NotFound (unknown image)
+//! - 4 Hello: u32 n | n bytes have-set (n = ceil(chunks / 8))
+//! - 5 HelloAck: u8 role (0 peer, 1 super-seed) | u32 n | n bytes have-set
+//! - 6 Have: u32 count (<= MAX_HAVES) | count x u32 chunk index
+//! - 7 GetChunk: u32 index
+//! - 8 Chunk: u32 index | chunk bytes (rest, 1..=MAX_CHUNK)
+//! - 9 NotHave: u32 index
+//! - 10 Starving (to a super-seed: nobody else has what I miss)
+//! - 11 Cancel: u32 index (drop a queued, not yet sent, Chunk reply)
+//! - 12 ManifestAt: u8 n (1..=MAX_REDIRECT) | n x (u8 len | peer id): a super-seed
+//!   saying "these peers have (or are getting) it; ask them"
 
 use chunks::ImageId;
+use libp2p::PeerId;
 
 /// Protocol name; the trailing number is the wire version.
-pub const PROTOCOL: &str = "/cpushare/swarm/1";
-/// Largest request accepted: a Hello for an image of MAX_CHUNKS chunks.
-pub const MAX_REQUEST: usize = 64 + (chunks::MAX_CHUNKS as usize).div_ceil(8);
-/// Largest response accepted: a manifest of the largest allowed size.
-pub const MAX_RESPONSE: usize = 64 + chunks::MAX_MANIFEST_BYTES;
+pub const PROTOCOL: &str = "/cpushare/swarm/2";
+/// Largest have-set: an image of MAX_CHUNKS chunks.
+const MAX_HAVE_SET: usize = (chunks::MAX_CHUNKS as usize).div_ceil(8);
+/// Largest message accepted (a manifest of the largest allowed size).
+pub const MAX_MESSAGE: usize = 64 + chunks::MAX_MANIFEST_BYTES;
+/// Most peers named in one ManifestAt.
+pub const MAX_REDIRECT: usize = 4;
 /// Most chunk indices in one Have.
 pub const MAX_HAVES: usize = 4096;
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Request {
-    GetManifest { image: ImageId },
-    Hello { image: ImageId, have: Vec<u8> },
-    Have { image: ImageId, chunks: Vec<u32> },
-    GetChunk { image: ImageId, index: u32 },
-    Starving { image: ImageId },
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PeerRole {
@@ -46,14 +46,28 @@ pub enum PeerRole {
     SuperSeed,
 }
 
+/// What a message says about its image.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Response {
+pub enum Body {
+    GetManifest { wait: bool },
     Manifest(Vec<u8>),
     NotFound,
+    Hello { have: Vec<u8> },
     HelloAck { role: PeerRole, have: Vec<u8> },
-    Ack,
-    Chunk(Vec<u8>),
-    NotHave,
+    Have { chunks: Vec<u32> },
+    GetChunk { index: u32 },
+    Chunk { index: u32, bytes: Vec<u8> },
+    NotHave { index: u32 },
+    Starving,
+    Cancel { index: u32 },
+    ManifestAt { peers: Vec<PeerId> },
+}
+
+/// One message of the swarm protocol.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Msg {
+    pub image: ImageId,
+    pub body: Body,
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -92,6 +106,13 @@ impl<'a> Rd<'a> {
     fn image(&mut self) -> Result<ImageId, WireError> {
         Ok(ImageId(self.take(32)?.try_into().expect("32 bytes")))
     }
+    fn have_set(&mut self) -> Result<Vec<u8>, WireError> {
+        let n = self.u32()? as usize;
+        if n > MAX_HAVE_SET {
+            return Err(WireError::TooLarge("have-set"));
+        }
+        Ok(self.take(n)?.to_vec())
+    }
     fn rest(&mut self) -> &'a [u8] {
         std::mem::take(&mut self.0)
     }
@@ -104,59 +125,110 @@ impl<'a> Rd<'a> {
     }
 }
 
-impl Request {
-    pub fn encode(&self) -> Vec<u8> {
-        let mut b = Vec::new();
+impl Body {
+    fn tag(&self) -> u8 {
         match self {
-            Request::GetManifest { image } => {
-                b.push(1);
-                b.extend_from_slice(&image.0);
-            }
-            Request::Hello { image, have } => {
-                b.push(2);
-                b.extend_from_slice(&image.0);
-                b.extend_from_slice(&(have.len() as u32).to_le_bytes());
-                b.extend_from_slice(have);
-            }
-            Request::Have { image, chunks } => {
-                b.push(3);
-                b.extend_from_slice(&image.0);
-                b.extend_from_slice(&(chunks.len() as u32).to_le_bytes());
-                for c in chunks {
-                    b.extend_from_slice(&c.to_le_bytes());
+            Body::GetManifest { .. } => 1,
+            Body::Manifest(_) => 2,
+            Body::NotFound => 3,
+            Body::Hello { .. } => 4,
+            Body::HelloAck { .. } => 5,
+            Body::Have { .. } => 6,
+            Body::GetChunk { .. } => 7,
+            Body::Chunk { .. } => 8,
+            Body::NotHave { .. } => 9,
+            Body::Starving => 10,
+            Body::Cancel { .. } => 11,
+            Body::ManifestAt { .. } => 12,
+        }
+    }
+}
+
+impl Msg {
+    pub fn new(image: ImageId, body: Body) -> Msg {
+        Msg { image, body }
+    }
+
+    /// The whole frame, length prefix included.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(64);
+        b.extend_from_slice(&[0; 4]);
+        b.push(self.body.tag());
+        b.extend_from_slice(&self.image.0);
+        let u32le = |b: &mut Vec<u8>, v: u32| b.extend_from_slice(&v.to_le_bytes());
+        match &self.body {
+            Body::NotFound | Body::Starving => {}
+            Body::GetManifest { wait } => b.push(*wait as u8),
+            Body::ManifestAt { peers } => {
+                b.push(peers.len() as u8);
+                for p in peers {
+                    let id = p.to_bytes();
+                    b.push(id.len() as u8);
+                    b.extend_from_slice(&id);
                 }
             }
-            Request::GetChunk { image, index } => {
-                b.push(4);
-                b.extend_from_slice(&image.0);
-                b.extend_from_slice(&index.to_le_bytes());
+            Body::Manifest(m) => b.extend_from_slice(m),
+            Body::Hello { have } => {
+                u32le(&mut b, have.len() as u32);
+                b.extend_from_slice(have);
             }
-            Request::Starving { image } => {
-                b.push(5);
-                b.extend_from_slice(&image.0);
+            Body::HelloAck { role, have } => {
+                b.push(match role {
+                    PeerRole::Peer => 0,
+                    PeerRole::SuperSeed => 1,
+                });
+                u32le(&mut b, have.len() as u32);
+                b.extend_from_slice(have);
+            }
+            Body::Have { chunks } => {
+                u32le(&mut b, chunks.len() as u32);
+                for &c in chunks {
+                    u32le(&mut b, c);
+                }
+            }
+            Body::GetChunk { index } | Body::NotHave { index } | Body::Cancel { index } => {
+                u32le(&mut b, *index)
+            }
+            Body::Chunk { index, bytes } => {
+                u32le(&mut b, *index);
+                b.extend_from_slice(bytes);
             }
         }
+        let len = (b.len() - 4) as u32;
+        b[..4].copy_from_slice(&len.to_le_bytes());
         b
     }
 
-    /// Parses one request body (without the length prefix).
+    /// Parses one message body (the bytes after the length prefix).
     pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
         let mut r = Rd(bytes);
-        let req = match r.u8()? {
-            1 => Request::GetManifest { image: r.image()? },
-            2 => {
-                let image = r.image()?;
-                let n = r.u32()? as usize;
-                if n > MAX_REQUEST {
-                    return Err(WireError::TooLarge("have-set"));
-                }
-                Request::Hello {
-                    image,
-                    have: r.take(n)?.to_vec(),
+        let tag = r.u8()?;
+        let image = r.image()?;
+        let body = match tag {
+            1 => Body::GetManifest {
+                wait: match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(WireError::Bad("wait flag")),
+                },
+            },
+            2 => Body::Manifest(r.rest().to_vec()),
+            3 => Body::NotFound,
+            4 => Body::Hello {
+                have: r.have_set()?,
+            },
+            5 => {
+                let role = match r.u8()? {
+                    0 => PeerRole::Peer,
+                    1 => PeerRole::SuperSeed,
+                    _ => return Err(WireError::Bad("peer role")),
+                };
+                Body::HelloAck {
+                    role,
+                    have: r.have_set()?,
                 }
             }
-            3 => {
-                let image = r.image()?;
+            6 => {
                 let n = r.u32()? as usize;
                 if n > MAX_HAVES {
                     return Err(WireError::TooLarge("have list"));
@@ -165,71 +237,11 @@ impl Request {
                 for _ in 0..n {
                     chunks.push(r.u32()?);
                 }
-                Request::Have { image, chunks }
+                Body::Have { chunks }
             }
-            4 => Request::GetChunk {
-                image: r.image()?,
-                index: r.u32()?,
-            },
-            5 => Request::Starving { image: r.image()? },
-            t => return Err(WireError::UnknownTag(t)),
-        };
-        r.end()?;
-        Ok(req)
-    }
-}
-
-impl Response {
-    pub fn encode(&self) -> Vec<u8> {
-        let mut b = Vec::new();
-        match self {
-            Response::Manifest(m) => {
-                b.push(1);
-                b.extend_from_slice(m);
-            }
-            Response::NotFound => b.push(2),
-            Response::HelloAck { role, have } => {
-                b.push(3);
-                b.push(match role {
-                    PeerRole::Peer => 0,
-                    PeerRole::SuperSeed => 1,
-                });
-                b.extend_from_slice(&(have.len() as u32).to_le_bytes());
-                b.extend_from_slice(have);
-            }
-            Response::Ack => b.push(4),
-            Response::Chunk(c) => {
-                b.push(5);
-                b.extend_from_slice(c);
-            }
-            Response::NotHave => b.push(6),
-        }
-        b
-    }
-
-    /// Parses one response body (without the length prefix).
-    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
-        let mut r = Rd(bytes);
-        let resp = match r.u8()? {
-            1 => Response::Manifest(r.rest().to_vec()),
-            2 => Response::NotFound,
-            3 => {
-                let role = match r.u8()? {
-                    0 => PeerRole::Peer,
-                    1 => PeerRole::SuperSeed,
-                    _ => return Err(WireError::Bad("peer role")),
-                };
-                let n = r.u32()? as usize;
-                if n > MAX_REQUEST {
-                    return Err(WireError::TooLarge("have-set"));
-                }
-                Response::HelloAck {
-                    role,
-                    have: r.take(n)?.to_vec(),
-                }
-            }
-            4 => Response::Ack,
-            5 => {
+            7 => Body::GetChunk { index: r.u32()? },
+            8 => {
+                let index = r.u32()?;
                 let c = r.rest();
                 if c.len() > chunks::MAX_CHUNK as usize {
                     return Err(WireError::TooLarge("chunk"));
@@ -237,13 +249,32 @@ impl Response {
                 if c.is_empty() {
                     return Err(WireError::Bad("empty chunk"));
                 }
-                Response::Chunk(c.to_vec())
+                Body::Chunk {
+                    index,
+                    bytes: c.to_vec(),
+                }
             }
-            6 => Response::NotHave,
+            9 => Body::NotHave { index: r.u32()? },
+            10 => Body::Starving,
+            11 => Body::Cancel { index: r.u32()? },
+            12 => {
+                let n = r.u8()? as usize;
+                if n == 0 || n > MAX_REDIRECT {
+                    return Err(WireError::Bad("peer count"));
+                }
+                let mut peers = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let len = r.u8()? as usize;
+                    let id =
+                        PeerId::from_bytes(r.take(len)?).map_err(|_| WireError::Bad("peer id"))?;
+                    peers.push(id);
+                }
+                Body::ManifestAt { peers }
+            }
             t => return Err(WireError::UnknownTag(t)),
         };
         r.end()?;
-        Ok(resp)
+        Ok(Msg { image, body })
     }
 }
 
@@ -256,88 +287,115 @@ mod tests {
         ImageId([b; 32])
     }
 
-    #[test]
-    fn roundtrip_all() {
-        let reqs = vec![
-            Request::GetManifest { image: img(1) },
-            Request::Hello {
-                image: img(2),
+    fn all() -> Vec<Msg> {
+        let bodies = vec![
+            Body::GetManifest { wait: true },
+            Body::Manifest(vec![9; 10]),
+            Body::NotFound,
+            Body::Hello {
                 have: vec![1, 2, 3],
             },
-            Request::Have {
-                image: img(3),
-                chunks: vec![0, 7, 99],
-            },
-            Request::GetChunk {
-                image: img(4),
-                index: 5,
-            },
-            Request::Starving { image: img(5) },
-        ];
-        for r in reqs {
-            assert_eq!(Request::decode(&r.encode()).unwrap(), r);
-        }
-        let resps = vec![
-            Response::Manifest(vec![9; 10]),
-            Response::NotFound,
-            Response::HelloAck {
+            Body::HelloAck {
                 role: PeerRole::SuperSeed,
                 have: vec![0xff],
             },
-            Response::Ack,
-            Response::Chunk(vec![1; 100]),
-            Response::NotHave,
+            Body::Have {
+                chunks: vec![0, 7, 99],
+            },
+            Body::GetChunk { index: 5 },
+            Body::Chunk {
+                index: 6,
+                bytes: vec![1; 100],
+            },
+            Body::NotHave { index: 7 },
+            Body::Starving,
+            Body::Cancel { index: 8 },
+            Body::ManifestAt {
+                peers: vec![PeerId::from_bytes(&[0, 4, 1, 2, 3, 4]).unwrap()],
+            },
         ];
-        for r in resps {
-            assert_eq!(Response::decode(&r.encode()).unwrap(), r);
+        bodies
+            .into_iter()
+            .enumerate()
+            .map(|(i, b)| Msg::new(img(i as u8), b))
+            .collect()
+    }
+
+    #[test]
+    fn roundtrip_all() {
+        for m in all() {
+            let f = m.encode();
+            let len = u32::from_le_bytes(f[..4].try_into().unwrap()) as usize;
+            assert_eq!(len, f.len() - 4);
+            assert_eq!(Msg::decode(&f[4..]).unwrap(), m);
         }
+    }
+
+    #[test]
+    fn chunk_header_size() {
+        let m = Msg::new(
+            img(1),
+            Body::Chunk {
+                index: 1,
+                bytes: vec![0; 10],
+            },
+        );
+        // length, tag, image, index, payload
+        assert_eq!(m.encode().len(), 4 + 1 + 32 + 4 + 10);
     }
 
     #[test]
     fn rejects_trailing_unknown_and_truncated() {
-        let mut b = Request::GetChunk {
-            image: img(4),
-            index: 5,
-        }
-        .encode();
+        let mut none = vec![12u8];
+        none.extend_from_slice(&[0; 32]);
+        none.push(0);
+        assert_eq!(Msg::decode(&none), Err(WireError::Bad("peer count")));
+        let mut bad_id = vec![12u8];
+        bad_id.extend_from_slice(&[0; 32]);
+        bad_id.extend_from_slice(&[1, 3, 0xff, 0xff, 0xff]);
+        assert_eq!(Msg::decode(&bad_id), Err(WireError::Bad("peer id")));
+        let mut b = Msg::new(img(4), Body::GetChunk { index: 5 }).encode();
         b.push(0);
-        assert_eq!(Request::decode(&b), Err(WireError::Trailing(1)));
-        assert_eq!(Request::decode(&[9]), Err(WireError::UnknownTag(9)));
-        assert_eq!(Request::decode(&[4, 1, 2]), Err(WireError::Truncated));
-        assert_eq!(Response::decode(&[5]), Err(WireError::Bad("empty chunk")));
-        let mut big = vec![5];
-        big.extend(vec![0; chunks::MAX_CHUNK as usize + 1]);
-        assert_eq!(Response::decode(&big), Err(WireError::TooLarge("chunk")));
-        let mut haves = vec![3];
+        assert_eq!(Msg::decode(&b[4..]), Err(WireError::Trailing(1)));
+        let mut unknown = vec![99];
+        unknown.extend_from_slice(&[0; 32]);
+        assert_eq!(Msg::decode(&unknown), Err(WireError::UnknownTag(99)));
+        assert_eq!(Msg::decode(&[7, 1, 2]), Err(WireError::Truncated));
+        let mut empty_chunk = vec![8];
+        empty_chunk.extend_from_slice(&[0; 36]);
+        assert_eq!(
+            Msg::decode(&empty_chunk),
+            Err(WireError::Bad("empty chunk"))
+        );
+        let mut big = vec![8];
+        big.extend(vec![0; 36 + chunks::MAX_CHUNK as usize + 1]);
+        assert_eq!(Msg::decode(&big), Err(WireError::TooLarge("chunk")));
+        let mut haves = vec![6];
         haves.extend_from_slice(&[0; 32]);
         haves.extend_from_slice(&(u32::MAX).to_le_bytes());
-        assert_eq!(
-            Request::decode(&haves),
-            Err(WireError::TooLarge("have list"))
-        );
+        assert_eq!(Msg::decode(&haves), Err(WireError::TooLarge("have list")));
+        let mut hello = vec![4];
+        hello.extend_from_slice(&[0; 32]);
+        hello.extend_from_slice(&(u32::MAX).to_le_bytes());
+        assert_eq!(Msg::decode(&hello), Err(WireError::TooLarge("have-set")));
     }
 
     proptest! {
         #[test]
-        fn request_parser_total(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
-            if let Ok(r) = Request::decode(&bytes) {
-                prop_assert_eq!(r.encode(), bytes);
+        fn parser_total(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            if let Ok(m) = Msg::decode(&bytes) {
+                prop_assert_eq!(&m.encode()[4..], &bytes[..]);
             }
         }
 
         #[test]
-        fn response_parser_total(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
-            if let Ok(r) = Response::decode(&bytes) {
-                prop_assert_eq!(r.encode(), bytes);
-            }
-        }
-
-        #[test]
-        fn request_parser_on_mutated_valid(idx in 0usize..60, val in any::<u8>(), n in 0usize..5) {
-            let r = Request::Have { image: img(7), chunks: (0..n as u32).collect() };
-            let mut b = r.encode();
+        fn parser_on_mutated_valid(which in 0usize..12, idx in 0usize..120, val in any::<u8>()) {
+            let m = all()[which].clone();
+            let mut b = m.encode()[4..].to_vec();
             if idx < b.len() { b[idx] = val; }
-            let _ = Request::decode(&b);
+            if let Ok(d) = Msg::decode(&b) {
+                prop_assert_eq!(&d.encode()[4..], &b[..]);
+            }
         }
     }
 }

@@ -1,0 +1,763 @@
+//! Message links: one long-lived outbound stream per peer carrying every swarm
+//! message we send it, and a reader per inbound stream handing the peer's
+//! messages to the networking task.
+//!
+//! Small messages (requests, haves, offers) jump ahead of queued chunk replies,
+//! and go out in the same write as the next chunk so they share its segments.
+//!
+//! Chunk replies are ack-clocked. A receiver answers every chunk with a Have
+//! at once; until then the chunk counts against the node's upload budget
+//! ([`Budget`]: about a quarter second of the measured upload rate). A reply
+//! waits in its peer's queue until the budget has room, and the rarest waiting
+//! reply of the whole node goes first. Without this, each connection's stream
+//! buffers (yamux, noise, TCP) swallow seconds of data at once: every queued
+//! chunk crawls out at a 1/n share of the uplink beside n-1 others, a fresh
+//! chunk takes seconds to reach its next holder, and a super-seed believes a
+//! chunk has left when it has not. With it, a chunk crosses the uplink at
+//! nearly full speed and the swarm learns of it a round trip later.
+
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chunks::ImageId;
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use libp2p::{PeerId, StreamProtocol};
+use tokio::sync::{mpsc, oneshot, Notify};
+use tracing::{debug, warn};
+
+use super::wire::{Body, Msg, MAX_MESSAGE, PROTOCOL};
+
+/// Most upload budget (bytes).
+const MAX_BUDGET: u64 = 32 * 1024 * 1024;
+
+/// How much unacknowledged chunk data a node keeps out.
+#[derive(Clone, Copy, Debug)]
+pub struct BudgetConfig {
+    /// Least budget (bytes): enough to keep a slow link busy across a round
+    /// trip whose acks wait in busy queues.
+    pub min: u64,
+    /// The budget holds this much of the measured (acknowledged) upload rate.
+    pub time: Duration,
+}
+
+impl BudgetConfig {
+    /// A super-seed's uplink is the swarm's bottleneck: it must never idle,
+    /// and every chunk it sends is new anyway, so it keeps more out.
+    pub const SEED: BudgetConfig = BudgetConfig {
+        min: 1024 * 1024,
+        time: Duration::from_millis(1000),
+    };
+    /// A seller relays chunks: the less it queues, the sooner a fresh chunk
+    /// reaches the next holder.
+    pub const RELAY: BudgetConfig = BudgetConfig {
+        min: 384 * 1024,
+        time: Duration::from_millis(400),
+    };
+}
+/// A chunk not acknowledged for this long stops counting against the budget
+/// (the receiver may have gone quiet; the link's own failure is reported apart).
+const ACK_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// What the links report to the networking task.
+#[derive(Debug)]
+pub enum LinkEvent {
+    /// A message from `peer`.
+    Msg { peer: PeerId, msg: Msg },
+    /// A chunk reply reached `peer` (acknowledged, or written and never
+    /// acknowledged within the timeout: `delivered`), or was dropped
+    /// (cancelled before it went out, or the link went down).
+    Sent {
+        peer: PeerId,
+        image: ImageId,
+        index: u32,
+        delivered: bool,
+    },
+    /// Our outbound stream to `peer` failed; it is reopened on the next send.
+    Down { peer: PeerId, link: u64 },
+}
+
+type Key = (PeerId, ImageId, u32);
+
+/// The node's upload budget: chunk bytes written and not yet acknowledged,
+/// the limit on them, and who waits for room (lowest priority value first).
+/// Plain state, driven with explicit times, so it can be tested alone.
+#[derive(Debug)]
+pub struct Budget {
+    cfg: BudgetConfig,
+    in_flight: HashMap<Key, (Instant, u64)>,
+    bytes: u64,
+    limit: u64,
+    /// Acknowledged bytes and when the current rate window began.
+    acked_window: u64,
+    window_start: Option<Instant>,
+}
+
+impl Budget {
+    pub fn new(cfg: BudgetConfig) -> Self {
+        Budget {
+            cfg,
+            in_flight: HashMap::new(),
+            bytes: 0,
+            limit: cfg.min,
+            acked_window: 0,
+            window_start: None,
+        }
+    }
+
+    /// Whether another chunk may start now.
+    pub fn has_room(&self) -> bool {
+        self.bytes < self.limit
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    pub fn in_flight_bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// A chunk of `size` bytes starts going out.
+    pub fn start(&mut self, key: Key, size: u64, now: Instant) {
+        if let Some((_, old)) = self.in_flight.insert(key, (now, size)) {
+            self.bytes -= old;
+        }
+        self.bytes += size;
+    }
+
+    /// The receiver acknowledged `key`; true if it was in flight.
+    pub fn ack(&mut self, key: &Key, now: Instant) -> bool {
+        let Some((_, size)) = self.in_flight.remove(key) else {
+            return false;
+        };
+        self.bytes -= size;
+        self.acked_window += size;
+        let start = *self.window_start.get_or_insert(now);
+        let dt = now.saturating_duration_since(start);
+        if dt >= Duration::from_secs(1) {
+            // bytes acknowledged per budget period, over the last window
+            let per = self.acked_window as f64 * self.cfg.time.as_secs_f64() / dt.as_secs_f64();
+            self.limit = (per as u64).clamp(self.cfg.min, MAX_BUDGET.max(self.cfg.min));
+            self.acked_window = 0;
+            self.window_start = Some(now);
+        }
+        true
+    }
+
+    /// Forgets `key` without counting it as acknowledged; true if in flight.
+    pub fn forget(&mut self, key: &Key) -> bool {
+        match self.in_flight.remove(key) {
+            Some((_, size)) => {
+                self.bytes -= size;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Everything in flight to `peer`, removed.
+    pub fn drop_peer(&mut self, peer: &PeerId) -> Vec<Key> {
+        let keys: Vec<Key> = self
+            .in_flight
+            .keys()
+            .filter(|k| k.0 == *peer)
+            .copied()
+            .collect();
+        for k in &keys {
+            self.forget(k);
+        }
+        keys
+    }
+
+    /// Chunks unacknowledged for longer than the timeout, removed.
+    pub fn expire(&mut self, now: Instant) -> Vec<Key> {
+        let keys: Vec<Key> = self
+            .in_flight
+            .iter()
+            .filter(|(_, (t, _))| now.saturating_duration_since(*t) > ACK_TIMEOUT)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in &keys {
+            self.forget(k);
+        }
+        keys
+    }
+}
+
+/// A writer waiting for room in the budget.
+struct Waiting {
+    prio: u32,
+    seq: u64,
+    grant: oneshot::Sender<()>,
+}
+
+impl PartialEq for Waiting {
+    fn eq(&self, o: &Self) -> bool {
+        (self.prio, self.seq) == (o.prio, o.seq)
+    }
+}
+impl Eq for Waiting {}
+impl PartialOrd for Waiting {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Waiting {
+    // max-heap: the lowest (prio, seq) must compare greatest
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        (o.prio, o.seq).cmp(&(self.prio, self.seq))
+    }
+}
+
+struct UploadState {
+    budget: Budget,
+    waiting: BinaryHeap<Waiting>,
+    seq: u64,
+    /// A grant handed out whose writer has not started its chunk yet.
+    granted: usize,
+}
+
+/// The budget shared by every writer of the node.
+struct Uploads {
+    state: Mutex<UploadState>,
+}
+
+impl Uploads {
+    fn new(cfg: BudgetConfig) -> Self {
+        Uploads {
+            state: Mutex::new(UploadState {
+                budget: Budget::new(cfg),
+                waiting: BinaryHeap::new(),
+                seq: 0,
+                granted: 0,
+            }),
+        }
+    }
+
+    /// A place in line for room in the budget.
+    fn ticket(self: &Arc<Self>, prio: u32) -> Ticket {
+        let mut st = self.state.lock().expect("uploads lock");
+        if st.budget.has_room() && st.waiting.is_empty() && st.granted == 0 {
+            st.granted += 1;
+            return Ticket {
+                wait: None,
+                uploads: self.clone(),
+                used: false,
+            };
+        }
+        let (grant, rx) = oneshot::channel();
+        st.seq += 1;
+        let seq = st.seq;
+        st.waiting.push(Waiting { prio, seq, grant });
+        Self::grant(&mut st);
+        Ticket {
+            wait: Some(rx),
+            uploads: self.clone(),
+            used: false,
+        }
+    }
+
+    /// Hands room to the best waiter if there is any (one at a time: each
+    /// grant is followed by a `start` that uses up room).
+    fn grant(st: &mut UploadState) {
+        while st.granted == 0 && st.budget.has_room() {
+            let Some(w) = st.waiting.pop() else { return };
+            // a waiter that gave up has dropped its receiver: skip it
+            if w.grant.send(()).is_ok() {
+                st.granted += 1;
+            }
+        }
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut UploadState) -> R) -> R {
+        let mut st = self.state.lock().expect("uploads lock");
+        let r = f(&mut st);
+        Self::grant(&mut st);
+        r
+    }
+}
+
+/// A place in line; once `wait` returns it holds the grant, used by
+/// `start` or given back on drop.
+struct Ticket {
+    wait: Option<oneshot::Receiver<()>>,
+    uploads: Arc<Uploads>,
+    used: bool,
+}
+
+impl Ticket {
+    /// Cancel-safe: dropping the future keeps the place in line.
+    async fn wait(&mut self) {
+        if let Some(rx) = &mut self.wait {
+            let _ = rx.await;
+            self.wait = None;
+        }
+    }
+
+    /// Uses the grant: `key` of `size` bytes is now in flight.
+    fn start(mut self, key: Key, size: u64) {
+        self.used = true;
+        self.uploads.with(|st| {
+            st.granted -= 1;
+            st.budget.start(key, size, Instant::now());
+        });
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if self.used {
+            return;
+        }
+        let holds = match self.wait.take() {
+            None => true,
+            Some(mut rx) => rx.try_recv().is_ok(),
+        };
+        if holds {
+            self.uploads.with(|st| st.granted -= 1);
+        }
+    }
+}
+
+struct Queued {
+    image: ImageId,
+    index: u32,
+    /// Lower goes first (how many peers are known to hold the chunk).
+    prio: u32,
+    seq: u64,
+    frame: Vec<u8>,
+}
+
+#[derive(Default)]
+struct Outbox {
+    /// Encoded small messages, concatenated, sent before the next chunk.
+    control: Vec<u8>,
+    /// Chunk replies waiting for room in the upload budget.
+    data: Vec<Queued>,
+    closed: bool,
+}
+
+impl Outbox {
+    /// Position of the reply that should go out next.
+    fn best(&self) -> Option<usize> {
+        (0..self.data.len()).min_by_key(|&i| (self.data[i].prio, self.data[i].seq))
+    }
+}
+
+struct Link {
+    id: u64,
+    outbox: Mutex<Outbox>,
+    wake: Notify,
+}
+
+/// The links of one node. Owned by the networking task.
+pub struct Links {
+    control: libp2p_stream::Control,
+    links: HashMap<PeerId, Arc<Link>>,
+    events: mpsc::UnboundedSender<LinkEvent>,
+    uploads: Arc<Uploads>,
+    next_id: u64,
+    seq: u64,
+}
+
+impl Links {
+    /// Starts accepting inbound streams; events arrive on the returned receiver.
+    pub fn new(
+        mut control: libp2p_stream::Control,
+        rejected: Arc<AtomicU64>,
+        budget: BudgetConfig,
+    ) -> (Links, mpsc::UnboundedReceiver<LinkEvent>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut incoming = control
+            .accept(StreamProtocol::new(PROTOCOL))
+            .expect("the swarm protocol is registered once per node");
+        let events = tx.clone();
+        tokio::spawn(async move {
+            while let Some((peer, stream)) = incoming.next().await {
+                tokio::spawn(read_loop(peer, stream, events.clone(), rejected.clone()));
+            }
+        });
+        (
+            Links {
+                control,
+                links: HashMap::new(),
+                events: tx,
+                uploads: Arc::new(Uploads::new(budget)),
+                next_id: 0,
+                seq: 0,
+            },
+            rx,
+        )
+    }
+
+    fn link(&mut self, peer: PeerId) -> Arc<Link> {
+        if let Some(l) = self.links.get(&peer) {
+            return l.clone();
+        }
+        self.next_id += 1;
+        let link = Arc::new(Link {
+            id: self.next_id,
+            outbox: Mutex::new(Outbox::default()),
+            wake: Notify::new(),
+        });
+        self.links.insert(peer, link.clone());
+        tokio::spawn(write_loop(
+            peer,
+            link.clone(),
+            self.control.clone(),
+            self.uploads.clone(),
+            self.events.clone(),
+        ));
+        link
+    }
+
+    /// Queues a small message for `peer`, opening the link if needed.
+    pub fn send(&mut self, peer: PeerId, msg: Msg) {
+        debug_assert!(!matches!(msg.body, Body::Chunk { .. }));
+        let link = self.link(peer);
+        link.outbox
+            .lock()
+            .expect("outbox lock")
+            .control
+            .extend_from_slice(&msg.encode());
+        link.wake.notify_one();
+    }
+
+    /// Queues a chunk reply; among the node's waiting replies the lowest
+    /// `prio` goes out first, then the oldest.
+    pub fn send_chunk(
+        &mut self,
+        peer: PeerId,
+        image: ImageId,
+        index: u32,
+        bytes: Vec<u8>,
+        prio: u32,
+    ) {
+        let link = self.link(peer);
+        self.seq += 1;
+        let frame = Msg::new(image, Body::Chunk { index, bytes }).encode();
+        link.outbox.lock().expect("outbox lock").data.push(Queued {
+            image,
+            index,
+            prio,
+            seq: self.seq,
+            frame,
+        });
+        link.wake.notify_one();
+    }
+
+    /// `peer` says it has chunk `index`: if we were sending it, it arrived.
+    pub fn acked(&mut self, peer: PeerId, image: ImageId, index: u32) {
+        let now = Instant::now();
+        if self
+            .uploads
+            .with(|st| st.budget.ack(&(peer, image, index), now))
+        {
+            let _ = self.events.send(LinkEvent::Sent {
+                peer,
+                image,
+                index,
+                delivered: true,
+            });
+        }
+    }
+
+    /// Drops a queued chunk reply that has not started to go out.
+    pub fn cancel(&mut self, peer: PeerId, image: ImageId, index: u32) {
+        let Some(link) = self.links.get(&peer) else {
+            return;
+        };
+        let mut ob = link.outbox.lock().expect("outbox lock");
+        if let Some(pos) = ob
+            .data
+            .iter()
+            .position(|q| q.image == image && q.index == index)
+        {
+            ob.data.swap_remove(pos);
+            let _ = self.events.send(LinkEvent::Sent {
+                peer,
+                image,
+                index,
+                delivered: false,
+            });
+        }
+    }
+
+    /// Chunks never acknowledged stop holding the budget (called on a timer).
+    pub fn expire(&mut self) {
+        let now = Instant::now();
+        for (peer, image, index) in self.uploads.with(|st| st.budget.expire(now)) {
+            let _ = self.events.send(LinkEvent::Sent {
+                peer,
+                image,
+                index,
+                delivered: true,
+            });
+        }
+    }
+
+    /// Upload budget in use and its limit, bytes (for `status`).
+    pub fn budget(&self) -> (u64, u64) {
+        self.uploads
+            .with(|st| (st.budget.in_flight_bytes(), st.budget.limit()))
+    }
+
+    /// The connection to `peer` is gone: stop its writer (queued and
+    /// unacknowledged chunk replies are reported as not delivered).
+    pub fn close(&mut self, peer: &PeerId) {
+        if let Some(link) = self.links.remove(peer) {
+            link.outbox.lock().expect("outbox lock").closed = true;
+            link.wake.notify_one();
+        }
+        self.drop_in_flight(peer);
+    }
+
+    /// The writer of link `id` failed: forget it so the next send reopens.
+    pub fn on_down(&mut self, peer: &PeerId, id: u64) {
+        if self.links.get(peer).is_some_and(|l| l.id == id) {
+            self.links.remove(peer);
+        }
+        self.drop_in_flight(peer);
+    }
+
+    fn drop_in_flight(&mut self, peer: &PeerId) {
+        for (peer, image, index) in self.uploads.with(|st| st.budget.drop_peer(peer)) {
+            let _ = self.events.send(LinkEvent::Sent {
+                peer,
+                image,
+                index,
+                delivered: false,
+            });
+        }
+    }
+}
+
+/// Takes everything queued as undeliverable and reports it.
+fn fail_all(peer: PeerId, link: &Link, events: &mpsc::UnboundedSender<LinkEvent>) {
+    let mut ob = link.outbox.lock().expect("outbox lock");
+    ob.closed = true;
+    ob.control.clear();
+    for q in ob.data.drain(..) {
+        let _ = events.send(LinkEvent::Sent {
+            peer,
+            image: q.image,
+            index: q.index,
+            delivered: false,
+        });
+    }
+}
+
+async fn write_all(stream: &mut libp2p::Stream, buf: &[u8]) -> std::io::Result<()> {
+    stream.write_all(buf).await?;
+    stream.flush().await
+}
+
+async fn write_loop(
+    peer: PeerId,
+    link: Arc<Link>,
+    mut control: libp2p_stream::Control,
+    uploads: Arc<Uploads>,
+    events: mpsc::UnboundedSender<LinkEvent>,
+) {
+    let down = |events: &mpsc::UnboundedSender<LinkEvent>| {
+        fail_all(peer, &link, events);
+        let _ = events.send(LinkEvent::Down {
+            peer,
+            link: link.id,
+        });
+    };
+    let mut stream = match control
+        .open_stream(peer, StreamProtocol::new(PROTOCOL))
+        .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            debug!(peer = %peer, error = %e, "cannot open swarm stream");
+            return down(&events);
+        }
+    };
+    let mut buf = Vec::new();
+    // our place in line for the upload budget while a reply waits here
+    let mut ticket: Option<Ticket> = None;
+    loop {
+        let (closed, best) = {
+            let mut ob = link.outbox.lock().expect("outbox lock");
+            buf.clear();
+            buf.append(&mut ob.control);
+            (ob.closed, ob.best().map(|i| ob.data[i].prio))
+        };
+        if closed {
+            fail_all(peer, &link, &events);
+            let _ = stream.close().await;
+            return;
+        }
+        // small messages never wait for the budget
+        if !buf.is_empty() && write_all(&mut stream, &buf).await.is_err() {
+            return down(&events);
+        }
+        let Some(prio) = best else {
+            ticket = None;
+            link.wake.notified().await;
+            continue;
+        };
+        let t = ticket.get_or_insert_with(|| uploads.ticket(prio));
+        let granted = tokio::select! {
+            _ = t.wait() => true,
+            // new messages, a cancel or a close: look again
+            _ = link.wake.notified() => false,
+        };
+        if !granted {
+            continue;
+        }
+        let t = ticket.take().expect("granted");
+        let q = {
+            let mut ob = link.outbox.lock().expect("outbox lock");
+            buf.clear();
+            buf.append(&mut ob.control);
+            let q = ob.best().map(|i| ob.data.swap_remove(i));
+            if let Some(q) = &q {
+                buf.extend_from_slice(&q.frame);
+            }
+            q
+        };
+        match &q {
+            Some(q) => t.start((peer, q.image, q.index), q.frame.len() as u64),
+            None => drop(t),
+        }
+        if !buf.is_empty() {
+            if let Err(e) = write_all(&mut stream, &buf).await {
+                debug!(peer = %peer, error = %e, "swarm stream write failed");
+                return down(&events);
+            }
+        }
+    }
+}
+
+async fn read_loop(
+    peer: PeerId,
+    mut stream: libp2p::Stream,
+    events: mpsc::UnboundedSender<LinkEvent>,
+    rejected: Arc<AtomicU64>,
+) {
+    let reject = |why: String| {
+        rejected.fetch_add(1, Ordering::Relaxed);
+        warn!(peer = %peer, error = %why, "rejected inbound message; stream dropped");
+    };
+    loop {
+        let mut len = [0u8; 4];
+        if stream.read_exact(&mut len).await.is_err() {
+            return; // closed or reset: the peer reopens if it wants to talk
+        }
+        let len = u32::from_le_bytes(len) as usize;
+        if len > MAX_MESSAGE {
+            // refuse before allocating or reading
+            return reject(format!(
+                "message of {len} bytes exceeds the limit of {MAX_MESSAGE}"
+            ));
+        }
+        let mut body = vec![0u8; len];
+        if stream.read_exact(&mut body).await.is_err() {
+            return;
+        }
+        match Msg::decode(&body) {
+            Ok(msg) => {
+                if events.send(LinkEvent::Msg { peer, msg }).is_err() {
+                    return;
+                }
+            }
+            Err(e) => return reject(e.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TEST: BudgetConfig = BudgetConfig {
+        min: 256 * 1024,
+        time: Duration::from_millis(250),
+    };
+
+    fn key(p: &PeerId, i: u32) -> Key {
+        (*p, ImageId([1; 32]), i)
+    }
+
+    #[test]
+    fn budget_counts_in_flight_until_acked() {
+        let p = PeerId::random();
+        let t = Instant::now();
+        let mut b = Budget::new(TEST);
+        assert!(b.has_room());
+        b.start(key(&p, 1), 200 * 1024, t);
+        assert!(b.has_room());
+        b.start(key(&p, 2), 200 * 1024, t);
+        assert!(!b.has_room());
+        assert!(b.ack(&key(&p, 1), t));
+        assert!(!b.ack(&key(&p, 1), t), "a second ack is not counted");
+        assert!(b.has_room());
+        assert_eq!(b.in_flight_bytes(), 200 * 1024);
+    }
+
+    #[test]
+    fn budget_follows_the_acknowledged_rate() {
+        let p = PeerId::random();
+        let t0 = Instant::now();
+        let mut b = Budget::new(TEST);
+        // 8 MB acknowledged in 2 s: 4 MB/s, a quarter second of it is 1 MB
+        for i in 0..128u32 {
+            let t = t0 + Duration::from_millis(i as u64 * 2000 / 127);
+            b.start(key(&p, i), 64 * 1024, t);
+            b.ack(&key(&p, i), t);
+        }
+        let l = b.limit();
+        assert!((900_000..1_200_000).contains(&l), "limit {l}");
+        // a slow link never shrinks it below the minimum
+        let mut s = Budget::new(TEST);
+        s.start(key(&p, 1), 1000, t0);
+        s.ack(&key(&p, 1), t0);
+        s.start(key(&p, 2), 1000, t0 + Duration::from_secs(5));
+        s.ack(&key(&p, 2), t0 + Duration::from_secs(5));
+        assert_eq!(s.limit(), TEST.min);
+    }
+
+    #[test]
+    fn budget_drops_peers_and_expires() {
+        let (p, q) = (PeerId::random(), PeerId::random());
+        let t = Instant::now();
+        let mut b = Budget::new(TEST);
+        b.start(key(&p, 1), 10, t);
+        b.start(key(&q, 1), 20, t);
+        b.start(key(&q, 2), 30, t + Duration::from_secs(15));
+        assert_eq!(b.drop_peer(&p), vec![key(&p, 1)]);
+        assert_eq!(b.in_flight_bytes(), 50);
+        let gone = b.expire(t + Duration::from_secs(21));
+        assert_eq!(gone, vec![key(&q, 1)]);
+        assert_eq!(b.in_flight_bytes(), 30);
+    }
+
+    #[tokio::test]
+    async fn waiters_get_room_rarest_first() {
+        let u = Arc::new(Uploads::new(TEST));
+        let p = PeerId::random();
+        let first = u.ticket(5);
+        assert!(first.wait.is_none(), "room at once");
+        // budget filled by the first chunk
+        first.start(key(&p, 0), TEST.min);
+        let mut common = u.ticket(7);
+        let mut rare = u.ticket(1);
+        u.with(|st| st.budget.ack(&key(&p, 0), Instant::now()));
+        rare.wait().await;
+        assert!(
+            common.wait.as_mut().unwrap().try_recv().is_err(),
+            "one grant at a time, rarest first"
+        );
+        rare.start(key(&p, 1), 10);
+        common.wait().await;
+        drop(common); // an unused grant is given back
+        let again = u.ticket(3);
+        assert!(again.wait.is_none());
+    }
+}
