@@ -164,4 +164,16 @@ fn restarted_seller_sweeps_lease_namespaces_of_a_killed_one() {
         .cli_ok(&["overlay", "detach", "--mac", "52:54:00:77:07:01"])
         .unwrap();
     assert!(!netns_exists("cvswa"));
+    // A daemon stopped cleanly takes its lease namespaces along.
+    attach(
+        &seller,
+        "cvswtapa",
+        "cvswa",
+        "52:54:00:77:07:01",
+        "10.77.0.71",
+        &bkey,
+    );
+    let mut seller = seller;
+    seller.stop().unwrap();
+    assert!(!netns_exists("cvswa"), "SIGTERM left a lease namespace");
 }

@@ -91,6 +91,8 @@ async fn run_async(settings: Settings, role: Role) -> Result<()> {
         _ = int.recv() => info!(parent: &span, "SIGINT: shutting down"),
     }
     server.abort();
+    // Guests' sessions end with the process: take their lease namespaces along.
+    crate::overlay_leases::sweep(dir);
     let _ = std::fs::remove_file(&socket);
     node.store.flush()?;
     Ok(())
