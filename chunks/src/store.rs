@@ -202,6 +202,8 @@ struct Writer {
     /// Jobs the writer has finished: a caller that waits long only calls
     /// the store stalled if this stood still all the while.
     done: Arc<AtomicU64>,
+    /// Most log bytes ever written and not yet flushed.
+    peak_backlog: Arc<AtomicU64>,
 }
 
 impl Writer {
@@ -209,10 +211,11 @@ impl Writer {
         let (tx, rx) = mpsc::channel::<Job>();
         let path = trees.path.clone();
         let done = Arc::new(AtomicU64::new(0));
-        let d = done.clone();
+        let peak_backlog = Arc::new(AtomicU64::new(0));
+        let (d, pb) = (done.clone(), peak_backlog.clone());
         let thread = std::thread::Builder::new()
             .name("chunk-store-writer".into())
-            .spawn(move || writer_loop(trees, rx, &d))
+            .spawn(move || writer_loop(trees, rx, &d, &pb))
             .map_err(|e| Error::io("starting the chunk store writer thread", path, e))?;
         Ok(Writer {
             tx: Mutex::new(Some(tx)),
@@ -220,11 +223,12 @@ impl Writer {
             stalled: AtomicBool::new(false),
             stall_limit_ms: AtomicU64::new(STALL_LIMIT.as_millis() as u64),
             done,
+            peak_backlog,
         })
     }
 }
 
-fn writer_loop(t: Trees, rx: mpsc::Receiver<Job>, done: &AtomicU64) {
+fn writer_loop(t: Trees, rx: mpsc::Receiver<Job>, done: &AtomicU64, peak: &AtomicU64) {
     let mut backlog = 0u64;
     loop {
         let job = if backlog > 0 {
@@ -252,6 +256,7 @@ fn writer_loop(t: Trees, rx: mpsc::Receiver<Job>, done: &AtomicU64) {
         // channel, which its caller reports; keep serving the others.
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&t, &mut backlog)));
         done.fetch_add(1, Ordering::SeqCst);
+        peak.fetch_max(backlog, Ordering::Relaxed);
     }
     if backlog > 0 {
         if let Err(e) = t.db.flush() {
@@ -795,6 +800,12 @@ impl ChunkStore {
         let g = self.inner.writer.tx.lock().unwrap();
         g.as_ref().unwrap().send(job).unwrap();
         tx
+    }
+
+    /// Most bytes written to sled's log without waiting for the disk since
+    /// open: about [`LOG_WINDOW`] plus one chunk at most (see "Liveness").
+    pub fn peak_backlog(&self) -> u64 {
+        self.inner.writer.peak_backlog.load(Ordering::Relaxed)
     }
 
     #[cfg(test)]
@@ -1542,6 +1553,28 @@ mod tests {
         assert_eq!(present, s.size_bytes());
         drop(guard);
         assert!(!s.is_pinned(m.image_id()));
+    }
+
+    /// The bound that keeps sled's IO queue short (module docs, "Liveness"):
+    /// an import that never flushes still waits for the disk every window.
+    #[test]
+    fn unflushed_writes_never_pile_up_past_the_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = ChunkStore::open(dir.path(), UNLIMITED).unwrap();
+        let mut ids = Vec::new();
+        for i in 0..48 {
+            let (id, d) = chunk(40_000 + i, 100_000);
+            s.put_chunk_inner(&id, &d, false, true).unwrap();
+            ids.push(id);
+        }
+        s.release_holds(&ids);
+        let peak = s.peak_backlog();
+        assert!(peak >= LOG_WINDOW / 2, "{peak}: writes were not counted");
+        assert!(
+            peak <= LOG_WINDOW + MAX_CHUNK as u64 + WRITE_OVERHEAD,
+            "{peak} bytes written without waiting for the disk"
+        );
+        assert_eq!(s.size_bytes(), 48 * 100_000);
     }
 
     #[test]
