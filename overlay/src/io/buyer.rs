@@ -302,11 +302,16 @@ fn home_loop(sh: &Shared) {
                 sh.handoff.to_helper(&sh.helper);
             }
         }
-        if u > 0 || t > 0 {
+        // A full batch: more is likely queued. Otherwise sleep at once (poll returns
+        // at once if something came meanwhile): on a shared CPU the seller cannot
+        // handle our answer before we get off it.
+        if u == UDP_BATCH || t == TAP_BATCH {
             continue;
         }
         if spin.spinning(Instant::now()) {
-            spin::yield_now();
+            if u == 0 && t == 0 {
+                spin::yield_now();
+            }
             continue;
         }
         let fds = [fd, tfd];

@@ -418,11 +418,16 @@ fn home_loop(sh: &Shared) {
         if sent {
             spin.sent_remote(Instant::now());
         }
-        if g > 0 || u > 0 {
+        // A full batch: more is likely queued. Otherwise sleep at once (poll returns
+        // at once if something came meanwhile): on a shared CPU the answer to what we
+        // just sent cannot be handled before we get off it.
+        if g == gin.rx.slots() || u == UDP_BATCH {
             continue;
         }
         if spin.spinning(Instant::now()) {
-            spin::yield_now();
+            if g == 0 && u == 0 {
+                spin::yield_now();
+            }
             continue;
         }
         let fds = [pfd, ufd];
