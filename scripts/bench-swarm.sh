@@ -155,7 +155,7 @@ run_cpushare() {
   done
   for i in $(seq 1 "$N"); do wait_for 30 "seller $i" "$NODE_BIN" --data-dir "$d/p$i" status; done
   sleep 3   # connections, identify, kad settle before the clock starts
-  S0=$(txb "$SEED"); T0=$(now)
+  S0=$(txb "$SEED"); T0=$(now); echo "$T0" > "$R/t0"
   for i in $(seq 1 "$N"); do
     ( timeout "$TIMEOUT" ip netns exec "${PEERS[$((i-1))]}" "$NODE_BIN" --data-dir "$d/p$i" image fetch "$IMAGE" \
         > "$d/p$i.fetch" 2>&1 && date +%s.%N > "$d/p$i.done" ) &
@@ -164,7 +164,8 @@ run_cpushare() {
 }
 finish_cpushare() {
   local d=$R i ok=0
-  PAYLOAD=$("$NODE_BIN" --data-dir "$d/buyer" status --json | jq --arg id "$IMAGE" '.p2p.images[$id].uploaded_bytes')
+  "$NODE_BIN" --data-dir "$d/buyer" status --json > "$d/buyer-status.json"
+  PAYLOAD=$(jq --arg id "$IMAGE" '.p2p.images[$id].uploaded_bytes' "$d/buyer-status.json")
   for i in $(seq 1 "$N"); do
     "$NODE_BIN" --data-dir "$d/p$i" image export "$IMAGE" "$d/p$i.bin" >/dev/null 2>&1 &&
       [ "$(sha256sum < "$d/p$i.bin" | cut -d' ' -f1)" = "$REF" ] && ok=$((ok + 1))

@@ -41,6 +41,8 @@ pub struct SeederConfig {
     /// The uplink counts as idle only this long (us) after the last reply was
     /// handed to the network: socket buffers and the modem queue still drain.
     pub idle_grace_us: Micros,
+    /// Offers per peer once few chunks are left to hand out.
+    pub end_offer_depth: usize,
 }
 
 impl Default for SeederConfig {
@@ -49,6 +51,7 @@ impl Default for SeederConfig {
             offer_depth: 4,
             extra_fraction: 0.02,
             idle_grace_us: 500_000,
+            end_offer_depth: 4,
         }
     }
 }
@@ -280,7 +283,7 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Seeder<P> {
         // start spreading, instead of all landing at once and queueing at the
         // peers' uplinks (that burst is the tail after the seed falls silent).
         let depth = if self.unsent.len() <= self.index.len() * self.cfg.offer_depth {
-            1
+            self.cfg.end_offer_depth
         } else {
             self.cfg.offer_depth
         };
@@ -428,6 +431,7 @@ mod tests {
                 offer_depth: 1,
                 extra_fraction: 0.0,
                 idle_grace_us: 0,
+                end_offer_depth: 1,
             },
         );
         s.add_peer(1, Bitfield::new(2), 0);
@@ -469,6 +473,7 @@ mod tests {
                 offer_depth: 2,
                 extra_fraction: 0.1,
                 idle_grace_us: 0,
+                end_offer_depth: 1,
             },
         );
         s.add_peer(1, Bitfield::full(10), 0);
@@ -490,6 +495,7 @@ mod tests {
             offer_depth: 2,
             extra_fraction: 0.0,
             idle_grace_us: 0,
+            end_offer_depth: 1,
         };
         let mut s = Seeder::new(vec![100; 10], cfg);
         s.add_peer(1, Bitfield::full(10), 0);

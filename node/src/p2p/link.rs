@@ -16,7 +16,7 @@
 //! chunk has left when it has not. With it, a chunk crosses the uplink at
 //! nearly full speed and the swarm learns of it a round trip later.
 
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -31,6 +31,14 @@ use super::wire::{Body, Msg, MAX_MESSAGE, PROTOCOL};
 
 /// Most upload budget (bytes).
 const MAX_BUDGET: u64 = 32 * 1024 * 1024;
+/// Replies at or below this priority (no or one other known holder) are
+/// urgent: they may start while the budget is full, by up to `URGENT_EXTRA`.
+/// Waiting for the budget to drain costs a fresh chunk most of a second at
+/// every hop; sharing the uplink with the chunks in flight costs far less.
+pub const URGENT: u32 = 1;
+const URGENT_EXTRA: u64 = 256 * 1024;
+/// Priority of replies with nothing to tell them apart (first come first).
+pub const ORDINARY: u32 = 1 << 16;
 
 /// How much unacknowledged chunk data a node keeps out.
 #[derive(Clone, Copy, Debug)]
@@ -46,8 +54,8 @@ impl BudgetConfig {
     /// A super-seed's uplink is the swarm's bottleneck: it must never idle,
     /// and every chunk it sends is new anyway, so it keeps more out.
     pub const SEED: BudgetConfig = BudgetConfig {
-        min: 1024 * 1024,
-        time: Duration::from_millis(1000),
+        min: 2 * 1024 * 1024,
+        time: Duration::from_millis(2000),
     };
     /// A seller relays chunks: the less it queues, the sooner a fresh chunk
     /// reaches the next holder.
@@ -106,9 +114,9 @@ impl Budget {
         }
     }
 
-    /// Whether another chunk may start now.
-    pub fn has_room(&self) -> bool {
-        self.bytes < self.limit
+    /// Whether another chunk of priority `prio` may start now.
+    pub fn has_room(&self, prio: u32) -> bool {
+        self.bytes < self.limit || (prio <= URGENT && self.bytes < self.limit + URGENT_EXTRA)
     }
 
     pub fn limit(&self) -> u64 {
@@ -239,14 +247,6 @@ impl Uploads {
     /// A place in line for room in the budget.
     fn ticket(self: &Arc<Self>, prio: u32) -> Ticket {
         let mut st = self.state.lock().expect("uploads lock");
-        if st.budget.has_room() && st.waiting.is_empty() && st.granted == 0 {
-            st.granted += 1;
-            return Ticket {
-                wait: None,
-                uploads: self.clone(),
-                used: false,
-            };
-        }
         let (grant, rx) = oneshot::channel();
         st.seq += 1;
         let seq = st.seq;
@@ -262,8 +262,12 @@ impl Uploads {
     /// Hands room to the best waiter if there is any (one at a time: each
     /// grant is followed by a `start` that uses up room).
     fn grant(st: &mut UploadState) {
-        while st.granted == 0 && st.budget.has_room() {
-            let Some(w) = st.waiting.pop() else { return };
+        while st.granted == 0 {
+            match st.waiting.peek() {
+                Some(w) if st.budget.has_room(w.prio) => {}
+                _ => return,
+            }
+            let w = st.waiting.pop().expect("peeked");
             // a waiter that gave up has dropped its receiver: skip it
             if w.grant.send(()).is_ok() {
                 st.granted += 1;
@@ -360,6 +364,8 @@ pub struct Links {
     uploads: Arc<Uploads>,
     next_id: u64,
     seq: u64,
+    /// Bytes queued per message kind, framing included.
+    queued: BTreeMap<&'static str, u64>,
 }
 
 impl Links {
@@ -387,6 +393,7 @@ impl Links {
                 uploads: Arc::new(Uploads::new(budget)),
                 next_id: 0,
                 seq: 0,
+                queued: BTreeMap::new(),
             },
             rx,
         )
@@ -417,11 +424,13 @@ impl Links {
     pub fn send(&mut self, peer: PeerId, msg: Msg) {
         debug_assert!(!matches!(msg.body, Body::Chunk { .. }));
         let link = self.link(peer);
+        let frame = msg.encode();
+        *self.queued.entry(msg.body.name()).or_default() += frame.len() as u64;
         link.outbox
             .lock()
             .expect("outbox lock")
             .control
-            .extend_from_slice(&msg.encode());
+            .extend_from_slice(&frame);
         link.wake.notify_one();
     }
 
@@ -438,6 +447,7 @@ impl Links {
         let link = self.link(peer);
         self.seq += 1;
         let frame = Msg::new(image, Body::Chunk { index, bytes }).encode();
+        *self.queued.entry("chunk").or_default() += frame.len() as u64;
         link.outbox.lock().expect("outbox lock").data.push(Queued {
             image,
             index,
@@ -496,6 +506,11 @@ impl Links {
                 delivered: true,
             });
         }
+    }
+
+    /// Bytes queued for sending per message kind (for `status`).
+    pub fn queued_by_message(&self) -> &BTreeMap<&'static str, u64> {
+        &self.queued
     }
 
     /// Upload budget in use and its limit, bytes (for `status`).
@@ -580,7 +595,7 @@ async fn write_loop(
     };
     let mut buf = Vec::new();
     // our place in line for the upload budget while a reply waits here
-    let mut ticket: Option<Ticket> = None;
+    let mut ticket: Option<(u32, Ticket)> = None;
     loop {
         let (closed, best) = {
             let mut ob = link.outbox.lock().expect("outbox lock");
@@ -602,7 +617,11 @@ async fn write_loop(
             link.wake.notified().await;
             continue;
         };
-        let t = ticket.get_or_insert_with(|| uploads.ticket(prio));
+        // a more urgent reply arrived: take a better place in line
+        if ticket.as_ref().is_some_and(|(p, _)| prio < *p) {
+            ticket = None;
+        }
+        let (_, t) = ticket.get_or_insert_with(|| (prio, uploads.ticket(prio)));
         let granted = tokio::select! {
             _ = t.wait() => true,
             // new messages, a cancel or a close: look again
@@ -611,7 +630,7 @@ async fn write_loop(
         if !granted {
             continue;
         }
-        let t = ticket.take().expect("granted");
+        let (_, t) = ticket.take().expect("granted");
         let q = {
             let mut ob = link.outbox.lock().expect("outbox lock");
             buf.clear();
@@ -690,14 +709,19 @@ mod tests {
         let p = PeerId::random();
         let t = Instant::now();
         let mut b = Budget::new(TEST);
-        assert!(b.has_room());
+        assert!(b.has_room(ORDINARY));
         b.start(key(&p, 1), 200 * 1024, t);
-        assert!(b.has_room());
+        assert!(b.has_room(ORDINARY));
         b.start(key(&p, 2), 200 * 1024, t);
-        assert!(!b.has_room());
+        assert!(!b.has_room(ORDINARY));
+        // an urgent reply may still start, up to the extra allowance
+        assert!(b.has_room(URGENT));
+        b.start(key(&p, 3), URGENT_EXTRA, t);
+        assert!(!b.has_room(URGENT));
+        assert!(b.ack(&key(&p, 3), t));
         assert!(b.ack(&key(&p, 1), t));
         assert!(!b.ack(&key(&p, 1), t), "a second ack is not counted");
-        assert!(b.has_room());
+        assert!(b.has_room(ORDINARY));
         assert_eq!(b.in_flight_bytes(), 200 * 1024);
     }
 
@@ -738,26 +762,41 @@ mod tests {
         assert_eq!(b.in_flight_bytes(), 30);
     }
 
-    #[tokio::test]
-    async fn waiters_get_room_rarest_first() {
+    fn granted(t: &mut Ticket) -> bool {
+        match &mut t.wait {
+            None => true,
+            Some(rx) => {
+                let ok = rx.try_recv().is_ok();
+                if ok {
+                    t.wait = None;
+                }
+                ok
+            }
+        }
+    }
+
+    #[test]
+    fn waiters_get_room_rarest_first() {
         let u = Arc::new(Uploads::new(TEST));
         let p = PeerId::random();
-        let first = u.ticket(5);
-        assert!(first.wait.is_none(), "room at once");
-        // budget filled by the first chunk
+        let mut first = u.ticket(5);
+        assert!(granted(&mut first), "room at once");
+        // the budget is full with the first chunk
         first.start(key(&p, 0), TEST.min);
         let mut common = u.ticket(7);
-        let mut rare = u.ticket(1);
+        let mut less_common = u.ticket(3);
+        assert!(!granted(&mut common) && !granted(&mut less_common));
+        // an urgent reply goes past them while the budget is full
+        let mut sole = u.ticket(URGENT);
+        assert!(granted(&mut sole));
+        sole.start(key(&p, 9), 10);
         u.with(|st| st.budget.ack(&key(&p, 0), Instant::now()));
-        rare.wait().await;
-        assert!(
-            common.wait.as_mut().unwrap().try_recv().is_err(),
-            "one grant at a time, rarest first"
-        );
-        rare.start(key(&p, 1), 10);
-        common.wait().await;
+        assert!(granted(&mut less_common), "rarer first");
+        assert!(!granted(&mut common), "one grant at a time");
+        less_common.start(key(&p, 1), 10);
+        assert!(granted(&mut common));
         drop(common); // an unused grant is given back
-        let again = u.ticket(3);
-        assert!(again.wait.is_none());
+        let mut again = u.ticket(8);
+        assert!(granted(&mut again));
     }
 }

@@ -109,6 +109,7 @@ struct Snapshot {
     /// Chunk bytes sent and not yet acknowledged, and the limit on them.
     upload_in_flight: u64,
     upload_budget: u64,
+    queued_by_message: BTreeMap<&'static str, u64>,
 }
 
 /// Registers the `image.fetch` method and the `p2p` status section, and spawns
@@ -140,6 +141,7 @@ pub fn start(node: Arc<Node>, router: &mut Router) -> Result<()> {
                 "rejected": s.rejects,
                 "upload_in_flight_bytes": s.upload_in_flight,
                 "upload_budget_bytes": s.upload_budget,
+                "sent_bytes_by_message": s.queued_by_message,
             })
         });
     }
@@ -234,6 +236,9 @@ struct ImageSwarm {
     slow_have_queue: HashMap<PeerId, Vec<u32>>,
     fetch: Option<Fetch>,
     stats: ImageStats,
+    /// After a fetch: how many peers are known to hold each chunk (kept up
+    /// from their Haves), so the rarest replies still go first.
+    avail: Vec<u32>,
     /// Provider lookups made, and when the next one is due.
     lookups: u32,
     next_lookup: Option<Instant>,
@@ -452,6 +457,7 @@ impl Net {
         }
         s.rejects = self.rejects.clone();
         (s.upload_in_flight, s.upload_budget) = self.links.budget();
+        s.queued_by_message = self.links.queued_by_message().clone();
         s.rejects.bad_messages += self.link_rejects.load(std::sync::atomic::Ordering::Relaxed);
     }
 
@@ -683,6 +689,7 @@ impl Net {
             slow_have_queue: HashMap::new(),
             fetch: None,
             stats: ImageStats::default(),
+            avail: Vec::new(),
             lookups: 0,
             next_lookup: None,
         })
@@ -970,7 +977,13 @@ impl Net {
                             img.early_haves.entry(peer).or_default().extend(chunks);
                         }
                     }
-                    Mode::Done => {}
+                    Mode::Done => {
+                        for c in chunks {
+                            if let Some(a) = img.avail.get_mut(c as usize) {
+                                *a = a.saturating_add(1);
+                            }
+                        }
+                    }
                 }
                 self.drive(image);
             }
@@ -1107,10 +1120,12 @@ impl Net {
                 if s.on_request(&peer, index, now) == Decision::Refuse {
                     return Some(Body::NotHave { index });
                 }
-                0
+                // every chunk a super-seed sends is new: no urgency among them
+                link::ORDINARY
             }
             Mode::Leech(l) => l.availability(index),
-            Mode::Done => u32::MAX,
+            // a finished seller keeps ranking by what its peers hold
+            Mode::Done => img.avail.get(index as usize).copied().unwrap_or(u32::MAX),
         };
         match self.store.get_chunk(&img.chunk_ids[index as usize]) {
             Ok(Some(mut bytes)) => {
@@ -1280,6 +1295,11 @@ impl Net {
         let Some(img) = self.images.get_mut(&image) else {
             return;
         };
+        if let Mode::Leech(l) = &img.mode {
+            img.avail = (0..img.sizes.len() as u32)
+                .map(|i| l.availability(i))
+                .collect();
+        }
         img.mode = Mode::Done;
         img.stats.complete = true;
         let _ = self.store.flush();

@@ -126,6 +126,24 @@ impl<'a> Rd<'a> {
 }
 
 impl Body {
+    /// The message's name (for counters and logs).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Body::GetManifest { .. } => "get_manifest",
+            Body::Manifest(_) => "manifest",
+            Body::NotFound => "not_found",
+            Body::Hello { .. } => "hello",
+            Body::HelloAck { .. } => "hello_ack",
+            Body::Have { .. } => "have",
+            Body::GetChunk { .. } => "get_chunk",
+            Body::Chunk { .. } => "chunk",
+            Body::NotHave { .. } => "not_have",
+            Body::Starving => "starving",
+            Body::Cancel { .. } => "cancel",
+            Body::ManifestAt { .. } => "manifest_at",
+        }
+    }
+
     fn tag(&self) -> u8 {
         match self {
             Body::GetManifest { .. } => 1,
