@@ -58,7 +58,10 @@ tree() { local p=$1 c; [ -d /proc/$p ] || return 0; echo "$p"
 ticks() { local t=0 p v; for p in $(for r in "$@"; do tree "$r"; done); do
     v=$(sed 's/^.*) //' /proc/$p/stat 2>/dev/null | awk '{print $12+$13}'); t=$((t + ${v:-0})); done; echo $t; }
 sysbusy() { awk '/^cpu /{print $2+$3+$4+$7+$8+$9}' /proc/stat; }
-cpu_ns() { local t=0 p v; for p in "$@"; do for v in $(awk '{print $1}' /proc/$p/task/*/schedstat 2>/dev/null); do t=$((t + v)); done; done; echo $t; }
+cpu_ns() { # CPU time (ns) of the overlay threads (ovl-*) of the given processes
+  local t=0 p d v; for p in "$@"; do for d in /proc/$p/task/*; do
+    case "$(cat $d/comm 2>/dev/null)" in ovl-*) v=$(awk '{print $1}' $d/schedstat 2>/dev/null); t=$((t + ${v:-0}));; esac
+  done; done; echo $t; }
 teardown() {
   local p
   for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null; done
@@ -152,7 +155,7 @@ measure_cpushare() { # rep [cfg busy-poll-us]
   n0=$(cpu_ns "${PIDS[@]:0:2}")
   pr=$(ip netns exec covbg timeout 30 ping -q -c $PINGS -i 0.05 -W 1 $OA 2>&1)
   n1=$(cpu_ns "${PIDS[@]:0:2}")
-  local pcpu=$(( (n1 - n0) / 1000 / PINGS ))   # both nodes' CPU per ping round trip, µs
+  local pcpu=$(( (n1 - n0) / 1000 / PINGS ))   # both nodes' overlay threads' CPU per ping round trip, µs
   rmin=$(echo "$pr" | awk -F'[/ ]' '/^rtt/{print $7}'); ravg=$(echo "$pr" | awk -F'[/ ]' '/^rtt/{print $8}')
   loss=$(echo "$pr" | grep -o '[0-9.]*% packet loss' | cut -d% -f1)
   local prof=; [ "${PERF:-0}" = 1 ] && [ "$rep" = 1 ] && [ $cfg = cpushare ] && command -v perf >/dev/null && prof=1
@@ -163,7 +166,7 @@ measure_cpushare() { # rep [cfg busy-poll-us]
   set -- $r1 $r4
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t-\t-\t%s\t%s\n' $cfg $rep $1 $2 $5 $6 "${rmin:-NA}" "${ravg:-NA}" "${loss:-NA}" \
     $3 $4 $7 $8 "Noise IK + ChaCha20-Poly1305, guest behind veth + AF_PACKET lease port, DHCP MTU, busy-poll $bpv us" $frag $pcpu >> "$RAW"
-  log "$cfg rep$rep: P1 $1 Mbit/s (retr $2, nodes ${3}%)  P4 $5 Mbit/s  rtt avg ${ravg:-NA} ms  nodes' CPU per ping ${pcpu} us"
+  log "$cfg rep$rep: P1 $1 Mbit/s (retr $2, nodes ${3}%)  P4 $5 Mbit/s  rtt avg ${ravg:-NA} ms  overlay threads' CPU per ping ${pcpu} us"
   # Drop counters by reason, for the record.
   "$NODE" --data-dir $WORK/node/b overlay ls --json > $WORK/seller-overlay.log 2>&1
   "$NODE" --data-dir $WORK/node/a overlay ls --json > $WORK/buyer-overlay.log 2>&1
@@ -188,7 +191,7 @@ col() { awk -F'\t' -v c="$1" -v k="$2" 'NR>1 && $1==c {print $k}' "$RAW" | media
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (a=="NA" || b=="NA" || b==0) print "NA"; else printf "%.2f", a/b }'; }
 TABLE=$WORK/table.md
 {
-  echo "| config | TCP -P1 Mbit/s | TCP -P4 Mbit/s | RTT avg ms | RTT min ms | cpushare P1 / this | cpushare P4 / this | this RTT / cpushare RTT | daemon CPU % (P1 / P4) | nodes' CPU per ping µs | n |"
+  echo "| config | TCP -P1 Mbit/s | TCP -P4 Mbit/s | RTT avg ms | RTT min ms | cpushare P1 / this | cpushare P4 / this | this RTT / cpushare RTT | daemon CPU % (P1 / P4) | overlay threads' CPU per ping µs | n |"
   echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
   c1=$(col cpushare 3); c4=$(col cpushare 5); cr=$(col cpushare 8)
   for cfg in $OURS $ANCHORS; do
