@@ -12,6 +12,8 @@ use libp2p::swarm::SwarmEvent;
 use libp2p::{noise, tcp, yamux, Multiaddr, PeerId, Stream, StreamProtocol};
 
 const V2: &str = "/cpushare/swarm/2";
+/// What a node's reader sends back on a stream it reads.
+const ACCEPT: u8 = 0xa5;
 
 fn frame(body: &[u8]) -> Vec<u8> {
     let mut f = (body.len() as u32).to_le_bytes().to_vec();
@@ -25,6 +27,14 @@ async fn send(ctl: &mut libp2p_stream::Control, peer: PeerId, bytes: &[u8]) -> R
         .open_stream(peer, StreamProtocol::new(V2))
         .await
         .context("opening a stream")?;
+    let mut b = [0u8; 1];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut b))
+        .await
+        .context("no accept byte in 10 s")??;
+    assert_eq!(
+        b[0], ACCEPT,
+        "the node's reader answers a new stream with the accept byte"
+    );
     s.write_all(bytes).await?;
     s.flush().await?;
     Ok(s)
@@ -140,6 +150,9 @@ async fn swarm_rejects_oversized_malformed_and_unknown_versions() -> Result<()> 
     let _s = send(&mut ctl, peer, &frame(&get_manifest)).await?;
     let reply = tokio::time::timeout(Duration::from_secs(20), async {
         let (_, mut s) = replies.next().await.context("no reply stream")?;
+        // the node writes nothing until we say we read this stream
+        s.write_all(&[ACCEPT]).await?;
+        s.flush().await?;
         let mut len = [0u8; 4];
         s.read_exact(&mut len).await?;
         let mut body = vec![0u8; u32::from_le_bytes(len) as usize];

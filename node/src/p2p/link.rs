@@ -31,6 +31,11 @@ use super::wire::{Body, Msg, MAX_MESSAGE, PROTOCOL};
 
 /// Most upload budget (bytes).
 const MAX_BUDGET: u64 = 32 * 1024 * 1024;
+/// The byte a reader sends back on a new stream once it reads it.
+const ACCEPT: u8 = 0xa5;
+/// How long an opener waits for that byte, and how often it tries.
+const ACCEPT_WAIT: Duration = Duration::from_secs(10);
+const OPEN_ATTEMPTS: u32 = 5;
 /// Replies at or below this priority (no or one other known holder) are
 /// urgent: they may start while the budget is full, by up to `URGENT_EXTRA`.
 /// Waiting for the budget to drain costs a fresh chunk most of a second at
@@ -583,15 +588,8 @@ async fn write_loop(
             link: link.id,
         });
     };
-    let mut stream = match control
-        .open_stream(peer, StreamProtocol::new(PROTOCOL))
-        .await
-    {
-        Ok(s) => s,
-        Err(e) => {
-            debug!(peer = %peer, error = %e, "cannot open swarm stream");
-            return down(&events);
-        }
+    let Some(mut stream) = open(peer, &mut control).await else {
+        return down(&events);
     };
     let mut buf = Vec::new();
     // our place in line for the upload budget while a reply waits here
@@ -654,6 +652,39 @@ async fn write_loop(
     }
 }
 
+/// Opens the outbound stream and waits for the peer's accept byte. libp2p
+/// hands inbound streams over through a queue of one and drops what does not
+/// fit, so when several peers open at once a stream can vanish with whatever
+/// was written on it; a stream only counts once the peer's reader says so.
+async fn open(peer: PeerId, control: &mut libp2p_stream::Control) -> Option<libp2p::Stream> {
+    let mut wait = Duration::from_millis(50);
+    for attempt in 1..=OPEN_ATTEMPTS {
+        match control
+            .open_stream(peer, StreamProtocol::new(PROTOCOL))
+            .await
+        {
+            Ok(mut s) => {
+                let mut b = [0u8; 1];
+                match tokio::time::timeout(ACCEPT_WAIT, s.read_exact(&mut b)).await {
+                    Ok(Ok(())) if b[0] == ACCEPT => return Some(s),
+                    _ => debug!(peer = %peer, attempt, "swarm stream not accepted; retrying"),
+                }
+            }
+            Err(libp2p_stream::OpenStreamError::UnsupportedProtocol(_)) => {
+                debug!(peer = %peer, "peer does not speak {PROTOCOL}");
+                return None;
+            }
+            Err(e) => {
+                debug!(peer = %peer, error = %e, "cannot open swarm stream");
+                return None;
+            }
+        }
+        tokio::time::sleep(wait).await;
+        wait *= 2;
+    }
+    None
+}
+
 async fn read_loop(
     peer: PeerId,
     mut stream: libp2p::Stream,
@@ -664,6 +695,10 @@ async fn read_loop(
         rejected.fetch_add(1, Ordering::Relaxed);
         warn!(peer = %peer, error = %why, "rejected inbound message; stream dropped");
     };
+    // tell the opener this stream is being read (see `open`)
+    if stream.write_all(&[ACCEPT]).await.is_err() || stream.flush().await.is_err() {
+        return;
+    }
     loop {
         let mut len = [0u8; 4];
         if stream.read_exact(&mut len).await.is_err() {

@@ -1337,7 +1337,16 @@ impl Net {
         let Some(img) = self.images.get_mut(&image) else {
             return;
         };
-        let done = matches!(img.mode, Mode::Done);
+        // near the end a super-seed spends its spare uplink on what we still
+        // lack, so it needs to know what we have promptly
+        let done = match &img.mode {
+            Mode::Done => true,
+            Mode::Leech(l) => {
+                let missing = l.have().len() - l.have().count();
+                (missing as usize) <= (img.sizes.len() / 50).max(8)
+            }
+            Mode::Seed(_) => false,
+        };
         let mut queue = std::mem::take(&mut img.have_queue);
         if slow || done {
             for (p, c) in img.slow_have_queue.drain() {

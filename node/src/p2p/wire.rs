@@ -6,6 +6,10 @@
 //! per-request stream set-up, negotiation and close on the buyer's slow uplink,
 //! and lets small messages share TCP segments with chunk data.
 //!
+//! The reader of a new stream first sends one byte, 0xa5, back on it: the
+//! opener writes nothing until it has that byte (libp2p may drop an inbound
+//! stream it cannot hand over, and what was written on it would be lost).
+//!
 //! Every message is `u32 length (LE) | u8 tag | image[32] | body`, integers
 //! little-endian. Parsers are strict: unknown tags, short bodies and trailing
 //! bytes are errors. The version lives in the protocol name, so a peer speaking
