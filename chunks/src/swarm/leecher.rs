@@ -58,8 +58,6 @@ pub struct LeecherConfig {
     pub max_strikes: u32,
     /// Nothing to request from anyone for this long (us) means starving.
     pub starve_after_us: Micros,
-    /// Requests beyond the depth allowed per peer for chunks only it holds.
-    pub sole_extra: usize,
 }
 
 impl Default for LeecherConfig {
@@ -75,7 +73,6 @@ impl Default for LeecherConfig {
             endgame_chunks: 8,
             max_strikes: 3,
             starve_after_us: 500_000,
-            sole_extra: 2,
         }
     }
 }
@@ -612,20 +609,12 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
                 if (s.strikes > 0) == (k < n) {
                     break;
                 }
-                // beyond its depth a peer still gets up to `sole_extra` requests for
-                // chunks nobody else has: it serves the rarest first, so these jump
-                // its queue instead of waiting for a slot (that wait, hop after hop,
-                // is what spreads a fresh chunk slowly)
-                let depth = self.depth(s);
-                if s.out.len() >= depth.saturating_add(self.cfg.sole_extra) {
+                if s.out.len() >= self.depth(s) {
                     break;
                 }
                 let Some(idx) = self.pick(s).or_else(|| self.pick_endgame(s)) else {
                     break;
                 };
-                if s.out.len() >= depth && self.avail[idx as usize] > 1 {
-                    break;
-                }
                 let size = self.sizes[idx as usize] as u64;
                 let s = self.peers[i].as_mut().expect("live");
                 if s.out.is_empty() {
@@ -668,37 +657,6 @@ mod tests {
                 _ => None,
             })
             .collect()
-    }
-
-    #[test]
-    fn chunks_only_one_peer_has_are_asked_for_beyond_its_depth() {
-        let cfg = LeecherConfig {
-            min_depth: 1,
-            max_depth: 1,
-            endgame_chunks: 0,
-            ..Default::default()
-        };
-        let mut l = Leecher::new(vec![10; 6], Bitfield::new(6), 7, cfg);
-        let mut all = Bitfield::new(6);
-        for i in 0..4 {
-            all.set(i);
-        }
-        l.add_peer(1u32, all.clone(), PeerKind::Normal, 0);
-        l.add_peer(2u32, all, PeerKind::Normal, 0);
-        l.poll(0);
-        let first = reqs(&drain(&mut l));
-        assert_eq!(first.len(), 2, "one each at depth 1: {first:?}");
-        // chunks 4 and 5 appear at peer 1 only: asked for at once despite its depth
-        l.peer_have(&1, 4);
-        l.peer_have(&1, 5);
-        l.poll(1);
-        let mut more = reqs(&drain(&mut l));
-        more.sort();
-        assert_eq!(more, vec![(1, 4), (1, 5)]);
-        // but a chunk both have waits for a free slot
-        l.peer_have(&2, 4);
-        l.poll(2);
-        assert!(reqs(&drain(&mut l)).is_empty());
     }
 
     #[test]

@@ -39,8 +39,7 @@ pub struct SeederConfig {
     /// to fill otherwise idle uplink at the end.
     pub extra_fraction: f64,
     /// The uplink counts as idle only this long (us) after the last reply was
-    /// reported sent (the node's shell reports a reply once the receiver
-    /// acknowledged it, so nothing is left in the buffers by then).
+    /// reported sent.
     pub idle_grace_us: Micros,
     /// Offers per peer once few chunks are left to hand out.
     pub end_offer_depth: usize,
@@ -51,7 +50,7 @@ impl Default for SeederConfig {
         SeederConfig {
             offer_depth: 4,
             extra_fraction: 0.02,
-            idle_grace_us: 50_000,
+            idle_grace_us: 500_000,
             end_offer_depth: 4,
         }
     }

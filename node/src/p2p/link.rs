@@ -36,14 +36,8 @@ const ACCEPT: u8 = 0xa5;
 /// How long an opener waits for that byte, and how often it tries.
 const ACCEPT_WAIT: Duration = Duration::from_secs(10);
 const OPEN_ATTEMPTS: u32 = 5;
-/// Replies at or below this priority (no or one other known holder) are
-/// urgent: they may start while the budget is full, by up to `URGENT_EXTRA`.
-/// Waiting for the budget to drain costs a fresh chunk most of a second at
-/// every hop; sharing the uplink with the chunks in flight costs far less.
-pub const URGENT: u32 = 1;
-const URGENT_EXTRA: u64 = 256 * 1024;
 /// Priority of replies with nothing to tell them apart (first come first).
-pub const ORDINARY: u32 = 1 << 16;
+pub const ORDINARY: u32 = u32::MAX;
 
 /// How much unacknowledged chunk data a node keeps out.
 #[derive(Clone, Copy, Debug)]
@@ -119,9 +113,9 @@ impl Budget {
         }
     }
 
-    /// Whether another chunk of priority `prio` may start now.
-    pub fn has_room(&self, prio: u32) -> bool {
-        self.bytes < self.limit || (prio <= URGENT && self.bytes < self.limit + URGENT_EXTRA)
+    /// Whether another chunk may start now.
+    pub fn has_room(&self) -> bool {
+        self.bytes < self.limit
     }
 
     pub fn limit(&self) -> u64 {
@@ -269,7 +263,7 @@ impl Uploads {
     fn grant(st: &mut UploadState) {
         while st.granted == 0 {
             match st.waiting.peek() {
-                Some(w) if st.budget.has_room(w.prio) => {}
+                Some(_) if st.budget.has_room() => {}
                 _ => return,
             }
             let w = st.waiting.pop().expect("peeked");
@@ -744,19 +738,14 @@ mod tests {
         let p = PeerId::random();
         let t = Instant::now();
         let mut b = Budget::new(TEST);
-        assert!(b.has_room(ORDINARY));
+        assert!(b.has_room());
         b.start(key(&p, 1), 200 * 1024, t);
-        assert!(b.has_room(ORDINARY));
+        assert!(b.has_room());
         b.start(key(&p, 2), 200 * 1024, t);
-        assert!(!b.has_room(ORDINARY));
-        // an urgent reply may still start, up to the extra allowance
-        assert!(b.has_room(URGENT));
-        b.start(key(&p, 3), URGENT_EXTRA, t);
-        assert!(!b.has_room(URGENT));
-        assert!(b.ack(&key(&p, 3), t));
+        assert!(!b.has_room());
         assert!(b.ack(&key(&p, 1), t));
         assert!(!b.ack(&key(&p, 1), t), "a second ack is not counted");
-        assert!(b.has_room(ORDINARY));
+        assert!(b.has_room());
         assert_eq!(b.in_flight_bytes(), 200 * 1024);
     }
 
@@ -821,10 +810,6 @@ mod tests {
         let mut common = u.ticket(7);
         let mut less_common = u.ticket(3);
         assert!(!granted(&mut common) && !granted(&mut less_common));
-        // an urgent reply goes past them while the budget is full
-        let mut sole = u.ticket(URGENT);
-        assert!(granted(&mut sole));
-        sole.start(key(&p, 9), 10);
         u.with(|st| st.budget.ack(&key(&p, 0), Instant::now()));
         assert!(granted(&mut less_common), "rarer first");
         assert!(!granted(&mut common), "one grant at a time");

@@ -236,9 +236,6 @@ struct ImageSwarm {
     slow_have_queue: HashMap<PeerId, Vec<u32>>,
     fetch: Option<Fetch>,
     stats: ImageStats,
-    /// After a fetch: how many peers are known to hold each chunk (kept up
-    /// from their Haves), so the rarest replies still go first.
-    avail: Vec<u32>,
     /// Provider lookups made, and when the next one is due.
     lookups: u32,
     next_lookup: Option<Instant>,
@@ -689,7 +686,6 @@ impl Net {
             slow_have_queue: HashMap::new(),
             fetch: None,
             stats: ImageStats::default(),
-            avail: Vec::new(),
             lookups: 0,
             next_lookup: None,
         })
@@ -977,13 +973,7 @@ impl Net {
                             img.early_haves.entry(peer).or_default().extend(chunks);
                         }
                     }
-                    Mode::Done => {
-                        for c in chunks {
-                            if let Some(a) = img.avail.get_mut(c as usize) {
-                                *a = a.saturating_add(1);
-                            }
-                        }
-                    }
+                    Mode::Done => {}
                 }
                 self.drive(image);
             }
@@ -1114,7 +1104,8 @@ impl Net {
         if index as usize >= img.sizes.len() || !img.have.get(index) {
             return Some(Body::NotHave { index });
         }
-        // rarest first among our queued replies: that is what others miss most
+        // rarest first among our waiting replies: each copy of a rare chunk is
+        // a new source for the swarm
         let prio = match &mut img.mode {
             Mode::Seed(s) => {
                 if s.on_request(&peer, index, now) == Decision::Refuse {
@@ -1125,7 +1116,8 @@ impl Net {
             }
             Mode::Leech(l) => l.availability(index),
             // a finished seller keeps ranking by what its peers hold
-            Mode::Done => img.avail.get(index as usize).copied().unwrap_or(u32::MAX),
+            // a finished seller no longer follows who holds what
+            Mode::Done => link::ORDINARY,
         };
         match self.store.get_chunk(&img.chunk_ids[index as usize]) {
             Ok(Some(mut bytes)) => {
@@ -1295,11 +1287,6 @@ impl Net {
         let Some(img) = self.images.get_mut(&image) else {
             return;
         };
-        if let Mode::Leech(l) = &img.mode {
-            img.avail = (0..img.sizes.len() as u32)
-                .map(|i| l.availability(i))
-                .collect();
-        }
         img.mode = Mode::Done;
         img.stats.complete = true;
         let _ = self.store.flush();
@@ -1337,16 +1324,7 @@ impl Net {
         let Some(img) = self.images.get_mut(&image) else {
             return;
         };
-        // near the end a super-seed spends its spare uplink on what we still
-        // lack, so it needs to know what we have promptly
-        let done = match &img.mode {
-            Mode::Done => true,
-            Mode::Leech(l) => {
-                let missing = l.have().len() - l.have().count();
-                (missing as usize) <= (img.sizes.len() / 50).max(8)
-            }
-            Mode::Seed(_) => false,
-        };
+        let done = matches!(img.mode, Mode::Done);
         let mut queue = std::mem::take(&mut img.have_queue);
         if slow || done {
             for (p, c) in img.slow_have_queue.drain() {
