@@ -432,7 +432,8 @@ impl Net {
                     Some(c) => self.on_cmd(c),
                     None => return,
                 },
-                _ = tick.tick() => self.on_tick(),
+                // an idle node (nothing moving) does not wake every 20 ms
+                _ = tick.tick(), if self.busy() => self.on_tick(),
                 _ = slow.tick() => self.on_slow_tick(),
                 _ = kad_boot.tick() => {
                     let _ = self.swarm.behaviour_mut().kad.bootstrap();
@@ -1299,6 +1300,22 @@ impl Net {
                 let _ = w.reply.send(Ok(report.clone()));
             }
         }
+    }
+
+    /// Whether anything needs the 20 ms tick: a fetch or a seed with peers,
+    /// queued haves, chunks awaiting acknowledgement, manifest fallbacks.
+    fn busy(&self) -> bool {
+        self.links.budget().0 > 0
+            || self.manifest_fetches.values().any(|m| m.fallback.is_some())
+            || self.images.values().any(|i| {
+                !i.have_queue.is_empty()
+                    || !i.slow_have_queue.is_empty()
+                    || match &i.mode {
+                        Mode::Leech(_) => true,
+                        Mode::Seed(_) => !i.members.is_empty(),
+                        Mode::Done => false,
+                    }
+            })
     }
 
     fn on_tick(&mut self) {
