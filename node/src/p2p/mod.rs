@@ -746,6 +746,22 @@ impl Net {
         }
     }
 
+    /// Images being fetched.
+    fn leeching(&self) -> Vec<ImageId> {
+        self.images
+            .iter()
+            .filter(|(_, i)| matches!(i.mode, Mode::Leech(_)))
+            .map(|(k, _)| *k)
+            .collect()
+    }
+
+    /// Greets `peer` for every image being fetched.
+    fn greet_leeching(&mut self, peer: PeerId) {
+        for image in self.leeching() {
+            self.greet(image, peer);
+        }
+    }
+
     /// Sends our have-set for `image` to `p` (once per connection).
     fn greet(&mut self, image: ImageId, p: PeerId) {
         let Some(img) = self.images.get_mut(&image) else {
@@ -802,15 +818,7 @@ impl Net {
                 for image in fetching {
                     self.ask_manifest_from(image, peer_id);
                 }
-                let leeching: Vec<ImageId> = self
-                    .images
-                    .iter()
-                    .filter(|(_, i)| matches!(i.mode, Mode::Leech(_)))
-                    .map(|(k, _)| *k)
-                    .collect();
-                for image in leeching {
-                    self.greet(image, peer_id);
-                }
+                self.greet_leeching(peer_id);
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
@@ -892,15 +900,7 @@ impl Net {
                 // messages may have been lost: start over with this peer
                 self.forget_peer(peer);
                 if self.connected.contains(&peer) {
-                    let leeching: Vec<ImageId> = self
-                        .images
-                        .iter()
-                        .filter(|(_, i)| matches!(i.mode, Mode::Leech(_)))
-                        .map(|(k, _)| *k)
-                        .collect();
-                    for image in leeching {
-                        self.greet(image, peer);
-                    }
+                    self.greet_leeching(peer);
                 }
             }
         }
@@ -1401,13 +1401,7 @@ impl Net {
                 }
             }
         }
-        let leeching: Vec<ImageId> = self
-            .images
-            .iter()
-            .filter(|(_, i)| matches!(i.mode, Mode::Leech(_)))
-            .map(|(k, _)| *k)
-            .collect();
-        for image in leeching {
+        for image in self.leeching() {
             // providers appear as other sellers start: look often at first,
             // then back off (each lookup costs every peer asked a reply)
             let due = {
