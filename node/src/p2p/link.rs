@@ -7,7 +7,8 @@
 //!
 //! Chunk replies are ack-clocked. A receiver answers every chunk with a Have
 //! at once; until then the chunk counts against the node's upload budget
-//! ([`Budget`]: about a quarter second of the measured upload rate). A reply
+//! ([`Budget`], a fraction of a second to two seconds of the measured upload
+//! rate, see [`BudgetConfig`]). A reply
 //! waits in its peer's queue until the budget has room, and the rarest waiting
 //! reply of the whole node goes first. Without this, each connection's stream
 //! buffers (yamux, noise, TCP) swallow seconds of data at once: every queued
@@ -609,7 +610,7 @@ async fn write_loop(
             link.wake.notified().await;
             continue;
         };
-        // a more urgent reply arrived: take a better place in line
+        // a rarer reply arrived: take a better place in line
         if ticket.as_ref().is_some_and(|(p, _)| prio < *p) {
             ticket = None;
         }
