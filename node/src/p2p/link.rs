@@ -167,24 +167,20 @@ impl Budget {
 
     /// Everything in flight to `peer`, removed.
     pub fn drop_peer(&mut self, peer: &PeerId) -> Vec<Key> {
-        let keys: Vec<Key> = self
-            .in_flight
-            .keys()
-            .filter(|k| k.0 == *peer)
-            .copied()
-            .collect();
-        for k in &keys {
-            self.forget(k);
-        }
-        keys
+        self.remove_where(|k, _| k.0 == *peer)
     }
 
     /// Chunks unacknowledged for longer than the timeout, removed.
     pub fn expire(&mut self, now: Instant) -> Vec<Key> {
+        self.remove_where(|_, started| now.saturating_duration_since(started) > ACK_TIMEOUT)
+    }
+
+    /// Removes (without counting as acknowledged) the chunks `pick` selects.
+    fn remove_where(&mut self, pick: impl Fn(&Key, Instant) -> bool) -> Vec<Key> {
         let keys: Vec<Key> = self
             .in_flight
             .iter()
-            .filter(|(_, (t, _))| now.saturating_duration_since(*t) > ACK_TIMEOUT)
+            .filter(|(k, (t, _))| pick(k, *t))
             .map(|(k, _)| *k)
             .collect();
         for k in &keys {
@@ -465,12 +461,7 @@ impl Links {
             .uploads
             .with(|st| st.budget.ack(&(peer, image, index), now))
         {
-            let _ = self.events.send(LinkEvent::Sent {
-                peer,
-                image,
-                index,
-                delivered: true,
-            });
+            report(&self.events, (peer, image, index), true);
         }
     }
 
@@ -486,25 +477,15 @@ impl Links {
             .position(|q| q.image == image && q.index == index)
         {
             ob.data.swap_remove(pos);
-            let _ = self.events.send(LinkEvent::Sent {
-                peer,
-                image,
-                index,
-                delivered: false,
-            });
+            report(&self.events, (peer, image, index), false);
         }
     }
 
     /// Chunks never acknowledged stop holding the budget (called on a timer).
     pub fn expire(&mut self) {
         let now = Instant::now();
-        for (peer, image, index) in self.uploads.with(|st| st.budget.expire(now)) {
-            let _ = self.events.send(LinkEvent::Sent {
-                peer,
-                image,
-                index,
-                delivered: true,
-            });
+        for key in self.uploads.with(|st| st.budget.expire(now)) {
+            report(&self.events, key, true);
         }
     }
 
@@ -538,13 +519,8 @@ impl Links {
     }
 
     fn drop_in_flight(&mut self, peer: &PeerId) {
-        for (peer, image, index) in self.uploads.with(|st| st.budget.drop_peer(peer)) {
-            let _ = self.events.send(LinkEvent::Sent {
-                peer,
-                image,
-                index,
-                delivered: false,
-            });
+        for key in self.uploads.with(|st| st.budget.drop_peer(peer)) {
+            report(&self.events, key, false);
         }
     }
 }
@@ -555,13 +531,18 @@ fn fail_all(peer: PeerId, link: &Link, events: &mpsc::UnboundedSender<LinkEvent>
     ob.closed = true;
     ob.control.clear();
     for q in ob.data.drain(..) {
-        let _ = events.send(LinkEvent::Sent {
-            peer,
-            image: q.image,
-            index: q.index,
-            delivered: false,
-        });
+        report(events, (peer, q.image, q.index), false);
     }
+}
+
+/// Tells the networking task where a chunk reply ended up.
+fn report(events: &mpsc::UnboundedSender<LinkEvent>, (peer, image, index): Key, delivered: bool) {
+    let _ = events.send(LinkEvent::Sent {
+        peer,
+        image,
+        index,
+        delivered,
+    });
 }
 
 async fn write_all(stream: &mut libp2p::Stream, buf: &[u8]) -> std::io::Result<()> {

@@ -97,7 +97,6 @@ struct Rejects {
     bad_manifests: u64,
     bad_chunks: u64,
     bad_messages: u64,
-    failed_inbound: u64,
 }
 
 #[derive(Default)]
