@@ -1,7 +1,7 @@
 //! The buyer's sans-IO core: Noise responder for every admitted guest session, the
 //! learning switch (host tap + one port per guest) and the DHCP server.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Instant;
 
@@ -43,8 +43,10 @@ pub struct BuyerCore {
     config: BuyerConfig,
     dhcp: DhcpServer,
     guests: Vec<Option<Guest>>,
-    by_mac: HashMap<MacAddr, usize>,
-    by_index: HashMap<u32, usize>,
+    // Keys are admitted guests and indices we picked: no hash flooding to fear, so a
+    // cheap hash keeps the per-frame lookups short.
+    by_mac: FxHashMap<MacAddr, usize>,
+    by_index: FxHashMap<u32, usize>,
     table: MacTable,
     limiter: HandshakeLimiter,
     cookies: CookieChecker,
@@ -103,8 +105,8 @@ impl BuyerCore {
             identity,
             config,
             guests: Vec::new(),
-            by_mac: HashMap::new(),
-            by_index: HashMap::new(),
+            by_mac: FxHashMap::default(),
+            by_index: FxHashMap::default(),
             drops: DropCounters::default(),
             tap_rx_frames: 0,
             tap_tx_frames: 0,
@@ -409,8 +411,7 @@ impl BuyerCore {
             out.recycle(buf);
             return;
         }
-        let mac = g.guest_mac;
-        self.table.learn(mac, Port::Guest(slot), now);
+        // A guest's MAC is bound to its session (`by_mac`), so there is nothing to learn.
         self.forward(Port::Guest(slot), buf, now, out);
     }
 

@@ -1,6 +1,6 @@
 //! The learning part of the buyer's switch: which port a MAC was last seen on.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::time::{Duration, Instant};
 
 use crate::MacAddr;
@@ -14,10 +14,11 @@ pub enum Port {
     Guest(usize),
 }
 
-/// MAC address table with aging.
+/// MAC address table with aging. It learns only the host side's MACs (guests are
+/// bound to their sessions), and never holds more than `capacity` of them.
 #[derive(Debug)]
 pub struct MacTable {
-    entries: HashMap<MacAddr, (Port, Instant)>,
+    entries: FxHashMap<MacAddr, (Port, Instant)>,
     aging: Duration,
     capacity: usize,
 }
@@ -26,7 +27,7 @@ impl MacTable {
     /// An empty table; entries expire `aging` after they were last seen.
     pub fn new(aging: Duration, capacity: usize) -> MacTable {
         MacTable {
-            entries: HashMap::new(),
+            entries: FxHashMap::default(),
             aging,
             capacity,
         }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use super::batch::{RecvBatch, SendBatch};
 use super::offload::{self, TcpMerger, VnetHdr, VNET_HDR_LEN};
 use super::shell::{self, os, IoCounters, POLL_MS, UDP_BATCH, UDP_GRO_SLOT, UDP_SLOT};
-use super::spin::{self, Handoff, Spin, Wake, HANDBACK};
+use super::spin::{self, Handoff, Poller, Spin, Wake, HANDBACK};
 use super::sys;
 use super::tap::{Tap, TapOptions};
 use crate::stats::BuyerStats;
@@ -132,10 +132,25 @@ impl Buyer {
                 .spawn(f)
                 .map_err(os("spawning an overlay thread"))
         };
+        let (ufd, tfd) = (shared.udp.as_raw_fd(), shared.tap.as_raw_fd());
+        let home_poller =
+            Poller::new(&[ufd, tfd], &shared.home).map_err(os("creating an epoll set"))?;
+        let mut helper_poller =
+            Poller::new(&[tfd], &shared.helper).map_err(os("creating an epoll set"))?;
+        // The home thread serves the tap until bulk arrives.
+        helper_poller
+            .watch(0, false)
+            .map_err(os("setting up an epoll set"))?;
         let sh = shared.clone();
-        threads.push(spawn("ovl-buyer-udp", Box::new(move || home_loop(&sh)))?);
+        threads.push(spawn(
+            "ovl-buyer-udp",
+            Box::new(move || home_loop(&sh, home_poller)),
+        )?);
         let sh = shared.clone();
-        threads.push(spawn("ovl-buyer-tap", Box::new(move || helper_loop(&sh)))?);
+        threads.push(spawn(
+            "ovl-buyer-tap",
+            Box::new(move || helper_loop(&sh, helper_poller)),
+        )?);
         let sh = shared;
         threads.push(spawn("ovl-buyer-tick", Box::new(move || tick_loop(&sh)))?);
         tracing::info!(%local, tap = %cfg.tap_name, %host_ip, "buyer overlay up");
@@ -240,10 +255,11 @@ struct Shared {
 
 /// The UDP thread: overlay -> switch/tap, and tap -> overlay unless the helper has
 /// it; spins for answers (see [`super::spin`]).
-fn home_loop(sh: &Shared) {
+fn home_loop(sh: &Shared, mut poller: Poller) {
+    const UDP: u32 = 1 << 0;
+    const TAP: u32 = 1 << 1;
     let (core, udp, tap, c) = (&*sh.core, &*sh.udp, &*sh.tap, &*sh.c);
     let fd = udp.as_raw_fd();
-    let tfd = tap.as_raw_fd();
     let mut rx = RecvBatch::new(UDP_BATCH, UDP_GRO_SLOT);
     rx.enable_udp_gro(fd);
     let mut tx = SendBatch::new(UDP_BATCH, UDP_SLOT);
@@ -251,9 +267,16 @@ fn home_loop(sh: &Shared) {
     let mut out = Actions::new();
     let mut merger = TcpMerger::new();
     let mut spin = Spin::new(sh.budget);
+    let mut serving_tap = true;
+    let mut ready = UDP | TAP;
     while !sh.stop.load(Ordering::Relaxed) {
         let mut u = 0;
-        if let Some(n) = shell::recv_udp(&mut rx, fd, "buyer") {
+        let got = if ready & UDP != 0 {
+            shell::recv_udp(&mut rx, fd, "buyer")
+        } else {
+            None
+        };
+        if let Some(n) = got {
             u = n;
             let now = Instant::now();
             spin.got_remote(now);
@@ -291,7 +314,10 @@ fn home_loop(sh: &Shared) {
         }
         let mut t = 0;
         let helper = sh.handoff.helper();
-        if !helper {
+        if helper == serving_tap && poller.watch(1, !helper).is_ok() {
+            serving_tap = !helper;
+        }
+        if !helper && ready & TAP != 0 {
             t = lock_reader(&sh.reader).drain(TAP_BATCH, core, udp, tap, c);
             if t > 0 {
                 let now = Instant::now();
@@ -302,21 +328,26 @@ fn home_loop(sh: &Shared) {
                 sh.handoff.to_helper(&sh.helper);
             }
         }
-        // A full batch: more is likely queued. Otherwise sleep at once (poll returns
-        // at once if something came meanwhile): on a shared CPU the seller cannot
-        // handle our answer before we get off it.
-        if u == UDP_BATCH || t == TAP_BATCH {
+        // A full batch: more is likely queued. Otherwise sleep at once (the wait
+        // returns at once if something came meanwhile): on a shared CPU the seller
+        // cannot handle our answer before we get off it.
+        ready = if u == UDP_BATCH { UDP } else { 0 } | if t == TAP_BATCH { TAP } else { 0 };
+        if ready != 0 {
             continue;
         }
         if spin.spinning(Instant::now()) {
-            if u == 0 && t == 0 {
+            ready = shell::ready_now(&mut poller);
+            if ready == 0 {
                 spin::yield_now();
             }
             continue;
         }
-        let fds = [fd, tfd];
-        let fds = if helper { &fds[..1] } else { &fds[..] };
-        shell::park(&sh.home, fds, || sh.handoff.helper() == helper, "buyer");
+        ready = shell::park(
+            &sh.home,
+            &mut poller,
+            || sh.handoff.helper() == helper,
+            "buyer",
+        );
     }
 }
 
@@ -412,13 +443,22 @@ fn lock_reader(m: &Mutex<TapReader>) -> MutexGuard<'_, TapReader> {
 }
 
 /// Serves tap -> overlay while it brings full batches, so both directions get a core.
-fn helper_loop(sh: &Shared) {
+fn helper_loop(sh: &Shared, mut poller: Poller) {
     let (core, udp, tap, c) = (&*sh.core, &*sh.udp, &*sh.tap, &*sh.c);
-    let tfd = tap.as_raw_fd();
     let mut last = Instant::now();
+    let mut watching = false;
     while !sh.stop.load(Ordering::Relaxed) {
-        if !sh.handoff.helper() {
-            shell::park(&sh.helper, &[], || !sh.handoff.helper(), "buyer helper");
+        let active = sh.handoff.helper();
+        if active != watching && poller.watch(0, active).is_ok() {
+            watching = active;
+        }
+        if !active {
+            shell::park(
+                &sh.helper,
+                &mut poller,
+                || !sh.handoff.helper(),
+                "buyer helper",
+            );
             last = Instant::now();
             continue;
         }
@@ -440,7 +480,12 @@ fn helper_loop(sh: &Shared) {
         } else if now.duration_since(last) >= HANDBACK {
             sh.handoff.to_home(&sh.home);
         } else {
-            shell::park(&sh.helper, &[tfd], || sh.handoff.helper(), "buyer helper");
+            shell::park(
+                &sh.helper,
+                &mut poller,
+                || sh.handoff.helper(),
+                "buyer helper",
+            );
         }
     }
 }

@@ -14,7 +14,7 @@ use super::batch::{RecvBatch, SendBatch};
 use super::netns::NetNs;
 use super::packet::PacketPort;
 use super::shell::{self, os, IoCounters, POLL_MS, UDP_BATCH, UDP_GRO_SLOT, UDP_SLOT};
-use super::spin::{self, Handoff, Spin, Wake, HANDBACK};
+use super::spin::{self, Handoff, Poller, Spin, Wake, HANDBACK};
 use super::sys;
 use super::tap::{Tap, TapOptions};
 use crate::stats::SellerStats;
@@ -175,16 +175,25 @@ impl Seller {
                 .spawn(f)
                 .map_err(os("spawning an overlay thread"))
         };
+        let (pfd, ufd) = (shared.port.as_raw_fd(), shared.udp.as_raw_fd());
+        let epoll = os("creating an epoll set");
+        let home_poller = Poller::new(&[pfd, ufd], &shared.home).map_err(epoll)?;
+        let mut helper_poller =
+            Poller::new(&[ufd], &shared.helper).map_err(os("creating an epoll set"))?;
+        // The home thread serves UDP until bulk arrives.
+        helper_poller
+            .watch(0, false)
+            .map_err(os("setting up an epoll set"))?;
         let tag: String = ifname.chars().take(8).collect();
         let sh = shared.clone();
         threads.push(spawn(
             format!("ovl-g-{tag}"),
-            Box::new(move || home_loop(&sh)),
+            Box::new(move || home_loop(&sh, home_poller)),
         )?);
         let sh = shared.clone();
         threads.push(spawn(
             format!("ovl-u-{tag}"),
-            Box::new(move || helper_loop(&sh)),
+            Box::new(move || helper_loop(&sh, helper_poller)),
         )?);
         let sh = shared;
         threads.push(spawn(
@@ -389,19 +398,29 @@ impl UdpIn {
 }
 
 /// The guest port's thread; also serves UDP -> guest unless the helper has it, and
-/// spins for answers (see [`super::spin`]).
-fn home_loop(sh: &Shared) {
+/// spins for answers (see [`super::spin`]). Reads only what the poller reported.
+fn home_loop(sh: &Shared, mut poller: Poller) {
+    const PORT: u32 = 1 << 0;
+    const UDP: u32 = 1 << 1;
     let mut gin = GuestIn::new(&sh.udp);
     let mut spin = Spin::new(sh.budget);
-    let (pfd, ufd) = (sh.port.as_raw_fd(), sh.udp.as_raw_fd());
+    let mut serving_udp = true;
+    let mut ready = PORT | UDP;
     while !sh.stop.load(Ordering::Relaxed) {
-        let (g, sent) = gin.pass(sh);
+        let (g, sent) = if ready & PORT != 0 {
+            gin.pass(sh)
+        } else {
+            (0, false)
+        };
         if g > 0 {
             spin.got_local(Instant::now());
         }
         let mut u = 0;
         let helper = sh.handoff.helper();
-        if !helper {
+        if helper == serving_udp && poller.watch(1, !helper).is_ok() {
+            serving_udp = !helper;
+        }
+        if !helper && ready & UDP != 0 {
             let (n, delivered) = lock_in(&sh.udp_in).pass(sh);
             u = n;
             if n > 0 {
@@ -418,31 +437,45 @@ fn home_loop(sh: &Shared) {
         if sent {
             spin.sent_remote(Instant::now());
         }
-        // A full batch: more is likely queued. Otherwise sleep at once (poll returns
-        // at once if something came meanwhile): on a shared CPU the answer to what we
-        // just sent cannot be handled before we get off it.
-        if g == gin.rx.slots() || u == UDP_BATCH {
+        // A full batch: more is likely queued. Otherwise sleep at once (the wait
+        // returns at once if something came meanwhile): on a shared CPU the answer to
+        // what we just sent cannot be handled before we get off it.
+        ready = if g == gin.rx.slots() { PORT } else { 0 } | if u == UDP_BATCH { UDP } else { 0 };
+        if ready != 0 {
             continue;
         }
         if spin.spinning(Instant::now()) {
-            if g == 0 && u == 0 {
+            ready = shell::ready_now(&mut poller);
+            if ready == 0 {
                 spin::yield_now();
             }
             continue;
         }
-        let fds = [pfd, ufd];
-        let fds = if helper { &fds[..1] } else { &fds[..] };
-        shell::park(&sh.home, fds, || sh.handoff.helper() == helper, "seller");
+        ready = shell::park(
+            &sh.home,
+            &mut poller,
+            || sh.handoff.helper() == helper,
+            "seller",
+        );
     }
 }
 
 /// Serves UDP -> guest while it brings full batches, so both directions get a core.
-fn helper_loop(sh: &Shared) {
-    let ufd = sh.udp.as_raw_fd();
+fn helper_loop(sh: &Shared, mut poller: Poller) {
     let mut last = Instant::now();
+    let mut watching = false;
     while !sh.stop.load(Ordering::Relaxed) {
-        if !sh.handoff.helper() {
-            shell::park(&sh.helper, &[], || !sh.handoff.helper(), "seller helper");
+        let active = sh.handoff.helper();
+        if active != watching && poller.watch(0, active).is_ok() {
+            watching = active;
+        }
+        if !active {
+            shell::park(
+                &sh.helper,
+                &mut poller,
+                || !sh.handoff.helper(),
+                "seller helper",
+            );
             last = Instant::now();
             continue;
         }
@@ -453,7 +486,12 @@ fn helper_loop(sh: &Shared) {
         } else if now.duration_since(last) >= HANDBACK {
             sh.handoff.to_home(&sh.home);
         } else {
-            shell::park(&sh.helper, &[ufd], || sh.handoff.helper(), "seller helper");
+            shell::park(
+                &sh.helper,
+                &mut poller,
+                || sh.handoff.helper(),
+                "seller helper",
+            );
         }
     }
 }

@@ -6,7 +6,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::batch::{RecvBatch, SendBatch};
-use super::spin::Wake;
+use super::spin::{Poller, Wake};
 use super::sys;
 use crate::{Action, Actions, Error, Event};
 
@@ -48,12 +48,22 @@ pub fn recv_udp(rx: &mut RecvBatch, fd: std::os::fd::RawFd, side: &str) -> Optio
     }
 }
 
-/// Park on `fds` (see [`Wake::park`]); a failed wait is logged and paused on.
-pub fn park(wake: &Wake, fds: &[std::os::fd::RawFd], still: impl Fn() -> bool, side: &str) {
-    if let Err(e) = wake.park(fds, POLL_MS as i32, still) {
-        tracing::warn!(error = %e, side, "overlay wait failed");
-        std::thread::sleep(std::time::Duration::from_millis(POLL_MS));
+/// Park on the poller's fds (see [`Wake::park`]) and return the readable ones; a
+/// failed wait is logged and paused on.
+pub fn park(wake: &Wake, poller: &mut Poller, still: impl Fn() -> bool, side: &str) -> u32 {
+    match wake.park(poller, POLL_MS as i32, still) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!(error = %e, side, "overlay wait failed");
+            std::thread::sleep(std::time::Duration::from_millis(POLL_MS));
+            0
+        }
     }
+}
+
+/// Readable fds of `poller` without waiting (a failed check reads as "all").
+pub fn ready_now(poller: &mut Poller) -> u32 {
+    poller.wait(0).unwrap_or(u32::MAX)
 }
 
 /// Hand every datagram of the first `n` slots (GRO-coalesced ones split back) to `f`.

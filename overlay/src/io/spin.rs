@@ -66,27 +66,105 @@ impl Wake {
         }
     }
 
-    /// Block until one of `fds` is readable, the bell rings or `timeout_ms` passes.
+    /// Block until one of the poller's enabled fds is readable, the bell rings or
+    /// `timeout_ms` passes; returns the readable fds (bit i = fd i of the poller).
     /// `still` is checked after announcing the park: if it says the state changed
     /// meanwhile, return at once (a ringer that saw us awake did not write the fd).
-    pub fn park(&self, fds: &[RawFd], timeout_ms: i32, still: impl Fn() -> bool) -> io::Result<()> {
+    pub fn park(
+        &self,
+        poller: &mut Poller,
+        timeout_ms: i32,
+        still: impl Fn() -> bool,
+    ) -> io::Result<u32> {
         self.parked.store(true, Ordering::SeqCst);
         if !still() {
             self.parked.store(false, Ordering::SeqCst);
-            return Ok(());
+            return Ok(0);
         }
-        let mut all = [0 as RawFd; 4];
-        let n = fds.len().min(3);
-        all[..n].copy_from_slice(&fds[..n]);
-        all[n] = self.efd.as_raw_fd();
-        let r = sys::poll_any(&all[..n + 1], timeout_ms);
+        let r = poller.wait(timeout_ms);
         self.parked.store(false, Ordering::SeqCst);
-        if r? & (1 << n) != 0 {
-            let mut v: u64 = 0;
-            // SAFETY: reads 8 bytes into a live u64 (non-blocking eventfd).
-            unsafe { libc::read(self.efd.as_raw_fd(), &mut v as *mut u64 as *mut _, 8) };
+        r
+    }
+}
+
+/// Readiness of a thread's fds and its doorbell, through one epoll set. Unlike
+/// poll(2), a wait registers nothing and reports which fd is ready, so the thread
+/// reads only that one: no empty non-blocking reads on the round trip.
+#[derive(Debug)]
+pub struct Poller {
+    ep: OwnedFd,
+    bell: RawFd,
+    fds: Vec<RawFd>,
+}
+
+/// epoll user data of the doorbell (fds use their index).
+const BELL: u64 = u64::MAX;
+
+impl Poller {
+    /// Watch `fds` (bit i of every result is `fds[i]`, at most 31) and `bell`'s eventfd.
+    pub fn new(fds: &[RawFd], bell: &Wake) -> io::Result<Poller> {
+        // SAFETY: plain epoll_create1(2); owned right away.
+        let ep = sys::cvt(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
+        let p = Poller {
+            ep: unsafe { OwnedFd::from_raw_fd(ep) },
+            bell: bell.efd.as_raw_fd(),
+            fds: fds.iter().copied().take(31).collect(),
+        };
+        p.ctl(libc::EPOLL_CTL_ADD, p.bell, BELL, true)?;
+        for (i, fd) in p.fds.iter().enumerate() {
+            p.ctl(libc::EPOLL_CTL_ADD, *fd, i as u64, true)?;
         }
-        Ok(())
+        Ok(p)
+    }
+
+    fn ctl(&self, op: libc::c_int, fd: RawFd, data: u64, on: bool) -> io::Result<()> {
+        let mut ev = libc::epoll_event {
+            events: if on { libc::EPOLLIN as u32 } else { 0 },
+            u64: data,
+        };
+        // SAFETY: a valid epoll fd, a live event struct.
+        sys::cvt(unsafe { libc::epoll_ctl(self.ep.as_raw_fd(), op, fd, &mut ev) }).map(|_| ())
+    }
+
+    /// Watch fd `i` or stop watching it (another thread serves it meanwhile).
+    pub fn watch(&mut self, i: usize, on: bool) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_MOD, self.fds[i], i as u64, on)
+    }
+
+    /// Readable fds now, or after waiting up to `timeout_ms` (0: do not wait). A rung
+    /// bell is consumed and reported as no fd.
+    pub fn wait(&mut self, timeout_ms: i32) -> io::Result<u32> {
+        let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 8];
+        let n = loop {
+            // SAFETY: a valid epoll fd and room for evs.len() events.
+            let r = unsafe {
+                libc::epoll_wait(
+                    self.ep.as_raw_fd(),
+                    evs.as_mut_ptr(),
+                    evs.len() as i32,
+                    timeout_ms,
+                )
+            };
+            if r >= 0 {
+                break r as usize;
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        };
+        let mut mask = 0;
+        for ev in &evs[..n] {
+            let data = ev.u64;
+            if data == BELL {
+                let mut v: u64 = 0;
+                // SAFETY: reads 8 bytes into a live u64 (non-blocking eventfd).
+                unsafe { libc::read(self.bell, &mut v as *mut u64 as *mut _, 8) };
+            } else {
+                mask |= 1 << data;
+            }
+        }
+        Ok(mask)
     }
 }
 
@@ -411,11 +489,11 @@ mod tests {
         // A pipe nobody writes to: only the bell can end the wait early.
         let (r, _wr) = pipe();
         let (w2, h2) = (w.clone(), h.clone());
-        let fd = r.as_raw_fd();
+        let mut p = Poller::new(&[r.as_raw_fd()], &w).unwrap();
         let t = Instant::now();
         let th = std::thread::spawn(move || {
             while !h2.helper() {
-                w2.park(&[fd], 10_000, || !h2.helper()).unwrap();
+                assert_eq!(w2.park(&mut p, 10_000, || !h2.helper()).unwrap(), 0);
             }
         });
         std::thread::sleep(Duration::from_millis(20));
@@ -432,17 +510,41 @@ mod tests {
             unsafe { libc::write(wr.as_raw_fd(), b"x".as_ptr() as *const _, 1) },
             1
         );
+        let (q, _wq) = pipe();
+        let mut p = Poller::new(&[q.as_raw_fd(), r.as_raw_fd()], &w).unwrap();
         let t = Instant::now();
-        w.park(&[r.as_raw_fd()], 10_000, || true).unwrap();
+        assert_eq!(
+            w.park(&mut p, 10_000, || true).unwrap(),
+            0b10,
+            "only fd 1 is ready"
+        );
         assert!(t.elapsed() < Duration::from_secs(5));
+        // Level-triggered: still ready until read.
+        assert_eq!(p.wait(0).unwrap(), 0b10);
+    }
+
+    #[test]
+    fn an_unwatched_fd_is_not_reported() {
+        let w = Wake::new().unwrap();
+        let (r, wr) = pipe();
+        let mut p = Poller::new(&[r.as_raw_fd()], &w).unwrap();
+        assert_eq!(
+            unsafe { libc::write(wr.as_raw_fd(), b"x".as_ptr() as *const _, 1) },
+            1
+        );
+        p.watch(0, false).unwrap();
+        assert_eq!(p.wait(0).unwrap(), 0, "another thread serves it");
+        p.watch(0, true).unwrap();
+        assert_eq!(p.wait(0).unwrap(), 1);
     }
 
     #[test]
     fn park_does_not_sleep_on_a_changed_state() {
         let w = Wake::new().unwrap();
         let (r, _wr) = pipe();
+        let mut p = Poller::new(&[r.as_raw_fd()], &w).unwrap();
         let t = Instant::now();
-        w.park(&[r.as_raw_fd()], 10_000, || false).unwrap();
+        assert_eq!(w.park(&mut p, 10_000, || false).unwrap(), 0);
         assert!(t.elapsed() < Duration::from_secs(5));
     }
 

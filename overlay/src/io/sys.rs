@@ -280,36 +280,6 @@ pub fn poll_readable(fd: RawFd, timeout_ms: i32) -> io::Result<bool> {
     }
 }
 
-/// Wait until one of `fds` (at most 8) is readable or `timeout_ms` passed; bit i of
-/// the result is set when `fds[i]` is readable (or in error).
-pub fn poll_any(fds: &[RawFd], timeout_ms: i32) -> io::Result<u32> {
-    let mut p = [libc::pollfd {
-        fd: -1,
-        events: libc::POLLIN,
-        revents: 0,
-    }; 8];
-    let n = fds.len().min(8);
-    for (q, fd) in p.iter_mut().zip(fds) {
-        q.fd = *fd;
-    }
-    loop {
-        // SAFETY: n valid pollfds.
-        let r = unsafe { libc::poll(p.as_mut_ptr(), n as libc::nfds_t, timeout_ms) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        return Ok(p[..n]
-            .iter()
-            .enumerate()
-            .filter(|(_, q)| q.revents != 0)
-            .fold(0, |m, (i, _)| m | 1 << i));
-    }
-}
-
 /// Set large socket buffers; as root the `*FORCE` variants pass the sysctl caps.
 pub fn set_socket_buffers(fd: RawFd, bytes: libc::c_int) {
     for (force, plain) in [
