@@ -387,6 +387,8 @@ impl TapReader {
     }
 
     /// Read up to `max` queued frames (non-blocking) and send them; returns frames read.
+    /// Right after a tap write (`max` = [`TAP_PEEK`]) the first frame, the host's
+    /// answer, goes out before we look for more: that look is an empty read.
     fn drain(
         &mut self,
         max: usize,
@@ -395,9 +397,26 @@ impl TapReader {
         tap: &Tap,
         c: &IoCounters,
     ) -> usize {
-        let fd = udp.as_raw_fd();
+        let max = max.min(TAP_BATCH);
+        let mut want = if max <= TAP_PEEK { 1 } else { max };
+        let mut total = 0;
+        loop {
+            let n = self.read(want, tap);
+            if n > 0 {
+                self.send(n, core, udp, tap, c);
+            }
+            total += n;
+            if n < want || total >= max {
+                return total;
+            }
+            want = max - total;
+        }
+    }
+
+    /// Read up to `want` queued frames into the first slots.
+    fn read(&mut self, want: usize, tap: &Tap) -> usize {
         let mut n = 0;
-        while n < max.min(TAP_BATCH) {
+        while n < want {
             match tap.read(&mut self.bufs[n * TAP_SLOT..(n + 1) * TAP_SLOT]) {
                 Ok(l) => {
                     self.lens[n] = l;
@@ -406,9 +425,19 @@ impl TapReader {
                 Err(_) => break,
             }
         }
-        if n == 0 {
-            return 0;
-        }
+        n
+    }
+
+    /// Switch (and encrypt) the first `n` frames read, and send the datagrams.
+    fn send(
+        &mut self,
+        n: usize,
+        core: &Mutex<BuyerCore>,
+        udp: &UdpSocket,
+        tap: &Tap,
+        c: &IoCounters,
+    ) {
+        let fd = udp.as_raw_fd();
         let now = Instant::now();
         {
             let mut core = lock(core);
@@ -434,7 +463,6 @@ impl TapReader {
         }
         shell::run_actions(&mut self.out, fd, &mut self.tx, |f| write_tap(tap, f, c));
         let _ = self.tx.flush(fd);
-        n
     }
 }
 
