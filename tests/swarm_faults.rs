@@ -63,6 +63,7 @@ fn swarm_corrupting_seller_is_banned_and_others_finish() -> Result<()> {
         );
         let st = honest[i].proc.status()?;
         assert_eq!(st["store"]["bad_chunks_removed"], 0);
+        assert_eq!(st["store"]["write_stalled"], false);
     }
     assert!(
         banned_by >= 1,

@@ -198,6 +198,9 @@ pub fn register(router: &mut Router, node: Arc<Node>) {
             "chunks": n.store.chunk_count(),
             "images": n.store.list_images().map(|v| v.len()).unwrap_or(0),
             "bad_chunks_removed": n.store.bad_chunks_removed(),
+            // True after a write made no progress for the stall limit: the store
+            // refuses writes until the daemon restarts (see the log).
+            "write_stalled": n.store.is_stalled(),
         })
     });
 }
