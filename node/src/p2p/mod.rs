@@ -843,6 +843,16 @@ impl Net {
                     let _ = self.swarm.dial(a);
                 }
             }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Expired(list))) => {
+                // The peer stopped announcing this address on the LAN. Forget it
+                // unless we are connected (identify re-adds the addresses it uses).
+                for (p, a) in list {
+                    if !self.swarm.is_connected(&p) {
+                        tracing::debug!(peer = %p, addr = %a, "mDNS address expired");
+                        self.swarm.behaviour_mut().kad.remove_address(&p, &a);
+                    }
+                }
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
                 id,
                 result: kad::QueryResult::GetProviders(res),
