@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use super::batch::{RecvBatch, SendBatch};
 use super::offload::{self, TcpMerger, VnetHdr, VNET_HDR_LEN};
 use super::shell::{self, os, IoCounters, POLL_MS, UDP_BATCH, UDP_GRO_SLOT, UDP_SLOT};
-use super::spin::{self, Handoff, Poller, Spin, Wake, HANDBACK};
+use super::spin::{self, Handoff, Poller, Spin, Wake};
 use super::sys;
 use super::tap::{Tap, TapOptions};
 use crate::stats::BuyerStats;
@@ -471,51 +471,26 @@ fn lock_reader(m: &Mutex<TapReader>) -> MutexGuard<'_, TapReader> {
 }
 
 /// Serves tap -> overlay while it brings full batches, so both directions get a core.
-fn helper_loop(sh: &Shared, mut poller: Poller) {
+fn helper_loop(sh: &Shared, poller: Poller) {
     let (core, udp, tap, c) = (&*sh.core, &*sh.udp, &*sh.tap, &*sh.c);
-    let mut last = Instant::now();
-    let mut watching = false;
-    while !sh.stop.load(Ordering::Relaxed) {
-        let active = sh.handoff.helper();
-        if active != watching && poller.watch(0, active).is_ok() {
-            watching = active;
-        }
-        if !active {
-            shell::park(
-                &sh.helper,
-                &mut poller,
-                || !sh.handoff.helper(),
-                "buyer helper",
-            );
-            last = Instant::now();
-            continue;
-        }
-        let got = {
-            let mut r = lock_reader(&sh.reader);
-            let mut got = 0;
-            loop {
-                let k = r.drain(TAP_BATCH, core, udp, tap, c);
-                got += k;
-                if k < TAP_BATCH {
-                    break;
-                }
+    let duty = shell::HelperDuty {
+        stop: &sh.stop,
+        handoff: &sh.handoff,
+        me: &sh.helper,
+        home: &sh.home,
+        side: "buyer helper",
+    };
+    shell::run_helper(duty, poller, || {
+        let mut r = lock_reader(&sh.reader);
+        let mut got = 0;
+        loop {
+            let k = r.drain(TAP_BATCH, core, udp, tap, c);
+            got += k;
+            if k < TAP_BATCH {
+                return got;
             }
-            got
-        };
-        let now = Instant::now();
-        if got > 0 {
-            last = now;
-        } else if now.duration_since(last) >= HANDBACK {
-            sh.handoff.to_home(&sh.home);
-        } else {
-            shell::park(
-                &sh.helper,
-                &mut poller,
-                || sh.handoff.helper(),
-                "buyer helper",
-            );
         }
-    }
+    });
 }
 
 fn tick_loop(sh: &Shared) {

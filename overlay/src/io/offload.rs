@@ -233,6 +233,8 @@ impl Default for TcpMerger {
 
 const ETH: usize = 14;
 const MAX_MERGED_IP: usize = 65535;
+/// Largest frame a [`TcpMerger`] emits, without its virtio_net_hdr.
+pub const MAX_MERGED_FRAME: usize = ETH + MAX_MERGED_IP;
 
 /// (header length, payload length, seq) of a mergeable segment, or None.
 fn mergeable(f: &[u8]) -> Option<(usize, usize, u32)> {

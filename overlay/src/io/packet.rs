@@ -207,6 +207,16 @@ impl PacketPort {
         });
     }
 
+    /// Queue a buffer that already starts with its virtio_net_hdr (e.g. a TSO frame
+    /// from [`super::offload::TcpMerger`]).
+    pub fn queue_raw(batch: &mut SendBatch, buf: &[u8]) {
+        batch.push(None, |b| {
+            let l = buf.len().min(b.len());
+            b[..l].copy_from_slice(&buf[..l]);
+            l
+        });
+    }
+
     pub fn flush(&self, batch: &mut SendBatch) -> io::Result<usize> {
         batch.flush(self.fd.as_raw_fd())
     }

@@ -12,9 +12,10 @@ use std::time::{Duration, Instant};
 
 use super::batch::{RecvBatch, SendBatch};
 use super::netns::NetNs;
+use super::offload::{TcpMerger, MAX_MERGED_FRAME};
 use super::packet::PacketPort;
 use super::shell::{self, os, IoCounters, POLL_MS, UDP_BATCH, UDP_GRO_SLOT, UDP_SLOT};
-use super::spin::{self, Handoff, Poller, Spin, Wake, HANDBACK};
+use super::spin::{self, Handoff, Poller, Spin, Wake};
 use super::sys;
 use super::tap::{Tap, TapOptions};
 use crate::stats::SellerStats;
@@ -353,7 +354,13 @@ struct UdpIn {
     tx: SendBatch,
     gtx: SendBatch,
     out: Actions,
+    /// In-order TCP segments of a batch go to the guest as one TSO frame: the guest
+    /// (its stack, or the VMM's tap) handles one packet instead of ~45.
+    merger: TcpMerger,
 }
+
+/// Frames per send to the guest port: merged frames are up to 64 KiB each.
+const GUEST_TX_SLOTS: usize = 16;
 
 impl UdpIn {
     fn new(udp: &UdpSocket) -> UdpIn {
@@ -365,8 +372,9 @@ impl UdpIn {
         UdpIn {
             rx,
             tx,
-            gtx: PacketPort::send_batch(UDP_BATCH, UDP_SLOT),
+            gtx: PacketPort::send_batch(GUEST_TX_SLOTS, MAX_MERGED_FRAME),
             out: Actions::new(),
+            merger: TcpMerger::new(),
         }
     }
 
@@ -383,13 +391,17 @@ impl UdpIn {
             let out = &mut self.out;
             shell::each_datagram(&self.rx, n, |from, d| core.handle_udp(from, d, now, out));
         }
-        let (gtx, port, c) = (&mut self.gtx, &sh.port, &sh.c);
-        shell::run_actions(&mut self.out, fd, &mut self.tx, |f| {
+        let (gtx, port, c, merger) = (&mut self.gtx, &sh.port, &sh.c, &mut self.merger);
+        let mut emit = |b: &[u8]| {
             if gtx.is_full() {
                 flush_guest(port, gtx, c);
             }
-            PacketPort::queue(gtx, f)
+            PacketPort::queue_raw(gtx, b)
+        };
+        shell::run_actions(&mut self.out, fd, &mut self.tx, |f| {
+            merger.push(f, &mut emit)
         });
+        merger.flush(&mut emit);
         let _ = self.tx.flush(fd);
         let delivered = !self.gtx.is_empty();
         flush_guest(&sh.port, &mut self.gtx, &sh.c);
@@ -461,39 +473,15 @@ fn home_loop(sh: &Shared, mut poller: Poller) {
 }
 
 /// Serves UDP -> guest while it brings full batches, so both directions get a core.
-fn helper_loop(sh: &Shared, mut poller: Poller) {
-    let mut last = Instant::now();
-    let mut watching = false;
-    while !sh.stop.load(Ordering::Relaxed) {
-        let active = sh.handoff.helper();
-        if active != watching && poller.watch(0, active).is_ok() {
-            watching = active;
-        }
-        if !active {
-            shell::park(
-                &sh.helper,
-                &mut poller,
-                || !sh.handoff.helper(),
-                "seller helper",
-            );
-            last = Instant::now();
-            continue;
-        }
-        let (n, _) = lock_in(&sh.udp_in).pass(sh);
-        let now = Instant::now();
-        if n > 0 {
-            last = now;
-        } else if now.duration_since(last) >= HANDBACK {
-            sh.handoff.to_home(&sh.home);
-        } else {
-            shell::park(
-                &sh.helper,
-                &mut poller,
-                || sh.handoff.helper(),
-                "seller helper",
-            );
-        }
-    }
+fn helper_loop(sh: &Shared, poller: Poller) {
+    let duty = shell::HelperDuty {
+        stop: &sh.stop,
+        handoff: &sh.handoff,
+        me: &sh.helper,
+        home: &sh.home,
+        side: "seller helper",
+    };
+    shell::run_helper(duty, poller, || lock_in(&sh.udp_in).pass(sh).0);
 }
 
 fn lock_in(m: &Mutex<UdpIn>) -> MutexGuard<'_, UdpIn> {

@@ -3,10 +3,11 @@
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
 
 use super::batch::{RecvBatch, SendBatch};
-use super::spin::{Poller, Wake};
+use super::spin::{Handoff, Poller, Wake, HANDBACK};
 use super::sys;
 use crate::{Action, Actions, Error, Event};
 
@@ -57,6 +58,45 @@ pub fn park(wake: &Wake, poller: &mut Poller, still: impl Fn() -> bool, side: &s
             tracing::warn!(error = %e, side, "overlay wait failed");
             std::thread::sleep(std::time::Duration::from_millis(POLL_MS));
             0
+        }
+    }
+}
+
+/// Who a helper thread answers to (see [`super::spin::Handoff`]).
+pub struct HelperDuty<'a> {
+    pub stop: &'a AtomicBool,
+    pub handoff: &'a Handoff,
+    /// The helper's own doorbell.
+    pub me: &'a Wake,
+    /// The home thread's doorbell, rung when the direction goes back to it.
+    pub home: &'a Wake,
+    pub side: &'a str,
+}
+
+/// A helper thread: while the home thread has handed it the direction (fd 0 of
+/// `poller`), `serve` it (returns frames moved); hand it back after [`HANDBACK`]
+/// without input; otherwise sleep on the doorbell alone.
+pub fn run_helper(d: HelperDuty<'_>, mut poller: Poller, mut serve: impl FnMut() -> usize) {
+    let mut last = Instant::now();
+    let mut watching = false;
+    while !d.stop.load(Ordering::Relaxed) {
+        let active = d.handoff.helper();
+        if active != watching && poller.watch(0, active).is_ok() {
+            watching = active;
+        }
+        if !active {
+            park(d.me, &mut poller, || !d.handoff.helper(), d.side);
+            last = Instant::now();
+            continue;
+        }
+        let n = serve();
+        let now = Instant::now();
+        if n > 0 {
+            last = now;
+        } else if now.duration_since(last) >= HANDBACK {
+            d.handoff.to_home(d.home);
+        } else {
+            park(d.me, &mut poller, || d.handoff.helper(), d.side);
         }
     }
 }
