@@ -17,6 +17,7 @@
 #   PERF=1 ...                                          # also perf-record both nodes during one -P 1 run
 #   BUSY_POLL_US=N ...                                  # --busy-poll-us for both nodes (default: the node's default)
 #   NOPOLL=1 ...                                        # also a "cpushare-nopoll" row: the same with --busy-poll-us 0
+#   REVERSE=1 ...                                       # also buyer -> guest (iperf3 -R) for cpushare: a second table
 # Output: a Markdown table (medians) with ratios; raw data under $WORK (default /tmp/cov-bench).
 set -u
 export LC_ALL=C
@@ -115,8 +116,8 @@ NCPU=$(nproc)
 quiet_gate() { local end=$(( $(date +%s) + QUIET_MAX )) s0 s1 b
   while :; do s0=$(sysbusy); sleep 1; s1=$(sysbusy); b=$(( (s1 - s0) * 100 / HZ ))
     [ "$b" -le "$QUIET_PCT" ] && break; [ "$(date +%s)" -ge $end ] && break; done; echo $b; }
-iperf_run() { # P tag -> "mbps retr daemon_cpu% sys_cpu%"
-  local P=$1 f=$WORK/iperf-$2.json c0 c1 s0 s1 t0 t1
+iperf_run() { # P tag [profile] [extra iperf3 args] -> "mbps retr daemon_cpu% sys_cpu%"
+  local P=$1 f=$WORK/iperf-$2.json c0 c1 s0 s1 t0 t1 extra=${4:-}
   quiet_gate >/dev/null
   local perfpid=
   if [ -n "${3:-}" ]; then # system-wide profile of this run (nodes, iperf3, kernel)
@@ -124,7 +125,7 @@ iperf_run() { # P tag -> "mbps retr daemon_cpu% sys_cpu%"
     perfpid=$!
   fi
   c0=$(ticks "${PIDS[@]:0:2}"); s0=$(sysbusy); t0=$(date +%s%N)
-  ip netns exec covbg timeout $((DUR + 30)) iperf3 -c $OA -t $DUR -P $P -J > $f 2>&1
+  ip netns exec covbg timeout $((DUR + 30)) iperf3 -c $OA -t $DUR -P $P $extra -J > $f 2>&1
   c1=$(ticks "${PIDS[@]:0:2}"); s1=$(sysbusy); t1=$(date +%s%N)
   if [ -n "$perfpid" ]; then
     wait $perfpid
@@ -159,8 +160,14 @@ measure_cpushare() { # rep [cfg busy-poll-us]
   rmin=$(echo "$pr" | awk -F'[/ ]' '/^rtt/{print $7}'); ravg=$(echo "$pr" | awk -F'[/ ]' '/^rtt/{print $8}')
   loss=$(echo "$pr" | grep -o '[0-9.]*% packet loss' | cut -d% -f1)
   local prof=; [ "${PERF:-0}" = 1 ] && [ "$rep" = 1 ] && [ $cfg = cpushare ] && command -v perf >/dev/null && prof=1
-  r1=$(iperf_run 1 $cfg-$rep-P1 $prof)
+  r1=$(iperf_run 1 $cfg-$rep-P1 "$prof")
   r4=$(iperf_run 4 $cfg-$rep-P4)
+  if [ "${REVERSE:-0}" = 1 ]; then
+    local v1 v4
+    v1=$(iperf_run 1 $cfg-$rep-R1 "" -R); v4=$(iperf_run 4 $cfg-$rep-R4 "" -R)
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' $cfg $rep $(echo $v1 | cut -d' ' -f1-2) $(echo $v4 | cut -d' ' -f1-2) >> $WORK/reverse.tsv
+    log "$cfg rep$rep: buyer -> guest P1 $(echo $v1 | cut -d' ' -f1) Mbit/s  P4 $(echo $v4 | cut -d' ' -f1) Mbit/s"
+  fi
   local frag=0 ns v
   for ns in covba covbb covbg; do v=$(ip netns exec $ns awk '/^Ip:/{if(!h){for(i=1;i<=NF;i++)if($i=="FragCreates")c=i;h=1}else print $c}' /proc/net/snmp); frag=$((frag + ${v:-0})); done
   set -- $r1 $r4
@@ -200,5 +207,17 @@ TABLE=$WORK/table.md
     echo "| $cfg | $p1 | $p4 | $ra | $(col $cfg 7) | $(ratio $c1 $p1) | $(ratio $c4 $p4) | $(ratio $ra $cr) | $(col $cfg 10) / $(col $cfg 12) | $(col $cfg 18) | $n |"
   done
 } > $TABLE
+if [ -s $WORK/reverse.tsv ]; then
+  rcol() { awk -F'\t' -v c="$1" -v k="$2" '$1==c {print $k}' $WORK/reverse.tsv | median; }
+  {
+    echo
+    echo "| config | buyer -> guest TCP -P1 Mbit/s (iperf3 -R) | -P4 Mbit/s | / guest -> buyer P1 | / guest -> buyer P4 | retransmits P1 / P4 |"
+    echo "|---|---:|---:|---:|---:|---:|"
+    for cfg in $OURS; do
+      r1=$(rcol $cfg 3); r4=$(rcol $cfg 5)
+      echo "| $cfg | $r1 | $r4 | $(ratio $r1 $(col $cfg 3)) | $(ratio $r4 $(col $cfg 5)) | $(rcol $cfg 4) / $(rcol $cfg 6) |"
+    done
+  } >> $TABLE
+fi
 cat $TABLE
 log "raw: $RAW"
