@@ -328,23 +328,12 @@ fn home_loop(sh: &Shared, mut poller: Poller) {
                 sh.handoff.to_helper(&sh.helper);
             }
         }
-        // A full batch: more is likely queued. Otherwise sleep at once (the wait
-        // returns at once if something came meanwhile): on a shared CPU the seller
-        // cannot handle our answer before we get off it.
-        ready = if u == UDP_BATCH { UDP } else { 0 } | if t == TAP_BATCH { TAP } else { 0 };
-        if ready != 0 {
-            continue;
-        }
-        if spin.spinning(Instant::now()) {
-            ready = shell::ready_now(&mut poller);
-            if ready == 0 {
-                spin::yield_now();
-            }
-            continue;
-        }
-        ready = shell::park(
-            &sh.home,
+        let full = if u == UDP_BATCH { UDP } else { 0 } | if t == TAP_BATCH { TAP } else { 0 };
+        ready = shell::next_ready(
+            full,
+            &mut spin,
             &mut poller,
+            &sh.home,
             || sh.handoff.helper() == helper,
             "buyer",
         );

@@ -449,23 +449,13 @@ fn home_loop(sh: &Shared, mut poller: Poller) {
         if sent {
             spin.sent_remote(Instant::now());
         }
-        // A full batch: more is likely queued. Otherwise sleep at once (the wait
-        // returns at once if something came meanwhile): on a shared CPU the answer to
-        // what we just sent cannot be handled before we get off it.
-        ready = if g == gin.rx.slots() { PORT } else { 0 } | if u == UDP_BATCH { UDP } else { 0 };
-        if ready != 0 {
-            continue;
-        }
-        if spin.spinning(Instant::now()) {
-            ready = shell::ready_now(&mut poller);
-            if ready == 0 {
-                spin::yield_now();
-            }
-            continue;
-        }
-        ready = shell::park(
-            &sh.home,
+        let full =
+            if g == gin.rx.slots() { PORT } else { 0 } | if u == UDP_BATCH { UDP } else { 0 };
+        ready = shell::next_ready(
+            full,
+            &mut spin,
             &mut poller,
+            &sh.home,
             || sh.handoff.helper() == helper,
             "seller",
         );

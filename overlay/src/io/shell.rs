@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use super::batch::{RecvBatch, SendBatch};
-use super::spin::{Handoff, Poller, Wake, HANDBACK};
+use super::spin::{Handoff, Poller, Spin, Wake, HANDBACK};
 use super::sys;
 use crate::{Action, Actions, Error, Event};
 
@@ -99,6 +99,31 @@ pub fn run_helper(d: HelperDuty<'_>, mut poller: Poller, mut serve: impl FnMut()
             park(d.me, &mut poller, || d.handoff.helper(), d.side);
         }
     }
+}
+
+/// What a home thread serves next: the fds whose batch came back full (`full`: more
+/// is likely queued); else, while `spin` says an answer is due, whatever is ready now
+/// (yielding the CPU if nothing is); else it parks until something is. Parking at once
+/// matters on a shared CPU: the peer cannot answer before we get off it.
+pub fn next_ready(
+    full: u32,
+    spin: &mut Spin,
+    poller: &mut Poller,
+    wake: &Wake,
+    still: impl Fn() -> bool,
+    side: &str,
+) -> u32 {
+    if full != 0 {
+        return full;
+    }
+    if spin.spinning(Instant::now()) {
+        let r = ready_now(poller);
+        if r == 0 {
+            super::spin::yield_now();
+        }
+        return r;
+    }
+    park(wake, poller, still, side)
 }
 
 /// Readable fds of `poller` without waiting (a failed check reads as "all").
