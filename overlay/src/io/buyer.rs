@@ -133,14 +133,9 @@ impl Buyer {
                 .map_err(os("spawning an overlay thread"))
         };
         let (ufd, tfd) = (shared.udp.as_raw_fd(), shared.tap.as_raw_fd());
-        let home_poller =
-            Poller::new(&[ufd, tfd], &shared.home).map_err(os("creating an epoll set"))?;
-        let mut helper_poller =
-            Poller::new(&[tfd], &shared.helper).map_err(os("creating an epoll set"))?;
-        // The home thread serves the tap until bulk arrives.
-        helper_poller
-            .watch(0, false)
-            .map_err(os("setting up an epoll set"))?;
+        // The home thread serves both until bulk arrives.
+        let (home_poller, helper_poller) =
+            shell::pollers(&[ufd, tfd], tfd, &shared.home, &shared.helper)?;
         let sh = shared.clone();
         threads.push(spawn(
             "ovl-buyer-udp",

@@ -177,14 +177,9 @@ impl Seller {
                 .map_err(os("spawning an overlay thread"))
         };
         let (pfd, ufd) = (shared.port.as_raw_fd(), shared.udp.as_raw_fd());
-        let epoll = os("creating an epoll set");
-        let home_poller = Poller::new(&[pfd, ufd], &shared.home).map_err(epoll)?;
-        let mut helper_poller =
-            Poller::new(&[ufd], &shared.helper).map_err(os("creating an epoll set"))?;
-        // The home thread serves UDP until bulk arrives.
-        helper_poller
-            .watch(0, false)
-            .map_err(os("setting up an epoll set"))?;
+        // The home thread serves both until bulk arrives.
+        let (home_poller, helper_poller) =
+            shell::pollers(&[pfd, ufd], ufd, &shared.home, &shared.helper)?;
         let tag: String = ifname.chars().take(8).collect();
         let sh = shared.clone();
         threads.push(spawn(

@@ -62,6 +62,22 @@ pub fn park(wake: &Wake, poller: &mut Poller, still: impl Fn() -> bool, side: &s
     }
 }
 
+/// The epoll sets of a side's two threads: the home thread watches `home_fds`; the
+/// helper watches `handed` (one of them), off until the home thread hands it over.
+pub fn pollers(
+    home_fds: &[std::os::fd::RawFd],
+    handed: std::os::fd::RawFd,
+    home: &Wake,
+    helper: &Wake,
+) -> Result<(Poller, Poller), Error> {
+    let home_poller = Poller::new(home_fds, home).map_err(os("creating an epoll set"))?;
+    let mut helper_poller = Poller::new(&[handed], helper).map_err(os("creating an epoll set"))?;
+    helper_poller
+        .watch(0, false)
+        .map_err(os("setting up an epoll set"))?;
+    Ok((home_poller, helper_poller))
+}
+
 /// Who a helper thread answers to (see [`super::spin::Handoff`]).
 pub struct HelperDuty<'a> {
     pub stop: &'a AtomicBool,
