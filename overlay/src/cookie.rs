@@ -90,8 +90,9 @@ impl CookieJar {
         }
     }
 
-    /// Appends mac1 and mac2 (zero without a fresh cookie) to an initiation.
-    pub fn stamp(&mut self, msg: &mut Vec<u8>, now: Instant) {
+    /// Appends mac1 and mac2 (zero without a fresh cookie) to an initiation; returns
+    /// whether mac2 carries a cookie.
+    pub fn stamp(&mut self, msg: &mut Vec<u8>, now: Instant) -> bool {
         let m1 = mac(&self.keys.mac1, &[msg]);
         msg.extend_from_slice(&m1);
         self.last_mac1 = Some(m1);
@@ -99,8 +100,12 @@ impl CookieJar {
             Some((c, t)) if now.saturating_duration_since(t) < COOKIE_LIFETIME => {
                 let m2 = mac(&c, &[msg]);
                 msg.extend_from_slice(&m2);
+                true
             }
-            _ => msg.extend_from_slice(&[0; MAC_LEN]),
+            _ => {
+                msg.extend_from_slice(&[0; MAC_LEN]);
+                false
+            }
         }
     }
 

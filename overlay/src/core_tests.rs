@@ -44,7 +44,7 @@ pub(crate) struct Harness {
     pub tap: Vec<Vec<u8>>,
     pub guests: Vec<Vec<Vec<u8>>>,
     pub events: Vec<Event>,
-    out: Actions,
+    pub out: Actions,
 }
 
 impl Harness {
@@ -101,7 +101,7 @@ impl Harness {
         }
     }
 
-    fn collect_buyer(&mut self) {
+    pub fn collect_buyer(&mut self) {
         while let Some(a) = self.out.pop() {
             match a {
                 Action::SendUdp { to, bytes } => {
@@ -133,10 +133,14 @@ impl Harness {
         }
     }
 
-    /// Delivers everything in flight (and whatever that causes).
+    /// Delivers everything in flight (and whatever that causes). Panics if the two
+    /// sides keep answering each other without time passing.
     pub fn settle(&mut self) {
+        let mut delivered = 0;
         while let Some(d) = self.net.pop_front() {
             self.deliver(d);
+            delivered += 1;
+            assert!(delivered < 100_000, "the network never goes quiet");
         }
     }
 
@@ -951,6 +955,45 @@ fn new_seller_connects_during_a_flood_with_a_cookie() {
 }
 
 #[test]
+fn cookie_replies_to_a_cookie_bearing_retry_wait_for_the_timer() {
+    let mut h = Harness::new(1);
+    h.tick();
+    let Some(Dgram::ToBuyer { from, bytes: i1 }) = h.net.pop_front() else {
+        panic!("no initiation")
+    };
+    // Spend the seller address's budget with copies of its initiation.
+    for _ in 0..10 {
+        h.buyer.handle_udp(from, &i1, h.now, &mut h.out);
+        h.out.drain().for_each(drop);
+    }
+    // Over budget: a cookie; the seller retries at once with mac2 (I2).
+    h.buyer.handle_udp(from, &i1, h.now, &mut h.out);
+    h.collect_buyer();
+    let cookie = h.net.pop_front().unwrap();
+    h.deliver(cookie);
+    let Some(Dgram::ToBuyer { bytes: i2, .. }) = h.net.pop_front() else {
+        panic!("no retry after the cookie")
+    };
+    // Copies of I2 spend the budget proven senders have; the response is lost.
+    for _ in 0..10 {
+        h.buyer.handle_udp(from, &i2, h.now, &mut h.out);
+        h.out.drain().for_each(drop);
+    }
+    h.buyer.handle_udp(from, &i2, h.now, &mut h.out);
+    h.collect_buyer();
+    assert_eq!(h.net.len(), 1, "one cookie reply");
+    // That cookie answers a retry that carried one: no immediate retry (no ping-pong).
+    h.settle();
+    assert!(h.net.is_empty());
+    assert!(!h.sellers[0].is_established());
+    // The retry timer brings the session up once the budget has refilled.
+    h.advance(Duration::from_secs(5));
+    h.tick();
+    h.settle();
+    assert!(h.sellers[0].is_established());
+}
+
+#[test]
 fn initiation_without_mac1_costs_nothing() {
     let mut h = Harness::new(1);
     let mut junk = vec![0u8; crate::wire::HANDSHAKE_INIT_LEN];
@@ -1064,4 +1107,25 @@ mod model {
             prop_assert_eq!(h.guests[0].len(), guest_before + 1);
         }
     }
+}
+
+#[test]
+fn late_response_leaves_seller_keys_no_older_than_the_buyers() {
+    let mut h = Harness::new(1);
+    h.tick();
+    let init = h.net.pop_front().unwrap();
+    h.deliver(init); // the buyer makes its keys now
+    h.advance(Duration::from_secs(100));
+    h.settle(); // the response arrives 100 s late, before any retry
+    assert!(h.sellers[0].is_established());
+    // Run past the buyer's reject-after time: the seller must have rekeyed in time.
+    for _ in 0..100 {
+        h.advance(Duration::from_secs(1));
+        h.tick();
+        h.settle();
+    }
+    let f = frame_from_guest(0, BUYER_MAC, BUYER_IP, 7);
+    h.guest_sends(0, &f);
+    h.settle();
+    assert_eq!(h.tap.last(), Some(&f), "the session still carries frames");
 }

@@ -103,16 +103,23 @@ impl SellerCore {
                 nonce,
                 sealed,
             } => {
-                let ours = self
+                let pending = self
                     .handshake
                     .as_ref()
-                    .is_some_and(|h| h.local_index == receiver_index);
-                if ours && self.cookies.consume(nonce, sealed, now).is_ok() {
-                    // The buyer is under load: retry at once, now with mac2.
-                    self.handshake = None;
-                    self.initiate(now, out);
-                } else {
-                    self.stats.drops.inc(DropReason::UnexpectedResponse);
+                    .filter(|h| h.local_index == receiver_index)
+                    .map(|h| h.carried_cookie);
+                match pending {
+                    Some(carried) if self.cookies.consume(nonce, sealed, now).is_ok() => {
+                        // The buyer is under load: retry at once, now with mac2. If
+                        // that one carried a cookie already, the buyer is over budget
+                        // even for proven senders: wait for the retry timer, or the
+                        // two of us would ping-pong cookies and initiations.
+                        if !carried {
+                            self.handshake = None;
+                            self.initiate(now, out);
+                        }
+                    }
+                    _ => self.stats.drops.inc(DropReason::UnexpectedResponse),
                 }
             }
             Message::HandshakeResponse {
@@ -141,7 +148,7 @@ impl SellerCore {
             self.stats.drops.inc(DropReason::UnexpectedResponse);
             return;
         };
-        match hs.finish(&self.config.buyer, sender_index, noise, now) {
+        match hs.finish(&self.config.buyer, sender_index, noise) {
             Ok(k) => {
                 let rekey = self.keys.current.is_some();
                 self.keys.install(k);
@@ -297,8 +304,8 @@ impl SellerCore {
             now,
             &mut buf,
         ) {
-            Ok(hs) => {
-                self.cookies.stamp(&mut buf, now);
+            Ok(mut hs) => {
+                hs.carried_cookie = self.cookies.stamp(&mut buf, now);
                 self.handshake = Some(hs);
                 self.attempts += 1;
                 out.event(Event::HandshakeInitiated {

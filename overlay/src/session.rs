@@ -155,6 +155,8 @@ pub(crate) struct Initiation {
     pub local_index: u32,
     /// When the initiation was sent.
     pub sent_at: Instant,
+    /// Whether the initiation carried a cookie from the buyer (mac2).
+    pub carried_cookie: bool,
 }
 
 impl std::fmt::Debug for Initiation {
@@ -201,16 +203,19 @@ impl Initiation {
             hs,
             local_index,
             sent_at: now,
+            carried_cookie: false,
         })
     }
 
-    /// Completes the handshake with the buyer's response.
+    /// Completes the handshake with the buyer's response. The keys count their age
+    /// from when the initiation was sent, which is no later than when the buyer made
+    /// its half: a late response must not leave us using keys the buyer already
+    /// expired.
     pub fn finish(
         mut self,
         buyer: &PeerKey,
         responder_index: u32,
         noise: &[u8],
-        now: Instant,
     ) -> Result<Keypair, Error> {
         let mut payload = [0u8; RESPONSE_NOISE_LEN];
         let n = self
@@ -238,7 +243,7 @@ impl Initiation {
             responder_index,
             i_to_r,
             r_to_i,
-            now,
+            self.sent_at,
         ))
     }
 }
@@ -421,9 +426,7 @@ mod tests {
             panic!("not a response");
         };
         assert_eq!(receiver_index, 7);
-        let k = hs
-            .finish(&buyer.public_key(), sender_index, noise, now)
-            .unwrap();
+        let k = hs.finish(&buyer.public_key(), sender_index, noise).unwrap();
         (seller, buyer, k, acc.keypair)
     }
 
