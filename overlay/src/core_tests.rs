@@ -49,8 +49,15 @@ pub(crate) struct Harness {
 
 impl Harness {
     pub fn new(n: usize) -> Harness {
+        Harness::with_timers(n, crate::Timers::default())
+    }
+
+    /// A harness whose buyer and sellers all run with `timers`.
+    pub fn with_timers(n: usize, timers: crate::Timers) -> Harness {
         let buyer_id = Identity::generate();
-        let mut buyer = BuyerCore::new(buyer_id.clone(), BuyerConfig::new(BUYER_MAC)).unwrap();
+        let mut bcfg = BuyerConfig::new(BUYER_MAC);
+        bcfg.timers = timers.clone();
+        let mut buyer = BuyerCore::new(buyer_id.clone(), bcfg).unwrap();
         let mut sellers = Vec::new();
         for i in 0..n {
             let sid = Identity::generate();
@@ -58,12 +65,13 @@ impl Harness {
                 .admit(sid.public_key(), guest_mac(i), guest_ip(i))
                 .unwrap();
             let lease = GuestLease::new(guest_mac(i), guest_ip(i), BUYER_MAC, BUYER_IP);
-            let cfg = SellerConfig::new(
+            let mut cfg = SellerConfig::new(
                 buyer_id.public_key(),
                 BUYER_ADDR.parse().unwrap(),
                 lease,
                 SystemTime::now(),
             );
+            cfg.timers = timers.clone();
             sellers.push(SellerCore::new(sid, cfg).unwrap());
         }
         Harness {
@@ -168,7 +176,11 @@ impl Harness {
     }
 
     pub fn connect(n: usize) -> Harness {
-        let mut h = Harness::new(n);
+        Harness::connect_with(n, crate::Timers::default())
+    }
+
+    pub fn connect_with(n: usize, timers: crate::Timers) -> Harness {
+        let mut h = Harness::with_timers(n, timers);
         h.tick();
         h.settle();
         for i in 0..n {
@@ -961,26 +973,25 @@ fn cookie_replies_to_a_cookie_bearing_retry_wait_for_the_timer() {
     let Some(Dgram::ToBuyer { from, bytes: i1 }) = h.net.pop_front() else {
         panic!("no initiation")
     };
-    // Spend the seller address's budget with copies of its initiation.
-    for _ in 0..10 {
-        h.buyer.handle_udp(from, &i1, h.now, &mut h.out);
-        h.out.drain().for_each(drop);
-    }
-    // Over budget: a cookie; the seller retries at once with mac2 (I2).
-    h.buyer.handle_udp(from, &i1, h.now, &mut h.out);
-    h.collect_buyer();
+    // Copies of an initiation spend a budget (whatever the buyer answers is lost);
+    // one more gets a cookie reply, into the network.
+    let overspend = |h: &mut Harness, init: &[u8]| {
+        for _ in 0..10 {
+            h.buyer.handle_udp(from, init, h.now, &mut h.out);
+            h.out.drain().for_each(drop);
+        }
+        h.buyer.handle_udp(from, init, h.now, &mut h.out);
+        h.collect_buyer();
+    };
+    // The seller address's budget: a cookie; the seller retries at once with mac2 (I2).
+    overspend(&mut h, &i1);
     let cookie = h.net.pop_front().unwrap();
     h.deliver(cookie);
     let Some(Dgram::ToBuyer { bytes: i2, .. }) = h.net.pop_front() else {
         panic!("no retry after the cookie")
     };
-    // Copies of I2 spend the budget proven senders have; the response is lost.
-    for _ in 0..10 {
-        h.buyer.handle_udp(from, &i2, h.now, &mut h.out);
-        h.out.drain().for_each(drop);
-    }
-    h.buyer.handle_udp(from, &i2, h.now, &mut h.out);
-    h.collect_buyer();
+    // The budget proven senders have; the response to I2 is lost.
+    overspend(&mut h, &i2);
     assert_eq!(h.net.len(), 1, "one cookie reply");
     // That cookie answers a retry that carried one: no immediate retry (no ping-pong).
     h.settle();
@@ -1022,15 +1033,22 @@ mod model {
         Tick,
     }
 
-    fn op() -> impl Strategy<Value = Op> {
+    /// What the network and the clocks do.
+    fn net_op() -> impl Strategy<Value = Op> {
         prop_oneof![
-            3 => Just(Op::GuestSends),
-            3 => Just(Op::HostSends),
             6 => any::<usize>().prop_map(Op::Deliver),
             1 => any::<usize>().prop_map(Op::Duplicate),
             1 => any::<usize>().prop_map(Op::Lose),
             2 => (0u64..40).prop_map(Op::Advance),
             2 => Just(Op::Tick),
+        ]
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => Just(Op::GuestSends),
+            3 => Just(Op::HostSends),
+            12 => net_op(),
         ]
     }
 
@@ -1044,6 +1062,113 @@ mod model {
             let id = id_of(f);
             assert!(sent.contains(&id), "frame {id} was never sent");
             assert!(seen.insert(id), "frame {id} delivered twice");
+        }
+    }
+
+    #[derive(Clone, Debug)]
+    enum MultiOp {
+        /// Guest `from` sends to guest `to` (`to == from`: to the buyer's host).
+        GuestSends {
+            from: usize,
+            to: usize,
+        },
+        HostSends {
+            to: usize,
+        },
+        Net(Op),
+    }
+
+    const GUESTS: usize = 3;
+
+    fn multi_op() -> impl Strategy<Value = MultiOp> {
+        prop_oneof![
+            4 => (0..GUESTS, 0..GUESTS).prop_map(|(from, to)| MultiOp::GuestSends { from, to }),
+            2 => (0..GUESTS).prop_map(|to| MultiOp::HostSends { to }),
+            8 => net_op()
+            .prop_map(MultiOp::Net),
+        ]
+    }
+
+    /// Rekeys by message count every few frames, on top of the time-based ones.
+    fn chatty_timers() -> crate::Timers {
+        crate::Timers {
+            rekey_after_messages: 12,
+            reject_after_messages: 40,
+            ..crate::Timers::default()
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 128, failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// Three guests talk to the host and to each other through the switch while
+        /// sessions rekey every dozen messages: every endpoint gets only frames sent
+        /// to it, each at most once, and all sessions recover.
+        #[test]
+        fn multi_guest_schedules(ops in proptest::collection::vec(multi_op(), 1..300)) {
+            let mut h = Harness::connect_with(GUESTS, chatty_timers());
+            let mut to_host = BTreeSet::new();
+            let mut to_guest = vec![BTreeSet::new(); GUESTS];
+            let mut next_id = 0u32;
+            for o in ops {
+                match o {
+                    MultiOp::GuestSends { from, to } => {
+                        next_id += 1;
+                        let id = next_id.to_be_bytes();
+                        let f = if from == to {
+                            to_host.insert(next_id);
+                            udp4(guest_mac(from), BUYER_MAC, guest_ip(from), BUYER_IP, 1, 2, &id)
+                        } else {
+                            to_guest[to].insert(next_id);
+                            udp4(guest_mac(from), guest_mac(to), guest_ip(from), guest_ip(to), 1, 2, &id)
+                        };
+                        h.guest_sends(from, &f);
+                    }
+                    MultiOp::HostSends { to } => {
+                        next_id += 1;
+                        to_guest[to].insert(next_id);
+                        let f = udp4(BUYER_MAC, guest_mac(to), BUYER_IP, guest_ip(to), 2, 1, &next_id.to_be_bytes());
+                        h.host_sends(&f);
+                    }
+                    MultiOp::Net(Op::Deliver(i)) if !h.net.is_empty() => {
+                        let d = h.net.remove(i % h.net.len()).unwrap();
+                        h.deliver(d);
+                    }
+                    MultiOp::Net(Op::Duplicate(i)) if !h.net.is_empty() => {
+                        let d = match &h.net[i % h.net.len()] {
+                            Dgram::ToBuyer { from, bytes } => Dgram::ToBuyer { from: *from, bytes: bytes.clone() },
+                            Dgram::ToSeller { to, bytes } => Dgram::ToSeller { to: *to, bytes: bytes.clone() },
+                        };
+                        h.net.push_back(d);
+                    }
+                    MultiOp::Net(Op::Lose(i)) if !h.net.is_empty() => {
+                        h.net.remove(i % h.net.len());
+                    }
+                    MultiOp::Net(Op::Advance(s)) => h.advance(Duration::from_secs(s)),
+                    MultiOp::Net(Op::Tick) => h.tick(),
+                    _ => {}
+                }
+                check_unique(&h.tap, &to_host);
+                for (got, sent) in h.guests.iter().zip(&to_guest) {
+                    check_unique(got, sent);
+                }
+            }
+            for _ in 0..40 {
+                h.settle();
+                h.advance(Duration::from_secs(1));
+                h.tick();
+            }
+            h.settle();
+            for g in 0..GUESTS {
+                prop_assert!(h.sellers[g].is_established(), "seller {} recovered", g);
+                let (tap_before, guest_before) = (h.tap.len(), h.guests[g].len());
+                let mark = u32::MAX - 2 * g as u32;
+                h.guest_sends(g, &udp4(guest_mac(g), BUYER_MAC, guest_ip(g), BUYER_IP, 1, 2, &mark.to_be_bytes()));
+                h.host_sends(&udp4(BUYER_MAC, guest_mac(g), BUYER_IP, guest_ip(g), 2, 1, &(mark - 1).to_be_bytes()));
+                h.settle();
+                prop_assert_eq!(h.tap.len(), tap_before + 1, "guest {} reaches the host", g);
+                prop_assert_eq!(h.guests[g].len(), guest_before + 1, "the host reaches guest {}", g);
+            }
         }
     }
 
