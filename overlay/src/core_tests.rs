@@ -39,6 +39,8 @@ pub(crate) struct Harness {
     pub sellers: Vec<SellerCore>,
     /// The address each seller's datagrams appear to come from.
     pub from: Vec<SocketAddr>,
+    /// Addresses sellers had before their NAT rebound: datagrams to them are lost.
+    pub old_from: Vec<SocketAddr>,
     pub now: Instant,
     pub net: VecDeque<Dgram>,
     pub tap: Vec<Vec<u8>>,
@@ -78,6 +80,7 @@ impl Harness {
             buyer_id,
             buyer,
             from: (0..n).map(seller_addr).collect(),
+            old_from: Vec::new(),
             sellers,
             now: Instant::now(),
             net: VecDeque::new(),
@@ -112,14 +115,13 @@ impl Harness {
     pub fn collect_buyer(&mut self) {
         while let Some(a) = self.out.pop() {
             match a {
-                Action::SendUdp { to, bytes } => {
-                    let i = self
-                        .from
-                        .iter()
-                        .position(|a| *a == to)
-                        .expect("buyer sent to a known seller endpoint");
-                    self.net.push_back(Dgram::ToSeller { to: i, bytes });
-                }
+                Action::SendUdp { to, bytes } => match self.from.iter().position(|a| *a == to) {
+                    Some(i) => self.net.push_back(Dgram::ToSeller { to: i, bytes }),
+                    None => assert!(
+                        self.old_from.contains(&to),
+                        "buyer sent to an address no seller ever had: {to}"
+                    ),
+                },
                 Action::WriteTap(f) => self.tap.push(f),
                 Action::DeliverToGuest(_) => panic!("buyer delivered to a guest"),
                 Action::Event(e) => self.events.push(e),
@@ -159,6 +161,14 @@ impl Harness {
         }
         self.buyer.tick(self.now, &mut self.out);
         self.collect_buyer();
+    }
+
+    /// Seller `i`'s NAT maps it to a new address; the old mapping is gone.
+    pub fn rebind(&mut self, i: usize) {
+        let old = self.from[i];
+        self.old_from.push(old);
+        let n = self.old_from.len() as u16;
+        self.from[i] = SocketAddr::from(([198, 51, 100, i as u8 + 1], 50000 + n));
     }
 
     pub fn advance(&mut self, d: Duration) {
@@ -1075,6 +1085,8 @@ mod model {
         HostSends {
             to: usize,
         },
+        /// A seller's NAT rebinds (its datagrams come from a new address).
+        Rebind(usize),
         Net(Op),
     }
 
@@ -1084,6 +1096,7 @@ mod model {
         prop_oneof![
             4 => (0..GUESTS, 0..GUESTS).prop_map(|(from, to)| MultiOp::GuestSends { from, to }),
             2 => (0..GUESTS).prop_map(|to| MultiOp::HostSends { to }),
+            1 => (0..GUESTS).prop_map(MultiOp::Rebind),
             8 => net_op()
             .prop_map(MultiOp::Net),
         ]
@@ -1102,8 +1115,9 @@ mod model {
         #![proptest_config(ProptestConfig { cases: 128, failure_persistence: None, ..ProptestConfig::default() })]
 
         /// Three guests talk to the host and to each other through the switch while
-        /// sessions rekey every dozen messages: every endpoint gets only frames sent
-        /// to it, each at most once, and all sessions recover.
+        /// sessions rekey every dozen messages and sellers' NATs rebind: every
+        /// endpoint gets only frames sent to it, each at most once, and all sessions
+        /// recover.
         #[test]
         fn multi_guest_schedules(ops in proptest::collection::vec(multi_op(), 1..300)) {
             let mut h = Harness::connect_with(GUESTS, chatty_timers());
@@ -1130,6 +1144,7 @@ mod model {
                         let f = udp4(BUYER_MAC, guest_mac(to), BUYER_IP, guest_ip(to), 2, 1, &next_id.to_be_bytes());
                         h.host_sends(&f);
                     }
+                    MultiOp::Rebind(i) => h.rebind(i),
                     MultiOp::Net(Op::Deliver(i)) if !h.net.is_empty() => {
                         let d = h.net.remove(i % h.net.len()).unwrap();
                         h.deliver(d);
