@@ -163,6 +163,16 @@ impl Harness {
         self.collect_buyer();
     }
 
+    /// The buyer restarts: same identity and admissions, every session gone.
+    pub fn restart_buyer(&mut self) {
+        let cfg = self.buyer.config().clone();
+        let peers = self.buyer.stats().peers;
+        self.buyer = BuyerCore::new(self.buyer_id.clone(), cfg).unwrap();
+        for p in peers {
+            self.buyer.admit(p.peer, p.guest_mac, p.guest_ip).unwrap();
+        }
+    }
+
     /// Seller `i`'s NAT maps it to a new address; the old mapping is gone.
     pub fn rebind(&mut self, i: usize) {
         let old = self.from[i];
@@ -1087,6 +1097,7 @@ mod model {
         },
         /// A seller's NAT rebinds (its datagrams come from a new address).
         Rebind(usize),
+        BuyerRestarts,
         Net(Op),
     }
 
@@ -1097,6 +1108,7 @@ mod model {
             4 => (0..GUESTS, 0..GUESTS).prop_map(|(from, to)| MultiOp::GuestSends { from, to }),
             2 => (0..GUESTS).prop_map(|to| MultiOp::HostSends { to }),
             1 => (0..GUESTS).prop_map(MultiOp::Rebind),
+            1 => Just(MultiOp::BuyerRestarts),
             8 => net_op()
             .prop_map(MultiOp::Net),
         ]
@@ -1115,9 +1127,9 @@ mod model {
         #![proptest_config(ProptestConfig { cases: 128, failure_persistence: None, ..ProptestConfig::default() })]
 
         /// Three guests talk to the host and to each other through the switch while
-        /// sessions rekey every dozen messages and sellers' NATs rebind: every
-        /// endpoint gets only frames sent to it, each at most once, and all sessions
-        /// recover.
+        /// sessions rekey every dozen messages, sellers' NATs rebind and the buyer
+        /// restarts: every endpoint gets only frames sent to it, each at most once,
+        /// and all sessions recover.
         #[test]
         fn multi_guest_schedules(ops in proptest::collection::vec(multi_op(), 1..300)) {
             let mut h = Harness::connect_with(GUESTS, chatty_timers());
@@ -1145,6 +1157,7 @@ mod model {
                         h.host_sends(&f);
                     }
                     MultiOp::Rebind(i) => h.rebind(i),
+                    MultiOp::BuyerRestarts => h.restart_buyer(),
                     MultiOp::Net(Op::Deliver(i)) if !h.net.is_empty() => {
                         let d = h.net.remove(i % h.net.len()).unwrap();
                         h.deliver(d);
