@@ -26,7 +26,7 @@ pub(crate) fn seller_addr(i: usize) -> SocketAddr {
     SocketAddr::from(([198, 51, 100, i as u8 + 1], 40000 + i as u16))
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) enum Dgram {
     ToBuyer { from: SocketAddr, bytes: Vec<u8> },
     ToSeller { to: usize, bytes: Vec<u8> },
@@ -179,6 +179,16 @@ impl Harness {
         self.old_from.push(old);
         let n = self.old_from.len() as u16;
         self.from[i] = SocketAddr::from(([198, 51, 100, i as u8 + 1], 50000 + n));
+    }
+
+    /// `secs` seconds of a working network with the timers running, then quiet.
+    pub fn run_timers(&mut self, secs: u32) {
+        for _ in 0..secs {
+            self.settle();
+            self.advance(Duration::from_secs(1));
+            self.tick();
+        }
+        self.settle();
     }
 
     pub fn advance(&mut self, d: Duration) {
@@ -1034,6 +1044,23 @@ fn initiation_without_mac1_costs_nothing() {
     assert_eq!(h.buyer.stats().drops.get(DropReason::HandshakeInvalid), 1);
 }
 
+#[test]
+fn late_response_leaves_seller_keys_no_older_than_the_buyers() {
+    let mut h = Harness::new(1);
+    h.tick();
+    let init = h.net.pop_front().unwrap();
+    h.deliver(init); // the buyer makes its keys now
+    h.advance(Duration::from_secs(100));
+    h.settle(); // the response arrives 100 s late, before any retry
+    assert!(h.sellers[0].is_established());
+    // Run past the buyer's reject-after time: the seller must have rekeyed in time.
+    h.run_timers(100);
+    let f = frame_from_guest(0, BUYER_MAC, BUYER_IP, 7);
+    h.guest_sends(0, &f);
+    h.settle();
+    assert_eq!(h.tap.last(), Some(&f), "the session still carries frames");
+}
+
 mod model {
     //! Random schedules of traffic, loss, duplication, reordering and time against
     //! the two cores: nothing is delivered that was not sent, nothing twice, and the
@@ -1070,6 +1097,26 @@ mod model {
             3 => Just(Op::HostSends),
             12 => net_op(),
         ]
+    }
+
+    /// Applies a network or clock op; traffic ops are the caller's.
+    fn net_step(h: &mut Harness, o: &Op) {
+        match *o {
+            Op::Deliver(i) if !h.net.is_empty() => {
+                let d = h.net.remove(i % h.net.len()).unwrap();
+                h.deliver(d);
+            }
+            Op::Duplicate(i) if !h.net.is_empty() => {
+                let d = h.net[i % h.net.len()].clone();
+                h.net.push_back(d);
+            }
+            Op::Lose(i) if !h.net.is_empty() => {
+                h.net.remove(i % h.net.len());
+            }
+            Op::Advance(s) => h.advance(Duration::from_secs(s)),
+            Op::Tick => h.tick(),
+            _ => {}
+        }
     }
 
     fn id_of(f: &[u8]) -> u32 {
@@ -1158,35 +1205,14 @@ mod model {
                     }
                     MultiOp::Rebind(i) => h.rebind(i),
                     MultiOp::BuyerRestarts => h.restart_buyer(),
-                    MultiOp::Net(Op::Deliver(i)) if !h.net.is_empty() => {
-                        let d = h.net.remove(i % h.net.len()).unwrap();
-                        h.deliver(d);
-                    }
-                    MultiOp::Net(Op::Duplicate(i)) if !h.net.is_empty() => {
-                        let d = match &h.net[i % h.net.len()] {
-                            Dgram::ToBuyer { from, bytes } => Dgram::ToBuyer { from: *from, bytes: bytes.clone() },
-                            Dgram::ToSeller { to, bytes } => Dgram::ToSeller { to: *to, bytes: bytes.clone() },
-                        };
-                        h.net.push_back(d);
-                    }
-                    MultiOp::Net(Op::Lose(i)) if !h.net.is_empty() => {
-                        h.net.remove(i % h.net.len());
-                    }
-                    MultiOp::Net(Op::Advance(s)) => h.advance(Duration::from_secs(s)),
-                    MultiOp::Net(Op::Tick) => h.tick(),
-                    _ => {}
+                    MultiOp::Net(o) => net_step(&mut h, &o),
                 }
                 check_unique(&h.tap, &to_host);
                 for (got, sent) in h.guests.iter().zip(&to_guest) {
                     check_unique(got, sent);
                 }
             }
-            for _ in 0..40 {
-                h.settle();
-                h.advance(Duration::from_secs(1));
-                h.tick();
-            }
-            h.settle();
+            h.run_timers(40);
             for g in 0..GUESTS {
                 prop_assert!(h.sellers[g].is_established(), "seller {} recovered", g);
                 let (tap_before, guest_before) = (h.tap.len(), h.guests[g].len());
@@ -1222,35 +1248,14 @@ mod model {
                         let f = udp4(BUYER_MAC, guest_mac(0), BUYER_IP, guest_ip(0), 2, 1, &next_id.to_be_bytes());
                         h.host_sends(&f);
                     }
-                    Op::Deliver(i) if !h.net.is_empty() => {
-                        let d = h.net.remove(i % h.net.len()).unwrap();
-                        h.deliver(d);
-                    }
-                    Op::Duplicate(i) if !h.net.is_empty() => {
-                        let d = match &h.net[i % h.net.len()] {
-                            Dgram::ToBuyer { from, bytes } => Dgram::ToBuyer { from: *from, bytes: bytes.clone() },
-                            Dgram::ToSeller { to, bytes } => Dgram::ToSeller { to: *to, bytes: bytes.clone() },
-                        };
-                        h.net.push_back(d);
-                    }
-                    Op::Lose(i) if !h.net.is_empty() => {
-                        h.net.remove(i % h.net.len());
-                    }
-                    Op::Advance(s) => h.advance(Duration::from_secs(s)),
-                    Op::Tick => h.tick(),
-                    _ => {}
+                    o => net_step(&mut h, &o),
                 }
                 check_unique(&h.tap, &up);
                 check_unique(&h.guests[0], &down);
             }
             // Recovery: with a working network and running timers the session comes
             // back and carries traffic both ways.
-            for _ in 0..40 {
-                h.settle();
-                h.advance(Duration::from_secs(1));
-                h.tick();
-            }
-            h.settle();
+            h.run_timers(40);
             prop_assert!(h.sellers[0].is_established());
             let (tap_before, guest_before) = (h.tap.len(), h.guests[0].len());
             h.guest_sends(0, &udp4(guest_mac(0), BUYER_MAC, guest_ip(0), BUYER_IP, 1, 2, &u32::MAX.to_be_bytes()));
@@ -1260,25 +1265,4 @@ mod model {
             prop_assert_eq!(h.guests[0].len(), guest_before + 1);
         }
     }
-}
-
-#[test]
-fn late_response_leaves_seller_keys_no_older_than_the_buyers() {
-    let mut h = Harness::new(1);
-    h.tick();
-    let init = h.net.pop_front().unwrap();
-    h.deliver(init); // the buyer makes its keys now
-    h.advance(Duration::from_secs(100));
-    h.settle(); // the response arrives 100 s late, before any retry
-    assert!(h.sellers[0].is_established());
-    // Run past the buyer's reject-after time: the seller must have rekeyed in time.
-    for _ in 0..100 {
-        h.advance(Duration::from_secs(1));
-        h.tick();
-        h.settle();
-    }
-    let f = frame_from_guest(0, BUYER_MAC, BUYER_IP, 7);
-    h.guest_sends(0, &f);
-    h.settle();
-    assert_eq!(h.tap.last(), Some(&f), "the session still carries frames");
 }
