@@ -265,6 +265,8 @@ fn home_loop(sh: &Shared, mut poller: Poller) {
     let mut serving_tap = true;
     let mut ready = UDP | TAP;
     while !sh.stop.load(Ordering::Relaxed) {
+        // One clock read per wake-up: a pass takes microseconds, the spin budget hundreds.
+        let now = Instant::now();
         let mut u = 0;
         let got = if ready & UDP != 0 {
             shell::recv_udp(&mut rx, fd, "buyer")
@@ -273,7 +275,6 @@ fn home_loop(sh: &Shared, mut poller: Poller) {
         };
         if let Some(n) = got {
             u = n;
-            let now = Instant::now();
             spin.got_remote(now);
             {
                 let mut core = lock(core);
@@ -297,10 +298,10 @@ fn home_loop(sh: &Shared, mut poller: Poller) {
             }
             let _ = tx.flush(fd);
             if let Some(mut r) = rd {
-                if r.drain(TAP_PEEK, core, udp, tap, c) > 0 {
+                if r.drain(TAP_PEEK, now, core, udp, tap, c) > 0 {
                     // The host's kernel answered at once, and the answer went out.
                     spin.local_answered_at_once();
-                    spin.sent_remote(Instant::now());
+                    spin.sent_remote(now);
                 } else {
                     // A process on the host will answer, soon or not at all.
                     spin.sent_local(now);
@@ -313,9 +314,8 @@ fn home_loop(sh: &Shared, mut poller: Poller) {
             serving_tap = !helper;
         }
         if !helper && ready & TAP != 0 {
-            t = lock_reader(&sh.reader).drain(TAP_BATCH, core, udp, tap, c);
+            t = lock_reader(&sh.reader).drain(TAP_BATCH, now, core, udp, tap, c);
             if t > 0 {
-                let now = Instant::now();
                 spin.got_local(now);
                 spin.sent_remote(now);
             }
@@ -326,6 +326,7 @@ fn home_loop(sh: &Shared, mut poller: Poller) {
         let full = if u == UDP_BATCH { UDP } else { 0 } | if t == TAP_BATCH { TAP } else { 0 };
         ready = shell::next_ready(
             full,
+            now,
             &mut spin,
             &mut poller,
             &sh.home,
@@ -354,8 +355,10 @@ struct TapReader {
 }
 
 const TAP_SLOT: usize = 65536 + VNET_HDR_LEN;
-/// Frames the UDP thread reads from the tap after writing to it (answers, not bulk).
-const TAP_PEEK: usize = 4;
+/// Frames the UDP thread reads from the tap after writing to it: the answer. Anything
+/// else queued behind it stays readable, and the poller reports it (level-triggered)
+/// to whichever thread serves the tap, so no empty read follows the answer.
+const TAP_PEEK: usize = 1;
 
 impl TapReader {
     fn new() -> TapReader {
@@ -371,23 +374,22 @@ impl TapReader {
     }
 
     /// Read up to `max` queued frames (non-blocking) and send them; returns frames read.
-    /// Right after a tap write (`max` = [`TAP_PEEK`]) the first frame, the host's
-    /// answer, goes out before we look for more: that look is an empty read.
     fn drain(
         &mut self,
         max: usize,
+        now: Instant,
         core: &Mutex<BuyerCore>,
         udp: &UdpSocket,
         tap: &Tap,
         c: &IoCounters,
     ) -> usize {
         let max = max.min(TAP_BATCH);
-        let mut want = if max <= TAP_PEEK { 1 } else { max };
+        let mut want = max;
         let mut total = 0;
         loop {
             let n = self.read(want, tap);
             if n > 0 {
-                self.send(n, core, udp, tap, c);
+                self.send(n, now, core, udp, tap, c);
             }
             total += n;
             if n < want || total >= max {
@@ -416,13 +418,13 @@ impl TapReader {
     fn send(
         &mut self,
         n: usize,
+        now: Instant,
         core: &Mutex<BuyerCore>,
         udp: &UdpSocket,
         tap: &Tap,
         c: &IoCounters,
     ) {
         let fd = udp.as_raw_fd();
-        let now = Instant::now();
         {
             let mut core = lock(core);
             for i in 0..n {
@@ -468,7 +470,7 @@ fn helper_loop(sh: &Shared, poller: Poller) {
         let mut r = lock_reader(&sh.reader);
         let mut got = 0;
         loop {
-            let k = r.drain(TAP_BATCH, core, udp, tap, c);
+            let k = r.drain(TAP_BATCH, Instant::now(), core, udp, tap, c);
             got += k;
             if k < TAP_BATCH {
                 return got;

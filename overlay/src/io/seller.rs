@@ -293,7 +293,7 @@ impl GuestIn {
 
     /// Take what the guest port has queued (never blocks), filter, encrypt and send
     /// it. Returns (messages read, whether anything went to the buyer).
-    fn pass(&mut self, sh: &Shared) -> (usize, bool) {
+    fn pass(&mut self, sh: &Shared, now: Instant) -> (usize, bool) {
         let fd = sh.udp.as_raw_fd();
         let mut nf = 0usize;
         let (frames, c) = (&mut self.frames, &sh.c);
@@ -321,7 +321,6 @@ impl GuestIn {
         if n == 0 {
             return (0, false);
         }
-        let now = Instant::now();
         {
             let mut core = lock(&sh.core);
             for f in &self.frames[..nf] {
@@ -375,12 +374,11 @@ impl UdpIn {
 
     /// Take the queued datagrams (never blocks), decrypt and deliver them. Returns
     /// (messages read, whether frames went to the guest).
-    fn pass(&mut self, sh: &Shared) -> (usize, bool) {
+    fn pass(&mut self, sh: &Shared, now: Instant) -> (usize, bool) {
         let fd = sh.udp.as_raw_fd();
         let Some(n) = shell::recv_udp(&mut self.rx, fd, "seller") else {
             return (0, false);
         };
-        let now = Instant::now();
         {
             let mut core = lock(&sh.core);
             let out = &mut self.out;
@@ -414,13 +412,15 @@ fn home_loop(sh: &Shared, mut poller: Poller) {
     let mut serving_udp = true;
     let mut ready = PORT | UDP;
     while !sh.stop.load(Ordering::Relaxed) {
+        // One clock read per wake-up: a pass takes microseconds, the spin budget hundreds.
+        let now = Instant::now();
         let (g, sent) = if ready & PORT != 0 {
-            gin.pass(sh)
+            gin.pass(sh, now)
         } else {
             (0, false)
         };
         if g > 0 {
-            spin.got_local(Instant::now());
+            spin.got_local(now);
         }
         let mut u = 0;
         let helper = sh.handoff.helper();
@@ -428,10 +428,9 @@ fn home_loop(sh: &Shared, mut poller: Poller) {
             serving_udp = !helper;
         }
         if !helper && ready & UDP != 0 {
-            let (n, delivered) = lock_in(&sh.udp_in).pass(sh);
+            let (n, delivered) = lock_in(&sh.udp_in).pass(sh, now);
             u = n;
             if n > 0 {
-                let now = Instant::now();
                 spin.got_remote(now);
                 if delivered {
                     spin.sent_local(now);
@@ -442,12 +441,13 @@ fn home_loop(sh: &Shared, mut poller: Poller) {
             }
         }
         if sent {
-            spin.sent_remote(Instant::now());
+            spin.sent_remote(now);
         }
         let full =
             if g == gin.rx.slots() { PORT } else { 0 } | if u == UDP_BATCH { UDP } else { 0 };
         ready = shell::next_ready(
             full,
+            now,
             &mut spin,
             &mut poller,
             &sh.home,
@@ -466,7 +466,9 @@ fn helper_loop(sh: &Shared, poller: Poller) {
         home: &sh.home,
         side: "seller helper",
     };
-    shell::run_helper(duty, poller, || lock_in(&sh.udp_in).pass(sh).0);
+    shell::run_helper(duty, poller, || {
+        lock_in(&sh.udp_in).pass(sh, Instant::now()).0
+    });
 }
 
 fn lock_in(m: &Mutex<UdpIn>) -> MutexGuard<'_, UdpIn> {

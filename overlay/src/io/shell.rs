@@ -120,9 +120,11 @@ pub fn run_helper(d: HelperDuty<'_>, mut poller: Poller, mut serve: impl FnMut()
 /// What a home thread serves next: the fds whose batch came back full (`full`: more
 /// is likely queued); else, while `spin` says an answer is due, whatever is ready now
 /// (yielding the CPU if nothing is); else it parks until something is. Parking at once
-/// matters on a shared CPU: the peer cannot answer before we get off it.
+/// matters on a shared CPU: the peer cannot answer before we get off it. `now` is the
+/// caller's clock reading for this pass.
 pub fn next_ready(
     full: u32,
+    now: Instant,
     spin: &mut Spin,
     poller: &mut Poller,
     wake: &Wake,
@@ -132,7 +134,7 @@ pub fn next_ready(
     if full != 0 {
         return full;
     }
-    if spin.spinning(Instant::now()) {
+    if spin.spinning(now) {
         let r = ready_now(poller);
         if r == 0 {
             super::spin::yield_now();
