@@ -17,6 +17,11 @@
 #
 # Usage (root): scripts/overlay-latency-hops.sh        ROUNDS=3 PINGS=200 interleaved
 #   NODE=/path/to/cpushare-node BUILD=0 ...             another build
+#   CPU=1 ... (ROUNDS=0: only this)                    then also: CPU time per ping of every
+#       thread (schedstat), with the nodes, vde_plug and ping all pinned to CPU 0, so the
+#       round trip is the sum of everyone's work (no idle vCPU to wake): CPU_ROUNDS=3
+#       interleaved rounds of CPU_PINGS=500 pings every 10 ms; CPU_PERF=1 adds a sampled
+#       user / kernel split of the forwarding processes (perf, cpu-clock at 10 kHz).
 # Needs: perf, vde_plug (vde2), busybox (udhcpc), ping, ip. Prints a Markdown table.
 set -u
 export LC_ALL=C
@@ -95,7 +100,33 @@ for r in $(seq "$ROUNDS"); do
   trace vde2 hvb $VOA
 done
 
-python3 - "$W" <<'EOF'
+cpu_round() { # $1 config; prints "cfg rtt thread=us/ping ..."
+  local rtt
+  snap() { for f in buyer seller vdea vdeb; do local p; p=$(cat "$W/$f.pid")
+    for t in /proc/$p/task/*; do echo "$f:$(cat "$t/comm") $(awk '{print $1}' "$t/schedstat")"; done; done; }
+  snap > "$W/cpu0"
+  if [ "$1" = cpushare ]; then
+    rtt=$(ip netns exec hopg taskset -c 0 ping -q -c "$CPU_PINGS" -i 0.01 -W 1 $OA | awk -F/ '/^rtt/{print $5}')
+  else
+    rtt=$(ip netns exec hvb taskset -c 0 ping -q -c "$CPU_PINGS" -i 0.01 -W 1 $VOA | awk -F/ '/^rtt/{print $5}')
+  fi
+  snap > "$W/cpu1"
+  echo "$1 $rtt $(python3 - "$W" "$CPU_PINGS" <<'PY'
+import sys
+w, n = sys.argv[1], int(sys.argv[2])
+def rd(f):
+    d = {}
+    for l in open(f):
+        k, v = l.rsplit(None, 1)
+        d[k] = d.get(k, 0) + int(v)
+    return d
+a, b = rd(w + '/cpu0'), rd(w + '/cpu1')
+print(' '.join(f'{k}={(b[k] - a.get(k, 0)) / n / 1000:.1f}' for k in sorted(b)))
+PY
+)"
+}
+
+[ "$ROUNDS" -gt 0 ] && python3 - "$W" <<'EOF'
 import re, statistics as st, sys
 w = sys.argv[1]
 hops = {
@@ -139,3 +170,49 @@ for k, name in enumerate(names):
     b = st.median(r[k] for r in res['vde2'])
     print(f'| {name} | {a:.1f} | {b:.1f} | {a - b:+.1f} |')
 EOF
+
+if [ "${CPU:-0}" = 1 ]; then
+  CPU_ROUNDS=${CPU_ROUNDS:-3} CPU_PINGS=${CPU_PINGS:-500}
+  for f in buyer seller vdea vdeb; do taskset -a -p -c 0 "$(cat "$W/$f.pid")" >/dev/null; done
+  for r in $(seq "$CPU_ROUNDS"); do
+    echo "cpu round $r/$CPU_ROUNDS" >&2
+    cpu_round cpushare >> "$W/cpu.txt"
+    cpu_round vde2 >> "$W/cpu.txt"
+  done
+  python3 - "$W/cpu.txt" <<'EOF'
+import statistics as st, sys
+rows = {}
+for l in open(sys.argv[1]):
+    cfg, rtt, *kv = l.split()
+    d = {k: float(v) for k, v in (x.split('=') for x in kv)}
+    rows.setdefault(cfg, []).append((float(rtt) * 1000, d))
+def med(cfg, f):
+    return st.median(f(d) for _, d in rows[cfg])
+# The data-path threads; the rest of both nodes (timers, tokio, idle helpers) is housekeeping.
+seller = ['seller:ovl-g-hoplv', 'seller:ovl-u-hoplv']
+buyer = ['buyer:ovl-buyer-udp', 'buyer:ovl-buyer-tap']
+node = lambda k: k.split(':')[0] in ('buyer', 'seller')
+print()
+print(f"| all on CPU 0, per ping (medians of {len(rows['vde2'])} rounds) | cpushare | vde2 |")
+print('|---|---:|---:|')
+print(f"| RTT avg µs | {st.median(r for r, _ in rows['cpushare']):.0f} | {st.median(r for r, _ in rows['vde2']):.0f} |")
+print(f"| seller side CPU µs (ovl-g + ovl-u / vde_plug b) | {med('cpushare', lambda d: sum(d.get(k, 0) for k in seller)):.1f} | {med('vde2', lambda d: d.get('vdeb:vde_plug', 0)):.1f} |")
+print(f"| buyer side CPU µs (ovl-buyer-udp + ovl-buyer-tap / vde_plug a) | {med('cpushare', lambda d: sum(d.get(k, 0) for k in buyer)):.1f} | {med('vde2', lambda d: d.get('vdea:vde_plug', 0)):.1f} |")
+other = lambda d: sum(v for k, v in d.items() if node(k) and k not in seller + buyer)
+print(f"| cpushare nodes' other threads µs (timers, libp2p; in the vde2 rounds: idle) | {med('cpushare', other):.1f} | {med('vde2', other):.1f} |")
+EOF
+  if [ "${CPU_PERF:-0}" = 1 ]; then
+    # Sampled (cpu-clock, 10 kHz) user vs kernel time of the forwarding processes.
+    cpu_split() { # $1 config, $2 pids, $3 netns, $4 target
+      perf record -q -F 9999 -e cpu-clock -o "$W/$1-cpu.data" -p "$2" -- sleep $((CPU_PINGS / 100 + 2)) & local pp=$!
+      sleep 0.3
+      ip netns exec "$3" taskset -c 0 ping -q -c "$CPU_PINGS" -i 0.01 -W 1 "$4" >/dev/null
+      wait $pp
+      perf report -i "$W/$1-cpu.data" --sort dso --stdio -n 2>/dev/null | awk -v c="$1" -v n="$CPU_PINGS" '
+        /^ *[0-9.]+%/ { if ($3 == "[kernel.kallsyms]") k += $2; else u += $2 }
+        END { printf "| %s sampled: user / kernel µs per ping | %.1f / %.1f |\n", c, u * 100.02 / n, k * 100.02 / n }'
+    }
+    cpu_split cpushare "$(cat "$W/seller.pid"),$(cat "$W/buyer.pid")" hopg $OA
+    cpu_split vde2 "$(cat "$W/vdeb.pid"),$(cat "$W/vdea.pid")" hvb $VOA
+  fi
+fi
