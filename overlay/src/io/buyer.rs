@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use super::batch::{RecvBatch, SendBatch};
 use super::offload::{self, TcpMerger, VnetHdr, VNET_HDR_LEN};
-use super::shell::{self, os, IoCounters, POLL_MS, UDP_BATCH, UDP_GRO_SLOT, UDP_SLOT};
+use super::shell::{self, os, IoCounters, TICK, UDP_BATCH, UDP_GRO_SLOT, UDP_SLOT};
 use super::spin::{self, Handoff, Poller, Spin, Wake};
 use super::sys;
 use super::tap::{Tap, TapOptions};
@@ -49,7 +49,8 @@ impl BuyerIoConfig {
 pub struct Buyer {
     core: Arc<Mutex<BuyerCore>>,
     counters: Arc<IoCounters>,
-    stop: Arc<AtomicBool>,
+    /// What the threads share; kept to stop them.
+    shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
     local: SocketAddr,
     tap_name: String,
@@ -146,13 +147,13 @@ impl Buyer {
             "ovl-buyer-tap",
             Box::new(move || helper_loop(&sh, helper_poller)),
         )?);
-        let sh = shared;
+        let sh = shared.clone();
         threads.push(spawn("ovl-buyer-tick", Box::new(move || tick_loop(&sh)))?);
         tracing::info!(%local, tap = %cfg.tap_name, %host_ip, "buyer overlay up");
         Ok(Buyer {
             core,
             counters,
-            stop,
+            shared,
             threads,
             local,
             tap_name: cfg.tap_name,
@@ -195,7 +196,13 @@ impl Buyer {
 
 impl Drop for Buyer {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.shared.stop.store(true, Ordering::SeqCst);
+        // Out of their waits now rather than at the next timeout.
+        self.shared.home.interrupt();
+        self.shared.helper.interrupt();
+        for t in &self.threads {
+            t.thread().unpark();
+        }
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -485,7 +492,10 @@ fn tick_loop(sh: &Shared) {
     tx.set_gso(true);
     let mut out = Actions::new();
     while !sh.stop.load(Ordering::Relaxed) {
-        std::thread::sleep(Duration::from_millis(POLL_MS));
+        std::thread::park_timeout(TICK);
+        if sh.stop.load(Ordering::Relaxed) {
+            break;
+        }
         lock(&sh.core).tick(Instant::now(), &mut out);
         shell::run_actions(&mut out, fd, &mut tx, |f| write_tap(&sh.tap, f, &sh.c));
         let _ = tx.flush(fd);

@@ -14,7 +14,7 @@ use super::batch::{RecvBatch, SendBatch};
 use super::netns::NetNs;
 use super::offload::{TcpMerger, MAX_MERGED_FRAME};
 use super::packet::PacketPort;
-use super::shell::{self, os, IoCounters, POLL_MS, UDP_BATCH, UDP_GRO_SLOT, UDP_SLOT};
+use super::shell::{self, os, IoCounters, POLL_MS, TICK, UDP_BATCH, UDP_GRO_SLOT, UDP_SLOT};
 use super::spin::{self, Handoff, Poller, Spin, Wake};
 use super::sys;
 use super::tap::{Tap, TapOptions};
@@ -95,7 +95,8 @@ impl Default for SellerIoConfig {
 pub struct Seller {
     core: Arc<Mutex<SellerCore>>,
     counters: Arc<IoCounters>,
-    stop: Arc<AtomicBool>,
+    /// What the threads share; kept to stop them.
+    shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
     local: SocketAddr,
     ifname: String,
@@ -191,7 +192,7 @@ impl Seller {
             format!("ovl-u-{tag}"),
             Box::new(move || helper_loop(&sh, helper_poller)),
         )?);
-        let sh = shared;
+        let sh = shared.clone();
         threads.push(spawn(
             format!("ovl-t-{tag}"),
             Box::new(move || tick_loop(&sh)),
@@ -200,7 +201,7 @@ impl Seller {
         Ok(Seller {
             core,
             counters,
-            stop,
+            shared,
             threads,
             local,
             ifname,
@@ -237,7 +238,13 @@ impl Seller {
 
 impl Drop for Seller {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.shared.stop.store(true, Ordering::SeqCst);
+        // Out of their waits now rather than at the next timeout.
+        self.shared.home.interrupt();
+        self.shared.helper.interrupt();
+        for t in &self.threads {
+            t.thread().unpark();
+        }
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -483,7 +490,10 @@ fn tick_loop(sh: &Shared) {
     let mut gtx = PacketPort::send_batch(UDP_BATCH, UDP_SLOT);
     let mut out = Actions::new();
     while !sh.stop.load(Ordering::Relaxed) {
-        std::thread::sleep(Duration::from_millis(POLL_MS));
+        std::thread::park_timeout(TICK);
+        if sh.stop.load(Ordering::Relaxed) {
+            break;
+        }
         lock(&sh.core).tick(Instant::now(), &mut out);
         shell::run_actions(&mut out, fd, &mut tx, |f| {
             if gtx.is_full() {

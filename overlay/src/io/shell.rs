@@ -31,8 +31,15 @@ pub const UDP_BATCH: usize = 64;
 pub const UDP_SLOT: usize = 2048;
 /// Receive slot when the kernel may coalesce datagrams (UDP GRO).
 pub const UDP_GRO_SLOT: usize = 65536;
-/// How long a blocking receive waits before a loop checks for a stop request.
+/// Pause after a failed receive or wait before a loop tries again.
 pub const POLL_MS: u64 = 100;
+/// A parked thread wakes this often with nothing to do. Only a safety net: whatever
+/// it waits for rings its doorbell (stopping included), so an idle overlay costs a
+/// wake-up per thread per second, not ten.
+pub const PARK_MS: i32 = 1000;
+/// Timer threads call the core's `tick` this often (it asks for at least once a
+/// second); stopping unparks them at once.
+pub const TICK: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Receive one batch of overlay datagrams without blocking: `Some(count)` when any
 /// arrived, `None` when none was queued. A receive error is logged and followed by a
@@ -52,7 +59,7 @@ pub fn recv_udp(rx: &mut RecvBatch, fd: std::os::fd::RawFd, side: &str) -> Optio
 /// Park on the poller's fds (see [`Wake::park`]) and return the readable ones; a
 /// failed wait is logged and paused on.
 pub fn park(wake: &Wake, poller: &mut Poller, still: impl Fn() -> bool, side: &str) -> u32 {
-    match wake.park(poller, POLL_MS as i32, still) {
+    match wake.park(poller, PARK_MS, still) {
         Ok(m) => m,
         Err(e) => {
             tracing::warn!(error = %e, side, "overlay wait failed");

@@ -66,6 +66,14 @@ impl Wake {
         }
     }
 
+    /// Get the owner out of any wait, now or its next one (stopping: the caller has set
+    /// the flag the owner checks before it waits again).
+    pub fn interrupt(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to our eventfd.
+        unsafe { libc::write(self.efd.as_raw_fd(), &one as *const u64 as *const _, 8) };
+    }
+
     /// Block until one of the poller's enabled fds is readable, the bell rings or
     /// `timeout_ms` passes; returns the readable fds (bit i = fd i of the poller).
     /// `still` is checked after announcing the park: if it says the state changed
@@ -500,6 +508,28 @@ mod tests {
         h.to_helper(&w);
         th.join().unwrap();
         assert!(t.elapsed() < Duration::from_secs(5), "the ring was lost");
+    }
+
+    #[test]
+    fn an_interrupt_ends_the_current_wait_and_the_next_one() {
+        let w = std::sync::Arc::new(Wake::new().unwrap());
+        let (r, _wr) = pipe();
+        let mut p = Poller::new(&[r.as_raw_fd()], &w).unwrap();
+        // Before the wait: the wait returns at once.
+        w.interrupt();
+        let t = Instant::now();
+        assert_eq!(w.park(&mut p, 10_000, || true).unwrap(), 0);
+        assert!(t.elapsed() < Duration::from_secs(5), "a prior interrupt was lost");
+        // During the wait (the owner need not be marked parked).
+        let w2 = w.clone();
+        let th = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            w2.interrupt();
+        });
+        let t = Instant::now();
+        assert_eq!(w.park(&mut p, 10_000, || true).unwrap(), 0);
+        assert!(t.elapsed() < Duration::from_secs(5), "the interrupt did not wake the wait");
+        th.join().unwrap();
     }
 
     #[test]
