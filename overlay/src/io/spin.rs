@@ -519,7 +519,10 @@ mod tests {
         w.interrupt();
         let t = Instant::now();
         assert_eq!(w.park(&mut p, 10_000, || true).unwrap(), 0);
-        assert!(t.elapsed() < Duration::from_secs(5), "a prior interrupt was lost");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "a prior interrupt was lost"
+        );
         // During the wait (the owner need not be marked parked).
         let w2 = w.clone();
         let th = std::thread::spawn(move || {
@@ -528,7 +531,10 @@ mod tests {
         });
         let t = Instant::now();
         assert_eq!(w.park(&mut p, 10_000, || true).unwrap(), 0);
-        assert!(t.elapsed() < Duration::from_secs(5), "the interrupt did not wake the wait");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the interrupt did not wake the wait"
+        );
         th.join().unwrap();
     }
 
