@@ -22,6 +22,10 @@
 #       round trip is the sum of everyone's work (no idle vCPU to wake): CPU_ROUNDS=3
 #       interleaved rounds of CPU_PINGS=500 pings every 10 ms; CPU_PERF=1 adds a sampled
 #       user / kernel split of the forwarding processes (perf, cpu-clock at 10 kHz).
+#   FLOOR=1 ...                                         also a third config, "floor": the
+#       overlay's own system calls without the overlay (overlay/examples/bare_forwarder.rs:
+#       the same guest port, tap and UDP sockets, opened by the same code, forwarding raw
+#       frames one per call), in its own copy of cpushare's topology (static addresses).
 # Needs: perf, vde_plug (vde2), busybox (udhcpc), ping, ip. Prints a Markdown table.
 set -u
 export LC_ALL=C
@@ -36,12 +40,18 @@ VA=10.203.19.1 VB=10.203.19.2 VOA=10.78.19.1 VOB=10.78.19.2
 die() { echo "FATAL: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "must run as root"
 for t in perf vde_plug busybox ping ip python3; do command -v $t >/dev/null || die "missing $t"; done
+FLOOR=${FLOOR:-0}
+FLOOR_BIN=${FLOOR_BIN:-$ROOT/target/release/examples/bare_forwarder}
+FA=10.204.19.1 FB=10.204.19.2 FOA=10.79.0.1 FGIP=10.79.0.2
 if [ "${BUILD:-1}" = 1 ]; then
   (cd "$ROOT" && cargo build --release -p node >&2) || die "cargo build --release -p node failed"
+  if [ "$FLOOR" = 1 ]; then
+    (cd "$ROOT" && cargo build --release -p overlay --example bare_forwarder >&2) || die "building bare_forwarder failed"
+  fi
 fi
 [ -x "$NODE" ] || die "no node binary at $NODE"
 
-NSS="hopa hopb hopl hopg hva hvb"
+NSS="hopa hopb hopl hopg hva hvb fpa fpb fpl fpg"
 down() {
   for f in "$W"/*.pid; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null; done
   sleep 0.3
@@ -88,6 +98,29 @@ ip -n hvb addr add $VOB/24 dev hvtb; ip -n hvb link set hvtb mtu 1400 up
 ip netns exec hopg ping -c 3 -W 1 $OA >/dev/null || die "no ping through cpushare"
 ip netns exec hvb ping -c 3 -W 1 $VOA >/dev/null || die "no ping through vde2"
 
+# floor: buyer fpa (tap ftap), seller fpb, lease netns fpl, guest netns fpg (static address).
+CONFIGS="cpushare vde2"
+if [ "$FLOOR" = 1 ]; then
+  [ -x "$FLOOR_BIN" ] || die "no bare_forwarder at $FLOOR_BIN (BUILD=1 builds it)"
+  for ns in fpa fpb fpl fpg; do ip netns add $ns; ip -n $ns link set lo up; done
+  ip netns exec fpl sysctl -qw net.ipv6.conf.all.disable_ipv6=1
+  ip link add fpva netns fpa type veth peer name fpvb netns fpb
+  ip -n fpa addr add $FA/24 dev fpva; ip -n fpb addr add $FB/24 dev fpvb
+  ip -n fpa link set fpva up; ip -n fpb link set fpvb up
+  ip link add fpgv netns fpg type veth peer name fplv netns fpl
+  ip -n fpl link set fplv mtu 9000
+  ip -n fpg link set fpgv address $GMAC mtu 1400 up; ip -n fpg addr add $FGIP/16 dev fpgv
+  ip netns exec fpa "$FLOOR_BIN" buyer ftap $FA:7471 >"$W/floora.log" 2>&1 </dev/null &
+  echo $! > "$W/floora.pid"
+  for _ in $(seq 50); do ip -n fpa link show ftap >/dev/null 2>&1 && break; sleep 0.1; done
+  ip -n fpa addr add $FOA/16 dev ftap; ip -n fpa link set ftap mtu 1400 up
+  ip netns exec fpb "$FLOOR_BIN" seller fpl fplv $FA:7471 >"$W/floorb.log" 2>&1 </dev/null &
+  echo $! > "$W/floorb.pid"
+  sleep 0.5
+  ip netns exec fpg ping -c 3 -W 1 $FOA >/dev/null || die "no ping through the floor forwarder"
+  CONFIGS="cpushare vde2 floor"
+fi
+
 trace() { # $1 name, $2 netns, $3 target
   perf record -q -a -o "$W/$1.data" -e net:net_dev_queue -e net:netif_receive_skb -- \
     ip netns exec "$2" ping -q -c "$PINGS" -i 0.05 -W 1 "$3" > "$W/$1.ping" 2>&1
@@ -98,18 +131,19 @@ for r in $(seq "$ROUNDS"); do
   echo "round $r/$ROUNDS" >&2
   trace cpushare hopg $OA
   trace vde2 hvb $VOA
+  [ "$FLOOR" = 1 ] && trace floor fpg $FOA
 done
 
 cpu_round() { # $1 config; prints "cfg rtt thread=us/ping ..."
   local rtt
-  snap() { for f in buyer seller vdea vdeb; do local p; p=$(cat "$W/$f.pid")
+  snap() { for f in buyer seller vdea vdeb floora floorb; do [ -f "$W/$f.pid" ] || continue; local p; p=$(cat "$W/$f.pid")
     for t in /proc/$p/task/*; do echo "$f:$(cat "$t/comm") $(awk '{print $1}' "$t/schedstat")"; done; done; }
   snap > "$W/cpu0"
-  if [ "$1" = cpushare ]; then
-    rtt=$(ip netns exec hopg taskset -c 0 ping -q -c "$CPU_PINGS" -i 0.01 -W 1 $OA | awk -F/ '/^rtt/{print $5}')
-  else
-    rtt=$(ip netns exec hvb taskset -c 0 ping -q -c "$CPU_PINGS" -i 0.01 -W 1 $VOA | awk -F/ '/^rtt/{print $5}')
-  fi
+  case $1 in
+    cpushare) rtt=$(ip netns exec hopg taskset -c 0 ping -q -c "$CPU_PINGS" -i 0.01 -W 1 $OA | awk -F/ '/^rtt/{print $5}') ;;
+    vde2) rtt=$(ip netns exec hvb taskset -c 0 ping -q -c "$CPU_PINGS" -i 0.01 -W 1 $VOA | awk -F/ '/^rtt/{print $5}') ;;
+    floor) rtt=$(ip netns exec fpg taskset -c 0 ping -q -c "$CPU_PINGS" -i 0.01 -W 1 $FOA | awk -F/ '/^rtt/{print $5}') ;;
+  esac
   snap > "$W/cpu1"
   echo "$1 $rtt $(python3 - "$W" "$CPU_PINGS" <<'PY'
 import sys
@@ -134,7 +168,11 @@ hops = {
                  ('net_dev_queue', 'csovl0'), ('net_dev_queue', 'hopva'), ('netif_receive_skb', 'hopgv')],
     'vde2': [('net_dev_queue', 'hvtb'), ('net_dev_queue', 'hvvb'), ('netif_receive_skb', 'hvta'),
              ('net_dev_queue', 'hvta'), ('net_dev_queue', 'hvva'), ('netif_receive_skb', 'hvtb')],
+    'floor': [('net_dev_queue', 'fpgv'), ('net_dev_queue', 'fpvb'), ('netif_receive_skb', 'ftap'),
+              ('net_dev_queue', 'ftap'), ('net_dev_queue', 'fpva'), ('netif_receive_skb', 'fpgv')],
 }
+import os
+hops = {c: h for c, h in hops.items() if os.path.exists(f'{w}/{c}.txt')}
 names = ['guest -> request datagram out (seller / vde_plug b)', 'datagram -> host stack (buyer / vde_plug a)',
          'host stack answers', 'host reply -> reply datagram out', 'reply datagram -> guest', 'round trip (H1 -> H6)']
 rx = re.compile(r'^\s*([\d.]+):\s+net:(\S+):\s+dev=(\S+)\s.*len=(\d+)')
@@ -163,21 +201,30 @@ for cfg, steps in hops.items():
             i += 1
     res[cfg] = rows
 n = {c: len(r) for c, r in res.items()}
-print(f"| hop | cpushare median µs (n={n['cpushare']}) | vde2 median µs (n={n['vde2']}) | cpushare - vde2 |")
-print('|---|---:|---:|---:|')
+floor = 'floor' in res
+head = f"| hop | cpushare median µs (n={n['cpushare']}) | vde2 median µs (n={n['vde2']}) | cpushare - vde2 |"
+if floor:
+    head += f" floor median µs (n={n['floor']}) | cpushare - floor |"
+print(head)
+print('|---|---:|---:|---:|' + ('---:|---:|' if floor else ''))
 for k, name in enumerate(names):
     a = st.median(r[k] for r in res['cpushare'])
     b = st.median(r[k] for r in res['vde2'])
-    print(f'| {name} | {a:.1f} | {b:.1f} | {a - b:+.1f} |')
+    line = f'| {name} | {a:.1f} | {b:.1f} | {a - b:+.1f} |'
+    if floor:
+        f = st.median(r[k] for r in res['floor'])
+        line += f' {f:.1f} | {a - f:+.1f} |'
+    print(line)
 EOF
 
 if [ "${CPU:-0}" = 1 ]; then
   CPU_ROUNDS=${CPU_ROUNDS:-3} CPU_PINGS=${CPU_PINGS:-500}
-  for f in buyer seller vdea vdeb; do taskset -a -p -c 0 "$(cat "$W/$f.pid")" >/dev/null; done
+  for f in buyer seller vdea vdeb floora floorb; do [ -f "$W/$f.pid" ] && taskset -a -p -c 0 "$(cat "$W/$f.pid")" >/dev/null; done
   for r in $(seq "$CPU_ROUNDS"); do
     echo "cpu round $r/$CPU_ROUNDS" >&2
     cpu_round cpushare >> "$W/cpu.txt"
     cpu_round vde2 >> "$W/cpu.txt"
+    [ "$FLOOR" = 1 ] && cpu_round floor >> "$W/cpu.txt"
   done
   python3 - "$W/cpu.txt" <<'EOF'
 import statistics as st, sys
@@ -200,6 +247,8 @@ print(f"| seller side CPU µs (ovl-g + ovl-u / vde_plug b) | {med('cpushare', la
 print(f"| buyer side CPU µs (ovl-buyer-udp + ovl-buyer-tap / vde_plug a) | {med('cpushare', lambda d: sum(d.get(k, 0) for k in buyer)):.1f} | {med('vde2', lambda d: d.get('vdea:vde_plug', 0)):.1f} |")
 other = lambda d: sum(v for k, v in d.items() if node(k) and k not in seller + buyer)
 print(f"| cpushare nodes' other threads µs (timers, libp2p; in the vde2 rounds: idle) | {med('cpushare', other):.1f} | {med('vde2', other):.1f} |")
+if 'floor' in rows:
+    print(f"| floor (bare_forwarder): RTT avg µs, seller / buyer side CPU µs | {st.median(r for r, _ in rows['floor']):.0f}, {med('floor', lambda d: sum(v for k, v in d.items() if k.startswith('floorb:'))):.1f} / {med('floor', lambda d: sum(v for k, v in d.items() if k.startswith('floora:'))):.1f} | |")
 EOF
   if [ "${CPU_PERF:-0}" = 1 ]; then
     # Sampled (cpu-clock, 10 kHz) user vs kernel time of the forwarding processes.
