@@ -515,26 +515,22 @@ mod tests {
         let w = std::sync::Arc::new(Wake::new().unwrap());
         let (r, _wr) = pipe();
         let mut p = Poller::new(&[r.as_raw_fd()], &w).unwrap();
+        // A 10 s wait that must end early, with nothing reported.
+        let mut park_briefly = |why: &str| {
+            let t = Instant::now();
+            assert_eq!(w.park(&mut p, 10_000, || true).unwrap(), 0);
+            assert!(t.elapsed() < Duration::from_secs(5), "{why}");
+        };
         // Before the wait: the wait returns at once.
         w.interrupt();
-        let t = Instant::now();
-        assert_eq!(w.park(&mut p, 10_000, || true).unwrap(), 0);
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "a prior interrupt was lost"
-        );
+        park_briefly("a prior interrupt was lost");
         // During the wait (the owner need not be marked parked).
         let w2 = w.clone();
         let th = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(20));
             w2.interrupt();
         });
-        let t = Instant::now();
-        assert_eq!(w.park(&mut p, 10_000, || true).unwrap(), 0);
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "the interrupt did not wake the wait"
-        );
+        park_briefly("the interrupt did not wake the wait");
         th.join().unwrap();
     }
 
