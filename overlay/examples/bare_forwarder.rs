@@ -40,17 +40,7 @@ fn main() {
 type Res = Result<(), Box<dyn std::error::Error>>;
 
 fn udp_gro(fd: RawFd) {
-    let one: libc::c_int = 1;
-    // SAFETY: a valid socket and a live int.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_UDP,
-            libc::UDP_GRO,
-            &one as *const _ as *const libc::c_void,
-            4,
-        )
-    };
+    let _ = overlay::io::sys::setsockopt(fd, libc::SOL_UDP, libc::UDP_GRO, &1 as &libc::c_int);
 }
 
 /// send(2) with a UDP_SEGMENT control message, as the shells' send batches do.

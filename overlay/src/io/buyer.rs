@@ -47,9 +47,7 @@ impl BuyerIoConfig {
 
 /// A running buyer overlay. Dropping it stops the threads and removes the tap.
 pub struct Buyer {
-    core: Arc<Mutex<BuyerCore>>,
-    counters: Arc<IoCounters>,
-    /// What the threads share; kept to stop them.
+    /// What the threads share (the core and counters too); kept to stop them.
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
     local: SocketAddr,
@@ -115,9 +113,9 @@ impl Buyer {
             .map_err(os(format!("making {name} non-blocking")))?;
         let tap = Arc::new(tap);
         let shared = Arc::new(Shared {
-            core: core.clone(),
+            core,
             stop: stop.clone(),
-            c: counters.clone(),
+            c: counters,
             udp,
             tap,
             reader: Mutex::new(TapReader::new()),
@@ -151,8 +149,6 @@ impl Buyer {
         threads.push(spawn("ovl-buyer-tick", Box::new(move || tick_loop(&sh)))?);
         tracing::info!(%local, tap = %cfg.tap_name, %host_ip, "buyer overlay up");
         Ok(Buyer {
-            core,
-            counters,
             shared,
             threads,
             local,
@@ -169,43 +165,35 @@ impl Buyer {
     }
 
     pub fn public_key(&self) -> PeerKey {
-        lock(&self.core).public_key()
+        lock(&self.shared.core).public_key()
     }
 
     pub fn admit(&self, peer: PeerKey, mac: MacAddr, ip: Ipv4Addr) -> Result<(), Error> {
-        lock(&self.core).admit(peer, mac, ip)
+        lock(&self.shared.core).admit(peer, mac, ip)
     }
 
     pub fn revoke(&self, mac: MacAddr) -> bool {
-        lock(&self.core).revoke(mac)
+        lock(&self.shared.core).revoke(mac)
     }
 
     pub fn stats(&self) -> BuyerStats {
-        lock(&self.core).stats()
+        lock(&self.shared.core).stats()
     }
 
     pub fn io_counters(&self) -> &IoCounters {
-        &self.counters
+        &self.shared.c
     }
 
     /// Run `f` with the core locked (status, tests).
     pub fn with_core<T>(&self, f: impl FnOnce(&mut BuyerCore) -> T) -> T {
-        f(&mut lock(&self.core))
+        f(&mut lock(&self.shared.core))
     }
 }
 
 impl Drop for Buyer {
     fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::SeqCst);
-        // Out of their waits now rather than at the next timeout.
-        self.shared.home.interrupt();
-        self.shared.helper.interrupt();
-        for t in &self.threads {
-            t.thread().unpark();
-        }
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
+        let sh = &self.shared;
+        shell::stop_threads(&sh.stop, &[&sh.home, &sh.helper], &mut self.threads);
     }
 }
 

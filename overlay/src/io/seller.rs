@@ -93,9 +93,7 @@ impl Default for SellerIoConfig {
 /// A running seller-side guest session. Dropping it stops the threads (and deletes
 /// the lease namespace if it owns it).
 pub struct Seller {
-    core: Arc<Mutex<SellerCore>>,
-    counters: Arc<IoCounters>,
-    /// What the threads share; kept to stop them.
+    /// What the threads share (the core and counters too); kept to stop them.
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
     local: SocketAddr,
@@ -159,9 +157,9 @@ impl Seller {
             let _ = port.flush(&mut gtx);
         }
         let shared = Arc::new(Shared {
-            core: core.clone(),
+            core,
             stop: stop.clone(),
-            c: counters.clone(),
+            c: counters,
             udp_in: Mutex::new(UdpIn::new(&udp)),
             udp,
             port,
@@ -199,8 +197,6 @@ impl Seller {
         )?);
         tracing::info!(%local, %buyer, guest_if = %ifname, "seller guest port attached");
         Ok(Seller {
-            core,
-            counters,
             shared,
             threads,
             local,
@@ -219,35 +215,27 @@ impl Seller {
     }
 
     pub fn is_established(&self) -> bool {
-        lock(&self.core).is_established()
+        lock(&self.shared.core).is_established()
     }
 
     pub fn stats(&self) -> SellerStats {
-        lock(&self.core).stats()
+        lock(&self.shared.core).stats()
     }
 
     pub fn io_counters(&self) -> &IoCounters {
-        &self.counters
+        &self.shared.c
     }
 
     /// Run `f` with the core locked.
     pub fn with_core<T>(&self, f: impl FnOnce(&mut SellerCore) -> T) -> T {
-        f(&mut lock(&self.core))
+        f(&mut lock(&self.shared.core))
     }
 }
 
 impl Drop for Seller {
     fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::SeqCst);
-        // Out of their waits now rather than at the next timeout.
-        self.shared.home.interrupt();
-        self.shared.helper.interrupt();
-        for t in &self.threads {
-            t.thread().unpark();
-        }
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
+        let sh = &self.shared;
+        shell::stop_threads(&sh.stop, &[&sh.home, &sh.helper], &mut self.threads);
     }
 }
 

@@ -124,6 +124,26 @@ pub fn run_helper(d: HelperDuty<'_>, mut poller: Poller, mut serve: impl FnMut()
     }
 }
 
+/// Stop a side's threads: set the flag they check before every wait, get them out of
+/// the wait they are in (doorbells for the data threads, `unpark` for the timer
+/// thread) and join them.
+pub fn stop_threads(
+    stop: &AtomicBool,
+    wakes: &[&Wake],
+    threads: &mut Vec<std::thread::JoinHandle<()>>,
+) {
+    stop.store(true, Ordering::SeqCst);
+    for w in wakes {
+        w.interrupt();
+    }
+    for t in threads.iter() {
+        t.thread().unpark();
+    }
+    for t in threads.drain(..) {
+        let _ = t.join();
+    }
+}
+
 /// What a home thread serves next: the fds whose batch came back full (`full`: more
 /// is likely queued); else, while `spin` says an answer is due, whatever is ready now
 /// (yielding the CPU if nothing is); else it parks until something is. Parking at once
