@@ -172,7 +172,7 @@ fn disk_full_is_a_clear_error_and_the_daemon_survives() {
             "-t",
             "tmpfs",
             "-o",
-            "size=12m",
+            "size=40m",
             "tmpfs",
             mnt.to_str().unwrap(),
         ])

@@ -237,7 +237,7 @@ mod tests {
 
     #[test]
     fn chunk_store_on_full_disk_says_disk_full() {
-        let fs = SmallFs::new("8m");
+        let fs = SmallFs::new("24m");
         let store_dir = fs.path().join("store");
         // Watchdog: a store that stalls on a full disk must fail the test,
         // not hang CI.
@@ -261,7 +261,7 @@ mod tests {
         let (err, verified) = rx
             .recv_timeout(std::time::Duration::from_secs(60))
             .expect("chunk store hung on a full disk");
-        let e = err.expect("an 8 MiB disk cannot hold 12 MiB of chunks");
+        let e = err.expect("24 MiB less the 16 MiB reserve cannot hold 12 MiB of chunks");
         assert!(matches!(e, Error::DiskFull { .. }), "{e:?}");
         assert!(
             e.to_string()

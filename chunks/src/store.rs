@@ -1119,8 +1119,10 @@ impl ChunkStore {
 }
 
 /// Free space kept on the store's filesystem: sled needs room to write its
-/// log and compact; running it into ENOSPC stalls it.
-pub const DISK_RESERVE: u64 = 4 << 20;
+/// log, blobs and page snapshots and to compact, beyond the writes we can see
+/// queued; running it into ENOSPC poisons it (every later read fails too until a
+/// restart). 4 MiB was not always enough on a 12 MiB disk (1 import in ~25).
+pub const DISK_RESERVE: u64 = 16 << 20;
 
 /// Bytes available to us on the filesystem holding `path`.
 fn free_bytes(path: &Path) -> Option<u64> {
