@@ -19,6 +19,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
 
 use overlay::io::offload::VNET_HDR_LEN;
+use overlay::io::spin::{Poller, Wake};
 use overlay::io::{NetNs, PacketPort, Tap, TapOptions};
 
 /// Datagram size the kernel may coalesce to with UDP GRO on (single frames here).
@@ -70,29 +71,13 @@ fn send_gso(fd: RawFd, buf: &[u8], to: Option<&libc::sockaddr_in>) -> isize {
     }
 }
 
-fn epoll(fds: &[RawFd]) -> std::io::Result<RawFd> {
-    // SAFETY: plain epoll calls on fds that outlive the set.
-    let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-    if ep < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    for &fd in fds {
-        let mut ev = libc::epoll_event {
-            events: libc::EPOLLIN as u32,
-            u64: fd as u64,
-        };
-        unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd, &mut ev) };
-    }
-    Ok(ep)
-}
-
-fn wait(ep: RawFd) -> Vec<RawFd> {
-    let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 4];
-    // SAFETY: room for evs.len() events.
-    let n = unsafe { libc::epoll_wait(ep, evs.as_mut_ptr(), 4, -1) };
-    evs[..n.max(0) as usize]
-        .iter()
-        .map(|e| e.u64 as RawFd)
+/// The fds of `fds` that are readable, waiting as long as it takes (the shells' own
+/// epoll set; its doorbell is never rung here).
+fn wait(poller: &mut Poller, fds: &[RawFd]) -> Vec<RawFd> {
+    let mask = poller.wait(-1).unwrap_or(0);
+    (0..fds.len())
+        .filter(|i| mask & (1 << i) != 0)
+        .map(|i| fds[i])
         .collect()
 }
 
@@ -116,11 +101,13 @@ fn seller(netns: &str, iface: &str, buyer: &str) -> Res {
     udp_gro(u);
     let port = PacketPort::open_in(&NetNs::open(netns)?, iface)?;
     let k = port.as_raw_fd();
-    let ep = epoll(&[k, u])?;
+    let fds = [k, u];
+    let bell = Wake::new()?;
+    let mut poller = Poller::new(&fds, &bell)?;
     let mut buf = vec![0u8; BUF];
     let mut aux = [0u64; 8];
     loop {
-        for fd in wait(ep) {
+        for fd in wait(&mut poller, &fds) {
             if fd == k {
                 loop {
                     // recvmsg with room for the auxdata the port asks for.
@@ -171,7 +158,9 @@ fn buyer(tap_name: &str, listen: &str) -> Res {
     let udp = UdpSocket::bind(listen)?;
     let u = udp.as_raw_fd();
     udp_gro(u);
-    let ep = epoll(&[u, t])?;
+    let fds = [u, t];
+    let bell = Wake::new()?;
+    let mut poller = Poller::new(&fds, &bell)?;
     let mut buf = vec![0u8; BUF];
     // SAFETY: sockaddr_in is plain; zero is valid.
     let mut peer: libc::sockaddr_in = unsafe { std::mem::zeroed() };
@@ -185,7 +174,7 @@ fn buyer(tap_name: &str, listen: &str) -> Res {
         send_gso(u, &buf[VNET_HDR_LEN..n as usize], Some(peer));
     };
     loop {
-        for fd in wait(ep) {
+        for fd in wait(&mut poller, &fds) {
             if fd == u {
                 loop {
                     let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
