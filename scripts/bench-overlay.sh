@@ -18,6 +18,11 @@
 #   BUSY_POLL_US=N ...                                  # --busy-poll-us for both nodes (default: the node's default)
 #   NOPOLL=1 ...                                        # also a "cpushare-nopoll" row: the same with --busy-poll-us 0
 #   REVERSE=1 ...                                       # also buyer -> guest (iperf3 -R) for cpushare: a second table
+#   VDE_GUEST=1 ...                                     # also "vde2-guest": vde2 with its guest where ours is, in a
+#                                                       #   namespace behind a veth pair (bridged to vde's tap)
+#   NODE=target/pgo/cpushare-node NODE_STD=target/release/cpushare-node BUILD=0 ...
+#                                                       # the PGO build (scripts/build-pgo.sh), and the plain
+#                                                       #   one as a second row "cpushare-std"
 # Output: a Markdown table (medians) with ratios; raw data under $WORK (default /tmp/cov-bench).
 set -u
 export LC_ALL=C
@@ -30,6 +35,8 @@ DUR=${DUR:-10}
 PINGS=${PINGS:-50}
 ANCHORS=${ANCHORS-"veth ovpn-aes256gcm tinc-aes256cbc vde-udp boringtun"}
 NODE=${NODE:-$ROOT/target/release/cpushare-node}
+NODE_STD=${NODE_STD:-}
+VDE_GUEST=${VDE_GUEST:-0}
 UA=10.202.9.1 UB=10.202.9.2 OA=10.77.0.1
 GMAC=52:54:00:77:09:02 GIP=10.77.0.2
 HZ=$(getconf CLK_TCK)
@@ -63,10 +70,12 @@ cpu_ns() { # CPU time (ns) of the overlay threads (ovl-*) of the given processes
   local t=0 p d v; for p in "$@"; do for d in /proc/$p/task/*; do
     case "$(cat $d/comm 2>/dev/null)" in ovl-*) v=$(awk '{print $1}' $d/schedstat 2>/dev/null); t=$((t + ${v:-0}));; esac
   done; done; echo $t; }
+running() { local s; s=$(awk '/^State:/{print $2}' /proc/$1/status 2>/dev/null); [ -n "$s" ] && [ "$s" != Z ]; }
 teardown() {
   local p
   for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null; done
-  sleep 0.5
+  for _ in $(seq 30); do local alive=0; for p in "${PIDS[@]}"; do running $p && alive=1; done
+    [ $alive = 0 ] && break; sleep 0.1; done
   for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null; done
   wait 2>/dev/null; PIDS=()
   for ns in $NSS; do ip netns del $ns 2>/dev/null; done
@@ -141,13 +150,40 @@ iperf_run() { # P tag [profile] [extra iperf3 args] -> "mbps retr daemon_cpu% sy
             printf "%s %s %.0f %.0f\n", m, r, 100*c/hz/sec, 100*s/hz/sec }'
 }
 
+setup_vde_guest() {
+  # Unencrypted vde2 (vde_plug tap <-> UDP) with its guest where ours is: a namespace of
+  # its own behind a veth pair, bridged on the seller to vde's tap (how a guest joins
+  # a tap VPN). Same namespaces and addresses as cpushare, static guest address.
+  teardown
+  for ns in covba covbb covbg; do ip netns add $ns || return 1; ip -n $ns link set lo up; done
+  ip link add covbva netns covba type veth peer name covbvb netns covbb || return 1
+  ip -n covba addr add $UA/24 dev covbva; ip -n covbb addr add $UB/24 dev covbvb
+  ip -n covba link set covbva up; ip -n covbb link set covbvb up
+  ip netns exec covba vde_plug tap://csovl0 "udp://$UA:7001->$UB:7002" >$WORK/vde-a.log 2>&1 </dev/null &
+  PIDS+=($!)
+  ip netns exec covbb vde_plug tap://covbtap "udp://$UB:7002->$UA:7001" >$WORK/vde-b.log 2>&1 </dev/null &
+  PIDS+=($!)
+  wait_for 10 ip -n covba link show csovl0 && wait_for 10 ip -n covbb link show covbtap || { log "vde_plug did not start"; return 1; }
+  ip -n covba addr add $OA/16 dev csovl0; ip -n covba link set csovl0 mtu 1400 up
+  ip -n covbb link add covbbr type bridge; ip -n covbb link set covbbr up
+  ip link add covbgv netns covbg type veth peer name covbbg netns covbb || return 1
+  for l in covbtap covbbg; do ip -n covbb link set $l master covbbr; ip -n covbb link set $l mtu 1400 up; done
+  ip -n covbg link set covbgv address $GMAC mtu 1400 up; ip -n covbg addr add $GIP/16 dev covbgv
+  ip netns exec covba iperf3 -s -B $OA >$WORK/iperf-srv.log 2>&1 </dev/null &
+  PIDS+=($!)
+  sleep 0.5
+}
+
 measure_cpushare() { # rep [cfg busy-poll-us]
   local rep=$1 cfg=${2:-cpushare} bpv=${3:-${BUSY_POLL_US:-default}}
-  if ! setup_cpushare ${3:-}; then
+  local NODE=$NODE; [ $cfg = cpushare-std ] && NODE=$NODE_STD
+  local setup="setup_cpushare ${3:-}" note="Noise IK + ChaCha20-Poly1305, guest behind veth + AF_PACKET lease port, DHCP MTU, busy-poll $bpv us"
+  [ $cfg = vde2-guest ] && setup=setup_vde_guest note="vde2 tap<->UDP, no encryption; guest behind veth + bridge to the tap"
+  if ! $setup; then
     log "$cfg rep$rep: setup failed (see $WORK/*.log)"
     printf '%s\t%s\tNA\tNA\tNA\tNA\tNA\tNA\tNA\t-\t-\t-\t-\tSETUP FAILED\t-\t-\t-\t-\n' $cfg $rep >> "$RAW"; return 1
   fi
-  wait_for 20 ip netns exec covbg ping -c1 -W1 $OA || log "cpushare rep$rep: overlay never came up"
+  wait_for 20 ip netns exec covbg ping -c1 -W1 $OA || log "$cfg rep$rep: overlay never came up"
   sleep 2
   ip netns exec covbg timeout 20 iperf3 -c $OA -t 2 >/dev/null 2>&1
   local pr rmin ravg loss r1 r4
@@ -157,6 +193,7 @@ measure_cpushare() { # rep [cfg busy-poll-us]
   pr=$(ip netns exec covbg timeout 30 ping -q -c $PINGS -i 0.05 -W 1 $OA 2>&1)
   n1=$(cpu_ns "${PIDS[@]:0:2}")
   local pcpu=$(( (n1 - n0) / 1000 / PINGS ))   # both nodes' overlay threads' CPU per ping round trip, µs
+  [ $cfg = vde2-guest ] && pcpu=-
   rmin=$(echo "$pr" | awk -F'[/ ]' '/^rtt/{print $7}'); ravg=$(echo "$pr" | awk -F'[/ ]' '/^rtt/{print $8}')
   loss=$(echo "$pr" | grep -o '[0-9.]*% packet loss' | cut -d% -f1)
   local prof=; [ "${PERF:-0}" = 1 ] && [ "$rep" = 1 ] && [ $cfg = cpushare ] && command -v perf >/dev/null && prof=1
@@ -172,11 +209,12 @@ measure_cpushare() { # rep [cfg busy-poll-us]
   for ns in covba covbb covbg; do v=$(ip netns exec $ns awk '/^Ip:/{if(!h){for(i=1;i<=NF;i++)if($i=="FragCreates")c=i;h=1}else print $c}' /proc/net/snmp); frag=$((frag + ${v:-0})); done
   set -- $r1 $r4
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t-\t-\t%s\t%s\n' $cfg $rep $1 $2 $5 $6 "${rmin:-NA}" "${ravg:-NA}" "${loss:-NA}" \
-    $3 $4 $7 $8 "Noise IK + ChaCha20-Poly1305, guest behind veth + AF_PACKET lease port, DHCP MTU, busy-poll $bpv us" $frag $pcpu >> "$RAW"
+    $3 $4 $7 $8 "$note" $frag $pcpu >> "$RAW"
   log "$cfg rep$rep: P1 $1 Mbit/s (retr $2, nodes ${3}%)  P4 $5 Mbit/s  rtt avg ${ravg:-NA} ms  overlay threads' CPU per ping ${pcpu} us"
-  # Drop counters by reason, for the record.
-  "$NODE" --data-dir $WORK/node/b overlay ls --json > $WORK/seller-overlay.log 2>&1
-  "$NODE" --data-dir $WORK/node/a overlay ls --json > $WORK/buyer-overlay.log 2>&1
+  if [ $cfg != vde2-guest ]; then # drop counters by reason, for the record
+    "$NODE" --data-dir $WORK/node/b overlay ls --json > $WORK/seller-overlay.log 2>&1
+    "$NODE" --data-dir $WORK/node/a overlay ls --json > $WORK/buyer-overlay.log 2>&1
+  fi
   mkdir -p $WORK/logs/$cfg-$rep; cp $WORK/*.log $WORK/logs/$cfg-$rep/ 2>/dev/null
   teardown
 }
@@ -190,8 +228,12 @@ for rep in $(seq $REPS); do
   fi
   measure_cpushare $rep
   [ "${NOPOLL:-0}" = 1 ] && measure_cpushare $rep cpushare-nopoll 0
+  [ -n "$NODE_STD" ] && measure_cpushare $rep cpushare-std
+  [ "$VDE_GUEST" = 1 ] && measure_cpushare $rep vde2-guest
 done
-OURS=cpushare; [ "${NOPOLL:-0}" = 1 ] && OURS="cpushare cpushare-nopoll"
+OURS=cpushare; [ "${NOPOLL:-0}" = 1 ] && OURS="$OURS cpushare-nopoll"
+[ -n "$NODE_STD" ] && OURS="$OURS cpushare-std"
+OTHERS=$ANCHORS; [ "$VDE_GUEST" = 1 ] && OTHERS="$OTHERS vde2-guest"
 
 median() { grep -v -e '^NA$' -e '^-$' -e '^$' | sort -g | awk '{a[NR]=$1} END{ if (NR==0) print "NA"; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2 }'; }
 col() { awk -F'\t' -v c="$1" -v k="$2" 'NR>1 && $1==c {print $k}' "$RAW" | median; }
@@ -201,7 +243,7 @@ TABLE=$WORK/table.md
   echo "| config | TCP -P1 Mbit/s | TCP -P4 Mbit/s | RTT avg ms | RTT min ms | cpushare P1 / this | cpushare P4 / this | this RTT / cpushare RTT | daemon CPU % (P1 / P4) | overlay threads' CPU per ping µs | n |"
   echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
   c1=$(col cpushare 3); c4=$(col cpushare 5); cr=$(col cpushare 8)
-  for cfg in $OURS $ANCHORS; do
+  for cfg in $OURS $OTHERS; do
     p1=$(col $cfg 3); p4=$(col $cfg 5); ra=$(col $cfg 8)
     n=$(awk -F'\t' -v c=$cfg 'NR>1 && $1==c && $3!="NA" {n++} END{print n+0}' "$RAW")
     echo "| $cfg | $p1 | $p4 | $ra | $(col $cfg 7) | $(ratio $c1 $p1) | $(ratio $c4 $p4) | $(ratio $ra $cr) | $(col $cfg 10) / $(col $cfg 12) | $(col $cfg 18) | $n |"
@@ -213,7 +255,7 @@ if [ -s $WORK/reverse.tsv ]; then
     echo
     echo "| config | buyer -> guest TCP -P1 Mbit/s (iperf3 -R) | -P4 Mbit/s | / guest -> buyer P1 | / guest -> buyer P4 | retransmits P1 / P4 |"
     echo "|---|---:|---:|---:|---:|---:|"
-    for cfg in $OURS; do
+    for cfg in $(echo $OURS $OTHERS | tr ' ' '\n' | grep -x -e 'cpushare.*' -e vde2-guest); do
       r1=$(rcol $cfg 3); r4=$(rcol $cfg 5)
       echo "| $cfg | $r1 | $r4 | $(ratio $r1 $(col $cfg 3)) | $(ratio $r4 $(col $cfg 5)) | $(rcol $cfg 4) / $(rcol $cfg 6) |"
     done
