@@ -26,6 +26,11 @@
 #       overlay's own system calls without the overlay (overlay/examples/bare_forwarder.rs:
 #       the same guest port, tap and UDP sockets, opened by the same code, forwarding raw
 #       frames one per call), in its own copy of cpushare's topology (static addresses).
+#   PAGES=1 ...                                         also the memory pages each forwarding process
+#       touches per ping: accessed bits cleared (/proc/PID/clear_refs), one ping, then the
+#       "Referenced" pages of each mapping (smaps), minus the same window without a ping;
+#       PAGE_ROUNDS=30 of each. Shared libraries are left out: other processes (ping, ip)
+#       set their pages' referenced flag too.
 # Needs: perf, vde_plug (vde2), busybox (udhcpc), ping, ip. Prints a Markdown table.
 set -u
 export LC_ALL=C
@@ -216,6 +221,54 @@ for k, name in enumerate(names):
         line += f' {f:.1f} | {a - f:+.1f} |'
     print(line)
 EOF
+
+if [ "${PAGES:-0}" = 1 ]; then
+  refs() { # pid -> one line per mapping with referenced pages: "start-end name perm kB"
+    awk '/^[0-9a-f]+-[0-9a-f]+ /{ key = $1 " " (NF >= 6 ? $6 : "[anon]") " " $2; next }
+         /^Referenced:/{ if ($2 > 0) print key, $2 }' /proc/$1/smaps; }
+  page_window() { # $1 label, $2 mode (idle|ping), $3 netns, $4 target, $5.. pids
+    local label=$1 mode=$2 ns=$3 tgt=$4 p; shift 4
+    for _ in $(seq "${PAGE_ROUNDS:-30}"); do
+      sleep 0.05
+      for p in "$@"; do echo 1 > /proc/$p/clear_refs; done
+      if [ $mode = ping ]; then ip netns exec $ns ping -c 1 -W 1 $tgt >/dev/null; else sleep 0.0003; fi
+      for p in "$@"; do refs $p | sed "s|^|$label $p $mode |"; done
+    done >> "$W/pages.txt"
+  }
+  for mode in idle ping; do
+    page_window cpushare $mode hopg $OA "$(cat "$W/buyer.pid")" "$(cat "$W/seller.pid")"
+    page_window vde2 $mode hvb $VOA "$(cat "$W/vdea.pid")" "$(cat "$W/vdeb.pid")"
+    [ "$FLOOR" = 1 ] && page_window floor $mode fpg $FOA "$(cat "$W/floora.pid")" "$(cat "$W/floorb.pid")"
+  done
+  for f in buyer seller vdea vdeb floora floorb; do [ -f "$W/$f.pid" ] && echo "$(cat "$W/$f.pid") $f"; done > "$W/roles.txt"
+  python3 - "$W/pages.txt" "${PAGE_ROUNDS:-30}" "$W/roles.txt" <<'EOF'
+import collections, sys
+rounds = int(sys.argv[2])
+role = dict(l.split() for l in open(sys.argv[3]))
+role = {p: {'buyer': 'buyer node', 'seller': 'seller node', 'vdea': "vde_plug a (buyer's side)",
+            'vdeb': "vde_plug b (seller's side)", 'floora': 'bare_forwarder, buyer side',
+            'floorb': 'bare_forwarder, seller side'}[r] for p, r in role.items()}
+kb = collections.defaultdict(float)
+for l in open(sys.argv[1]):
+    cfg, pid, mode, rng, name, perm, k = l.split()
+    base = name.rsplit('/', 1)[-1]
+    if base.startswith('lib') or base.startswith('ld-') or base == '[vdso]':
+        continue  # shared: other processes set the referenced flag of these pages too
+    if name in ('[anon]', '[heap]', '[stack]'):
+        cls = 'heap, stacks, anonymous'
+    else:
+        cls = 'own binary, code' if 'x' in perm else 'own binary, data and constants'
+    kb[(cfg, pid, cls, mode)] += int(k) / rounds
+procs = sorted({(c, p) for c, p, _, _ in kb})
+classes = ['own binary, code', 'own binary, data and constants', 'heap, stacks, anonymous']
+print()
+print('| 4 KiB pages touched per ping, per process (ping window minus idle window) | ' + ' | '.join(classes) + ' | total |')
+print('|---|' + '---:|' * (len(classes) + 1))
+for c, p in procs:
+    v = [max(0.0, (kb[(c, p, k, 'ping')] - kb[(c, p, k, 'idle')]) / 4) for k in classes]
+    print(f'| {c}: {role.get(p, p)} | ' + ' | '.join(f'{x:.1f}' for x in v) + f' | {sum(v):.1f} |')
+EOF
+fi
 
 if [ "${CPU:-0}" = 1 ]; then
   CPU_ROUNDS=${CPU_ROUNDS:-3} CPU_PINGS=${CPU_PINGS:-500}
