@@ -86,14 +86,18 @@ trap 'exit 130' INT TERM
 wait_for() { local end=$(( $(date +%s) + $1 )); shift
   while [ "$(date +%s)" -lt $end ]; do "$@" >/dev/null 2>&1 && return 0; sleep 0.2; done; return 1; }
 
-setup_cpushare() { # [busy-poll-us]
-  local bp=${1:-${BUSY_POLL_US:-}} bpa=()
-  [ -n "$bp" ] && bpa=(--busy-poll-us "$bp")
+hosts() { # fresh buyer, seller and guest namespaces; buyer and seller joined by a veth pair
   teardown
   for ns in covba covbb covbg; do ip netns add $ns || return 1; ip -n $ns link set lo up; done
   ip link add covbva netns covba type veth peer name covbvb netns covbb || return 1
   ip -n covba addr add $UA/24 dev covbva; ip -n covbb addr add $UB/24 dev covbvb
   ip -n covba link set covbva up; ip -n covbb link set covbvb up
+}
+
+setup_cpushare() { # [busy-poll-us]
+  local bp=${1:-${BUSY_POLL_US:-}} bpa=()
+  [ -n "$bp" ] && bpa=(--busy-poll-us "$bp")
+  hosts || return 1
   local d=$WORK/node; rm -rf $d; mkdir -p $d/a $d/b
   ip netns exec covba "$NODE" --role buyer --data-dir $d/a --listen /ip4/127.0.0.1/tcp/0 >$WORK/buyer.log 2>&1 </dev/null &
   PIDS+=($!)
@@ -154,11 +158,7 @@ setup_vde_guest() {
   # Unencrypted vde2 (vde_plug tap <-> UDP) with its guest where ours is: a namespace of
   # its own behind a veth pair, bridged on the seller to vde's tap (how a guest joins
   # a tap VPN). Same namespaces and addresses as cpushare, static guest address.
-  teardown
-  for ns in covba covbb covbg; do ip netns add $ns || return 1; ip -n $ns link set lo up; done
-  ip link add covbva netns covba type veth peer name covbvb netns covbb || return 1
-  ip -n covba addr add $UA/24 dev covbva; ip -n covbb addr add $UB/24 dev covbvb
-  ip -n covba link set covbva up; ip -n covbb link set covbvb up
+  hosts || return 1
   ip netns exec covba vde_plug tap://csovl0 "udp://$UA:7001->$UB:7002" >$WORK/vde-a.log 2>&1 </dev/null &
   PIDS+=($!)
   ip netns exec covbb vde_plug tap://covbtap "udp://$UB:7002->$UA:7001" >$WORK/vde-b.log 2>&1 </dev/null &
