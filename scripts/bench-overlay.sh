@@ -119,9 +119,6 @@ setup_cpushare() { # [busy-poll-us]
   printf '#!/bin/sh\ncase "$1" in bound|renew) ip addr flush dev "$interface"; ip addr add "$ip/$mask" dev "$interface"; [ -n "$mtu" ] && ip link set "$interface" mtu "$mtu";; esac\nexit 0\n' > $WORK/udhcpc.sh
   chmod +x $WORK/udhcpc.sh
   ip netns exec covbg busybox udhcpc -i covbgv -f -q -n -t 10 -T 1 -s $WORK/udhcpc.sh >&2 || { log "guest got no DHCP lease"; return 1; }
-  ip netns exec covba iperf3 -s -B $OA >$WORK/iperf-srv.log 2>&1 </dev/null &
-  PIDS+=($!)
-  sleep 0.5
 }
 
 QUIET_PCT=${QUIET_PCT:-15} QUIET_MAX=${QUIET_MAX:-60}   # same idle gate as overlay-anchors.sh
@@ -169,12 +166,9 @@ setup_vde_guest() {
   ip link add covbgv netns covbg type veth peer name covbbg netns covbb || return 1
   for l in covbtap covbbg; do ip -n covbb link set $l master covbbr; ip -n covbb link set $l mtu 1400 up; done
   ip -n covbg link set covbgv address $GMAC mtu 1400 up; ip -n covbg addr add $GIP/16 dev covbgv
-  ip netns exec covba iperf3 -s -B $OA >$WORK/iperf-srv.log 2>&1 </dev/null &
-  PIDS+=($!)
-  sleep 0.5
 }
 
-measure_cpushare() { # rep [cfg busy-poll-us]
+measure() { # rep [cfg busy-poll-us]: one row (cpushare, a variant of it, or vde2-guest)
   local rep=$1 cfg=${2:-cpushare} bpv=${3:-${BUSY_POLL_US:-default}}
   local NODE=$NODE; [ $cfg = cpushare-std ] && NODE=$NODE_STD
   local setup="setup_cpushare ${3:-}" note="Noise IK + ChaCha20-Poly1305, guest behind veth + AF_PACKET lease port, DHCP MTU, busy-poll $bpv us"
@@ -183,6 +177,9 @@ measure_cpushare() { # rep [cfg busy-poll-us]
     log "$cfg rep$rep: setup failed (see $WORK/*.log)"
     printf '%s\t%s\tNA\tNA\tNA\tNA\tNA\tNA\tNA\t-\t-\t-\t-\tSETUP FAILED\t-\t-\t-\t-\n' $cfg $rep >> "$RAW"; return 1
   fi
+  ip netns exec covba iperf3 -s -B $OA >$WORK/iperf-srv.log 2>&1 </dev/null &
+  PIDS+=($!)
+  sleep 0.5
   wait_for 20 ip netns exec covbg ping -c1 -W1 $OA || log "$cfg rep$rep: overlay never came up"
   sleep 2
   ip netns exec covbg timeout 20 iperf3 -c $OA -t 2 >/dev/null 2>&1
@@ -226,10 +223,10 @@ for rep in $(seq $REPS); do
       || log "anchors rep$rep failed"
     tail -n +2 $WORK/anchors-$rep/raw.tsv 2>/dev/null | awk -F'\t' -v OFS='\t' -v r=$rep '{$2=r; print}' >> "$RAW"
   fi
-  measure_cpushare $rep
-  [ "${NOPOLL:-0}" = 1 ] && measure_cpushare $rep cpushare-nopoll 0
-  [ -n "$NODE_STD" ] && measure_cpushare $rep cpushare-std
-  [ "$VDE_GUEST" = 1 ] && measure_cpushare $rep vde2-guest
+  measure $rep
+  [ "${NOPOLL:-0}" = 1 ] && measure $rep cpushare-nopoll 0
+  [ -n "$NODE_STD" ] && measure $rep cpushare-std
+  [ "$VDE_GUEST" = 1 ] && measure $rep vde2-guest
 done
 OURS=cpushare; [ "${NOPOLL:-0}" = 1 ] && OURS="$OURS cpushare-nopoll"
 [ -n "$NODE_STD" ] && OURS="$OURS cpushare-std"
