@@ -1,82 +1,158 @@
 //! Reusable recvmmsg/sendmmsg batches: one syscall moves many datagrams or frames, and
 //! no buffer is allocated per packet.
+//!
+//! A batch's per-slot metadata (message headers, iovecs, addresses, control buffers)
+//! sits in one page-aligned allocation, laid out so the first slots' entries share a
+//! page or two. A light pass (one ping) then touches two or three pages per batch
+//! instead of one per array: on a VM, each page that went cold since the last packet
+//! costs a few hundred nanoseconds on first touch.
 
+use std::alloc::{self, Layout};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::RawFd;
+use std::ptr::NonNull;
 
 use super::sys;
 
 const CTRL_LEN: usize = 64;
+const PAGE: usize = 4096;
+
+/// One zeroed, page-aligned allocation holding several arrays back to back.
+struct Arrays {
+    base: NonNull<u8>,
+    layout: Layout,
+}
+
+impl Arrays {
+    /// `parts`: (element size, element alignment, count) per array, in layout order.
+    /// Returns the allocation and each array's byte offset.
+    fn new<const N: usize>(parts: [(usize, usize, usize); N]) -> (Arrays, [usize; N]) {
+        let mut offs = [0usize; N];
+        let mut end = 0usize;
+        for (k, &(size, align, count)) in parts.iter().enumerate() {
+            end = end.next_multiple_of(align);
+            offs[k] = end;
+            end += size * count;
+        }
+        let layout = Layout::from_size_align(end.max(1), PAGE).expect("batch metadata layout");
+        // SAFETY: the layout has a non-zero size.
+        let p = unsafe { alloc::alloc_zeroed(layout) };
+        let base = NonNull::new(p).unwrap_or_else(|| alloc::handle_alloc_error(layout));
+        (Arrays { base, layout }, offs)
+    }
+
+    /// Pointer to the array at byte offset `off`.
+    fn at<T>(&self, off: usize) -> *mut T {
+        // SAFETY: offsets come from `new` and lie inside the allocation.
+        unsafe { self.base.as_ptr().add(off) as *mut T }
+    }
+}
+
+impl Drop for Arrays {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { alloc::dealloc(self.base.as_ptr(), self.layout) }
+    }
+}
+
+/// (size, align, count) of `n` elements of T, for [`Arrays::new`].
+fn part<T>(n: usize) -> (usize, usize, usize) {
+    (std::mem::size_of::<T>(), std::mem::align_of::<T>(), n)
+}
+
+/// Room for a source address: IPv4 or IPv6 UDP, or AF_PACKET's sockaddr_ll.
+type Name = libc::sockaddr_in6;
+type Ctrl = [u64; CTRL_LEN / 8];
 
 /// A set of receive slots filled by one `recvmmsg`.
 pub struct RecvBatch {
     slot: usize,
+    slots: usize,
     bufs: Vec<u8>,
-    iov: Vec<libc::iovec>,
-    hdrs: Vec<libc::mmsghdr>,
-    names: Vec<libc::sockaddr_storage>,
-    ctrl: Vec<[u64; CTRL_LEN / 8]>,
+    meta: Arrays,
+    /// Byte offsets in `meta` of the iovecs, names, headers and control buffers.
+    iov: usize,
+    names: usize,
+    hdrs: usize,
+    ctrl: usize,
     n: usize,
     /// Leading headers the kernel may have written since they were last reset.
     dirty: usize,
 }
 
-// SAFETY: the raw pointers only ever point into this struct's own vectors.
+// SAFETY: the raw pointers only ever point into this struct's own allocations.
 unsafe impl Send for RecvBatch {}
 
 impl RecvBatch {
     pub fn new(slots: usize, slot_size: usize) -> RecvBatch {
+        // Small arrays first, so slot 0's iovec, name and header share the first page.
+        let (meta, [iov, names, hdrs, ctrl]) = Arrays::new([
+            part::<libc::iovec>(slots),
+            part::<Name>(slots),
+            part::<libc::mmsghdr>(slots),
+            part::<Ctrl>(slots),
+        ]);
         let mut b = RecvBatch {
             slot: slot_size,
+            slots,
             bufs: vec![0; slots * slot_size],
-            iov: vec![
-                libc::iovec {
-                    iov_base: std::ptr::null_mut(),
-                    iov_len: 0
-                };
-                slots
-            ],
-            // SAFETY: mmsghdr and sockaddr_storage are plain C structs; zero is valid.
-            hdrs: vec![unsafe { std::mem::zeroed() }; slots],
-            names: vec![unsafe { std::mem::zeroed() }; slots],
-            ctrl: vec![[0; CTRL_LEN / 8]; slots],
+            meta,
+            iov,
+            names,
+            hdrs,
+            ctrl,
             n: 0,
             dirty: 0,
         };
-        // The headers point into the vectors' heap buffers, which never move: set
-        // them up once, so a receive only resets what the last one wrote (a light
-        // receive then touches one header, not all of them).
+        // The headers point into buffers that never move: set them up once, so a
+        // receive only resets what the last one wrote.
+        let base = b.bufs.as_mut_ptr();
         for i in 0..slots {
-            b.iov[i] = libc::iovec {
-                iov_base: b.bufs[i * b.slot..].as_mut_ptr() as *mut libc::c_void,
-                iov_len: b.slot,
-            };
-            let h = &mut b.hdrs[i].msg_hdr;
-            h.msg_name = &mut b.names[i] as *mut _ as *mut libc::c_void;
-            h.msg_iov = &mut b.iov[i];
-            h.msg_iovlen = 1;
-            h.msg_control = b.ctrl[i].as_mut_ptr() as *mut libc::c_void;
+            // SAFETY: i < slots; every array has `slots` zeroed (valid) elements.
+            unsafe {
+                let v = b.meta.at::<libc::iovec>(b.iov).add(i);
+                *v = libc::iovec {
+                    iov_base: base.add(i * slot_size) as *mut libc::c_void,
+                    iov_len: slot_size,
+                };
+                let h = &mut (*b.meta.at::<libc::mmsghdr>(b.hdrs).add(i)).msg_hdr;
+                h.msg_name = b.meta.at::<Name>(b.names).add(i) as *mut libc::c_void;
+                h.msg_iov = v;
+                h.msg_iovlen = 1;
+                h.msg_control = b.meta.at::<Ctrl>(b.ctrl).add(i) as *mut libc::c_void;
+            }
         }
         b.dirty = slots;
         b.reset_headers();
         b
     }
 
+    fn hdrs(&self) -> &[libc::mmsghdr] {
+        // SAFETY: `slots` initialised headers live at this offset for self's lifetime.
+        unsafe { std::slice::from_raw_parts(self.meta.at(self.hdrs), self.slots) }
+    }
+
+    fn hdrs_mut(&mut self) -> &mut [libc::mmsghdr] {
+        // SAFETY: as in `hdrs`, and &mut self makes the access exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.meta.at(self.hdrs), self.slots) }
+    }
+
     /// Give back the lengths and flags the kernel overwrote in the used headers.
     fn reset_headers(&mut self) {
-        for i in 0..self.dirty {
-            let h = &mut self.hdrs[i].msg_hdr;
-            h.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        let dirty = self.dirty;
+        for m in &mut self.hdrs_mut()[..dirty] {
+            let h = &mut m.msg_hdr;
+            h.msg_namelen = std::mem::size_of::<Name>() as libc::socklen_t;
             h.msg_controllen = CTRL_LEN as _;
             h.msg_flags = 0;
-            self.hdrs[i].msg_len = 0;
+            m.msg_len = 0;
         }
         self.dirty = 0;
     }
 
     pub fn slots(&self) -> usize {
-        self.hdrs.len()
+        self.slots
     }
 
     /// Receive up to `slots()` messages: blocks for the first (up to the socket's
@@ -98,7 +174,7 @@ impl RecvBatch {
             let r = unsafe {
                 libc::recvmmsg(
                     fd,
-                    self.hdrs.as_mut_ptr(),
+                    self.meta.at(self.hdrs),
                     slots as libc::c_uint,
                     flags,
                     std::ptr::null_mut(),
@@ -143,13 +219,13 @@ impl RecvBatch {
 
     /// Bytes of message `i` (may have been truncated to the slot size).
     pub fn data(&self, i: usize) -> &[u8] {
-        let l = (self.hdrs[i].msg_len as usize).min(self.slot);
+        let l = (self.hdrs()[i].msg_len as usize).min(self.slot);
         &self.bufs[i * self.slot..i * self.slot + l]
     }
 
     /// Whole slot `i` and the received length, for in-place edits.
     pub fn slot_mut(&mut self, i: usize) -> (&mut [u8], usize) {
-        let l = (self.hdrs[i].msg_len as usize).min(self.slot);
+        let l = (self.hdrs()[i].msg_len as usize).min(self.slot);
         (&mut self.bufs[i * self.slot..(i + 1) * self.slot], l)
     }
 
@@ -173,15 +249,17 @@ impl RecvBatch {
 
     /// The message did not fit its slot.
     pub fn truncated(&self, i: usize) -> bool {
-        self.hdrs[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0
+        self.hdrs()[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0
     }
 
     /// Source address of message `i` (IPv4 UDP only).
     pub fn addr(&self, i: usize) -> Option<SocketAddr> {
-        let s = &self.names[i];
-        if s.ss_family as i32 == libc::AF_INET {
-            // SAFETY: family says this is a sockaddr_in.
-            let a = unsafe { &*(s as *const _ as *const libc::sockaddr_in) };
+        assert!(i < self.slots);
+        // SAFETY: i < slots; a zeroed or kernel-written name is a valid sockaddr_in6.
+        let s = unsafe { &*self.meta.at::<Name>(self.names).add(i) };
+        if s.sin6_family as i32 == libc::AF_INET {
+            // SAFETY: family says this is a sockaddr_in, which is smaller than Name.
+            let a = unsafe { &*(s as *const Name as *const libc::sockaddr_in) };
             Some(SocketAddr::V4(SocketAddrV4::new(
                 Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
                 u16::from_be(a.sin_port),
@@ -198,7 +276,7 @@ impl RecvBatch {
         level: libc::c_int,
         ty: libc::c_int,
     ) -> Option<T> {
-        let h = &self.hdrs[i].msg_hdr;
+        let h = &self.hdrs()[i].msg_hdr;
         // SAFETY: walking the control buffer the kernel filled, bounded by msg_controllen.
         unsafe {
             let mut c = libc::CMSG_FIRSTHDR(h);
@@ -224,16 +302,25 @@ impl RecvBatch {
 /// Outgoing datagrams gathered for one `sendmmsg`.
 pub struct SendBatch {
     slot: usize,
+    slots: usize,
     bufs: Vec<u8>,
-    lens: Vec<usize>,
-    dests: Vec<libc::sockaddr_in>,
-    iov: Vec<libc::iovec>,
-    hdrs: Vec<libc::mmsghdr>,
+    meta: Arrays,
+    /// Byte offsets in `meta` of the per-slot arrays (see [`SendParts`]).
+    offs: [usize; 6],
     n: usize,
     connected: Option<SocketAddr>,
     gso: bool,
-    ctrl: Vec<[u64; 4]>,
-    runs: Vec<(usize, usize)>,
+}
+
+/// The per-slot arrays of a [`SendBatch`], borrowed together.
+struct SendParts<'a> {
+    lens: &'a mut [usize],
+    dests: &'a mut [libc::sockaddr_in],
+    iov: &'a mut [libc::iovec],
+    /// Messages of one flush: runs [start, end) of slots; a run of 2+ is one GSO send.
+    runs: &'a mut [(usize, usize)],
+    hdrs: &'a mut [libc::mmsghdr],
+    ctrl: &'a mut [[u64; 4]],
 }
 
 const UDP_SEGMENT: libc::c_int = 103;
@@ -249,30 +336,46 @@ fn same_dest(a: &libc::sockaddr_in, b: &libc::sockaddr_in) -> bool {
         && a.sin_addr.s_addr == b.sin_addr.s_addr
 }
 
-// SAFETY: the raw pointers only ever point into this struct's own vectors.
+// SAFETY: the raw pointers only ever point into this struct's own allocations.
 unsafe impl Send for SendBatch {}
 
 impl SendBatch {
     pub fn new(slots: usize, slot_size: usize) -> SendBatch {
+        // What one datagram needs (its length, address, iovec, run and header) comes
+        // first and fits the first page; GSO control buffers, used in bulk only, last.
+        let (meta, offs) = Arrays::new([
+            part::<usize>(slots),
+            part::<libc::sockaddr_in>(slots),
+            part::<libc::iovec>(slots),
+            part::<(usize, usize)>(slots),
+            part::<libc::mmsghdr>(slots),
+            part::<[u64; 4]>(slots),
+        ]);
         SendBatch {
             slot: slot_size,
+            slots,
             bufs: vec![0; slots * slot_size],
-            lens: vec![0; slots],
-            // SAFETY: plain C structs; zero is valid.
-            dests: vec![unsafe { std::mem::zeroed() }; slots],
-            iov: vec![
-                libc::iovec {
-                    iov_base: std::ptr::null_mut(),
-                    iov_len: 0
-                };
-                slots
-            ],
-            hdrs: vec![unsafe { std::mem::zeroed() }; slots],
+            meta,
+            offs,
             n: 0,
             connected: None,
             gso: false,
-            ctrl: vec![[0; 4]; slots],
-            runs: Vec::with_capacity(slots),
+        }
+    }
+
+    fn parts(&mut self) -> SendParts<'_> {
+        let (m, o, n) = (&self.meta, &self.offs, self.slots);
+        // SAFETY: six disjoint arrays of `n` zero-initialised (valid) elements each,
+        // borrowed for as long as &mut self.
+        unsafe {
+            SendParts {
+                lens: std::slice::from_raw_parts_mut(m.at(o[0]), n),
+                dests: std::slice::from_raw_parts_mut(m.at(o[1]), n),
+                iov: std::slice::from_raw_parts_mut(m.at(o[2]), n),
+                runs: std::slice::from_raw_parts_mut(m.at(o[3]), n),
+                hdrs: std::slice::from_raw_parts_mut(m.at(o[4]), n),
+                ctrl: std::slice::from_raw_parts_mut(m.at(o[5]), n),
+            }
         }
     }
 
@@ -283,7 +386,7 @@ impl SendBatch {
     }
 
     pub fn is_full(&self) -> bool {
-        self.n == self.lens.len()
+        self.n == self.slots
     }
 
     pub fn is_empty(&self) -> bool {
@@ -297,16 +400,17 @@ impl SendBatch {
     /// Queue one message written by `fill` into a slot; `fill` returns its length.
     /// The caller flushes when `is_full()`.
     pub fn push(&mut self, dest: Option<SocketAddr>, fill: impl FnOnce(&mut [u8]) -> usize) {
-        debug_assert!(!self.is_full());
+        assert!(!self.is_full(), "SendBatch::push on a full batch");
         let i = self.n;
-        let l = fill(&mut self.bufs[i * self.slot..(i + 1) * self.slot]);
-        self.lens[i] = l.min(self.slot);
+        let l = fill(&mut self.bufs[i * self.slot..(i + 1) * self.slot]).min(self.slot);
         let dest = if dest.is_some() && dest == self.connected {
             None
         } else {
             dest
         };
-        self.dests[i] = match dest {
+        let p = self.parts();
+        p.lens[i] = l;
+        p.dests[i] = match dest {
             Some(SocketAddr::V4(a)) => libc::sockaddr_in {
                 sin_family: libc::AF_INET as libc::sa_family_t,
                 sin_port: a.port().to_be(),
@@ -337,49 +441,51 @@ impl SendBatch {
         if n == 0 {
             return Ok(0);
         }
+        let (slot, gso, bufs) = (self.slot, self.gso, self.bufs.as_mut_ptr());
+        let p = self.parts();
         for i in 0..n {
-            self.iov[i] = libc::iovec {
-                iov_base: self.bufs[i * self.slot..].as_mut_ptr() as *mut libc::c_void,
-                iov_len: self.lens[i],
+            p.iov[i] = libc::iovec {
+                // SAFETY: i < slots, inside `bufs`.
+                iov_base: unsafe { bufs.add(i * slot) } as *mut libc::c_void,
+                iov_len: p.lens[i],
             };
         }
-        // Messages: runs [start, end) of slots; a run of 2+ is one GSO send.
-        let mut runs = std::mem::take(&mut self.runs);
-        runs.clear();
+        let mut m = 0;
         let mut i = 0;
         while i < n {
             let mut j = i + 1;
-            if self.gso {
-                let (len, d) = (self.lens[i], &self.dests[i]);
+            if gso {
+                let (len, d) = (p.lens[i], &p.dests[i]);
                 let mut total = len;
                 while j < n
                     && j - i < GSO_MAX_SEGS
-                    && same_dest(&self.dests[j], d)
-                    && self.lens[j] <= len
-                    && total + self.lens[j] <= GSO_MAX_BYTES
-                    && self.lens[j - 1] == len
+                    && same_dest(&p.dests[j], d)
+                    && p.lens[j] <= len
+                    && total + p.lens[j] <= GSO_MAX_BYTES
+                    && p.lens[j - 1] == len
                 {
-                    total += self.lens[j];
+                    total += p.lens[j];
                     j += 1;
                 }
             }
-            runs.push((i, j));
+            p.runs[m] = (i, j);
+            m += 1;
             i = j;
         }
-        let m = runs.len();
-        for (k, &(a, b)) in runs.iter().enumerate() {
-            let h = &mut self.hdrs[k].msg_hdr;
-            if self.dests[a].sin_family == libc::AF_INET as libc::sa_family_t {
-                h.msg_name = &mut self.dests[a] as *mut _ as *mut libc::c_void;
+        for k in 0..m {
+            let (a, b) = p.runs[k];
+            let h = &mut p.hdrs[k].msg_hdr;
+            if p.dests[a].sin_family == libc::AF_INET as libc::sa_family_t {
+                h.msg_name = &mut p.dests[a] as *mut _ as *mut libc::c_void;
                 h.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
             } else {
                 h.msg_name = std::ptr::null_mut();
                 h.msg_namelen = 0;
             }
-            h.msg_iov = &mut self.iov[a];
+            h.msg_iov = &mut p.iov[a];
             h.msg_iovlen = (b - a) as _;
             if b - a > 1 {
-                let c = &mut self.ctrl[k];
+                let c = &mut p.ctrl[k];
                 h.msg_control = c.as_mut_ptr() as *mut libc::c_void;
                 // SAFETY: the control buffer has room for one u16 cmsg.
                 unsafe {
@@ -388,7 +494,7 @@ impl SendBatch {
                     (*cm).cmsg_level = libc::SOL_UDP;
                     (*cm).cmsg_type = UDP_SEGMENT;
                     (*cm).cmsg_len = libc::CMSG_LEN(2) as _;
-                    std::ptr::write_unaligned(libc::CMSG_DATA(cm) as *mut u16, self.lens[a] as u16);
+                    std::ptr::write_unaligned(libc::CMSG_DATA(cm) as *mut u16, p.lens[a] as u16);
                 }
             } else {
                 h.msg_control = std::ptr::null_mut();
@@ -397,19 +503,15 @@ impl SendBatch {
         }
         let mut off = 0;
         let mut sent = 0;
+        let mut no_gso = false;
         while off < m {
             // SAFETY: headers point into self's buffers.
             let r = unsafe {
-                libc::sendmmsg(
-                    fd,
-                    self.hdrs[off..].as_mut_ptr(),
-                    (m - off) as libc::c_uint,
-                    0,
-                )
+                libc::sendmmsg(fd, p.hdrs[off..].as_mut_ptr(), (m - off) as libc::c_uint, 0)
             };
             if r < 0 {
                 let e = io::Error::last_os_error();
-                let (a, b) = runs[off];
+                let (a, b) = p.runs[off];
                 match e.kind() {
                     io::ErrorKind::Interrupted => continue,
                     // Drop what the kernel refused and go on with the rest.
@@ -427,12 +529,12 @@ impl SendBatch {
                         ) =>
                     {
                         // No UDP GSO on this path: send this run one by one, and stop trying.
-                        self.gso = false;
-                        let h = &mut self.hdrs[off].msg_hdr;
+                        no_gso = true;
+                        let h = &mut p.hdrs[off].msg_hdr;
                         h.msg_control = std::ptr::null_mut();
                         h.msg_controllen = 0;
                         for s in a..b {
-                            h.msg_iov = &mut self.iov[s];
+                            h.msg_iov = &mut p.iov[s];
                             h.msg_iovlen = 1;
                             // SAFETY: as above, one message.
                             if unsafe { libc::sendmsg(fd, h, 0) } >= 0 {
@@ -454,17 +556,17 @@ impl SendBatch {
                         continue;
                     }
                     _ => {
-                        self.runs = runs;
+                        self.gso &= !no_gso;
                         return Err(e);
                     }
                 }
             }
-            for &(a, b) in &runs[off..off + r as usize] {
+            for &(a, b) in &p.runs[off..off + r as usize] {
                 sent += b - a;
             }
             off += r as usize;
         }
-        self.runs = runs;
+        self.gso &= !no_gso;
         Ok(sent)
     }
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use super::batch::{RecvBatch, SendBatch};
 use super::offload::{self, TcpMerger, VnetHdr, VNET_HDR_LEN};
-use super::shell::{self, os, IoCounters, TICK, UDP_BATCH, UDP_GRO_SLOT, UDP_SLOT};
+use super::shell::{self, os, IoCounters, Sending, TICK, UDP_BATCH, UDP_GRO_SLOT, UDP_SLOT};
 use super::spin::{self, Handoff, Poller, Spin, Wake};
 use super::sys;
 use super::tap::{Tap, TapOptions};
@@ -252,9 +252,9 @@ fn home_loop(sh: &Shared, mut poller: Poller) {
     let fd = udp.as_raw_fd();
     let mut rx = RecvBatch::new(UDP_BATCH, UDP_GRO_SLOT);
     rx.enable_udp_gro(fd);
-    let mut tx = SendBatch::new(UDP_BATCH, UDP_SLOT);
-    tx.set_gso(true);
-    let mut out = Actions::new();
+    // One send batch and action queue for both directions of this thread: a light
+    // round trip (request in, answer out) then touches one of each, not two.
+    let mut snd = Sending::new(None);
     let mut merger = TcpMerger::new();
     let mut spin = Spin::new(sh.budget);
     let mut serving_tap = true;
@@ -273,27 +273,28 @@ fn home_loop(sh: &Shared, mut poller: Poller) {
             spin.got_remote(now);
             {
                 let mut core = lock(core);
-                shell::each_datagram(&rx, n, |from, d| core.handle_udp(from, d, now, &mut out));
+                let out = &mut snd.out;
+                shell::each_datagram(&rx, n, |from, d| core.handle_udp(from, d, now, out));
             }
             // Hold the tap reader while writing, then read the host's answers ourselves.
             let mut rd = None;
             if tap.vnet_hdr() {
                 // Merge this batch's in-order TCP segments into GSO frames.
                 let mut raw = |b: &[u8]| write_raw(tap, b, c);
-                shell::run_actions(&mut out, fd, &mut tx, |f| {
+                shell::run_actions(&mut snd.out, fd, &mut snd.tx, |f| {
                     rd.get_or_insert_with(|| lock_reader(&sh.reader));
                     merger.push(f, &mut raw)
                 });
                 merger.flush(&mut raw);
             } else {
-                shell::run_actions(&mut out, fd, &mut tx, |f| {
+                shell::run_actions(&mut snd.out, fd, &mut snd.tx, |f| {
                     rd.get_or_insert_with(|| lock_reader(&sh.reader));
                     write_tap(tap, f, c)
                 });
             }
-            let _ = tx.flush(fd);
+            let _ = snd.tx.flush(fd);
             if let Some(mut r) = rd {
-                if r.drain(TAP_PEEK, now, core, udp, tap, c) > 0 {
+                if r.drain(TAP_PEEK, now, sh, &mut snd) > 0 {
                     // The host's kernel answered at once, and the answer went out.
                     spin.local_answered_at_once();
                     spin.sent_remote(now);
@@ -309,7 +310,7 @@ fn home_loop(sh: &Shared, mut poller: Poller) {
             serving_tap = !helper;
         }
         if !helper && ready & TAP != 0 {
-            t = lock_reader(&sh.reader).drain(TAP_BATCH, now, core, udp, tap, c);
+            t = lock_reader(&sh.reader).drain(TAP_BATCH, now, sh, &mut snd);
             if t > 0 {
                 spin.got_local(now);
                 spin.sent_remote(now);
@@ -345,8 +346,6 @@ struct TapReader {
     bufs: Vec<u8>,
     lens: [usize; TAP_BATCH],
     seg: Vec<u8>,
-    tx: SendBatch,
-    out: Actions,
 }
 
 const TAP_SLOT: usize = 65536 + VNET_HDR_LEN;
@@ -357,34 +356,22 @@ const TAP_PEEK: usize = 1;
 
 impl TapReader {
     fn new() -> TapReader {
-        let mut tx = SendBatch::new(UDP_BATCH, UDP_SLOT);
-        tx.set_gso(true);
         TapReader {
             bufs: vec![0u8; TAP_BATCH * TAP_SLOT],
             lens: [0; TAP_BATCH],
             seg: Vec::with_capacity(2048),
-            tx,
-            out: Actions::new(),
         }
     }
 
     /// Read up to `max` queued frames (non-blocking) and send them; returns frames read.
-    fn drain(
-        &mut self,
-        max: usize,
-        now: Instant,
-        core: &Mutex<BuyerCore>,
-        udp: &UdpSocket,
-        tap: &Tap,
-        c: &IoCounters,
-    ) -> usize {
+    fn drain(&mut self, max: usize, now: Instant, sh: &Shared, snd: &mut Sending) -> usize {
         let max = max.min(TAP_BATCH);
         let mut want = max;
         let mut total = 0;
         loop {
-            let n = self.read(want, tap);
+            let n = self.read(want, &sh.tap);
             if n > 0 {
-                self.send(n, now, core, udp, tap, c);
+                self.send(n, now, sh, snd);
             }
             total += n;
             if n < want || total >= max {
@@ -410,21 +397,14 @@ impl TapReader {
     }
 
     /// Switch (and encrypt) the first `n` frames read, and send the datagrams.
-    fn send(
-        &mut self,
-        n: usize,
-        now: Instant,
-        core: &Mutex<BuyerCore>,
-        udp: &UdpSocket,
-        tap: &Tap,
-        c: &IoCounters,
-    ) {
-        let fd = udp.as_raw_fd();
+    fn send(&mut self, n: usize, now: Instant, sh: &Shared, snd: &mut Sending) {
+        let (tap, c) = (&*sh.tap, &*sh.c);
+        let fd = sh.udp.as_raw_fd();
         {
-            let mut core = lock(core);
+            let mut core = lock(&sh.core);
             for i in 0..n {
                 let buf = &mut self.bufs[i * TAP_SLOT..i * TAP_SLOT + self.lens[i]];
-                let out = &mut self.out;
+                let out = &mut snd.out;
                 if tap.vnet_hdr() {
                     let Some(h) = VnetHdr::parse(buf) else {
                         continue;
@@ -442,8 +422,8 @@ impl TapReader {
                 }
             }
         }
-        shell::run_actions(&mut self.out, fd, &mut self.tx, |f| write_tap(tap, f, c));
-        let _ = self.tx.flush(fd);
+        shell::run_actions(&mut snd.out, fd, &mut snd.tx, |f| write_tap(tap, f, c));
+        let _ = snd.tx.flush(fd);
     }
 }
 
@@ -453,7 +433,7 @@ fn lock_reader(m: &Mutex<TapReader>) -> MutexGuard<'_, TapReader> {
 
 /// Serves tap -> overlay while it brings full batches, so both directions get a core.
 fn helper_loop(sh: &Shared, poller: Poller) {
-    let (core, udp, tap, c) = (&*sh.core, &*sh.udp, &*sh.tap, &*sh.c);
+    let mut snd = Sending::new(None);
     let duty = shell::HelperDuty {
         stop: &sh.stop,
         handoff: &sh.handoff,
@@ -465,7 +445,7 @@ fn helper_loop(sh: &Shared, poller: Poller) {
         let mut r = lock_reader(&sh.reader);
         let mut got = 0;
         loop {
-            let k = r.drain(TAP_BATCH, Instant::now(), core, udp, tap, c);
+            let k = r.drain(TAP_BATCH, Instant::now(), sh, &mut snd);
             got += k;
             if k < TAP_BATCH {
                 return got;

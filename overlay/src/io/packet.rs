@@ -143,7 +143,7 @@ impl PacketPort {
     }
 
     fn split_frames(
-        batch: &RecvBatch,
+        batch: &mut RecvBatch,
         n: usize,
         scratch: &mut Vec<u8>,
         seg: &mut Vec<u8>,
@@ -153,11 +153,13 @@ impl PacketPort {
             let aux: Option<sys::TpacketAuxdata> =
                 batch.cmsg(i, libc::SOL_PACKET, sys::PACKET_AUXDATA);
             let truncated = batch.truncated(i);
-            let d = batch.data(i);
-            let Some(h) = VnetHdr::parse(d) else { continue };
-            let frame = &d[VNET_HDR_LEN..];
-            scratch.clear();
-            match aux {
+            let (slot, len) = batch.slot_mut(i);
+            let Some(h) = VnetHdr::parse(&slot[..len]) else {
+                continue;
+            };
+            let frame = &mut slot[VNET_HDR_LEN..len];
+            // Untagged frames (nearly all) are finished in place in the receive slot.
+            let (buf, h) = match aux {
                 Some(a) if a.tp_status & sys::TP_STATUS_VLAN_VALID != 0 && frame.len() >= 12 => {
                     let tpid = if a.tp_status & sys::TP_STATUS_VLAN_TPID_VALID != 0
                         && a.tp_vlan_tpid != 0
@@ -166,33 +168,25 @@ impl PacketPort {
                     } else {
                         0x8100
                     };
+                    scratch.clear();
                     scratch.extend_from_slice(&frame[..12]);
                     scratch.extend_from_slice(&tpid.to_be_bytes());
                     scratch.extend_from_slice(&a.tp_vlan_tci.to_be_bytes());
                     scratch.extend_from_slice(&frame[12..]);
+                    let mut h2 = h;
+                    // The re-inserted tag shifts the checksum start.
+                    h2.csum_start = h2.csum_start.saturating_add(4);
+                    (&mut scratch[..], h2)
                 }
-                _ => scratch.extend_from_slice(frame),
-            }
+                _ => (frame, h),
+            };
             if truncated {
                 // Larger than any slot: certainly over the size cap; let the filter count it.
-                emit(scratch, Some(OffloadError::Malformed));
+                emit(buf, Some(OffloadError::Malformed));
                 continue;
             }
-            let mut err = None;
-            let r = {
-                let (buf, rest) = (&mut *scratch, &mut *seg);
-                let mut h2 = h;
-                if buf.len() != frame.len() {
-                    // A re-inserted tag shifts the checksum start.
-                    h2.csum_start = h2.csum_start.saturating_add(4);
-                }
-                offload::to_wire_frames(&h2, buf, rest, |f| emit(f, None))
-            };
-            if let Err(e) = r {
-                err = Some(e);
-            }
-            if let Some(e) = err {
-                emit(scratch, Some(e));
+            if let Err(e) = offload::to_wire_frames(&h, buf, seg, |f| emit(f, None)) {
+                emit(buf, Some(e));
             }
         }
     }

@@ -14,7 +14,9 @@ use super::batch::{RecvBatch, SendBatch};
 use super::netns::NetNs;
 use super::offload::{TcpMerger, MAX_MERGED_FRAME};
 use super::packet::PacketPort;
-use super::shell::{self, os, IoCounters, POLL_MS, TICK, UDP_BATCH, UDP_GRO_SLOT, UDP_SLOT};
+use super::shell::{
+    self, os, IoCounters, Sending, POLL_MS, TICK, UDP_BATCH, UDP_GRO_SLOT, UDP_SLOT,
+};
 use super::spin::{self, Handoff, Poller, Spin, Wake};
 use super::sys;
 use super::tap::{Tap, TapOptions};
@@ -264,47 +266,36 @@ fn flush_guest(port: &PacketPort, gtx: &mut SendBatch, c: &IoCounters) {
 /// The guest -> buyer direction (always driven by the home thread).
 struct GuestIn {
     rx: RecvBatch,
-    tx: SendBatch,
-    out: Actions,
     scratch: Vec<u8>,
     seg: Vec<u8>,
-    frames: Vec<Vec<u8>>,
 }
 
 impl GuestIn {
-    fn new(udp: &UdpSocket) -> GuestIn {
-        let mut tx = SendBatch::new(UDP_BATCH, UDP_SLOT);
-        tx.set_gso(true);
-        tx.set_connected(udp.peer_addr().ok());
+    fn new() -> GuestIn {
         GuestIn {
             rx: PacketPort::recv_batch(16),
-            tx,
-            out: Actions::new(),
             scratch: Vec::with_capacity(65536 + 64),
             seg: Vec::with_capacity(2048),
-            frames: Vec::new(),
         }
     }
 
     /// Take what the guest port has queued (never blocks), filter, encrypt and send
     /// it. Returns (messages read, whether anything went to the buyer).
-    fn pass(&mut self, sh: &Shared, now: Instant) -> (usize, bool) {
+    fn pass(&mut self, sh: &Shared, now: Instant, snd: &mut Sending) -> (usize, bool) {
         let fd = sh.udp.as_raw_fd();
-        let mut nf = 0usize;
-        let (frames, c) = (&mut self.frames, &sh.c);
-        let r =
+        let r = {
+            // Frames go to the core straight from the receive slots (no copy): the
+            // lock is held over one non-blocking receive, a few microseconds.
+            let mut core = lock(&sh.core);
+            let (out, c) = (&mut snd.out, &sh.c);
             sh.port
                 .recv_frames_nowait(&mut self.rx, &mut self.scratch, &mut self.seg, |f, err| {
                     if err.is_some() {
                         IoCounters::bump(&c.offload_errors);
                     }
-                    if nf == frames.len() {
-                        frames.push(Vec::with_capacity(2048));
-                    }
-                    frames[nf].clear();
-                    frames[nf].extend_from_slice(f);
-                    nf += 1;
-                });
+                    core.handle_guest_frame(f, now, out);
+                })
+        };
         let n = match r {
             Ok(n) => n,
             Err(e) => {
@@ -316,20 +307,14 @@ impl GuestIn {
         if n == 0 {
             return (0, false);
         }
-        {
-            let mut core = lock(&sh.core);
-            for f in &self.frames[..nf] {
-                core.handle_guest_frame(f, now, &mut self.out);
-            }
-        }
-        let sent = !self.out.is_empty();
+        let sent = !snd.out.is_empty();
         let mut gtx = None::<SendBatch>;
-        shell::run_actions(&mut self.out, fd, &mut self.tx, |f| {
+        shell::run_actions(&mut snd.out, fd, &mut snd.tx, |f| {
             // The core never sends guest-bound frames from here, but stay correct if it does.
             let b = gtx.get_or_insert_with(|| PacketPort::send_batch(8, 65536));
             PacketPort::queue(b, f);
         });
-        let _ = self.tx.flush(fd);
+        let _ = snd.tx.flush(fd);
         if let Some(mut b) = gtx {
             flush_guest(&sh.port, &mut b, &sh.c);
         }
@@ -340,9 +325,7 @@ impl GuestIn {
 /// The buyer -> guest direction (home thread when light, helper thread in bulk).
 struct UdpIn {
     rx: RecvBatch,
-    tx: SendBatch,
     gtx: SendBatch,
-    out: Actions,
     /// In-order TCP segments of a batch go to the guest as one TSO frame: the guest
     /// (its stack, or the VMM's tap) handles one packet instead of ~45.
     merger: TcpMerger,
@@ -355,28 +338,23 @@ impl UdpIn {
     fn new(udp: &UdpSocket) -> UdpIn {
         let rx = RecvBatch::new(UDP_BATCH, UDP_GRO_SLOT);
         rx.enable_udp_gro(udp.as_raw_fd());
-        let mut tx = SendBatch::new(UDP_BATCH, UDP_SLOT);
-        tx.set_gso(true);
-        tx.set_connected(udp.peer_addr().ok());
         UdpIn {
             rx,
-            tx,
             gtx: PacketPort::send_batch(GUEST_TX_SLOTS, MAX_MERGED_FRAME),
-            out: Actions::new(),
             merger: TcpMerger::new(),
         }
     }
 
     /// Take the queued datagrams (never blocks), decrypt and deliver them. Returns
     /// (messages read, whether frames went to the guest).
-    fn pass(&mut self, sh: &Shared, now: Instant) -> (usize, bool) {
+    fn pass(&mut self, sh: &Shared, now: Instant, snd: &mut Sending) -> (usize, bool) {
         let fd = sh.udp.as_raw_fd();
         let Some(n) = shell::recv_udp(&mut self.rx, fd, "seller") else {
             return (0, false);
         };
         {
             let mut core = lock(&sh.core);
-            let out = &mut self.out;
+            let out = &mut snd.out;
             shell::each_datagram(&self.rx, n, |from, d| core.handle_udp(from, d, now, out));
         }
         let (gtx, port, c, merger) = (&mut self.gtx, &sh.port, &sh.c, &mut self.merger);
@@ -386,11 +364,9 @@ impl UdpIn {
             }
             PacketPort::queue_raw(gtx, b)
         };
-        shell::run_actions(&mut self.out, fd, &mut self.tx, |f| {
-            merger.push(f, &mut emit)
-        });
+        shell::run_actions(&mut snd.out, fd, &mut snd.tx, |f| merger.push(f, &mut emit));
         merger.flush(&mut emit);
-        let _ = self.tx.flush(fd);
+        let _ = snd.tx.flush(fd);
         let delivered = !self.gtx.is_empty();
         flush_guest(&sh.port, &mut self.gtx, &sh.c);
         (n, delivered)
@@ -402,7 +378,9 @@ impl UdpIn {
 fn home_loop(sh: &Shared, mut poller: Poller) {
     const PORT: u32 = 1 << 0;
     const UDP: u32 = 1 << 1;
-    let mut gin = GuestIn::new(&sh.udp);
+    let mut gin = GuestIn::new();
+    // Both directions this thread serves send through one queue and batch.
+    let mut snd = Sending::new(sh.udp.peer_addr().ok());
     let mut spin = Spin::new(sh.budget);
     let mut serving_udp = true;
     let mut ready = PORT | UDP;
@@ -410,7 +388,7 @@ fn home_loop(sh: &Shared, mut poller: Poller) {
         // One clock read per wake-up: a pass takes microseconds, the spin budget hundreds.
         let now = Instant::now();
         let (g, sent) = if ready & PORT != 0 {
-            gin.pass(sh, now)
+            gin.pass(sh, now, &mut snd)
         } else {
             (0, false)
         };
@@ -423,7 +401,7 @@ fn home_loop(sh: &Shared, mut poller: Poller) {
             serving_udp = !helper;
         }
         if !helper && ready & UDP != 0 {
-            let (n, delivered) = lock_in(&sh.udp_in).pass(sh, now);
+            let (n, delivered) = lock_in(&sh.udp_in).pass(sh, now, &mut snd);
             u = n;
             if n > 0 {
                 spin.got_remote(now);
@@ -461,8 +439,9 @@ fn helper_loop(sh: &Shared, poller: Poller) {
         home: &sh.home,
         side: "seller helper",
     };
+    let mut snd = Sending::new(sh.udp.peer_addr().ok());
     shell::run_helper(duty, poller, || {
-        lock_in(&sh.udp_in).pass(sh, Instant::now()).0
+        lock_in(&sh.udp_in).pass(sh, Instant::now(), &mut snd).0
     });
 }
 

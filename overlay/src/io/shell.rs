@@ -41,6 +41,26 @@ pub const PARK_MS: i32 = 1000;
 /// second); stopping unparks them at once.
 pub const TICK: std::time::Duration = std::time::Duration::from_millis(500);
 
+/// A thread's way out: its action queue and UDP send batch. One per thread, shared by
+/// both directions it serves, so a light round trip touches one of each.
+pub struct Sending {
+    pub out: Actions,
+    pub tx: SendBatch,
+}
+
+impl Sending {
+    /// `connected`: the peer of a connected UDP socket (sent to without an address).
+    pub fn new(connected: Option<SocketAddr>) -> Sending {
+        let mut tx = SendBatch::new(UDP_BATCH, UDP_SLOT);
+        tx.set_gso(true);
+        tx.set_connected(connected);
+        Sending {
+            out: Actions::new(),
+            tx,
+        }
+    }
+}
+
 /// Receive one batch of overlay datagrams without blocking: `Some(count)` when any
 /// arrived, `None` when none was queued. A receive error is logged and followed by a
 /// short pause.
