@@ -199,31 +199,27 @@ impl Drop for Buyer {
 
 /// Write one frame to the host tap (with an empty virtio_net_hdr when offloads are on).
 fn write_tap(tap: &Tap, frame: &[u8], c: &IoCounters) {
-    let r = if tap.vnet_hdr() {
-        let hdr = [0u8; VNET_HDR_LEN];
-        let iov = [
-            libc::iovec {
-                iov_base: hdr.as_ptr() as *mut libc::c_void,
-                iov_len: VNET_HDR_LEN,
-            },
-            libc::iovec {
-                iov_base: frame.as_ptr() as *mut libc::c_void,
-                iov_len: frame.len(),
-            },
-        ];
-        // SAFETY: both iovecs point at live buffers.
-        unsafe { libc::writev(tap.as_raw_fd(), iov.as_ptr(), 2) }
-    } else {
-        tap.write(frame).map(|n| n as isize).unwrap_or(-1)
-    };
-    if r < 0 {
+    if tap.vnet_hdr() {
+        write_with_hdr(tap, &[0u8; VNET_HDR_LEN], frame, c)
+    } else if tap.write(frame).is_err() {
         IoCounters::bump(&c.write_errors);
     }
 }
 
-/// Write a buffer that already starts with its virtio_net_hdr.
-fn write_raw(tap: &Tap, buf: &[u8], c: &IoCounters) {
-    if tap.write(buf).is_err() {
+/// Write a frame with its virtio_net_hdr `hdr` (one writev, no copy).
+fn write_with_hdr(tap: &Tap, hdr: &[u8], frame: &[u8], c: &IoCounters) {
+    let iov = [
+        libc::iovec {
+            iov_base: hdr.as_ptr() as *mut libc::c_void,
+            iov_len: hdr.len(),
+        },
+        libc::iovec {
+            iov_base: frame.as_ptr() as *mut libc::c_void,
+            iov_len: frame.len(),
+        },
+    ];
+    // SAFETY: both iovecs point at live buffers.
+    if unsafe { libc::writev(tap.as_raw_fd(), iov.as_ptr(), 2) } < 0 {
         IoCounters::bump(&c.write_errors);
     }
 }
@@ -280,7 +276,7 @@ fn home_loop(sh: &Shared, mut poller: Poller) {
             let mut rd = None;
             if tap.vnet_hdr() {
                 // Merge this batch's in-order TCP segments into GSO frames.
-                let mut raw = |b: &[u8]| write_raw(tap, b, c);
+                let mut raw = |h: &[u8], f: &[u8]| write_with_hdr(tap, h, f, c);
                 shell::run_actions(&mut snd.out, fd, &mut snd.tx, |f| {
                     rd.get_or_insert_with(|| lock_reader(&sh.reader));
                     merger.push(f, &mut raw)

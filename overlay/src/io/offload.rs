@@ -282,17 +282,12 @@ impl TcpMerger {
         }
     }
 
-    /// Offer one frame; complete outputs go to `emit`.
-    pub fn push(&mut self, f: &[u8], emit: &mut impl FnMut(&[u8])) {
+    /// Offer one frame; complete outputs go to `emit` as (virtio_net_hdr, frame).
+    /// Frames that cannot merge go out as they are, without a copy.
+    pub fn push(&mut self, f: &[u8], emit: &mut impl FnMut(&[u8], &[u8])) {
         let Some((hlen, plen, seq)) = mergeable(f) else {
             self.flush(emit);
-            let mut b = [0u8; VNET_HDR_LEN];
-            b[0] = 0;
-            self.buf.clear();
-            self.buf.extend_from_slice(&b);
-            self.buf.extend_from_slice(f);
-            emit(&self.buf);
-            self.buf.clear();
+            emit(&[0u8; VNET_HDR_LEN], f);
             return;
         };
         if self.nsegs > 0 && self.can_append(f, hlen, plen, seq) {
@@ -340,7 +335,7 @@ impl TcpMerger {
     }
 
     /// Emit whatever is being merged.
-    pub fn flush(&mut self, emit: &mut impl FnMut(&[u8])) {
+    pub fn flush(&mut self, emit: &mut impl FnMut(&[u8], &[u8])) {
         if self.nsegs == 0 {
             return;
         }
@@ -367,7 +362,8 @@ impl TcpMerger {
             b[6..8].copy_from_slice(&((ETH + 20) as u16).to_le_bytes());
             b[8..10].copy_from_slice(&16u16.to_le_bytes());
         }
-        emit(&self.buf);
+        let (h, f) = self.buf.split_at(VNET_HDR_LEN);
+        emit(h, f);
         self.buf.clear();
         self.nsegs = 0;
         self.closed = false;
@@ -500,9 +496,9 @@ mod tests {
         let mut m = TcpMerger::new();
         let mut outs: Vec<Vec<u8>> = Vec::new();
         for s in &segs {
-            m.push(s, &mut |o| outs.push(o.to_vec()));
+            m.push(s, &mut |h: &[u8], f: &[u8]| outs.push([h, f].concat()));
         }
-        m.flush(&mut |o| outs.push(o.to_vec()));
+        m.flush(&mut |h: &[u8], f: &[u8]| outs.push([h, f].concat()));
         assert_eq!(outs.len(), 1, "one superframe");
         let mut o = outs.pop().unwrap();
         let h2 = VnetHdr::parse(&o).unwrap();
@@ -518,9 +514,13 @@ mod tests {
         }
         // A non-TCP frame passes through on its own, in order.
         let mut outs = Vec::new();
-        m.push(&segs[0], &mut |o| outs.push(o.to_vec()));
-        m.push(&[0u8; 60], &mut |o| outs.push(o.to_vec()));
-        m.flush(&mut |o| outs.push(o.to_vec()));
+        m.push(&segs[0], &mut |h: &[u8], f: &[u8]| {
+            outs.push([h, f].concat())
+        });
+        m.push(&[0u8; 60], &mut |h: &[u8], f: &[u8]| {
+            outs.push([h, f].concat())
+        });
+        m.flush(&mut |h: &[u8], f: &[u8]| outs.push([h, f].concat()));
         assert_eq!(outs.len(), 2);
         assert_eq!(&outs[0][VNET_HDR_LEN..], &segs[0][..]);
     }
@@ -533,9 +533,9 @@ mod tests {
             let mut m = TcpMerger::new();
             let mut outs = Vec::new();
             for f in &frames {
-                m.push(f, &mut |o| outs.push(o.to_vec()));
+                m.push(f, &mut |h: &[u8], f: &[u8]| outs.push([h, f].concat()));
             }
-            m.flush(&mut |o| outs.push(o.to_vec()));
+            m.flush(&mut |h: &[u8], f: &[u8]| outs.push([h, f].concat()));
             prop_assert!(outs.len() <= frames.len());
             for o in &outs {
                 prop_assert!(VnetHdr::parse(o).is_some());
@@ -553,7 +553,7 @@ mod tests {
             to_wire_frames(&h, &mut f, &mut Vec::new(), |s| segs.push(s.to_vec())).unwrap();
             let mut m = TcpMerger::new();
             let mut data = Vec::new();
-            let mut take = |o: &[u8]| data.extend_from_slice(&o[VNET_HDR_LEN + 54..]);
+            let mut take = |_: &[u8], o: &[u8]| data.extend_from_slice(&o[54..]);
             for s in &segs {
                 m.push(s, &mut take);
             }

@@ -201,13 +201,15 @@ impl PacketPort {
         });
     }
 
-    /// Queue a buffer that already starts with its virtio_net_hdr (e.g. a TSO frame
-    /// from [`super::offload::TcpMerger`]).
-    pub fn queue_raw(batch: &mut SendBatch, buf: &[u8]) {
+    /// Queue a frame with its own virtio_net_hdr `hdr` (e.g. a TSO frame from
+    /// [`super::offload::TcpMerger`]).
+    pub fn queue_with_hdr(batch: &mut SendBatch, hdr: &[u8], frame: &[u8]) {
         batch.push(None, |b| {
-            let l = buf.len().min(b.len());
-            b[..l].copy_from_slice(&buf[..l]);
-            l
+            let h = hdr.len().min(b.len());
+            b[..h].copy_from_slice(&hdr[..h]);
+            let l = frame.len().min(b.len() - h);
+            b[h..h + l].copy_from_slice(&frame[..l]);
+            h + l
         });
     }
 

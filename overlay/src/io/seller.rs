@@ -358,11 +358,11 @@ impl UdpIn {
             shell::each_datagram(&self.rx, n, |from, d| core.handle_udp(from, d, now, out));
         }
         let (gtx, port, c, merger) = (&mut self.gtx, &sh.port, &sh.c, &mut self.merger);
-        let mut emit = |b: &[u8]| {
+        let mut emit = |h: &[u8], f: &[u8]| {
             if gtx.is_full() {
                 flush_guest(port, gtx, c);
             }
-            PacketPort::queue_raw(gtx, b)
+            PacketPort::queue_with_hdr(gtx, h, f)
         };
         shell::run_actions(&mut snd.out, fd, &mut snd.tx, |f| merger.push(f, &mut emit));
         merger.flush(&mut emit);
