@@ -9,14 +9,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::batch::{RecvBatch, SendBatch};
+use super::batch::RecvBatch;
 use super::offload::{self, TcpMerger, VnetHdr, VNET_HDR_LEN};
-use super::shell::{self, os, IoCounters, Sending, TICK, UDP_BATCH, UDP_GRO_SLOT, UDP_SLOT};
+use super::shell::{self, os, IoCounters, Sending, TICK, UDP_BATCH, UDP_GRO_SLOT};
 use super::spin::{self, Handoff, Poller, Spin, Wake};
 use super::sys;
 use super::tap::{Tap, TapOptions};
 use crate::stats::BuyerStats;
-use crate::{Actions, BuyerCore, Error, MacAddr, PeerKey};
+use crate::{BuyerCore, Error, MacAddr, PeerKey};
 
 /// Where and how the buyer listens.
 #[derive(Debug, Clone)]
@@ -452,9 +452,7 @@ fn helper_loop(sh: &Shared, poller: Poller) {
 
 fn tick_loop(sh: &Shared) {
     let fd = sh.udp.as_raw_fd();
-    let mut tx = SendBatch::new(UDP_BATCH, UDP_SLOT);
-    tx.set_gso(true);
-    let mut out = Actions::new();
+    let Sending { mut out, mut tx } = Sending::new(None);
     while !sh.stop.load(Ordering::Relaxed) {
         std::thread::park_timeout(TICK);
         if sh.stop.load(Ordering::Relaxed) {

@@ -193,12 +193,7 @@ impl PacketPort {
 
     /// Queue `frame` for transmission on the guest interface.
     pub fn queue(batch: &mut SendBatch, frame: &[u8]) {
-        batch.push(None, |b| {
-            let l = frame.len().min(b.len() - VNET_HDR_LEN);
-            b[..VNET_HDR_LEN].fill(0);
-            b[VNET_HDR_LEN..VNET_HDR_LEN + l].copy_from_slice(&frame[..l]);
-            VNET_HDR_LEN + l
-        });
+        Self::queue_with_hdr(batch, &[0; VNET_HDR_LEN], frame)
     }
 
     /// Queue a frame with its own virtio_net_hdr `hdr` (e.g. a TSO frame from

@@ -21,7 +21,7 @@ use super::spin::{self, Handoff, Poller, Spin, Wake};
 use super::sys;
 use super::tap::{Tap, TapOptions};
 use crate::stats::SellerStats;
-use crate::{Actions, Error, SellerCore};
+use crate::{Error, SellerCore};
 
 /// Make a lease namespace: empty, IPv6 off, no forwarding. Deleted when dropped.
 pub fn create_lease_netns(name: &str) -> Result<NetNs, Error> {
@@ -146,10 +146,7 @@ impl Seller {
         let port = Arc::new(port);
         // Start the handshake before any traffic.
         {
-            let mut out = Actions::new();
-            let mut tx = SendBatch::new(UDP_BATCH, UDP_SLOT);
-            tx.set_gso(true);
-            tx.set_connected(udp.peer_addr().ok());
+            let Sending { mut out, mut tx } = Sending::new(udp.peer_addr().ok());
             lock(&core).tick(Instant::now(), &mut out);
             let mut gtx = PacketPort::send_batch(8, 65536);
             shell::run_actions(&mut out, udp.as_raw_fd(), &mut tx, |f| {
@@ -451,11 +448,8 @@ fn lock_in(m: &Mutex<UdpIn>) -> MutexGuard<'_, UdpIn> {
 
 fn tick_loop(sh: &Shared) {
     let fd = sh.udp.as_raw_fd();
-    let mut tx = SendBatch::new(UDP_BATCH, UDP_SLOT);
-    tx.set_gso(true);
-    tx.set_connected(sh.udp.peer_addr().ok());
+    let Sending { mut out, mut tx } = Sending::new(sh.udp.peer_addr().ok());
     let mut gtx = PacketPort::send_batch(UDP_BATCH, UDP_SLOT);
-    let mut out = Actions::new();
     while !sh.stop.load(Ordering::Relaxed) {
         std::thread::park_timeout(TICK);
         if sh.stop.load(Ordering::Relaxed) {
