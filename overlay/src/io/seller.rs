@@ -309,6 +309,9 @@ impl GuestIn {
         shell::run_actions(&mut snd.out, fd, &mut snd.tx, |f| {
             // The core never sends guest-bound frames from here, but stay correct if it does.
             let b = gtx.get_or_insert_with(|| PacketPort::send_batch(8, 65536));
+            if b.is_full() {
+                flush_guest(&sh.port, b, &sh.c);
+            }
             PacketPort::queue(b, f);
         });
         let _ = snd.tx.flush(fd);
