@@ -395,6 +395,20 @@ mod tests {
         f
     }
 
+    /// Push every frame through `m`, flush, and return the outputs with their headers.
+    fn merge_all<'a>(
+        m: &mut TcpMerger,
+        frames: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Vec<Vec<u8>> {
+        let mut outs = Vec::new();
+        let mut keep = |h: &[u8], f: &[u8]| outs.push([h, f].concat());
+        for f in frames {
+            m.push(f, &mut keep);
+        }
+        m.flush(&mut keep);
+        outs
+    }
+
     fn tcp_csum_ok(seg: &[u8]) -> bool {
         let ihl = (seg[14] & 15) as usize * 4;
         let l4 = &seg[14 + ihl..];
@@ -494,11 +508,7 @@ mod tests {
         let mut segs = Vec::new();
         to_wire_frames(&h, &mut f, &mut Vec::new(), |s| segs.push(s.to_vec())).unwrap();
         let mut m = TcpMerger::new();
-        let mut outs: Vec<Vec<u8>> = Vec::new();
-        for s in &segs {
-            m.push(s, &mut |h: &[u8], f: &[u8]| outs.push([h, f].concat()));
-        }
-        m.flush(&mut |h: &[u8], f: &[u8]| outs.push([h, f].concat()));
+        let mut outs = merge_all(&mut m, segs.iter().map(Vec::as_slice));
         assert_eq!(outs.len(), 1, "one superframe");
         let mut o = outs.pop().unwrap();
         let h2 = VnetHdr::parse(&o).unwrap();
@@ -513,14 +523,7 @@ mod tests {
             assert_eq!(a[38..], b[38..], "same TCP header (from seq) and data");
         }
         // A non-TCP frame passes through on its own, in order.
-        let mut outs = Vec::new();
-        m.push(&segs[0], &mut |h: &[u8], f: &[u8]| {
-            outs.push([h, f].concat())
-        });
-        m.push(&[0u8; 60], &mut |h: &[u8], f: &[u8]| {
-            outs.push([h, f].concat())
-        });
-        m.flush(&mut |h: &[u8], f: &[u8]| outs.push([h, f].concat()));
+        let outs = merge_all(&mut m, [&segs[0][..], &[0u8; 60][..]]);
         assert_eq!(outs.len(), 2);
         assert_eq!(&outs[0][VNET_HDR_LEN..], &segs[0][..]);
     }
@@ -531,11 +534,7 @@ mod tests {
         #[test]
         fn merger_never_panics(frames in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..200), 0..20)) {
             let mut m = TcpMerger::new();
-            let mut outs = Vec::new();
-            for f in &frames {
-                m.push(f, &mut |h: &[u8], f: &[u8]| outs.push([h, f].concat()));
-            }
-            m.flush(&mut |h: &[u8], f: &[u8]| outs.push([h, f].concat()));
+            let outs = merge_all(&mut m, frames.iter().map(Vec::as_slice));
             prop_assert!(outs.len() <= frames.len());
             for o in &outs {
                 prop_assert!(VnetHdr::parse(o).is_some());
