@@ -761,3 +761,456 @@ impl Fleet {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::offer::tests::offer;
+
+    const P: u64 = 60_000;
+    const T0: u64 = 1_000_000;
+
+    fn order(count: u32) -> Order {
+        Order {
+            image: [4; 32],
+            count,
+            vcpus: 2,
+            memory_mib: 1024,
+            disk_mib: 1024,
+            max_price_per_min: None,
+            max_latency_ms: None,
+            trusted_only: false,
+            duration_s: None,
+        }
+    }
+
+    fn sellers(n: u8) -> Vec<SigningKey> {
+        (0..n)
+            .map(|i| SigningKey::from_bytes(&[10 + i; 32]))
+            .collect()
+    }
+
+    fn fleet(count: u32) -> Fleet {
+        Fleet::new(
+            SigningKey::from_bytes(&[1; 32]),
+            order(count),
+            FleetConfig::default(),
+            [7; 32],
+            T0,
+        )
+    }
+
+    fn offers_of(sks: &[SigningKey]) -> Vec<Offer> {
+        sks.iter()
+            .enumerate()
+            .map(|(i, sk)| {
+                let mut o = offer(sk, 1, T0);
+                o.price_per_min = 10_000 + i as u64; // deterministic order
+                o
+            })
+            .collect()
+    }
+
+    fn fill(f: &mut Fleet, offers: &[Offer], now: u64) -> Vec<BuyerAction> {
+        let refs: Vec<&Offer> = offers.iter().collect();
+        f.on_offers(
+            &refs,
+            &BTreeMap::new(),
+            &TrustPolicy::default(),
+            &BTreeMap::new(),
+            now,
+        )
+    }
+
+    fn proposals(acts: &[BuyerAction]) -> Vec<(PeerKey, Signed<LeaseTerms>)> {
+        acts.iter()
+            .filter_map(|a| match a {
+                BuyerAction::Propose { seller, proposal } => Some((*seller, proposal.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn sk_of<'a>(sks: &'a [SigningKey], k: &PeerKey) -> &'a SigningKey {
+        sks.iter().find(|s| PeerKey::of(s) == *k).unwrap()
+    }
+
+    fn receipt(sk: &SigningKey, t: &LeaseTerms, minute: u32) -> Signed<Receipt> {
+        Signed::sign(
+            sk,
+            Receipt {
+                lease: t.id,
+                minute,
+                amount: t.price_per_min,
+                total: t.total_for(minute),
+                issued_ms: 0,
+            },
+        )
+    }
+
+    fn acked(acts: &[BuyerAction]) -> Option<u32> {
+        acts.iter().find_map(|a| match a {
+            BuyerAction::SendAck { ack, .. } => Some(ack.body.minute),
+            _ => None,
+        })
+    }
+
+    /// A fleet of one with its lease accepted and running since `T0`.
+    fn running() -> (Fleet, Vec<SigningKey>, Lease) {
+        let sks = sellers(2);
+        let offers = offers_of(&sks);
+        let mut f = fleet(1);
+        let (seller, p) = proposals(&fill(&mut f, &offers, T0)).remove(0);
+        let lease = Lease::countersign(&p, sk_of(&sks, &seller)).unwrap();
+        f.on_accepted(lease.clone(), &seller, T0).unwrap();
+        f.on_phase(&lease.terms.id, &seller, GuestPhase::Running, T0);
+        (f, sks, lease)
+    }
+
+    #[test]
+    fn slots_have_fixed_distinct_addresses_and_distinct_sellers() {
+        let sks = sellers(3);
+        let offers = offers_of(&sks);
+        let mut f = fleet(3);
+        let ips: Vec<_> = f.slots().iter().map(|s| s.ip).collect();
+        assert_eq!(
+            ips,
+            vec![
+                Ipv4Addr::new(10, 77, 0, 2),
+                Ipv4Addr::new(10, 77, 0, 3),
+                Ipv4Addr::new(10, 77, 0, 4)
+            ]
+        );
+        let macs: BTreeSet<_> = f.slots().iter().map(|s| s.mac).collect();
+        assert_eq!(macs.len(), 3);
+        assert!(f.slots().iter().all(|s| s.mac[0] & 0x03 == 0x02));
+        let ps = proposals(&fill(&mut f, &offers, T0));
+        let chosen: BTreeSet<_> = ps.iter().map(|p| p.0).collect();
+        assert_eq!(chosen.len(), 3);
+        for (i, (_, p)) in ps.iter().enumerate() {
+            assert_eq!(p.body.guest_ip, f.slots()[i].ip);
+            assert_eq!(p.body.guest_mac, f.slots()[i].mac);
+            p.verify().unwrap();
+        }
+        // Nothing more to fill.
+        assert!(fill(&mut f, &offers, T0).is_empty());
+    }
+
+    #[test]
+    fn accept_admits_and_forgeries_are_refused() {
+        let sks = sellers(2);
+        let offers = offers_of(&sks);
+        let mut f = fleet(1);
+        let (seller, p) = proposals(&fill(&mut f, &offers, T0)).remove(0);
+        let good = Lease::countersign(&p, sk_of(&sks, &seller)).unwrap();
+        let other = sks.iter().find(|s| PeerKey::of(s) != seller).unwrap();
+        let id = good.terms.id;
+
+        assert!(matches!(
+            f.on_accepted(good.clone(), &PeerKey::of(other), T0),
+            Err(Error::WrongPeer { .. })
+        ));
+        let mut forged = good.clone();
+        forged.seller_sig.0[0] ^= 1;
+        assert_eq!(f.on_accepted(forged, &seller, T0), Err(Error::BadSignature));
+        let mut changed = good.clone();
+        changed.terms.price_per_min += 1;
+        assert!(matches!(
+            f.on_accepted(changed, &seller, T0),
+            Err(Error::TermsMismatch { .. })
+        ));
+        let mut unknown = good.clone();
+        unknown.terms.id = LeaseId([0xee; 16]);
+        assert!(matches!(
+            f.on_accepted(unknown, &seller, T0),
+            Err(Error::UnknownLease(_))
+        ));
+        assert_eq!(f.ledger().count(), 0);
+
+        let acts = f.on_accepted(good.clone(), &seller, T0).unwrap();
+        assert_eq!(
+            acts,
+            vec![
+                BuyerAction::Persist { lease: id },
+                BuyerAction::Admit {
+                    lease: good.clone()
+                }
+            ]
+        );
+        assert!(f.on_accepted(good, &seller, T0).unwrap().is_empty());
+        assert!(matches!(f.slots()[0].state, SlotState::Starting { .. }));
+        assert_eq!(f.ledger().count(), 1);
+    }
+
+    #[test]
+    fn refusal_and_timeout_move_to_the_next_seller() {
+        let sks = sellers(3);
+        let offers = offers_of(&sks);
+        let mut f = fleet(1);
+        let (s1, p1) = proposals(&fill(&mut f, &offers, T0)).remove(0);
+        let why = Refusal::TooManyGuests { max: 1 };
+        // A refusal from someone else is ignored.
+        let (s2k, s3k) = (PeerKey::of(&sks[1]), PeerKey::of(&sks[2]));
+        assert!(f.on_refused(&p1.body.id, &s2k, &why, T0).is_empty());
+        assert!(matches!(f.slots()[0].state, SlotState::Proposed { .. }));
+        f.on_refused(&p1.body.id, &s1, &why, T0);
+        assert_eq!(f.slots()[0].state, SlotState::Choosing);
+        let (s2, p2) = proposals(&fill(&mut f, &offers, T0 + 1)).remove(0);
+        assert_ne!(s2, s1);
+        // No answer within proposal_ms: the next one.
+        assert!(f.on_tick(T0 + 1 + 15_000).is_empty());
+        f.on_tick(T0 + 2 + 15_000);
+        assert_eq!(f.slots()[0].state, SlotState::Choosing);
+        let (s3, _) = proposals(&fill(&mut f, &offers, T0 + 20_000)).remove(0);
+        assert!(s3 != s1 && s3 != s2 && (s3 == s2k || s3 == s3k));
+        // The late Accept of the abandoned proposal gets a Stop.
+        let late = Lease::countersign(&p2, sk_of(&sks, &s2)).unwrap();
+        let acts = f.on_accepted(late, &s2, T0 + 21_000).unwrap();
+        assert!(matches!(acts.last(), Some(BuyerAction::SendStop { seller, .. }) if *seller == s2));
+        assert!(!acts.iter().any(|a| matches!(a, BuyerAction::Admit { .. })));
+        // Everyone avoided: NoMatch once, then the avoid list is forgotten.
+        f.on_tick(T0 + 40_000);
+        let acts = fill(&mut f, &offers, T0 + 40_000);
+        assert!(
+            matches!(&acts[..], [BuyerAction::NoMatch { slot: 0, why }] if why.contains("3 already used")),
+            "{acts:?}"
+        );
+        assert_eq!(proposals(&fill(&mut f, &offers, T0 + 40_001)).len(), 1);
+    }
+
+    #[test]
+    fn receipts_are_bounded_checked_and_acked_cumulatively() {
+        let (mut f, sks, lease) = running();
+        let t = &lease.terms;
+        let s = sk_of(&sks, &t.seller);
+        let price = t.price_per_min;
+        // Minute 1 may arrive a little early (one period of slack), minute 2 not.
+        assert_eq!(
+            acked(&f.on_receipt(&receipt(s, t, 1), &t.seller, T0 + 10).unwrap()),
+            Some(1)
+        );
+        assert!(matches!(
+            f.on_receipt(&receipt(s, t, 2), &t.seller, T0 + 10),
+            Err(Error::ReceiptTooEarly {
+                minute: 2,
+                max: 1,
+                ..
+            })
+        ));
+        // Minute 3 skipping 2 is fine once enough time passed; acks cover 1..=3.
+        let acts = f
+            .on_receipt(&receipt(s, t, 3), &t.seller, T0 + 2 * P)
+            .unwrap();
+        assert_eq!(acts[0], BuyerAction::Persist { lease: t.id });
+        assert_eq!(acked(&acts), Some(3));
+        // A duplicate re-acks the cumulative minute without counting again.
+        let acts = f
+            .on_receipt(&receipt(s, t, 2), &t.seller, T0 + 2 * P)
+            .unwrap();
+        assert_eq!(acts.len(), 1);
+        assert_eq!(acked(&acts), Some(3));
+        assert_eq!(f.cost_so_far(), 3 * price);
+
+        // Forged, wrong seller, wrong amounts, unknown lease.
+        let mut forged = receipt(s, t, 4);
+        forged.body.minute = 5;
+        assert_eq!(
+            f.on_receipt(&forged, &t.seller, T0 + 10 * P),
+            Err(Error::BadSignature)
+        );
+        let other = sks.iter().find(|k| PeerKey::of(k) != t.seller).unwrap();
+        let wrong = receipt(other, t, 4);
+        assert!(matches!(
+            f.on_receipt(&wrong, &PeerKey::of(other), T0 + 10 * P),
+            Err(Error::WrongPeer { .. })
+        ));
+        assert!(matches!(
+            f.on_receipt(&receipt(s, t, 4), &PeerKey::of(other), T0 + 10 * P),
+            Err(Error::WrongPeer { .. })
+        ));
+        let mut r = receipt(s, t, 4).body;
+        r.total += 1;
+        assert!(matches!(
+            f.on_receipt(&Signed::sign(s, r), &t.seller, T0 + 10 * P),
+            Err(Error::BadReceipt { .. })
+        ));
+        let mut r = receipt(s, t, 4).body;
+        r.amount = 0;
+        r.total = 0;
+        assert!(matches!(
+            f.on_receipt(&Signed::sign(s, r), &t.seller, T0 + 10 * P),
+            Err(Error::BadReceipt { .. })
+        ));
+        assert!(matches!(
+            f.on_receipt(&receipt(s, t, 0), &t.seller, T0 + 10 * P),
+            Err(Error::BadReceipt { .. })
+        ));
+        let mut r = receipt(s, t, 4).body;
+        r.lease = LeaseId([0xee; 16]);
+        assert!(matches!(
+            f.on_receipt(&Signed::sign(s, r), &t.seller, T0 + 10 * P),
+            Err(Error::UnknownLease(_))
+        ));
+        assert_eq!(f.cost_so_far(), 3 * price);
+    }
+
+    #[test]
+    fn silent_seller_is_replaced_at_the_same_address() {
+        let (mut f, sks, lease) = running();
+        let t = lease.terms.clone();
+        let (mac, ip) = (f.slots()[0].mac, f.slots()[0].ip);
+        f.on_life(&t.id, T0 + 20_000);
+        assert!(f.on_tick(T0 + 50_000).is_empty());
+        let acts = f.on_tick(T0 + 50_001);
+        assert!(acts.contains(&BuyerAction::Revoke { lease: t.id, mac }));
+        assert!(acts.contains(&BuyerAction::Penalize { seller: t.seller }));
+        assert!(acts.contains(&BuyerAction::Lost {
+            slot: 0,
+            lease: t.id,
+            seller: t.seller,
+            silent_ms: 30_001
+        }));
+        assert!(acts
+            .iter()
+            .any(|a| matches!(a, BuyerAction::SendStop { seller, .. } if *seller == t.seller)));
+        assert_eq!(f.slots()[0].state, SlotState::Choosing);
+        assert_eq!(f.slots()[0].replacements, 1);
+        let offers = offers_of(&sks);
+        let (s2, p) = proposals(&fill(&mut f, &offers, T0 + 50_002)).remove(0);
+        assert_ne!(s2, t.seller);
+        assert_eq!((p.body.guest_mac, p.body.guest_ip), (mac, ip));
+        assert_ne!(p.body.id, t.id);
+        // The lost seller's receipts for time before the loss still get acked; not after.
+        let s = sk_of(&sks, &t.seller);
+        assert_eq!(
+            acked(
+                &f.on_receipt(&receipt(s, &t, 1), &t.seller, T0 + 60_000)
+                    .unwrap()
+            ),
+            Some(1)
+        );
+        let acts = f
+            .on_receipt(&receipt(s, &t, 5), &t.seller, T0 + 5 * P)
+            .unwrap();
+        assert!(matches!(&acts[..], [BuyerAction::SendStop { .. }]));
+        assert_eq!(f.ledger().count(), 1);
+        assert!(f.ledger().next().unwrap().ended);
+    }
+
+    #[test]
+    fn phases_and_seller_side_endings() {
+        let (mut f, sks, lease) = running();
+        let t = lease.terms.clone();
+        assert!(matches!(f.slots()[0].state, SlotState::Running { .. }));
+        // The seller restarted: replace.
+        let acts = f.on_phase(
+            &t.id,
+            &t.seller,
+            GuestPhase::Ended(EndReason::SellerRestarted),
+            T0 + 1,
+        );
+        assert!(acts.iter().any(|a| matches!(a, BuyerAction::Revoke { .. })));
+        assert_eq!(f.slots()[0].state, SlotState::Choosing);
+        let offers = offers_of(&sks);
+        let (s2, p) = proposals(&fill(&mut f, &offers, T0 + 2)).remove(0);
+        assert_ne!(s2, t.seller);
+        let l2 = Lease::countersign(&p, sk_of(&sks, &s2)).unwrap();
+        f.on_accepted(l2.clone(), &s2, T0 + 3).unwrap();
+        f.on_phase(
+            &l2.terms.id,
+            &s2,
+            GuestPhase::Fetching { done: 1, total: 2 },
+            T0 + 4,
+        );
+        assert_eq!(
+            f.slots()[0].state,
+            SlotState::Starting {
+                seller: s2,
+                phase: Some(GuestPhase::Fetching { done: 1, total: 2 })
+            }
+        );
+        // Phases from the wrong peer are ignored.
+        f.on_phase(&l2.terms.id, &t.seller, GuestPhase::Running, T0 + 5);
+        assert!(matches!(f.slots()[0].state, SlotState::Starting { .. }));
+        // The guest finished: slot done, fleet done.
+        let acts = f.on_phase(
+            &l2.terms.id,
+            &s2,
+            GuestPhase::Ended(EndReason::GuestExited),
+            T0 + 6,
+        );
+        assert_eq!(acts.last(), Some(&BuyerAction::Done));
+        assert_eq!(f.slots()[0].state, SlotState::Stopped);
+        assert_eq!(f.ledger().filter(|e| e.ended).count(), 2);
+    }
+
+    #[test]
+    fn stop_all_and_duration() {
+        let sks = sellers(3);
+        let offers = offers_of(&sks);
+        let mut o = order(2);
+        o.duration_s = Some(300);
+        let mut f = Fleet::new(
+            SigningKey::from_bytes(&[1; 32]),
+            o,
+            FleetConfig::default(),
+            [7; 32],
+            T0,
+        );
+        let ps = proposals(&fill(&mut f, &offers, T0 + 1000));
+        assert_eq!(ps[0].1.body.duration_s, Some(299));
+        let l = Lease::countersign(&ps[0].1, sk_of(&sks, &ps[0].0)).unwrap();
+        f.on_accepted(l.clone(), &ps[0].0, T0 + 2000).unwrap();
+        f.on_life(&l.terms.id, T0 + 299_000);
+        // Receipts beyond the duration are refused.
+        let s = sk_of(&sks, &ps[0].0);
+        f.on_phase(&l.terms.id, &ps[0].0, GuestPhase::Running, T0 + 2000);
+        assert!(matches!(
+            f.on_receipt(&receipt(s, &l.terms, 6), &ps[0].0, T0 + 10 * P),
+            Err(Error::ReceiptTooEarly { max: 5, .. })
+        ));
+        let acts = f.on_tick(T0 + 300_000);
+        assert!(acts
+            .iter()
+            .any(|a| matches!(a, BuyerAction::SendStop { seller, .. } if *seller == ps[0].0)));
+        assert!(acts.contains(&BuyerAction::Revoke {
+            lease: l.terms.id,
+            mac: l.terms.guest_mac
+        }));
+        assert_eq!(acts.last(), Some(&BuyerAction::Done));
+        assert!(f.slots().iter().all(|s| s.state == SlotState::Stopped));
+        // After the end: no new proposals, Done only once.
+        assert!(fill(&mut f, &offers, T0 + 300_001).is_empty());
+        assert!(f.on_tick(T0 + 300_002).is_empty());
+        // The second slot's proposal is accepted late: stopped at once.
+        let late = Lease::countersign(&ps[1].1, sk_of(&sks, &ps[1].0)).unwrap();
+        let acts = f.on_accepted(late, &ps[1].0, T0 + 300_003).unwrap();
+        assert!(matches!(acts.last(), Some(BuyerAction::SendStop { .. })));
+    }
+
+    #[test]
+    fn stop_one_lease() {
+        let (mut f, sks, lease) = running();
+        let t = &lease.terms;
+        let acts = f.stop(Some(&t.id), T0 + 2 * P);
+        assert!(acts
+            .iter()
+            .any(|a| matches!(a, BuyerAction::SendStop { .. })));
+        assert_eq!(acts.last(), Some(&BuyerAction::Done));
+        assert!(f.stop(Some(&t.id), T0 + 2 * P).is_empty());
+        // Receipts up to the stop still count (one period of slack), later ones re-send Stop.
+        let s = sk_of(&sks, &t.seller);
+        assert_eq!(
+            acked(
+                &f.on_receipt(&receipt(s, t, 3), &t.seller, T0 + 3 * P)
+                    .unwrap()
+            ),
+            Some(3)
+        );
+        let acts = f
+            .on_receipt(&receipt(s, t, 4), &t.seller, T0 + 4 * P)
+            .unwrap();
+        assert!(matches!(&acts[..], [BuyerAction::SendStop { .. }]));
+        assert_eq!(f.cost_so_far(), 3 * t.price_per_min);
+    }
+}

@@ -414,3 +414,369 @@ impl SellerLease {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lease::tests::terms;
+    use crate::lease::LeaseTerms;
+    use crate::LeaseId;
+
+    const P: u64 = 60_000;
+
+    struct Fx {
+        b: SigningKey,
+        s: SigningKey,
+        lease: Lease,
+    }
+
+    fn fx(f: impl FnOnce(&mut LeaseTerms)) -> Fx {
+        let b = SigningKey::from_bytes(&[1; 32]);
+        let s = SigningKey::from_bytes(&[2; 32]);
+        let mut t = terms(&b, &s, 1);
+        f(&mut t);
+        let lease = Lease::countersign(&Signed::sign(&b, t), &s).unwrap();
+        Fx { b, s, lease }
+    }
+
+    fn receipts(acts: &[SellerAction]) -> Vec<u32> {
+        acts.iter()
+            .filter_map(|a| match a {
+                SellerAction::SendReceipt(r) => Some(r.body.minute),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn ack(sk: &SigningKey, id: LeaseId, minute: u32, price: u64) -> Signed<Ack> {
+        Signed::sign(
+            sk,
+            Ack {
+                lease: id,
+                minute,
+                total: u64::from(minute) * price,
+            },
+        )
+    }
+
+    #[test]
+    fn receipts_each_period_once_and_acks_cumulative() {
+        let f = fx(|t| t.grace_s = 600);
+        let id = f.lease.terms.id;
+        let price = f.lease.terms.price_per_min;
+        let mut s = SellerLease::new(f.lease.clone(), 0);
+        assert_eq!(s.phase(), SellerPhase::Preparing);
+        assert_eq!(s.on_guest_started(1000), vec![SellerAction::Persist]);
+        assert!(s.on_guest_started(1500).is_empty());
+        assert_eq!(s.next_deadline(), Some(1000 + P));
+        assert!(receipts(&s.on_tick(1000 + P - 1, &f.s)).is_empty());
+        let acts = s.on_tick(1000 + P, &f.s);
+        assert_eq!(acts[0], SellerAction::Persist);
+        assert_eq!(receipts(&acts), vec![1]);
+        // Same instant again: nothing new.
+        assert!(s.on_tick(1000 + P, &f.s).is_empty());
+        // Two periods at once (a late tick): both, in order.
+        assert_eq!(receipts(&s.on_tick(1000 + 3 * P, &f.s)), vec![2, 3]);
+        assert_eq!(s.ledger().receipted, 3);
+        assert_eq!(
+            s.on_ack(&ack(&f.b, id, 2, price), 1000 + 3 * P).unwrap(),
+            vec![SellerAction::Persist]
+        );
+        // Duplicate and older acks are idempotent.
+        assert!(s
+            .on_ack(&ack(&f.b, id, 2, price), 1000 + 3 * P)
+            .unwrap()
+            .is_empty());
+        assert!(s
+            .on_ack(&ack(&f.b, id, 1, price), 1000 + 3 * P)
+            .unwrap()
+            .is_empty());
+        assert_eq!(s.ledger().acked, 2);
+        assert_eq!(s.ledger().billed(), 2 * price);
+        // Beyond what was receipted: refused.
+        assert!(matches!(
+            s.on_ack(&ack(&f.b, id, 4, price), 1000 + 3 * P),
+            Err(Error::AckBeyondReceipt {
+                minute: 4,
+                receipted: 3,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn forged_or_misdirected_acks_and_stops_refused() {
+        let f = fx(|_| {});
+        let id = f.lease.terms.id;
+        let price = f.lease.terms.price_per_min;
+        let mut s = SellerLease::new(f.lease.clone(), 0);
+        s.on_guest_started(0);
+        s.on_tick(2 * P, &f.s);
+        let other = SigningKey::from_bytes(&[9; 32]);
+        assert!(matches!(
+            s.on_ack(&ack(&other, id, 1, price), 2 * P),
+            Err(Error::WrongPeer { .. })
+        ));
+        let mut forged = ack(&f.b, id, 1, price);
+        forged.body.minute = 2;
+        forged.body.total = 2 * price;
+        assert_eq!(s.on_ack(&forged, 2 * P), Err(Error::BadSignature));
+        assert!(matches!(
+            s.on_ack(&ack(&f.b, LeaseId([7; 16]), 1, price), 2 * P),
+            Err(Error::WrongLease { .. })
+        ));
+        let mut bad_total = ack(&f.b, id, 1, price);
+        bad_total.body.total = price + 1;
+        let bad_total = Signed::sign(&f.b, bad_total.body);
+        assert!(matches!(
+            s.on_ack(&bad_total, 2 * P),
+            Err(Error::BadAckTotal { .. })
+        ));
+
+        let stop = Signed::sign(
+            &other,
+            Stop {
+                lease: id,
+                issued_ms: 0,
+            },
+        );
+        assert!(matches!(
+            s.on_stop(&stop, 2 * P),
+            Err(Error::WrongPeer { .. })
+        ));
+        let mut stop = Signed::sign(
+            &f.b,
+            Stop {
+                lease: id,
+                issued_ms: 0,
+            },
+        );
+        stop.body.issued_ms = 5;
+        assert_eq!(s.on_stop(&stop, 2 * P), Err(Error::BadSignature));
+        assert_eq!(s.phase(), SellerPhase::Running);
+        assert_eq!(s.ledger().acked, 0);
+    }
+
+    #[test]
+    fn stop_ends_once_and_nothing_new_is_receipted() {
+        let f = fx(|_| {});
+        let id = f.lease.terms.id;
+        let price = f.lease.terms.price_per_min;
+        let mut s = SellerLease::new(f.lease.clone(), 0);
+        s.on_guest_started(0);
+        s.on_tick(P, &f.s);
+        let stop = Signed::sign(
+            &f.b,
+            Stop {
+                lease: id,
+                issued_ms: P + 10,
+            },
+        );
+        let acts = s.on_stop(&stop, P + 10).unwrap();
+        assert_eq!(
+            acts,
+            vec![
+                SellerAction::StopGuest(EndReason::BuyerStopped),
+                SellerAction::Persist,
+                SellerAction::Ended(EndReason::BuyerStopped)
+            ]
+        );
+        assert!(s.on_stop(&stop, P + 20).unwrap().is_empty());
+        assert_eq!(s.phase(), SellerPhase::Ended);
+        // Later ticks re-send minute 1 (unacked) but never receipt minute 2+.
+        let acts = s.on_tick(2 * P + 10, &f.s);
+        assert_eq!(receipts(&acts), vec![1]);
+        assert_eq!(s.ledger().receipted, 1);
+        // The late ack still counts.
+        s.on_ack(&ack(&f.b, id, 1, price), 2 * P + 20).unwrap();
+        assert_eq!(s.ledger().acked, 1);
+        assert_eq!(s.next_deadline(), None);
+        assert!(s.on_tick(10 * P, &f.s).is_empty());
+    }
+
+    #[test]
+    fn silent_buyer_is_cut_off_and_unacked_minutes_unbilled() {
+        let f = fx(|_| {});
+        let mut s = SellerLease::new(f.lease.clone(), 0);
+        s.on_guest_started(0);
+        assert_eq!(receipts(&s.on_tick(P, &f.s)), vec![1]);
+        // Grace is 120 s from the last ack (here: the start).
+        assert_eq!(receipts(&s.on_tick(2 * P, &f.s)), vec![2]);
+        assert_eq!(s.next_deadline(), Some(2 * P + 1));
+        let acts = s.on_tick(2 * P + 1, &f.s);
+        assert_eq!(
+            acts,
+            vec![
+                SellerAction::StopGuest(EndReason::BuyerSilent),
+                SellerAction::Persist,
+                SellerAction::Ended(EndReason::BuyerSilent)
+            ]
+        );
+        assert_eq!(s.ledger().billed(), 0);
+        assert_eq!(s.next_deadline(), None);
+        assert!(s.on_tick(100 * P, &f.s).is_empty());
+    }
+
+    #[test]
+    fn preparing_too_long_without_life_ends_silent() {
+        let f = fx(|_| {});
+        let mut s = SellerLease::new(f.lease.clone(), 0);
+        assert_eq!(s.next_deadline(), Some(120_001));
+        assert!(s.on_tick(120_000, &f.s).is_empty());
+        s.on_buyer_life(100_000);
+        assert!(s.on_tick(220_000, &f.s).is_empty());
+        assert_eq!(receipts(&s.on_tick(220_001, &f.s)), vec![]);
+        assert_eq!(s.phase(), SellerPhase::Ended);
+        assert_eq!(s.ledger().end_reason, Some(EndReason::BuyerSilent));
+        // A guest that still comes up is stopped at once.
+        assert_eq!(
+            s.on_guest_started(230_000),
+            vec![SellerAction::StopGuest(EndReason::BuyerSilent)]
+        );
+    }
+
+    #[test]
+    fn resends_newest_unacked_once_per_period() {
+        let f = fx(|t| t.grace_s = 600);
+        let id = f.lease.terms.id;
+        let price = f.lease.terms.price_per_min;
+        let mut s = SellerLease::new(f.lease.clone(), 0);
+        s.on_guest_started(0);
+        assert_eq!(receipts(&s.on_tick(P, &f.s)), vec![1]);
+        assert!(s.on_tick(P + P / 2, &f.s).is_empty());
+        // Minute 2 is due at 2P: the new receipt, no separate re-send.
+        assert_eq!(receipts(&s.on_tick(2 * P, &f.s)), vec![2]);
+        assert_eq!(receipts(&s.on_tick(2 * P + P / 2, &f.s)), Vec::<u32>::new());
+        s.on_ack(&ack(&f.b, id, 2, price), 2 * P + P / 2).unwrap();
+        assert_eq!(receipts(&s.on_tick(3 * P, &f.s)), vec![3]);
+        // Lost: re-sent once per period, always the newest.
+        assert_eq!(receipts(&s.on_tick(3 * P + P / 2, &f.s)), Vec::<u32>::new());
+        assert_eq!(receipts(&s.on_tick(4 * P, &f.s)), vec![4]);
+        let r = s.on_tick(5 * P - 1, &f.s);
+        assert!(receipts(&r).is_empty());
+        assert_eq!(receipts(&s.on_tick(5 * P, &f.s)), vec![5]);
+        s.on_ack(&ack(&f.b, id, 5, price), 5 * P + 1).unwrap();
+        // Now a tick between periods with everything acked sends nothing.
+        assert!(s.on_tick(5 * P + P / 2, &f.s).is_empty());
+        // Stop acks for a while: at 6P the new minute, at 7P minute 7 (not a re-send of 6).
+        assert_eq!(receipts(&s.on_tick(6 * P, &f.s)), vec![6]);
+        assert_eq!(receipts(&s.on_tick(6 * P + P / 2, &f.s)), Vec::<u32>::new());
+        assert_eq!(receipts(&s.on_tick(7 * P, &f.s)), vec![7]);
+        s.on_stop(
+            &Signed::sign(
+                &f.b,
+                Stop {
+                    lease: id,
+                    issued_ms: 0,
+                },
+            ),
+            7 * P + 1,
+        )
+        .unwrap();
+        assert_eq!(s.next_deadline(), Some(8 * P));
+        assert_eq!(receipts(&s.on_tick(8 * P, &f.s)), vec![7]);
+        assert_eq!(receipts(&s.on_tick(8 * P + 10, &f.s)), Vec::<u32>::new());
+    }
+
+    #[test]
+    fn duration_ends_with_the_last_partial_period_billed() {
+        let f = fx(|t| {
+            t.duration_s = Some(150);
+            t.grace_s = 600;
+        });
+        let mut s = SellerLease::new(f.lease.clone(), 0);
+        s.on_guest_started(0);
+        assert_eq!(receipts(&s.on_tick(2 * P, &f.s)), vec![1, 2]);
+        assert_eq!(s.next_deadline(), Some(150_000));
+        let acts = s.on_tick(150_000, &f.s);
+        assert_eq!(receipts(&acts), vec![3]);
+        assert_eq!(
+            acts.last(),
+            Some(&SellerAction::Ended(EndReason::DurationReached))
+        );
+        assert!(acts.contains(&SellerAction::StopGuest(EndReason::DurationReached)));
+        assert_eq!(s.ledger().receipted, 3);
+    }
+
+    #[test]
+    fn other_endings() {
+        let f = fx(|_| {});
+        let mut s = SellerLease::new(f.lease.clone(), 0);
+        assert_eq!(
+            s.on_start_failed("no kvm".into(), 5),
+            vec![
+                SellerAction::Persist,
+                SellerAction::Ended(EndReason::StartFailed("no kvm".into()))
+            ]
+        );
+        assert!(s.on_shutdown(6).is_empty());
+
+        let mut s = SellerLease::new(f.lease.clone(), 0);
+        s.on_guest_started(0);
+        assert_eq!(
+            s.on_guest_exited(10),
+            vec![
+                SellerAction::Persist,
+                SellerAction::Ended(EndReason::GuestExited)
+            ]
+        );
+
+        let mut s = SellerLease::new(f.lease.clone(), 0);
+        s.on_guest_started(0);
+        assert_eq!(
+            s.on_shutdown(10)[0],
+            SellerAction::StopGuest(EndReason::SellerShutdown)
+        );
+
+        // Outside hours: ends at the next boundary, that period receipted.
+        let mut s = SellerLease::new(f.lease.clone(), 0);
+        s.on_guest_started(0);
+        assert!(s.on_outside_hours(P / 2).is_empty());
+        assert!(s.on_tick(P - 1, &f.s).is_empty());
+        let acts = s.on_tick(P, &f.s);
+        assert_eq!(receipts(&acts), vec![1]);
+        assert_eq!(
+            acts.last(),
+            Some(&SellerAction::Ended(EndReason::OutsideHours))
+        );
+        let mut s = SellerLease::new(f.lease.clone(), 0);
+        assert_eq!(
+            s.on_outside_hours(1)[0],
+            SellerAction::StopGuest(EndReason::OutsideHours)
+        );
+    }
+
+    #[test]
+    fn restore_ends_and_keeps_accepting_acks() {
+        let f = fx(|_| {});
+        let id = f.lease.terms.id;
+        let price = f.lease.terms.price_per_min;
+        let mut s = SellerLease::new(f.lease.clone(), 0);
+        s.on_guest_started(0);
+        s.on_tick(2 * P, &f.s);
+        s.on_ack(&ack(&f.b, id, 1, price), 2 * P).unwrap();
+        let rec = s.record();
+        let bytes = bincode::serialize(&rec).unwrap();
+        let rec: SellerLeaseRecord = bincode::deserialize(&bytes).unwrap();
+        let (mut r, acts) = SellerLease::restore(rec, 2 * P + 5);
+        assert_eq!(
+            acts,
+            vec![
+                SellerAction::Persist,
+                SellerAction::Ended(EndReason::SellerRestarted)
+            ]
+        );
+        assert_eq!(r.phase(), SellerPhase::Ended);
+        assert_eq!(r.ledger().receipted, 2);
+        // The in-flight ack for minute 2 still counts; nothing new is receipted.
+        assert_eq!(
+            r.on_ack(&ack(&f.b, id, 2, price), 2 * P + 6).unwrap(),
+            vec![SellerAction::Persist]
+        );
+        assert!(r.on_tick(10 * P, &f.s).is_empty());
+        assert_eq!(r.ledger().receipted, 2);
+        // Restoring an ended record does nothing more.
+        let (_, acts) = SellerLease::restore(r.record(), 11 * P);
+        assert!(acts.is_empty());
+    }
+}
