@@ -498,7 +498,8 @@ impl Fleet {
             slot.lease = None;
             self.slot_avoid[i].insert(seller);
         }
-        self.leases.remove(lease);
+        // The proposal stays known: an Accept arriving after a refusal (of a duplicated
+        // proposal) is then answered with a Stop, not an error.
         Vec::new()
     }
 
@@ -626,7 +627,20 @@ impl Fleet {
         let mut out = Vec::new();
         if rc.minute > max {
             if l.stopped_ms.is_some() {
-                // Still billing after we ended it: our Stop was lost.
+                // Still billing after we ended it: our Stop was lost. Our last ack
+                // goes with it so the seller's ledger can still catch up with ours.
+                let acked = l.ledger.acked;
+                if acked > 0 {
+                    let ack = Ack {
+                        lease: id,
+                        minute: acked,
+                        total: t.total_for(acked),
+                    };
+                    out.push(BuyerAction::SendAck {
+                        seller: t.seller,
+                        ack: Signed::sign(&self.sk, ack),
+                    });
+                }
                 out.push(BuyerAction::SendStop {
                     seller: t.seller,
                     stop,
@@ -1092,7 +1106,10 @@ mod tests {
         let acts = f
             .on_receipt(&receipt(s, &t, 5), &t.seller, T0 + 5 * P)
             .unwrap();
-        assert!(matches!(&acts[..], [BuyerAction::SendStop { .. }]));
+        assert!(matches!(
+            &acts[..],
+            [BuyerAction::SendAck { .. }, BuyerAction::SendStop { .. }]
+        ));
         assert_eq!(f.ledger().count(), 1);
         assert!(f.ledger().next().unwrap().ended);
     }
@@ -1210,7 +1227,9 @@ mod tests {
         let acts = f
             .on_receipt(&receipt(s, t, 4), &t.seller, T0 + 4 * P)
             .unwrap();
-        assert!(matches!(&acts[..], [BuyerAction::SendStop { .. }]));
+        assert!(
+            matches!(&acts[..], [BuyerAction::SendAck { ack, .. }, BuyerAction::SendStop { .. }] if ack.body.minute == 3)
+        );
         assert_eq!(f.cost_so_far(), 3 * t.price_per_min);
     }
 }

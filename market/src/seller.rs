@@ -11,6 +11,10 @@ use crate::error::Error;
 use crate::lease::Lease;
 use crate::signed::Signed;
 
+/// Longest interval, in periods, between re-sends of an unacked receipt after the
+/// end (about an hour with 60 s periods).
+pub const MAX_RESEND_PERIODS: u64 = 64;
+
 /// Why a lease ended.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EndReason {
@@ -77,6 +81,8 @@ pub struct SellerLease {
     /// The newest receipt, kept for re-sending (not persisted: re-signed if needed).
     last_receipt: Option<Signed<Receipt>>,
     last_send_ms: u64,
+    /// Re-send interval once ended: doubles from one period up to `MAX_RESEND_PERIODS`.
+    resend_every_ms: u64,
     /// Set by `on_outside_hours`: end at the next period boundary.
     end_at_boundary: bool,
 }
@@ -103,6 +109,7 @@ impl SellerLease {
             phase: SellerPhase::Preparing,
             last_receipt: None,
             last_send_ms: now_ms,
+            resend_every_ms: 0,
             end_at_boundary: false,
         }
     }
@@ -132,6 +139,7 @@ impl SellerLease {
             return Vec::new();
         }
         self.phase = SellerPhase::Ended;
+        self.resend_every_ms = self.period_ms();
         self.ledger.ended = true;
         self.ledger.end_reason = Some(reason.clone());
         self.end_at_boundary = false;
@@ -295,8 +303,9 @@ impl SellerLease {
     }
 
     /// Running: a receipt per newly completed period (never the same minute twice);
-    /// the newest unacked receipt re-sent at most once per period while the buyer is
-    /// within its grace (also after the end, so a lost ack is recovered); end with
+    /// the newest unacked receipt re-sent at most once per period so that a lost
+    /// receipt or ack is recovered (after the end too, with the interval doubling up
+    /// to `MAX_RESEND_PERIODS`: nothing new is receipted, the last one is); end with
     /// BuyerSilent when now - last_ack_ms > grace (minutes not acked are never
     /// billed); DurationReached at the end of the duration. Preparing: BuyerSilent too.
     pub fn on_tick(&mut self, now_ms: u64, sk: &SigningKey) -> Vec<SellerAction> {
@@ -345,16 +354,30 @@ impl SellerLease {
                 _ => self.receipt(self.ledger.receipted, now_ms, sk),
             };
             self.last_send_ms = now_ms;
+            if self.phase == SellerPhase::Ended {
+                self.resend_every_ms =
+                    (self.resend_every_ms * 2).min(self.period_ms() * MAX_RESEND_PERIODS);
+            }
             self.last_receipt = Some(r.clone());
             out.push(SellerAction::SendReceipt(r));
         }
         out
     }
 
+    /// When the newest unacked receipt is next re-sent, if it is.
+    fn resend_at(&self) -> Option<u64> {
+        if self.ledger.receipted <= self.ledger.acked {
+            return None;
+        }
+        let every = match self.phase {
+            SellerPhase::Ended => self.resend_every_ms.max(self.period_ms()),
+            _ => self.period_ms(),
+        };
+        Some(self.last_send_ms.saturating_add(every))
+    }
+
     fn resend_due(&self, now_ms: u64) -> bool {
-        self.ledger.receipted > self.ledger.acked
-            && !self.silent(now_ms)
-            && now_ms >= self.last_send_ms.saturating_add(self.period_ms())
+        self.resend_at().is_some_and(|t| now_ms >= t)
     }
 
     pub fn record(&self) -> SellerLeaseRecord {
@@ -379,6 +402,7 @@ impl SellerLease {
             phase: rec.phase,
             last_receipt: None,
             last_send_ms: now_ms,
+            resend_every_ms: 0,
             end_at_boundary: false,
         };
         let acts = s.end(EndReason::SellerRestarted, false);
@@ -391,8 +415,7 @@ impl SellerLease {
             .last_ack_ms
             .saturating_add(self.lease.terms.grace_ms())
             .saturating_add(1);
-        let resend = (self.ledger.receipted > self.ledger.acked)
-            .then(|| self.last_send_ms.saturating_add(self.period_ms()));
+        let resend = self.resend_at();
         match self.phase {
             SellerPhase::Preparing => Some(silence),
             SellerPhase::Running => {
@@ -410,7 +433,7 @@ impl SellerLease {
                         .min()?,
                 )
             }
-            SellerPhase::Ended => resend.filter(|&r| r < silence),
+            SellerPhase::Ended => resend,
         }
     }
 }
@@ -613,8 +636,22 @@ mod tests {
             ]
         );
         assert_eq!(s.ledger().billed(), 0);
-        assert_eq!(s.next_deadline(), None);
-        assert!(s.on_tick(100 * P, &f.s).is_empty());
+        // Nothing new after the end; the newest receipt is re-sent with back-off in
+        // case the buyer's acks were what got lost.
+        assert_eq!(s.next_deadline(), Some(3 * P));
+        assert_eq!(receipts(&s.on_tick(3 * P, &f.s)), vec![2]);
+        assert_eq!(s.next_deadline(), Some(5 * P));
+        assert_eq!(receipts(&s.on_tick(5 * P, &f.s)), vec![2]);
+        assert_eq!(s.next_deadline(), Some(9 * P));
+        assert!(s.on_tick(9 * P - 1, &f.s).is_empty());
+        for _ in 0..20 {
+            let at = s.next_deadline().unwrap();
+            assert_eq!(receipts(&s.on_tick(at, &f.s)), vec![2]);
+        }
+        let at = s.next_deadline().unwrap();
+        s.on_tick(at, &f.s);
+        assert_eq!(s.next_deadline(), Some(at + MAX_RESEND_PERIODS * P));
+        assert_eq!(s.ledger().receipted, 2);
     }
 
     #[test]
