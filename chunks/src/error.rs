@@ -140,6 +140,32 @@ pub enum Error {
         cap: u64,
     },
 
+    /// A guest disk (or other reservation) does not fit under the store's
+    /// cap next to the pinned images and the other guest disks.
+    #[error("disk cap exceeded: {what} needs {needed} more bytes than the chunk store at {path} can free under its cap of {cap} bytes (the rest holds pinned images and running guests' disks); raise the store cap or stop a guest")]
+    DiskCapExceeded {
+        /// Store directory.
+        path: PathBuf,
+        /// What needed the space.
+        what: &'static str,
+        /// Bytes that could not be made available.
+        needed: u64,
+        /// The configured cap.
+        cap: u64,
+    },
+
+    /// A store of the previous layout (chunks inside sled) that cannot be
+    /// converted for lack of space.
+    #[error("chunk store at {path} has the layout of an older cpushare-node (chunks inside sled); converting it needs {needed} bytes free but {free} are: free some space there, or move the directory aside to start an empty store (images are fetched or imported again)")]
+    StoreOldLayout {
+        /// Store directory.
+        path: PathBuf,
+        /// Free bytes the conversion needs.
+        needed: u64,
+        /// Free bytes there are.
+        free: u64,
+    },
+
     /// Another process holds the store's lock.
     #[error("chunk store at {path} is locked by another cpushare-node (is a daemon running?)")]
     StoreLocked {

@@ -1,5 +1,9 @@
 //! Writing an image out of the store: an unlinked temp file for a VM, or a
 //! normal file for export.
+//!
+//! A guest disk takes space on the seller's disk like the chunks do, so
+//! [`materialize_reserved`] counts it against the store's cap for as long
+//! as it lives (a [`Reservation`] beside the file).
 
 use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
@@ -8,7 +12,20 @@ use std::path::Path;
 use crate::error::{Error, Result};
 use crate::ids::ImageId;
 use crate::manifest::{ByteRange, SignedManifest};
-use crate::store::ChunkStore;
+use crate::store::{ChunkStore, Reservation};
+
+/// What a guest disk reserves against the store's cap, in errors.
+const WHAT: &str = "materialising a guest disk";
+
+/// A materialised image part and the store space it holds.
+#[derive(Debug)]
+pub struct Materialized {
+    /// The unlinked file, positioned at 0.
+    pub file: File,
+    /// Its size, counted against the store's cap until dropped: keep it
+    /// exactly as long as the file.
+    pub reservation: Reservation,
+}
 
 /// Write the image's bootable disk (the whole image, or the boot info's disk
 /// part) into an unnamed temporary file in `dir`, fsync it and return it
@@ -16,12 +33,28 @@ use crate::store::ChunkStore;
 /// at once), so it disappears when the last handle closes.
 ///
 /// `max_size`: fail with [`Error::ImageTooLarge`] if the disk is larger.
+///
+/// The disk counts against the store's cap only while it is written; use
+/// [`materialize_reserved`] to keep it counted while the file lives.
 pub fn materialize(
     store: &ChunkStore,
     image: ImageId,
     dir: &Path,
     max_size: Option<u64>,
 ) -> Result<File> {
+    materialize_reserved(store, image, dir, max_size).map(|m| m.file)
+}
+
+/// [`materialize`], with the disk's size reserved against the store's cap
+/// (chunks are evicted to make room) until the returned reservation is
+/// dropped. Fails with [`Error::DiskCapExceeded`] if pinned images and
+/// other guests' disks leave too little room under the cap.
+pub fn materialize_reserved(
+    store: &ChunkStore,
+    image: ImageId,
+    dir: &Path,
+    max_size: Option<u64>,
+) -> Result<Materialized> {
     let _span = tracing::info_span!("materialize", image = %image.short()).entered();
     let m = manifest(store, image)?;
     let range = m.manifest().disk_range().ok_or(Error::NoDisk(image))?;
@@ -37,6 +70,17 @@ pub fn materialize_range(
     dir: &Path,
     max_size: Option<u64>,
 ) -> Result<File> {
+    materialize_range_reserved(store, image, range, dir, max_size).map(|m| m.file)
+}
+
+/// Like [`materialize_reserved`] for any byte range of the image.
+pub fn materialize_range_reserved(
+    store: &ChunkStore,
+    image: ImageId,
+    range: ByteRange,
+    dir: &Path,
+    max_size: Option<u64>,
+) -> Result<Materialized> {
     let m = manifest(store, image)?;
     write_unlinked(store, &m, range, dir, max_size)
 }
@@ -89,7 +133,7 @@ fn write_unlinked(
     range: ByteRange,
     dir: &Path,
     max_size: Option<u64>,
-) -> Result<File> {
+) -> Result<Materialized> {
     if let Some(cap) = max_size {
         if range.len > cap {
             return Err(Error::ImageTooLarge {
@@ -98,11 +142,18 @@ fn write_unlinked(
             });
         }
     }
+    // Pin first: the reservation's evictions must not take this image's
+    // chunks.
+    let _pin = store.pin_temp(m.image_id())?;
+    let reservation = store.reserve(range.len, WHAT)?;
     let mut f = tempfile::tempfile_in(dir).map_err(|e| Error::io("creating image file", dir, e))?;
     write_range(store, m, range, &mut f, dir)?;
     f.seek(SeekFrom::Start(0))
         .map_err(|e| Error::io("writing image file", dir, e))?;
-    Ok(f)
+    Ok(Materialized {
+        file: f,
+        reservation,
+    })
 }
 
 /// Copy `range` of the image into `f` (fresh, empty) and fsync. All-zero
@@ -270,6 +321,57 @@ mod tests {
         );
         let (ok, bad) = verified.unwrap();
         assert!(ok > 0 && bad == 0, "ok {ok} bad {bad}");
+    }
+
+    #[test]
+    fn a_guest_disk_counts_against_the_cap_while_it_lives() {
+        let dir = tempfile::tempdir().unwrap();
+        let mib = 1u64 << 20;
+        let store = ChunkStore::open(dir.path().join("s"), 5 * mib / 2).unwrap();
+        let key = SigningKey::from_bytes(&[1; 32]);
+        let mut ids = Vec::new();
+        for seed in [7u64, 8] {
+            let mut data = vec![0u8; mib as usize];
+            rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut data);
+            let (id, _) = crate::import::import_reader(
+                &store,
+                &key,
+                &data[..],
+                "img",
+                ImageFormat::Raw,
+                0,
+                |_, _| {},
+            )
+            .unwrap();
+            ids.push(id);
+        }
+        let (a, b) = (ids[0], ids[1]);
+        store.unpin(b).unwrap();
+        assert_eq!(store.size_bytes(), 2 * mib);
+        // A's disk makes room by evicting B's chunks, never A's.
+        let g = materialize_reserved(&store, a, dir.path(), None).unwrap();
+        assert_eq!(store.reserved_bytes(), mib);
+        assert!(store.size_bytes() + store.reserved_bytes() <= store.cap_bytes());
+        assert!(store.is_complete(a).unwrap());
+        assert!(!store.is_complete(b).unwrap());
+        // A second disk beside it does not fit next to pinned A.
+        let e = materialize_reserved(&store, a, dir.path(), None).unwrap_err();
+        assert!(matches!(e, Error::DiskCapExceeded { .. }), "{e:?}");
+        assert!(e.to_string().starts_with("disk cap exceeded"), "{e}");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no file left"
+        );
+        drop(g);
+        assert_eq!(store.reserved_bytes(), 0);
+        let f = materialize(&store, a, dir.path(), None).unwrap();
+        assert_eq!(f.metadata().unwrap().len(), mib);
+        assert_eq!(
+            store.reserved_bytes(),
+            0,
+            "the plain call counts it while writing only"
+        );
     }
 
     #[test]
