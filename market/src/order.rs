@@ -307,7 +307,7 @@ mod tests {
 
     #[test]
     fn ranking_order() {
-        let mut offers = vec![
+        let mut offers = [
             offer(1, 10),
             offer(2, 10),
             offer(3, 10),
