@@ -164,6 +164,7 @@ struct BuyerLease {
 }
 
 /// The buyer's fleet state machine.
+#[derive(Debug)]
 pub struct Fleet {
     sk: SigningKey,
     me: PeerKey,
@@ -546,7 +547,11 @@ impl Fleet {
             }
             GuestPhase::Running => {
                 let l = self.leases.get_mut(lease).expect("looked up above");
-                l.running_since.get_or_insert(now_ms);
+                // Once a receipt was accepted the bound stays at the proposal time: a
+                // late Running would otherwise make later honest receipts look early.
+                if l.ledger.acked == 0 {
+                    l.running_since.get_or_insert(now_ms);
+                }
                 let slot = &mut self.slots[i];
                 slot.last_life_ms = slot.last_life_ms.max(now_ms);
                 if !matches!(slot.state, SlotState::Running { .. }) {

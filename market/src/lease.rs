@@ -14,6 +14,11 @@ use crate::signed::{sign_bytes, signing_bytes, verify_bytes, Domain, Sig, Signed
 pub const DEFAULT_PERIOD_S: u32 = 60;
 /// How long a seller keeps a guest running without hearing an ack.
 pub const DEFAULT_GRACE_S: u32 = 120;
+/// Billing periods a seller accepts: short enough that a guest is not run long on
+/// credit, long enough that receipts are not a flood.
+pub const PERIOD_RANGE_S: std::ops::RangeInclusive<u32> = 10..=600;
+/// The longest grace a seller grants (a guest runs unpaid at most this long).
+pub const MAX_GRACE_S: u32 = 3600;
 
 /// Everything both sides sign. The buyer proposes it (`Signed<LeaseTerms>`); the
 /// seller countersigns the same bytes.
@@ -151,6 +156,8 @@ pub enum Refusal {
     OutsideHours,
     #[error("the image is {size} MiB, larger than the {cap} MiB disk")]
     ImageTooLarge { size: u64, cap: u64 },
+    #[error("unacceptable billing terms: {why}")]
+    BadTerms { why: String },
 }
 
 /// The seller owner's rules for accepting leases.
@@ -216,6 +223,24 @@ impl SellerPolicy {
         }
         if active.iter().any(|a| a.id == t.id) {
             return Err(Refusal::Duplicate);
+        }
+        if !PERIOD_RANGE_S.contains(&t.period_s) {
+            return Err(Refusal::BadTerms {
+                why: format!(
+                    "billing period {} s is outside {}..={} s",
+                    t.period_s,
+                    PERIOD_RANGE_S.start(),
+                    PERIOD_RANGE_S.end()
+                ),
+            });
+        }
+        if t.grace_s < t.period_s || t.grace_s > MAX_GRACE_S {
+            return Err(Refusal::BadTerms {
+                why: format!(
+                    "grace {} s must be at least the period ({} s) and at most {MAX_GRACE_S} s",
+                    t.grace_s, t.period_s
+                ),
+            });
         }
         if t.price_per_min < self.min_price_per_min {
             return Err(Refusal::PriceTooLow {
@@ -440,6 +465,16 @@ pub(crate) mod tests {
                 free: 2048
             })
         );
+        for (period, grace) in [(0, 120), (9, 120), (601, 1200), (60, 59), (60, 3601)] {
+            let mut bad = terms(&b, &s, 2);
+            bad.period_s = period;
+            bad.grace_s = grace;
+            let bad = Signed::sign(&b, bad);
+            assert!(matches!(
+                pol.check(&me, &bad, &bk, &[], now, 12),
+                Err(Refusal::BadTerms { .. })
+            ));
+        }
         let mut disk = terms(&b, &s, 2);
         disk.disk_mib = 4097;
         let disk = Signed::sign(&b, disk);

@@ -254,6 +254,34 @@ mod tests {
     }
 
     #[test]
+    fn issue_case_literally_three_sellers() {
+        // Three sellers for two guests: one untrusted, one too far. Only the third fits;
+        // the other two are named in the explanation.
+        let offers = [offer(1, 10), offer(2, 5), offer(3, 5)];
+        let refs: Vec<&Offer> = offers.iter().collect();
+        let rtt: BTreeMap<_, _> = [(key(1), 20), (key(2), 10), (key(3), 400)]
+            .into_iter()
+            .collect();
+        let trust = TrustPolicy {
+            trusted: [[1; 32], [3; 32]].into_iter().collect(),
+            revoked: BTreeSet::new(),
+        };
+        let mut o = order();
+        o.trusted_only = true;
+        o.max_latency_ms = Some(100);
+        let s = select(&o, &refs, &rtt, &trust, &none(), &BTreeSet::new(), 2);
+        assert_eq!(s.picked, vec![key(1)]);
+        assert_eq!(
+            s.excluded.describe(s.seen),
+            "3 offers seen: 1 above --max-latency-ms, 1 not trusted (--trusted-only)"
+        );
+        // Without --trusted-only the untrusted near one is the cheaper of the two.
+        o.trusted_only = false;
+        let s = select(&o, &refs, &rtt, &trust, &none(), &BTreeSet::new(), 2);
+        assert_eq!(s.picked, vec![key(2), key(1)]);
+    }
+
+    #[test]
     fn each_filter_counts() {
         let mut offers = vec![
             offer(1, 10),

@@ -109,6 +109,7 @@ fn arb_refusal() -> impl Strategy<Value = Refusal> {
         Just(Refusal::Duplicate),
         Just(Refusal::OutsideHours),
         (any::<u64>(), any::<u64>()).prop_map(|(size, cap)| Refusal::ImageTooLarge { size, cap }),
+        ".{0,40}".prop_map(|why| Refusal::BadTerms { why }),
     ]
 }
 
