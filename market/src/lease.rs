@@ -14,9 +14,9 @@ use crate::signed::{sign_bytes, signing_bytes, verify_bytes, Domain, Sig, Signed
 pub const DEFAULT_PERIOD_S: u32 = 60;
 /// How long a seller keeps a guest running without hearing an ack.
 pub const DEFAULT_GRACE_S: u32 = 120;
-/// Billing periods a seller accepts: short enough that a guest is not run long on
-/// credit, long enough that receipts are not a flood.
-pub const PERIOD_RANGE_S: std::ops::RangeInclusive<u32> = 10..=600;
+/// Billing periods a seller accepts: a guest runs at most ten minutes on credit
+/// (short periods are for tests and demos).
+pub const PERIOD_RANGE_S: std::ops::RangeInclusive<u32> = 1..=600;
 /// The longest grace a seller grants (a guest runs unpaid at most this long).
 pub const MAX_GRACE_S: u32 = 3600;
 
@@ -465,7 +465,7 @@ pub(crate) mod tests {
                 free: 2048
             })
         );
-        for (period, grace) in [(0, 120), (9, 120), (601, 1200), (60, 59), (60, 3601)] {
+        for (period, grace) in [(0, 120), (601, 1200), (60, 59), (60, 3601)] {
             let mut bad = terms(&b, &s, 2);
             bad.period_s = period;
             bad.grace_s = grace;
