@@ -191,8 +191,12 @@ impl EgressFilter {
     }
 
     /// Whether a frame from the guest may enter the session to the buyer.
+    /// A frame the rules reject is charged too (as far as the buckets reach): reading
+    /// and judging it cost the seller as much as an accepted one.
     pub fn check_egress(&mut self, frame: &[u8], now: Instant) -> Result<(), DropReason> {
-        let v = classify_egress(&self.lease, frame)?;
+        let v = classify_egress(&self.lease, frame).inspect_err(|_| {
+            self.charge_rejected(frame.len(), now);
+        })?;
         if v.group && !self.group.has(1, now) {
             return Err(DropReason::BroadcastRate);
         }
@@ -207,6 +211,23 @@ impl EgressFilter {
             self.group.take(1, now);
         }
         Ok(())
+    }
+
+    /// Charge a guest frame that was rejected before the rules (e.g. its offload
+    /// request was refused): one packet and its bytes, as far as the buckets reach.
+    pub fn charge_rejected(&mut self, len: usize, now: Instant) {
+        self.packets.spend(1, now);
+        self.bytes.spend(len as u64, now);
+    }
+
+    /// How long the guest port should rest before it reads more guest frames: zero
+    /// while the buckets hold `frames` packets and `bytes` bytes, else the time until
+    /// they do. Frames the guest sends meanwhile wait in (or overflow) the kernel's
+    /// queue at no cost to the seller.
+    pub fn backoff(&mut self, frames: u64, bytes: u64, now: Instant) -> std::time::Duration {
+        self.packets
+            .wait_for(frames, now)
+            .max(self.bytes.wait_for(bytes, now))
     }
 
     /// Whether a frame from the buyer may be written to the guest: it must be
@@ -546,6 +567,36 @@ mod tests {
         }
         assert_eq!(ok, 20, "packet bucket refilled to its burst");
         assert_eq!(f.check_egress(&small, t2), Err(DropReason::PacketRate));
+    }
+
+    #[test]
+    fn rejected_frames_are_charged_and_the_port_backs_off() {
+        let t0 = Instant::now();
+        let mut l = lease();
+        l.limits.packets_per_sec = 1000;
+        l.limits.packet_burst = 10;
+        let mut f = EgressFilter::new(&l);
+        assert_eq!(f.backoff(10, 1000, t0), Duration::ZERO);
+        let forged = udp4(GUEST_MAC, BUYER_MAC, BUYER_IP, GUEST_IP, 1, 2, b"");
+        for _ in 0..10 {
+            assert_eq!(f.check_egress(&forged, t0), Err(DropReason::Ipv4Source));
+        }
+        let good = udp4(GUEST_MAC, BUYER_MAC, GUEST_IP, BUYER_IP, 1, 2, b"");
+        assert_eq!(
+            f.check_egress(&good, t0),
+            Err(DropReason::PacketRate),
+            "junk used up the guest's own packet budget"
+        );
+        assert_eq!(f.backoff(5, 1000, t0), Duration::from_millis(5));
+        f.charge_rejected(100, t0);
+        assert_eq!(
+            f.backoff(5, 1000, t0),
+            Duration::from_millis(5),
+            "an empty bucket stays at zero"
+        );
+        let t1 = t0 + Duration::from_millis(5);
+        assert_eq!(f.backoff(5, 1000, t1), Duration::ZERO);
+        assert_eq!(f.check_egress(&good, t1), Ok(()));
     }
 
     #[test]

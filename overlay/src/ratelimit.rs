@@ -58,6 +58,28 @@ impl TokenBucket {
         self.nano_tokens >= n as u128 * NANOS
     }
 
+    /// Takes `n` tokens, or all there are when fewer (work already done is paid for
+    /// even when the bucket cannot cover it).
+    pub fn spend(&mut self, n: u64, now: Instant) {
+        self.refill(now);
+        self.nano_tokens = self.nano_tokens.saturating_sub(n as u128 * NANOS);
+    }
+
+    /// How long until `n` tokens are there (zero if they are; `n` is capped at the
+    /// burst, which is all a bucket ever holds).
+    pub fn wait_for(&mut self, n: u64, now: Instant) -> Duration {
+        self.refill(now);
+        let need = n.min(self.burst) as u128 * NANOS;
+        if self.nano_tokens >= need {
+            return Duration::ZERO;
+        }
+        if self.rate == 0 {
+            return Duration::MAX;
+        }
+        let ns = (need - self.nano_tokens).div_ceil(self.rate as u128);
+        Duration::from_nanos(ns.min(u64::MAX as u128) as u64)
+    }
+
     /// How long an idle bucket takes to fill up again.
     fn fill_time(&self) -> Duration {
         if self.rate == 0 {
@@ -163,6 +185,28 @@ mod tests {
         assert!(
             !b.take(6, later + Duration::from_secs(10)),
             "more than burst never fits"
+        );
+    }
+
+    #[test]
+    fn spend_and_wait_for() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(1000, 100);
+        b.spend(150, t0);
+        assert!(!b.has(1, t0), "spending past the tokens leaves none");
+        assert_eq!(b.wait_for(10, t0), Duration::from_millis(10));
+        assert_eq!(
+            b.wait_for(1000, t0),
+            Duration::from_millis(100),
+            "capped at the burst"
+        );
+        let t1 = t0 + Duration::from_millis(10);
+        assert_eq!(b.wait_for(10, t1), Duration::ZERO);
+        assert!(b.take(10, t1));
+        assert_eq!(
+            TokenBucket::new(0, 1).wait_for(2, t0),
+            Duration::ZERO,
+            "a full bucket needs no wait"
         );
     }
 

@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tracing::debug;
 
@@ -74,6 +74,13 @@ impl SellerCore {
     /// Whether a session with the buyer is up (usable keys).
     pub fn is_established(&self) -> bool {
         self.keys.current.is_some()
+    }
+
+    /// The buyer moved to `addr` (its home line got a new address): send there from
+    /// now on. The session keys stay; the buyer learns our endpoint from the first
+    /// authenticated datagram, so no new lease or handshake is needed.
+    pub fn set_buyer_addr(&mut self, addr: SocketAddr) {
+        self.config.buyer_addr = addr;
     }
 
     /// Handles one UDP datagram received from `from`. Only datagrams from the buyer's
@@ -247,6 +254,28 @@ impl SellerCore {
         } else {
             self.stats.drops.inc(DropReason::QueueFull);
         }
+    }
+
+    /// Counts a guest frame the I/O shell refused before the filter (e.g. an offload
+    /// request it would not carry out) and charges it to the guest's rate limit: the
+    /// guest pays for what it hands the seller, accepted or not.
+    pub fn reject_guest_frame(&mut self, reason: DropReason, len: usize, now: Instant) {
+        self.filter.charge_rejected(len, now);
+        self.stats.drops.inc(reason);
+    }
+
+    /// How long the I/O shell should leave the guest's frames unread: zero while the
+    /// guest's rate limit has room for `frames` more frames of `bytes` bytes in all,
+    /// else the time until it has. A guest over its limit then costs the seller
+    /// nothing: its frames wait in the kernel's queue, or overflow it.
+    pub fn guest_backoff(&mut self, frames: u64, bytes: u64, now: Instant) -> Duration {
+        self.filter.backoff(frames, bytes, now)
+    }
+
+    /// Counts drops the I/O shell saw on the guest's path (tap and socket queues,
+    /// refused sends), so they show with the rest.
+    pub fn count_path_drops(&mut self, reason: DropReason, n: u64) {
+        self.stats.drops.add_n(reason, n);
     }
 
     /// Encrypts `frame` (empty: keepalive) with the current keys and queues the datagram.

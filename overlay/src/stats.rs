@@ -97,6 +97,28 @@ drop_reasons! {
     PacketRate => "packet_rate",
     /// Frame towards the guest not addressed to it (nor broadcast).
     IngressNotForGuest => "ingress_not_for_guest",
+    /// Guest frame whose checksum-offload offsets point outside the frame or at no
+    /// transport checksum field.
+    OffloadBadOffsets => "offload_bad_offsets",
+    /// Guest frame asking for a segmentation offload we do not do (UDP, ECN, unknown).
+    OffloadUnsupported => "offload_unsupported",
+    /// Guest segmentation-offload frame that is not the Ethernet + IP + TCP it claims.
+    OffloadMalformed => "offload_malformed",
+    /// Guest segmentation-offload frame with a segment size under the floor
+    /// (`gso_size` 1 would make tens of thousands of segments out of one frame).
+    GsoSegmentTooSmall => "gso_segment_too_small",
+    /// Guest segmentation-offload frame that would make more segments than the cap.
+    GsoTooManySegments => "gso_too_many_segments",
+    /// Seller: frames to the guest its port refused to send (e.g. `ENOBUFS`: the
+    /// tap's queue was full, or it could not take the frame's offloads).
+    ToGuestSendFailed => "to_guest_send_failed",
+    /// Seller: frames to the guest the tap dropped besides those (its `tx_dropped`).
+    ToGuestTapDropped => "to_guest_tap_dropped",
+    /// Seller: guest frames the guest port's socket had no room for
+    /// (`PACKET_STATISTICS` `tp_drops`).
+    FromGuestSocketOverflow => "from_guest_socket_overflow",
+    /// Seller: guest frames the tap dropped on their way in (its `rx_dropped`).
+    FromGuestTapDropped => "from_guest_tap_dropped",
 }
 
 /// One counter per [`DropReason`].
@@ -109,6 +131,13 @@ impl DropCounters {
     /// Counts one drop.
     pub fn inc(&mut self, reason: DropReason) {
         *self.counts.entry(reason).or_insert(0) += 1;
+    }
+
+    /// Counts `n` drops.
+    pub fn add_n(&mut self, reason: DropReason, n: u64) {
+        if n > 0 {
+            *self.counts.entry(reason).or_insert(0) += n;
+        }
     }
 
     /// Drops counted for `reason`.

@@ -43,12 +43,78 @@ impl VnetHdr {
 /// Why a frame carrying a virtio_net_hdr could not be turned into wire frames.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OffloadError {
-    /// Header or checksum offsets point outside the frame.
+    /// Header or checksum offsets point outside the frame (or, for a guest, at no
+    /// transport checksum field).
     BadOffsets,
     /// A segmentation request we do not implement (UDP, ECN, unknown type).
     UnsupportedGso,
     /// The GSO frame is not the plain Ethernet + IP + TCP it claims to be.
     Malformed,
+    /// The segment size is under [`WireLimits::min_gso_size`].
+    SegmentTooSmall,
+    /// The frame would make more than [`WireLimits::max_segments`] segments.
+    TooManySegments,
+    /// The frame (or each of its segments) is larger than [`WireLimits::max_frame`].
+    Oversize,
+}
+
+impl OffloadError {
+    /// The drop counter a refused guest frame goes to.
+    pub fn drop_reason(self) -> crate::DropReason {
+        use crate::DropReason as D;
+        match self {
+            OffloadError::BadOffsets => D::OffloadBadOffsets,
+            OffloadError::UnsupportedGso => D::OffloadUnsupported,
+            OffloadError::Malformed => D::OffloadMalformed,
+            OffloadError::SegmentTooSmall => D::GsoSegmentTooSmall,
+            OffloadError::TooManySegments => D::GsoTooManySegments,
+            OffloadError::Oversize => D::Oversize,
+        }
+    }
+}
+
+/// Smallest TCP segment payload a guest's segmentation-offload frame may ask for: the
+/// default MSS of RFC 879. `gso_size` 1 would turn one 64 KiB frame into tens of
+/// thousands of segments, each costing the seller a header copy, two checksums, an
+/// encryption and a datagram. A guest whose peer wants smaller segments turns TSO off.
+pub const MIN_GUEST_GSO_SIZE: usize = 536;
+/// Most segments one guest frame may become (a 64 KiB frame at the floor makes 123).
+pub const MAX_GUEST_GSO_SEGMENTS: usize = 128;
+
+/// What one frame with a virtio_net_hdr may ask for, so that its cost to the seller
+/// stays in proportion to its size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WireLimits {
+    /// Largest wire frame (Ethernet header included) worth producing; larger ones are
+    /// refused before any checksum or segmentation work.
+    pub max_frame: usize,
+    /// Smallest segment payload a GSO frame may ask for.
+    pub min_gso_size: usize,
+    /// Most segments one GSO frame may become.
+    pub max_segments: usize,
+    /// Checksum offload only for a transport checksum field (offset 6 or 16) at an
+    /// even offset after an IPv4 header's worth of bytes.
+    pub strict_csum: bool,
+}
+
+impl WireLimits {
+    /// Frames from the host's own kernel (the buyer's tap): trusted, no limits.
+    pub const HOST: WireLimits = WireLimits {
+        max_frame: usize::MAX,
+        min_gso_size: 1,
+        max_segments: usize::MAX,
+        strict_csum: false,
+    };
+
+    /// Frames from a guest whose wire frames may be up to `max_frame` bytes.
+    pub fn guest(max_frame: usize) -> WireLimits {
+        WireLimits {
+            max_frame,
+            min_gso_size: MIN_GUEST_GSO_SIZE,
+            max_segments: MAX_GUEST_GSO_SEGMENTS,
+            strict_csum: true,
+        }
+    }
 }
 
 /// One's-complement sum of `data` added to `sum` (not folded).
@@ -89,15 +155,38 @@ pub fn finish_csum(frame: &mut [u8], h: &VnetHdr) -> Result<(), OffloadError> {
 /// Turn one frame that came with a virtio_net_hdr into wire frames, handing each to
 /// `emit`. Plain frames are passed through (checksum finished if asked); TCP GSO
 /// superframes are segmented with every checksum computed. `scratch` is reused.
+/// No limits: for the host's own frames (see [`to_wire_frames_within`]).
 pub fn to_wire_frames(
     hdr: &VnetHdr,
     frame: &mut [u8],
     scratch: &mut Vec<u8>,
+    emit: impl FnMut(&[u8]),
+) -> Result<(), OffloadError> {
+    to_wire_frames_within(hdr, frame, scratch, &WireLimits::HOST, emit)
+}
+
+/// [`to_wire_frames`] for frames that must stay within `lim`: everything is checked
+/// before any work is done, so a refused frame costs a header parse.
+pub fn to_wire_frames_within(
+    hdr: &VnetHdr,
+    frame: &mut [u8],
+    scratch: &mut Vec<u8>,
+    lim: &WireLimits,
     mut emit: impl FnMut(&[u8]),
 ) -> Result<(), OffloadError> {
     let gso = hdr.gso_type & !GSO_ECN;
     if gso == GSO_NONE {
         if hdr.flags & F_NEEDS_CSUM != 0 {
+            if frame.len() > lim.max_frame {
+                return Err(OffloadError::Oversize);
+            }
+            // A transport header starts on an even offset (IP headers are 4-byte
+            // multiples after the 14-byte Ethernet header).
+            let odd = hdr.csum_start % 2 != 0;
+            if lim.strict_csum && (odd || hdr.csum_start < 34 || !matches!(hdr.csum_offset, 6 | 16))
+            {
+                return Err(OffloadError::BadOffsets);
+            }
             finish_csum(frame, hdr)?;
         }
         emit(frame);
@@ -111,19 +200,23 @@ pub fn to_wire_frames(
         GSO_TCPV6 => false,
         _ => return Err(OffloadError::UnsupportedGso),
     };
-    segment_tcp(frame, v4, hdr.gso_size as usize, scratch, &mut emit)
+    segment_tcp(frame, v4, hdr.gso_size as usize, lim, scratch, &mut emit)
 }
 
 fn segment_tcp(
     frame: &[u8],
     v4: bool,
     mss: usize,
+    lim: &WireLimits,
     seg: &mut Vec<u8>,
     emit: &mut impl FnMut(&[u8]),
 ) -> Result<(), OffloadError> {
     const ETH: usize = 14;
     if frame.len() < ETH || mss == 0 {
         return Err(OffloadError::Malformed);
+    }
+    if mss < lim.min_gso_size {
+        return Err(OffloadError::SegmentTooSmall);
     }
     let et = u16::from_be_bytes([frame[12], frame[13]]);
     let (ip_len, proto) = if v4 {
@@ -132,6 +225,10 @@ fn segment_tcp(
         }
         let ihl = (frame[ETH] & 0x0f) as usize * 4;
         if frame[ETH] >> 4 != 4 || ihl < 20 || frame.len() < ETH + ihl {
+            return Err(OffloadError::Malformed);
+        }
+        // A fragment cannot be segmented (TSO never makes one).
+        if u16::from_be_bytes([frame[ETH + 6], frame[ETH + 7]]) & 0x3fff != 0 {
             return Err(OffloadError::Malformed);
         }
         (ihl, frame[ETH + 9])
@@ -163,6 +260,12 @@ fn segment_tcp(
     };
     let flags0 = frame[tcp + 13];
     let n = payload.len().div_ceil(mss).max(1);
+    if n > lim.max_segments {
+        return Err(OffloadError::TooManySegments);
+    }
+    if hl + mss.min(payload.len()) > lim.max_frame {
+        return Err(OffloadError::Oversize);
+    }
     for i in 0..n {
         let lo = i * mss;
         let hi = (lo + mss).min(payload.len());
@@ -490,6 +593,124 @@ mod tests {
                 data.extend_from_slice(&s[54..]);
             }).unwrap();
             prop_assert_eq!(data, orig);
+        }
+    }
+
+    fn gso_hdr(gso_size: u16) -> VnetHdr {
+        VnetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_TCPV4,
+            hdr_len: 54,
+            gso_size,
+            csum_start: 34,
+            csum_offset: 16,
+        }
+    }
+
+    /// Segments a guest frame within `lim`, counting what it emits.
+    fn guest_segs(h: &VnetHdr, f: &mut [u8], lim: &WireLimits) -> Result<usize, OffloadError> {
+        let mut n = 0;
+        to_wire_frames_within(h, f, &mut Vec::new(), lim, |_| n += 1).map(|_| n)
+    }
+
+    #[test]
+    fn guest_limits_refuse_costly_frames_before_any_work() {
+        let lim = WireLimits::guest(1514);
+        let mut f = tcp_v4_frame(65000, 0x18);
+        for (gso, want) in [
+            (1, Err(OffloadError::SegmentTooSmall)),
+            (535, Err(OffloadError::SegmentTooSmall)),
+            (536, Ok(122)),
+            (1460, Ok(45)),
+            (1461, Err(OffloadError::Oversize)),
+        ] {
+            assert_eq!(
+                guest_segs(&gso_hdr(gso), &mut f, &lim),
+                want,
+                "gso_size {gso}"
+            );
+        }
+        // The host's own frames keep working at any size.
+        assert_eq!(
+            guest_segs(&gso_hdr(100), &mut f, &WireLimits::HOST),
+            Ok(650)
+        );
+        let mut most = tcp_v4_frame(536 * 128, 0x18);
+        assert_eq!(guest_segs(&gso_hdr(536), &mut most, &lim), Ok(128));
+        let few = WireLimits {
+            max_segments: 44,
+            ..lim
+        };
+        assert_eq!(
+            guest_segs(&gso_hdr(1460), &mut f, &few),
+            Err(OffloadError::TooManySegments)
+        );
+        let mut frag = tcp_v4_frame(4000, 0x18);
+        frag[20] = 0x20; // more fragments
+        assert_eq!(
+            guest_segs(&gso_hdr(1400), &mut frag, &lim),
+            Err(OffloadError::Malformed)
+        );
+        // Checksum offload: only a transport checksum field, only within the size cap.
+        let plain = |start, offset| VnetHdr {
+            flags: F_NEEDS_CSUM,
+            csum_start: start,
+            csum_offset: offset,
+            ..Default::default()
+        };
+        let mut small = tcp_v4_frame(100, 0x10);
+        assert_eq!(guest_segs(&plain(34, 16), &mut small, &lim), Ok(1));
+        assert_eq!(guest_segs(&plain(34, 6), &mut small, &lim), Ok(1));
+        for (start, offset) in [(35, 16), (34, 7), (3, 16), (34, 200), (200, 16)] {
+            assert_eq!(
+                guest_segs(&plain(start, offset), &mut small, &lim),
+                Err(OffloadError::BadOffsets),
+                "csum_start {start} csum_offset {offset}"
+            );
+        }
+        let mut big = tcp_v4_frame(3000, 0x10);
+        assert_eq!(
+            guest_segs(&plain(34, 16), &mut big, &lim),
+            Err(OffloadError::Oversize)
+        );
+        for e in [
+            OffloadError::BadOffsets,
+            OffloadError::UnsupportedGso,
+            OffloadError::Malformed,
+            OffloadError::SegmentTooSmall,
+            OffloadError::TooManySegments,
+            OffloadError::Oversize,
+        ] {
+            assert!(!e.drop_reason().as_str().is_empty());
+        }
+    }
+
+    proptest! {
+        // Whatever a guest asks for, the bytes emitted stay within a small factor of
+        // the frame's own size and the segment count within the cap.
+        #[test]
+        fn guest_frames_cost_in_proportion(hdr in proptest::collection::vec(any::<u8>(), 10),
+                                           gso in any::<u16>(),
+                                           csum_start in 0u16..200,
+                                           len in 0usize..66000,
+                                           v4 in any::<bool>()) {
+            let mut h = VnetHdr::parse(&hdr).unwrap();
+            h.gso_size = gso;
+            h.csum_start = csum_start;
+            if v4 {
+                h.gso_type = GSO_TCPV4;
+            }
+            let mut f = tcp_v4_frame(len, hdr[0]);
+            let lim = WireLimits::guest(1514);
+            let (mut n, mut bytes) = (0usize, 0usize);
+            let _ = to_wire_frames_within(&h, &mut f, &mut Vec::new(), &lim, |s| {
+                n += 1;
+                bytes += s.len();
+                assert!(s.len() <= 1514 || (n == 1 && h.gso_type == 0 && h.flags & F_NEEDS_CSUM == 0));
+            });
+            prop_assert!(n <= MAX_GUEST_GSO_SEGMENTS);
+            // Headers of up to 54 bytes per segment of at least 536 bytes: under 1.11x.
+            prop_assert!(bytes as f64 <= f.len() as f64 * 1.11 + 54.0, "{bytes} bytes from {}", f.len());
         }
     }
 

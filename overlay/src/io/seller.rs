@@ -12,16 +12,23 @@ use std::time::{Duration, Instant};
 
 use super::batch::{RecvBatch, SendBatch};
 use super::netns::NetNs;
-use super::offload::{TcpMerger, MAX_MERGED_FRAME};
+use super::offload::{TcpMerger, MAX_MERGED_FRAME, VNET_HDR_LEN};
 use super::packet::PacketPort;
 use super::shell::{
-    self, os, IoCounters, Sending, POLL_MS, TICK, UDP_BATCH, UDP_GRO_SLOT, UDP_SLOT,
+    self, os, IoCounters, Sending, PARK_MS, POLL_MS, TICK, UDP_BATCH, UDP_GRO_SLOT, UDP_SLOT,
 };
 use super::spin::{self, Handoff, Poller, Spin, Wake};
 use super::sys;
 use super::tap::{Tap, TapOptions};
 use crate::stats::SellerStats;
 use crate::{Error, SellerCore};
+
+mod guest_path;
+mod guest_rx;
+
+use guest_path::GuestPath;
+pub use guest_path::{parse_net_dev, takes_tso4};
+use guest_rx::GuestRx;
 
 /// Make a lease namespace: empty, IPv6 off, no forwarding. Deleted when dropped.
 pub fn create_lease_netns(name: &str) -> Result<NetNs, Error> {
@@ -139,6 +146,8 @@ impl Seller {
             "connecting the UDP socket to the buyer at {buyer}"
         )))?;
         let ifname = port.ifname().to_string();
+        let path = GuestPath::new(port.as_raw_fd(), &ifname);
+        let max_frame = core.config().lease.mtu as usize + crate::eth::ETH_HDR;
         let core = Arc::new(Mutex::new(core));
         let counters = Arc::new(IoCounters::default());
         let stop = Arc::new(AtomicBool::new(false));
@@ -148,12 +157,12 @@ impl Seller {
         {
             let Sending { mut out, mut tx } = Sending::new(udp.peer_addr().ok());
             lock(&core).tick(Instant::now(), &mut out);
-            let mut gtx = PacketPort::send_batch(8, 65536);
+            let mut gtx = GuestTx::new(8, 65536);
             shell::run_actions(&mut out, udp.as_raw_fd(), &mut tx, |f| {
-                PacketPort::queue(&mut gtx, f)
+                gtx.queue(&port, &counters, &path, &[0; VNET_HDR_LEN], f)
             });
             let _ = tx.flush(udp.as_raw_fd());
-            let _ = port.flush(&mut gtx);
+            gtx.flush(&port, &counters, &path);
         }
         let shared = Arc::new(Shared {
             core,
@@ -166,6 +175,7 @@ impl Seller {
             home: Wake::new().map_err(os("creating an eventfd"))?,
             helper: Wake::new().map_err(os("creating an eventfd"))?,
             budget: io.busy_poll,
+            path,
         });
         let mut threads = Vec::new();
         let spawn = |n: String, f: Box<dyn FnOnce() + Send>| {
@@ -182,7 +192,7 @@ impl Seller {
         let sh = shared.clone();
         threads.push(spawn(
             format!("ovl-g-{tag}"),
-            Box::new(move || home_loop(&sh, home_poller)),
+            Box::new(move || home_loop(&sh, home_poller, max_frame)),
         )?);
         let sh = shared.clone();
         threads.push(spawn(
@@ -217,8 +227,19 @@ impl Seller {
         lock(&self.shared.core).is_established()
     }
 
+    /// Counters, the losses on the guest's path up to now included.
     pub fn stats(&self) -> SellerStats {
-        lock(&self.shared.core).stats()
+        let sh = &self.shared;
+        let losses = sh.path.losses(sh.port.as_raw_fd());
+        let mut core = lock(&sh.core);
+        losses.count(&mut core);
+        core.stats()
+    }
+
+    /// Whether frames to the guest are merged into TCP superframes (the guest's
+    /// interface takes them: a VMM with offloads on).
+    pub fn merges_to_guest(&self) -> bool {
+        self.shared.path.merge()
     }
 
     pub fn io_counters(&self) -> &IoCounters {
@@ -252,80 +273,120 @@ struct Shared {
     home: Wake,
     helper: Wake,
     budget: Duration,
+    /// Offload flags of the guest's interface and losses on the way to and from it.
+    path: GuestPath,
 }
 
-fn flush_guest(port: &PacketPort, gtx: &mut SendBatch, c: &IoCounters) {
-    if !gtx.is_empty() && port.flush(gtx).is_err() {
-        IoCounters::bump(&c.write_errors);
+/// Frames queued for the guest port, counted so that the ones it refuses are too.
+struct GuestTx {
+    b: SendBatch,
+    n: usize,
+}
+
+impl GuestTx {
+    fn new(slots: usize, max_frame: usize) -> GuestTx {
+        GuestTx {
+            b: PacketPort::send_batch(slots, max_frame),
+            n: 0,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// Queue `f` with virtio_net_hdr `hdr`, sending what is queued first when full.
+    fn queue(&mut self, port: &PacketPort, c: &IoCounters, path: &GuestPath, hdr: &[u8], f: &[u8]) {
+        if self.b.is_full() {
+            self.flush(port, c, path);
+        }
+        PacketPort::queue_with_hdr(&mut self.b, hdr, f);
+        self.n += 1;
+    }
+
+    /// Send what is queued; returns how many frames the port refused (counted).
+    fn flush(&mut self, port: &PacketPort, c: &IoCounters, path: &GuestPath) -> usize {
+        let n = std::mem::take(&mut self.n);
+        if n == 0 {
+            return 0;
+        }
+        let lost = match port.flush(&mut self.b) {
+            Ok(sent) => n.saturating_sub(sent),
+            Err(_) => {
+                IoCounters::bump(&c.write_errors);
+                n
+            }
+        };
+        path.send_failed(lost as u64);
+        lost
     }
 }
 
 /// The guest -> buyer direction (always driven by the home thread).
 struct GuestIn {
-    rx: RecvBatch,
-    scratch: Vec<u8>,
-    seg: Vec<u8>,
+    rx: GuestRx,
 }
 
+/// Room the guest's rate limit must have before the port is read again: a batch of
+/// frames, one superframe's bytes.
+const READ_FRAMES: u64 = 16;
+const READ_BYTES: u64 = 64 * 1024;
+
 impl GuestIn {
-    fn new() -> GuestIn {
+    fn new(max_frame: usize) -> GuestIn {
         GuestIn {
-            rx: PacketPort::recv_batch(16),
-            scratch: Vec::with_capacity(65536 + 64),
-            seg: Vec::with_capacity(2048),
+            rx: GuestRx::new(READ_FRAMES as usize, max_frame),
         }
     }
 
     /// Take what the guest port has queued (never blocks), filter, encrypt and send
-    /// it. Returns (messages read, whether anything went to the buyer).
-    fn pass(&mut self, sh: &Shared, now: Instant, snd: &mut Sending) -> (usize, bool) {
+    /// it. Returns (messages read, whether anything went to the buyer, how long the
+    /// port should now rest because the guest is over its rate limit).
+    fn pass(&mut self, sh: &Shared, now: Instant, snd: &mut Sending) -> (usize, bool, Duration) {
         let fd = sh.udp.as_raw_fd();
-        let r = {
-            // Frames go to the core straight from the receive slots (no copy): the
-            // lock is held over one non-blocking receive, a few microseconds.
-            let mut core = lock(&sh.core);
-            let (out, c) = (&mut snd.out, &sh.c);
-            sh.port
-                .recv_frames_nowait(&mut self.rx, &mut self.scratch, &mut self.seg, |f, err| {
-                    if err.is_some() {
-                        IoCounters::bump(&c.offload_errors);
-                    }
-                    core.handle_guest_frame(f, now, out);
-                })
-        };
-        let n = match r {
+        // Segmenting and checksumming happen here, without the core's lock.
+        let n = match self.rx.read(sh.port.as_raw_fd()) {
             Ok(n) => n,
             Err(e) => {
                 tracing::warn!(error = %e, "guest port receive failed");
                 std::thread::sleep(Duration::from_millis(POLL_MS));
-                return (0, false);
+                return (0, false, Duration::ZERO);
             }
         };
         if n == 0 {
-            return (0, false);
+            return (0, false, Duration::ZERO);
         }
+        let rest = {
+            let mut core = lock(&sh.core);
+            let (out, c) = (&mut snd.out, &sh.c);
+            self.rx.for_each(|f| match f {
+                Ok(f) => core.handle_guest_frame(f, now, out),
+                Err((reason, len)) => {
+                    IoCounters::bump(&c.offload_errors);
+                    core.reject_guest_frame(reason, len, now);
+                }
+            });
+            core.guest_backoff(READ_FRAMES, READ_BYTES, now)
+        };
         let sent = !snd.out.is_empty();
-        let mut gtx = None::<SendBatch>;
+        let mut gtx = None::<GuestTx>;
         shell::run_actions(&mut snd.out, fd, &mut snd.tx, |f| {
             // The core never sends guest-bound frames from here, but stay correct if it does.
-            let b = gtx.get_or_insert_with(|| PacketPort::send_batch(8, 65536));
-            if b.is_full() {
-                flush_guest(&sh.port, b, &sh.c);
-            }
-            PacketPort::queue(b, f);
+            let b = gtx.get_or_insert_with(|| GuestTx::new(8, 65536));
+            b.queue(&sh.port, &sh.c, &sh.path, &[0; VNET_HDR_LEN], f);
         });
         let _ = snd.tx.flush(fd);
         if let Some(mut b) = gtx {
-            flush_guest(&sh.port, &mut b, &sh.c);
+            b.flush(&sh.port, &sh.c, &sh.path);
         }
-        (n, sent)
+        (n, sent, rest)
     }
 }
 
 /// The buyer -> guest direction (home thread when light, helper thread in bulk).
 struct UdpIn {
     rx: RecvBatch,
-    gtx: SendBatch,
+    gtx: GuestTx,
     /// In-order TCP segments of a batch go to the guest as one TSO frame: the guest
     /// (its stack, or the VMM's tap) handles one packet instead of ~45.
     merger: TcpMerger,
@@ -340,7 +401,7 @@ impl UdpIn {
         rx.enable_udp_gro(udp.as_raw_fd());
         UdpIn {
             rx,
-            gtx: PacketPort::send_batch(GUEST_TX_SLOTS, MAX_MERGED_FRAME),
+            gtx: GuestTx::new(GUEST_TX_SLOTS, MAX_MERGED_FRAME),
             merger: TcpMerger::new(),
         }
     }
@@ -357,28 +418,39 @@ impl UdpIn {
             let out = &mut snd.out;
             shell::each_datagram(&self.rx, n, |from, d| core.handle_udp(from, d, now, out));
         }
-        let (gtx, port, c, merger) = (&mut self.gtx, &sh.port, &sh.c, &mut self.merger);
-        let mut emit = |h: &[u8], f: &[u8]| {
-            if gtx.is_full() {
-                flush_guest(port, gtx, c);
-            }
-            PacketPort::queue_with_hdr(gtx, h, f)
-        };
-        shell::run_actions(&mut snd.out, fd, &mut snd.tx, |f| merger.push(f, &mut emit));
-        merger.flush(&mut emit);
+        let (gtx, port, c, path) = (&mut self.gtx, &*sh.port, &*sh.c, &sh.path);
+        let mut emit = |h: &[u8], f: &[u8]| gtx.queue(port, c, path, h, f);
+        // Superframes only to an interface that takes them (a VMM with offloads on);
+        // the others get the frames as they came, MTU-sized.
+        let merging = path.merge();
+        if merging {
+            let merger = &mut self.merger;
+            shell::run_actions(&mut snd.out, fd, &mut snd.tx, |f| merger.push(f, &mut emit));
+            merger.flush(&mut emit);
+        } else {
+            shell::run_actions(&mut snd.out, fd, &mut snd.tx, |f| {
+                emit(&[0; VNET_HDR_LEN], f)
+            });
+        }
         let _ = snd.tx.flush(fd);
         let delivered = !self.gtx.is_empty();
-        flush_guest(&sh.port, &mut self.gtx, &sh.c);
+        let lost = self.gtx.flush(port, c, path);
+        if lost > 0 && merging {
+            // The VMM may have turned offloads off: look again now, not at the next tick.
+            path.refresh_offloads(port.as_raw_fd());
+        }
         (n, delivered)
     }
 }
 
 /// The guest port's thread; also serves UDP -> guest unless the helper has it, and
 /// spins for answers (see [`super::spin`]). Reads only what the poller reported.
-fn home_loop(sh: &Shared, mut poller: Poller) {
+fn home_loop(sh: &Shared, mut poller: Poller, max_frame: usize) {
     const PORT: u32 = 1 << 0;
     const UDP: u32 = 1 << 1;
-    let mut gin = GuestIn::new();
+    let mut gin = GuestIn::new(max_frame);
+    // While the guest is over its rate limit the port rests (unwatched) until then.
+    let mut resting: Option<Instant> = None;
     // Both directions this thread serves send through one queue and batch.
     let mut snd = Sending::new(sh.udp.peer_addr().ok());
     let mut spin = Spin::new(sh.budget);
@@ -387,11 +459,18 @@ fn home_loop(sh: &Shared, mut poller: Poller) {
     while !sh.stop.load(Ordering::Relaxed) {
         // One clock read per wake-up: a pass takes microseconds, the spin budget hundreds.
         let now = Instant::now();
-        let (g, sent) = if ready & PORT != 0 {
+        if resting.is_some_and(|t| now >= t) && poller.watch(0, true).is_ok() {
+            resting = None;
+            ready |= PORT;
+        }
+        let (g, sent, rest) = if ready & PORT != 0 && resting.is_none() {
             gin.pass(sh, now, &mut snd)
         } else {
-            (0, false)
+            (0, false, Duration::ZERO)
         };
+        if !rest.is_zero() && poller.watch(0, false).is_ok() {
+            resting = Some(now + rest);
+        }
         if g > 0 {
             spin.got_local(now);
         }
@@ -416,17 +495,28 @@ fn home_loop(sh: &Shared, mut poller: Poller) {
         if sent {
             spin.sent_remote(now);
         }
-        let full =
-            if g == gin.rx.slots() { PORT } else { 0 } | if u == UDP_BATCH { UDP } else { 0 };
-        ready = shell::next_ready(
-            full,
-            now,
-            &mut spin,
-            &mut poller,
-            &sh.home,
-            || sh.handoff.helper() == helper,
-            "seller",
-        );
+        let port_full = g == gin.rx.slots() && resting.is_none();
+        let full = if port_full { PORT } else { 0 } | if u == UDP_BATCH { UDP } else { 0 };
+        ready = match resting {
+            // Wait no longer than the rest (the port is not watched meanwhile).
+            Some(t) if full == 0 => {
+                let ms = t.saturating_duration_since(now).as_micros().div_ceil(1000);
+                sh.home
+                    .park(&mut poller, ms.clamp(1, PARK_MS as u128) as i32, || {
+                        sh.handoff.helper() == helper
+                    })
+                    .unwrap_or(0)
+            }
+            _ => shell::next_ready(
+                full,
+                now,
+                &mut spin,
+                &mut poller,
+                &sh.home,
+                || sh.handoff.helper() == helper,
+                "seller",
+            ),
+        };
     }
 }
 
@@ -452,20 +542,25 @@ fn lock_in(m: &Mutex<UdpIn>) -> MutexGuard<'_, UdpIn> {
 fn tick_loop(sh: &Shared) {
     let fd = sh.udp.as_raw_fd();
     let Sending { mut out, mut tx } = Sending::new(sh.udp.peer_addr().ok());
-    let mut gtx = PacketPort::send_batch(UDP_BATCH, UDP_SLOT);
+    let mut gtx = GuestTx::new(UDP_BATCH, UDP_SLOT);
+    let pfd = sh.port.as_raw_fd();
     while !sh.stop.load(Ordering::Relaxed) {
         std::thread::park_timeout(TICK);
         if sh.stop.load(Ordering::Relaxed) {
             break;
         }
-        lock(&sh.core).tick(Instant::now(), &mut out);
+        // The VMM may turn the interface's offloads on or off at any time.
+        sh.path.refresh_offloads(pfd);
+        let losses = sh.path.losses(pfd);
+        {
+            let mut core = lock(&sh.core);
+            core.tick(Instant::now(), &mut out);
+            losses.count(&mut core);
+        }
         shell::run_actions(&mut out, fd, &mut tx, |f| {
-            if gtx.is_full() {
-                flush_guest(&sh.port, &mut gtx, &sh.c);
-            }
-            PacketPort::queue(&mut gtx, f)
+            gtx.queue(&sh.port, &sh.c, &sh.path, &[0; VNET_HDR_LEN], f)
         });
         let _ = tx.flush(fd);
-        flush_guest(&sh.port, &mut gtx, &sh.c);
+        gtx.flush(&sh.port, &sh.c, &sh.path);
     }
 }
