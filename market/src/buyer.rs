@@ -155,8 +155,6 @@ struct BuyerLease {
     /// Set once the seller countersigned.
     lease: Option<Lease>,
     ledger: LedgerEntry,
-    /// When the buyer learnt the guest runs; receipts are bounded by it.
-    running_since: Option<u64>,
     /// When the buyer stopped, lost or saw the end of the lease.
     stopped_ms: Option<u64>,
     /// Admitted on the overlay (so it needs a Revoke).
@@ -422,7 +420,6 @@ impl Fleet {
                     ended: false,
                     end_reason: None,
                 },
-                running_since: None,
                 stopped_ms: None,
                 admitted: false,
             },
@@ -546,12 +543,6 @@ impl Fleet {
                 }
             }
             GuestPhase::Running => {
-                let l = self.leases.get_mut(lease).expect("looked up above");
-                // Once a receipt was accepted the bound stays at the proposal time: a
-                // late Running would otherwise make later honest receipts look early.
-                if l.ledger.acked == 0 {
-                    l.running_since.get_or_insert(now_ms);
-                }
                 let slot = &mut self.slots[i];
                 slot.last_life_ms = slot.last_life_ms.max(now_ms);
                 if !matches!(slot.state, SlotState::Running { .. }) {
@@ -583,9 +574,8 @@ impl Fleet {
     }
 
     /// Checks a receipt and acks cumulatively. A minute is accepted iff it is at
-    /// most the periods elapsed since the guest ran (or, not known yet, since the
-    /// proposal) up to now or our stop, plus one for delays, and within the
-    /// duration; amount and total must match the price. Never counts a minute twice.
+    /// most the periods elapsed since our proposal up to now or our stop, plus one
+    /// for delays, and within the duration; amount and total must match the price. Never counts a minute twice.
     pub fn on_receipt(
         &mut self,
         r: &Signed<Receipt>,
@@ -622,7 +612,11 @@ impl Fleet {
                 want_total,
             });
         }
-        let since = l.running_since.unwrap_or(t.issued_ms);
+        // Bound by our own proposal time: the seller cannot have started before it,
+        // whatever delays or stalls held up the phases. (When we heard "Running" is
+        // no bound: a buyer whose loop stalled hears it late and would then refuse
+        // every honest receipt.)
+        let since = t.issued_ms;
         let until = l.stopped_ms.map_or(now_ms, |s| s.min(now_ms));
         let elapsed = until.saturating_sub(since) / t.period_ms();
         let mut max = u32::try_from(elapsed).unwrap_or(u32::MAX).saturating_add(1);
@@ -1208,6 +1202,94 @@ mod tests {
         let late = Lease::countersign(&ps[1].1, sk_of(&sks, &ps[1].0)).unwrap();
         let acts = f.on_accepted(late, &ps[1].0, T0 + 300_003).unwrap();
         assert!(matches!(acts.last(), Some(BuyerAction::SendStop { .. })));
+    }
+
+    #[test]
+    fn abandoned_proposals_are_stopped_when_the_seller_shows_up() {
+        let sks = sellers(2);
+        let offers = offers_of(&sks);
+        let mut f = fleet(1);
+        let (s1, p1) = proposals(&fill(&mut f, &offers, T0)).remove(0);
+        // No Accept arrives (lost); the proposal times out.
+        f.on_tick(T0 + 15_001);
+        assert_eq!(f.slots()[0].state, SlotState::Choosing);
+        let id = p1.body.id;
+        // The seller did accept and now reports phases and bills: told to stop.
+        let acts = f.on_phase(&id, &s1, GuestPhase::Running, T0 + 20_000);
+        assert!(matches!(&acts[..], [BuyerAction::SendStop { seller, .. }] if *seller == s1));
+        let r = receipt(sk_of(&sks, &s1), &p1.body, 1);
+        let acts = f.on_receipt(&r, &s1, T0 + 80_000).unwrap();
+        assert!(matches!(&acts[..], [BuyerAction::SendStop { .. }]));
+        // Nothing was billed and no ledger entry exists for it.
+        assert_eq!(f.ledger().count(), 0);
+        assert_eq!(f.cost_so_far(), 0);
+        // Life signs for it do not touch the slot.
+        let before = f.slots()[0].clone();
+        f.on_life(&id, T0 + 90_000);
+        assert_eq!(f.slots()[0], before);
+    }
+
+    #[test]
+    fn no_match_is_reported_once_per_reason() {
+        let sks = sellers(1);
+        let mut offers = offers_of(&sks);
+        offers[0].free_guests = 0;
+        let mut f = fleet(1);
+        let acts = fill(&mut f, &offers, T0);
+        assert_eq!(
+            acts,
+            vec![BuyerAction::NoMatch {
+                slot: 0,
+                why: "1 offer seen: 1 full".into()
+            }]
+        );
+        assert!(fill(&mut f, &offers, T0 + 1).is_empty());
+        assert_eq!(fill(&mut f, &[], T0 + 2).len(), 1);
+        offers[0].free_guests = 1;
+        assert_eq!(proposals(&fill(&mut f, &offers, T0 + 3)).len(), 1);
+    }
+
+    #[test]
+    fn late_running_phase_does_not_tighten_the_bound() {
+        let sks = sellers(1);
+        let offers = offers_of(&sks);
+        let mut f = fleet(1);
+        let (s, p) = proposals(&fill(&mut f, &offers, T0)).remove(0);
+        let sk = sk_of(&sks, &s);
+        let lease = Lease::countersign(&p, sk).unwrap();
+        f.on_accepted(lease, &s, T0).unwrap();
+        // The Running phase is lost; receipts arrive and make the slot Running.
+        f.on_receipt(&receipt(sk, &p.body, 1), &s, T0 + P).unwrap();
+        assert!(matches!(f.slots()[0].state, SlotState::Running { .. }));
+        // A very late (duplicated) Running must not make minute 2 look early, nor
+        // would a Running heard late because our own loop stalled.
+        f.on_phase(&p.body.id, &s, GuestPhase::Running, T0 + P + 50_000);
+        let acts = f
+            .on_receipt(&receipt(sk, &p.body, 2), &s, T0 + 2 * P)
+            .unwrap();
+        assert_eq!(acked(&acts), Some(2));
+    }
+
+    #[test]
+    fn a_stalled_buyer_still_accepts_honest_receipts() {
+        let sks = sellers(1);
+        let offers = offers_of(&sks);
+        let mut f = fleet(1);
+        let (s, p) = proposals(&fill(&mut f, &offers, T0)).remove(0);
+        let sk = sk_of(&sks, &s);
+        f.on_accepted(Lease::countersign(&p, sk).unwrap(), &s, T0 + 100)
+            .unwrap();
+        // The seller started at T0 + 1 s; our loop stalled and hears Running, then
+        // the seller's newest receipt, only 2.5 periods later.
+        f.on_phase(&p.body.id, &s, GuestPhase::Running, T0 + 2 * P + P / 2);
+        let acts = f
+            .on_receipt(&receipt(sk, &p.body, 2), &s, T0 + 2 * P + P / 2)
+            .unwrap();
+        assert_eq!(acked(&acts), Some(2));
+        let acts = f
+            .on_receipt(&receipt(sk, &p.body, 3), &s, T0 + 3 * P + 1_000)
+            .unwrap();
+        assert_eq!(acked(&acts), Some(3));
     }
 
     #[test]

@@ -43,10 +43,9 @@
 //!    signs a [`Receipt`] for that period: its number (1-based), the price and the
 //!    cumulative total. It persists first and sends after, and never receipts the
 //!    same period twice; the newest unacknowledged receipt is re-sent once a period
-//!    so a lost one is recovered. The buyer accepts period `m` only if at most
-//!    `m - 1` whole periods can have passed since the guest started running (since
-//!    the proposal if it has not heard that yet), up to its own stop, and within the
-//!    duration.
+//!    so a lost one is recovered. The buyer accepts period `m` only if at least
+//!    `m - 1` whole periods passed between its proposal (the seller cannot have
+//!    started earlier) and now or its own stop, and `m` is within the duration.
 //! 6. **Cumulative acks.** The buyer answers each valid receipt with an [`Ack`] of
 //!    every period up to the highest it accepted. Acks are cumulative and
 //!    idempotent, so loss, duplication and reordering never count a period twice:

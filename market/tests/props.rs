@@ -283,6 +283,61 @@ proptest! {
     }
 
     #[test]
+    fn offer_book_never_panics_and_keeps_one_per_seller(
+        offers in proptest::collection::vec(arb_offer(), 0..8),
+        now in any::<u64>(),
+    ) {
+        let mut book = OfferBook::new();
+        for o in offers {
+            // Random signatures: all refused, none may panic.
+            prop_assert!(book.insert(o, now).is_err());
+        }
+        prop_assert_eq!(book.len(), 0);
+    }
+
+    #[test]
+    fn offer_book_newest_seq_wins(
+        seqs in proptest::collection::vec((0usize..3, 0u64..10), 1..20),
+    ) {
+        let sks: Vec<SigningKey> = (0..3).map(|i| SigningKey::from_bytes(&[40 + i; 32])).collect();
+        let now = T0;
+        let mut book = OfferBook::new();
+        let mut best: BTreeMap<usize, u64> = BTreeMap::new();
+        for (who, seq) in seqs {
+            let sk = &sks[who];
+            let o = Offer {
+                seller: PeerKey::of(sk),
+                seq,
+                issued_ms: now,
+                expires_ms: now + 60_000,
+                vcpus: 1,
+                memory_mib: 1,
+                disk_cap_mib: 1,
+                price_per_min: 1,
+                backend: BackendKind::Qemu,
+                accel: Accel::Tcg,
+                perf_score: 1,
+                measurement: [0; 32],
+                max_guests: 1,
+                free_guests: 1,
+            };
+            let got = book.insert(Signed::sign(sk, o), now);
+            match best.get(&who) {
+                None => prop_assert_eq!(got, Ok(true)),
+                Some(&b) if seq > b => prop_assert_eq!(got, Ok(true)),
+                Some(&b) if seq == b => prop_assert_eq!(got, Ok(false)),
+                Some(_) => prop_assert_eq!(got, Err(Error::Replayed)),
+            }
+            let e = best.entry(who).or_insert(seq);
+            *e = (*e).max(seq);
+        }
+        prop_assert_eq!(book.len(), best.len());
+        for (who, seq) in best {
+            prop_assert_eq!(book.get(&PeerKey::of(&sks[who])).unwrap().body.seq, seq);
+        }
+    }
+
+    #[test]
     fn prices_round_trip(v in any::<u64>()) {
         prop_assert_eq!(parse_price(&format_price(v)).unwrap(), v);
     }
@@ -1061,7 +1116,10 @@ fn run_model(seed: u64, count: u32, duration: Option<u64>, ops: &[Op]) -> World 
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(64))]
+    // MARKET_MODEL_CASES=2000 for a deeper run than CI's.
+    #![proptest_config(ProptestConfig::with_cases(
+        std::env::var("MARKET_MODEL_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(64)
+    ))]
 
     #[test]
     fn fleet_and_sellers_keep_billing_invariants(
