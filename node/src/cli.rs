@@ -116,6 +116,29 @@ pub enum Command {
 
     /// Print this node's identity (peer id and public key) without a daemon.
     Id,
+
+    /// Buyer: rent guests of an image on the best sellers and keep them running.
+    Run(crate::market::cli::RunArgs),
+
+    /// Leases of this node (buyer: its guests; seller: the guests it runs).
+    Leases {
+        #[arg(long)]
+        json: bool,
+    },
+
+    /// Buyer: end a lease, or every lease with --all (billing stops there).
+    Stop {
+        /// Lease id (see `leases`).
+        lease: Option<String>,
+        #[arg(long, conflicts_with = "lease")]
+        all: bool,
+    },
+
+    /// Seller: the audit log (which buyer ran what, when, and what its guest sent).
+    Audit {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -30,6 +30,54 @@ pub struct FileConfig {
     pub store_cap_mib: Option<u64>,
     #[serde(default)]
     pub overlay: OverlayConfig,
+    #[serde(default)]
+    pub seller: SellerTable,
+    #[serde(default)]
+    pub buyer: BuyerTable,
+}
+
+/// The `[seller]` table: what this seller offers and its owner's policy.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SellerTable {
+    /// Guests at once (default 2).
+    pub max_guests: Option<u32>,
+    /// vCPUs offered per guest (default 1).
+    pub vcpus: Option<u32>,
+    /// Memory offered per guest, MiB (default 256).
+    pub memory_mib: Option<u64>,
+    /// Largest guest disk, MiB (default half the store cap).
+    pub disk_cap_mib: Option<u64>,
+    /// Price per guest-minute in credits, e.g. "0.01" (the default).
+    pub price_per_min: Option<String>,
+    /// auto (KVM where it runs Linux, else TCG), kvm (refuse to start without it), tcg.
+    pub accel: Option<String>,
+    /// Only these buyers (hex public keys); empty = anyone not denied.
+    #[serde(default)]
+    pub allowed_buyers: Vec<String>,
+    /// Never these buyers.
+    #[serde(default)]
+    pub denied_buyers: Vec<String>,
+    /// Hours it sells, "START-END" in UTC (e.g. "18-8"); none = always.
+    pub hours: Option<String>,
+    /// The boot medium this seller booted from, hashed into its measurement.
+    pub measure_boot: Option<PathBuf>,
+}
+
+/// The `[buyer]` table.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuyerTable {
+    /// File of trusted seller measurements (one hex hash per line), re-read on change.
+    pub trusted: Option<PathBuf>,
+    /// File of revoked measurements, same format.
+    pub revoked: Option<PathBuf>,
+    /// Billing period in seconds (default 60: a receipt per minute).
+    pub billing_period_s: Option<u32>,
+    /// How long a seller may go unacknowledged before it ends the guest (default 120).
+    pub grace_s: Option<u32>,
+    /// A lease with no sign of life for this long is re-dispatched (default 30).
+    pub silence_s: Option<u32>,
 }
 
 /// The `[overlay]` table: defaults for the `overlay admit` / `overlay attach`
@@ -138,6 +186,10 @@ pub struct Settings {
     pub store_cap_mib: u64,
     /// The config file's `[overlay]` table (resolved against flags per command).
     pub overlay: OverlayConfig,
+    /// The config file's `[seller]` table.
+    pub seller: SellerTable,
+    /// The config file's `[buyer]` table.
+    pub buyer: BuyerTable,
 }
 
 impl Settings {
@@ -173,6 +225,8 @@ impl Settings {
                 .or(file.store_cap_mib)
                 .unwrap_or(DEFAULT_STORE_CAP_MIB),
             overlay: file.overlay,
+            seller: file.seller,
+            buyer: file.buyer,
         })
     }
 

@@ -39,6 +39,9 @@ pub struct ProgressUpdate {
     pub what: String,
     pub done: u64,
     pub total: u64,
+    /// Structured detail (e.g. the state of every guest of a `run`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<Value>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -62,8 +65,26 @@ impl Progress {
                 what: what.to_string(),
                 done,
                 total,
+                detail: None,
             }));
         }
+    }
+
+    /// Report a structured event (shown by clients that know `what`).
+    pub fn event(&self, what: &str, detail: Value) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Reply::Progress(ProgressUpdate {
+                what: what.to_string(),
+                done: 0,
+                total: 0,
+                detail: Some(detail),
+            }));
+        }
+    }
+
+    /// A progress sink that feeds `tx` (a service's own waiter, not a client).
+    pub fn to_channel(tx: mpsc::UnboundedSender<Reply>) -> Progress {
+        Progress { tx: Some(tx) }
     }
 }
 

@@ -77,8 +77,9 @@ async fn run_async(settings: Settings, role: Role) -> Result<()> {
         });
     }
     image_service::register(&mut router, node.clone());
-    crate::overlay_service::register(&mut router, node.clone());
-    crate::p2p::start(node.clone(), &mut router)?;
+    let overlay = crate::overlay_service::register(&mut router, node.clone());
+    let p2p = crate::p2p::start(node.clone(), &mut router)?;
+    crate::market::start(node.clone(), &mut router, p2p, overlay)?;
 
     let router = Arc::new(router);
     let server = tokio::spawn(control::serve(listener, router.clone()).instrument(span.clone()));

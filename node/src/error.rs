@@ -53,6 +53,9 @@ pub enum Error {
 
     #[error("libp2p: {0}")]
     P2p(String),
+
+    #[error("market: {0}")]
+    Market(String),
 }
 
 impl Error {

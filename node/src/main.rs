@@ -5,10 +5,12 @@ mod config;
 mod control;
 mod daemon;
 mod error;
+mod guest_files;
 mod identity;
 mod image_cmd;
 mod image_service;
 mod logging;
+mod market;
 mod overlay_leases;
 mod overlay_service;
 mod p2p;
@@ -53,6 +55,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Some(Command::Overlay(cmd)) => overlay_service::run_cli(&settings, cmd),
         Some(Command::Status { json }) => status_cmd::run(&settings, json),
         Some(Command::Vm(cmd)) => vm_cmd::run(&settings, cmd),
+        Some(Command::Run(args)) => market::cli::run(&settings, args),
+        Some(Command::Leases { json }) => market::cli::leases(&settings, json),
+        Some(Command::Stop { lease, all }) => market::cli::stop(&settings, lease, all),
+        Some(Command::Audit { json }) => market::cli::audit(&settings, json),
         Some(Command::Id) => {
             let id = identity::Identity::load_or_create(&settings.identity_file())?;
             println!("peer id: {}", id.peer_id());

@@ -471,9 +471,124 @@ fn revoke(node: &Node, st: &Shared, p: MacParams) -> Result<Value> {
     Ok(json!({"mac": mac.to_string(), "revoked": true}))
 }
 
+/// The overlay as the market drives it: one guest per lease.
+#[derive(Clone)]
+pub struct OverlayHandle {
+    node: Arc<Node>,
+    st: Shared,
+}
+
+impl OverlayHandle {
+    /// Buyer: admit `seller_key` for the guest `mac`/`ip`, starting the switch and
+    /// the host tap (with the config file's `[overlay]` settings) on first use.
+    pub fn admit(&self, seller_key: &str, mac: MacAddr, ip: Ipv4Addr) -> Result<Value> {
+        let a = self.node.settings.overlay.admit(None, None, None, None);
+        admit(
+            &self.node,
+            &self.st,
+            AdmitParams {
+                key: seller_key.to_string(),
+                mac: mac.to_string(),
+                ip,
+                listen: a.listen,
+                tap: a.tap,
+                host_ip: a.host_ip,
+                busy_poll_us: a.busy_poll_us,
+            },
+        )
+    }
+
+    /// Buyer: remove a guest; false if it was not admitted.
+    pub fn revoke(&self, mac: MacAddr) -> bool {
+        let g = lock(&self.st);
+        g.buyer.as_ref().map(|b| b.buyer.revoke(mac)).unwrap_or(false)
+    }
+
+    /// Buyer: frames received from each admitted guest, by MAC.
+    pub fn guest_rx_frames(&self) -> BTreeMap<MacAddr, u64> {
+        let g = lock(&self.st);
+        let Some(b) = g.buyer.as_ref() else {
+            return BTreeMap::new();
+        };
+        b.buyer
+            .stats()
+            .peers
+            .iter()
+            .map(|p| (p.guest_mac, p.traffic.rx_frames))
+            .collect()
+    }
+
+    /// Seller: plug an existing interface `iface` in the lease namespace `ns` into a
+    /// session to the buyer at `buyer` (the lease's addresses).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attach_iface(
+        &self,
+        ns: &str,
+        iface: &str,
+        buyer: SocketAddr,
+        buyer_key: &str,
+        mac: MacAddr,
+        ip: Ipv4Addr,
+        buyer_ip: Ipv4Addr,
+    ) -> Result<Value> {
+        let a = self.node.settings.overlay.attach(None, None, None, None);
+        attach(
+            &self.node,
+            &self.st,
+            AttachParams {
+                tap: None,
+                iface: Some(iface.to_string()),
+                netns: Some(ns.to_string()),
+                buyer: buyer.to_string(),
+                buyer_key: buyer_key.to_string(),
+                mac: mac.to_string(),
+                ip,
+                buyer_ip,
+                max_mbit: a.max_mbit,
+                max_pps: a.max_pps,
+                busy_poll_us: a.busy_poll_us,
+            },
+        )
+    }
+
+    /// Seller: end a guest's session.
+    pub fn detach(&self, mac: MacAddr) -> Result<Value> {
+        detach(&self.node, &self.st, MacParams { mac: mac.to_string() })
+    }
+
+    /// Seller: the buyer moved (new address); its sessions follow it.
+    pub fn move_buyer(&self, buyer_key: &str, ip: std::net::IpAddr) -> usize {
+        let mut g = lock(&self.st);
+        let mut n = 0;
+        for a in g.sellers.values_mut().filter(|a| a.buyer_key == buyer_key) {
+            if a.buyer.ip() != ip {
+                let to = SocketAddr::new(ip, a.buyer.port());
+                a.seller.with_core(|c| c.set_buyer_addr(to));
+                info!(from = %a.buyer, %to, "buyer moved: overlay session follows");
+                a.buyer = to;
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Seller: bytes and frames a guest sent and received, and its drops.
+    pub fn guest_counters(&self, mac: MacAddr) -> Option<Value> {
+        let g = lock(&self.st);
+        g.sellers.get(&mac).map(|a| {
+            let s = a.seller.stats();
+            json!({"traffic": traffic_json(&s.traffic), "drops": drops_json(&s.drops)})
+        })
+    }
+}
+
 /// Register `overlay.*` methods and the `overlay` status section.
-pub fn register(router: &mut Router, node: Arc<Node>) {
+pub fn register(router: &mut Router, node: Arc<Node>) -> OverlayHandle {
     let st: Shared = Arc::new(Mutex::new(State::default()));
+    let handle = OverlayHandle {
+        node: node.clone(),
+        st: st.clone(),
+    };
     macro_rules! method {
         ($name:literal, $f:ident, $P:ty) => {{
             let (node, st) = (node.clone(), st.clone());
@@ -498,6 +613,7 @@ pub fn register(router: &mut Router, node: Arc<Node>) {
         });
     }
     router.status_section("overlay", move || snapshot(&lock(&st)));
+    handle
 }
 
 /// Client side of `cpushare-node overlay ...`.

@@ -7,7 +7,6 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -170,18 +169,7 @@ fn existing_file(what: &'static str, p: &Path) -> Result<PathBuf> {
     }
 }
 
-/// A path under which another process (qemu) can open a file we hold open, even
-/// once it is unlinked.
-fn fd_path(f: &File) -> PathBuf {
-    PathBuf::from(format!("/proc/{}/fd/{}", std::process::id(), f.as_raw_fd()))
-}
-
-/// What to boot, plus files that must stay open while the guest runs.
-struct Prepared {
-    boot: Boot,
-    disk: Option<File>,
-    keep: Vec<File>,
-}
+use crate::guest_files::{fd_path, Prepared};
 
 fn prepare_from_files(args: &RunArgs) -> Result<Prepared> {
     let disk = match &args.disk {
@@ -242,48 +230,7 @@ fn prepare_from_store(settings: &Settings, args: &RunArgs, id_hex: &str) -> Resu
         }
         Err(e) => return Err(e.into()),
     };
-    let signed = store.get_manifest(id)?.ok_or_else(|| {
-        bad(
-            "--image",
-            format!("image {id_hex} is not in the store (import or fetch it first)"),
-        )
-    })?;
-    let _pin = store.pin_temp(id)?;
-    let m = signed.manifest();
-    tracing::info!(image = %id, name = %m.name, "materialising image");
-    let disk = match m.disk_range() {
-        Some(_) => Some(chunks::materialize(&store, id, &tmp, cap)?),
-        None => None,
-    };
-    let mut keep = Vec::new();
-    let boot = if let Some(b) = &m.boot {
-        let kernel = chunks::materialize_range(&store, id, b.kernel, &tmp, None)?;
-        let initrd = match b.initrd {
-            Some(r) => Some(chunks::materialize_range(&store, id, r, &tmp, None)?),
-            None => None,
-        };
-        let boot = Boot::Direct {
-            kernel: fd_path(&kernel),
-            initrd: initrd.as_ref().map(fd_path),
-            cmdline: args.append.clone().unwrap_or_else(|| b.cmdline.clone()),
-        };
-        keep.push(kernel);
-        keep.extend(initrd);
-        boot
-    } else if m.format == chunks::ImageFormat::Iso {
-        // The ISO is the image itself; firmware boots it as a CD.
-        let iso = disk.ok_or_else(|| bad("--image", "ISO image without data"))?;
-        let boot = Boot::Iso { iso: fd_path(&iso) };
-        keep.push(iso);
-        return Ok(Prepared {
-            boot,
-            disk: None,
-            keep,
-        });
-    } else {
-        Boot::Disk
-    };
-    Ok(Prepared { boot, disk, keep })
+    crate::guest_files::from_store(&store, id, &tmp, cap, args.append.clone())
 }
 
 /// The daemon holds the store: it exports the image to a private path, which we open
@@ -542,6 +489,8 @@ mod tests {
             log_format: crate::cli::LogFormat::Text,
             store_cap_mib: 1024,
             overlay: Default::default(),
+            seller: Default::default(),
+            buyer: Default::default(),
         }
     }
 

@@ -23,7 +23,8 @@ use futures::StreamExt;
 use libp2p::core::{transport::Transport as _, upgrade};
 use libp2p::swarm::{behaviour::toggle::Toggle, NetworkBehaviour, SwarmEvent};
 use libp2p::{
-    identify, kad, mdns, noise, ping, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Swarm,
+    gossipsub, identify, kad, mdns, noise, ping, tcp, yamux, Multiaddr, PeerId, StreamProtocol,
+    Swarm,
 };
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
@@ -61,6 +62,76 @@ struct Behaviour {
     kad: kad::Behaviour<kad::store::MemoryStore>,
     stream: libp2p_stream::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
+    /// Offers spread here (the market's gossip topic).
+    gossipsub: gossipsub::Behaviour,
+}
+
+/// What the networking task tells the market service about peers.
+#[derive(Debug)]
+pub enum PeerEvent {
+    /// A first connection to `peer`; `addr` is its address as seen from here.
+    Connected { peer: PeerId, addr: Multiaddr },
+    /// The last connection to `peer` closed.
+    Disconnected { peer: PeerId },
+    /// One of our own addresses appeared or went away (a home line's new IP).
+    AddressesChanged,
+    /// A ping round trip measured by us (never a figure the peer declares).
+    Rtt { peer: PeerId, rtt: Duration },
+    /// A gossip message on a topic we subscribe to, as published by `source`.
+    Gossip {
+        topic: String,
+        source: Option<PeerId>,
+        data: Vec<u8>,
+    },
+}
+
+/// What other services get from the networking task.
+pub struct P2pHandle {
+    /// Opens and accepts streams of protocols other than the swarm's own.
+    pub control: libp2p_stream::Control,
+    /// Peer events (one consumer: taken once).
+    pub events: Mutex<Option<mpsc::UnboundedReceiver<PeerEvent>>>,
+    cmds: mpsc::UnboundedSender<Cmd>,
+}
+
+impl P2pHandle {
+    /// Subscribe to gossip `topic` (its messages arrive as [`PeerEvent::Gossip`]).
+    pub fn subscribe(&self, topic: &str) {
+        let _ = self.cmds.send(Cmd::Subscribe(topic.to_string()));
+    }
+
+    /// Publish `data` on gossip `topic` (dropped quietly while nobody listens).
+    pub fn publish(&self, topic: &str, data: Vec<u8>) {
+        let _ = self.cmds.send(Cmd::Publish(topic.to_string(), data));
+    }
+
+    /// Dial `peer` (by its known addresses) unless connected.
+    pub fn dial(&self, peer: PeerId) {
+        let _ = self.cmds.send(Cmd::Dial(peer));
+    }
+
+    /// Dial `peer` again even if connected: after our address changed, the old
+    /// connection may hang until TCP gives up; the peer sees the new one at once.
+    pub fn redial(&self, peer: PeerId) {
+        let _ = self.cmds.send(Cmd::Redial(peer));
+    }
+
+    /// Fetch `image` into the store through the swarm; `progress` sees the chunks.
+    pub async fn fetch(&self, image: ImageId, progress: Progress) -> Result<Value> {
+        let (rtx, rrx) = oneshot::channel();
+        self.cmds
+            .send(Cmd::Fetch {
+                image,
+                progress,
+                reply: rtx,
+            })
+            .map_err(|_| Error::P2p("the networking task stopped".into()))?;
+        match rrx.await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(Error::P2p(e)),
+            Err(_) => Err(Error::P2p("the networking task stopped".into())),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,6 +148,10 @@ enum Cmd {
         progress: Progress,
         reply: oneshot::Sender<std::result::Result<Value, String>>,
     },
+    Subscribe(String),
+    Publish(String, Vec<u8>),
+    Dial(PeerId),
+    Redial(PeerId),
 }
 
 /// Counters shown by `status`.
@@ -113,10 +188,16 @@ struct Snapshot {
 
 /// Registers the `image.fetch` method and the `p2p` status section, and spawns
 /// the networking task. Must run inside the daemon's tokio runtime.
-pub fn start(node: Arc<Node>, router: &mut Router) -> Result<()> {
+pub fn start(node: Arc<Node>, router: &mut Router) -> Result<Arc<P2pHandle>> {
     let (tx, rx) = mpsc::unbounded_channel();
     let snapshot = Arc::new(Mutex::new(Snapshot::default()));
-    let net = Net::new(node.clone(), snapshot.clone())?;
+    let (peer_tx, peer_rx) = mpsc::unbounded_channel();
+    let net = Net::new(node.clone(), snapshot.clone(), peer_tx)?;
+    let handle = Arc::new(P2pHandle {
+        control: net.swarm.behaviour().stream.new_control(),
+        events: Mutex::new(Some(peer_rx)),
+        cmds: tx.clone(),
+    });
     {
         let snapshot = snapshot.clone();
         let peer_id = node.identity.peer_id().to_string();
@@ -181,7 +262,7 @@ pub fn start(node: Arc<Node>, router: &mut Router) -> Result<()> {
     });
     let span = info_span!("p2p", peer = %node.identity.peer_id());
     tokio::spawn(tracing::Instrument::instrument(net.run(rx), span));
-    Ok(())
+    Ok(handle)
 }
 
 struct Waiter {
@@ -264,6 +345,7 @@ struct Net {
     /// Inbound messages the links refused (malformed or oversized).
     link_rejects: Arc<std::sync::atomic::AtomicU64>,
     ticks: u64,
+    peer_events: mpsc::UnboundedSender<PeerEvent>,
 }
 
 /// Caps the socket's unsent queue so writers feel backpressure early (the
@@ -291,7 +373,11 @@ fn p2p_err(e: impl std::fmt::Display) -> Error {
 }
 
 impl Net {
-    fn new(node: Arc<Node>, snapshot: Arc<Mutex<Snapshot>>) -> Result<Net> {
+    fn new(
+        node: Arc<Node>,
+        snapshot: Arc<Mutex<Snapshot>>,
+        peer_events: mpsc::UnboundedSender<PeerEvent>,
+    ) -> Result<Net> {
         let keypair = node.identity.keypair().clone();
         let local = keypair.public().to_peer_id();
         let mdns_on = node.settings.mdns;
@@ -333,6 +419,16 @@ impl Net {
                     kad,
                     stream: libp2p_stream::Behaviour::new(),
                     mdns: Toggle::from(mdns),
+                    gossipsub: gossipsub::Behaviour::new(
+                        gossipsub::MessageAuthenticity::Signed(key.clone()),
+                        gossipsub::ConfigBuilder::default()
+                            .heartbeat_interval(Duration::from_secs(1))
+                            .validation_mode(gossipsub::ValidationMode::Strict)
+                            .max_transmit_size(64 * 1024)
+                            .build()
+                            .map_err(|e| Error::P2p(e.to_string()))?,
+                    )
+                    .map_err(|e| Error::P2p(e.to_string()))?,
                 })
             })
             .map_err(p2p_err)?
@@ -409,6 +505,7 @@ impl Net {
             rng_seed,
             link_rejects,
             ticks: 0,
+            peer_events,
         })
     }
 
@@ -462,6 +559,34 @@ impl Net {
 
     fn on_cmd(&mut self, cmd: Cmd) {
         match cmd {
+            Cmd::Subscribe(topic) => {
+                let t = gossipsub::IdentTopic::new(topic);
+                if let Err(e) = self.swarm.behaviour_mut().gossipsub.subscribe(&t) {
+                    warn!(error = %e, "gossip subscribe failed");
+                }
+            }
+            Cmd::Publish(topic, data) => {
+                let t = gossipsub::IdentTopic::new(topic);
+                if let Err(e) = self.swarm.behaviour_mut().gossipsub.publish(t, data) {
+                    // InsufficientPeers while alone, Duplicate for an unchanged offer.
+                    debug!(error = %e, "gossip publish not sent");
+                }
+            }
+            Cmd::Redial(peer) => {
+                let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
+                    .condition(libp2p::swarm::dial_opts::PeerCondition::Always)
+                    .build();
+                if let Err(e) = self.swarm.dial(opts) {
+                    debug!(%peer, error = %e, "redial failed");
+                }
+            }
+            Cmd::Dial(peer) => {
+                if !self.swarm.is_connected(&peer) {
+                    if let Err(e) = self.swarm.dial(peer) {
+                        debug!(%peer, error = %e, "dial failed");
+                    }
+                }
+            }
             Cmd::Fetch {
                 image,
                 progress,
@@ -810,8 +935,25 @@ impl Net {
                 info!(addr = %address, "listening");
                 println!("listening on {address}");
                 self.listen.push(address);
+                let _ = self.peer_events.send(PeerEvent::AddressesChanged);
             }
-            SwarmEvent::ConnectionEstablished { peer_id, .. } if self.connected.insert(peer_id) => {
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                info!(addr = %address, "address gone");
+                self.listen.retain(|a| *a != address);
+                let _ = self.peer_events.send(PeerEvent::AddressesChanged);
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id, endpoint, ..
+            } => {
+                // Every new connection, not only the first: a peer that moved comes
+                // back on a second one while the old one has not timed out yet.
+                let _ = self.peer_events.send(PeerEvent::Connected {
+                    peer: peer_id,
+                    addr: endpoint.get_remote_address().clone(),
+                });
+                if !self.connected.insert(peer_id) {
+                    return;
+                }
                 debug!(peer = %peer_id, "connected");
                 let fetching: Vec<ImageId> = self.manifest_fetches.keys().copied().collect();
                 for image in fetching {
@@ -825,6 +967,9 @@ impl Net {
                 ..
             } => {
                 self.connected.remove(&peer_id);
+                let _ = self
+                    .peer_events
+                    .send(PeerEvent::Disconnected { peer: peer_id });
                 self.links.close(&peer_id);
                 self.forget_peer(peer_id);
             }
@@ -836,6 +981,23 @@ impl Net {
                 for a in info.listen_addrs {
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, a);
                 }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
+                peer,
+                result: Ok(rtt),
+                ..
+            })) => {
+                let _ = self.peer_events.send(PeerEvent::Rtt { peer, rtt });
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                message,
+                ..
+            })) => {
+                let _ = self.peer_events.send(PeerEvent::Gossip {
+                    topic: message.topic.into_string(),
+                    source: message.source,
+                    data: message.data,
+                });
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(list))) => {
                 for (p, a) in list {

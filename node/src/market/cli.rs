@@ -1,0 +1,248 @@
+//! Client side of `cpushare-node run`, `leases`, `stop` and `audit`.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+use serde_json::{json, Value};
+
+use crate::config::Settings;
+use crate::control::Client;
+use crate::error::{Error, Result};
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Image id (hex) in this buyer's store, or a file to import first.
+    #[arg(long)]
+    pub image: String,
+    /// How many guests to keep running.
+    #[arg(long, default_value_t = 1)]
+    pub count: u32,
+    /// vCPUs each guest gets (sellers offering fewer are passed over).
+    #[arg(long = "min-vcpus", default_value_t = 1)]
+    pub vcpus: u32,
+    /// Memory each guest gets, MiB.
+    #[arg(long = "min-mem-mib", default_value_t = 256)]
+    pub memory_mib: u64,
+    /// Disk each guest may use, MiB (at least the image's size).
+    #[arg(long, default_value_t = 1024)]
+    pub disk_mib: u64,
+    /// Highest price per guest-minute, in credits (e.g. 0.05).
+    #[arg(long)]
+    pub max_price: Option<String>,
+    /// Highest round trip to a seller, as measured by this buyer (libp2p ping).
+    #[arg(long)]
+    pub max_latency_ms: Option<u32>,
+    /// Only sellers whose measurement is on the trusted list and not revoked.
+    #[arg(long)]
+    pub trusted_only: bool,
+    /// End the guests after this long: seconds, or with a unit (90s, 10m, 2h).
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<u64>,
+    /// Return once every guest runs; the daemon keeps them (see `leases`, `stop`).
+    #[arg(long)]
+    pub detach: bool,
+    /// Give up when no offer matches for this many seconds.
+    #[arg(long, default_value_t = 20)]
+    pub offer_wait_s: u64,
+    /// Print the final summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_duration(s: &str) -> std::result::Result<u64, String> {
+    let (num, mul) = match s.chars().last() {
+        Some('s') => (&s[..s.len() - 1], 1),
+        Some('m') => (&s[..s.len() - 1], 60),
+        Some('h') => (&s[..s.len() - 1], 3600),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .filter(|v| *v > 0)
+        .map(|v| v * mul)
+        .ok_or_else(|| format!("{s:?} is not a duration like 90, 90s, 10m or 2h"))
+}
+
+fn line(s: &Value) -> String {
+    let phase = match &s["phase"] {
+        Value::Null => String::new(),
+        Value::Object(o) if o.contains_key("fetching") => {
+            let f = &o["fetching"];
+            format!(
+                " fetching {}/{} MiB",
+                f["done"].as_u64().unwrap_or(0) >> 20,
+                f["total"].as_u64().unwrap_or(0) >> 20
+            )
+        }
+        p => format!(" {}", p.as_str().map(str::to_string).unwrap_or_else(|| p.to_string())),
+    };
+    let seller = s["seller"]
+        .as_str()
+        .map(|p| format!(" on {}…", &p[p.len().saturating_sub(8)..]))
+        .unwrap_or_default();
+    format!(
+        "guest {} {:<12} {}{}{}  cost {}{}",
+        s["slot"],
+        s["ip"].as_str().unwrap_or("?"),
+        s["state"].as_str().unwrap_or("?"),
+        phase,
+        seller,
+        s["cost"].as_str().unwrap_or("0"),
+        match s["replacements"].as_u64() {
+            Some(n) if n > 0 => format!("  (replaced {n}x)"),
+            _ => String::new(),
+        }
+    )
+}
+
+pub fn run(settings: &Settings, args: RunArgs) -> Result<ExitCode> {
+    let mut client = Client::connect(&settings.control_socket(), &settings.data_dir)?;
+    // A file is imported into the buyer's store first.
+    let image = if args.image.len() == 64 && args.image.chars().all(|c| c.is_ascii_hexdigit()) {
+        args.image.clone()
+    } else {
+        let path = PathBuf::from(&args.image);
+        if !path.is_file() {
+            return Err(Error::BadArg {
+                what: "--image",
+                reason: format!("{} is neither an image id nor a file", args.image),
+            });
+        }
+        let path = path
+            .canonicalize()
+            .map_err(|e| Error::io(format!("resolving {}", path.display()), e))?;
+        let v = client.call(
+            "image.import",
+            json!({"path": path, "kind": Value::Null, "name": Value::Null}),
+            |_| {},
+        )?;
+        v["id"]
+            .as_str()
+            .ok_or_else(|| Error::Control("image.import returned no id".into()))?
+            .to_string()
+    };
+    let params = json!({
+        "image": image, "count": args.count, "vcpus": args.vcpus,
+        "memory_mib": args.memory_mib, "disk_mib": args.disk_mib,
+        "max_price": args.max_price, "max_latency_ms": args.max_latency_ms,
+        "trusted_only": args.trusted_only, "duration_s": args.duration,
+        "detach": args.detach, "offer_wait_s": args.offer_wait_s,
+    });
+    let tty = std::io::stderr().is_terminal();
+    let multi = indicatif::MultiProgress::new();
+    let mut bars: Vec<indicatif::ProgressBar> = Vec::new();
+    let mut last: Vec<String> = Vec::new();
+    let v = client.call("market.run", params, |p| {
+        let Some(d) = &p.detail else { return };
+        let slots = d["slots"].as_array().cloned().unwrap_or_default();
+        for (i, s) in slots.iter().enumerate() {
+            let text = line(s);
+            if tty {
+                while bars.len() <= i {
+                    let b = multi.add(indicatif::ProgressBar::new_spinner());
+                    b.enable_steady_tick(std::time::Duration::from_millis(200));
+                    bars.push(b);
+                }
+                bars[i].set_message(text);
+            } else {
+                while last.len() <= i {
+                    last.push(String::new());
+                }
+                if last[i] != text {
+                    eprintln!("{text}");
+                    last[i] = text;
+                }
+            }
+        }
+    })?;
+    for b in bars {
+        b.finish();
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+    } else {
+        for s in v["slots"].as_array().into_iter().flatten() {
+            println!("{}  lease {}", line(s), s["lease"].as_str().unwrap_or("-"));
+        }
+        println!(
+            "cost so far {}  consoles in {}/<lease>/console.log",
+            v["cost"].as_str().unwrap_or("0"),
+            v["leases_dir"].as_str().unwrap_or("?")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn leases(settings: &Settings, json_out: bool) -> Result<ExitCode> {
+    let mut client = Client::connect(&settings.control_socket(), &settings.data_dir)?;
+    let v = client.call("market.leases", Value::Null, |_| {})?;
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows = v.as_array().cloned().unwrap_or_default();
+    if rows.is_empty() {
+        println!("no leases");
+    } else {
+        println!("{:<34} {:<10} {:<15} {:>7} {:>12}  end", "LEASE", "STATE", "IP", "MINUTES", "BILLED");
+        for r in rows {
+            let s = |k: &str| r[k].as_str().map(str::to_string).unwrap_or_else(|| "-".into());
+            let minutes = r["minutes"]
+                .as_u64()
+                .or_else(|| r["minutes_acked"].as_u64())
+                .unwrap_or(0);
+            println!(
+                "{:<34} {:<10} {:<15} {:>7} {:>12}  {}",
+                s("lease"),
+                r["state"].as_str().or(r["phase"].as_str()).unwrap_or("-"),
+                r["ip"].as_str().or(r["guest_ip"].as_str()).unwrap_or("-"),
+                minutes,
+                s("billed"),
+                s("end_reason"),
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn stop(settings: &Settings, lease: Option<String>, all: bool) -> Result<ExitCode> {
+    if lease.is_none() && !all {
+        return Err(Error::BadArg {
+            what: "stop",
+            reason: "give a lease id (see `cpushare-node leases`) or --all".into(),
+        });
+    }
+    let mut client = Client::connect(&settings.control_socket(), &settings.data_dir)?;
+    let v = client.call("market.stop", json!({ "lease": lease }), |_| {})?;
+    println!("{}", serde_json::to_string(&v).expect("json"));
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn audit(settings: &Settings, json_out: bool) -> Result<ExitCode> {
+    let mut client = Client::connect(&settings.control_socket(), &settings.data_dir)?;
+    let v = client.call("market.audit", Value::Null, |_| {})?;
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+    } else {
+        for e in v.as_array().into_iter().flatten() {
+            println!("{}", serde_json::to_string(e).expect("json"));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_take_units_and_refuse_nonsense() {
+        assert_eq!(parse_duration("90"), Ok(90));
+        assert_eq!(parse_duration("10m"), Ok(600));
+        assert_eq!(parse_duration("2h"), Ok(7200));
+        assert!(parse_duration("0").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
+}

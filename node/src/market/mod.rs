@@ -1,0 +1,80 @@
+//! The market inside the daemon: offers, leases, billing and re-dispatch.
+//!
+//! The decisions are made by the sans-IO cores of the `market` crate (offer book,
+//! selection, `SellerLease`, `Fleet`); this module is their shell: it carries
+//! their messages over libp2p (offers on a gossipsub topic, lease messages on a
+//! stream protocol of their own), keeps their records in sled, and does what their
+//! actions say (fetch the image, start the guest, admit it to the overlay).
+
+pub mod audit;
+pub mod buyer;
+pub mod cli;
+pub mod db;
+pub mod lease_run;
+pub mod net;
+pub mod seller;
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use libp2p::PeerId;
+use market::PeerKey;
+
+use crate::cli::Role;
+use crate::control::Router;
+use crate::daemon::Node;
+use crate::error::Result;
+use crate::overlay_service::OverlayHandle;
+use crate::p2p::P2pHandle;
+
+/// The gossipsub topic sellers publish their signed offers on.
+pub const OFFER_TOPIC: &str = "cpushare/offers/1";
+
+/// Unix time in milliseconds: what the market cores take as `now`.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The ed25519 key inside a peer id (every cpushare node's id is one).
+pub fn key_of_peer(p: &PeerId) -> Option<PeerKey> {
+    let pk = libp2p::identity::PublicKey::try_decode_protobuf(p.as_ref().digest()).ok()?;
+    let ed = pk.try_into_ed25519().ok()?;
+    Some(PeerKey(ed.to_bytes()))
+}
+
+/// The peer id of an ed25519 key.
+pub fn peer_of_key(k: &PeerKey) -> Option<PeerId> {
+    let ed = libp2p::identity::ed25519::PublicKey::try_from_bytes(&k.0).ok()?;
+    Some(libp2p::identity::PublicKey::from(ed).to_peer_id())
+}
+
+/// Starts the market service of this node's role and registers its methods.
+pub fn start(
+    node: Arc<Node>,
+    router: &mut Router,
+    p2p: Arc<P2pHandle>,
+    overlay: OverlayHandle,
+) -> Result<()> {
+    let db = db::MarketDb::open(&node.settings.data_dir)?;
+    let net = net::MarketNet::new(p2p.control.clone());
+    match node.role {
+        Role::Seller => seller::start(node, router, p2p, overlay, net, db),
+        Role::Buyer => buyer::start(node, router, p2p, overlay, net, db),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_ids_and_keys_convert_both_ways() {
+        let kp = libp2p::identity::Keypair::generate_ed25519();
+        let peer = kp.public().to_peer_id();
+        let key = key_of_peer(&peer).expect("ed25519 peer id");
+        assert_eq!(peer_of_key(&key), Some(peer));
+    }
+}

@@ -1,0 +1,109 @@
+//! Market messages over libp2p: one stream per message on the market protocol, a
+//! length prefix and the `market::wire` encoding. The remote peer id comes from the
+//! connection (Noise-authenticated), so a message's sender is known for sure.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use libp2p::{PeerId, StreamProtocol};
+use market::MarketMsg;
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use crate::error::{Error, Result};
+
+pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/cpushare/market/1");
+/// How long one send may take, dial included.
+const SEND_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a peer may take to hand over one message.
+const READ_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Clone)]
+pub struct MarketNet {
+    control: libp2p_stream::Control,
+    /// Messages refused as malformed or oversized.
+    pub rejects: Arc<AtomicU64>,
+}
+
+impl MarketNet {
+    pub fn new(control: libp2p_stream::Control) -> MarketNet {
+        MarketNet {
+            control,
+            rejects: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Sends `msg` to `peer` in the background (dialing it if needed); a failure is
+    /// logged: the cores retry what matters (receipts, acks) on their own timers.
+    pub fn send(&self, peer: PeerId, msg: MarketMsg) {
+        let mut control = self.control.clone();
+        tokio::spawn(async move {
+            let bytes = market::encode(&msg);
+            let r = tokio::time::timeout(SEND_TIMEOUT, async {
+                let mut s = control
+                    .open_stream(peer, PROTOCOL)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                s.write_all(&(bytes.len() as u32).to_be_bytes())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                s.write_all(&bytes).await.map_err(|e| e.to_string())?;
+                s.close().await.map_err(|e| e.to_string())
+            })
+            .await;
+            match r {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => debug!(%peer, error = %e, "market message not sent"),
+                Err(_) => debug!(%peer, "market message timed out"),
+            }
+        });
+    }
+
+    /// Accepts market streams; every well-formed message arrives on the channel with
+    /// its sender. Malformed ones are counted and logged, never passed on.
+    pub fn listen(&self) -> Result<mpsc::UnboundedReceiver<(PeerId, MarketMsg)>> {
+        let mut incoming = self
+            .control
+            .clone()
+            .accept(PROTOCOL)
+            .map_err(|e| Error::P2p(format!("market protocol: {e}")))?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let rejects = self.rejects.clone();
+        tokio::spawn(async move {
+            while let Some((peer, mut stream)) = incoming.next().await {
+                let tx = tx.clone();
+                let rejects = rejects.clone();
+                tokio::spawn(async move {
+                    let r = tokio::time::timeout(READ_TIMEOUT, async {
+                        let mut len = [0u8; 4];
+                        stream.read_exact(&mut len).await.map_err(|e| e.to_string())?;
+                        let len = u32::from_be_bytes(len) as usize;
+                        if len > market::MAX_MSG {
+                            return Err(format!("message of {len} bytes is over the limit"));
+                        }
+                        let mut buf = vec![0u8; len];
+                        stream.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+                        market::decode(&buf).map_err(|e| e.to_string())
+                    })
+                    .await;
+                    match r {
+                        Ok(Ok(msg)) => {
+                            let _ = tx.send((peer, msg));
+                        }
+                        Ok(Err(e)) => {
+                            rejects.fetch_add(1, Ordering::Relaxed);
+                            warn!(%peer, error = %e, "malformed market message refused");
+                        }
+                        Err(_) => {
+                            rejects.fetch_add(1, Ordering::Relaxed);
+                            warn!(%peer, "market message not finished in time: refused");
+                        }
+                    }
+                });
+            }
+        });
+        Ok(rx)
+    }
+}
