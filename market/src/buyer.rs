@@ -179,6 +179,16 @@ pub struct Fleet {
     done_sent: bool,
 }
 
+fn stop_msg(sk: &SigningKey, id: LeaseId, now_ms: u64) -> Signed<Stop> {
+    Signed::sign(
+        sk,
+        Stop {
+            lease: id,
+            issued_ms: now_ms,
+        },
+    )
+}
+
 fn derive(seed: &[u8; 32], what: &[u8], n: u64) -> [u8; 32] {
     let mut h = blake3::Hasher::new();
     h.update(seed);
@@ -266,16 +276,6 @@ impl Fleet {
             .map(|d| self.started_ms.saturating_add(d.saturating_mul(1000)))
     }
 
-    fn stop_msg(&self, id: LeaseId, now_ms: u64) -> Signed<Stop> {
-        Signed::sign(
-            &self.sk,
-            Stop {
-                lease: id,
-                issued_ms: now_ms,
-            },
-        )
-    }
-
     /// Ends our side of a lease: Revoke (if admitted), Stop (if asked), Persist.
     fn end_lease(
         &mut self,
@@ -285,7 +285,6 @@ impl Fleet {
         now_ms: u64,
         out: &mut Vec<BuyerAction>,
     ) {
-        let stop = self.stop_msg(id, now_ms);
         let Some(l) = self.leases.get_mut(&id) else {
             return;
         };
@@ -305,7 +304,7 @@ impl Fleet {
         if send_stop {
             out.push(BuyerAction::SendStop {
                 seller: l.terms.seller,
-                stop,
+                stop: stop_msg(&self.sk, id, now_ms),
             });
         }
     }
@@ -523,7 +522,7 @@ impl Fleet {
             if l.lease.is_none() && !matches!(phase, GuestPhase::Ended(_)) {
                 out.push(BuyerAction::SendStop {
                     seller,
-                    stop: self.stop_msg(*lease, now_ms),
+                    stop: stop_msg(&self.sk, *lease, now_ms),
                 });
             } else if let GuestPhase::Ended(r) = phase {
                 self.end_lease(*lease, r, false, now_ms, &mut out);
@@ -584,7 +583,6 @@ impl Fleet {
     ) -> Result<Vec<BuyerAction>, Error> {
         let id = r.body.lease;
         let current = self.current_slot(&id);
-        let stop = self.stop_msg(id, now_ms);
         let l = self.leases.get_mut(&id).ok_or(Error::UnknownLease(id))?;
         let t = &l.terms;
         if *from != t.seller || r.signer != t.seller {
@@ -596,7 +594,7 @@ impl Fleet {
                 // Billing for a proposal we abandoned: the seller must stop.
                 return Ok(vec![BuyerAction::SendStop {
                     seller: t.seller,
-                    stop,
+                    stop: stop_msg(&self.sk, id, now_ms),
                 }]);
             }
             return Err(Error::UnknownLease(id));
@@ -642,7 +640,7 @@ impl Fleet {
                 }
                 out.push(BuyerAction::SendStop {
                     seller: t.seller,
-                    stop,
+                    stop: stop_msg(&self.sk, id, now_ms),
                 });
                 return Ok(out);
             }
