@@ -323,7 +323,10 @@ mod tests {
     #[test]
     fn names_are_checked() {
         for bad in ["", "a/b", "a b", "a:b", "0123456789abcdef", "a\0b"] {
-            assert!(matches!(check_ifname(bad), Err(Error::InvalidName(_))), "{bad:?}");
+            assert!(
+                matches!(check_ifname(bad), Err(Error::InvalidName(_))),
+                "{bad:?}"
+            );
         }
         for good in ["tap0", "0123456789abcde", "cs-b1.x"] {
             check_ifname(good).unwrap();
@@ -387,7 +390,10 @@ mod tests {
         set_up(&name, true).unwrap();
         set_up(&name, false).unwrap();
         // A second open of the same name while the first is held is refused clearly.
-        assert!(matches!(open_tap(&name, false), Err(Error::TapNameTaken(_))));
+        assert!(matches!(
+            open_tap(&name, false),
+            Err(Error::TapNameTaken(_))
+        ));
         let sock = ctl_socket().unwrap();
         assert_eq!(tap_flags(&sock), None, "a socket is not a tap");
     }
