@@ -67,24 +67,10 @@ pub fn linux_instructions() -> Result<()> {
         reason: format!("{what}: {e}"),
     };
     let kvm = Kvm::new().map_err(|e| unusable("opening /dev/kvm", e))?;
-    let vm = kvm
-        .create_vm()
-        .map_err(|e| unusable("creating a probe VM", e))?;
 
-    let cpuid = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(|e| unusable("reading supported CPUID", e))?;
-    let leaf1_ecx = cpuid
-        .as_slice()
-        .iter()
-        .find(|e| e.function == 1)
-        .map(|e| e.ecx)
-        .unwrap_or(0);
-    let has_xsave = leaf1_ecx & (1 << 26) != 0;
-    let has_cx16 = leaf1_ecx & (1 << 13) != 0;
-    tracing::debug!(has_xsave, has_cx16, "KVM probe CPU features");
-
-    // Guest memory: an anonymous mapping owned by this function.
+    // Guest memory: an anonymous mapping owned by this function. It is made (and its
+    // unmapping guard declared) before the VM, so that locals, dropped in reverse
+    // declaration order, drop the vCPU and the VM before the memory goes away.
     // SAFETY: fresh private anonymous mapping, unmapped at the end of this function.
     let host = unsafe {
         libc::mmap(
@@ -110,6 +96,23 @@ pub fn linux_instructions() -> Result<()> {
         }
     }
     let _unmap = Unmap(host);
+    let vm = kvm
+        .create_vm()
+        .map_err(|e| unusable("creating a probe VM", e))?;
+
+    let cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| unusable("reading supported CPUID", e))?;
+    let leaf1_ecx = cpuid
+        .as_slice()
+        .iter()
+        .find(|e| e.function == 1)
+        .map(|e| e.ecx)
+        .unwrap_or(0);
+    let has_xsave = leaf1_ecx & (1 << 26) != 0;
+    let has_cx16 = leaf1_ecx & (1 << 13) != 0;
+    tracing::debug!(has_xsave, has_cx16, "KVM probe CPU features");
+
     // SAFETY: the mapping is MEM_SIZE bytes, readable and writable, and only this
     // function (and the probe guest, which it runs synchronously) uses it.
     let mem = unsafe { std::slice::from_raw_parts_mut(host as *mut u8, MEM_SIZE) };
@@ -133,8 +136,8 @@ pub fn linux_instructions() -> Result<()> {
     mem[CODE..CODE + code.len()].copy_from_slice(&code);
     mem[HANDLER..HANDLER + 2].copy_from_slice(&[0x48, 0xCF]); // iretq
 
-    // SAFETY: the region is the mapping above, which outlives the VM (dropped first,
-    // at the end of this function, in reverse declaration order).
+    // SAFETY: the region is the mapping above, MEM_SIZE bytes, which outlives the VM:
+    // `_unmap` is declared before `vm` (and `vcpu`), so it is dropped after them.
     unsafe {
         vm.set_user_memory_region(kvm_userspace_memory_region {
             slot: 0,

@@ -109,19 +109,21 @@ fn probe_kvm_runs() -> Result<()> {
     let unusable = |what: &str, e: kvm_ioctls::Error| Error::KvmUnusable {
         reason: format!("{what}: {e}"),
     };
-    let vm = kvm.create_vm().map_err(|e| unusable("creating a VM", e))?;
+    // Memory first: locals drop in reverse order, so the vCPU and the VM go before it.
     let mem =
         vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 0x1000)])
             .map_err(|e| Error::KvmUnusable {
                 reason: format!("mapping probe memory: {e}"),
             })?;
+    let vm = kvm.create_vm().map_err(|e| unusable("creating a VM", e))?;
     use vm_memory::{Bytes, GuestMemoryBackend};
     mem.write_slice(&[0xe6, 0x80, 0xf4], vm_memory::GuestAddress(0x0))
         .map_err(|e| Error::KvmUnusable {
             reason: format!("writing probe code: {e}"),
         })?;
     let region = mem.iter().next().expect("one region");
-    // SAFETY: `mem` outlives `vm` in this function.
+    // SAFETY: the region is `mem`'s one mapping, which outlives `vm` (declared
+    // before it, so dropped after it and after the vCPU).
     unsafe {
         vm.set_user_memory_region(kvm_userspace_memory_region {
             slot: 0,

@@ -125,24 +125,44 @@ mod tests {
 
     #[test]
     fn filtered_thread_is_killed_on_a_forbidden_syscall() {
-        // Run the check in a child process: the filter kills the whole process.
-        // SAFETY: fork in a test; the child only makes raw syscalls and _exit.
-        let pid = unsafe { libc::fork() };
-        assert!(pid >= 0);
-        if pid == 0 {
-            let ok = apply(ThreadKind::Vcpu).is_ok();
-            if !ok {
-                unsafe { libc::_exit(2) };
+        use nix::sys::signal::Signal;
+        use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+        use nix::sys::wait::{waitpid, WaitStatus};
+        use nix::unistd::{fork, ForkResult};
+        // Run the check in a child process: the filter kills the whole process. The
+        // filter is built before the fork, so the child allocates nothing.
+        let prog = filter(ThreadKind::Vcpu, false).unwrap();
+        let out = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/null")
+            .unwrap();
+        // SAFETY: the child (of a possibly multi-threaded test binary) only makes
+        // syscalls (prctl/seccomp, write, socket) and abort: nothing that could wait on
+        // a lock another thread held at the fork.
+        match unsafe { fork() }.unwrap() {
+            ForkResult::Child => {
+                // abort (SIGABRT, not SIGSYS) for every way the check can fail.
+                if seccompiler::apply_filter(&prog).is_err() {
+                    std::process::abort();
+                }
+                // Allowed: write (0 bytes).
+                let _ = nix::unistd::write(&out, &[]);
+                // Forbidden: socket(2).
+                let _ = socket(
+                    AddressFamily::Inet,
+                    SockType::Datagram,
+                    SockFlag::empty(),
+                    None,
+                );
+                std::process::abort();
             }
-            // Allowed: write to stdout (0 bytes).
-            unsafe { libc::write(1, std::ptr::null(), 0) };
-            // Forbidden: socket(2).
-            unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
-            unsafe { libc::_exit(0) };
+            ForkResult::Parent { child } => {
+                let status = waitpid(child, None).unwrap();
+                assert!(
+                    matches!(status, WaitStatus::Signaled(_, Signal::SIGSYS, _)),
+                    "child status {status:?}"
+                );
+            }
         }
-        let mut status = 0;
-        unsafe { libc::waitpid(pid, &mut status, 0) };
-        assert!(libc::WIFSIGNALED(status), "child status {status:#x}");
-        assert_eq!(libc::WTERMSIG(status), libc::SIGSYS);
     }
 }

@@ -347,8 +347,9 @@ fn create_vm(kvm: &Kvm, mem_bytes: u64) -> Result<(VmFd, GuestMemoryMmap), Build
             memory_size: region.len(),
             userspace_addr: region.as_ptr() as u64,
         };
-        // SAFETY: the region is a live mapping owned by `mem`, which the machine keeps
-        // until the VM fd is closed.
+        // SAFETY: the region is a live mapping owned by `mem` (shared by its clones).
+        // Once vCPUs run, the machine drops the VM before the memory (see `run`'s
+        // teardown); on an error path before that, no vCPU ever touches the slot.
         unsafe { vm.set_user_memory_region(r) }
             .map_err(|e| BuildError::Kvm(format!("registering guest memory: {e}")))?;
     }

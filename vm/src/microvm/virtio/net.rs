@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
@@ -24,20 +24,6 @@ const MAX_FRAME: usize = 65_562;
 const RXQ: usize = 0;
 const TXQ: usize = 1;
 
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
-const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
-const IFF_TAP: libc::c_short = 0x0002;
-const IFF_NO_PI: libc::c_short = 0x1000;
-const IFF_VNET_HDR: libc::c_short = 0x4000;
-
-#[repr(C)]
-struct IfReq {
-    name: [u8; 16],
-    flags: libc::c_short,
-    _pad: [u8; 22],
-}
-
 /// Open the tap interface `name` (in this process's network namespace).
 pub fn open_tap(name: &str) -> std::io::Result<OwnedFd> {
     open_tap_with(name, false)
@@ -46,59 +32,23 @@ pub fn open_tap(name: &str) -> std::io::Result<OwnedFd> {
 /// Open the tap interface `name`; with `vnet_hdr`, frames on the fd carry a virtio-net
 /// header (IFF_VNET_HDR), which the device then passes through instead of adding.
 pub fn open_tap_with(name: &str, vnet_hdr: bool) -> std::io::Result<OwnedFd> {
-    if name.is_empty() || name.len() > 15 {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "tap names are 1 to 15 bytes",
-        ));
-    }
-    // SAFETY: plain open(2) of a constant NUL-terminated path.
-    let fd = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fd was just returned by open and is owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut req = IfReq {
-        name: [0; 16],
-        flags: IFF_TAP | IFF_NO_PI | if vnet_hdr { IFF_VNET_HDR } else { 0 },
-        _pad: [0; 22],
-    };
-    req.name[..name.len()].copy_from_slice(name.as_bytes());
-    // SAFETY: TUNSETIFF reads an ifreq, which IfReq lays out.
-    if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(fd)
+    Ok(tapdev::open_tap(name, vnet_hdr)?.into())
 }
 
 /// Make the tap fd non-blocking and tell whether frames on it carry a virtio-net
 /// header (IFF_VNET_HDR). Non-tap fds (a socket standing in for a tap) carry none.
 fn prepare_tap(fd: &OwnedFd) -> std::io::Result<bool> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
     let raw = fd.as_raw_fd();
-    // SAFETY: fcntl on an fd we own.
-    let fl = unsafe { libc::fcntl(raw, libc::F_GETFL) };
-    if fl < 0 || unsafe { libc::fcntl(raw, libc::F_SETFL, fl | libc::O_NONBLOCK) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let mut req = IfReq {
-        name: [0; 16],
-        flags: 0,
-        _pad: [0; 22],
-    };
-    // SAFETY: TUNGETIFF fills an ifreq.
-    if unsafe { libc::ioctl(raw, TUNGETIFF, &mut req) } < 0 {
-        return Ok(false);
-    }
-    if req.flags & IFF_VNET_HDR != 0 {
-        let size: libc::c_int = VNET_HDR_LEN as libc::c_int;
-        // SAFETY: TUNSETVNETHDRSZ reads an int.
-        if unsafe { libc::ioctl(raw, TUNSETVNETHDRSZ, &size) } < 0 {
-            return Err(std::io::Error::last_os_error());
+    let fl = OFlag::from_bits_retain(fcntl(raw, FcntlArg::F_GETFL)?);
+    fcntl(raw, FcntlArg::F_SETFL(fl | OFlag::O_NONBLOCK))?;
+    match tapdev::tap_flags(fd) {
+        Some(flags) if flags & tapdev::IFF_VNET_HDR != 0 => {
+            tapdev::set_vnet_hdr_size(fd, VNET_HDR_LEN)?;
+            Ok(true)
         }
-        return Ok(true);
+        _ => Ok(false),
     }
-    Ok(false)
 }
 
 pub struct Net {
