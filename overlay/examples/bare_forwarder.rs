@@ -18,6 +18,7 @@
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
 
+use nix::sys::socket::{self, MsgFlags, SockaddrIn};
 use overlay::io::offload::VNET_HDR_LEN;
 use overlay::io::spin::{Poller, Wake};
 use overlay::io::{NetNs, PacketPort, Tap, TapOptions};
@@ -44,7 +45,9 @@ fn udp_gro(fd: RawFd) {
     let _ = overlay::io::sys::setsockopt(fd, libc::SOL_UDP, libc::UDP_GRO, &1 as &libc::c_int);
 }
 
-/// send(2) with a UDP_SEGMENT control message, as the shells' send batches do.
+/// send(2) with a UDP_SEGMENT control message, as the shells' send batches do. Raw
+/// libc on purpose: nix's sendmsg allocates its control buffer on every call, which
+/// this floor must not add.
 fn send_gso(fd: RawFd, buf: &[u8], to: Option<&libc::sockaddr_in>) -> isize {
     let mut iov = libc::iovec {
         iov_base: buf.as_ptr() as *mut libc::c_void,
@@ -81,16 +84,9 @@ fn wait(poller: &mut Poller, fds: &[RawFd]) -> Vec<RawFd> {
         .collect()
 }
 
-fn recv(fd: RawFd, buf: &mut [u8]) -> isize {
-    // SAFETY: buf is live and writable for its length.
-    unsafe {
-        libc::recv(
-            fd,
-            buf.as_mut_ptr() as *mut libc::c_void,
-            buf.len(),
-            libc::MSG_DONTWAIT,
-        )
-    }
+/// A non-blocking recv(2); 0 when nothing is queued.
+fn recv(fd: RawFd, buf: &mut [u8]) -> usize {
+    socket::recv(fd, buf, MsgFlags::MSG_DONTWAIT).unwrap_or(0)
 }
 
 fn seller(netns: &str, iface: &str, buyer: &str) -> Res {
@@ -132,19 +128,11 @@ fn seller(netns: &str, iface: &str, buyer: &str) -> Res {
             } else {
                 loop {
                     let n = recv(u, &mut buf[VNET_HDR_LEN..]);
-                    if n <= 0 {
+                    if n == 0 {
                         break;
                     }
                     buf[..VNET_HDR_LEN].fill(0);
-                    // SAFETY: sends initialised bytes of buf.
-                    unsafe {
-                        libc::send(
-                            k,
-                            buf.as_ptr() as *const libc::c_void,
-                            VNET_HDR_LEN + n as usize,
-                            0,
-                        )
-                    };
+                    let _ = socket::send(k, &buf[..VNET_HDR_LEN + n], MsgFlags::empty());
                 }
             }
         }
@@ -156,62 +144,39 @@ fn buyer(tap_name: &str, listen: &str) -> Res {
     tap.set_nonblocking(true)?;
     let t = tap.as_raw_fd();
     let udp = UdpSocket::bind(listen)?;
+    udp.set_nonblocking(true)?;
     let u = udp.as_raw_fd();
     udp_gro(u);
     let fds = [u, t];
     let bell = Wake::new()?;
     let mut poller = Poller::new(&fds, &bell)?;
     let mut buf = vec![0u8; BUF];
-    // SAFETY: sockaddr_in is plain; zero is valid.
-    let mut peer: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-    let mut have = false;
+    let mut peer: Option<libc::sockaddr_in> = None;
     let answer = |buf: &mut [u8], peer: &libc::sockaddr_in| loop {
-        // SAFETY: buf is live and writable.
-        let n = unsafe { libc::read(t, buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
-        if n <= VNET_HDR_LEN as isize {
-            break;
-        }
-        send_gso(u, &buf[VNET_HDR_LEN..n as usize], Some(peer));
+        match tap.read(buf) {
+            Ok(n) if n > VNET_HDR_LEN => send_gso(u, &buf[VNET_HDR_LEN..n], Some(peer)),
+            _ => break,
+        };
     };
     loop {
         for fd in wait(&mut poller, &fds) {
             if fd == u {
-                loop {
-                    let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-                    // SAFETY: buf and peer are live; len says peer's size.
-                    let n = unsafe {
-                        libc::recvfrom(
-                            u,
-                            buf[VNET_HDR_LEN..].as_mut_ptr() as *mut libc::c_void,
-                            buf.len() - VNET_HDR_LEN,
-                            libc::MSG_DONTWAIT,
-                            &mut peer as *mut _ as *mut libc::sockaddr,
-                            &mut len,
-                        )
-                    };
-                    if n <= 0 {
-                        break;
-                    }
-                    have = true;
+                // The socket is non-blocking: recvfrom returns at once when empty.
+                while let Ok((n, Some(from))) =
+                    socket::recvfrom::<SockaddrIn>(u, &mut buf[VNET_HDR_LEN..])
+                {
+                    let from = libc::sockaddr_in::from(from);
+                    peer = Some(from);
                     buf[..VNET_HDR_LEN].fill(0);
-                    // SAFETY: writes initialised bytes of buf.
-                    unsafe {
-                        libc::write(
-                            t,
-                            buf.as_ptr() as *const libc::c_void,
-                            VNET_HDR_LEN + n as usize,
-                        )
-                    };
+                    let _ = tap.write(&buf[..VNET_HDR_LEN + n]);
                     // The host's kernel has answered inside the write: send it now.
-                    answer(&mut buf, &peer);
+                    answer(&mut buf, &from);
                 }
-            } else if have {
-                answer(&mut buf, &peer);
+            } else if let Some(p) = peer {
+                answer(&mut buf, &p);
             } else {
                 // No peer yet: drop what the host sends.
-                while unsafe { libc::read(t, buf.as_mut_ptr() as *mut libc::c_void, buf.len()) } > 0
-                {
-                }
+                while tap.read(&mut buf).is_ok_and(|n| n > 0) {}
             }
         }
     }

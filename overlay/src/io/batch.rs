@@ -232,8 +232,7 @@ impl RecvBatch {
     /// Ask the kernel to hand over coalesced UDP datagrams (UDP_GRO); slots must be
     /// 64 KiB. Use [`RecvBatch::segments`] to split them.
     pub fn enable_udp_gro(&self, fd: RawFd) -> bool {
-        let one: libc::c_int = 1;
-        sys::setsockopt(fd, libc::SOL_UDP, UDP_GRO, &one).is_ok()
+        sys::set_udp_gro(fd).is_ok()
     }
 
     /// The datagrams in message `i` (several when the kernel coalesced them).
@@ -269,34 +268,91 @@ impl RecvBatch {
         }
     }
 
-    /// The first control message of `level`/`ty` on message `i`, copied into a T.
-    pub fn cmsg<T: Copy + Default>(
-        &self,
-        i: usize,
-        level: libc::c_int,
-        ty: libc::c_int,
-    ) -> Option<T> {
-        let h = &self.hdrs()[i].msg_hdr;
-        // SAFETY: walking the control buffer the kernel filled, bounded by msg_controllen.
-        unsafe {
-            let mut c = libc::CMSG_FIRSTHDR(h);
-            while !c.is_null() {
-                if (*c).cmsg_level == level && (*c).cmsg_type == ty {
-                    let mut v = T::default();
-                    let avail = (*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
-                    let n = avail.min(std::mem::size_of::<T>());
-                    std::ptr::copy_nonoverlapping(
-                        libc::CMSG_DATA(c),
-                        &mut v as *mut T as *mut u8,
-                        n,
-                    );
-                    return Some(v);
-                }
-                c = libc::CMSG_NXTHDR(h, c);
+    /// Slot `i`'s control buffer, as long as the kernel said it filled it.
+    fn control(&self, i: usize) -> &[u8] {
+        assert!(i < self.slots);
+        let len = self.hdrs()[i].msg_hdr.msg_controllen.min(CTRL_LEN);
+        // SAFETY: slot i's control buffer is CTRL_LEN bytes inside `meta`, zeroed at
+        // allocation (so always initialised), alive as long as self; the kernel writes
+        // it only inside `recv_flags`, which takes &mut self.
+        let all = unsafe {
+            std::slice::from_raw_parts(
+                self.meta.at::<Ctrl>(self.ctrl).add(i) as *const u8,
+                CTRL_LEN,
+            )
+        };
+        &all[..len]
+    }
+
+    /// The first control message of `level`/`ty` on received message `i`, read into a
+    /// T (a shorter payload reads as if zero-extended).
+    pub fn cmsg<T: CmsgData>(&self, i: usize, level: libc::c_int, ty: libc::c_int) -> Option<T> {
+        if i >= self.n {
+            return None;
+        }
+        find_cmsg(self.control(i), level, ty).map(T::from_cmsg)
+    }
+}
+
+/// A control-message payload built from the kernel's bytes by safe code (each field
+/// read with `from_ne_bytes`), so no bit pattern can make an invalid value.
+pub trait CmsgData: Sized {
+    /// The value in `payload` (missing trailing bytes read as zero).
+    fn from_cmsg(payload: &[u8]) -> Self;
+}
+
+/// `N` bytes of `b` from `at`, zero-extended past its end.
+pub fn ne_bytes<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
+    let mut out = [0u8; N];
+    if let Some(src) = b.get(at..) {
+        let n = src.len().min(N);
+        out[..n].copy_from_slice(&src[..n]);
+    }
+    out
+}
+
+macro_rules! cmsg_int {
+    ($($t:ty),*) => {$(
+        impl CmsgData for $t {
+            fn from_cmsg(payload: &[u8]) -> Self {
+                <$t>::from_ne_bytes(ne_bytes(payload, 0))
             }
         }
-        None
+    )*};
+}
+cmsg_int!(u16, i32, u32, u64);
+
+/// `struct cmsghdr` (glibc): a size_t length, then level and type.
+const CMSG_HDR: usize = std::mem::size_of::<libc::cmsghdr>();
+const CMSG_ALIGN: usize = std::mem::size_of::<usize>();
+const CMSG_LEVEL_AT: usize = std::mem::offset_of!(libc::cmsghdr, cmsg_level);
+const CMSG_TYPE_AT: usize = std::mem::offset_of!(libc::cmsghdr, cmsg_type);
+const _: () = assert!(
+    std::mem::offset_of!(libc::cmsghdr, cmsg_len) == 0
+        && CMSG_HDR == std::mem::size_of::<usize>() + 2 * std::mem::size_of::<libc::c_int>()
+);
+/// Where a message's payload starts (CMSG_LEN(0)).
+const CMSG_DATA_AT: usize = CMSG_HDR.next_multiple_of(CMSG_ALIGN);
+
+/// The payload of the first control message of `level`/`ty` in `ctrl` (what the kernel
+/// wrote into msg_control, msg_controllen bytes). Walks the headers in safe code, so a
+/// malformed or truncated buffer ends the walk instead of reading past it.
+pub fn find_cmsg(ctrl: &[u8], level: libc::c_int, ty: libc::c_int) -> Option<&[u8]> {
+    let mut off = 0usize;
+    while let Some(h) = ctrl.get(off..off.checked_add(CMSG_HDR)?) {
+        let len = usize::from_ne_bytes(ne_bytes(h, 0));
+        if len < CMSG_HDR {
+            return None;
+        }
+        let end = off.checked_add(len)?.min(ctrl.len());
+        if libc::c_int::from_ne_bytes(ne_bytes(h, CMSG_LEVEL_AT)) == level
+            && libc::c_int::from_ne_bytes(ne_bytes(h, CMSG_TYPE_AT)) == ty
+        {
+            return ctrl.get(off + CMSG_DATA_AT..end).or(Some(&[]));
+        }
+        off = off.checked_add(len.checked_next_multiple_of(CMSG_ALIGN)?)?;
     }
+    None
 }
 
 /// Outgoing datagrams gathered for one `sendmmsg`.
@@ -420,7 +476,12 @@ impl SendBatch {
                 sin_zero: [0; 8],
             },
             // Unset family: a connected/bound socket sends to its default.
-            _ => unsafe { std::mem::zeroed() },
+            _ => libc::sockaddr_in {
+                sin_family: 0,
+                sin_port: 0,
+                sin_addr: libc::in_addr { s_addr: 0 },
+                sin_zero: [0; 8],
+            },
         };
         self.n += 1;
     }
@@ -581,6 +642,91 @@ mod tests {
     use super::*;
     use std::net::UdpSocket;
     use std::os::fd::AsRawFd;
+
+    /// A control buffer laid out by libc's own CMSG_* macros: (level, type, payload).
+    fn libc_cmsgs(msgs: &[(libc::c_int, libc::c_int, &[u8])]) -> Vec<u8> {
+        let mut buf = vec![0u64; 32];
+        // SAFETY: a zeroed msghdr is valid; every CMSG_* pointer stays inside `buf`
+        // (256 bytes, more than the messages the tests build need).
+        unsafe {
+            let mut m: libc::msghdr = std::mem::zeroed();
+            m.msg_control = buf.as_mut_ptr().cast();
+            m.msg_controllen = 256;
+            let mut c = libc::CMSG_FIRSTHDR(&m);
+            let mut used = 0;
+            for &(level, ty, data) in msgs {
+                (*c).cmsg_level = level;
+                (*c).cmsg_type = ty;
+                (*c).cmsg_len = libc::CMSG_LEN(data.len() as u32) as _;
+                std::ptr::copy_nonoverlapping(data.as_ptr(), libc::CMSG_DATA(c), data.len());
+                used += libc::CMSG_SPACE(data.len() as u32) as usize;
+                c = libc::CMSG_NXTHDR(&m, c);
+            }
+            let bytes: Vec<u8> = buf.iter().flat_map(|w| w.to_ne_bytes()).collect();
+            bytes[..used].to_vec()
+        }
+    }
+
+    #[test]
+    fn cmsgs_laid_out_by_libc_are_found() {
+        let aux = [7u8; 20];
+        let ctrl = libc_cmsgs(&[
+            (libc::SOL_UDP, UDP_GRO, &1400i32.to_ne_bytes()),
+            (libc::SOL_PACKET, sys::PACKET_AUXDATA, &aux),
+        ]);
+        assert_eq!(
+            find_cmsg(&ctrl, libc::SOL_UDP, UDP_GRO).map(i32::from_cmsg),
+            Some(1400)
+        );
+        assert_eq!(
+            find_cmsg(&ctrl, libc::SOL_PACKET, sys::PACKET_AUXDATA),
+            Some(&aux[..])
+        );
+        assert_eq!(find_cmsg(&ctrl, libc::SOL_IP, 1), None);
+        // A buffer cut short (MSG_CTRUNC) yields what is there, never more.
+        // (The second message starts after the first's header and padded int.)
+        let cut = &ctrl[..CMSG_DATA_AT + 8 + CMSG_DATA_AT + 10];
+        assert_eq!(
+            find_cmsg(cut, libc::SOL_PACKET, sys::PACKET_AUXDATA),
+            Some(&aux[..10])
+        );
+    }
+
+    #[test]
+    fn auxdata_reads_each_field_from_its_place() {
+        let mut b = Vec::new();
+        for v in [0x10u32, 1500, 1500] {
+            b.extend_from_slice(&v.to_ne_bytes());
+        }
+        for v in [14u16, 18, 0x0123, 0x88a8] {
+            b.extend_from_slice(&v.to_ne_bytes());
+        }
+        let a = sys::TpacketAuxdata::from_cmsg(&b);
+        assert_eq!((a.tp_status, a.tp_len, a.tp_snaplen), (0x10, 1500, 1500));
+        assert_eq!((a.tp_mac, a.tp_net), (14, 18));
+        assert_eq!((a.tp_vlan_tci, a.tp_vlan_tpid), (0x0123, 0x88a8));
+        // Short payloads read as zero-extended.
+        assert_eq!(sys::TpacketAuxdata::from_cmsg(&b[..4]).tp_status, 0x10);
+        assert_eq!(sys::TpacketAuxdata::from_cmsg(&b[..4]).tp_len, 0);
+        assert_eq!(u16::from_cmsg(&[]), 0);
+    }
+
+    proptest::proptest! {
+        // Whatever the kernel (or a stale slot) left in a control buffer, the walk
+        // stays inside it and returns a payload inside it.
+        #[test]
+        fn find_cmsg_stays_inside_any_buffer(
+            ctrl in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200),
+            level in 0i32..3,
+            ty in 0i32..3,
+        ) {
+            if let Some(p) = find_cmsg(&ctrl, level, ty) {
+                let (lo, hi) = (ctrl.as_ptr() as usize, ctrl.as_ptr() as usize + ctrl.len());
+                let (a, b) = (p.as_ptr() as usize, p.as_ptr() as usize + p.len());
+                proptest::prop_assert!(p.is_empty() || (lo <= a && b <= hi));
+            }
+        }
+    }
 
     // Over loopback: a GSO send of equal-size datagrams plus a short tail and a
     // datagram to another port, received with UDP GRO, comes out as the same

@@ -3,7 +3,10 @@
 //! namespace. It is the only way frames get in or out of that namespace.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+use nix::errno::Errno;
+use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
 
 use super::batch::{RecvBatch, SendBatch};
 use super::netns::NetNs;
@@ -26,21 +29,22 @@ impl PacketPort {
     pub fn open_here(ifname: &str) -> io::Result<PacketPort> {
         let ifindex = sys::if_index(ifname)?;
         let _ = sys::write_net_sysctl(&format!("ipv6/conf/{ifname}/disable_ipv6"), "1");
-        // SAFETY: plain socket(2); owned right away.
-        let fd = sys::cvt(unsafe {
-            libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0)
-        })
+        let fd = socket(
+            AddressFamily::Packet,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
         .map_err(|e| {
-            if e.raw_os_error() == Some(libc::EPERM) {
+            if e == Errno::EPERM {
                 io::Error::new(
                     io::ErrorKind::PermissionDenied,
                     "opening an AF_PACKET socket needs CAP_NET_RAW (run the seller as root)",
                 )
             } else {
-                e
+                e.into()
             }
         })?;
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         let raw = fd.as_raw_fd();
         let one: libc::c_int = 1;
         // Our own transmissions must not come back as guest frames.
@@ -54,18 +58,28 @@ impl PacketPort {
         // core's token buckets already pace them.
         let _ = sys::setsockopt(raw, libc::SOL_PACKET, sys::PACKET_QDISC_BYPASS, &one);
         sys::set_socket_buffers(raw, 8 << 20);
-        // SAFETY: sockaddr_ll is plain; bind to this interface, all protocols.
-        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_protocol = sys::ETH_P_ALL.to_be();
-        sll.sll_ifindex = ifindex as i32;
-        sys::cvt(unsafe {
+        // Bind to this interface, all protocols. nix 0.29 cannot build a sockaddr_ll
+        // (LinkAddr has no safe constructor), so this bind stays raw.
+        let sll = libc::sockaddr_ll {
+            sll_family: libc::AF_PACKET as u16,
+            sll_protocol: sys::ETH_P_ALL.to_be(),
+            sll_ifindex: ifindex as i32,
+            sll_hatype: 0,
+            sll_pkttype: 0,
+            sll_halen: 0,
+            sll_addr: [0; 8],
+        };
+        // SAFETY: a live sockaddr_ll and its exact size; the kernel only reads it.
+        let r = unsafe {
             libc::bind(
                 raw,
-                &sll as *const _ as *const libc::sockaddr,
+                (&sll as *const libc::sockaddr_ll).cast(),
                 std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
             )
-        })?;
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
         let mr = sys::PacketMreq {
             mr_ifindex: ifindex as i32,
             mr_type: sys::PACKET_MR_PROMISC,

@@ -26,11 +26,15 @@
 //! then the thread would have been busy anyway). Budget zero turns spinning off.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use super::sys;
+use nix::errno::Errno;
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+
+use super::sys::borrowed;
 
 /// Default spin budget: a bit more than a round trip through a local overlay.
 pub const DEFAULT_BUDGET: Duration = Duration::from_micros(200);
@@ -43,16 +47,14 @@ pub const HANDBACK: Duration = Duration::from_millis(20);
 /// thread is really parked.
 #[derive(Debug)]
 pub struct Wake {
-    efd: OwnedFd,
+    efd: EventFd,
     parked: AtomicBool,
 }
 
 impl Wake {
     pub fn new() -> io::Result<Wake> {
-        // SAFETY: plain eventfd(2); owned right away.
-        let fd = sys::cvt(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })?;
         Ok(Wake {
-            efd: unsafe { OwnedFd::from_raw_fd(fd) },
+            efd: EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?,
             parked: AtomicBool::new(false),
         })
     }
@@ -60,18 +62,15 @@ impl Wake {
     /// Make the owner re-check its state (after the caller changed it).
     pub fn ring(&self) {
         if self.parked.swap(false, Ordering::SeqCst) {
-            let one: u64 = 1;
-            // SAFETY: writes 8 bytes from a live u64 to our eventfd.
-            unsafe { libc::write(self.efd.as_raw_fd(), &one as *const u64 as *const _, 8) };
+            self.interrupt();
         }
     }
 
     /// Get the owner out of any wait, now or its next one (stopping: the caller has set
     /// the flag the owner checks before it waits again).
     pub fn interrupt(&self) {
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a live u64 to our eventfd.
-        unsafe { libc::write(self.efd.as_raw_fd(), &one as *const u64 as *const _, 8) };
+        // Only fails when the counter is saturated: the owner has a wake-up queued.
+        let _ = self.efd.write(1);
     }
 
     /// Block until one of the poller's enabled fds is readable, the bell rings or
@@ -100,7 +99,7 @@ impl Wake {
 /// reads only that one: no empty non-blocking reads on the round trip.
 #[derive(Debug)]
 pub struct Poller {
-    ep: OwnedFd,
+    ep: Epoll,
     bell: RawFd,
     fds: Vec<RawFd>,
 }
@@ -111,63 +110,51 @@ const BELL: u64 = u64::MAX;
 impl Poller {
     /// Watch `fds` (bit i of every result is `fds[i]`, at most 31) and `bell`'s eventfd.
     pub fn new(fds: &[RawFd], bell: &Wake) -> io::Result<Poller> {
-        // SAFETY: plain epoll_create1(2); owned right away.
-        let ep = sys::cvt(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
         let p = Poller {
-            ep: unsafe { OwnedFd::from_raw_fd(ep) },
+            ep: Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?,
             bell: bell.efd.as_raw_fd(),
             fds: fds.iter().copied().take(31).collect(),
         };
-        p.ctl(libc::EPOLL_CTL_ADD, p.bell, BELL, true)?;
+        p.ep.add(&bell.efd, EpollEvent::new(EpollFlags::EPOLLIN, BELL))?;
         for (i, fd) in p.fds.iter().enumerate() {
-            p.ctl(libc::EPOLL_CTL_ADD, *fd, i as u64, true)?;
+            p.ep.add(
+                borrowed(*fd),
+                EpollEvent::new(EpollFlags::EPOLLIN, i as u64),
+            )?;
         }
         Ok(p)
     }
 
-    fn ctl(&self, op: libc::c_int, fd: RawFd, data: u64, on: bool) -> io::Result<()> {
-        let mut ev = libc::epoll_event {
-            events: if on { libc::EPOLLIN as u32 } else { 0 },
-            u64: data,
-        };
-        // SAFETY: a valid epoll fd, a live event struct.
-        sys::cvt(unsafe { libc::epoll_ctl(self.ep.as_raw_fd(), op, fd, &mut ev) }).map(|_| ())
-    }
-
     /// Watch fd `i` or stop watching it (another thread serves it meanwhile).
     pub fn watch(&mut self, i: usize, on: bool) -> io::Result<()> {
-        self.ctl(libc::EPOLL_CTL_MOD, self.fds[i], i as u64, on)
+        let events = if on {
+            EpollFlags::EPOLLIN
+        } else {
+            EpollFlags::empty()
+        };
+        let mut ev = EpollEvent::new(events, i as u64);
+        Ok(self.ep.modify(borrowed(self.fds[i]), &mut ev)?)
     }
 
     /// Readable fds now, or after waiting up to `timeout_ms` (0: do not wait). A rung
     /// bell is consumed and reported as no fd.
     pub fn wait(&mut self, timeout_ms: i32) -> io::Result<u32> {
-        let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 8];
+        let mut evs = [EpollEvent::empty(); 8];
+        // Below -1 means "forever" too.
+        let timeout = EpollTimeout::try_from(timeout_ms.max(-1)).unwrap_or(EpollTimeout::NONE);
         let n = loop {
-            // SAFETY: a valid epoll fd and room for evs.len() events.
-            let r = unsafe {
-                libc::epoll_wait(
-                    self.ep.as_raw_fd(),
-                    evs.as_mut_ptr(),
-                    evs.len() as i32,
-                    timeout_ms,
-                )
-            };
-            if r >= 0 {
-                break r as usize;
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
+            match self.ep.wait(&mut evs, timeout) {
+                Ok(n) => break n,
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
             }
         };
         let mut mask = 0;
         for ev in &evs[..n] {
-            let data = ev.u64;
+            let data = ev.data();
             if data == BELL {
-                let mut v: u64 = 0;
-                // SAFETY: reads 8 bytes into a live u64 (non-blocking eventfd).
-                unsafe { libc::read(self.bell, &mut v as *mut u64 as *mut _, 8) };
+                // Consume the ring (non-blocking: nothing to read is fine).
+                let _ = nix::unistd::read(self.bell, &mut [0u8; 8]);
             } else {
                 mask |= 1 << data;
             }
@@ -341,8 +328,8 @@ impl Spin {
 
 /// Give the CPU to anything runnable, then come back (one spin step).
 pub fn yield_now() {
-    // SAFETY: no arguments.
-    unsafe { libc::sched_yield() };
+    // Cannot fail on Linux.
+    let _ = nix::sched::sched_yield();
 }
 
 #[cfg(test)]
@@ -484,10 +471,10 @@ mod tests {
         assert!(!s.spinning(now));
     }
 
+    use std::os::fd::OwnedFd;
+
     fn pipe() -> (OwnedFd, OwnedFd) {
-        let mut p = [0; 2];
-        assert_eq!(unsafe { libc::pipe(p.as_mut_ptr()) }, 0);
-        unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) }
+        nix::unistd::pipe().unwrap()
     }
 
     #[test]
@@ -538,10 +525,7 @@ mod tests {
     fn park_returns_when_an_fd_is_readable() {
         let w = Wake::new().unwrap();
         let (r, wr) = pipe();
-        assert_eq!(
-            unsafe { libc::write(wr.as_raw_fd(), b"x".as_ptr() as *const _, 1) },
-            1
-        );
+        assert_eq!(nix::unistd::write(&wr, b"x").unwrap(), 1);
         let (q, _wq) = pipe();
         let mut p = Poller::new(&[q.as_raw_fd(), r.as_raw_fd()], &w).unwrap();
         let t = Instant::now();
@@ -560,10 +544,7 @@ mod tests {
         let w = Wake::new().unwrap();
         let (r, wr) = pipe();
         let mut p = Poller::new(&[r.as_raw_fd()], &w).unwrap();
-        assert_eq!(
-            unsafe { libc::write(wr.as_raw_fd(), b"x".as_ptr() as *const _, 1) },
-            1
-        );
+        assert_eq!(nix::unistd::write(&wr, b"x").unwrap(), 1);
         p.watch(0, false).unwrap();
         assert_eq!(p.wait(0).unwrap(), 0, "another thread serves it");
         p.watch(0, true).unwrap();

@@ -1,25 +1,19 @@
-//! Small wrappers over Linux interface ioctls and socket options that neither `libc`
-//! nor `nix` expose in a typed way.
+//! Small wrappers over socket options and interface settings. nix does the work where
+//! it has a wrapper (typed socket options, fcntl, interface lookups); the tap and
+//! `struct ifreq` ioctls live in the shared `tapdev` crate. Raw libc is left for the
+//! AF_PACKET options nix does not know ([`setsockopt`]).
 
-use std::ffi::CString;
 use std::io;
 use std::net::Ipv4Addr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{BorrowedFd, RawFd};
 
-pub const IFNAMSIZ: usize = 16;
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use nix::sys::socket::sockopt;
+use nix::sys::time::TimeVal;
 
-// <linux/if_tun.h>
-pub const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-pub const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
-pub const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
-pub const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
-pub const IFF_TAP: libc::c_short = 0x0002;
-pub const IFF_NO_PI: libc::c_short = 0x1000;
-pub const IFF_VNET_HDR: libc::c_short = 0x4000;
-pub const TUN_F_CSUM: libc::c_uint = 0x01;
-pub const TUN_F_TSO4: libc::c_uint = 0x02;
-pub const TUN_F_TSO6: libc::c_uint = 0x04;
-pub const TUN_F_TSO_ECN: libc::c_uint = 0x08;
+pub use tapdev::IFNAMSIZ;
+
+use super::batch::{ne_bytes, CmsgData};
 
 // <linux/if_packet.h>
 pub const PACKET_ADD_MEMBERSHIP: libc::c_int = 1;
@@ -44,7 +38,25 @@ pub struct TpacketAuxdata {
     pub tp_vlan_tpid: u16,
 }
 
+impl CmsgData for TpacketAuxdata {
+    fn from_cmsg(p: &[u8]) -> Self {
+        use std::mem::offset_of;
+        let u32_at = |at| u32::from_ne_bytes(ne_bytes(p, at));
+        let u16_at = |at| u16::from_ne_bytes(ne_bytes(p, at));
+        TpacketAuxdata {
+            tp_status: u32_at(offset_of!(TpacketAuxdata, tp_status)),
+            tp_len: u32_at(offset_of!(TpacketAuxdata, tp_len)),
+            tp_snaplen: u32_at(offset_of!(TpacketAuxdata, tp_snaplen)),
+            tp_mac: u16_at(offset_of!(TpacketAuxdata, tp_mac)),
+            tp_net: u16_at(offset_of!(TpacketAuxdata, tp_net)),
+            tp_vlan_tci: u16_at(offset_of!(TpacketAuxdata, tp_vlan_tci)),
+            tp_vlan_tpid: u16_at(offset_of!(TpacketAuxdata, tp_vlan_tpid)),
+        }
+    }
+}
+
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub struct PacketMreq {
     pub mr_ifindex: libc::c_int,
     pub mr_type: libc::c_ushort,
@@ -52,193 +64,93 @@ pub struct PacketMreq {
     pub mr_address: [u8; 8],
 }
 
-/// `struct ifreq` with the union reduced to what we use.
-#[repr(C)]
-pub struct IfReq {
-    pub name: [u8; IFNAMSIZ],
-    pub data: IfReqData,
-}
-
-#[repr(C)]
-pub union IfReqData {
-    pub flags: libc::c_short,
-    pub int: libc::c_int,
-    pub addr: libc::sockaddr_in,
-    pub pad: [u8; 24],
-}
-
-impl IfReq {
-    pub fn new(name: &str) -> io::Result<IfReq> {
-        check_ifname(name)?;
-        let mut r = IfReq {
-            name: [0; IFNAMSIZ],
-            data: IfReqData { pad: [0; 24] },
-        };
-        r.name[..name.len()].copy_from_slice(name.as_bytes());
-        Ok(r)
-    }
-}
-
 /// Interface names are at most 15 bytes and must not contain '/' or whitespace.
 pub fn check_ifname(name: &str) -> io::Result<()> {
-    if name.is_empty()
-        || name.len() >= IFNAMSIZ
-        || name
-            .bytes()
-            .any(|b| b == b'/' || b.is_ascii_whitespace() || b == 0 || b == b':')
-    {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("invalid interface name {name:?}: 1 to 15 characters, no '/', ':' or spaces"),
-        ));
-    }
-    Ok(())
+    Ok(tapdev::check_ifname(name)?)
 }
 
-pub fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
+/// A caller's fd as nix wants it, for the duration of one call. (The helpers here
+/// and the poller take raw fds from their callers; nix's wrappers take borrowed ones.)
+pub(crate) fn borrowed<'a>(fd: RawFd) -> BorrowedFd<'a> {
+    // SAFETY: every user passes an fd its caller holds open (a socket, tap or port
+    // the caller owns) and drops the result within the one nix call it is made for.
+    // A stale number would make that call fail (EBADF) or act on another of our
+    // fds; it touches no memory.
+    unsafe { BorrowedFd::borrow_raw(fd) }
 }
 
-pub fn cvt_size(r: libc::ssize_t) -> io::Result<usize> {
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r as usize)
-    }
-}
-
-/// # Safety
-/// `arg` must point to the structure `req` expects.
-pub unsafe fn ioctl_ptr<T>(fd: RawFd, req: libc::c_ulong, arg: *mut T) -> io::Result<()> {
-    cvt(libc::ioctl(fd, req as _, arg)).map(|_| ())
-}
-
-pub fn setsockopt<T>(fd: RawFd, level: libc::c_int, name: libc::c_int, val: &T) -> io::Result<()> {
-    // SAFETY: val is a valid T for the given length.
-    cvt(unsafe {
+/// Set a socket option nix has no typed wrapper for (the AF_PACKET ones): the
+/// kernel reads `size_of::<T>()` bytes of `val`.
+pub fn setsockopt<T: Copy>(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    val: &T,
+) -> io::Result<()> {
+    // SAFETY: `val` is a live T and the length passed is exactly its size; the
+    // kernel only reads it.
+    let r = unsafe {
         libc::setsockopt(
             fd,
             level,
             name,
-            val as *const T as *const libc::c_void,
+            (val as *const T).cast(),
             std::mem::size_of::<T>() as libc::socklen_t,
         )
-    })
-    .map(|_| ())
-}
-
-/// A throwaway AF_INET datagram socket for interface ioctls (in the calling thread's netns).
-pub fn ctl_socket() -> io::Result<OwnedFd> {
-    // SAFETY: plain socket(2); the fd is owned right away.
-    let fd = cvt(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 pub fn if_index(name: &str) -> io::Result<u32> {
     check_ifname(name)?;
-    let c = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: c is NUL-terminated.
-    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    if i == 0 {
-        Err(io::Error::new(
+    nix::net::if_::if_nametoindex(name).map_err(|_| {
+        io::Error::new(
             io::ErrorKind::NotFound,
             format!("no network interface named {name:?} in this network namespace"),
-        ))
-    } else {
-        Ok(i)
-    }
-}
-
-fn sockaddr_in(ip: Ipv4Addr) -> libc::sockaddr_in {
-    libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: 0,
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(ip).to_be(),
-        },
-        sin_zero: [0; 8],
-    }
+        )
+    })
 }
 
 /// Set an interface up (or down).
 pub fn set_up(name: &str, up: bool) -> io::Result<()> {
-    let s = ctl_socket()?;
-    let mut r = IfReq::new(name)?;
-    // SAFETY: ifreq is valid for SIOCGIFFLAGS/SIOCSIFFLAGS.
-    unsafe {
-        ioctl_ptr(s.as_raw_fd(), libc::SIOCGIFFLAGS, &mut r)?;
-        let mut f = r.data.flags;
-        if up {
-            f |= libc::IFF_UP as libc::c_short;
-        } else {
-            f &= !(libc::IFF_UP as libc::c_short);
-        }
-        r.data.flags = f;
-        ioctl_ptr(s.as_raw_fd(), libc::SIOCSIFFLAGS, &mut r)
-    }
+    Ok(tapdev::set_up(name, up)?)
 }
 
 pub fn set_mtu(name: &str, mtu: u32) -> io::Result<()> {
-    let s = ctl_socket()?;
-    let mut r = IfReq::new(name)?;
-    r.data.int = mtu as libc::c_int;
-    // SAFETY: ifreq is valid for SIOCSIFMTU.
-    unsafe { ioctl_ptr(s.as_raw_fd(), libc::SIOCSIFMTU, &mut r) }
+    Ok(tapdev::set_mtu(name, mtu)?)
 }
 
 /// Give an interface its (only) IPv4 address and netmask.
 pub fn set_ipv4(name: &str, ip: Ipv4Addr, prefix: u8) -> io::Result<()> {
-    let s = ctl_socket()?;
-    let mut r = IfReq::new(name)?;
-    r.data.addr = sockaddr_in(ip);
-    // SAFETY: ifreq is valid for SIOCSIFADDR/SIOCSIFNETMASK.
-    unsafe { ioctl_ptr(s.as_raw_fd(), libc::SIOCSIFADDR, &mut r)? };
-    let mask = if prefix == 0 {
-        0
-    } else {
-        u32::MAX << (32 - prefix as u32)
-    };
-    let mut r = IfReq::new(name)?;
-    r.data.addr = sockaddr_in(Ipv4Addr::from(mask));
-    unsafe { ioctl_ptr(s.as_raw_fd(), libc::SIOCSIFNETMASK, &mut r) }
+    Ok(tapdev::set_ipv4(name, ip, prefix)?)
+}
+
+/// Set an interface's Ethernet address.
+pub fn set_mac(name: &str, mac: [u8; 6]) -> io::Result<()> {
+    Ok(tapdev::set_mac(name, mac)?)
 }
 
 /// IPv4 addresses (with prefix length) configured on interfaces of this netns, except `skip`.
 pub fn ipv4_addrs_except(skip: &str) -> io::Result<Vec<(String, Ipv4Addr, u8)>> {
     let mut out = Vec::new();
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs allocates a list we free below.
-    cvt(unsafe { libc::getifaddrs(&mut head) })?;
-    let mut p = head;
-    while !p.is_null() {
-        // SAFETY: p is a node of the list getifaddrs returned.
-        let ifa = unsafe { &*p };
-        p = ifa.ifa_next;
-        if ifa.ifa_addr.is_null() || unsafe { (*ifa.ifa_addr).sa_family } as i32 != libc::AF_INET {
+    for ifa in nix::ifaddrs::getifaddrs()? {
+        let Some(a) = ifa.address.as_ref().and_then(|a| a.as_sockaddr_in()) else {
             continue;
-        }
-        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }
-            .to_string_lossy()
-            .into_owned();
-        if name == skip {
-            continue;
-        }
-        let a = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-        let ip = Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
-        let prefix = if ifa.ifa_netmask.is_null() {
-            32
-        } else {
-            let m = unsafe { &*(ifa.ifa_netmask as *const libc::sockaddr_in) };
-            u32::from_be(m.sin_addr.s_addr).count_ones() as u8
         };
-        out.push((name, ip, prefix));
+        if ifa.interface_name == skip {
+            continue;
+        }
+        let prefix = ifa
+            .netmask
+            .as_ref()
+            .and_then(|m| m.as_sockaddr_in())
+            .map_or(32, |m| u32::from(m.ip()).count_ones() as u8);
+        out.push((ifa.interface_name.clone(), a.ip(), prefix));
     }
-    // SAFETY: head came from getifaddrs.
-    unsafe { libc::freeifaddrs(head) };
     Ok(out)
 }
 
@@ -249,66 +161,40 @@ pub fn write_net_sysctl(path: &str, value: &str) -> io::Result<()> {
 }
 
 pub fn set_nonblocking(fd: RawFd, nb: bool) -> io::Result<()> {
-    // SAFETY: fcntl on an fd we own.
-    let fl = cvt(unsafe { libc::fcntl(fd, libc::F_GETFL) })?;
-    let fl = if nb {
-        fl | libc::O_NONBLOCK
-    } else {
-        fl & !libc::O_NONBLOCK
-    };
-    cvt(unsafe { libc::fcntl(fd, libc::F_SETFL, fl) }).map(|_| ())
-}
-
-/// Wait until `fd` is readable or `timeout_ms` passed; Ok(false) on timeout.
-pub fn poll_readable(fd: RawFd, timeout_ms: i32) -> io::Result<bool> {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    loop {
-        // SAFETY: one valid pollfd.
-        let r = unsafe { libc::poll(&mut p, 1, timeout_ms) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        return Ok(r > 0);
-    }
+    let mut fl = OFlag::from_bits_retain(fcntl(fd, FcntlArg::F_GETFL)?);
+    fl.set(OFlag::O_NONBLOCK, nb);
+    fcntl(fd, FcntlArg::F_SETFL(fl))?;
+    Ok(())
 }
 
 /// Set large socket buffers; as root the `*FORCE` variants pass the sysctl caps.
-pub fn set_socket_buffers(fd: RawFd, bytes: libc::c_int) {
-    for (force, plain) in [
-        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
-        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
-    ] {
-        if setsockopt(fd, libc::SOL_SOCKET, force, &bytes).is_err() {
-            let _ = setsockopt(fd, libc::SOL_SOCKET, plain, &bytes);
-        }
+pub fn set_socket_buffers(fd: RawFd, bytes: usize) {
+    let fd = borrowed(fd);
+    if nix::sys::socket::setsockopt(&fd, sockopt::RcvBufForce, &bytes).is_err() {
+        let _ = nix::sys::socket::setsockopt(&fd, sockopt::RcvBuf, &bytes);
+    }
+    if nix::sys::socket::setsockopt(&fd, sockopt::SndBufForce, &bytes).is_err() {
+        let _ = nix::sys::socket::setsockopt(&fd, sockopt::SndBuf, &bytes);
     }
 }
 
 pub fn set_recv_timeout(fd: RawFd, ms: u64) -> io::Result<()> {
-    let tv = libc::timeval {
-        tv_sec: (ms / 1000) as libc::time_t,
-        tv_usec: ((ms % 1000) * 1000) as libc::suseconds_t,
-    };
-    setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv)
+    let tv = TimeVal::new(
+        (ms / 1000) as libc::time_t,
+        ((ms % 1000) * 1000) as libc::suseconds_t,
+    );
+    Ok(nix::sys::socket::setsockopt(
+        &borrowed(fd),
+        sockopt::ReceiveTimeout,
+        &tv,
+    )?)
 }
 
-/// Set an interface's Ethernet address.
-pub fn set_mac(name: &str, mac: [u8; 6]) -> io::Result<()> {
-    let s = ctl_socket()?;
-    let mut r = IfReq::new(name)?;
-    // SAFETY: sockaddr fits the union; SIOCSIFHWADDR reads sa_family + sa_data.
-    unsafe {
-        let sa = &mut r.data.pad;
-        sa[0..2].copy_from_slice(&(libc::ARPHRD_ETHER).to_ne_bytes());
-        sa[2..8].copy_from_slice(&mac);
-        ioctl_ptr(s.as_raw_fd(), libc::SIOCSIFHWADDR, &mut r)
-    }
+/// Ask the kernel to hand over coalesced UDP datagrams (UDP_GRO).
+pub fn set_udp_gro(fd: RawFd) -> io::Result<()> {
+    Ok(nix::sys::socket::setsockopt(
+        &borrowed(fd),
+        sockopt::UdpGroSegment,
+        &true,
+    )?)
 }

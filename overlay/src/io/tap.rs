@@ -1,11 +1,12 @@
 //! tap devices through /dev/net/tun ioctls (IFF_TAP | IFF_NO_PI, optionally
 //! IFF_VNET_HDR with checksum/TSO offloads so one read can carry a 64 KiB TCP burst).
+//! The ioctls themselves are the `tapdev` crate's, which the VMM shares.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
-use super::sys::{self, IfReq};
+use super::sys;
 
 /// An open tap device. The interface disappears when the last fd closes (unless
 /// made persistent).
@@ -24,64 +25,15 @@ pub struct TapOptions {
     pub offload: bool,
 }
 
-fn open_tun() -> io::Result<File> {
-    File::options()
-        .read(true)
-        .write(true)
-        .open("/dev/net/tun")
-        .map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => io::Error::new(
-                io::ErrorKind::NotFound,
-                "/dev/net/tun does not exist: load the tun module (`modprobe tun`) or give the container the device",
-            ),
-            io::ErrorKind::PermissionDenied => io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                "cannot open /dev/net/tun: permission denied (needs root or CAP_NET_ADMIN)",
-            ),
-            _ => io::Error::new(e.kind(), format!("opening /dev/net/tun: {e}")),
-        })
-}
-
 impl Tap {
     /// Create (or attach to an existing persistent) tap `name` in the calling thread's
     /// network namespace.
     pub fn create(name: &str, opts: TapOptions) -> io::Result<Tap> {
-        let file = open_tun()?;
-        let mut req = IfReq::new(name)?;
-        let mut flags = sys::IFF_TAP | sys::IFF_NO_PI;
+        let file = tapdev::open_tap(name, opts.offload)?;
         if opts.offload {
-            flags |= sys::IFF_VNET_HDR;
-        }
-        req.data.flags = flags;
-        // SAFETY: ifreq is valid for TUNSETIFF.
-        unsafe { sys::ioctl_ptr(file.as_raw_fd(), sys::TUNSETIFF, &mut req) }.map_err(|e| {
-            match e.raw_os_error() {
-                Some(libc::EPERM) => io::Error::new(
-                    io::ErrorKind::PermissionDenied,
-                    format!("creating tap {name:?}: operation not permitted (needs CAP_NET_ADMIN)"),
-                ),
-                Some(libc::EBUSY) | Some(libc::EINVAL) => io::Error::new(
-                    io::ErrorKind::AddrInUse,
-                    format!("creating tap {name:?}: the name is taken by another interface or an open tap"),
-                ),
-                _ => io::Error::new(e.kind(), format!("creating tap {name:?}: {e}")),
-            }
-        })?;
-        if opts.offload {
-            let sz: libc::c_int = super::offload::VNET_HDR_LEN as libc::c_int;
-            let mut sz2 = sz;
-            // SAFETY: int argument.
-            unsafe { sys::ioctl_ptr(file.as_raw_fd(), sys::TUNSETVNETHDRSZ, &mut sz2) }?;
-            let off = sys::TUN_F_CSUM | sys::TUN_F_TSO4 | sys::TUN_F_TSO6;
-            // SAFETY: TUNSETOFFLOAD takes the flags by value.
-            sys::cvt(unsafe {
-                libc::ioctl(
-                    file.as_raw_fd(),
-                    sys::TUNSETOFFLOAD as _,
-                    off as libc::c_ulong,
-                )
-            })
-            .map_err(|e| {
+            tapdev::set_vnet_hdr_size(&file, super::offload::VNET_HDR_LEN)?;
+            let off = tapdev::TUN_F_CSUM | tapdev::TUN_F_TSO4 | tapdev::TUN_F_TSO6;
+            tapdev::set_offload(&file, off).map_err(|e| {
                 io::Error::new(e.kind(), format!("enabling offloads on tap {name:?}: {e}"))
             })?;
         }
@@ -103,15 +55,7 @@ impl Tap {
 
     /// Keep the interface after the fd closes (so a VMM can open it by name).
     pub fn set_persist(&self, on: bool) -> io::Result<()> {
-        // SAFETY: TUNSETPERSIST takes an int by value.
-        sys::cvt(unsafe {
-            libc::ioctl(
-                self.file.as_raw_fd(),
-                sys::TUNSETPERSIST as _,
-                on as libc::c_ulong,
-            )
-        })
-        .map(|_| ())
+        Ok(tapdev::set_persist(&self.file, on)?)
     }
 
     pub fn set_nonblocking(&self, nb: bool) -> io::Result<()> {
