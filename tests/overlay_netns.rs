@@ -35,8 +35,7 @@ fn ipv4_src(f: &[u8]) -> Option<Ipv4Addr> {
 
 #[test]
 fn overlay_netns_end_to_end_and_attacks() {
-    if !cpushare_tests::is_root() {
-        eprintln!("skipping: needs root (network namespaces)");
+    if !cpushare_tests::require_root("network namespaces") {
         return;
     }
     scrub(NAMES);

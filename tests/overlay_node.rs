@@ -25,8 +25,7 @@ fn public_key(n: &NodeProc) -> String {
 
 #[test]
 fn overlay_through_the_node_cli() {
-    if !cpushare_tests::is_root() {
-        eprintln!("skipping: needs root (network namespaces)");
+    if !cpushare_tests::require_root("network namespaces") {
         return;
     }
     scrub(NAMES);

@@ -23,8 +23,7 @@ fn marker(f: &Captured) -> Option<u32> {
 
 #[test]
 fn replayed_capture_delivers_nothing_twice() {
-    if !cpushare_tests::is_root() {
-        eprintln!("skipping: needs root (network namespaces)");
+    if !cpushare_tests::require_root("network namespaces") {
         return;
     }
     scrub(NAMES);

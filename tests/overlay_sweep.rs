@@ -67,8 +67,7 @@ fn attach(seller: &NodeProc, tap: &str, netns: &str, mac: &str, ip: &str, bkey: 
 
 #[test]
 fn restarted_seller_sweeps_lease_namespaces_of_a_killed_one() {
-    if !cpushare_tests::is_root() {
-        eprintln!("skipping: needs root (network namespaces)");
+    if !cpushare_tests::require_root("network namespaces") {
         return;
     }
     scrub(NAMES);

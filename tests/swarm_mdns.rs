@@ -11,7 +11,7 @@
 //!   nobody told it the buyer exists: no mDNS packet appears on the wire and
 //!   `image fetch` fails with "no peer has image".
 //!
-//! Needs root (network namespaces); skipped otherwise.
+//! Needs root (network namespaces); skipped otherwise, failed when env CI is set.
 
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::Path;
@@ -112,8 +112,7 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 
 #[test]
 fn mdns_on_sellers_find_buyer_without_bootstrap() -> Result<()> {
-    if !cpushare_tests::is_root() {
-        eprintln!("skipping: needs root (network namespaces)");
+    if !cpushare_tests::require_root("network namespaces") {
         return Ok(());
     }
     let lan = Lan::new("cmd", 3, [10, 203, 7])?;
@@ -193,8 +192,7 @@ fn mdns_on_sellers_find_buyer_without_bootstrap() -> Result<()> {
 
 #[test]
 fn mdns_off_without_bootstrap_finds_no_peer() -> Result<()> {
-    if !cpushare_tests::is_root() {
-        eprintln!("skipping: needs root (network namespaces)");
+    if !cpushare_tests::require_root("network namespaces") {
         return Ok(());
     }
     let lan = Lan::new("cmdx", 2, [10, 203, 8])?;

@@ -35,4 +35,19 @@ pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
 }
+
+/// Whether a test that needs root can run: true as root. Otherwise the test fails
+/// when env `CI` is set (CI runs as root, so a skip there would hide a broken setup)
+/// and elsewhere prints why it skips and returns false.
+pub fn require_root(what: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "needs root ({what}) and CI is set: run the tests as root (sudo bash .ci/run)"
+    );
+    eprintln!("skipping: needs root ({what})");
+    false
+}
 pub mod overlay;
