@@ -295,6 +295,8 @@ fn overlay_netns_end_to_end_and_attacks() {
             "{what}: counted {} of {want} drops",
             counted()
         );
+        // Not a synchronisation: the window in which a frame counted twice would
+        // show up (an absence has no event to wait for).
         std::thread::sleep(Duration::from_millis(100));
         assert_eq!(
             counted(),
@@ -362,7 +364,8 @@ fn overlay_netns_end_to_end_and_attacks() {
             "guest reached {ip} outside the overlay"
         );
     }
-    std::thread::sleep(Duration::from_millis(500));
+    // Each failed ping waited 2 s for a reply, so the seller handled every injected
+    // frame long ago; finish() reads what is still queued on the capture sockets.
 
     // ---------------------------------------------------------------- verdicts
     let up = cap_up.finish();

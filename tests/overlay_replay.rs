@@ -106,7 +106,8 @@ fn replayed_capture_delivers_nothing_twice() {
         "only {} of {probes} probes reached the buyer",
         count(&cap_tap.frames()).len()
     );
-    std::thread::sleep(Duration::from_millis(300));
+    // Every probe crossed the wire before the buyer put it on its tap, so the wire
+    // capture's socket holds them all; finish() reads what is still queued there.
     let wire: Vec<Vec<u8>> = cap_wire
         .finish()
         .iter()
@@ -139,6 +140,8 @@ fn replayed_capture_delivers_nothing_twice() {
                 sock.send_to(d, (b_ip, BUYER_PORT))?;
                 n += 1;
                 if n.is_multiple_of(64) {
+                    // Pacing, not synchronisation: a datagram lost to a full socket
+                    // buffer would never be counted as a replay.
                     std::thread::sleep(Duration::from_millis(2));
                 }
             }
@@ -147,7 +150,10 @@ fn replayed_capture_delivers_nothing_twice() {
     })
     .unwrap();
     assert!(sent > 0);
-    std::thread::sleep(Duration::from_millis(800));
+    // Every replayed data message ends as a replay drop (or, wrongly, on the tap).
+    let replays_now =
+        || buyer.stats().total_drops().get(DropReason::Replay) - before.get(DropReason::Replay);
+    wait_until(Duration::from_secs(10), || replays_now() >= 2 * data_msgs);
     let after = buyer.stats().total_drops();
     let replays = after.get(DropReason::Replay) - before.get(DropReason::Replay);
     assert_eq!(

@@ -105,9 +105,9 @@ fn swarm_kill9_mid_fetch_resumes_without_refetching() -> Result<()> {
         );
         Ok(())
     })?;
+    // kill9 reaps the process: its store lock and sockets are released.
     seller.proc.kill9();
     drop(seller);
-    std::thread::sleep(Duration::from_millis(300));
     let seller = spawn(&sdir, "seller", &boot, &[])?;
     let r = fetch(&seller, &id)?;
     eprintln!("after restart: {r}");
@@ -196,6 +196,8 @@ fn swarm_bad_manifests_and_bad_chunks_are_rejected_node_keeps_running() -> Resul
         let v = wait_stats(&victim2, &id3, 60, |v| num(v, "bad_chunks") >= 1)?;
         let banned: Vec<String> = serde_json::from_value(v["banned"].clone())?;
         assert!(banned.contains(&evil.proc.peer_id), "{v}");
+        // Not a synchronisation: the window in which a wrongly stored bad chunk would
+        // show up (an absence has no event to wait for).
         std::thread::sleep(Duration::from_millis(500));
         let st = victim2.proc.status()?;
         assert_eq!(

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 use cpushare_tests::swarm::{import, num, random_file, spawn};
+use cpushare_tests::wait_until;
 use futures::prelude::*;
 use libp2p::swarm::SwarmEvent;
 use libp2p::{noise, tcp, yamux, Multiaddr, PeerId, Stream, StreamProtocol};
@@ -176,13 +177,10 @@ async fn swarm_rejects_oversized_malformed_and_unknown_versions() -> Result<()> 
     // status is refreshed a few times a second
     let want = before + bad.len() as u64;
     let mut st = node.proc.status()?;
-    for _ in 0..50 {
-        if num(&st["p2p"]["rejected"], "bad_messages") >= want {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-        st = node.proc.status()?;
-    }
+    wait_until(Duration::from_secs(5), || {
+        st = node.proc.status().expect("status");
+        num(&st["p2p"]["rejected"], "bad_messages") >= want
+    });
     assert!(num(&st["p2p"]["rejected"], "bad_messages") >= want, "{st}");
     assert_eq!(st["store"], st0["store"], "bad input changed the store");
     Ok(())

@@ -13,6 +13,7 @@ use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use cpushare_tests::netns::Netns;
+use cpushare_tests::wait_until;
 use vm::microvm::Microvm;
 use vm::{Backend, Boot, DiskSpec, Guest, GuestExit, GuestSpec, NetSpec, Tap};
 
@@ -794,19 +795,22 @@ fn looping_guest_is_stopped_by_the_limit_and_by_stop() {
         let task = task.unwrap().path();
         let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
         if comm.trim() == "vcpu0" {
-            let deadline = Instant::now() + Duration::from_secs(2);
-            // A thread that ended stops the loop.
-            while let Ok(status) = std::fs::read_to_string(task.join("status")) {
-                if status.lines().any(|l| l == "Seccomp:\t2") {
-                    filtered += 1;
-                    break;
+            let mut last = String::new();
+            let done = wait_until(Duration::from_secs(2), || {
+                match std::fs::read_to_string(task.join("status")) {
+                    // A thread that ended stops the wait.
+                    Err(_) => true,
+                    Ok(status) if status.lines().any(|l| l == "Seccomp:\t2") => {
+                        filtered += 1;
+                        true
+                    }
+                    Ok(status) => {
+                        last = status;
+                        false
+                    }
                 }
-                assert!(
-                    Instant::now() < deadline,
-                    "vCPU thread not filtered:\n{status}"
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            });
+            assert!(done, "vCPU thread not filtered:\n{last}");
         }
     }
     assert!(filtered >= 1, "no vCPU thread found");
@@ -1017,7 +1021,8 @@ fn stop_presses_the_acpi_power_button_then_kills_after_the_grace() {
     let mut guest = Microvm.start(spec(&elf, Duration::from_secs(30))).unwrap();
     let mut con = Console::new(guest.as_mut());
     con.wait_for("armed\n", Duration::from_secs(10));
-    // Halted with interrupts on is not "halted for good": still running.
+    // Halted with interrupts on is not "halted for good": still running. The pause is
+    // what is tested (time for a wrong "halted" verdict to show), not a synchronisation.
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(guest.state(), vm::GuestState::Running);
     let exit = guest.stop(Duration::from_secs(10)).unwrap();

@@ -5,8 +5,10 @@
 use std::io::Write;
 use std::path::Path;
 use std::process::Output;
+use std::time::Duration;
 
 use cpushare_tests::node::{cli, NodeProc};
+use cpushare_tests::wait_until;
 
 #[path = "common/vmguest.rs"]
 mod vmguest;
@@ -305,27 +307,22 @@ fn qemu_dies_with_a_killed_node() {
         .spawn()
         .unwrap();
     let node_pid = child.id();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let qemu = loop {
-        if let Some(&p) = children_named(node_pid, "cs-qemu").first() {
-            break p;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no qemu child of the node appeared"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
+    let mut qemu = None;
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            qemu = children_named(node_pid, "cs-qemu").first().copied();
+            qemu.is_some()
+        }),
+        "no qemu child of the node appeared"
+    );
+    let qemu = qemu.unwrap();
     child.kill().unwrap(); // SIGKILL: no chance to clean up
     child.wait().unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while Path::new(&format!("/proc/{qemu}/exe")).exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "qemu {qemu} outlived the killed node"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let exe = format!("/proc/{qemu}/exe");
+    assert!(
+        wait_until(Duration::from_secs(10), || !Path::new(&exe).exists()),
+        "qemu {qemu} outlived the killed node"
+    );
 }
 
 /// A direct-boot image (kernel + initrd + cmdline) imported into a running

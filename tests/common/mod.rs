@@ -1,11 +1,13 @@
 //! Helpers shared by the cross-crate tests: finding the built node binary,
 //! network namespaces.
 
+pub mod delay;
 pub mod netns;
 pub mod node;
 pub mod swarm;
 
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 /// Path of the `cpushare-node` binary built in this target directory.
 ///
@@ -49,5 +51,18 @@ pub fn require_root(what: &str) -> bool {
     );
     eprintln!("skipping: needs root ({what})");
     false
+}
+
+/// Polls `cond` until it holds or `timeout` has passed; returns whether it held.
+/// Tests wait on what they need this way instead of sleeping a guessed time.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cond()
 }
 pub mod overlay;

@@ -195,17 +195,7 @@ pub fn ping(ns: &Netns, dst: Ipv4Addr, n: u32) -> bool {
         .unwrap_or(false)
 }
 
-/// Wait until `f` is true or `t` passed.
-pub fn wait_until(t: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + t;
-    while Instant::now() < end {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    f()
-}
+pub use crate::wait_until;
 
 /// Deterministic bytes for transfers.
 pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
@@ -277,11 +267,14 @@ fn raw_socket(ifname: &str, all_protocols: bool) -> std::io::Result<OwnedFd> {
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
+    // SAFETY: socket(2) just returned this fd and nothing else owns it.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_ll is plain data; all zeroes is a valid value.
     let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     sll.sll_family = libc::AF_PACKET as u16;
     sll.sll_protocol = proto;
     sll.sll_ifindex = idx as i32;
+    // SAFETY: bind(2) reads a sockaddr_ll of the size passed, which lives for the call.
     let r = unsafe {
         libc::bind(
             fd.as_raw_fd(),
@@ -402,12 +395,25 @@ impl Capture {
         let thread = std::thread::spawn(move || {
             let mut buf = vec![0u8; 65600];
             let mut ctrl = [0u64; 16];
-            while !s2.load(Ordering::Relaxed) {
+            // Once stopped, frames already queued on the socket are still read: a caller
+            // that saw an effect of a frame can finish() without sleeping first. A
+            // receive that times out (queue empty) ends it, or a bounded wait on a busy
+            // interface.
+            let mut stopped_at: Option<Instant> = None;
+            loop {
+                if stopped_at.is_none() && s2.load(Ordering::Relaxed) {
+                    stopped_at = Some(Instant::now());
+                }
+                if stopped_at.is_some_and(|t| t.elapsed() > Duration::from_secs(2)) {
+                    break;
+                }
+                // SAFETY: sockaddr_ll is plain data; all zeroes is a valid value.
                 let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
                 let mut iov = libc::iovec {
                     iov_base: buf.as_mut_ptr() as *mut libc::c_void,
                     iov_len: buf.len(),
                 };
+                // SAFETY: msghdr is plain data; all zeroes is a valid (empty) value.
                 let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
                 mh.msg_name = &mut sll as *mut _ as *mut libc::c_void;
                 mh.msg_namelen = std::mem::size_of::<libc::sockaddr_ll>() as u32;
@@ -418,10 +424,15 @@ impl Capture {
                 // SAFETY: all pointers live for the call.
                 let r = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut mh, libc::MSG_TRUNC) };
                 if r < 0 {
+                    if stopped_at.is_some() {
+                        break;
+                    }
                     continue;
                 }
                 let len = r as usize;
                 let mut vlan = false;
+                // SAFETY: the CMSG_* walk stays inside `ctrl`, whose length recvmsg set in
+                // msg_controllen; the copy reads one TpacketAuxdata from a cmsg of that type.
                 unsafe {
                     let mut c = libc::CMSG_FIRSTHDR(&mh);
                     while !c.is_null() {
@@ -468,7 +479,7 @@ impl Capture {
         self.frames.lock().unwrap().clone()
     }
 
-    /// Stop and return everything.
+    /// Stop and return everything, including frames still queued on the socket.
     pub fn finish(mut self) -> Vec<Captured> {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
