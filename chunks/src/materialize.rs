@@ -351,7 +351,7 @@ mod tests {
         // A's disk makes room by evicting B's chunks, never A's.
         let g = materialize_reserved(&store, a, dir.path(), None).unwrap();
         assert_eq!(store.reserved_bytes(), mib);
-        assert!(store.size_bytes() + store.reserved_bytes() <= store.cap_bytes());
+        assert!(store.used_bytes() <= store.cap_bytes());
         assert!(store.is_complete(a).unwrap());
         assert!(!store.is_complete(b).unwrap());
         // A second disk beside it does not fit next to pinned A.

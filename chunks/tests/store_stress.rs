@@ -37,10 +37,13 @@ fn env(k: &str, d: u64) -> u64 {
         .unwrap_or(d)
 }
 
-/// Deterministic pseudo-random image of `len` bytes.
+/// Deterministic pseudo-random image of `len` bytes: the same bytes however
+/// the reader splits its reads (the generator runs in whole blocks).
 struct RandImage {
     rng: rand::rngs::StdRng,
     left: u64,
+    block: Vec<u8>,
+    at: usize,
 }
 
 impl RandImage {
@@ -48,14 +51,22 @@ impl RandImage {
         RandImage {
             rng: rand::rngs::StdRng::seed_from_u64(seed),
             left: len,
+            block: vec![0; 4096],
+            at: 4096,
         }
     }
 }
 
 impl Read for RandImage {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = (buf.len() as u64).min(self.left) as usize;
-        self.rng.fill_bytes(&mut buf[..n]);
+        if self.at == self.block.len() {
+            self.rng.fill_bytes(&mut self.block);
+            self.at = 0;
+        }
+        let n = buf.len().min(self.block.len() - self.at);
+        let n = (n as u64).min(self.left) as usize;
+        buf[..n].copy_from_slice(&self.block[self.at..self.at + n]);
+        self.at += n;
         self.left -= n as u64;
         Ok(n)
     }
@@ -134,7 +145,7 @@ fn churn_keeps_disk_use_under_the_cap_and_every_export_verifies() {
         std::thread::spawn(move || {
             while !stop.load(Ordering::SeqCst) {
                 disk.sample();
-                std::thread::sleep(Duration::from_millis(20));
+                std::thread::sleep(Duration::from_millis(250));
             }
         })
     };

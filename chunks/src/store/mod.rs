@@ -199,9 +199,16 @@ impl ChunkStore {
         self.inner.cap
     }
 
-    /// Bytes of chunk data stored (payload only).
+    /// Bytes of chunk data stored (payload only; see [`ChunkStore::used_bytes`]
+    /// for what counts against the cap).
     pub fn size_bytes(&self) -> u64 {
         self.state().size
+    }
+
+    /// Bytes counted against the cap: chunk payload plus reserved guest
+    /// disks.
+    pub fn used_bytes(&self) -> u64 {
+        self.state().used()
     }
 
     /// Bytes reserved for guest disks now ([`ChunkStore::reserve`]).

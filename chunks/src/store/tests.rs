@@ -232,7 +232,7 @@ fn corrupt_store_is_reported() {
 #[test]
 fn lru_eviction_respects_pins() {
     let dir = tempfile::tempdir().unwrap();
-    let sz = 10_000usize;
+    let sz = 12_288usize;
     let s = ChunkStore::open(dir.path(), 10 * sz as u64).unwrap();
     let pinned: Vec<_> = (0..4).map(|i| chunk(100 + i, sz)).collect();
     let m = manifest_of(&pinned, "pinned");
@@ -294,7 +294,7 @@ fn lru_eviction_respects_pins() {
 #[test]
 fn lowered_cap_evicts_at_open() {
     let dir = tempfile::tempdir().unwrap();
-    let cs: Vec<_> = (0..6).map(|i| chunk(900 + i, 1000)).collect();
+    let cs: Vec<_> = (0..6).map(|i| chunk(900 + i, 4096)).collect();
     let m = manifest_of(&cs[..2], "keep");
     {
         let s = ChunkStore::open(dir.path(), UNLIMITED).unwrap();
@@ -304,8 +304,8 @@ fn lowered_cap_evicts_at_open() {
             s.put_chunk(id, d).unwrap();
         }
     }
-    let s = ChunkStore::open(dir.path(), 3000).unwrap();
-    assert_eq!(s.size_bytes(), 3000);
+    let s = ChunkStore::open(dir.path(), 3 * 4096).unwrap();
+    assert_eq!(s.size_bytes(), 3 * 4096);
     assert!(
         s.has_chunk(&cs[0].0) && s.has_chunk(&cs[1].0),
         "pinned kept"
@@ -316,7 +316,7 @@ fn lowered_cap_evicts_at_open() {
 #[test]
 fn lru_order_survives_reopen() {
     let dir = tempfile::tempdir().unwrap();
-    let sz = 1000;
+    let sz = 4096;
     let cs: Vec<_> = (0..3).map(|i| chunk(500 + i, sz)).collect();
     {
         let s = ChunkStore::open(dir.path(), 3 * sz as u64).unwrap();
@@ -593,7 +593,7 @@ fn kill_9_mid_write() {
 #[test]
 fn reservations_count_against_the_cap_and_evict() {
     let dir = tempfile::tempdir().unwrap();
-    let sz = 10_000usize;
+    let sz = 12_288usize;
     let s = ChunkStore::open(dir.path(), 10 * sz as u64).unwrap();
     let pinned: Vec<_> = (0..4).map(|i| chunk(2000 + i, sz)).collect();
     let m = manifest_of(&pinned, "pinned");
@@ -618,6 +618,7 @@ fn reservations_count_against_the_cap_and_evict() {
     let (nid, nd) = chunk(2200, sz);
     s.put_chunk(&nid, &nd).unwrap();
     assert_eq!(s.size_bytes() + s.reserved_bytes(), 10 * sz as u64);
+    assert_eq!(s.used_bytes(), 10 * sz as u64);
     // Pinned chunks and the first reservation leave no room for 4 more.
     let e = s
         .reserve(4 * sz as u64, "materialising a guest disk")
