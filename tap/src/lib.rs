@@ -363,8 +363,7 @@ mod tests {
     /// drops one (no address: nothing reaches the host's routes).
     #[test]
     fn a_tap_opens_and_takes_settings_as_root() {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
+        if !nix::unistd::geteuid().is_root() {
             assert!(
                 std::env::var_os("CI").is_none(),
                 "this test needs root under CI"
