@@ -14,8 +14,12 @@ MINUTES=${MINUTES:-1}
 [ "$(id -u)" = 0 ] || { echo "error: run as root (network namespaces, taps): sudo $0" >&2; exit 1; }
 [ "$COUNT" -le "$SELLERS" ] || { echo "error: COUNT ($COUNT) must be at most SELLERS ($SELLERS)" >&2; exit 1; }
 
-cargo build --release -q -p node
-BIN=$PWD/target/release/cpushare-node
+# CPUSHARE_NODE_BIN=path uses an already built binary instead of a release build.
+BIN=${CPUSHARE_NODE_BIN:-}
+if [ -z "$BIN" ]; then
+    cargo build --release -q -p node
+    BIN=$PWD/target/release/cpushare-node
+fi
 bash scripts/build-test-guest.sh >/dev/null
 GUEST=$PWD/target/test-guest
 WORK=$(mktemp -d /tmp/cpushare-demo.XXXXXX)
@@ -25,7 +29,7 @@ cleanup() {
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
     for n in b br $(seq "$SELLERS"); do ip netns del "${T}$n" 2>/dev/null || true; done
-    rm -rf "$WORK"
+    [ -n "${KEEP:-}" ] || rm -rf "$WORK"
 }
 trap cleanup EXIT
 
@@ -90,7 +94,10 @@ for i in $(seq "$COUNT"); do
     ip=10.77.0.$((1 + i))
     until ip netns exec "${T}b" ping -c1 -W1 "$ip" >/dev/null 2>&1; do sleep 0.5; done
     printf '== guest %s answers ping after %s s; HTTP says: ' "$ip" "$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }')"
-    ip netns exec "${T}b" busybox wget -qO- "http://$ip/" || true
+    for _ in $(seq 60); do
+        ip netns exec "${T}b" busybox wget -qO- "http://$ip/" 2>/dev/null && break
+        sleep 0.5
+    done
 done
 echo "== letting the guests run $MINUTES minute(s)"
 sleep $((MINUTES * 60 + 5))

@@ -79,7 +79,7 @@ async fn run_async(settings: Settings, role: Role) -> Result<()> {
     image_service::register(&mut router, node.clone());
     let overlay = crate::overlay_service::register(&mut router, node.clone());
     let p2p = crate::p2p::start(node.clone(), &mut router)?;
-    crate::market::start(node.clone(), &mut router, p2p, overlay)?;
+    let market = crate::market::start(node.clone(), &mut router, p2p, overlay)?;
 
     let router = Arc::new(router);
     let server = tokio::spawn(control::serve(listener, router.clone()).instrument(span.clone()));
@@ -92,6 +92,8 @@ async fn run_async(settings: Settings, role: Role) -> Result<()> {
         _ = int.recv() => info!(parent: &span, "SIGINT: shutting down"),
     }
     server.abort();
+    // A seller ends its leases first: guests stopped, buyers told, billing closed.
+    market.run(std::time::Duration::from_secs(15)).await;
     // Guests' sessions end with the process: take their lease namespaces along.
     crate::overlay_leases::sweep(dir);
     let _ = std::fs::remove_file(&socket);

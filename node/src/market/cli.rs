@@ -68,15 +68,20 @@ fn parse_duration(s: &str) -> std::result::Result<u64, String> {
 fn line(s: &Value) -> String {
     let phase = match &s["phase"] {
         Value::Null => String::new(),
-        Value::Object(o) if o.contains_key("fetching") => {
-            let f = &o["fetching"];
+        Value::Object(o) if o.contains_key("Fetching") => {
+            let f = &o["Fetching"];
             format!(
                 " fetching {}/{} MiB",
                 f["done"].as_u64().unwrap_or(0) >> 20,
                 f["total"].as_u64().unwrap_or(0) >> 20
             )
         }
-        p => format!(" {}", p.as_str().map(str::to_string).unwrap_or_else(|| p.to_string())),
+        p => format!(
+            " {}",
+            p.as_str()
+                .map(str::to_lowercase)
+                .unwrap_or_else(|| p.to_string())
+        ),
     };
     let seller = s["seller"]
         .as_str()

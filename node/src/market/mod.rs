@@ -51,18 +51,43 @@ pub fn peer_of_key(k: &PeerKey) -> Option<PeerId> {
     Some(libp2p::identity::PublicKey::from(ed).to_peer_id())
 }
 
+/// Asks the market service to end its leases cleanly (SIGTERM).
+pub struct Shutdown {
+    tx: Option<tokio::sync::mpsc::UnboundedSender<tokio::sync::oneshot::Sender<()>>>,
+}
+
+impl Shutdown {
+    /// Seller: ends every live lease (guests stopped, buyers told, billing closed at
+    /// the last acknowledged period) and waits up to `wait` for the guests to go.
+    pub async fn run(&self, wait: std::time::Duration) {
+        let Some(tx) = &self.tx else { return };
+        let (done, rx) = tokio::sync::oneshot::channel();
+        if tx.send(done).is_ok() {
+            let _ = tokio::time::timeout(wait, rx).await;
+            // Let the last messages to the buyers leave.
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+    }
+}
+
 /// Starts the market service of this node's role and registers its methods.
 pub fn start(
     node: Arc<Node>,
     router: &mut Router,
     p2p: Arc<P2pHandle>,
     overlay: OverlayHandle,
-) -> Result<()> {
+) -> Result<Shutdown> {
     let db = db::MarketDb::open(&node.settings.data_dir)?;
     let net = net::MarketNet::new(p2p.control.clone());
     match node.role {
-        Role::Seller => seller::start(node, router, p2p, overlay, net, db),
-        Role::Buyer => buyer::start(node, router, p2p, overlay, net, db),
+        Role::Seller => {
+            let tx = seller::start(node, router, p2p, overlay, net, db)?;
+            Ok(Shutdown { tx: Some(tx) })
+        }
+        Role::Buyer => {
+            buyer::start(node, router, p2p, overlay, net, db)?;
+            Ok(Shutdown { tx: None })
+        }
     }
 }
 

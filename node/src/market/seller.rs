@@ -11,11 +11,11 @@ use ed25519_dalek::SigningKey;
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 use market::{
-    Accel, BackendKind, EndReason, GuestPhase, Lease, LeaseId, MarketMsg, Offer, PeerKey,
+    Accel, BackendKind, GuestPhase, Lease, LeaseId, MarketMsg, Offer, PeerKey,
     SellerAction, SellerLease, SellerPhase, SellerPolicy, Signed,
 };
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 use vm::qemu::AccelPolicy;
 
@@ -35,6 +35,9 @@ const LEASES: &str = "seller_leases";
 /// How often the offer is published again, and how long it is valid.
 const OFFER_EVERY: Duration = Duration::from_secs(5);
 const OFFER_VALID_MS: u64 = 60_000;
+/// How often a running lease tells its buyer it is alive (the buyer re-dispatches a
+/// lease silent for its `silence_s`, 30 s by default; receipts come once a period).
+const HEARTBEAT: Duration = Duration::from_secs(5);
 
 /// The seller's resolved market settings.
 #[derive(Debug, Clone)]
@@ -156,6 +159,7 @@ struct Seller {
     runs_tx: mpsc::UnboundedSender<RunEvent>,
     snapshot: Arc<Mutex<Value>>,
     refused: u64,
+    last_heartbeat: std::time::Instant,
 }
 
 fn ip_of(a: &Multiaddr) -> Option<IpAddr> {
@@ -193,7 +197,7 @@ pub fn start(
     overlay: OverlayHandle,
     net: MarketNet,
     db: MarketDb,
-) -> Result<()> {
+) -> Result<mpsc::UnboundedSender<oneshot::Sender<()>>> {
     let cfg = SellerSettings::resolve(&node.settings.seller, node.settings.store_cap_mib)?;
     let accel = match cfg.accel {
         AccelPolicy::Tcg => Accel::Tcg,
@@ -243,6 +247,7 @@ pub fn start(
         runs_tx,
         snapshot: snapshot.clone(),
         refused: 0,
+        last_heartbeat: std::time::Instant::now(),
     };
     s.restore()?;
     {
@@ -263,8 +268,9 @@ pub fn start(
         let snapshot = snapshot.clone();
         async move { Ok(snapshot.lock().expect("lock")["leases"].clone()) }
     });
-    tokio::spawn(s.run(incoming, events, runs_rx));
-    Ok(())
+    let (stop_tx, stop_rx) = mpsc::unbounded_channel();
+    tokio::spawn(s.run(incoming, events, runs_rx, stop_rx));
+    Ok(stop_tx)
 }
 
 impl Seller {
@@ -300,16 +306,40 @@ impl Seller {
         mut incoming: mpsc::UnboundedReceiver<(PeerId, MarketMsg)>,
         mut events: mpsc::UnboundedReceiver<PeerEvent>,
         mut runs: mpsc::UnboundedReceiver<RunEvent>,
+        mut stop: mpsc::UnboundedReceiver<oneshot::Sender<()>>,
     ) {
         let mut offer_tick = tokio::time::interval(OFFER_EVERY);
         let mut tick = tokio::time::interval(Duration::from_millis(500));
+        let mut stopping: Option<oneshot::Sender<()>> = None;
         loop {
             tokio::select! {
-                Some((peer, msg)) = incoming.recv() => self.on_msg(peer, msg),
+                Some((peer, msg)) = incoming.recv() => {
+                    if stopping.is_none() {
+                        self.on_msg(peer, msg);
+                    }
+                }
                 Some(ev) = events.recv() => self.on_peer_event(ev),
                 Some(ev) = runs.recv() => self.on_run_event(ev),
-                _ = offer_tick.tick() => self.publish_offer(),
+                Some(done) = stop.recv() => {
+                    let now = now_ms();
+                    let ids: Vec<LeaseId> = self.live().map(|a| a.core.lease().terms.id).collect();
+                    info!(leases = ids.len(), "shutting down: ending every lease");
+                    for id in ids {
+                        if let Some(a) = self.leases.get_mut(&id) {
+                            let actions = a.core.on_shutdown(now);
+                            self.apply(id, actions);
+                        }
+                    }
+                    stopping = Some(done);
+                }
+                _ = offer_tick.tick(), if stopping.is_none() => self.publish_offer(),
                 _ = tick.tick() => self.on_tick(),
+            }
+            // Shutting down: done once no guest is left running.
+            if stopping.is_some() && self.leases.values().all(|a| a.run.is_none()) {
+                if let Some(done) = stopping.take() {
+                    let _ = done.send(());
+                }
             }
         }
     }
@@ -418,10 +448,19 @@ impl Seller {
         let hour = ((now / 3_600_000) % 24) as u8;
         let active: Vec<&market::LeaseTerms> = self.live().map(|a| &a.core.lease().terms).collect();
         if self.leases.contains_key(&id) {
-            // A retransmitted proposal of a lease we hold: answer it again.
+            // A retransmitted proposal of a lease we hold: answer it again, unless
+            // the lease is over (the buyer must not admit a guest that is gone).
             if let Some(a) = self.leases.get(&id) {
                 if a.buyer_peer == peer {
-                    self.net.send(peer, MarketMsg::Accept(a.core.lease().clone()));
+                    let answer = if a.core.phase() == SellerPhase::Ended {
+                        MarketMsg::Refuse {
+                            lease: id,
+                            why: market::Refusal::Duplicate,
+                        }
+                    } else {
+                        MarketMsg::Accept(a.core.lease().clone())
+                    };
+                    self.net.send(peer, answer);
                 }
             }
             return;
@@ -537,7 +576,26 @@ impl Seller {
 
     fn on_tick(&mut self) {
         let now = now_ms();
-        let ids: Vec<LeaseId> = self.live().map(|a| a.core.lease().terms.id).collect();
+        if self.last_heartbeat.elapsed() >= HEARTBEAT {
+            self.last_heartbeat = std::time::Instant::now();
+            for a in self.live().filter(|a| a.core.phase() == SellerPhase::Running) {
+                self.net.send(
+                    a.buyer_peer,
+                    MarketMsg::Phase {
+                        lease: a.core.lease().terms.id,
+                        phase: GuestPhase::Running,
+                    },
+                );
+            }
+        }
+        // Ended leases too, while they have work: their last unacked receipt is re-sent
+        // (with back-off) so a lost final ack still lands.
+        let ids: Vec<LeaseId> = self
+            .leases
+            .values()
+            .filter(|a| a.core.next_deadline().is_some())
+            .map(|a| a.core.lease().terms.id)
+            .collect();
         for id in ids {
             if let Some(a) = self.leases.get_mut(&id) {
                 let actions = a.core.on_tick(now, &self.sk);
@@ -646,9 +704,4 @@ pub fn msg_name(m: &MarketMsg) -> &'static str {
         MarketMsg::Phase { .. } => "phase",
         MarketMsg::Console { .. } => "console",
     }
-}
-
-/// Ends every live lease at shutdown (SIGTERM): the buyers are told.
-pub fn shutdown_reason() -> EndReason {
-    EndReason::SellerShutdown
 }
