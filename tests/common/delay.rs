@@ -108,7 +108,7 @@ fn direction(
                 continue;
             }
             // Frames we wrote out of this interface come back here: not ours to forward.
-            if from_addr.sll_pkttype == libc::PACKET_OUTGOING as u8 {
+            if from_addr.sll_pkttype == libc::PACKET_OUTGOING {
                 continue;
             }
             let (m, cv) = &*rq;
