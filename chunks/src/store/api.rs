@@ -22,7 +22,7 @@ impl ChunkStore {
     /// power cut (file and directory fsynced, index flushed), so a restarted
     /// fetch never downloads it again.
     pub fn put_chunk(&self, id: &ChunkId, bytes: &[u8]) -> Result<bool> {
-        let new = self.put_chunk_inner(id, bytes, false, false)?;
+        let new = self.put_chunk_with(id, bytes, false, false, true)?;
         if new {
             self.inner.files.sync_dirs()?;
             self.write(0, true, |_| Ok(()))?;
@@ -31,13 +31,27 @@ impl ChunkStore {
     }
 
     /// `verified`: caller hashed `bytes` itself. `hold`: protect the chunk
-    /// from eviction until [`ChunkStore::release_holds`].
+    /// from eviction until [`ChunkStore::release_holds`]. Not durable until
+    /// the next [`ChunkStore::flush`] or [`ChunkStore::put_manifest`] (an
+    /// import's chunks are made durable together, before its manifest).
     pub(crate) fn put_chunk_inner(
         &self,
         id: &ChunkId,
         bytes: &[u8],
         verified: bool,
         hold: bool,
+    ) -> Result<bool> {
+        self.put_chunk_with(id, bytes, verified, hold, false)
+    }
+
+    /// `sync_file`: fsync the chunk's file before it goes in place.
+    fn put_chunk_with(
+        &self,
+        id: &ChunkId,
+        bytes: &[u8],
+        verified: bool,
+        hold: bool,
+        sync_file: bool,
     ) -> Result<bool> {
         if bytes.len() > MAX_CHUNK as usize {
             return Err(Error::ChunkTooLarge {
@@ -79,7 +93,7 @@ impl ChunkStore {
             }
         }
         // The slow part (write + fsync) runs unlocked, beside other writers.
-        let staged = self.inner.files.stage(bytes)?;
+        let staged = self.inner.files.stage(bytes, sync_file)?;
         let mut st = self.state();
         if present(&mut st) {
             return Ok(false);
@@ -161,7 +175,10 @@ impl ChunkStore {
     }
 
     /// Store a verified manifest (idempotent, durable). Returns its image id.
+    /// Chunks written before it are made durable first, so a manifest never
+    /// survives a power cut that its imported chunks do not.
     pub fn put_manifest(&self, m: &SignedManifest) -> Result<ImageId> {
+        self.inner.files.sync_dirs()?;
         let id = m.image_id();
         let b = m.as_bytes().to_vec();
         self.write(b.len() as u64, true, move |t| {

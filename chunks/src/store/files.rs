@@ -1,9 +1,11 @@
 //! Chunk payloads as files: `chunks/<first byte hex>/<id hex>`.
 //!
-//! A chunk is written to `tmp/`, fsynced and renamed into place, so a file
-//! under `chunks/` is whole or absent even after `kill -9` or a power cut
-//! (readers re-hash anyway). Directories that received renames are fsynced
-//! by [`Files::sync_dirs`] before a write is reported durable.
+//! A chunk is written to `tmp/` and renamed into place, so after `kill -9`
+//! a file under `chunks/` is whole or absent. Against power cuts the data
+//! is fsynced before the rename (peers' chunks) or, for an import's many
+//! chunks, in one `syncfs` by [`Files::sync_dirs`] before anything refers
+//! to them; a file torn by a power cut in between fails the re-hash every
+//! read does and is deleted.
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -26,6 +28,8 @@ pub(super) struct Files {
     dirty_dirs: Mutex<BTreeSet<u8>>,
     /// `chunks/` gained a fan-out directory since the last sync.
     root_dirty: AtomicBool,
+    /// Chunk data was staged without an fsync since the last sync.
+    unsynced: AtomicBool,
 }
 
 /// A chunk written and fsynced under `tmp/`, not yet in place. Dropping it
@@ -47,6 +51,7 @@ impl Files {
             tmp: root.join("tmp"),
             dirty_dirs: Mutex::new(BTreeSet::new()),
             root_dirty: AtomicBool::new(false),
+            unsynced: AtomicBool::new(false),
         };
         for d in [&f.chunks, &f.tmp] {
             std::fs::create_dir_all(d).map_err(|e| Error::io(WHAT_WRITE, d, e))?;
@@ -72,15 +77,22 @@ impl Files {
         self.dir_of(id).join(id.to_hex())
     }
 
-    /// Write `bytes` to a temp file and fsync it.
-    pub(super) fn stage(&self, bytes: &[u8]) -> Result<Staged> {
+    /// Write `bytes` to a temp file; `sync`: fsync it now, else leave it to
+    /// the next [`Files::sync_dirs`] (one `syncfs` for a whole import
+    /// instead of one fsync per chunk, which made imports 3-4 x slower).
+    pub(super) fn stage(&self, bytes: &[u8], sync: bool) -> Result<Staged> {
         let mut t = tempfile::Builder::new()
             .prefix("chunk-")
             .tempfile_in(&self.tmp)
             .map_err(|e| Error::io(WHAT_WRITE, &self.tmp, e))?;
         let io = |e| Error::io(WHAT_WRITE, &self.tmp, e);
         t.as_file_mut().write_all(bytes).map_err(io)?;
-        t.as_file().sync_data().map_err(io)?;
+        if sync {
+            t.as_file().sync_data().map_err(io)?;
+        } else {
+            // Set after the write, so a sync that clears it covers the data.
+            self.unsynced.store(true, Ordering::SeqCst);
+        }
         Ok(Staged(t))
     }
 
@@ -108,9 +120,24 @@ impl Files {
         self.dirty_dirs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// fsync the directories that received chunks since the last call, so
-    /// the renames survive a power cut.
+    /// Make the chunks written since the last call durable: fsync the
+    /// directories that received renames, or, when chunk data was staged
+    /// without its own fsync, `syncfs` the whole filesystem once.
     pub(super) fn sync_dirs(&self) -> Result<()> {
+        if self.unsynced.swap(false, Ordering::SeqCst) {
+            let (root, dirs) = (
+                self.root_dirty.swap(false, Ordering::SeqCst),
+                std::mem::take(&mut *self.dirty()),
+            );
+            if let Err(e) = syncfs(&self.chunks) {
+                // Try again next time.
+                self.unsynced.store(true, Ordering::SeqCst);
+                self.root_dirty.fetch_or(root, Ordering::SeqCst);
+                self.dirty().extend(dirs);
+                return Err(e);
+            }
+            return Ok(());
+        }
         if self.root_dirty.swap(false, Ordering::SeqCst) {
             sync_dir(&self.chunks)?;
         }
@@ -204,6 +231,17 @@ pub(super) fn remove_path(p: &Path) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(Error::io("deleting from chunk store", p, e)),
     }
+}
+
+/// Flush everything written to the filesystem holding `d` (data, names).
+fn syncfs(d: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = File::open(d).map_err(|e| Error::io(WHAT_WRITE, d, e))?;
+    // SAFETY: `f` is an open descriptor for the duration of the call.
+    if unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
+        return Err(Error::io(WHAT_WRITE, d, std::io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 pub(super) fn sync_dir(d: &Path) -> Result<()> {

@@ -85,7 +85,7 @@ fn convert(root: &Path, files: &Files, trees: &Trees) -> Result<()> {
             continue;
         };
         if !files.exists(&id) {
-            files.install(files.stage(&v)?, &id)?;
+            files.install(files.stage(&v, false)?, &id)?;
         }
         let tick = meta
             .get(&k)

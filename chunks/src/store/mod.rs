@@ -15,9 +15,11 @@
 //! grew to ~7 x the cap under churn) are converted at open ([`migrate`]).
 //!
 //! # Crash safety
-//! A chunk is written to `tmp/`, fsynced and renamed into place before its
-//! `meta` entry is written; eviction removes the `meta` entries, then the
-//! files. At open the index and the files are reconciled: a file without an
+//! A chunk is written to `tmp/` and renamed into place before its `meta`
+//! entry is written; eviction removes the `meta` entries, then the files.
+//! A chunk from a peer ([`ChunkStore::put_chunk`]) is fsynced before the
+//! rename and its directory after it; an import's chunks are made durable
+//! together (one `syncfs`) before its manifest is stored. At open the index and the files are reconciled: a file without an
 //! entry is adopted, an entry without a file is dropped, so after `kill -9`
 //! the size accounting matches the files present. Every read re-hashes the
 //! chunk: bytes that do not match their id are deleted and never returned.
