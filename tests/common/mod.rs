@@ -2,6 +2,7 @@
 //! network namespaces.
 
 pub mod delay;
+pub mod market_peer;
 pub mod netns;
 pub mod node;
 pub mod swarm;
