@@ -182,7 +182,7 @@ pub fn to_wire_frames_within(
             }
             // A transport header starts on an even offset (IP headers are 4-byte
             // multiples after the 14-byte Ethernet header).
-            let odd = hdr.csum_start % 2 != 0;
+            let odd = !hdr.csum_start.is_multiple_of(2);
             if lim.strict_csum && (odd || hdr.csum_start < 34 || !matches!(hdr.csum_offset, 6 | 16))
             {
                 return Err(OffloadError::BadOffsets);
