@@ -88,7 +88,7 @@ fn world(tag: &str) -> Result<World> {
     let d = Netns::new(&format!("cm{tag}d"))?;
     br.ip(&["link", "add", "br0", "type", "bridge"])?;
     br.ip(&["link", "set", "br0", "up"])?;
-    let mut port = |i: usize| -> Result<String> {
+    let port = |i: usize| -> Result<String> {
         let p = format!("cm{tag}p{i}");
         Ok(p)
     };
@@ -100,16 +100,23 @@ fn world(tag: &str) -> Result<World> {
         let p = port(i + 1)?;
         if i == 1 {
             // The far seller: 40 ms each way through a delay line.
-            veth(ns, "eth0", &ip, &d, "a", "")?;
-            veth(&d, "b", "", &br, &p, "")?;
+            veth(ns, "eth0", &ip, &d, "dla", "")?;
+            veth(&d, "dlb", "", &br, &p, "")?;
         } else {
             veth(ns, "eth0", &ip, &br, &p, "")?;
         }
         br.ip(&["link", "set", &p, "master", "br0"])?;
     }
-    let delay = delay_line(&d, "a", "b", Duration::from_millis(40))?;
+    let delay = delay_line(&d, "dla", "dlb", Duration::from_millis(40))?;
     for ns in std::iter::once(&b).chain(s.iter()) {
         ns.ip(&["link", "set", "lo", "up"])?;
+        // The delay line forwards frames as they come: no host may hand it a
+        // segmentation-offloaded superframe larger than the MTU.
+        // Nor a frame whose checksum the NIC was meant to finish (veth skips it).
+        let o = ns.exec("ethtool", &["-K", "eth0", "tso", "off", "gso", "off", "tx", "off"])?;
+        if !o.status.success() {
+            bail!("ethtool in {}: {}", ns.name(), String::from_utf8_lossy(&o.stderr));
+        }
     }
     Ok(World {
         _br: br,
@@ -134,7 +141,11 @@ fn wait_offers(buyer: &NodeProc, n: u64) -> Result<()> {
                 .is_some_and(|o| o >= n)
     });
     if !ok {
-        bail!("the buyer did not see {n} offers; log:\n{}", buyer.log());
+        bail!(
+            "the buyer did not see {n} offers and round trips: {}; log:\n{}",
+            buyer.status()?["market"],
+            buyer.log()
+        );
     }
     Ok(())
 }
@@ -142,6 +153,49 @@ fn wait_offers(buyer: &NodeProc, n: u64) -> Result<()> {
 fn wait_guest(b: &Netns, ip: &str, timeout: Duration) -> Option<Duration> {
     let t = Instant::now();
     wait_until(timeout, || ping(b, ip)).then(|| t.elapsed())
+}
+
+/// The delay line itself: a ping across it takes at least twice its delay.
+#[test]
+fn delay_line_holds_frames_both_ways() -> Result<()> {
+    if !require_root("network namespaces") {
+        return Ok(());
+    }
+    let tag = format!("{}", std::process::id() % 10000);
+    let a = Netns::new(&format!("cd{tag}a"))?;
+    let d = Netns::new(&format!("cd{tag}d"))?;
+    let b = Netns::new(&format!("cd{tag}b"))?;
+    veth(&a, "eth0", "10.212.0.1/24", &d, "dla", "")?;
+    veth(&d, "dlb", "", &b, "eth0", "10.212.0.2/24")?;
+    for ns in [&a, &b] {
+        ns.exec("ethtool", &["-K", "eth0", "tso", "off", "gso", "off", "tx", "off"])?;
+    }
+    let _line = delay_line(&d, "dla", "dlb", Duration::from_millis(30))?;
+    // TCP crosses it intact (checksums, segment sizes).
+    let bh = overlay::io::NetNs::open(b.name())?;
+    let listener = bh.run(|| std::net::TcpListener::bind("10.212.0.2:5000"))?;
+    let server = std::thread::spawn(move || -> std::io::Result<usize> {
+        let (mut c, _) = listener.accept()?;
+        let mut v = Vec::new();
+        c.read_to_end(&mut v)?;
+        Ok(v.len())
+    });
+    let ah = overlay::io::NetNs::open(a.name())?;
+    ah.run(|| {
+        let mut c = TcpStream::connect_timeout(&"10.212.0.2:5000".parse().unwrap(), Duration::from_secs(5))?;
+        c.write_all(&vec![7u8; 300_000])
+    })?;
+    assert_eq!(server.join().unwrap()?, 300_000, "TCP across the delay line lost data");
+    let o = a.exec("ping", &["-c", "3", "-i", "0.3", "10.212.0.2"])?;
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(o.status.success(), "no answer across the delay line: {text}");
+    let rtts: Vec<f64> = text
+        .lines()
+        .filter_map(|l| l.split("time=").nth(1))
+        .filter_map(|t| t.split_whitespace().next()?.parse().ok())
+        .collect();
+    assert!(rtts.iter().all(|r| *r >= 60.0), "round trips {rtts:?} below 2 x 30 ms");
+    Ok(())
 }
 
 #[test]

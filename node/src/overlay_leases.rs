@@ -31,6 +31,16 @@ struct Record {
     netns_ino: u64,
 }
 
+/// True when `/run/netns/NAME` is an empty file with no namespace bound on it (from
+/// here): the leftover mount point of a namespace whose binding is gone.
+fn is_placeholder(name: &str) -> bool {
+    let path = Path::new(NETNS_DIR).join(name);
+    match nix::sys::statfs::statfs(&path) {
+        Ok(fs) => fs.filesystem_type() != nix::sys::statfs::NSFS_MAGIC,
+        Err(_) => false,
+    }
+}
+
 fn netns_ino(name: &str) -> Option<u64> {
     std::fs::metadata(Path::new(NETNS_DIR).join(name))
         .ok()
@@ -116,6 +126,14 @@ pub fn sweep(data_dir: &Path) -> Vec<String> {
         };
         match netns_ino(&rec.netns) {
             None => {} // already gone
+            Some(_) if is_placeholder(&rec.netns) => {
+                // Only the mount point is left: the namespace was bound in a mount
+                // namespace that died with our predecessor (a daemon started under
+                // `ip netns exec` has a private one), and the kernel freed it then.
+                let _ = std::fs::remove_file(Path::new(NETNS_DIR).join(&rec.netns));
+                info!(netns = %rec.netns, "removed the mount point of a lease namespace that died with an earlier run");
+                swept.push(rec.netns.clone());
+            }
             Some(ino) if ino != rec.netns_ino => {
                 warn!(netns = %rec.netns, "a namespace with a leftover lease's name exists but is not the one this daemon made; leaving it alone");
             }

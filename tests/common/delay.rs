@@ -145,10 +145,16 @@ fn direction(
 }
 
 /// Forwards every frame between `a` and `b` (interfaces in `ns`) after `one_way`.
-/// Offloads are turned off on both so no frame is larger than the MTU.
+/// Offloads are turned off on both; the hosts at either end must turn off TSO, GSO
+/// and TX checksum offload on their interfaces too (`ethtool -K IF tso off gso off
+/// tx off`): a packet socket hands over a veth's frames as they are, superframes and
+/// unfinished checksums included.
 pub fn delay_line(ns: &Netns, a: &str, b: &str, one_way: Duration) -> Result<DelayLine> {
     for i in [a, b] {
-        let o = ns.exec("ethtool", &["-K", i, "tso", "off", "gso", "off", "gro", "off"])?;
+        let o = ns.exec(
+            "ethtool",
+            &["-K", i, "tso", "off", "gso", "off", "gro", "off", "tx", "off"],
+        )?;
         if !o.status.success() {
             bail!("ethtool -K {i}: {}", String::from_utf8_lossy(&o.stderr));
         }
