@@ -14,7 +14,7 @@
 //! - every read verifies, pins hold, and the accounting matches the chunks
 //!   on disk.
 //!
-//! The default (about 5 s) is the CI smoke size. Soak with e.g.
+//! The default (30-60 s on a loaded 2-core machine) is the CI size. Soak with e.g.
 //! `STORE_STRESS_ROUNDS=60 STORE_STRESS_IMAGE_MIB=8 cargo test -p chunks --test store_stress -- --nocapture`.
 
 use std::io::Read;
