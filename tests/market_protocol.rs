@@ -487,9 +487,9 @@ async fn forged_expired_foreign_and_oversized_proposals_are_refused_and_start_no
     Ok(())
 }
 
-/// Accepts one lease (for an image nobody has: it stays Preparing while the seller
-/// looks for it, then ends StartFailed), then tries to stop, acknowledge, crowd and
-/// replay it as others.
+/// A seller holding one accepted lease of our buyer peer, for an image nobody has:
+/// it stays Preparing for the 15 s the seller looks for the image, then ends
+/// StartFailed.
 struct Leased {
     node: NodeProc,
     addr: String,
