@@ -847,7 +847,7 @@ async fn a_burst_of_market_streams_is_neither_lost_nor_uncounted() -> Result<()>
     if !require_root("the seller's overlay and lease namespaces") {
         return Ok(());
     }
-    const BURST: u64 = 64;
+    const BURST: u64 = 256;
     let dir = tempfile::tempdir()?;
     let (node, addr) = seller(&dir.path().join("s"), &random_key_pub())?;
     let peer = MarketPeer::new()?;
