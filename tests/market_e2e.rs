@@ -220,7 +220,7 @@ fn buyer_rents_guests_replaces_lost_ones_follows_its_address_and_sellers_bill_ac
     let bcfg = cfg(
         &root.join("buyer"),
         &format!(
-            "[buyer]\ntrusted = \"{}\"\nbilling_period_s = {PERIOD_S}\ngrace_s = {GRACE_S}\nsilence_s = 10\n",
+            "[buyer]\ntrusted = \"{}\"\nbilling_period_s = {PERIOD_S}\ngrace_s = {GRACE_S}\nsilence_s = 20\n",
             root.join("trusted.txt").display()
         ),
     )?;
@@ -400,8 +400,9 @@ fn buyer_rents_guests_replaces_lost_ones_follows_its_address_and_sellers_bill_ac
         .map(|l| l["lease"].as_str().unwrap().to_string())
         .collect();
     let moved = Instant::now();
-    w.b.ip(&["addr", "add", "10.210.0.2/24", "dev", "eth0"])?;
+    // As a DSL line reconnects: the old address goes, a new one comes.
     w.b.ip(&["addr", "del", "10.210.0.1/24", "dev", "eth0"])?;
+    w.b.ip(&["addr", "add", "10.210.0.2/24", "dev", "eth0"])?;
     for ip in ["10.77.0.2", "10.77.0.3"] {
         // Overlay traffic goes buyer -> guest first: the switch answers from the new
         // address and the seller learns it on the new libp2p connection.

@@ -19,6 +19,12 @@ pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/cpushare/market/1");
 const SEND_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a peer may take to hand over one message.
 const READ_TIMEOUT: Duration = Duration::from_secs(15);
+/// The byte a reader answers once it has taken a whole message.
+const TAKEN: u8 = 0x5a;
+/// Sends tried before a message is given up: libp2p-stream drops an inbound stream
+/// that arrives while the reader's one-slot queue is full, so a burst can lose one;
+/// the cores are idempotent, so a message that arrives twice does no harm.
+const SEND_ATTEMPTS: u32 = 4;
 
 #[derive(Clone)]
 pub struct MarketNet {
@@ -41,22 +47,31 @@ impl MarketNet {
         let mut control = self.control.clone();
         tokio::spawn(async move {
             let bytes = market::encode(&msg);
-            let r = tokio::time::timeout(SEND_TIMEOUT, async {
-                let mut s = control
-                    .open_stream(peer, PROTOCOL)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                s.write_all(&(bytes.len() as u32).to_be_bytes())
-                    .await
-                    .map_err(|e| e.to_string())?;
-                s.write_all(&bytes).await.map_err(|e| e.to_string())?;
-                s.close().await.map_err(|e| e.to_string())
-            })
-            .await;
-            match r {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => debug!(%peer, error = %e, "market message not sent"),
-                Err(_) => debug!(%peer, "market message timed out"),
+            for attempt in 1..=SEND_ATTEMPTS {
+                let r = tokio::time::timeout(SEND_TIMEOUT / SEND_ATTEMPTS, async {
+                    let mut s = control
+                        .open_stream(peer, PROTOCOL)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    s.write_all(&(bytes.len() as u32).to_be_bytes())
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    s.write_all(&bytes).await.map_err(|e| e.to_string())?;
+                    // Half-close: the reader sees the end of the message, then says so.
+                    s.close().await.map_err(|e| e.to_string())?;
+                    let mut taken = [0u8; 1];
+                    s.read_exact(&mut taken).await.map_err(|e| e.to_string())?;
+                    if taken[0] != TAKEN {
+                        return Err("the peer did not take the message".to_string());
+                    }
+                    Ok(())
+                })
+                .await;
+                match r {
+                    Ok(Ok(())) => return,
+                    Ok(Err(e)) => debug!(%peer, attempt, error = %e, "market message not sent"),
+                    Err(_) => debug!(%peer, attempt, "market message timed out"),
+                }
             }
         });
     }
@@ -85,7 +100,17 @@ impl MarketNet {
                         }
                         let mut buf = vec![0u8; len];
                         stream.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
-                        market::decode(&buf).map_err(|e| e.to_string())
+                        // One message per stream: anything after its frame is malformed.
+                        let mut extra = [0u8; 1];
+                        match stream.read(&mut extra).await {
+                            Ok(0) => {}
+                            Ok(_) => return Err("bytes after the message's frame".to_string()),
+                            Err(e) => return Err(e.to_string()),
+                        }
+                        let msg = market::decode(&buf).map_err(|e| e.to_string())?;
+                        let _ = stream.write_all(&[TAKEN]).await;
+                        let _ = stream.close().await;
+                        Ok(msg)
                     })
                     .await;
                     match r {

@@ -313,12 +313,14 @@ impl Seller {
         let mut stopping: Option<oneshot::Sender<()>> = None;
         loop {
             tokio::select! {
+                // Peer events first: a proposal must find its sender's address known.
+                biased;
+                Some(ev) = events.recv() => self.on_peer_event(ev),
                 Some((peer, msg)) = incoming.recv() => {
                     if stopping.is_none() {
                         self.on_msg(peer, msg);
                     }
                 }
-                Some(ev) = events.recv() => self.on_peer_event(ev),
                 Some(ev) = runs.recv() => self.on_run_event(ev),
                 Some(done) = stop.recv() => {
                     let now = now_ms();
@@ -453,6 +455,17 @@ impl Seller {
             if let Some(a) = self.leases.get(&id) {
                 if a.buyer_peer == peer {
                     let answer = if a.core.phase() == SellerPhase::Ended {
+                        self.refused += 1;
+                        warn!(%peer, lease = %id, "proposal of an ended lease replayed: refused");
+                        let _ = audit::append(
+                            &self.db,
+                            &AuditEvent::Refused {
+                                lease: id.to_string(),
+                                buyer: peer.to_string(),
+                                reason: market::Refusal::Duplicate.to_string(),
+                                at_ms: now,
+                            },
+                        );
                         MarketMsg::Refuse {
                             lease: id,
                             why: market::Refusal::Duplicate,
@@ -491,7 +504,15 @@ impl Seller {
             }
         };
         let Some(ip) = self.seen.get(&peer).copied() else {
+            // Cannot happen while peer events go first; answered all the same.
             warn!(%peer, lease = %id, "no address known for the buyer: refused");
+            self.net.send(
+                peer,
+                MarketMsg::Refuse {
+                    lease: id,
+                    why: market::Refusal::NotForMe,
+                },
+            );
             return;
         };
         let buyer_udp = SocketAddr::new(ip, lease.terms.overlay_port);

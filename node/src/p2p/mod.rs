@@ -346,6 +346,17 @@ struct Net {
     link_rejects: Arc<std::sync::atomic::AtomicU64>,
     ticks: u64,
     peer_events: mpsc::UnboundedSender<PeerEvent>,
+    /// Each peer's open connections and the IP each comes from.
+    conn_ips: HashMap<PeerId, Vec<(libp2p::swarm::ConnectionId, std::net::IpAddr)>>,
+}
+
+/// The IP address in a multiaddr, if any.
+fn ip_of(a: &Multiaddr) -> Option<std::net::IpAddr> {
+    a.iter().find_map(|p| match p {
+        libp2p::multiaddr::Protocol::Ip4(ip) => Some(std::net::IpAddr::V4(ip)),
+        libp2p::multiaddr::Protocol::Ip6(ip) => Some(std::net::IpAddr::V6(ip)),
+        _ => None,
+    })
 }
 
 /// Caps the socket's unsent queue so writers feel backpressure early (the
@@ -506,6 +517,7 @@ impl Net {
             link_rejects,
             ticks: 0,
             peer_events,
+            conn_ips: HashMap::new(),
         })
     }
 
@@ -940,11 +952,37 @@ impl Net {
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 info!(addr = %address, "address gone");
                 self.listen.retain(|a| *a != address);
+                // Connections made from that address are dead: drop them now so the
+                // peers are dialled again from the address we have.
+                if ip_of(&address).is_some_and(|ip| !ip.is_loopback()) {
+                    let peers: Vec<PeerId> = self.connected.iter().copied().collect();
+                    for p in peers {
+                        let _ = self.swarm.disconnect_peer_id(p);
+                    }
+                }
                 let _ = self.peer_events.send(PeerEvent::AddressesChanged);
             }
             SwarmEvent::ConnectionEstablished {
-                peer_id, endpoint, ..
+                peer_id,
+                endpoint,
+                connection_id,
+                ..
             } => {
+                // A peer that comes back from another IP has moved (a home line's new
+                // address): its connections from the old one are dead but would
+                // linger until TCP gives up, and streams opened on them would stall.
+                let ip = ip_of(endpoint.get_remote_address());
+                let conns = self.conn_ips.entry(peer_id).or_default();
+                if let Some(ip) = ip {
+                    for (old, old_ip) in conns.iter() {
+                        if *old_ip != ip {
+                            debug!(peer = %peer_id, %old_ip, %ip, "peer moved: closing its old connection");
+                            self.swarm.close_connection(*old);
+                        }
+                    }
+                    conns.retain(|(_, i)| *i == ip);
+                    conns.push((connection_id, ip));
+                }
                 // Every new connection, not only the first: a peer that moved comes
                 // back on a second one while the old one has not timed out yet.
                 let _ = self.peer_events.send(PeerEvent::Connected {
@@ -963,9 +1001,20 @@ impl Net {
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
+                connection_id,
+                num_established,
+                ..
+            } if num_established > 0 => {
+                if let Some(c) = self.conn_ips.get_mut(&peer_id) {
+                    c.retain(|(id, _)| *id != connection_id);
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
                 num_established: 0,
                 ..
             } => {
+                self.conn_ips.remove(&peer_id);
                 self.connected.remove(&peer_id);
                 let _ = self
                     .peer_events
