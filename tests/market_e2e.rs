@@ -351,7 +351,15 @@ fn buyer_rents_guests_replaces_lost_ones_follows_its_address_and_sellers_bill_ac
     eprintln!("run 1 ledgers agree: periods billed per lease {billed:?}");
 
     // Run 2: no filters: the two cheapest (sellers 3 and 1). Kill seller 1: its guest
-    // is re-dispatched to seller 2.
+    // is re-dispatched to seller 2. First every seller offers room again.
+    let room = wait_until(Duration::from_secs(60), || {
+        buyer
+            .status()
+            .ok()
+            .and_then(|s| s["market"]["offers_with_room"].as_u64())
+            == Some(3)
+    });
+    assert!(room, "sellers do not offer room again after run 1: {}", buyer.status()?["market"]);
     let out = buyer.cli_ok(&["run", "--image", &image, "--count", "2", "--detach", "--json"])?;
     let v = json_of(&out)?;
     let slot_on_1 = v["slots"]

@@ -27,5 +27,8 @@ pub use manifest::{
     BootInfo, ByteRange, ChunkRef, ImageFormat, Manifest, SignedManifest, MANIFEST_VERSION,
     MAX_CHUNKS, MAX_IMAGE_SIZE, MAX_MANIFEST_BYTES,
 };
-pub use materialize::{export, materialize, materialize_range};
-pub use store::{ChunkStore, ImageInfo, PinGuard, VerifyReport, UNLIMITED};
+pub use materialize::{
+    export, materialize, materialize_range, materialize_range_reserved, materialize_reserved,
+    Materialized,
+};
+pub use store::{ChunkStore, ImageInfo, PinGuard, Reservation, VerifyReport, UNLIMITED};

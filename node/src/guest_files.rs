@@ -15,6 +15,9 @@ pub struct Prepared {
     pub boot: Boot,
     pub disk: Option<File>,
     pub keep: Vec<File>,
+    /// The materialised files' bytes, counted against the store's disk cap until
+    /// dropped (with the files).
+    pub reserved: Vec<chunks::Reservation>,
 }
 
 /// A path under which another process (qemu) can open a file we hold open, even
@@ -39,15 +42,24 @@ pub fn from_store(
     let _pin = store.pin_temp(id)?;
     let m = signed.manifest();
     tracing::info!(image = %id, name = %m.name, "materialising image");
+    let mut reserved = Vec::new();
+    let mut take = |m: chunks::Materialized| {
+        reserved.push(m.reservation);
+        m.file
+    };
     let disk = match m.disk_range() {
-        Some(_) => Some(chunks::materialize(store, id, tmp, cap)?),
+        Some(_) => Some(take(chunks::materialize_reserved(store, id, tmp, cap)?)),
         None => None,
     };
     let mut keep = Vec::new();
     let boot = if let Some(b) = &m.boot {
-        let kernel = chunks::materialize_range(store, id, b.kernel, tmp, None)?;
+        let kernel = take(chunks::materialize_range_reserved(
+            store, id, b.kernel, tmp, None,
+        )?);
         let initrd = match b.initrd {
-            Some(r) => Some(chunks::materialize_range(store, id, r, tmp, None)?),
+            Some(r) => Some(take(chunks::materialize_range_reserved(
+                store, id, r, tmp, None,
+            )?)),
             None => None,
         };
         let boot = Boot::Direct {
@@ -70,11 +82,17 @@ pub fn from_store(
             boot,
             disk: None,
             keep,
+            reserved,
         });
     } else {
         Boot::Disk
     };
-    Ok(Prepared { boot, disk, keep })
+    Ok(Prepared {
+        boot,
+        disk,
+        keep,
+        reserved,
+    })
 }
 
 /// Where a data dir keeps the temp files of running guests.

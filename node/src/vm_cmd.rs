@@ -213,6 +213,7 @@ fn prepare_from_files(args: &RunArgs) -> Result<Prepared> {
         boot,
         disk,
         keep: Vec::new(),
+        reserved: Vec::new(),
     })
 }
 
@@ -299,7 +300,12 @@ fn prepare_via_daemon(
         };
         let mut keep = vec![kernel];
         keep.extend(initrd);
-        return Ok(Prepared { boot, disk, keep });
+        return Ok(Prepared {
+            boot,
+            disk,
+            keep,
+            reserved: Vec::new(),
+        });
     }
     if info["format"].as_str() == Some("iso") {
         let boot = Boot::Iso {
@@ -309,6 +315,7 @@ fn prepare_via_daemon(
             boot,
             disk: None,
             keep: vec![file],
+            reserved: Vec::new(),
         });
     }
     let _ = args;
@@ -316,6 +323,7 @@ fn prepare_via_daemon(
         boot: Boot::Disk,
         disk: Some(file),
         keep: Vec::new(),
+        reserved: Vec::new(),
     })
 }
 
@@ -362,7 +370,12 @@ fn run_guest(settings: &Settings, args: RunArgs) -> Result<ExitCode> {
         }
         None => prepare_from_files(&args)?,
     };
-    let Prepared { boot, disk, keep } = prepared;
+    let Prepared {
+        boot,
+        disk,
+        keep,
+        reserved,
+    } = prepared;
 
     let mut spec = GuestSpec::new("vm-run", boot);
     spec.vcpus = args.vcpus;
@@ -468,6 +481,7 @@ fn run_guest(settings: &Settings, args: RunArgs) -> Result<ExitCode> {
     }
     drop(guest);
     drop(keep);
+    drop(reserved);
     if !args.quiet || matches!(exit, GuestExit::Crashed(_)) {
         eprintln!("vm: {exit}");
     }

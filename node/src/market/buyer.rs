@@ -31,7 +31,7 @@ use crate::config::BuyerTable;
 use crate::control::{Progress, Router};
 use crate::daemon::Node;
 use crate::error::{Error, Result};
-use crate::overlay_service::{OverlayHandle, DEFAULT_HOST_IP, DEFAULT_PORT};
+use crate::overlay_service::OverlayHandle;
 use crate::p2p::{P2pHandle, PeerEvent};
 
 const LEDGER: &str = "buyer_ledger";
@@ -156,7 +156,6 @@ struct Buyer {
     db: MarketDb,
     overlay: OverlayHandle,
     sk: SigningKey,
-    me: PeerKey,
     cfg: BuyerTable,
     book: OfferBook,
     rtt: BTreeMap<PeerKey, u32>,
@@ -207,7 +206,6 @@ pub fn start(
         net,
         db,
         overlay,
-        me: PeerKey::of(&sk),
         sk,
         cfg,
         book: OfferBook::new(),
@@ -858,6 +856,7 @@ impl Buyer {
         *self.snapshot.lock().expect("lock") = json!({
             "role": "buyer",
             "offers": self.book.len(),
+            "offers_with_room": self.book.live(now_ms()).filter(|o| o.free_guests > 0).count(),
             "bad_offers": self.bad_offers,
             "bad_messages": self.net.rejects.load(std::sync::atomic::Ordering::Relaxed),
             "runs": self.runs.len(),
@@ -866,6 +865,5 @@ impl Buyer {
             "sellers_measured": self.rtt.len(),
             "penalised_sellers": self.penalties.len(),
         });
-        let _ = (DEFAULT_HOST_IP, DEFAULT_PORT, &self.me);
     }
 }

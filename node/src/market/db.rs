@@ -44,14 +44,6 @@ impl MarketDb {
         Ok(r.is_ok())
     }
 
-    pub fn get<T: DeserializeOwned>(&self, tree: &str, key: &[u8]) -> Result<Option<T>> {
-        let t = self.db.open_tree(tree).map_err(|e| db_err(tree, e))?;
-        match t.get(key).map_err(|e| db_err(tree, e))? {
-            Some(b) => Ok(Some(serde_json::from_slice(&b).map_err(|e| db_err(tree, e))?)),
-            None => Ok(None),
-        }
-    }
-
     /// Every record of `tree` in key order; unreadable ones are skipped with a warning.
     pub fn all<T: DeserializeOwned>(&self, tree: &str) -> Result<Vec<(Vec<u8>, T)>> {
         let t = self.db.open_tree(tree).map_err(|e| db_err(tree, e))?;

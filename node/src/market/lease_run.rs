@@ -195,7 +195,12 @@ fn run_guest(
 ) -> Result<()> {
     let t = &lease.terms;
     let id = t.id;
-    let crate::guest_files::Prepared { boot, disk, keep } = prepared;
+    let crate::guest_files::Prepared {
+        boot,
+        disk,
+        keep,
+        reserved,
+    } = prepared;
     let mut spec = GuestSpec::new(format!("lease-{}", &id.to_string()[..8]), boot);
     spec.vcpus = t.vcpus;
     spec.memory_mib = t.memory_mib;
@@ -249,5 +254,6 @@ fn run_guest(
         let _ = p.join();
     }
     drop(keep);
+    drop(reserved);
     Ok(())
 }

@@ -71,18 +71,13 @@ struct Behaviour {
 pub enum PeerEvent {
     /// A first connection to `peer`; `addr` is its address as seen from here.
     Connected { peer: PeerId, addr: Multiaddr },
-    /// The last connection to `peer` closed.
-    Disconnected { peer: PeerId },
     /// One of our own addresses appeared or went away (a home line's new IP).
     AddressesChanged,
     /// A ping round trip measured by us (never a figure the peer declares).
     Rtt { peer: PeerId, rtt: Duration },
-    /// A gossip message on a topic we subscribe to, as published by `source`.
-    Gossip {
-        topic: String,
-        source: Option<PeerId>,
-        data: Vec<u8>,
-    },
+    /// A gossip message on a topic we subscribe to (its payload is signed by its
+    /// author; the gossip source is not trusted for anything).
+    Gossip { topic: String, data: Vec<u8> },
 }
 
 /// What other services get from the networking task.
@@ -1016,9 +1011,6 @@ impl Net {
             } => {
                 self.conn_ips.remove(&peer_id);
                 self.connected.remove(&peer_id);
-                let _ = self
-                    .peer_events
-                    .send(PeerEvent::Disconnected { peer: peer_id });
                 self.links.close(&peer_id);
                 self.forget_peer(peer_id);
             }
@@ -1044,7 +1036,6 @@ impl Net {
             })) => {
                 let _ = self.peer_events.send(PeerEvent::Gossip {
                     topic: message.topic.into_string(),
-                    source: message.source,
                     data: message.data,
                 });
             }
