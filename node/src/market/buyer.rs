@@ -585,7 +585,23 @@ impl Buyer {
             }
             MarketMsg::Receipt(rc) => r.fleet.on_receipt(&rc, &from, now),
             MarketMsg::Phase { lease, phase } => {
-                r.timeline.push(json!({"at_ms": now, "lease": lease.to_string(), "phase": phase}));
+                // The timeline keeps each lease's phase changes, not every progress note.
+                let kind = match &phase {
+                    market::GuestPhase::Fetching { .. } => "fetching",
+                    market::GuestPhase::Booting => "booting",
+                    market::GuestPhase::Running => "running",
+                    market::GuestPhase::Ended(_) => "ended",
+                };
+                let id = lease.to_string();
+                let last = r
+                    .timeline
+                    .iter()
+                    .rev()
+                    .find(|e| e["lease"].as_str() == Some(id.as_str()))
+                    .and_then(|e| e["phase"].as_str().map(str::to_string));
+                if last.as_deref() != Some(kind) {
+                    r.timeline.push(json!({"at_ms": now, "lease": id, "phase": kind}));
+                }
                 Ok(r.fleet.on_phase(&lease, &from, phase, now))
             }
             MarketMsg::Console {
@@ -724,6 +740,7 @@ impl Buyer {
         json!({
             "slots": r.fleet.slots().iter().map(|s| slot_json(s, &r.fleet)).collect::<Vec<_>>(),
             "cost": market::format_price(r.fleet.cost_so_far()),
+            "started_ms": r.started_ms,
             "elapsed_ms": now_ms() - r.started_ms,
             "timeline": r.timeline,
             "leases_dir": self.node.settings.data_dir.join("leases").display().to_string(),
@@ -761,6 +778,7 @@ impl Buyer {
         for a in actions {
             match a {
                 BuyerAction::Propose { seller, proposal } => {
+                    self.runs[i].timeline.push(json!({"at_ms": now, "lease": proposal.body.id.to_string(), "phase": "proposed", "slot": proposal.body.guest_ip.to_string()}));
                     if let Some(p) = peer_of_key(&seller) {
                         info!(seller = %p, lease = %proposal.body.id, ip = %proposal.body.guest_ip, "proposing a lease");
                         self.net.send(p, MarketMsg::Propose(proposal));
@@ -787,6 +805,7 @@ impl Buyer {
                             serde_json::to_vec_pretty(&lease).unwrap_or_default(),
                         );
                     }
+                    self.runs[i].timeline.push(json!({"at_ms": now, "lease": t.id.to_string(), "phase": "accepted"}));
                     if let Some(at) = self.runs[i].lost_at.get(&self.slot_of(i, &t.id)) {
                         info!(lease = %t.id, replaced_after_ms = now - at, "replacement lease accepted");
                     }
@@ -818,7 +837,7 @@ impl Buyer {
                 } => {
                     warn!(%lease, seller = ?peer_of_key(&seller), silent_ms, "seller went silent: re-dispatching the guest");
                     self.runs[i].lost_at.insert(slot, now);
-                    self.runs[i].timeline.push(json!({"at_ms": now, "lost": lease.to_string(), "slot": slot, "silent_ms": silent_ms}));
+                    self.runs[i].timeline.push(json!({"at_ms": now, "lease": lease.to_string(), "phase": "lost", "slot": slot, "silent_ms": silent_ms}));
                 }
                 BuyerAction::NoMatch { why, .. } => {
                     self.runs[i].last_no_match = Some(why);
