@@ -501,7 +501,10 @@ impl OverlayHandle {
     /// Buyer: remove a guest; false if it was not admitted.
     pub fn revoke(&self, mac: MacAddr) -> bool {
         let g = lock(&self.st);
-        g.buyer.as_ref().map(|b| b.buyer.revoke(mac)).unwrap_or(false)
+        g.buyer
+            .as_ref()
+            .map(|b| b.buyer.revoke(mac))
+            .unwrap_or(false)
     }
 
     /// Buyer: frames received from each admitted guest, by MAC.
@@ -553,7 +556,13 @@ impl OverlayHandle {
 
     /// Seller: end a guest's session.
     pub fn detach(&self, mac: MacAddr) -> Result<Value> {
-        detach(&self.node, &self.st, MacParams { mac: mac.to_string() })
+        detach(
+            &self.node,
+            &self.st,
+            MacParams {
+                mac: mac.to_string(),
+            },
+        )
     }
 
     /// Seller: the buyer moved (new address); its sessions follow it.

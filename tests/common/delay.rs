@@ -153,7 +153,9 @@ pub fn delay_line(ns: &Netns, a: &str, b: &str, one_way: Duration) -> Result<Del
     for i in [a, b] {
         let o = ns.exec(
             "ethtool",
-            &["-K", i, "tso", "off", "gso", "off", "gro", "off", "tx", "off"],
+            &[
+                "-K", i, "tso", "off", "gso", "off", "gro", "off", "tx", "off",
+            ],
         )?;
         if !o.status.success() {
             bail!("ethtool -K {i}: {}", String::from_utf8_lossy(&o.stderr));

@@ -113,8 +113,9 @@ impl Trust {
             match p {
                 None => Ok(Default::default()),
                 Some(p) => {
-                    let text = std::fs::read_to_string(p)
-                        .map_err(|e| Error::io(format!("reading the {what} list {}", p.display()), e))?;
+                    let text = std::fs::read_to_string(p).map_err(|e| {
+                        Error::io(format!("reading the {what} list {}", p.display()), e)
+                    })?;
                     TrustPolicy::parse_list(&text).map_err(|e| Error::BadArg {
                         what,
                         reason: format!("{}: {e}", p.display()),
@@ -222,10 +223,11 @@ pub fn start(
         router.method("market.run", move |params, progress| {
             let tx = tx.clone();
             async move {
-                let params: RunParams = serde_json::from_value(params).map_err(|e| Error::BadArg {
-                    what: "run",
-                    reason: e.to_string(),
-                })?;
+                let params: RunParams =
+                    serde_json::from_value(params).map_err(|e| Error::BadArg {
+                        what: "run",
+                        reason: e.to_string(),
+                    })?;
                 let (reply, rrx) = oneshot::channel();
                 tx.send(Cmd::Run {
                     params,
@@ -283,7 +285,9 @@ fn slot_json(s: &market::Slot, fleet: &Fleet) -> Value {
         SlotState::Starting { seller, phase } => (
             "starting",
             Some(*seller),
-            phase.as_ref().map(|p| serde_json::to_value(p).expect("json")),
+            phase
+                .as_ref()
+                .map(|p| serde_json::to_value(p).expect("json")),
         ),
         SlotState::Running { seller, .. } => ("running", Some(*seller), None),
         SlotState::Stopped => ("stopped", None, None),
@@ -492,7 +496,9 @@ impl Buyer {
     }
 
     fn run_of_lease(&self, id: &LeaseId) -> Option<usize> {
-        self.runs.iter().position(|r| r.fleet.lease_for(id).is_some())
+        self.runs
+            .iter()
+            .position(|r| r.fleet.lease_for(id).is_some())
     }
 
     fn on_peer_event(&mut self, ev: PeerEvent) {
@@ -500,7 +506,8 @@ impl Buyer {
         match ev {
             PeerEvent::Rtt { peer, rtt } => {
                 if let Some(k) = key_of_peer(&peer) {
-                    self.rtt.insert(k, rtt.as_millis().min(u32::MAX as u128) as u32);
+                    self.rtt
+                        .insert(k, rtt.as_millis().min(u32::MAX as u128) as u32);
                 }
             }
             PeerEvent::AddressesChanged => {
@@ -508,7 +515,9 @@ impl Buyer {
                 // live lease from it, so they learn it and their overlay sessions follow.
                 for r in &self.runs {
                     for s in r.fleet.slots() {
-                        if let SlotState::Starting { seller, .. } | SlotState::Running { seller, .. } = &s.state {
+                        if let SlotState::Starting { seller, .. }
+                        | SlotState::Running { seller, .. } = &s.state
+                        {
                             if let Some(p) = peer_of_key(seller) {
                                 self.p2p.redial(p);
                             }
@@ -540,7 +549,9 @@ impl Buyer {
         for r in &self.runs {
             for s in r.fleet.slots() {
                 let seller = match &s.state {
-                    SlotState::Starting { seller, .. } | SlotState::Running { seller, .. } => seller,
+                    SlotState::Starting { seller, .. } | SlotState::Running { seller, .. } => {
+                        seller
+                    }
                     _ => continue,
                 };
                 if let Some(p) = peer_of_key(seller) {
@@ -552,7 +563,9 @@ impl Buyer {
 
     fn on_msg(&mut self, peer: PeerId, msg: MarketMsg) {
         let now = now_ms();
-        let Some(from) = key_of_peer(&peer) else { return };
+        let Some(from) = key_of_peer(&peer) else {
+            return;
+        };
         let lease_id = match &msg {
             MarketMsg::Accept(l) => l.terms.id,
             MarketMsg::Refuse { lease, .. } => *lease,
@@ -600,7 +613,8 @@ impl Buyer {
                     .find(|e| e["lease"].as_str() == Some(id.as_str()))
                     .and_then(|e| e["phase"].as_str().map(str::to_string));
                 if last.as_deref() != Some(kind) {
-                    r.timeline.push(json!({"at_ms": now, "lease": id, "phase": kind}));
+                    r.timeline
+                        .push(json!({"at_ms": now, "lease": id, "phase": kind}));
                 }
                 Ok(r.fleet.on_phase(&lease, &from, phase, now))
             }
@@ -636,7 +650,8 @@ impl Buyer {
     fn write_console(&self, lease: &LeaseId, offset: u64, data: &[u8]) -> Result<()> {
         let path = self.console_path(lease);
         if let Some(d) = path.parent() {
-            std::fs::create_dir_all(d).map_err(|e| Error::io(format!("creating {}", d.display()), e))?;
+            std::fs::create_dir_all(d)
+                .map_err(|e| Error::io(format!("creating {}", d.display()), e))?;
         }
         let mut f = std::fs::OpenOptions::new()
             .create(true)
@@ -725,7 +740,10 @@ impl Buyer {
             .all(|s| matches!(s.state, SlotState::Running { .. }));
         if all_up && !r.all_up_reported {
             r.all_up_reported = true;
-            info!(elapsed_ms = now - r.started_ms, "every guest of the run is up");
+            info!(
+                elapsed_ms = now - r.started_ms,
+                "every guest of the run is up"
+            );
             r.timeline.push(json!({"at_ms": now, "all_up": true}));
             if r.detach {
                 if let Some(reply) = r.reply.take() {
@@ -786,15 +804,15 @@ impl Buyer {
                 }
                 BuyerAction::Admit { lease } => {
                     let t = &lease.terms;
-                    if let Err(e) =
-                        self.overlay
-                            .admit(&hex::encode(t.seller.0), MacAddr(t.guest_mac), t.guest_ip)
-                    {
+                    if let Err(e) = self.overlay.admit(
+                        &hex::encode(t.seller.0),
+                        MacAddr(t.guest_mac),
+                        t.guest_ip,
+                    ) {
                         warn!(lease = %t.id, error = %e, "overlay admit failed: the guest cannot join");
                         if let Some(reply) = self.runs[i].reply.take() {
-                            let _ = reply.send(Err(Error::Market(format!(
-                                "the overlay cannot start: {e}"
-                            ))));
+                            let _ = reply
+                                .send(Err(Error::Market(format!("the overlay cannot start: {e}"))));
                         }
                     }
                     let path = self.console_path(&t.id);
@@ -805,7 +823,9 @@ impl Buyer {
                             serde_json::to_vec_pretty(&lease).unwrap_or_default(),
                         );
                     }
-                    self.runs[i].timeline.push(json!({"at_ms": now, "lease": t.id.to_string(), "phase": "accepted"}));
+                    self.runs[i].timeline.push(
+                        json!({"at_ms": now, "lease": t.id.to_string(), "phase": "accepted"}),
+                    );
                     if let Some(at) = self.runs[i].lost_at.get(&self.slot_of(i, &t.id)) {
                         info!(lease = %t.id, replaced_after_ms = now - at, "replacement lease accepted");
                     }

@@ -191,9 +191,16 @@ pub fn leases(settings: &Settings, json_out: bool) -> Result<ExitCode> {
     if rows.is_empty() {
         println!("no leases");
     } else {
-        println!("{:<34} {:<10} {:<15} {:>7} {:>12}  end", "LEASE", "STATE", "IP", "MINUTES", "BILLED");
+        println!(
+            "{:<34} {:<10} {:<15} {:>7} {:>12}  end",
+            "LEASE", "STATE", "IP", "MINUTES", "BILLED"
+        );
         for r in rows {
-            let s = |k: &str| r[k].as_str().map(str::to_string).unwrap_or_else(|| "-".into());
+            let s = |k: &str| {
+                r[k].as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| "-".into())
+            };
             let minutes = r["minutes"]
                 .as_u64()
                 .or_else(|| r["minutes_acked"].as_u64())

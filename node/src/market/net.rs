@@ -93,13 +93,19 @@ impl MarketNet {
                 tokio::spawn(async move {
                     let r = tokio::time::timeout(READ_TIMEOUT, async {
                         let mut len = [0u8; 4];
-                        stream.read_exact(&mut len).await.map_err(|e| e.to_string())?;
+                        stream
+                            .read_exact(&mut len)
+                            .await
+                            .map_err(|e| e.to_string())?;
                         let len = u32::from_be_bytes(len) as usize;
                         if len > market::MAX_MSG {
                             return Err(format!("message of {len} bytes is over the limit"));
                         }
                         let mut buf = vec![0u8; len];
-                        stream.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+                        stream
+                            .read_exact(&mut buf)
+                            .await
+                            .map_err(|e| e.to_string())?;
                         // One message per stream: anything after its frame is malformed.
                         let mut extra = [0u8; 1];
                         match stream.read(&mut extra).await {

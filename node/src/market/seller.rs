@@ -11,8 +11,8 @@ use ed25519_dalek::SigningKey;
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 use market::{
-    Accel, BackendKind, GuestPhase, Lease, LeaseId, MarketMsg, Offer, PeerKey,
-    SellerAction, SellerLease, SellerPhase, SellerPolicy, Signed,
+    Accel, BackendKind, GuestPhase, Lease, LeaseId, MarketMsg, Offer, PeerKey, SellerAction,
+    SellerLease, SellerPhase, SellerPolicy, Signed,
 };
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
@@ -107,10 +107,14 @@ impl SellerSettings {
                     reason: format!("{h:?}: use START-END in UTC hours, e.g. 18-8"),
                 })?;
                 let p = |s: &str| {
-                    s.trim().parse::<u8>().ok().filter(|v| *v <= 24).ok_or(Error::BadArg {
-                        what: "seller.hours",
-                        reason: format!("{h:?}: hours are 0 to 24"),
-                    })
+                    s.trim()
+                        .parse::<u8>()
+                        .ok()
+                        .filter(|v| *v <= 24)
+                        .ok_or(Error::BadArg {
+                            what: "seller.hours",
+                            reason: format!("{h:?}: hours are 0 to 24"),
+                        })
                 };
                 Some((p(a)?, p(b)?))
             }
@@ -356,11 +360,13 @@ impl Seller {
         let now = now_ms();
         let live = self.live().count() as u32;
         let hour = ((now / 3_600_000) % 24) as u8;
-        let in_hours = self
-            .cfg
-            .policy
-            .hours
-            .is_none_or(|(a, b)| if a <= b { hour >= a && hour < b } else { hour >= a || hour < b });
+        let in_hours = self.cfg.policy.hours.is_none_or(|(a, b)| {
+            if a <= b {
+                hour >= a && hour < b
+            } else {
+                hour >= a || hour < b
+            }
+        });
         if !in_hours {
             return;
         }
@@ -560,7 +566,8 @@ impl Seller {
                     // Chunks of the buyer's image are flowing: the buyer is alive even
                     // though it has no receipt to acknowledge yet.
                     a.core.on_buyer_life(now);
-                    self.net.send(a.buyer_peer, MarketMsg::Phase { lease: id, phase });
+                    self.net
+                        .send(a.buyer_peer, MarketMsg::Phase { lease: id, phase });
                 }
             }
             RunEvent::Started(id) => {
@@ -599,7 +606,10 @@ impl Seller {
         let now = now_ms();
         if self.last_heartbeat.elapsed() >= HEARTBEAT {
             self.last_heartbeat = std::time::Instant::now();
-            for a in self.live().filter(|a| a.core.phase() == SellerPhase::Running) {
+            for a in self
+                .live()
+                .filter(|a| a.core.phase() == SellerPhase::Running)
+            {
                 self.net.send(
                     a.buyer_peer,
                     MarketMsg::Phase {
@@ -628,7 +638,9 @@ impl Seller {
 
     fn apply(&mut self, id: LeaseId, actions: Vec<SellerAction>) {
         for act in actions {
-            let Some(a) = self.leases.get_mut(&id) else { return };
+            let Some(a) = self.leases.get_mut(&id) else {
+                return;
+            };
             match act {
                 SellerAction::SendReceipt(r) => {
                     self.net.send(a.buyer_peer, MarketMsg::Receipt(r));

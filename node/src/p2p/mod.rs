@@ -947,14 +947,6 @@ impl Net {
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 info!(addr = %address, "address gone");
                 self.listen.retain(|a| *a != address);
-                // Connections made from that address are dead: drop them now so the
-                // peers are dialled again from the address we have.
-                if ip_of(&address).is_some_and(|ip| !ip.is_loopback()) {
-                    let peers: Vec<PeerId> = self.connected.iter().copied().collect();
-                    for p in peers {
-                        let _ = self.swarm.disconnect_peer_id(p);
-                    }
-                }
                 let _ = self.peer_events.send(PeerEvent::AddressesChanged);
             }
             SwarmEvent::ConnectionEstablished {
