@@ -671,12 +671,9 @@ async fn only_the_buyer_can_stop_or_ack_a_lease_and_replays_start_nothing() -> R
     Ok(())
 }
 
-/// Bug (node/src/market/seller.rs `on_propose`): a proposal whose lease id the seller
-/// already holds returns early, before the refusal is counted and audited, so a
-/// replay of an ended lease is refused on the wire (`Duplicate`) but appears neither
-/// in `audit` nor in `status` `refused`.
+/// A replayed proposal of an ended lease is refused on the wire (`Duplicate`),
+/// counted in `status` `refused` and written to the audit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "bug: a replayed proposal of an ended lease is refused but not audited or counted"]
 async fn a_replayed_proposal_is_audited_as_refused() -> Result<()> {
     if !require_root("the seller's overlay and lease namespaces") {
         return Ok(());
@@ -842,7 +839,7 @@ async fn forged_expired_and_replayed_offers_never_reach_the_buyers_book() -> Res
 /// the reader answer a byte, as the swarm protocol does), or keep one long-lived
 /// stream per peer and frame many messages on it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "bug: market streams that arrive together are dropped by libp2p-stream's one-slot accept queue"]
+#[ignore = "known gap: libp2p-stream drops inbound streams that arrive while its one-slot accept queue is full; the daemons retry their own sends until the reader confirms, but a burst from a peer that does not retry still loses streams, uncounted"]
 async fn a_burst_of_market_streams_is_neither_lost_nor_uncounted() -> Result<()> {
     if !require_root("the seller's overlay and lease namespaces") {
         return Ok(());
@@ -867,14 +864,10 @@ async fn a_burst_of_market_streams_is_neither_lost_nor_uncounted() -> Result<()>
     Ok(())
 }
 
-/// Bug (node/src/market/net.rs `listen`): the reader takes the frame's `len` bytes
-/// and never looks further, so a stream carrying a message and then more bytes
-/// (a second message, garbage) is taken as valid: its message is acted on and the
-/// rest silently ignored. One message per stream is the protocol; a stream with
-/// anything after its frame is malformed. Fix: after the frame, read once more
-/// (bounded by the read timeout) and refuse the message unless that read is EOF.
+/// One message per stream is the protocol: a stream carrying a message and then
+/// more bytes (a second message, garbage) is malformed as a whole; its message is
+/// not acted on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "bug: bytes after a market message's frame are ignored and the message taken"]
 async fn bytes_after_the_frame_make_the_message_malformed() -> Result<()> {
     if !require_root("the seller's overlay and lease namespaces") {
         return Ok(());

@@ -118,6 +118,9 @@ impl MarketPeer {
                     }
                     if let Ok(m) = market::decode(&buf) {
                         let _ = in_tx.send((peer, m));
+                        // Say we took it, as a daemon does (the sender retries otherwise).
+                        let _ = s.write_all(&[0x5a]).await;
+                        let _ = s.close().await;
                     }
                 });
             }
