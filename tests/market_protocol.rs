@@ -665,7 +665,8 @@ async fn only_the_buyer_can_stop_or_ack_a_lease_and_replays_start_nothing() -> R
     assert!(!lease_netns_exists(&id2), "a lease namespace appeared");
     let log = audit_of(&node, &id)?;
     let events: Vec<&str> = log.iter().filter_map(|e| e["event"].as_str()).collect();
-    assert_eq!(events, ["start", "end"], "{log:?}");
+    // One start, one end, and the replay after the end audited as refused.
+    assert_eq!(events, ["start", "end", "refused"], "{log:?}");
     assert_eq!(log[1]["reason"], "stopped by the buyer");
     eprintln!("leases: stops and acks by others refused, replays started nothing");
     Ok(())
