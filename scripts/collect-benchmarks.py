@@ -20,6 +20,7 @@ SECTIONS = [
     ("overlay-core.md", "Overlay core per-frame cost (issue 3)", "overlay-core-per-frame-cost-issue-3"),
     ("vm-microvm.md", "microvm start and memory (issue 4)", "microvm-start-and-memory-issue-4"),
     ("vm-qemu.md", "Linux boot under QEMU TCG (issue 4)", "linux-boot-under-qemu-tcg-issue-4"),
+    ("market.md", "Market: one run to guests answering, and replacement (issue 12)", "market-one-run-to-guests-answering-and-replacement-issue-12"),
 ]
 
 HEADLINES = (BENCH / "headlines.md").read_text().strip().splitlines()
