@@ -587,10 +587,14 @@ mod tests {
             .collect();
         assert!(names.is_empty(), "{names:?}");
 
+        // The files hold the store's disk reservation (and so the store): let them go
+        // before the store is opened again.
+        drop(p);
         // --append replaces the manifest's command line; a cap smaller than the disk refuses.
         let p =
             prepare_from_store(&s, &run_args(&["--image", &hex, "--append", "x=1"]), &hex).unwrap();
         assert!(matches!(&p.boot, Boot::Direct { cmdline, .. } if cmdline == "x=1"));
+        drop(p);
         let e = prepare_from_store(
             &s,
             &run_args(&["--image", &hex, "--disk-cap-mib", "0"]),

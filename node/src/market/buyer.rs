@@ -191,14 +191,7 @@ pub fn start(
         .into_iter()
         .filter_map(|(k, v)| Some((PeerKey(k.try_into().ok()?), v)))
         .collect();
-    let incoming = net.listen()?;
-    let events = p2p
-        .events
-        .lock()
-        .expect("events lock")
-        .take()
-        .ok_or_else(|| Error::Market("peer events taken twice".into()))?;
-    p2p.subscribe(OFFER_TOPIC);
+    let (incoming, events) = super::connect(&p2p, &net)?;
     let sk = node.identity.signing_key().clone();
     let snapshot = Arc::new(Mutex::new(json!({})));
     let b = Buyer {

@@ -51,6 +51,25 @@ pub fn peer_of_key(k: &PeerKey) -> Option<PeerId> {
     Some(libp2p::identity::PublicKey::from(ed).to_peer_id())
 }
 
+/// What both roles' services listen to: market messages and peer events (taken
+/// once); both subscribe to the offer topic (sellers relay it, buyers read it).
+type Inputs = (
+    tokio::sync::mpsc::UnboundedReceiver<(PeerId, market::MarketMsg)>,
+    tokio::sync::mpsc::UnboundedReceiver<crate::p2p::PeerEvent>,
+);
+
+fn connect(p2p: &P2pHandle, net: &net::MarketNet) -> Result<Inputs> {
+    let incoming = net.listen()?;
+    let events = p2p
+        .events
+        .lock()
+        .expect("events lock")
+        .take()
+        .ok_or_else(|| crate::error::Error::Market("peer events taken twice".into()))?;
+    p2p.subscribe(OFFER_TOPIC);
+    Ok((incoming, events))
+}
+
 /// Asks the market service to end its leases cleanly (SIGTERM).
 pub struct Shutdown {
     tx: Option<tokio::sync::mpsc::UnboundedSender<tokio::sync::oneshot::Sender<()>>>,

@@ -223,14 +223,7 @@ pub fn start(
     };
     let perf_score = measure_perf(accel);
     info!(%accel, perf_score, measurement = %hex::encode(cfg.measurement), "seller market ready");
-    let incoming = net.listen()?;
-    let events = p2p
-        .events
-        .lock()
-        .expect("events lock")
-        .take()
-        .ok_or_else(|| Error::Market("peer events taken twice".into()))?;
-    p2p.subscribe(OFFER_TOPIC);
+    let (incoming, events) = super::connect(&p2p, &net)?;
     let snapshot = Arc::new(Mutex::new(json!({})));
     let (runs_tx, runs_rx) = mpsc::unbounded_channel();
     let sk = node.identity.signing_key().clone();
@@ -356,18 +349,15 @@ impl Seller {
             .filter(|a| a.core.phase() != SellerPhase::Ended)
     }
 
+    /// Whether `now` is inside the owner's selling hours (UTC).
+    fn in_hours(&self, now: u64) -> bool {
+        self.cfg.policy.in_hours(((now / 3_600_000) % 24) as u8)
+    }
+
     fn publish_offer(&mut self) {
         let now = now_ms();
         let live = self.live().count() as u32;
-        let hour = ((now / 3_600_000) % 24) as u8;
-        let in_hours = self.cfg.policy.hours.is_none_or(|(a, b)| {
-            if a <= b {
-                hour >= a && hour < b
-            } else {
-                hour >= a || hour < b
-            }
-        });
-        if !in_hours {
+        if !self.in_hours(now) {
             return;
         }
         let offer = Offer {
@@ -617,6 +607,17 @@ impl Seller {
                         phase: GuestPhase::Running,
                     },
                 );
+            }
+        }
+        // Outside the selling hours: preparing leases end now, running ones at their
+        // next period boundary (billing stops there).
+        if !self.in_hours(now) {
+            let ids: Vec<LeaseId> = self.live().map(|a| a.core.lease().terms.id).collect();
+            for id in ids {
+                if let Some(a) = self.leases.get_mut(&id) {
+                    let actions = a.core.on_outside_hours(now);
+                    self.apply(id, actions);
+                }
             }
         }
         // Ended leases too, while they have work: their last unacked receipt is re-sent
