@@ -341,6 +341,8 @@ struct Net {
     link_rejects: Arc<std::sync::atomic::AtomicU64>,
     ticks: u64,
     peer_events: mpsc::UnboundedSender<PeerEvent>,
+    /// Our addresses that went away, and when (see `drop_connections_of_lost_addresses`).
+    expired: Vec<(Instant, std::net::IpAddr)>,
     /// Each peer's open connections and the IP each comes from.
     conn_ips: HashMap<PeerId, Vec<(libp2p::swarm::ConnectionId, std::net::IpAddr)>>,
 }
@@ -513,6 +515,7 @@ impl Net {
             ticks: 0,
             peer_events,
             conn_ips: HashMap::new(),
+            expired: Vec::new(),
         })
     }
 
@@ -947,6 +950,9 @@ impl Net {
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 info!(addr = %address, "address gone");
                 self.listen.retain(|a| *a != address);
+                if let Some(ip) = ip_of(&address).filter(|ip| !ip.is_loopback()) {
+                    self.expired.push((Instant::now(), ip));
+                }
                 let _ = self.peer_events.send(PeerEvent::AddressesChanged);
             }
             SwarmEvent::ConnectionEstablished {
@@ -1593,7 +1599,34 @@ impl Net {
         self.images.remove(&image);
     }
 
+    /// An address of ours that went away and did not come back within a moment (a
+    /// home line's new IP, not an interface flapping): connections made from it are
+    /// dead but linger until TCP gives up, and streams opened on them stall. Drop
+    /// every connection; the services dial their peers again from the new address.
+    fn drop_connections_of_lost_addresses(&mut self) {
+        let settled: Vec<std::net::IpAddr> = self
+            .expired
+            .iter()
+            .filter(|(at, _)| at.elapsed() >= Duration::from_millis(1500))
+            .map(|(_, ip)| *ip)
+            .collect();
+        self.expired
+            .retain(|(at, _)| at.elapsed() < Duration::from_millis(1500));
+        for ip in settled {
+            if self.listen.iter().any(|a| ip_of(a) == Some(ip)) {
+                continue;
+            }
+            info!(%ip, "our address is gone: reconnecting every peer");
+            let peers: Vec<PeerId> = self.connected.iter().copied().collect();
+            for p in peers {
+                let _ = self.swarm.disconnect_peer_id(p);
+            }
+            let _ = self.peer_events.send(PeerEvent::AddressesChanged);
+        }
+    }
+
     fn on_slow_tick(&mut self) {
+        self.drop_connections_of_lost_addresses();
         // advertise complete local images (imports happen outside this task)
         if let Ok(list) = self.store.list_images() {
             for image in list {
