@@ -572,7 +572,10 @@ impl OverlayHandle {
         for a in g.sellers.values_mut().filter(|a| a.buyer_key == buyer_key) {
             if a.buyer.ip() != ip {
                 let to = SocketAddr::new(ip, a.buyer.port());
-                a.seller.with_core(|c| c.set_buyer_addr(to));
+                if let Err(e) = a.seller.move_buyer(to) {
+                    tracing::warn!(error = %e, "the overlay session cannot follow the buyer");
+                    continue;
+                }
                 info!(from = %a.buyer, %to, "buyer moved: overlay session follows");
                 a.buyer = to;
                 n += 1;

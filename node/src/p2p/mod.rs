@@ -1017,8 +1017,17 @@ impl Net {
                 info,
                 ..
             })) => {
+                // A peer's loopback addresses are ours to it only when it is on this
+                // host (we reach it over loopback); otherwise dialling them reaches
+                // ourselves, and a redial after our address changed goes nowhere.
+                let local = self
+                    .conn_ips
+                    .get(&peer_id)
+                    .is_some_and(|c| c.iter().any(|(_, ip)| ip.is_loopback()));
                 for a in info.listen_addrs {
-                    self.swarm.behaviour_mut().kad.add_address(&peer_id, a);
+                    if local || !ip_of(&a).is_some_and(|ip| ip.is_loopback()) {
+                        self.swarm.behaviour_mut().kad.add_address(&peer_id, a);
+                    }
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {

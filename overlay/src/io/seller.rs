@@ -247,6 +247,17 @@ impl Seller {
     }
 
     /// Run `f` with the core locked.
+    /// The buyer moved to `addr` (a home line's new address): the session follows it
+    /// with its keys; the buyer learns our endpoint from our next datagram.
+    pub fn move_buyer(&self, addr: SocketAddr) -> Result<(), Error> {
+        lock(&self.shared.core).set_buyer_addr(addr);
+        // The socket is connected to the buyer (only it may talk to us): connect it
+        // to the new address, or its datagrams would be filtered out by the kernel.
+        self.shared.udp.connect(addr).map_err(os(format!(
+            "connecting the UDP socket to the buyer's new address {addr}"
+        )))
+    }
+
     pub fn with_core<T>(&self, f: impl FnOnce(&mut SellerCore) -> T) -> T {
         f(&mut lock(&self.shared.core))
     }
