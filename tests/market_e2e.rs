@@ -4,7 +4,7 @@
 //! the buyer's DHCP, and answer the buyer and each other over the overlay. Then a
 //! seller is killed (its guest is re-dispatched, the restarted seller bills nothing
 //! more) and the buyer stops (the sellers end its guests and bill only acknowledged
-//! minutes). The buyer's address change has its own test, ignored while it fails.
+//! minutes). The buyer's address change has its own test.
 //! Timings are printed, not asserted.
 
 #[path = "common/vmguest.rs"]
@@ -521,12 +521,9 @@ fn buyer_rents_guests_replaces_lost_ones_and_sellers_bill_acked_minutes() -> Res
     Ok(())
 }
 
-/// The buyer's home line gets a new address mid-lease: the guests answer again
-/// without a new lease. Known to fail today: after the move the sellers' messages
-/// and overlay traffic do not reliably reach the buyer's new address (see the
-/// closing note of the market work); kept so the gap stays visible.
+/// The buyer's home line gets a new address mid-lease (the old one goes, a new one
+/// comes, as a DSL line reconnects): the guests answer again without a new lease.
 #[test]
-#[ignore = "known gap: overlay sessions do not yet follow a buyer whose address changed"]
 fn guests_answer_again_after_the_buyer_address_changes() -> Result<()> {
     if !require_root("network namespaces, taps, qemu") {
         return Ok(());
