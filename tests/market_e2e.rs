@@ -135,6 +135,42 @@ fn world(tag: &str) -> Result<World> {
     })
 }
 
+/// A daemon of `role` on host namespace `ns`, listening on its addresses.
+fn spawn_in(
+    ns: &Netns,
+    dir: &Path,
+    role: &str,
+    config: &str,
+    boot: Option<&str>,
+) -> Result<NodeProc> {
+    let mut args = vec!["--listen", "/ip4/0.0.0.0/tcp/7450", "--config", config];
+    if let Some(b) = boot {
+        args.extend(["--bootstrap", b]);
+    }
+    NodeProc::spawn(&["ip", "netns", "exec", ns.name()], dir, role, &args)
+}
+
+/// Imports the test guest on the buyer as a direct-boot image running `script`
+/// (the guest stays up after it); returns the image id.
+fn import_guest(buyer: &NodeProc, script: &str) -> Result<String> {
+    let files = vmguest::test_guest();
+    let out = buyer.cli_ok(&[
+        "image",
+        "import",
+        "--kernel",
+        &files.vmlinuz.display().to_string(),
+        "--initrd",
+        &files.initrd.display().to_string(),
+        "--cmdline",
+        &vmguest::cmdline(script, "cs.keep"),
+    ])?;
+    Ok(out
+        .split_whitespace()
+        .find(|w| w.len() == 64 && w.chars().all(|c| c.is_ascii_hexdigit()))
+        .context("image id in import output")?
+        .to_string())
+}
+
 fn wait_offers(buyer: &NodeProc, n: u64) -> Result<()> {
     let ok = wait_until(Duration::from_secs(90), || {
         buyer
@@ -227,7 +263,6 @@ fn buyer_rents_guests_replaces_lost_ones_and_sellers_bill_acked_minutes() -> Res
     if !require_root("network namespaces, taps, qemu") {
         return Ok(());
     }
-    let files = vmguest::test_guest();
     let tag = format!("{}", std::process::id() % 10000);
     let w = world(&tag)?;
     let tmp = tempfile::tempdir()?;
@@ -247,13 +282,7 @@ fn buyer_rents_guests_replaces_lost_ones_and_sellers_bill_acked_minutes() -> Res
             root.join("trusted.txt").display()
         ),
     )?;
-    let bwrap = ["ip", "netns", "exec", w.b.name()];
-    let mut buyer = NodeProc::spawn(
-        &bwrap,
-        &root.join("buyer"),
-        "buyer",
-        &["--listen", "/ip4/0.0.0.0/tcp/7450", "--config", &bcfg],
-    )?;
+    let mut buyer = spawn_in(&w.b, &root.join("buyer"), "buyer", &bcfg, None)?;
     let boot = format!("/ip4/10.210.0.1/tcp/7450/p2p/{}", buyer.peer_id);
     let prices = ["0.02", "0.03", "0.01"];
     let spawn_seller = |i: usize| -> Result<NodeProc> {
@@ -270,19 +299,7 @@ fn buyer_rents_guests_replaces_lost_ones_and_sellers_bill_acked_minutes() -> Res
                 prices[i]
             ),
         )?;
-        NodeProc::spawn(
-            &["ip", "netns", "exec", w.s[i].name()],
-            &dir,
-            "seller",
-            &[
-                "--listen",
-                "/ip4/0.0.0.0/tcp/7450",
-                "--bootstrap",
-                &boot,
-                "--config",
-                &c,
-            ],
-        )
+        spawn_in(&w.s[i], &dir, "seller", &c, Some(&boot))
     };
     let mut sellers: Vec<NodeProc> = (0..3).map(spawn_seller).collect::<Result<_>>()?;
 
@@ -291,22 +308,7 @@ fn buyer_rents_guests_replaces_lost_ones_and_sellers_bill_acked_minutes() -> Res
                   echo cs-serving; while true; do \
                   if ping -c 1 -W 1 10.77.0.2 >/dev/null && ping -c 1 -W 1 10.77.0.3 >/dev/null; \
                   then echo cs-peers-ok; sleep 30; fi; sleep 1; done";
-    let cmdline = vmguest::cmdline(script, "cs.keep");
-    let out = buyer.cli_ok(&[
-        "image",
-        "import",
-        "--kernel",
-        &files.vmlinuz.display().to_string(),
-        "--initrd",
-        &files.initrd.display().to_string(),
-        "--cmdline",
-        &cmdline,
-    ])?;
-    let image = out
-        .split_whitespace()
-        .find(|w| w.len() == 64 && w.chars().all(|c| c.is_ascii_hexdigit()))
-        .context("image id in import output")?
-        .to_string();
+    let image = import_guest(&buyer, script)?;
 
     wait_offers(&buyer, 3)?;
 
@@ -528,7 +530,6 @@ fn guests_answer_again_after_the_buyer_address_changes() -> Result<()> {
     if !require_root("network namespaces, taps, qemu") {
         return Ok(());
     }
-    let files = vmguest::test_guest();
     let tag = format!("{}", std::process::id() % 10000 + 1);
     let w = world(&tag)?;
     let tmp = tempfile::tempdir()?;
@@ -537,47 +538,16 @@ fn guests_answer_again_after_the_buyer_address_changes() -> Result<()> {
         &root.join("buyer"),
         &format!("[buyer]\nbilling_period_s = {PERIOD_S}\ngrace_s = {GRACE_S}\nsilence_s = 60\n"),
     )?;
-    let buyer = NodeProc::spawn(
-        &["ip", "netns", "exec", w.b.name()],
-        &root.join("buyer"),
-        "buyer",
-        &["--listen", "/ip4/0.0.0.0/tcp/7450", "--config", &bcfg],
-    )?;
+    let buyer = spawn_in(&w.b, &root.join("buyer"), "buyer", &bcfg, None)?;
     let boot = format!("/ip4/10.210.0.1/tcp/7450/p2p/{}", buyer.peer_id);
     let mut sellers = Vec::new();
     for i in [0usize, 2] {
         let dir = root.join(format!("s{}", i + 1));
         let c = cfg(&dir, "[seller]\nmax_guests = 1\naccel = \"tcg\"\n")?;
-        sellers.push(NodeProc::spawn(
-            &["ip", "netns", "exec", w.s[i].name()],
-            &dir,
-            "seller",
-            &[
-                "--listen",
-                "/ip4/0.0.0.0/tcp/7450",
-                "--bootstrap",
-                &boot,
-                "--config",
-                &c,
-            ],
-        )?);
+        sellers.push(spawn_in(&w.s[i], &dir, "seller", &c, Some(&boot))?);
     }
     let script = "mkdir -p /www; echo cpushare-guest-ok > /www/index.html; httpd -p 80 -h /www";
-    let out = buyer.cli_ok(&[
-        "image",
-        "import",
-        "--kernel",
-        &files.vmlinuz.display().to_string(),
-        "--initrd",
-        &files.initrd.display().to_string(),
-        "--cmdline",
-        &vmguest::cmdline(script, "cs.keep"),
-    ])?;
-    let image = out
-        .split_whitespace()
-        .find(|w| w.len() == 64 && w.chars().all(|c| c.is_ascii_hexdigit()))
-        .context("image id in import output")?
-        .to_string();
+    let image = import_guest(&buyer, script)?;
     wait_offers(&buyer, 2)?;
     buyer.cli_ok(&["run", "--image", &image, "--count", "2", "--detach"])?;
     for ip in ["10.77.0.2", "10.77.0.3"] {

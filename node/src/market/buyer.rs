@@ -271,19 +271,25 @@ pub fn start(
     Ok(())
 }
 
+/// A slot's state in one word (for `run` and `leases`).
+fn state_name(s: &SlotState) -> &'static str {
+    match s {
+        SlotState::Choosing => "choosing",
+        SlotState::Proposed { .. } => "proposed",
+        SlotState::Starting { .. } => "starting",
+        SlotState::Running { .. } => "running",
+        SlotState::Stopped => "stopped",
+    }
+}
+
 fn slot_json(s: &market::Slot, fleet: &Fleet) -> Value {
-    let (state, seller, phase) = match &s.state {
-        SlotState::Choosing => ("choosing", None, None),
-        SlotState::Proposed { seller, .. } => ("proposed", Some(*seller), None),
-        SlotState::Starting { seller, phase } => (
-            "starting",
-            Some(*seller),
-            phase
-                .as_ref()
-                .map(|p| serde_json::to_value(p).expect("json")),
-        ),
-        SlotState::Running { seller, .. } => ("running", Some(*seller), None),
-        SlotState::Stopped => ("stopped", None, None),
+    // SlotState::seller() is the seller of every state that has one.
+    let seller = s.state.seller();
+    let phase = match &s.state {
+        SlotState::Starting { phase, .. } => phase
+            .as_ref()
+            .map(|p| serde_json::to_value(p).expect("json")),
+        _ => None,
     };
     let lease = s.lease.as_ref().map(|l| l.id);
     let cost = lease
@@ -293,7 +299,7 @@ fn slot_json(s: &market::Slot, fleet: &Fleet) -> Value {
         "slot": s.index,
         "ip": s.ip.to_string(),
         "mac": MacAddr(s.mac).to_string(),
-        "state": state,
+        "state": state_name(&s.state),
         "seller": seller.and_then(|k| peer_of_key(&k)).map(|p| p.to_string()),
         "phase": phase,
         "lease": lease.map(|l| l.to_string()),
@@ -405,13 +411,7 @@ impl Buyer {
                     "lease": e.lease.to_string(),
                     "seller": peer_of_key(&e.seller).map(|p| p.to_string()),
                     "ip": live.map(|s| s.ip.to_string()),
-                    "state": live.map(|s| match &s.state {
-                        SlotState::Choosing => "choosing",
-                        SlotState::Proposed{..} => "proposed",
-                        SlotState::Starting{..} => "starting",
-                        SlotState::Running{..} => "running",
-                        SlotState::Stopped => "stopped",
-                    }).unwrap_or("ended"),
+                    "state": live.map(|s| state_name(&s.state)).unwrap_or("ended"),
                     "minutes": e.acked,
                     "price_per_min": market::format_price(e.price_per_min),
                     "billed": market::format_price(e.billed()),
@@ -506,16 +506,8 @@ impl Buyer {
             PeerEvent::AddressesChanged => {
                 // Our home line may have a new address: reconnect to every seller of a
                 // live lease from it, so they learn it and their overlay sessions follow.
-                for r in &self.runs {
-                    for s in r.fleet.slots() {
-                        if let SlotState::Starting { seller, .. }
-                        | SlotState::Running { seller, .. } = &s.state
-                        {
-                            if let Some(p) = peer_of_key(seller) {
-                                self.p2p.redial(p);
-                            }
-                        }
-                    }
+                for p in self.lease_sellers() {
+                    self.p2p.redial(p);
                 }
             }
             PeerEvent::Gossip { topic, data, .. } if topic == OFFER_TOPIC => {
@@ -539,19 +531,24 @@ impl Buyer {
     /// Sellers of live leases that lost their connection (our address changed, or
     /// theirs) are dialled again: they find our new address on that connection.
     fn redial(&mut self) {
-        for r in &self.runs {
-            for s in r.fleet.slots() {
-                let seller = match &s.state {
-                    SlotState::Starting { seller, .. } | SlotState::Running { seller, .. } => {
-                        seller
-                    }
-                    _ => continue,
-                };
-                if let Some(p) = peer_of_key(seller) {
-                    self.p2p.dial(p);
-                }
-            }
+        for p in self.lease_sellers() {
+            self.p2p.dial(p);
         }
+    }
+
+    /// Sellers holding a live (starting or running) lease of any run.
+    fn lease_sellers(&self) -> Vec<PeerId> {
+        self.runs
+            .iter()
+            .flat_map(|r| r.fleet.slots())
+            .filter(|s| {
+                matches!(
+                    s.state,
+                    SlotState::Starting { .. } | SlotState::Running { .. }
+                )
+            })
+            .filter_map(|s| s.state.seller().and_then(|k| peer_of_key(&k)))
+            .collect()
     }
 
     fn on_msg(&mut self, peer: PeerId, msg: MarketMsg) {

@@ -8,8 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
-use libp2p::multiaddr::Protocol;
-use libp2p::{Multiaddr, PeerId};
+use libp2p::PeerId;
 use market::{
     Accel, BackendKind, GuestPhase, Lease, LeaseId, MarketMsg, Offer, PeerKey, SellerAction,
     SellerLease, SellerPhase, SellerPolicy, Signed,
@@ -164,14 +163,6 @@ struct Seller {
     snapshot: Arc<Mutex<Value>>,
     refused: u64,
     last_heartbeat: std::time::Instant,
-}
-
-fn ip_of(a: &Multiaddr) -> Option<IpAddr> {
-    a.iter().find_map(|p| match p {
-        Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
-        Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
-        _ => None,
-    })
 }
 
 /// A fixed CPU benchmark: rounds of BLAKE3 over 4 MiB in 300 ms, scaled down by
@@ -382,9 +373,10 @@ impl Seller {
 
     fn on_peer_event(&mut self, ev: PeerEvent) {
         if let PeerEvent::Connected { peer, addr } = ev {
-            let Some(ip) = ip_of(&addr) else { return };
-            let old = self.seen.insert(peer, ip);
-            if old.is_some_and(|o| o != ip) || old.is_none() {
+            let Some(ip) = crate::p2p::ip_of(&addr) else {
+                return;
+            };
+            if self.seen.insert(peer, ip) != Some(ip) {
                 // A buyer with live leases that comes back from a new address: its
                 // overlay sessions follow it, no new lease needed.
                 if self.live().any(|a| a.buyer_peer == peer) {
@@ -661,7 +653,7 @@ impl Seller {
                     if let Some(run) = &a.run {
                         run.stop();
                     }
-                    let (mac, _) = (overlay::MacAddr(a.core.lease().terms.guest_mac), ());
+                    let mac = overlay::MacAddr(a.core.lease().terms.guest_mac);
                     let counters = self.overlay.guest_counters(mac).unwrap_or(Value::Null);
                     let ledger = a.core.ledger().clone();
                     info!(lease = %id, %reason, minutes_billed = ledger.acked, "lease ended");

@@ -348,7 +348,7 @@ struct Net {
 }
 
 /// The IP address in a multiaddr, if any.
-fn ip_of(a: &Multiaddr) -> Option<std::net::IpAddr> {
+pub fn ip_of(a: &Multiaddr) -> Option<std::net::IpAddr> {
     a.iter().find_map(|p| match p {
         libp2p::multiaddr::Protocol::Ip4(ip) => Some(std::net::IpAddr::V4(ip)),
         libp2p::multiaddr::Protocol::Ip6(ip) => Some(std::net::IpAddr::V6(ip)),
