@@ -33,6 +33,17 @@ pub enum PeerKind {
     SuperSeed,
 }
 
+/// How a leecher chooses among the wanted chunks a peer can serve. The node runs
+/// [`PieceOrder::RarestFirst`]; a simulator compares it with [`PieceOrder::Random`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PieceOrder {
+    /// Fewest holders first, ties broken by a random rank fixed per fetch.
+    #[default]
+    RarestFirst,
+    /// The random rank alone: availability is ignored.
+    Random,
+}
+
 /// Tuning knobs. Defaults suit 16..256 KiB chunks on links from 1 Mbit/s up.
 #[derive(Clone, Debug)]
 pub struct LeecherConfig {
@@ -138,6 +149,7 @@ pub struct Leecher<P> {
     rr: usize,
     completed: bool,
     starving_since: Option<Micros>,
+    order: PieceOrder,
 }
 
 impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
@@ -177,12 +189,19 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
             rr: 0,
             completed: false,
             starving_since: None,
+            order: PieceOrder::RarestFirst,
         };
         if l.have.is_full() {
             l.completed = true;
             l.actions.push_back(Action::Complete);
         }
         l
+    }
+
+    /// Switches how chunks are chosen (see [`PieceOrder`]); the default is rarest first.
+    pub fn set_piece_order(&mut self, order: PieceOrder) {
+        self.order = order;
+        self.dirty = true;
     }
 
     /// Chunks present.
@@ -510,6 +529,9 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
         if self.pending == 0 {
             return None;
         }
+        if self.order == PieceOrder::Random {
+            return self.pick_random(s);
+        }
         if (s.has.count() as usize) < self.pending / 8 {
             // sparse peer (e.g. a super-seed's offers): scan its set, not the buckets
             return s
@@ -530,6 +552,17 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
             }
         }
         None
+    }
+
+    /// Lowest random rank among the wanted chunks `s` has that nobody is fetching.
+    fn pick_random(&self, s: &PeerSlot<P>) -> Option<u32> {
+        self.buckets
+            .iter()
+            .skip(1)
+            .flat_map(|b| b.iter())
+            .filter(|&&(_, idx)| s.has.get(idx))
+            .min()
+            .map(|&(_, idx)| idx)
     }
 
     /// Endgame: every missing chunk is requested somewhere; duplicate the ones `s`

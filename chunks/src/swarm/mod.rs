@@ -13,7 +13,7 @@ mod seeder;
 mod sim;
 
 pub use bitfield::Bitfield;
-pub use leecher::{Action, Leecher, LeecherConfig, PeerKind};
+pub use leecher::{Action, Leecher, LeecherConfig, PeerKind, PieceOrder};
 pub use seeder::{Decision, SeedAction, Seeder, SeederConfig};
 
 /// Microseconds since an arbitrary origin chosen by the driver.
