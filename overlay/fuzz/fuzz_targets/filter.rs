@@ -2,5 +2,5 @@
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    overlay::fuzzing::filter_case(data);
+    overlay_core::fuzzing::filter_case(data);
 });

@@ -5,7 +5,7 @@
 pub mod batch;
 pub mod buyer;
 pub mod netns;
-pub mod offload;
+pub use overlay_core::offload;
 pub mod packet;
 pub mod seller;
 pub mod shell;

@@ -7,10 +7,12 @@
 use std::time::Instant;
 
 use ed25519_dalek::{Signature, VerifyingKey};
+use rand_core::CryptoRngCore;
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
 
 use crate::identity::{noise_static_of, verify_binding};
 use crate::replay::ReplayWindow;
+use crate::rng::noise_resolver;
 use crate::wire::{
     self, InitPayload, ResponsePayload, DATA_HEADER_LEN, INIT_NOISE_LEN, RESPONSE_NOISE_LEN,
     TAG_LEN,
@@ -26,10 +28,13 @@ fn noise_err(e: snow::Error) -> Error {
     Error::Noise(e.to_string())
 }
 
-fn builder<'a>(identity: &'a Identity) -> snow::Builder<'a> {
-    snow::Builder::new(NOISE_PARAMS.parse().expect("valid noise params"))
-        .prologue(PROLOGUE)
-        .local_private_key(identity.noise_secret())
+fn builder<'a>(identity: &'a Identity, rng: &mut dyn CryptoRngCore) -> snow::Builder<'a> {
+    snow::Builder::with_resolver(
+        NOISE_PARAMS.parse().expect("valid noise params"),
+        noise_resolver(rng),
+    )
+    .prologue(PROLOGUE)
+    .local_private_key(identity.noise_secret())
 }
 
 /// Transport keys of one completed handshake.
@@ -170,6 +175,7 @@ impl std::fmt::Debug for Initiation {
 impl Initiation {
     /// Starts a handshake to `buyer` for the guest `guest_mac`; writes the whole
     /// initiation datagram into `out` (cleared first).
+    #[allow(clippy::too_many_arguments)] // each is one input of the handshake
     pub fn start(
         identity: &Identity,
         buyer: &PeerKey,
@@ -177,10 +183,11 @@ impl Initiation {
         timestamp: u64,
         local_index: u32,
         now: Instant,
+        rng: &mut dyn CryptoRngCore,
         out: &mut Vec<u8>,
     ) -> Result<Initiation, Error> {
         let remote = noise_static_of(buyer);
-        let mut hs = builder(identity)
+        let mut hs = builder(identity, rng)
             .remote_public_key(&remote)
             .build_initiator()
             .map_err(noise_err)?;
@@ -263,6 +270,7 @@ pub(crate) struct Accepted {
 /// Buyer side: processes an initiation and, if `admit` accepts the sender's ed25519
 /// key, guest MAC and timestamp, writes the response datagram into `out` (cleared
 /// first).
+#[allow(clippy::too_many_arguments)] // each is one input of the handshake
 pub(crate) fn respond(
     identity: &Identity,
     initiator_index: u32,
@@ -270,9 +278,12 @@ pub(crate) fn respond(
     local_index: u32,
     now: Instant,
     admit: impl FnOnce(&PeerKey, MacAddr, u64) -> Result<(), Error>,
+    rng: &mut dyn CryptoRngCore,
     out: &mut Vec<u8>,
 ) -> Result<Accepted, Error> {
-    let mut hs = builder(identity).build_responder().map_err(noise_err)?;
+    let mut hs = builder(identity, rng)
+        .build_responder()
+        .map_err(noise_err)?;
     let mut payload = [0u8; INIT_NOISE_LEN];
     let n = hs.read_message(noise, &mut payload).map_err(noise_err)?;
     let p = InitPayload::decode(&payload[..n])?;
@@ -387,13 +398,22 @@ mod tests {
     use std::time::Duration;
 
     fn pair() -> (Identity, Identity, Keypair, Keypair) {
-        let seller = Identity::generate();
-        let buyer = Identity::generate();
+        let seller = crate::testutil::test_identity();
+        let buyer = crate::testutil::test_identity();
         let now = Instant::now();
         let mac = MacAddr([2, 0, 0, 0, 0, 1]);
         let mut init = Vec::new();
-        let hs =
-            Initiation::start(&seller, &buyer.public_key(), mac, 1, 7, now, &mut init).unwrap();
+        let hs = Initiation::start(
+            &seller,
+            &buyer.public_key(),
+            mac,
+            1,
+            7,
+            now,
+            &mut crate::rng::seeded(1),
+            &mut init,
+        )
+        .unwrap();
         init.extend_from_slice(&[0; 32]); // mac1, mac2
         let wire::Message::HandshakeInit {
             sender_index,
@@ -413,6 +433,7 @@ mod tests {
                 assert!(*p == seller.public_key() && m == mac);
                 Ok(())
             },
+            &mut crate::rng::seeded(2),
             &mut resp,
         )
         .unwrap();
@@ -493,14 +514,24 @@ mod tests {
 
     #[test]
     fn wrong_buyer_key_fails_handshake() {
-        let seller = Identity::generate();
-        let buyer = Identity::generate();
-        let impostor = Identity::generate();
+        let seller = crate::testutil::test_identity();
+        let buyer = crate::testutil::test_identity();
+        let impostor = crate::testutil::test_identity();
         let now = Instant::now();
         let mac = MacAddr([2, 0, 0, 0, 0, 1]);
         let mut init = Vec::new();
         // The seller expects `buyer`, but `impostor` receives the initiation.
-        Initiation::start(&seller, &buyer.public_key(), mac, 1, 1, now, &mut init).unwrap();
+        Initiation::start(
+            &seller,
+            &buyer.public_key(),
+            mac,
+            1,
+            1,
+            now,
+            &mut crate::rng::seeded(1),
+            &mut init,
+        )
+        .unwrap();
         init.extend_from_slice(&[0; 32]); // mac1, mac2
         let wire::Message::HandshakeInit {
             sender_index,
@@ -516,6 +547,7 @@ mod tests {
             2,
             now,
             |_, _, _| Ok(()),
+            &mut crate::rng::seeded(2),
             &mut Vec::new(),
         );
         assert!(matches!(r, Err(Error::Noise(_))), "{:?}", r.err());
@@ -523,8 +555,8 @@ mod tests {
 
     #[test]
     fn unadmitted_key_is_refused() {
-        let seller = Identity::generate();
-        let buyer = Identity::generate();
+        let seller = crate::testutil::test_identity();
+        let buyer = crate::testutil::test_identity();
         let mut init = Vec::new();
         Initiation::start(
             &seller,
@@ -533,6 +565,7 @@ mod tests {
             1,
             1,
             Instant::now(),
+            &mut crate::rng::seeded(1),
             &mut init,
         )
         .unwrap();
@@ -556,6 +589,7 @@ mod tests {
                     mac: m,
                 })
             },
+            &mut crate::rng::seeded(2),
             &mut Vec::new(),
         );
         assert!(matches!(r, Err(Error::NotAdmitted { .. })));

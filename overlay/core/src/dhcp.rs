@@ -1,10 +1,19 @@
 //! The buyer's DHCP server: answers each guest's DISCOVER/REQUEST with the address
 //! fixed in its lease, plus netmask, router, DNS, lease time and interface MTU.
+//!
+//! The DHCP message itself is decoded and encoded by `dhcproto`; this module keeps the
+//! server's decisions (what to answer, where to send it) and the Ethernet/IPv4/UDP
+//! framing around the message.
 
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use crate::eth::{ethertype, ipv4_checksum, ETHERTYPE_IPV4, ETH_HDR};
+use dhcproto::v4::{self, DhcpOption, Flags, HType, Message, Opcode};
+use dhcproto::{Decodable, Decoder, Encodable, Encoder};
+
+use crate::checksum;
+use crate::eth::{ethertype, ETHERTYPE_IPV4, ETH_HDR};
 use crate::{Error, MacAddr};
 
 const BOOTP_FIXED: usize = 236;
@@ -89,8 +98,9 @@ pub fn parse_client_frame(frame: &[u8]) -> Result<ClientMessage, Error> {
     parse_bootp(&udp[8..ulen])
 }
 
-/// Parses the BOOTP/DHCP payload of a client message.
-pub fn parse_bootp(b: &[u8]) -> Result<ClientMessage, Error> {
+/// Decodes a BOOTP/DHCP message with `dhcproto`, after checking the fixed part is
+/// all there and the magic cookie is right (dhcproto reads but does not check it).
+fn decode(b: &[u8]) -> Result<Message, Error> {
     if b.len() < BOOTP_FIXED + 4 {
         return Err(Error::Truncated {
             what: "DHCP packet",
@@ -98,62 +108,42 @@ pub fn parse_bootp(b: &[u8]) -> Result<ClientMessage, Error> {
             need: BOOTP_FIXED + 4,
         });
     }
-    if b[0] != 1 {
-        return Err(malformed("not a BOOTREQUEST"));
-    }
-    if b[1] != 1 || b[2] != 6 {
-        return Err(malformed("hardware type is not Ethernet"));
-    }
     if b[BOOTP_FIXED..BOOTP_FIXED + 4] != MAGIC {
         return Err(malformed("missing DHCP magic cookie"));
     }
-    let ip_at = |i: usize| Ipv4Addr::new(b[i], b[i + 1], b[i + 2], b[i + 3]);
-    let mut msg = ClientMessage {
-        xid: u32::from_be_bytes(b[4..8].try_into().expect("4")),
-        flags: u16::from_be_bytes([b[10], b[11]]),
-        ciaddr: ip_at(12),
-        chaddr: MacAddr(b[28..34].try_into().expect("6")),
-        msg_type: 0,
-        requested_ip: None,
-        server_id: None,
-    };
-    let mut opts = &b[BOOTP_FIXED + 4..];
-    loop {
-        match opts {
-            [] => break, // tolerate a missing end option
-            [255, ..] => break,
-            [0, rest @ ..] => opts = rest,
-            [code, len, rest @ ..] => {
-                let len = *len as usize;
-                let data = rest
-                    .get(..len)
-                    .ok_or_else(|| malformed("option past end"))?;
-                let ip4 = || -> Result<Ipv4Addr, Error> {
-                    let a: [u8; 4] = data
-                        .try_into()
-                        .map_err(|_| malformed("address option length"))?;
-                    Ok(Ipv4Addr::from(a))
-                };
-                match *code {
-                    53 => {
-                        if len != 1 {
-                            return Err(malformed("message type length"));
-                        }
-                        msg.msg_type = data[0];
-                    }
-                    50 => msg.requested_ip = Some(ip4()?),
-                    54 => msg.server_id = Some(ip4()?),
-                    _ => {}
-                }
-                opts = &rest[len..];
-            }
-            [_] => return Err(malformed("option without length")),
-        }
+    Message::decode(&mut Decoder::new(b)).map_err(|_| malformed("undecodable DHCP message"))
+}
+
+/// Parses the BOOTP/DHCP payload of a client message.
+pub fn parse_bootp(b: &[u8]) -> Result<ClientMessage, Error> {
+    let m = decode(b)?;
+    if m.opcode() != Opcode::BootRequest {
+        return Err(malformed("not a BOOTREQUEST"));
     }
-    if msg.msg_type == 0 {
+    if m.htype() != HType::Eth || m.hlen() != 6 {
+        return Err(malformed("hardware type is not Ethernet"));
+    }
+    let opts = m.opts();
+    let msg_type = match opts.msg_type() {
+        Some(t) => u8::from(t),
+        None => return Err(malformed("no message type (plain BOOTP is not served)")),
+    };
+    if msg_type == 0 {
         return Err(malformed("no message type (plain BOOTP is not served)"));
     }
-    Ok(msg)
+    let ip_opt = |code| match opts.get(code) {
+        Some(DhcpOption::RequestedIpAddress(a)) | Some(DhcpOption::ServerIdentifier(a)) => Some(*a),
+        _ => None,
+    };
+    Ok(ClientMessage {
+        xid: m.xid(),
+        flags: u16::from(m.flags()),
+        ciaddr: m.ciaddr(),
+        chaddr: MacAddr(m.chaddr().try_into().expect("hlen checked: 6 bytes")),
+        msg_type,
+        requested_ip: ip_opt(v4::OptionCode::RequestedIpAddress),
+        server_id: ip_opt(v4::OptionCode::ServerIdentifier),
+    })
 }
 
 /// Server settings (from the buyer's config).
@@ -215,38 +205,34 @@ impl DhcpServer {
             (msg.chaddr, yiaddr)
         };
 
-        let mut bootp = Vec::with_capacity(BOOTP_MIN);
-        bootp.extend_from_slice(&[2, 1, 6, 0]);
-        bootp.extend_from_slice(&msg.xid.to_be_bytes());
-        bootp.extend_from_slice(&[0, 0]);
-        bootp.extend_from_slice(&msg.flags.to_be_bytes());
-        bootp.extend_from_slice(&msg.ciaddr.octets());
-        bootp.extend_from_slice(&yiaddr.octets());
-        bootp.extend_from_slice(&self.server_ip.octets()); // siaddr
-        bootp.extend_from_slice(&[0; 4]); // giaddr
-        bootp.extend_from_slice(&msg.chaddr.0);
-        bootp.resize(BOOTP_FIXED, 0); // chaddr padding, sname, file
-        bootp.extend_from_slice(&MAGIC);
-        let mut opt = |code: u8, data: &[u8]| {
-            bootp.push(code);
-            bootp.push(data.len() as u8);
-            bootp.extend_from_slice(data);
-        };
-        opt(53, &[reply]);
-        opt(54, &self.server_ip.octets());
+        let mut m = Message::new_with_id(
+            msg.xid,
+            msg.ciaddr,
+            yiaddr,
+            self.server_ip, // siaddr
+            Ipv4Addr::UNSPECIFIED,
+            &msg.chaddr.0,
+        );
+        m.set_opcode(Opcode::BootReply)
+            .set_flags(Flags::new(msg.flags));
+        let o = m.opts_mut();
+        o.insert(DhcpOption::MessageType(reply.into()));
+        o.insert(DhcpOption::ServerIdentifier(self.server_ip));
         if reply != NAK {
             let secs = self.lease_time.as_secs().min(u32::MAX as u64) as u32;
-            opt(51, &secs.to_be_bytes());
-            opt(58, &(secs / 2).to_be_bytes());
-            opt(59, &(secs / 8 * 7).to_be_bytes());
-            opt(1, &self.netmask.octets());
-            opt(3, &self.server_ip.octets());
-            opt(6, &self.dns.octets());
-            opt(26, &self.mtu.to_be_bytes());
+            o.insert(DhcpOption::AddressLeaseTime(secs));
+            o.insert(DhcpOption::Renewal(secs / 2));
+            o.insert(DhcpOption::Rebinding(secs / 8 * 7));
+            o.insert(DhcpOption::SubnetMask(self.netmask));
+            o.insert(DhcpOption::Router(vec![self.server_ip]));
+            o.insert(DhcpOption::DomainNameServer(vec![self.dns]));
+            o.insert(DhcpOption::InterfaceMtu(self.mtu));
             let bcast = u32::from(guest_ip) | !u32::from(self.netmask);
-            opt(28, &bcast.to_be_bytes());
+            o.insert(DhcpOption::BroadcastAddr(Ipv4Addr::from(bcast)));
         }
-        bootp.push(255);
+        let mut bootp = Vec::with_capacity(BOOTP_MIN);
+        m.encode(&mut Encoder::new(&mut bootp))
+            .expect("a reply of fixed options always encodes");
         if bootp.len() < BOOTP_MIN {
             bootp.resize(BOOTP_MIN, 0);
         }
@@ -262,7 +248,7 @@ impl DhcpServer {
         out.extend_from_slice(&[0, 0, 0x40, 0, 64, 17, 0, 0]); // id, DF, ttl, UDP
         out.extend_from_slice(&self.server_ip.octets());
         out.extend_from_slice(&dst_ip.octets());
-        let c = ipv4_checksum(&out[ip_start..ip_start + 20]);
+        let c = checksum::ipv4_header(&out[ip_start..ip_start + 20]);
         out[ip_start + 10..ip_start + 12].copy_from_slice(&c.to_be_bytes());
         let udp_start = out.len();
         let ulen = (8 + bootp.len()) as u16;
@@ -271,31 +257,8 @@ impl DhcpServer {
         out.extend_from_slice(&ulen.to_be_bytes());
         out.extend_from_slice(&[0, 0]);
         out.extend_from_slice(&bootp);
-        let uc = udp_checksum(self.server_ip, dst_ip, &out[udp_start..]);
+        let uc = checksum::udp_v4(self.server_ip, dst_ip, &out[udp_start..]);
         out[udp_start + 6..udp_start + 8].copy_from_slice(&uc.to_be_bytes());
-    }
-}
-
-/// UDP checksum over the IPv4 pseudo header and `udp` (checksum field zero).
-fn udp_checksum(src: Ipv4Addr, dst: Ipv4Addr, udp: &[u8]) -> u16 {
-    let mut sum: u32 = 0;
-    for w in src.octets().chunks(2).chain(dst.octets().chunks(2)) {
-        sum += u16::from_be_bytes([w[0], w[1]]) as u32;
-    }
-    sum += 17 + udp.len() as u32;
-    for c in udp.chunks(2) {
-        sum += if c.len() == 2 {
-            u16::from_be_bytes([c[0], c[1]])
-        } else {
-            (c[0] as u16) << 8
-        } as u32;
-    }
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    match !(sum as u16) {
-        0 => 0xffff,
-        c => c,
     }
 }
 
@@ -308,8 +271,8 @@ pub struct ServerReply {
     pub xid: u32,
     /// Offered address.
     pub yiaddr: Ipv4Addr,
-    /// Options by code.
-    pub options: std::collections::BTreeMap<u8, Vec<u8>>,
+    /// Options by code, each as its raw value bytes.
+    pub options: BTreeMap<u8, Vec<u8>>,
     /// Destination MAC of the frame.
     pub dst_mac: MacAddr,
     /// Destination IP.
@@ -322,41 +285,31 @@ pub fn parse_server_frame(frame: &[u8]) -> Result<ServerReply, Error> {
         return Err(malformed("too short for a DHCP reply"));
     }
     let ip = &frame[ETH_HDR..];
-    if ipv4_checksum(&ip[..20]) != u16::from_be_bytes([ip[10], ip[11]]) {
+    if checksum::checksum(&ip[..20]) != 0 {
         return Err(malformed("bad IPv4 checksum"));
     }
     let dst_ip = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
     let src_ip = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
     let udp = &ip[20..];
-    let mut zeroed = udp.to_vec();
-    zeroed[6] = 0;
-    zeroed[7] = 0;
-    if udp_checksum(src_ip, dst_ip, &zeroed) != u16::from_be_bytes([udp[6], udp[7]]) {
+    let sum = checksum::csum_add(checksum::pseudo_v4(src_ip, dst_ip, 17, udp.len()), udp);
+    if checksum::csum_fold(sum) != 0 {
         return Err(malformed("bad UDP checksum"));
     }
-    let b = &udp[8..];
-    let mut options = std::collections::BTreeMap::new();
-    let mut opts = &b[BOOTP_FIXED + 4..];
-    while let [code, len, rest @ ..] = opts {
-        if *code == 255 {
-            break;
+    let m = decode(&udp[8..])?;
+    // Each option back as code -> value bytes, as dhcproto encodes it.
+    let mut options = BTreeMap::new();
+    for opt in m.opts().iter().map(|(_, o)| o) {
+        let mut raw = Vec::new();
+        opt.encode(&mut Encoder::new(&mut raw))
+            .map_err(|_| malformed("option does not re-encode"))?;
+        if raw.len() >= 2 {
+            options.insert(raw[0], raw[2..].to_vec());
         }
-        let len = *len as usize;
-        options.insert(
-            *code,
-            rest.get(..len)
-                .ok_or_else(|| malformed("option past end"))?
-                .to_vec(),
-        );
-        opts = &rest[len..];
     }
     Ok(ServerReply {
-        msg_type: options
-            .get(&53)
-            .and_then(|v| v.first().copied())
-            .unwrap_or(0),
-        xid: u32::from_be_bytes(b[4..8].try_into().expect("4")),
-        yiaddr: Ipv4Addr::new(b[16], b[17], b[18], b[19]),
+        msg_type: m.opts().msg_type().map(u8::from).unwrap_or(0),
+        xid: m.xid(),
+        yiaddr: m.yiaddr(),
         options,
         dst_mac: MacAddr(frame[..6].try_into().expect("6")),
         dst_ip,
@@ -531,14 +484,13 @@ pub(crate) mod tests {
         }
 
         #[test]
-        fn options_in_any_order(xid in any::<u32>(), pad in 0usize..20, extra in proptest::collection::vec((1u8..254, proptest::collection::vec(any::<u8>(), 0..20)), 0..6)) {
+        fn options_in_any_order(xid in any::<u32>(), pad in 0usize..20, extra in proptest::collection::vec((prop_oneof![Just(55u8), Just(61u8), 224u8..=254], proptest::collection::vec(any::<u8>(), 1..20)), 0..6)) {
             let mut b = vec![0u8; BOOTP_FIXED];
             b[0] = 1; b[1] = 1; b[2] = 6;
             b[4..8].copy_from_slice(&xid.to_be_bytes());
             b[28..34].copy_from_slice(&GUEST_MAC.0);
             b.extend_from_slice(&MAGIC);
             for (code, data) in &extra {
-                if [50u8, 53, 54].contains(code) { continue; }
                 b.push(*code); b.push(data.len() as u8); b.extend_from_slice(data);
             }
             b.extend(std::iter::repeat_n(0u8, pad));

@@ -56,13 +56,13 @@ impl Harness {
 
     /// A harness whose buyer and sellers all run with `timers`.
     pub fn with_timers(n: usize, timers: crate::Timers) -> Harness {
-        let buyer_id = Identity::generate();
+        let buyer_id = test_identity();
         let mut bcfg = BuyerConfig::new(BUYER_MAC);
         bcfg.timers = timers.clone();
-        let mut buyer = BuyerCore::new(buyer_id.clone(), bcfg).unwrap();
+        let mut buyer = BuyerCore::with_rng(buyer_id.clone(), bcfg, test_rng()).unwrap();
         let mut sellers = Vec::new();
         for i in 0..n {
-            let sid = Identity::generate();
+            let sid = test_identity();
             buyer
                 .admit(sid.public_key(), guest_mac(i), guest_ip(i))
                 .unwrap();
@@ -74,7 +74,7 @@ impl Harness {
                 SystemTime::now(),
             );
             cfg.timers = timers.clone();
-            sellers.push(SellerCore::new(sid, cfg).unwrap());
+            sellers.push(SellerCore::with_rng(sid, cfg, test_rng()).unwrap());
         }
         Harness {
             buyer_id,
@@ -167,7 +167,7 @@ impl Harness {
     pub fn restart_buyer(&mut self) {
         let cfg = self.buyer.config().clone();
         let peers = self.buyer.stats().peers;
-        self.buyer = BuyerCore::new(self.buyer_id.clone(), cfg).unwrap();
+        self.buyer = BuyerCore::with_rng(self.buyer_id.clone(), cfg, test_rng()).unwrap();
         for p in peers {
             self.buyer.admit(p.peer, p.guest_mac, p.guest_ip).unwrap();
         }
@@ -439,19 +439,19 @@ fn tampered_header_or_payload_is_dropped() {
 #[test]
 fn wrong_buyer_key_gets_no_session() {
     let mut h = Harness::new(1);
-    let sid = Identity::generate();
+    let sid = test_identity();
     h.buyer
         .admit(sid.public_key(), guest_mac(5), guest_ip(5))
         .unwrap();
     let lease = GuestLease::new(guest_mac(5), guest_ip(5), BUYER_MAC, BUYER_IP);
     // The seller believes in another buyer key.
     let cfg = SellerConfig::new(
-        Identity::generate().public_key(),
+        test_identity().public_key(),
         BUYER_ADDR.parse().unwrap(),
         lease,
         SystemTime::now(),
     );
-    h.sellers[0] = SellerCore::new(sid, cfg).unwrap();
+    h.sellers[0] = SellerCore::with_rng(sid, cfg, test_rng()).unwrap();
     h.tick();
     h.settle();
     assert!(!h.sellers[0].is_established());
@@ -470,22 +470,22 @@ fn unadmitted_key_and_bad_identity_signature_are_refused() {
         SystemTime::now(),
     );
     // Not admitted: a different key claiming guest 0.
-    h.sellers[0] = SellerCore::new(Identity::generate(), cfg.clone()).unwrap();
+    h.sellers[0] = SellerCore::with_rng(test_identity(), cfg.clone(), test_rng()).unwrap();
     h.tick();
     h.settle();
     assert!(!h.sellers[0].is_established());
     assert_eq!(h.buyer.stats().drops.get(DropReason::NotAdmitted), 1);
     // Bad binding: the admitted key, but its Noise key signed by someone else.
-    let sk = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
+    let sk = ed25519_dalek::SigningKey::generate(&mut test_rng());
     let forged = Identity::with_forged_binding(
         sk.clone(),
-        &ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng),
+        &ed25519_dalek::SigningKey::generate(&mut test_rng()),
     );
     assert!(h.buyer.revoke(guest_mac(0)));
     h.buyer
         .admit(forged.public_key(), guest_mac(0), guest_ip(0))
         .unwrap();
-    h.sellers[0] = SellerCore::new(forged, cfg).unwrap();
+    h.sellers[0] = SellerCore::with_rng(forged, cfg, test_rng()).unwrap();
     h.tick();
     h.settle();
     assert!(!h.sellers[0].is_established());
@@ -651,13 +651,13 @@ fn rekey_after_message_count() {
         );
         cfg.timers.rekey_after_messages = 10;
         cfg.timers.reject_after_messages = 20;
-        let key = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
+        let key = ed25519_dalek::SigningKey::generate(&mut test_rng());
         let id = Identity::from_signing_key(key);
         h.buyer.revoke(guest_mac(0));
         h.buyer
             .admit(id.public_key(), guest_mac(0), guest_ip(0))
             .unwrap();
-        SellerCore::new(id, cfg).unwrap()
+        SellerCore::with_rng(id, cfg, test_rng()).unwrap()
     };
     h.tick();
     h.settle();
@@ -769,7 +769,7 @@ fn wrong_source_and_garbage_at_the_seller() {
 #[test]
 fn admit_checks_conflicts() {
     let mut h = Harness::new(1);
-    let k = Identity::generate().public_key();
+    let k = test_identity().public_key();
     assert!(
         h.buyer.admit(k, guest_mac(0), guest_ip(9)).is_err(),
         "MAC taken"
@@ -854,8 +854,7 @@ fn restarted_seller_reconnects() {
     let f = frame_from_guest(0, BUYER_MAC, BUYER_IP, 1);
     // Same identity and lease, a new core (process restart), a moment later.
     h.advance(Duration::from_secs(3));
-    let id =
-        Identity::from_signing_key(ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng));
+    let id = Identity::from_signing_key(ed25519_dalek::SigningKey::generate(&mut test_rng()));
     assert!(h.buyer.revoke(guest_mac(0)));
     h.buyer
         .admit(id.public_key(), guest_mac(0), guest_ip(0))
@@ -867,7 +866,7 @@ fn restarted_seller_reconnects() {
         lease.clone(),
         SystemTime::now(),
     );
-    h.sellers[0] = SellerCore::new(id.clone(), cfg).unwrap();
+    h.sellers[0] = SellerCore::with_rng(id.clone(), cfg, test_rng()).unwrap();
     h.tick();
     h.settle();
     let cfg = SellerConfig::new(
@@ -876,7 +875,7 @@ fn restarted_seller_reconnects() {
         lease,
         SystemTime::now() + Duration::from_secs(1),
     );
-    h.sellers[0] = SellerCore::new(id, cfg).unwrap();
+    h.sellers[0] = SellerCore::with_rng(id, cfg, test_rng()).unwrap();
     h.guest_sends(0, &f);
     h.settle();
     assert_eq!(h.tap, vec![f]);
@@ -903,7 +902,8 @@ fn seller_recovers_from_a_buyer_restart() {
     let mut h = Harness::connect(1);
     let seller_key = h.buyer.stats().peers[0].peer;
     // The buyer restarts: same identity, sessions gone.
-    h.buyer = BuyerCore::new(h.buyer_id.clone(), BuyerConfig::new(BUYER_MAC)).unwrap();
+    h.buyer =
+        BuyerCore::with_rng(h.buyer_id.clone(), BuyerConfig::new(BUYER_MAC), test_rng()).unwrap();
     h.buyer
         .admit(seller_key, guest_mac(0), guest_ip(0))
         .unwrap();
@@ -935,7 +935,7 @@ fn stranger_init(h: &Harness) -> Vec<u8> {
         lease,
         SystemTime::now(),
     );
-    let mut s = SellerCore::new(Identity::generate(), cfg).unwrap();
+    let mut s = SellerCore::with_rng(test_identity(), cfg, test_rng()).unwrap();
     let mut out = Actions::new();
     s.tick(h.now, &mut out);
     let init = out
@@ -1265,4 +1265,53 @@ mod model {
             prop_assert_eq!(h.guests[0].len(), guest_before + 1);
         }
     }
+}
+
+/// All of a core's randomness comes from the RNG it is given: the same seeds, keys,
+/// clock and wall time give byte-identical handshakes (Noise ephemeral key and session
+/// index included), and another seed gives another one.
+#[test]
+fn seeded_cores_repeat_their_handshakes_exactly() {
+    let buyer_id = Identity::generate_with(&mut crate::rng::seeded(100));
+    let seller_id = Identity::generate_with(&mut crate::rng::seeded(101));
+    let wall = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
+    let now = Instant::now();
+    let run = |seller_seed: u64, buyer_seed: u64| {
+        let lease = GuestLease::new(guest_mac(0), guest_ip(0), BUYER_MAC, BUYER_IP);
+        let cfg = SellerConfig::new(
+            buyer_id.public_key(),
+            BUYER_ADDR.parse().unwrap(),
+            lease,
+            wall,
+        );
+        let mut s =
+            SellerCore::with_rng(seller_id.clone(), cfg, crate::rng::seeded(seller_seed)).unwrap();
+        let mut b = BuyerCore::with_rng(
+            buyer_id.clone(),
+            BuyerConfig::new(BUYER_MAC),
+            crate::rng::seeded(buyer_seed),
+        )
+        .unwrap();
+        b.admit(seller_id.public_key(), guest_mac(0), guest_ip(0))
+            .unwrap();
+        let mut out = Actions::new();
+        s.tick(now, &mut out);
+        let sent = |out: &mut Actions| {
+            out.drain()
+                .find_map(|a| match a {
+                    Action::SendUdp { bytes, .. } => Some(bytes),
+                    _ => None,
+                })
+                .expect("a datagram")
+        };
+        let init = sent(&mut out);
+        b.handle_udp(seller_addr(0), &init, now, &mut out);
+        let resp = sent(&mut out);
+        (init, resp)
+    };
+    let a = run(1, 2);
+    assert_eq!(a, run(1, 2), "same seeds, same bytes");
+    let b = run(3, 2);
+    assert_ne!(a.0, b.0, "another seller seed, another initiation");
+    assert_ne!(a.1, run(1, 4).1, "another buyer seed, another response");
 }

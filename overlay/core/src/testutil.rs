@@ -2,8 +2,24 @@
 
 use std::net::Ipv4Addr;
 
-use crate::eth::ipv4_checksum;
-use crate::MacAddr;
+use crate::checksum::ipv4_header as ipv4_checksum;
+use crate::rng::{seeded, CoreRng};
+use crate::{Identity, MacAddr};
+
+thread_local! {
+    static DRAWS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// A seeded RNG, a new stream at each call within a test and the same streams from
+/// run to run (each test runs on its own thread).
+pub fn test_rng() -> CoreRng {
+    seeded(DRAWS.with(|d| d.replace(d.get() + 1)))
+}
+
+/// An identity drawn from [`test_rng`].
+pub fn test_identity() -> Identity {
+    Identity::generate_with(&mut test_rng())
+}
 
 pub const GUEST_MAC: MacAddr = MacAddr([0x52, 0x54, 0, 0, 0, 0x11]);
 pub const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 1, 11);

@@ -51,9 +51,16 @@ impl Identity {
         }
     }
 
-    /// A fresh random identity (tests, throwaway nodes).
+    /// A fresh random identity from the OS's entropy (throwaway nodes, tests).
     pub fn generate() -> Identity {
-        Identity::from_signing_key(SigningKey::generate(&mut rand::rngs::OsRng))
+        Identity::generate_with(&mut rand_core::OsRng)
+    }
+
+    /// A fresh identity drawn from `rng` (a seeded one gives the same identity).
+    pub fn generate_with(rng: &mut dyn rand_core::CryptoRngCore) -> Identity {
+        let mut secret = [0u8; 32];
+        rng.fill_bytes(&mut secret);
+        Identity::from_signing_key(SigningKey::from_bytes(&secret))
     }
 
     /// The public ed25519 key other nodes know this node by.

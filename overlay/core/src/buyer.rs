@@ -1,6 +1,7 @@
 //! The buyer's sans-IO core: Noise responder for every admitted guest session, the
 //! learning switch (host tap + one port per guest) and the DHCP server.
 
+use rand_core::RngCore;
 use rustc_hash::FxHashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Instant;
@@ -11,6 +12,7 @@ use crate::cookie::CookieChecker;
 use crate::dhcp::{self, DhcpServer};
 use crate::eth::{dst_mac, src_mac, ETH_HDR};
 use crate::ratelimit::HandshakeLimiter;
+use crate::rng::{self, CoreRng};
 use crate::session::{respond, Keyring, Slot};
 use crate::stats::{BuyerStats, DropCounters, PeerStats, Traffic};
 use crate::switch::{MacTable, Port};
@@ -50,6 +52,8 @@ pub struct BuyerCore {
     table: MacTable,
     limiter: HandshakeLimiter,
     cookies: CookieChecker,
+    /// Session indices, cookie secrets and nonces, Noise ephemeral keys.
+    rng: CoreRng,
     drops: DropCounters,
     tap_rx_frames: u64,
     tap_tx_frames: u64,
@@ -67,8 +71,18 @@ fn reason_of(e: &Error) -> DropReason {
 }
 
 impl BuyerCore {
-    /// A buyer with no admitted guests yet.
+    /// A buyer with no admitted guests yet, its randomness seeded from the OS.
     pub fn new(identity: Identity, config: BuyerConfig) -> Result<BuyerCore, Error> {
+        BuyerCore::with_rng(identity, config, rng::from_os())
+    }
+
+    /// A buyer drawing all its randomness from `rng` (a seeded one in tests and
+    /// simulations).
+    pub fn with_rng(
+        identity: Identity,
+        config: BuyerConfig,
+        mut rng: CoreRng,
+    ) -> Result<BuyerCore, Error> {
         config.timers.validate()?;
         if config.guest_mtu < 576 || config.guest_mtu as usize > wire::MAX_FRAME_LEN - ETH_HDR {
             return Err(Error::InvalidConfig(format!(
@@ -101,7 +115,8 @@ impl BuyerCore {
             },
             table: MacTable::new(config.mac_aging, MAC_TABLE_CAPACITY),
             limiter: HandshakeLimiter::new(config.handshake_limits.clone()),
-            cookies: CookieChecker::new(&identity.noise_public()),
+            cookies: CookieChecker::new(&identity.noise_public(), &mut rng),
+            rng,
             identity,
             config,
             guests: Vec::new(),
@@ -265,13 +280,13 @@ impl BuyerCore {
         if !self.limiter.allow(from.ip(), now, known) {
             // Over the rate: only senders proving their address (mac2 with our
             // cookie) get through; the others get a cookie to retry with.
-            let proven = self.cookies.mac2_ok(datagram, &from, now)
+            let proven = self.cookies.mac2_ok(datagram, &from, now, &mut self.rng)
                 && self.limiter.allow(from.ip(), now, true);
             if !proven {
                 self.drops.inc(DropReason::HandshakeRateLimited);
                 let mut buf = out.buffer();
                 self.cookies
-                    .reply(datagram, sender_index, &from, now, &mut buf);
+                    .reply(datagram, sender_index, &from, now, &mut self.rng, &mut buf);
                 out.push(Action::SendUdp {
                     to: from,
                     bytes: buf,
@@ -280,7 +295,7 @@ impl BuyerCore {
             }
         }
         let idx = loop {
-            let i: u32 = rand::random();
+            let i = self.rng.next_u32();
             if !self.by_index.contains_key(&i) {
                 break i;
             }
@@ -307,6 +322,7 @@ impl BuyerCore {
                 }
                 Ok(())
             },
+            &mut self.rng,
             &mut buf,
         );
         match res {

@@ -5,10 +5,12 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use rand_core::RngCore;
 use tracing::debug;
 
 use crate::cookie::CookieJar;
 use crate::filter::EgressFilter;
+use crate::rng::{self, CoreRng};
 use crate::session::{Initiation, Keyring};
 use crate::stats::SellerStats;
 use crate::wire::{self, Message};
@@ -33,11 +35,24 @@ pub struct SellerCore {
     last_timestamp: u64,
     /// mac1/mac2 for initiations, the buyer's cookie when it is under load.
     cookies: CookieJar,
+    /// Session indices and Noise ephemeral keys.
+    rng: CoreRng,
 }
 
 impl SellerCore {
-    /// A core for one guest; the first [`SellerCore::tick`] starts the handshake.
+    /// A core for one guest; the first [`SellerCore::tick`] starts the handshake. Its
+    /// randomness is seeded from the OS.
     pub fn new(identity: Identity, config: SellerConfig) -> Result<SellerCore, Error> {
+        SellerCore::with_rng(identity, config, rng::from_os())
+    }
+
+    /// A core drawing all its randomness from `rng` (a seeded one in tests and
+    /// simulations).
+    pub fn with_rng(
+        identity: Identity,
+        config: SellerConfig,
+        rng: CoreRng,
+    ) -> Result<SellerCore, Error> {
         config.timers.validate()?;
         if config.lease.mtu < 576 || config.lease.mtu as usize > wire::MAX_FRAME_LEN - 14 {
             return Err(Error::InvalidConfig(format!(
@@ -58,6 +73,7 @@ impl SellerCore {
             stats: SellerStats::default(),
             epoch: None,
             last_timestamp: 0,
+            rng,
         })
     }
 
@@ -319,7 +335,7 @@ impl SellerCore {
         let timestamp = self.timestamp(now);
         let mut buf = out.buffer();
         let idx = loop {
-            let i: u32 = rand::random();
+            let i = self.rng.next_u32();
             if !self.keys.indices().any(|x| x == i) {
                 break i;
             }
@@ -331,6 +347,7 @@ impl SellerCore {
             timestamp,
             idx,
             now,
+            &mut self.rng,
             &mut buf,
         ) {
             Ok(mut hs) => {

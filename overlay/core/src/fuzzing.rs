@@ -7,6 +7,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use crate::filter::{check_ingress, classify_egress};
+use crate::rng;
 use crate::{
     dhcp, wire, Action, Actions, BuyerConfig, BuyerCore, GuestLease, Identity, MacAddr,
     SellerConfig, SellerCore,
@@ -42,21 +43,26 @@ fn sends(out: &mut Actions) -> Vec<Vec<u8>> {
 }
 
 fn pair() -> Pair {
-    // Fixed keys and clock: failures reproduce from the input alone.
+    // Fixed keys, RNGs and clock: failures reproduce from the input alone.
     let buyer_id = Identity::from_signing_key(seed_key(1));
     let seller_id = Identity::from_signing_key(seed_key(2));
     let buyer_addr: SocketAddr = "192.0.2.1:5555".parse().expect("addr");
     let seller_addr: SocketAddr = "198.51.100.2:40000".parse().expect("addr");
-    let mut buyer =
-        BuyerCore::new(buyer_id.clone(), BuyerConfig::new(BUYER_MAC)).expect("buyer config");
+    let mut buyer = BuyerCore::with_rng(
+        buyer_id.clone(),
+        BuyerConfig::new(BUYER_MAC),
+        rng::seeded(1),
+    )
+    .expect("buyer config");
     buyer
         .admit(seller_id.public_key(), GUEST_MAC, GUEST_IP)
         .expect("admit");
     let lease = GuestLease::new(GUEST_MAC, GUEST_IP, BUYER_MAC, BUYER_IP);
     let wall = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
-    let mut seller = SellerCore::new(
+    let mut seller = SellerCore::with_rng(
         seller_id,
         SellerConfig::new(buyer_id.public_key(), buyer_addr, lease, wall),
+        rng::seeded(2),
     )
     .expect("seller config");
     let now = Instant::now();

@@ -15,6 +15,8 @@ use blake2::{Blake2s256, Blake2sMac};
 use chacha20poly1305::aead::AeadInPlace;
 use chacha20poly1305::XChaCha20Poly1305;
 
+use rand_core::CryptoRngCore;
+
 use crate::Error;
 
 /// Length of each MAC.
@@ -137,10 +139,12 @@ impl std::fmt::Debug for CookieChecker {
 }
 
 impl CookieChecker {
-    pub fn new(own_static: &[u8; 32]) -> CookieChecker {
+    pub fn new(own_static: &[u8; 32], rng: &mut dyn CryptoRngCore) -> CookieChecker {
+        let mut secret = [0u8; 32];
+        rng.fill_bytes(&mut secret);
         CookieChecker {
             keys: Keys::new(own_static),
-            secret: rand::random(),
+            secret,
             born: None,
         }
     }
@@ -152,21 +156,32 @@ impl CookieChecker {
         constant_eq(&want, &msg[n..n + MAC_LEN])
     }
 
-    fn cookie_for(&mut self, from: &SocketAddr, now: Instant) -> [u8; MAC_LEN] {
+    fn cookie_for(
+        &mut self,
+        from: &SocketAddr,
+        now: Instant,
+        rng: &mut dyn CryptoRngCore,
+    ) -> [u8; MAC_LEN] {
         if self
             .born
             .is_none_or(|b| now.saturating_duration_since(b) >= COOKIE_LIFETIME)
         {
-            self.secret = rand::random();
+            rng.fill_bytes(&mut self.secret);
             self.born = Some(now);
         }
         mac(&self.secret, &[&addr_bytes(from)])
     }
 
     /// Whether mac2 proves `from` holds a current cookie.
-    pub fn mac2_ok(&mut self, msg: &[u8], from: &SocketAddr, now: Instant) -> bool {
+    pub fn mac2_ok(
+        &mut self,
+        msg: &[u8],
+        from: &SocketAddr,
+        now: Instant,
+        rng: &mut dyn CryptoRngCore,
+    ) -> bool {
         let n = msg.len() - MAC_LEN;
-        let c = self.cookie_for(from, now);
+        let c = self.cookie_for(from, now, rng);
         constant_eq(&mac(&c, &[&msg[..n]]), &msg[n..])
     }
 
@@ -177,12 +192,14 @@ impl CookieChecker {
         sender_index: u32,
         from: &SocketAddr,
         now: Instant,
+        rng: &mut dyn CryptoRngCore,
         out: &mut Vec<u8>,
     ) {
-        let c = self.cookie_for(from, now);
+        let c = self.cookie_for(from, now, rng);
         let n = msg.len() - 2 * MAC_LEN;
         let m1 = &msg[n..n + MAC_LEN];
-        let nonce: [u8; 24] = rand::random();
+        let mut nonce = [0u8; 24];
+        rng.fill_bytes(&mut nonce);
         let mut sealed = c.to_vec();
         let tag = self
             .keys
@@ -209,15 +226,17 @@ mod tests {
     fn stamp_check_reply_consume() {
         let pk = [9u8; 32];
         let mut jar = CookieJar::new(&pk);
-        let mut checker = CookieChecker::new(&pk);
+        let mut rng = crate::rng::seeded(1);
+        let rng = &mut rng;
+        let mut checker = CookieChecker::new(&pk, rng);
         let t0 = Instant::now();
         let from: SocketAddr = "198.51.100.1:4000".parse().unwrap();
         let mut m = vec![1, 0, 0, 0, 5, 6, 7, 8, 42];
         jar.stamp(&mut m, t0);
         assert!(checker.mac1_ok(&m));
-        assert!(!checker.mac2_ok(&m, &from, t0), "no cookie yet");
+        assert!(!checker.mac2_ok(&m, &from, t0, rng), "no cookie yet");
         let mut r = Vec::new();
-        checker.reply(&m, 0x0807_0605, &from, t0, &mut r);
+        checker.reply(&m, 0x0807_0605, &from, t0, rng, &mut r);
         assert_eq!(r.len(), crate::wire::COOKIE_REPLY_LEN);
         let crate::wire::Message::CookieReply { nonce, sealed, .. } =
             crate::wire::parse(&r).unwrap()
@@ -227,18 +246,18 @@ mod tests {
         jar.consume(nonce, sealed, t0).unwrap();
         let mut m2 = vec![1, 0, 0, 0, 5, 6, 7, 8, 43];
         jar.stamp(&mut m2, t0);
-        assert!(checker.mac1_ok(&m2) && checker.mac2_ok(&m2, &from, t0));
+        assert!(checker.mac1_ok(&m2) && checker.mac2_ok(&m2, &from, t0, rng));
         let other: SocketAddr = "198.51.100.2:4000".parse().unwrap();
         assert!(
-            !checker.mac2_ok(&m2, &other, t0),
+            !checker.mac2_ok(&m2, &other, t0, rng),
             "cookie is bound to the address"
         );
         assert!(
-            !checker.mac2_ok(&m2, &from, t0 + COOKIE_LIFETIME),
+            !checker.mac2_ok(&m2, &from, t0 + COOKIE_LIFETIME, rng),
             "secret rotated"
         );
-        let mut wrong = CookieChecker::new(&[8u8; 32]);
-        assert!(!wrong.mac1_ok(&m2) && !wrong.mac2_ok(&m2, &from, t0));
+        let mut wrong = CookieChecker::new(&[8u8; 32], rng);
+        assert!(!wrong.mac1_ok(&m2) && !wrong.mac2_ok(&m2, &from, t0, rng));
         // A reply forged without the buyer's key is refused.
         let mut bad = r.clone();
         bad[20] ^= 1;

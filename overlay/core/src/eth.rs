@@ -96,26 +96,6 @@ pub(crate) fn ethertype(frame: &[u8]) -> u16 {
     u16::from_be_bytes([frame[12], frame[13]])
 }
 
-/// The IPv4 header checksum of `h` (checksum field included as it is).
-pub(crate) fn ipv4_checksum(h: &[u8]) -> u16 {
-    let mut sum: u32 = 0;
-    for (i, c) in h.chunks(2).enumerate() {
-        if i == 5 {
-            continue; // the checksum field itself
-        }
-        let w = if c.len() == 2 {
-            u16::from_be_bytes([c[0], c[1]])
-        } else {
-            (c[0] as u16) << 8
-        };
-        sum += w as u32;
-    }
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
