@@ -559,10 +559,16 @@ fn guests_answer_again_after_the_buyer_address_changes() -> Result<()> {
         .filter(|l| l["state"] == "running")
         .map(|l| l["lease"].as_str().unwrap().to_string())
         .collect();
+    // A capture in the buyer's namespace times what the move takes on the wire: the
+    // buyer's first redial from its new address, each seller's first overlay packet
+    // to it, each guest's first echo reply (the ping's own start-up is not counted).
+    let cap = Capture::start(&w.b, &root.join("move.pcap.txt"))?;
     let moved = Instant::now();
+    let moved_at = unix_s();
     // As a DSL line reconnects: the old address goes, a new one comes.
     w.b.ip(&["addr", "del", "10.210.0.1/24", "dev", "eth0"])?;
     w.b.ip(&["addr", "add", "10.210.0.2/24", "dev", "eth0"])?;
+    let readdressed_ms = moved.elapsed().as_secs_f64() * 1000.0;
     for ip in ["10.77.0.2", "10.77.0.3"] {
         // Overlay traffic goes buyer -> guest first: the switch answers from the new
         // address and the seller learns it on the new libp2p connection.
@@ -573,9 +579,46 @@ fn guests_answer_again_after_the_buyer_address_changes() -> Result<()> {
             buyer.log()
         );
     }
+    let pinged_ms = moved.elapsed().as_secs_f64() * 1000.0;
+    let lines = cap.stop()?;
+    let after_move = |pred: &dyn Fn(&str) -> bool| -> Option<f64> {
+        lines
+            .iter()
+            .filter(|(t, l)| *t >= moved_at && pred(l))
+            .map(|(t, _)| (t - moved_at) * 1000.0)
+            .next()
+    };
+    let redial = after_move(&|l| l.contains("IP 10.210.0.2.") && l.contains("Flags [S]"));
+    let seller_udp: Vec<Option<f64>> = ["10.210.0.11", "10.210.0.13"]
+        .iter()
+        .map(|s| {
+            let from = format!("IP {s}.");
+            after_move(&|l| l.contains(&from) && l.contains("> 10.210.0.2.") && l.contains("UDP"))
+        })
+        .collect();
+    let replies: Vec<Option<f64>> = ["10.77.0.2", "10.77.0.3"]
+        .iter()
+        .map(|g| {
+            let from = format!("IP {g} > ");
+            after_move(&|l| l.contains(&from) && l.contains("ICMP echo reply"))
+        })
+        .collect();
+    let ms = |v: Option<f64>| v.map_or("never".to_string(), |v| format!("{v:.0} ms"));
     eprintln!(
-        "buyer address change: guests answer again after {:.1} s",
-        moved.elapsed().as_secs_f64()
+        "buyer address change (ms after the old address went; readdress took {readdressed_ms:.0} ms):\n  \
+         buyer's first redial (SYN from the new address): {}\n  \
+         sellers' first overlay packet to the new address: {}, {}\n  \
+         guests' first echo reply: {}, {}\n  \
+         the test's pings both answered after {pinged_ms:.0} ms",
+        ms(redial),
+        ms(seller_udp[0]),
+        ms(seller_udp[1]),
+        ms(replies[0]),
+        ms(replies[1]),
+    );
+    assert!(
+        replies.iter().all(Option::is_some),
+        "the capture saw no echo reply from a guest"
     );
     let after: Vec<String> = buyer_leases(&buyer)?
         .iter()
@@ -585,5 +628,290 @@ fn guests_answer_again_after_the_buyer_address_changes() -> Result<()> {
     assert_eq!(before, after, "the move must not make new leases");
 
     drop(sellers);
+    Ok(())
+}
+
+fn unix_s() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// tcpdump in a namespace (every interface, numeric, Unix timestamps), for timing
+/// events on the wire; `stop` returns (timestamp, line) pairs.
+struct Capture {
+    child: std::process::Child,
+    out: std::path::PathBuf,
+}
+
+impl Capture {
+    fn start(ns: &Netns, out: &Path) -> Result<Capture> {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new("ip")
+            .args(["netns", "exec", ns.name(), "tcpdump", "-i", "any", "-n", "-tt", "-U", "-l"])
+            .args(["udp or icmp or (tcp and tcp[tcpflags] & tcp-syn != 0)"])
+            .stdout(std::fs::File::create(out)?)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .context("tcpdump (apt-get install tcpdump)")?;
+        // It captures once it says it listens.
+        let mut err = std::io::BufReader::new(child.stderr.take().context("stderr")?);
+        let mut line = String::new();
+        while err.read_line(&mut line)? > 0 && !line.contains("listening on") {
+            line.clear();
+        }
+        std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+        Ok(Capture {
+            child,
+            out: out.to_path_buf(),
+        })
+    }
+
+    fn stop(mut self) -> Result<Vec<(f64, String)>> {
+        // SIGINT: tcpdump flushes what it captured (`ip netns exec` exec'd it).
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+        let _ = self.child.wait();
+        Ok(std::fs::read_to_string(&self.out)?
+            .lines()
+            .filter_map(|l| {
+                let t: f64 = l.split_whitespace().next()?.parse().ok()?;
+                Some((t, l.to_string()))
+            })
+            .collect())
+    }
+}
+
+/// Minutes of the UTC day, as `H:MM` (24:00 allowed as an end).
+fn hm(m: u64) -> String {
+    format!("{}:{:02}", m / 60, m % 60)
+}
+
+/// A seller whose selling hours end mid-lease stops offering and ends the lease at
+/// the next billing-period boundary, with that period billed and nothing after; the
+/// buyer re-dispatches the guest to a seller that still sells. Waits for the next
+/// whole minute at least 150 s away (the hours are whole minutes of the UTC day).
+#[test]
+fn a_seller_whose_hours_end_stops_offering_and_ends_its_lease_at_the_boundary() -> Result<()> {
+    if !require_root("network namespaces, taps, qemu") {
+        return Ok(());
+    }
+    let tag = format!("{}", std::process::id() % 10000 + 2);
+    let w = world(&tag)?;
+    let tmp = tempfile::tempdir()?;
+    let root = tmp.path();
+    let bcfg = cfg(
+        &root.join("buyer"),
+        &format!("[buyer]\nbilling_period_s = {PERIOD_S}\ngrace_s = {GRACE_S}\nsilence_s = 60\n"),
+    )?;
+    let buyer = spawn_in(&w.b, &root.join("buyer"), "buyer", &bcfg, None)?;
+    let boot = format!("/ip4/10.210.0.1/tcp/7450/p2p/{}", buyer.peer_id);
+    // Seller 1 is cheaper and sells until `end`; seller 3 always sells.
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as u64;
+    let end_abs_min = (now_ms + 150_000).div_ceil(60_000);
+    let end_ms = end_abs_min * 60_000;
+    let end = end_abs_min % 1440;
+    let end = if end == 0 { 1440 } else { end };
+    let start = (end + 1440 - 60) % 1440;
+    let hours = format!("{}-{}", hm(start), hm(end));
+    let d1 = root.join("s1");
+    let c1 = cfg(
+        &d1,
+        &format!("[seller]\nmax_guests = 1\nprice_per_min = \"0.01\"\naccel = \"tcg\"\nhours = \"{hours}\"\n"),
+    )?;
+    let s1 = spawn_in(&w.s[0], &d1, "seller", &c1, Some(&boot))?;
+    let d3 = root.join("s3");
+    let c3 = cfg(
+        &d3,
+        "[seller]\nmax_guests = 1\nprice_per_min = \"0.02\"\naccel = \"tcg\"\n",
+    )?;
+    let s3 = spawn_in(&w.s[2], &d3, "seller", &c3, Some(&boot))?;
+    let image = import_guest(&buyer, "echo cs-up")?;
+    wait_offers(&buyer, 2)?;
+    let out = buyer.cli_ok(&[
+        "run", "--image", &image, "--count", "1", "--detach", "--json",
+    ])?;
+    let v = json_of(&out)?;
+    let slot = &v["slots"][0];
+    assert_eq!(
+        slot["seller"].as_str(),
+        Some(s1.peer_id.as_str()),
+        "the cheaper seller first: {v}"
+    );
+    let lease = slot["lease"].as_str().context("lease")?.to_string();
+    assert_eq!(s1.status()?["market"]["offering"], true);
+    let left = end_ms.saturating_sub(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis() as u64,
+    );
+    eprintln!("selling hours {hours} UTC: waiting {:.0} s for their end", left as f64 / 1000.0);
+    let ended = wait_until(Duration::from_millis(left) + Duration::from_secs(PERIOD_S + 30), || {
+        seller_lease(&s1, &lease)
+            .ok()
+            .flatten()
+            .is_some_and(|l| l["phase"] == "Ended")
+    });
+    let l = seller_lease(&s1, &lease)?.context("seller 1 forgot the lease")?;
+    assert!(ended, "the lease did not end with the hours: {l}");
+    assert_eq!(
+        l["end_reason"].as_str(),
+        Some("the seller's selling hours ended"),
+        "{l}"
+    );
+    assert_eq!(s1.status()?["market"]["offering"], false);
+    // It ended at the first period boundary after the hours' end (audit log time).
+    let audit = json_of(&s1.cli_ok(&["audit", "--json"])?)?;
+    let end_ev = audit
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["event"] == "end" && e["lease"].as_str() == Some(lease.as_str()))
+        .context("no end in the audit log")?
+        .clone();
+    let ended_at = end_ev["at_ms"].as_u64().context("at_ms")?;
+    let after_ms = ended_at as i64 - end_ms as i64;
+    eprintln!(
+        "lease ended {:.1} s after the hours' end (period {PERIOD_S} s), {} periods receipted",
+        after_ms as f64 / 1000.0,
+        l["minutes_receipted"]
+    );
+    assert!(
+        after_ms >= 0 && after_ms <= (PERIOD_S as i64 + 2) * 1000,
+        "ended {after_ms} ms after the hours' end, not at the next boundary"
+    );
+    // Billing stops there, and both ledgers agree on it.
+    let receipted = l["minutes_receipted"].clone();
+    std::thread::sleep(Duration::from_secs(PERIOD_S * 2));
+    let l = seller_lease(&s1, &lease)?.unwrap();
+    assert_eq!(l["minutes_receipted"], receipted, "billed after the hours");
+    let agree = wait_until(Duration::from_secs(30), || {
+        buyer_leases(&buyer).is_ok_and(|bl| {
+            bl.iter().any(|b| {
+                b["lease"].as_str() == Some(lease.as_str()) && b["minutes"] == l["minutes_acked"]
+            })
+        })
+    });
+    assert!(agree, "ledgers disagree: buyer {:?} seller {l}", buyer_leases(&buyer)?);
+    // The guest goes on at the seller that still sells.
+    let moved = wait_until(Duration::from_secs(60), || {
+        buyer_leases(&buyer).is_ok_and(|bl| {
+            bl.iter().any(|b| {
+                b["seller"].as_str() == Some(s3.peer_id.as_str())
+                    && (b["state"] == "starting" || b["state"] == "running")
+            })
+        })
+    });
+    assert!(moved, "not re-dispatched to seller 3: {:?}", buyer_leases(&buyer)?);
+    Ok(())
+}
+
+/// The buyer daemon is killed and started again mid-run: its fleet comes back from
+/// its records, the sellers keep running the guests under the same leases (nothing
+/// re-leased, no replacement), the guests answer over the overlay again, receipts
+/// are acked again, and at the end both ledgers agree.
+#[test]
+fn a_restarted_buyer_carries_on_with_its_fleet() -> Result<()> {
+    if !require_root("network namespaces, taps, qemu") {
+        return Ok(());
+    }
+    let tag = format!("{}", std::process::id() % 10000 + 3);
+    let w = world(&tag)?;
+    let tmp = tempfile::tempdir()?;
+    let root = tmp.path();
+    // Grace and silence well above a restart (the daemon start and a reconnect).
+    let bcfg = cfg(
+        &root.join("buyer"),
+        &format!("[buyer]\nbilling_period_s = {PERIOD_S}\ngrace_s = 90\nsilence_s = 60\n"),
+    )?;
+    let mut buyer = spawn_in(&w.b, &root.join("buyer"), "buyer", &bcfg, None)?;
+    let boot = format!("/ip4/10.210.0.1/tcp/7450/p2p/{}", buyer.peer_id);
+    let mut sellers = Vec::new();
+    for i in [0usize, 2] {
+        let dir = root.join(format!("s{}", i + 1));
+        let c = cfg(&dir, "[seller]\nmax_guests = 1\naccel = \"tcg\"\n")?;
+        sellers.push(spawn_in(&w.s[i], &dir, "seller", &c, Some(&boot))?);
+    }
+    let script = "mkdir -p /www; echo cpushare-guest-ok > /www/index.html; httpd -p 80 -h /www";
+    let image = import_guest(&buyer, script)?;
+    wait_offers(&buyer, 2)?;
+    buyer.cli_ok(&["run", "--image", &image, "--count", "2", "--detach"])?;
+    for ip in ["10.77.0.2", "10.77.0.3"] {
+        assert!(wait_guest(&w.b, ip, Duration::from_secs(180)).is_some());
+    }
+    let running = |b: &NodeProc| -> Result<Vec<(String, u64)>> {
+        let mut v: Vec<(String, u64)> = buyer_leases(b)?
+            .iter()
+            .filter(|l| l["state"] == "running")
+            .map(|l| {
+                (
+                    l["lease"].as_str().unwrap_or("").to_string(),
+                    l["minutes"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect();
+        v.sort();
+        Ok(v)
+    };
+    // Some periods billed first.
+    assert!(wait_until(Duration::from_secs(60), || running(&buyer)
+        .is_ok_and(|v| v.len() == 2 && v.iter().all(|(_, m)| *m >= 1))));
+    let before = running(&buyer)?;
+    buyer.kill9();
+    let killed = Instant::now();
+    buyer = spawn_in(&w.b, &root.join("buyer"), "buyer", &bcfg, None)?;
+    eprintln!(
+        "buyer restarted {:.1} s after kill -9",
+        killed.elapsed().as_secs_f64()
+    );
+    let ids = |v: &[(String, u64)]| v.iter().map(|(l, _)| l.clone()).collect::<Vec<_>>();
+    // The same leases, running, from the records.
+    let restored = running(&buyer)?;
+    assert_eq!(
+        ids(&restored),
+        ids(&before),
+        "the restarted buyer lost its run; log:\n{}",
+        buyer.log()
+    );
+    for ip in ["10.77.0.2", "10.77.0.3"] {
+        let t = wait_guest(&w.b, ip, Duration::from_secs(120));
+        assert!(
+            t.is_some(),
+            "guest {ip} does not answer the restarted buyer; log:\n{}",
+            buyer.log()
+        );
+    }
+    eprintln!(
+        "guests answer the restarted buyer {:.1} s after the kill",
+        killed.elapsed().as_secs_f64()
+    );
+    // Billing goes on: more periods acked after the restart, same leases.
+    let grew = wait_until(Duration::from_secs(60), || {
+        running(&buyer).is_ok_and(|v| {
+            ids(&v) == ids(&before) && v.iter().zip(&before).all(|(a, b)| a.1 > b.1 + 1)
+        })
+    });
+    assert!(grew, "billing did not go on: before {before:?}, now {:?}", running(&buyer)?);
+    let st = buyer.status()?;
+    assert_eq!(st["market"]["runs"], 1, "{}", st["market"]);
+    // Stop: both ledgers agree to the period.
+    buyer.cli_ok(&["stop", "--all"])?;
+    let agree = wait_until(Duration::from_secs(30), || {
+        buyer_leases(&buyer).is_ok_and(|bl| {
+            bl.iter().all(|l| {
+                let id = l["lease"].as_str().unwrap_or("");
+                sellers.iter().any(|s| {
+                    seller_lease(s, id).ok().flatten().is_some_and(|sl| {
+                        sl["minutes_acked"] == l["minutes"] && sl["phase"] == "Ended"
+                    })
+                })
+            })
+        })
+    });
+    assert!(agree, "ledgers disagree: buyer {:?}", buyer_leases(&buyer)?);
+    assert_eq!(buyer.status()?["market"]["runs"], 0);
     Ok(())
 }

@@ -2,7 +2,8 @@
 //! a seller serving corrupted chunks is banned while the others finish; a seller
 //! killed with SIGKILL mid-fetch resumes without fetching any chunk twice; bad
 //! manifests and bad chunks are rejected, nothing is stored, the node keeps running.
-//! The bad peers are real nodes with the test-only `CPUSHARE_TEST_FAULT` switch.
+//! The bad peers are real nodes with the test-only `CPUSHARE_TEST_FAULT` switch
+//! (node's `test-faults` feature, which this crate turns on).
 
 use std::time::Duration;
 

@@ -374,3 +374,171 @@ fn vm_run_boots_a_direct_boot_image_through_the_daemon() {
         show(&out)
     );
 }
+
+/// A raw disk whose first sector is `sector` (a boot signature added when `signed`),
+/// followed by `len - 512` bytes of random data.
+fn disk_with(path: &Path, sector: &[u8], signed: bool, len: usize) {
+    let mut mbr = vec![0u8; 512];
+    mbr[..sector.len()].copy_from_slice(sector);
+    if signed {
+        mbr[510] = 0x55;
+        mbr[511] = 0xAA;
+    }
+    let mut rest = vec![0u8; len.saturating_sub(512)];
+    rand::Rng::fill(&mut rand::thread_rng(), &mut rest[..]);
+    let mut f = std::fs::File::create(path).unwrap();
+    f.write_all(&mbr).unwrap();
+    f.write_all(&rest).unwrap();
+}
+
+/// Disks firmware cannot boot are refused before qemu starts, with the reason; one
+/// that passes the checks but does not boot ends the run (exit 4) instead of leaving
+/// a blank console for ever.
+#[test]
+fn unbootable_disks_are_refused_or_end_the_run() {
+    let data = tempfile::tempdir_in(vmguest::scratch_dir()).unwrap();
+    let d = |name: &str| data.path().join(name);
+    std::fs::write(d("empty.img"), b"").unwrap();
+    let mut random = vec![0u8; 1 << 20];
+    rand::Rng::fill(&mut rand::thread_rng(), &mut random[..]);
+    random[510] = 0; // no boot signature by chance
+    std::fs::write(d("random.img"), &random).unwrap();
+    // A partition table claiming sectors 2048..6144 on a 1 MiB (2048-sector) file.
+    let mut table = vec![0u8; 512];
+    table[446 + 4] = 0x83;
+    table[446 + 8..446 + 12].copy_from_slice(&2048u32.to_le_bytes());
+    table[446 + 12..446 + 16].copy_from_slice(&4096u32.to_le_bytes());
+    disk_with(&d("truncated.img"), &table[..510], true, 1 << 20);
+    for (file, want) in [
+        ("empty.img", "the disk is empty"),
+        ("random.img", "no boot signature"),
+        ("truncated.img", "truncated"),
+    ] {
+        let out = vm_run(
+            data.path(),
+            &["--disk", d(file).to_str().unwrap(), "--memory-mib", "32"],
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{file}: {}", show(&out));
+        assert!(stderr.contains(want), "{file}: {}", show(&out));
+        assert!(!stderr.contains("vm: qemu"), "{file}: qemu started: {stderr}");
+    }
+
+    // Signed, but its code gives up at once (int 18h: "boot failed, try the next
+    // device"): SeaBIOS has nothing else to boot and resets, which ends the run.
+    disk_with(&d("gives-up.img"), &[0xCD, 0x18, 0xEB, 0xFE], true, 1 << 20);
+    let out = vm_run(
+        data.path(),
+        &[
+            "--disk",
+            d("gives-up.img").to_str().unwrap(),
+            "--memory-mib",
+            "32",
+            // Only a backstop: the run must end long before.
+            "--timeout",
+            "300",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(4), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("the firmware found nothing to boot"),
+        "{}",
+        show(&out)
+    );
+}
+
+/// `--append` means nothing to a firmware boot, and the microvm backend cannot
+/// boot a disk: both are refused before anything is materialised or started.
+#[test]
+fn append_and_microvm_with_a_disk_image_are_refused_up_front() {
+    let data = tempfile::tempdir_in(vmguest::scratch_dir()).unwrap();
+    let disk = data.path().join("bios.img");
+    bios_disk(&disk);
+    let out = vm_run(
+        data.path(),
+        &["--disk", disk.to_str().unwrap(), "--append", "console=ttyS0"],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--append"),
+        "{}",
+        show(&out)
+    );
+
+    // Through the store, no daemon: the image is never materialised.
+    let store = data.path().join("node");
+    let key = ed25519_dalek::SigningKey::from_bytes(&[3u8; 32]);
+    let id = {
+        let s = chunks::ChunkStore::open(store.join("store"), chunks::UNLIMITED).unwrap();
+        let opts = chunks::ImportOptions::default();
+        let (id, _) = chunks::import_file(&s, &key, &disk, &opts, |_, _| {}).unwrap();
+        s.flush().unwrap();
+        id.to_hex()
+    };
+    for (args, want) in [
+        (vec!["--backend", "microvm"], "microvm backend only boots a kernel"),
+        (vec!["--append", "x=1"], "--append"),
+    ] {
+        let mut all = vec!["vm", "run", "--image", &id];
+        all.extend_from_slice(&args);
+        if !args.contains(&"--backend") {
+            all.extend_from_slice(&["--backend", "qemu", "--accel", "tcg"]);
+        }
+        let out = cli(&store, &all).unwrap();
+        assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(want),
+            "{}",
+            show(&out)
+        );
+        let left: Vec<_> = std::fs::read_dir(store.join("vm-tmp"))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "materialised: {left:?}");
+    }
+}
+
+/// A guest stopped on request that does not shut down (a boot sector spinning; it
+/// ignores the ACPI power button) is killed after --grace: exit 137, not 0.
+#[test]
+fn a_guest_killed_after_the_grace_period_has_its_own_exit_status() {
+    let data = tempfile::tempdir_in(vmguest::scratch_dir()).unwrap();
+    let spin = data.path().join("spin.img");
+    bios_disk_then(&spin, "cvq-spin-term", false);
+    let mut child = std::process::Command::new(cpushare_tests::node_bin())
+        .arg("--data-dir")
+        .arg(data.path())
+        .args(["vm", "run", "--backend", "qemu", "--accel", "tcg"])
+        .args(["--memory-mib", "32", "--grace", "1", "--timeout", "300"])
+        .args(["--disk", spin.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut all = Vec::new();
+        let mut buf = [0u8; 256];
+        while let Ok(n) = std::io::Read::read(&mut stdout, &mut buf) {
+            if n == 0 {
+                break;
+            }
+            all.extend_from_slice(&buf[..n]);
+            if String::from_utf8_lossy(&all).contains("cvq-spin-term") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(120))
+        .expect("the guest never printed");
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(137), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("was killed"),
+        "{}",
+        show(&out)
+    );
+}

@@ -18,7 +18,7 @@ use crate::seller::EndReason;
 use crate::signed::Signed;
 
 /// Timeouts and addressing for a fleet.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FleetConfig {
     /// A starting or running guest with no sign of life for this long is lost.
     pub silence_ms: u64,
@@ -57,7 +57,7 @@ pub enum GuestPhase {
     Ended(EndReason),
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SlotState {
     Choosing,
     Proposed {
@@ -88,7 +88,7 @@ impl SlotState {
 }
 
 /// One wanted guest. Its MAC and IP stay the same across replacements.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Slot {
     pub index: u32,
     pub mac: [u8; 6],
@@ -148,7 +148,7 @@ pub enum BuyerAction {
 }
 
 /// One proposal or lease the fleet made.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct BuyerLease {
     terms: LeaseTerms,
     slot: u32,
@@ -177,6 +177,34 @@ pub struct Fleet {
     slot_avoid: Vec<BTreeSet<PeerKey>>,
     last_nomatch: Vec<Option<String>>,
     done_sent: bool,
+}
+
+/// Everything a fleet holds except its signing key: what the buyer saves so that a
+/// restarted daemon carries on with the same slots, leases and ledger
+/// ([`Fleet::restore`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetRecord {
+    order: Order,
+    cfg: FleetConfig,
+    seed: [u8; 32],
+    counter: u64,
+    started_ms: u64,
+    slots: Vec<Slot>,
+    /// A list, not a map: the record is also stored as JSON (string keys only).
+    leases: Vec<BuyerLease>,
+    slot_avoid: Vec<BTreeSet<PeerKey>>,
+    done_sent: bool,
+}
+
+impl FleetRecord {
+    pub fn order(&self) -> &Order {
+        &self.order
+    }
+
+    /// Every slot is stopped: nothing left to restore.
+    pub fn is_done(&self) -> bool {
+        self.done_sent
+    }
 }
 
 fn stop_msg(sk: &SigningKey, id: LeaseId, now_ms: u64) -> Signed<Stop> {
@@ -243,6 +271,89 @@ impl Fleet {
 
     pub fn slots(&self) -> &[Slot] {
         &self.slots
+    }
+
+    pub fn order(&self) -> &Order {
+        &self.order
+    }
+
+    /// What to save (after any call that returned actions, or on a timer).
+    pub fn record(&self) -> FleetRecord {
+        FleetRecord {
+            order: self.order.clone(),
+            cfg: self.cfg.clone(),
+            seed: self.seed,
+            counter: self.counter,
+            started_ms: self.started_ms,
+            slots: self.slots.clone(),
+            leases: self.leases.values().cloned().collect(),
+            slot_avoid: self.slot_avoid.clone(),
+            done_sent: self.done_sent,
+        }
+    }
+
+    /// A fleet from its record after a buyer restart. The sellers kept running the
+    /// guests, so nothing is re-leased: every live lease is admitted to the (new)
+    /// overlay again and acked at once (which tells its seller the buyer is back),
+    /// and every held slot gets a full `silence_ms` from now to show life before it
+    /// counts as lost. The record must be this key's.
+    pub fn restore(
+        me_sk: SigningKey,
+        rec: FleetRecord,
+        now_ms: u64,
+    ) -> Result<(Fleet, Vec<BuyerAction>), Error> {
+        let me = PeerKey::of(&me_sk);
+        if let Some(l) = rec.leases.iter().find(|l| l.terms.buyer != me) {
+            return Err(Error::WrongPeer { lease: l.terms.id });
+        }
+        let n = rec.slots.len();
+        if rec.slot_avoid.len() != n || rec.leases.iter().any(|l| l.slot as usize >= n) {
+            return Err(Error::Decode("fleet record: slots do not match".into()));
+        }
+        let mut f = Fleet {
+            me,
+            sk: me_sk,
+            order: rec.order,
+            cfg: rec.cfg,
+            seed: rec.seed,
+            counter: rec.counter,
+            started_ms: rec.started_ms,
+            slots: rec.slots,
+            leases: rec.leases.into_iter().map(|l| (l.terms.id, l)).collect(),
+            slot_avoid: rec.slot_avoid,
+            last_nomatch: vec![None; n],
+            done_sent: rec.done_sent,
+        };
+        let mut out = Vec::new();
+        for slot in &mut f.slots {
+            if matches!(
+                slot.state,
+                SlotState::Starting { .. } | SlotState::Running { .. }
+            ) {
+                slot.last_life_ms = slot.last_life_ms.max(now_ms);
+            }
+        }
+        for (id, l) in &f.leases {
+            let Some(lease) = &l.lease else { continue };
+            if l.stopped_ms.is_some() || !l.admitted {
+                continue;
+            }
+            out.push(BuyerAction::Admit {
+                lease: lease.clone(),
+            });
+            out.push(BuyerAction::SendAck {
+                seller: l.terms.seller,
+                ack: Signed::sign(
+                    &f.sk,
+                    Ack {
+                        lease: *id,
+                        minute: l.ledger.acked,
+                        total: l.terms.total_for(l.ledger.acked),
+                    },
+                ),
+            });
+        }
+        Ok((f, out))
     }
 
     /// One entry per lease ever made (countersigned).

@@ -170,19 +170,20 @@ pub struct SellerPolicy {
     pub min_price_per_min: u64,
     pub allowed_buyers: Option<BTreeSet<PeerKey>>,
     pub denied_buyers: BTreeSet<PeerKey>,
-    /// Selling hours in local hour-of-day [start, end), None = always; the caller
-    /// passes the hour. start > end wraps midnight; start == end is all day.
-    pub hours: Option<(u8, u8)>,
+    /// Selling hours as minutes of the day [start, end) (0..=1440), None = always;
+    /// the caller passes the minute of the day (UTC in the node). start > end wraps
+    /// midnight; start == end is all day.
+    pub hours: Option<(u16, u16)>,
 }
 
 impl SellerPolicy {
-    /// Whether `hour` (0-23) is within the selling hours.
-    pub fn in_hours(&self, hour: u8) -> bool {
+    /// Whether `minute` (of the day, 0-1439) is within the selling hours.
+    pub fn in_hours(&self, minute: u16) -> bool {
         match self.hours {
             None => true,
             Some((s, e)) if s == e => true,
-            Some((s, e)) if s < e => s <= hour && hour < e,
-            Some((s, e)) => hour >= s || hour < e,
+            Some((s, e)) if s < e => s <= minute && minute < e,
+            Some((s, e)) => minute >= s || minute < e,
         }
     }
 
@@ -195,7 +196,7 @@ impl SellerPolicy {
         from: &PeerKey,
         active: &[&LeaseTerms],
         now_ms: u64,
-        hour: u8,
+        minute_of_day: u16,
     ) -> Result<(), Refusal> {
         let t = &proposal.body;
         if t.seller != *me {
@@ -215,7 +216,7 @@ impl SellerPolicy {
                 return Err(Refusal::NotAllowed);
             }
         }
-        if !self.in_hours(hour) {
+        if !self.in_hours(minute_of_day) {
             return Err(Refusal::OutsideHours);
         }
         if now_ms > t.start_by_ms {
@@ -369,63 +370,64 @@ pub(crate) mod tests {
         let pol = policy();
         let now = 2_000;
         let ok = Signed::sign(&b, terms(&b, &s, 1));
-        assert_eq!(pol.check(&me, &ok, &bk, &[], now, 12), Ok(()));
+        assert_eq!(pol.check(&me, &ok, &bk, &[], now, 12 * 60), Ok(()));
 
         let other = SigningKey::from_bytes(&[3; 32]);
         let ok_other = PeerKey::of(&other);
         assert_eq!(
-            pol.check(&ok_other, &ok, &bk, &[], now, 12),
+            pol.check(&ok_other, &ok, &bk, &[], now, 12 * 60),
             Err(Refusal::NotForMe)
         );
         assert_eq!(
-            pol.check(&me, &ok, &ok_other, &[], now, 12),
+            pol.check(&me, &ok, &ok_other, &[], now, 12 * 60),
             Err(Refusal::WrongBuyer)
         );
         let by_other = Signed::sign(&other, terms(&b, &s, 1));
         assert_eq!(
-            pol.check(&me, &by_other, &bk, &[], now, 12),
+            pol.check(&me, &by_other, &bk, &[], now, 12 * 60),
             Err(Refusal::WrongBuyer)
         );
         let mut forged = ok.clone();
         forged.body.price_per_min = 999_999;
         assert_eq!(
-            pol.check(&me, &forged, &bk, &[], now, 12),
+            pol.check(&me, &forged, &bk, &[], now, 12 * 60),
             Err(Refusal::BadSignature)
         );
 
         let mut p = pol.clone();
         p.denied_buyers.insert(bk);
-        assert_eq!(p.check(&me, &ok, &bk, &[], now, 12), Err(Refusal::Denied));
+        assert_eq!(p.check(&me, &ok, &bk, &[], now, 12 * 60), Err(Refusal::Denied));
         let mut p = pol.clone();
         p.allowed_buyers = Some([ok_other].into_iter().collect());
         assert_eq!(
-            p.check(&me, &ok, &bk, &[], now, 12),
+            p.check(&me, &ok, &bk, &[], now, 12 * 60),
             Err(Refusal::NotAllowed)
         );
         p.allowed_buyers = Some([bk].into_iter().collect());
-        assert_eq!(p.check(&me, &ok, &bk, &[], now, 12), Ok(()));
+        assert_eq!(p.check(&me, &ok, &bk, &[], now, 12 * 60), Ok(()));
 
         let mut p = pol.clone();
-        p.hours = Some((9, 17));
+        p.hours = Some((9 * 60, 17 * 60 + 30));
         assert_eq!(
-            p.check(&me, &ok, &bk, &[], now, 17),
+            p.check(&me, &ok, &bk, &[], now, 17 * 60 + 30),
             Err(Refusal::OutsideHours)
         );
-        assert_eq!(p.check(&me, &ok, &bk, &[], now, 9), Ok(()));
-        p.hours = Some((22, 6));
-        assert!(p.in_hours(23) && p.in_hours(0) && p.in_hours(5));
-        assert!(!p.in_hours(6) && !p.in_hours(12));
-        p.hours = Some((3, 3));
-        assert!(p.in_hours(3) && p.in_hours(20));
+        assert_eq!(p.check(&me, &ok, &bk, &[], now, 17 * 60 + 29), Ok(()));
+        assert_eq!(p.check(&me, &ok, &bk, &[], now, 9 * 60), Ok(()));
+        p.hours = Some((22 * 60, 6 * 60));
+        assert!(p.in_hours(23 * 60) && p.in_hours(0) && p.in_hours(5 * 60 + 59));
+        assert!(!p.in_hours(6 * 60) && !p.in_hours(12 * 60));
+        p.hours = Some((3 * 60, 3 * 60));
+        assert!(p.in_hours(3 * 60) && p.in_hours(20 * 60));
 
         assert_eq!(
-            pol.check(&me, &ok, &bk, &[], 16_001, 12),
+            pol.check(&me, &ok, &bk, &[], 16_001, 12 * 60),
             Err(Refusal::Expired)
         );
 
         let running = terms(&b, &s, 1);
         assert_eq!(
-            pol.check(&me, &ok, &bk, &[&running], now, 12),
+            pol.check(&me, &ok, &bk, &[&running], now, 12 * 60),
             Err(Refusal::Duplicate)
         );
 
@@ -433,7 +435,7 @@ pub(crate) mod tests {
         t.price_per_min = 9_999;
         let cheap = Signed::sign(&b, t);
         assert_eq!(
-            pol.check(&me, &cheap, &bk, &[], now, 12),
+            pol.check(&me, &cheap, &bk, &[], now, 12 * 60),
             Err(Refusal::PriceTooLow {
                 asked: 9_999,
                 min: 10_000
@@ -444,7 +446,7 @@ pub(crate) mod tests {
         let c = terms(&b, &s, 4);
         let p2 = Signed::sign(&b, terms(&b, &s, 2));
         assert_eq!(
-            pol.check(&me, &p2, &bk, &[&a, &c], now, 12),
+            pol.check(&me, &p2, &bk, &[&a, &c], now, 12 * 60),
             Err(Refusal::TooManyGuests { max: 2 })
         );
 
@@ -452,14 +454,14 @@ pub(crate) mod tests {
         big.vcpus = 3;
         let big = Signed::sign(&b, big);
         assert_eq!(
-            pol.check(&me, &big, &bk, &[&a], now, 12),
+            pol.check(&me, &big, &bk, &[&a], now, 12 * 60),
             Err(Refusal::NotEnoughVcpus { asked: 3, free: 2 })
         );
         let mut mem = terms(&b, &s, 2);
         mem.memory_mib = 2049;
         let mem = Signed::sign(&b, mem);
         assert_eq!(
-            pol.check(&me, &mem, &bk, &[&a], now, 12),
+            pol.check(&me, &mem, &bk, &[&a], now, 12 * 60),
             Err(Refusal::NotEnoughMemory {
                 asked: 2049,
                 free: 2048
@@ -471,7 +473,7 @@ pub(crate) mod tests {
             bad.grace_s = grace;
             let bad = Signed::sign(&b, bad);
             assert!(matches!(
-                pol.check(&me, &bad, &bk, &[], now, 12),
+                pol.check(&me, &bad, &bk, &[], now, 12 * 60),
                 Err(Refusal::BadTerms { .. })
             ));
         }
@@ -479,7 +481,7 @@ pub(crate) mod tests {
         disk.disk_mib = 4097;
         let disk = Signed::sign(&b, disk);
         assert_eq!(
-            pol.check(&me, &disk, &bk, &[], now, 12),
+            pol.check(&me, &disk, &bk, &[], now, 12 * 60),
             Err(Refusal::DiskTooLarge {
                 asked: 4097,
                 cap: 4096

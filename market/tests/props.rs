@@ -1,7 +1,8 @@
 //! Property tests: the wire decoders against arbitrary bytes, and a model of a buyer's
 //! fleet and its sellers' leases driven through a lossy, duplicating, reordering
-//! network with seller restarts, buyer stops, a buyer that goes silent and clock
-//! jumps. The billing invariants are checked after every step.
+//! network with seller restarts, buyer restarts (its fleet restored from the last
+//! record it saved, after being down a while), buyer stops, a buyer that goes silent
+//! and clock jumps. The billing invariants are checked after every step.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -403,6 +404,9 @@ enum Op {
     StopOne(usize),
     /// The buyer's process vanishes: it never sends or handles anything again.
     BuyerSilent,
+    /// The buyer daemon dies and comes back after this many seconds, its fleet
+    /// restored from the record it saved (offers and the overlay are gone).
+    BuyerRestart(u16),
     /// A running guest on this seller exits.
     GuestExit(usize),
     /// Network quality from now on: loss %, duplicate %, max one-way delay (s).
@@ -415,6 +419,7 @@ fn arb_op() -> impl Strategy<Value = Op> {
     prop_oneof![
         8 => (1u32..120_000).prop_map(Op::Advance),
         1 => (0..SELLERS).prop_map(Op::Restart),
+        1 => (0u16..200).prop_map(Op::BuyerRestart),
         1 => (0usize..3).prop_map(Op::StopOne),
         1 => (0..SELLERS).prop_map(Op::GuestExit),
         2 => (0u8..40, 0u8..30, 0u8..20).prop_map(|(l, d, s)| Op::Net(l, d, s)),
@@ -465,6 +470,11 @@ struct World {
     penalties: BTreeMap<PeerKey, u32>,
     silent: bool,
     frozen: BTreeMap<LeaseId, u32>,
+    buyer_sk: SigningKey,
+    /// What the buyer saved after its last fleet call (bincode, as the node stores it).
+    buyer_disk: Vec<u8>,
+    /// The buyer is down until then (messages to it are lost, it does not tick).
+    down_until: Option<u64>,
     done_seen: u32,
     admitted: BTreeSet<LeaseId>,
     sellers: Vec<SellerNode>,
@@ -488,6 +498,7 @@ struct Stats {
     receipts: u64,
     acks: u64,
     restarts: u64,
+    buyer_restarts: u64,
     /// Moments where the seller's ledger lagged the buyer's (an ack in flight or lost).
     lagging: u64,
     ended: BTreeMap<String, u64>,
@@ -553,6 +564,9 @@ impl World {
             penalties: BTreeMap::new(),
             silent: false,
             frozen: BTreeMap::new(),
+            buyer_sk: buyer_sk.clone(),
+            buyer_disk: Vec::new(),
+            down_until: None,
             done_seen: 0,
             admitted: BTreeSet::new(),
             sellers,
@@ -636,7 +650,7 @@ impl World {
             };
             let b = encode_offer(&Signed::sign(&s.sk, o));
             // Offers travel by gossip, outside this model's lossy channel.
-            if !self.silent {
+            if self.buyer_up() {
                 let got = decode_offer(&b).unwrap();
                 assert_eq!(self.book.insert(got, self.now), Ok(true));
             }
@@ -646,7 +660,33 @@ impl World {
 
     // ------------------------------------------------------------ buyer
 
+    /// Saves the fleet as the node does after every call into it.
+    fn buyer_save(&mut self) {
+        self.buyer_disk = bincode::serialize(&self.fleet.record()).expect("record encodes");
+    }
+
+    /// The buyer is back: its fleet from disk, a fresh overlay and offer book.
+    fn buyer_restore(&mut self) {
+        self.down_until = None;
+        self.stats.buyer_restarts += 1;
+        let rec: FleetRecord = bincode::deserialize(&self.buyer_disk).expect("record decodes");
+        let (f, acts) = Fleet::restore(self.buyer_sk.clone(), rec, self.now).expect("own record");
+        self.fleet = f;
+        self.admitted.clear();
+        self.book = OfferBook::new();
+        self.buyer_apply(acts);
+    }
+
+    fn buyer_up(&self) -> bool {
+        !self.silent && self.down_until.is_none()
+    }
+
     fn buyer_apply(&mut self, acts: Vec<BuyerAction>) {
+        self.buyer_apply_inner(acts);
+        self.buyer_save();
+    }
+
+    fn buyer_apply_inner(&mut self, acts: Vec<BuyerAction>) {
         for a in acts {
             match a {
                 BuyerAction::Propose { seller, proposal } => {
@@ -701,6 +741,7 @@ impl World {
             MarketMsg::Phase { lease, phase } => self.fleet.on_phase(&lease, &from, phase, now),
             MarketMsg::Console { lease, .. } => {
                 self.fleet.on_life(&lease, now);
+                self.buyer_save();
                 Vec::new()
             }
             other => panic!("buyer got {other:?}"),
@@ -778,7 +819,7 @@ impl World {
                     .map(|l| &l.lease().terms)
                     .collect();
                 let k = s.key;
-                match s.policy.check(&s.key, &p, &from, &active, now, 12) {
+                match s.policy.check(&s.key, &p, &from, &active, now, 12 * 60) {
                     Err(why) => self.send(To::Buyer, k, &MarketMsg::Refuse { lease: id, why }),
                     Ok(()) => {
                         let lease = Lease::countersign(&p, &s.sk).expect("checked proposal");
@@ -863,7 +904,7 @@ impl World {
             let msg = decode(&m.bytes).expect("decodes");
             match m.to {
                 To::Buyer => {
-                    if !self.silent {
+                    if self.buyer_up() {
                         self.buyer_recv(m.from, msg);
                     }
                 }
@@ -920,7 +961,10 @@ impl World {
                 self.seller_apply(i, id, acts);
             }
         }
-        if !self.silent {
+        if !self.silent && self.down_until.is_some_and(|t| now >= t) {
+            self.buyer_restore();
+        }
+        if self.buyer_up() {
             let acts = self.fleet.on_tick(now);
             self.buyer_apply(acts);
             self.book.expire(now);
@@ -955,13 +999,13 @@ impl World {
             Op::Advance(ms) => self.run_until(self.now + u64::from(ms)),
             Op::Restart(i) => self.restart(i),
             Op::BuyerStop => {
-                if !self.silent {
+                if self.buyer_up() {
                     let acts = self.fleet.stop(None, self.now);
                     self.buyer_apply(acts);
                 }
             }
             Op::StopOne(slot) => {
-                if !self.silent {
+                if self.buyer_up() {
                     let id = self
                         .fleet
                         .slots()
@@ -973,8 +1017,16 @@ impl World {
                     }
                 }
             }
+            Op::BuyerRestart(down_s) => {
+                if self.buyer_up() {
+                    self.down_until = Some(self.now + u64::from(down_s) * 1000);
+                    if down_s == 0 {
+                        self.buyer_restore();
+                    }
+                }
+            }
             Op::BuyerSilent => {
-                if !self.silent {
+                if self.buyer_up() {
                     self.silent = true;
                     self.frozen = self.fleet.ledger().map(|e| (e.lease, e.acked)).collect();
                 }
@@ -1059,6 +1111,11 @@ impl World {
         self.loss = 0;
         self.dup = 0;
         self.max_delay_ms = 2_000;
+        // A buyer that is down comes back first (ticks restore it).
+        while self.down_until.is_some() {
+            let t = self.now + 1_000;
+            self.run_until(t);
+        }
         if !self.silent {
             let acts = self.fleet.stop(None, self.now);
             self.buyer_apply(acts);
@@ -1200,4 +1257,54 @@ fn silent_buyer_is_cut_off() {
             assert!(l.ledger().receipted <= frozen[id] + 3);
         }
     }
+}
+
+/// A buyer daemon restart: the fleet comes back from its record, the sellers' guests
+/// run on under the same leases (no replacement, nothing proposed again), and billing
+/// goes on to the minute.
+#[test]
+fn buyer_restart_keeps_its_leases() {
+    let mut w = World::new(9, 2, None);
+    w.run_until(T0 + 3 * 60_000 + 10_000);
+    let leases = |w: &World| -> Vec<LeaseId> {
+        w.fleet
+            .slots()
+            .iter()
+            .map(|s| s.lease.as_ref().expect("leased").id)
+            .collect()
+    };
+    let before = leases(&w);
+    w.step(&Op::BuyerRestart(20));
+    w.run_until(T0 + 10 * 60_000);
+    assert_eq!(leases(&w), before);
+    for s in w.fleet.slots() {
+        assert!(matches!(s.state, SlotState::Running { .. }), "{s:?}");
+        assert_eq!(s.replacements, 0);
+    }
+    w.quiesce();
+    assert_eq!(w.stats.buyer_restarts, 1);
+    for e in w.fleet.ledger() {
+        assert!(e.acked >= 8, "{e:?}");
+    }
+}
+
+/// A buyer down for longer than the grace period: its sellers end the guests and
+/// bill only what was acked; the restored fleet notices the silence and replaces.
+#[test]
+fn buyer_down_past_the_grace_is_cut_off_then_replaces() {
+    let mut w = World::new(11, 1, None);
+    w.run_until(T0 + 3 * 60_000 + 10_000);
+    let first = w.fleet.slots()[0].lease.clone().expect("leased");
+    let acked = w.buyer_acked(&first.id);
+    w.step(&Op::BuyerRestart(190));
+    w.run_until(T0 + 10 * 60_000);
+    let i = w.seller_index(&first.seller);
+    let l = &w.sellers[i].leases[&first.id];
+    assert_eq!(l.ledger().end_reason, Some(EndReason::BuyerSilent));
+    // At most the minutes the guest ran within the grace (acked once the buyer is back).
+    assert!(l.ledger().acked <= acked + 3, "{:?}", l.ledger());
+    let slot = &w.fleet.slots()[0];
+    assert_eq!(slot.replacements, 1);
+    assert_ne!(slot.lease.as_ref().expect("replaced").id, first.id);
+    w.quiesce();
 }

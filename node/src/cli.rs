@@ -117,6 +117,14 @@ pub enum Command {
     /// Print this node's identity (peer id and public key) without a daemon.
     Id,
 
+    /// Print the configuration in effect: every key with its value (built-in
+    /// defaults, then the --config file, then flags), as TOML.
+    Config {
+        /// Print JSON instead (unset keys as null).
+        #[arg(long)]
+        json: bool,
+    },
+
     /// Buyer: rent guests of an image on the best sellers and keep them running.
     Run(crate::market::cli::RunArgs),
 

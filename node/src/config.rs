@@ -62,6 +62,20 @@ pub struct SellerTable {
     pub hours: Option<String>,
     /// The boot medium this seller booted from, hashed into its measurement.
     pub measure_boot: Option<PathBuf>,
+    /// Run each guest's VMM jailed (own uid, no capabilities, minimal root, own
+    /// cgroup): on (the default) or off.
+    pub jail: Option<OnOff>,
+    /// All guests together use at most this percent of the machine's CPU (1-100;
+    /// default 100).
+    pub max_cpu_percent: Option<u32>,
+    /// First uid/gid of the range reserved for guests' VMMs (default 400000).
+    pub jail_uid_base: Option<u32>,
+    /// How many uids/gids the range holds (default 1000).
+    pub jail_uid_count: Option<u32>,
+    /// Each guest's disk throughput cap in MiB/s (default none).
+    pub disk_mbps: Option<u64>,
+    /// Each guest's disk operations per second cap (default none).
+    pub disk_iops: Option<u64>,
 }
 
 /// The `[buyer]` table.

@@ -241,12 +241,45 @@ pub struct Client {
     writer: StdUnixStream,
 }
 
+/// Which daemon a client command needs: the "no daemon" error says how to start it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    Buyer,
+    Seller,
+    /// Either role serves the command (status, images, `overlay ls`).
+    Any,
+}
+
+impl Need {
+    /// What to tell a user who has no daemon running for `dir`.
+    pub fn hint(self, dir: &Path) -> String {
+        let d = dir.display();
+        match self {
+            Need::Buyer | Need::Seller => {
+                let role = if self == Need::Buyer { "buyer" } else { "seller" };
+                format!("this command needs a {role} daemon: start one with `cpushare-node --role {role} --data-dir {d}`")
+            }
+            Need::Any => format!(
+                "start one with `cpushare-node --role seller --data-dir {d}` to sell, or `--role buyer` to rent"
+            ),
+        }
+    }
+}
+
 impl Client {
+    /// Connect to the daemon of `data_dir`; with no daemon, the error says to start
+    /// one of either role (see [`Client::connect_as`]).
     pub fn connect(socket: &Path, data_dir: &Path) -> Result<Client> {
+        Client::connect_as(socket, data_dir, Need::Any)
+    }
+
+    /// Connect for a command that `need`s a daemon of one role.
+    pub fn connect_as(socket: &Path, data_dir: &Path, need: Need) -> Result<Client> {
         let stream = StdUnixStream::connect(socket).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
                 Error::NoDaemon {
                     dir: data_dir.to_path_buf(),
+                    hint: need.hint(data_dir),
                 }
             }
             _ => Error::io(format!("connecting to {}", socket.display()), e),
@@ -351,5 +384,14 @@ mod tests {
             .err()
             .unwrap();
         assert!(e.to_string().contains("no cpushare-node daemon"), "{e}");
+        let e = Client::connect_as(&dir.path().join("control.sock"), dir.path(), Need::Buyer)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("needs a buyer daemon"), "{e}");
+        assert!(e.to_string().contains("--role buyer --data-dir"), "{e}");
+        let e = Client::connect_as(&dir.path().join("control.sock"), dir.path(), Need::Seller)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("--role seller"), "{e}");
     }
 }

@@ -4,9 +4,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::time::Instant;
 
+use sd_notify::NotifyState;
 use serde_json::json;
 use tokio::signal::unix::{signal, SignalKind};
-use tracing::{info, info_span, Instrument};
+use tracing::{info, info_span, warn, Instrument};
 
 use crate::cli::Role;
 use crate::config::Settings;
@@ -24,6 +25,10 @@ pub struct Node {
 }
 
 pub fn run(settings: Settings, role: Role) -> Result<()> {
+    // Before any thread exists (see `join_host_mounts`).
+    if role == Role::Seller {
+        crate::overlay_leases::join_host_mounts();
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -31,7 +36,25 @@ pub fn run(settings: Settings, role: Role) -> Result<()> {
     rt.block_on(run_async(settings, role))
 }
 
+/// Tells systemd (Type=notify) what we are doing; a no-op outside systemd (no
+/// NOTIFY_SOCKET). A failed send is logged, never fatal.
+fn notify(states: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        warn!(error = %e, "telling systemd our state failed");
+    }
+}
+
+fn status(line: &str) {
+    notify(&[NotifyState::Status(line)]);
+}
+
 async fn run_async(settings: Settings, role: Role) -> Result<()> {
+    if role == Role::Seller {
+        // Before anything is created: a capability or device the lease path needs
+        // is named now, in one line, not at the first lease.
+        status("checking capabilities and devices");
+        crate::privileges::check_seller(settings.seller.accel.as_deref())?;
+    }
     let dir = &settings.data_dir;
     std::fs::create_dir_all(dir)
         .map_err(|e| Error::io(format!("creating data dir {}", dir.display()), e))?;
@@ -46,7 +69,10 @@ async fn run_async(settings: Settings, role: Role) -> Result<()> {
     // Holding the socket, we are the only daemon on this data dir: remove lease
     // namespaces a killed predecessor left behind.
     crate::overlay_leases::sweep(dir);
+    // ... and guests' VMMs, cgroups and temp files; then set up the guest jail.
+    crate::cleanup::at_start(&settings, role == Role::Seller);
 
+    status("removing what an earlier run left; opening the identity and chunk store");
     let identity = Identity::load_or_create(&settings.identity_file())?;
     let peer_id = identity.peer_id();
     // Printed on stdout so scripts and tests can read it.
@@ -76,6 +102,7 @@ async fn run_async(settings: Settings, role: Role) -> Result<()> {
             })
         });
     }
+    status("starting the network and market services");
     image_service::register(&mut router, node.clone());
     let overlay = crate::overlay_service::register(&mut router, node.clone());
     let p2p = crate::p2p::start(node.clone(), &mut router)?;
@@ -84,19 +111,39 @@ async fn run_async(settings: Settings, role: Role) -> Result<()> {
     let router = Arc::new(router);
     let server = tokio::spawn(control::serve(listener, router.clone()).instrument(span.clone()));
     info!(parent: &span, control = %socket.display(), "daemon ready");
+    let serving = format!("serving as {} (peer {peer_id})", role.as_str());
+    notify(&[NotifyState::Ready, NotifyState::Status(&serving)]);
 
     let mut term = signal(SignalKind::terminate()).map_err(|e| Error::io("signal handler", e))?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| Error::io("signal handler", e))?;
-    tokio::select! {
-        _ = term.recv() => info!(parent: &span, "SIGTERM: shutting down"),
-        _ = int.recv() => info!(parent: &span, "SIGINT: shutting down"),
+    // WatchdogSec: ping at half the period from this loop, and only while the control
+    // server runs, so a wedged runtime or a dead server gets us restarted.
+    let watchdog = sd_notify::watchdog_enabled();
+    let mut tick = tokio::time::interval(
+        watchdog.map_or(std::time::Duration::from_secs(3600), |d| d / 2),
+    );
+    loop {
+        tokio::select! {
+            _ = term.recv() => { info!(parent: &span, "SIGTERM: shutting down"); break }
+            _ = int.recv() => { info!(parent: &span, "SIGINT: shutting down"); break }
+            _ = tick.tick() => {
+                if watchdog.is_some() && !server.is_finished() {
+                    notify(&[NotifyState::Watchdog]);
+                }
+            }
+        }
     }
+    notify(&[
+        NotifyState::Stopping,
+        NotifyState::Status("stopping: ending guests and telling their buyers"),
+    ]);
     server.abort();
     // A seller ends its leases first: guests stopped, buyers told, billing closed.
     market.run(std::time::Duration::from_secs(15)).await;
     // Guests' sessions end with the process: take their lease namespaces along.
     crate::overlay_leases::sweep(dir);
     let _ = std::fs::remove_file(&socket);
+    status("stopping: flushing the chunk store");
     node.store.flush()?;
     Ok(())
 }

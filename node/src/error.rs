@@ -4,8 +4,9 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("no cpushare-node daemon is running for data dir {dir} (start one with `cpushare-node --role seller --data-dir {dir}`)")]
-    NoDaemon { dir: PathBuf },
+    /// `hint` names the role the command needs and how to start it.
+    #[error("no cpushare-node daemon is running for data dir {dir} ({hint})")]
+    NoDaemon { dir: PathBuf, hint: String },
 
     #[error("a cpushare-node daemon is already running for data dir {dir}")]
     DaemonRunning { dir: PathBuf },
@@ -56,6 +57,10 @@ pub enum Error {
 
     #[error("market: {0}")]
     Market(String),
+
+    /// A capability, device or group the daemon needs and lacks (one line).
+    #[error("{0}")]
+    Privilege(String),
 }
 
 impl Error {

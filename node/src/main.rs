@@ -1,7 +1,9 @@
 //! `cpushare-node`: the one binary every buyer and seller runs.
 
+mod cleanup;
 mod cli;
 mod config;
+mod config_cmd;
 mod control;
 mod daemon;
 mod error;
@@ -14,6 +16,7 @@ mod market;
 mod overlay_leases;
 mod overlay_service;
 mod p2p;
+mod privileges;
 mod progress;
 mod status_cmd;
 mod vm_cmd;
@@ -53,6 +56,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Some(Command::Image(cmd)) => image_cmd::run(&settings, cmd),
         Some(Command::Overlay(cmd)) => overlay_service::run_cli(&settings, cmd),
+        Some(Command::Config { json }) => config_cmd::run(&cli.global, &settings, json),
         Some(Command::Status { json }) => status_cmd::run(&settings, json),
         Some(Command::Vm(cmd)) => vm_cmd::run(&settings, cmd),
         Some(Command::Run(args)) => market::cli::run(&settings, args),

@@ -138,7 +138,7 @@ pub fn sweep(data_dir: &Path) -> Vec<String> {
                 warn!(netns = %rec.netns, "a namespace with a leftover lease's name exists but is not the one this daemon made; leaving it alone");
             }
             Some(_) => {
-                if let Ok(ns) = NetNs::open(&rec.netns) {
+                if let (Ok(ns), false) = (NetNs::open(&rec.netns), rec.tap.is_empty()) {
                     if let Err(err) = oio::remove_guest_tap(&ns, &rec.tap) {
                         warn!(netns = %rec.netns, tap = %rec.tap, error = %err, "removing a leftover lease tap failed");
                     }
@@ -159,6 +159,116 @@ pub fn sweep(data_dir: &Path) -> Vec<String> {
         let _ = std::fs::remove_file(&path);
     }
     swept
+}
+
+/// The records of this data dir's live lease namespaces: (namespace, tap).
+fn records(data_dir: &Path) -> Vec<Record> {
+    let Ok(entries) = std::fs::read_dir(data_dir.join(RECORDS)) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| e.path().extension().and_then(|x| x.to_str()) == Some("json"))
+        .filter_map(|e| serde_json::from_slice::<Record>(&std::fs::read(e.path()).ok()?).ok())
+        .collect()
+}
+
+/// Whether `netns` is a lease namespace the node of `data_dir` created and still
+/// holds: a record names it and the namespace bound at its name is that one (same
+/// inode), not a same-named namespace someone made since.
+pub fn is_lease_netns(data_dir: &Path, netns: &str) -> bool {
+    records(data_dir)
+        .iter()
+        .any(|r| r.netns == netns && netns_ino(netns) == Some(r.netns_ino))
+}
+
+/// The lease namespace holding guest tap `tap`, made by `overlay attach --tap` (or a
+/// lease) of the node of `data_dir`.
+pub fn netns_of_tap(data_dir: &Path, tap: &str) -> Option<String> {
+    records(data_dir)
+        .into_iter()
+        .find(|r| r.tap == tap && netns_ino(&r.netns) == Some(r.netns_ino))
+        .map(|r| r.netns)
+}
+
+/// Where this process's mounts stand relative to the host's (PID 1's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mounts {
+    /// Same mount namespace as PID 1: namespaces bound under /run/netns are seen
+    /// by every process.
+    Host,
+    /// Started in a private mount namespace (`ip netns exec` makes one) and moved
+    /// into PID 1's, keeping its network namespace.
+    Joined,
+    /// In a private mount namespace it could not leave: a namespace bound here
+    /// would be invisible to other processes (no VMM could open a guest tap in it).
+    Private(String),
+}
+
+static MOUNTS: std::sync::OnceLock<Mounts> = std::sync::OnceLock::new();
+
+fn mnt_ns_ino(pid: &str) -> std::io::Result<u64> {
+    std::fs::metadata(format!("/proc/{pid}/ns/mnt")).map(|m| m.ino())
+}
+
+/// Call once at daemon start, while the process has one thread (`setns` into a
+/// mount namespace refuses a process whose threads share its filesystem context).
+/// A daemon started under `ip netns exec` runs in a private mount namespace: lease
+/// namespaces it binds under /run/netns would exist only there. Moving into PID 1's
+/// mount namespace keeps the network namespace (its sockets, its addresses) and
+/// makes the lease namespaces visible to VMMs and to `ip netns`.
+pub fn join_host_mounts() -> Mounts {
+    let m = match (mnt_ns_ino("self"), mnt_ns_ino("1")) {
+        (Ok(a), Ok(b)) if a == b => Mounts::Host,
+        (Ok(_), Ok(_)) => match enter_pid1_mounts() {
+            Ok(()) => {
+                info!("this daemon was started in a private mount namespace (e.g. under `ip netns exec`): joined the host's, so its lease namespaces are visible to VMMs; its network namespace is unchanged");
+                Mounts::Joined
+            }
+            Err(e) => {
+                warn!(error = %e, "this daemon runs in a private mount namespace (e.g. under `ip netns exec`) and cannot join the host's: `overlay attach --tap` is refused");
+                Mounts::Private(e.to_string())
+            }
+        },
+        // No /proc or no access to PID 1: nothing to compare; assume shared.
+        _ => Mounts::Host,
+    };
+    let _ = MOUNTS.set(m.clone());
+    m
+}
+
+fn enter_pid1_mounts() -> std::io::Result<()> {
+    use nix::sched::{setns, CloneFlags};
+    // setns puts the working directory at the new root: keep ours (relative paths).
+    let cwd = std::env::current_dir()?;
+    let f = std::fs::File::open("/proc/1/ns/mnt")?;
+    setns(&f, CloneFlags::CLONE_NEWNS).map_err(std::io::Error::from)?;
+    std::env::set_current_dir(&cwd).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!(
+                "{} does not exist in the host's mount namespace: {e}",
+                cwd.display()
+            ),
+        )
+    })
+}
+
+/// Refuses to make a lease namespace that nobody else could see.
+pub fn check_visible() -> Result<()> {
+    match MOUNTS.get() {
+        Some(Mounts::Private(why)) => Err(Error::BadArg {
+            what: "--tap",
+            reason: format!(
+                "this daemon runs in a private mount namespace (started under `ip netns exec`?) \
+                 and could not join the host's ({why}): a lease namespace it made would be \
+                 invisible to every other process, so no VMM could open the guest tap. Start \
+                 the daemon outside `ip netns exec` (as root), or run it with nsenter --net=... \
+                 which keeps the host's mounts"
+            ),
+        }),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use tracing::info;
 
 use crate::cli::Role;
 use crate::config::Settings;
-use crate::control::{Client, Router};
+use crate::control::{Client, Need, Router};
 use crate::daemon::Node;
 use crate::error::{Error, Result};
 use crate::image_service::{blocking, parse_params};
@@ -53,10 +53,12 @@ pub enum OverlayCommand {
         /// The guest's overlay IPv4 address (handed out by the switch's DHCP).
         #[arg(long)]
         ip: Ipv4Addr,
-        /// UDP address sellers connect to (first call only) [default: 0.0.0.0:7451,
-        /// or `listen` in the config file's [overlay] table, as for the flags below].
-        #[arg(long)]
-        listen: Option<SocketAddr>,
+        /// UDP address:port the switch binds, where sellers' sessions arrive (first
+        /// call only) [default: 0.0.0.0:7451, or `listen` in the config file's
+        /// [overlay] table, as for the flags below]. Not the daemon's libp2p
+        /// `--listen` multiaddr. The reply names the address sellers should use.
+        #[arg(long = "udp-listen", alias = "listen", value_name = "ADDR:PORT")]
+        udp_listen: Option<SocketAddr>,
         /// Name of the buyer's host tap (first call only) [default: csovl0].
         #[arg(long)]
         tap: Option<String>,
@@ -68,6 +70,9 @@ pub enum OverlayCommand {
         /// first call only) [default: 200].
         #[arg(long)]
         busy_poll_us: Option<u64>,
+        /// Print the reply as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Buyer: remove an admitted guest (its session ends at once).
     Revoke {
@@ -75,22 +80,27 @@ pub enum OverlayCommand {
         mac: String,
     },
     /// Seller: connect a guest port to a buyer. With --tap, a new tap is created in a
-    /// new lease namespace (a VMM opens it there by name); with --iface, an existing
-    /// interface in an existing --netns is used (e.g. a veth to a test namespace).
+    /// new lease namespace (start the VMM with `cpushare-node vm run --tap NAME`, which
+    /// opens it there); with --iface, an interface in a lease namespace this node
+    /// created (`overlay netns add`, or a lease's) is used, e.g. a veth to a test
+    /// namespace. Every flag is checked before anything is created.
     Attach {
         /// Create this tap for the guest.
         #[arg(long, conflicts_with = "iface")]
         tap: Option<String>,
-        /// Use this existing interface in --netns.
+        /// Use this interface in --netns, a lease namespace this node created.
         #[arg(long, requires = "netns")]
         iface: Option<String>,
-        /// Lease namespace (created with --tap, default "cs-<tap>"; must exist with --iface).
+        /// Lease namespace (created with --tap, default "cs-<tap>"; with --iface, one
+        /// this node created).
         #[arg(long)]
         netns: Option<String>,
-        /// The buyer's UDP endpoint, HOST:PORT.
+        /// The buyer's UDP endpoint, HOST:PORT: the address `overlay admit` printed
+        /// on the buyer (its switch's UDP port, 7451 by default).
         #[arg(long)]
         buyer: String,
-        /// The buyer's ed25519 public key (hex).
+        /// The buyer's ed25519 public key (hex): the `public key:` line of
+        /// `cpushare-node id` run on the buyer (`overlay admit` prints it too).
         #[arg(long)]
         buyer_key: String,
         /// The guest's MAC address.
@@ -114,13 +124,23 @@ pub enum OverlayCommand {
         /// latency for up to one core while packets flow; 0 = off).
         #[arg(long)]
         busy_poll_us: Option<u64>,
+        /// Print the reply as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Seller: create an empty lease namespace (no address, no route, IPv6 off) to
+    /// plug a guest interface into (e.g. one end of a veth) before `attach --iface`;
+    /// `detach` of the guest attached in it removes it.
+    NetnsAdd {
+        /// The namespace's name.
+        name: String,
     },
     /// Seller: end a guest's session and remove what attach created.
     Detach {
         #[arg(long)]
         mac: String,
     },
-    /// List sessions with traffic and drop counters.
+    /// List sessions with traffic (by direction) and drop counters.
     Ls {
         #[arg(long)]
         json: bool,
@@ -137,6 +157,7 @@ pub fn buyer_mac(key: &overlay::PeerKey) -> MacAddr {
 struct BuyerState {
     buyer: Buyer,
     listen: SocketAddr,
+    host_ip: Ipv4Addr,
 }
 
 struct Attachment {
@@ -155,6 +176,8 @@ struct Attachment {
 struct State {
     buyer: Option<BuyerState>,
     sellers: BTreeMap<MacAddr, Attachment>,
+    /// Empty lease namespaces from `netns-add`, by name, until a guest attaches.
+    spare: BTreeMap<String, (NetNs, LeaseRecord)>,
 }
 
 type Shared = Arc<Mutex<State>>;
@@ -294,7 +317,9 @@ struct MacParams {
 fn admit(node: &Node, st: &Shared, p: AdmitParams) -> Result<Value> {
     need(node, Role::Buyer)?;
     let key = overlay::parse_peer_key(&p.key)?;
-    let mac = mac_arg(&p.mac)?;
+    let mac = unicast_mac("--mac", &p.mac)?;
+    guest_ip("--ip", p.ip)?;
+    let poll = busy_poll(p.busy_poll_us)?;
     let mut g = lock(st);
     if g.buyer.is_none() {
         let id = overlay_identity(node);
@@ -303,118 +328,322 @@ fn admit(node: &Node, st: &Shared, p: AdmitParams) -> Result<Value> {
         cfg.dns = p.host_ip;
         let core = BuyerCore::new(id, cfg)?;
         let mut io = BuyerIoConfig::new(p.listen, &p.tap);
-        io.busy_poll = busy_poll(p.busy_poll_us)?;
+        io.busy_poll = poll;
         let buyer = Buyer::start(core, io)?;
         info!(listen = %p.listen, tap = %p.tap, "overlay switch started");
         g.buyer = Some(BuyerState {
             buyer,
             listen: p.listen,
+            host_ip: p.host_ip,
         });
     }
     let b = g.buyer.as_ref().expect("started above");
     b.buyer.admit(key, mac, p.ip)?;
     info!(peer = %p.key, %mac, ip = %p.ip, "overlay guest admitted");
+    let udp = b.buyer.local_addr();
+    let endpoints = seller_endpoints(udp, b.buyer.tap_name());
     Ok(json!({
         "mac": mac.to_string(),
         "ip": p.ip.to_string(),
-        "udp": b.buyer.local_addr().to_string(),
+        "udp": udp.to_string(),
+        "seller_endpoints": endpoints.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
         "buyer_key": hex::encode(b.buyer.public_key().as_bytes()),
+        "buyer_ip": b.host_ip.to_string(),
     }))
 }
 
-fn attach(node: &Node, st: &Shared, p: AttachParams) -> Result<Value> {
-    need(node, Role::Seller)?;
-    let mac = mac_arg(&p.mac)?;
+/// The addresses a seller can reach the switch's UDP socket `udp` at. A socket bound
+/// to 0.0.0.0 is reachable at every address of this host (this network namespace)
+/// but the overlay's own tap; loopback only when there is nothing else.
+fn seller_endpoints(udp: SocketAddr, overlay_tap: &str) -> Vec<SocketAddr> {
+    if !udp.ip().is_unspecified() {
+        return vec![udp];
+    }
+    let mut out = Vec::new();
+    if let Ok(addrs) = nix::ifaddrs::getifaddrs() {
+        for a in addrs {
+            if a.interface_name == overlay_tap {
+                continue;
+            }
+            let Some(ip) = a
+                .address
+                .as_ref()
+                .and_then(|x| x.as_sockaddr_in())
+                .map(|x| x.ip())
+            else {
+                continue;
+            };
+            if ip.is_loopback() || ip.is_link_local() || ip.is_unspecified() {
+                continue;
+            }
+            let e = SocketAddr::from((ip, udp.port()));
+            if !out.contains(&e) {
+                out.push(e);
+            }
+        }
+    }
+    if out.is_empty() {
+        out.push(SocketAddr::from((Ipv4Addr::LOCALHOST, udp.port())));
+    }
+    out
+}
+
+fn bad(what: &'static str, reason: impl Into<String>) -> Error {
+    Error::BadArg {
+        what,
+        reason: reason.into(),
+    }
+}
+
+/// A guest's (or the buyer host's) MAC: unicast, not all zeros.
+fn unicast_mac(what: &'static str, s: &str) -> Result<MacAddr> {
+    let mac = mac_arg(s)?;
+    if mac.is_multicast() || mac.0 == [0; 6] {
+        return Err(bad(what, format!("{mac} is not a unicast MAC address")));
+    }
+    Ok(mac)
+}
+
+/// An overlay address a guest or host can have.
+fn guest_ip(what: &'static str, ip: Ipv4Addr) -> Result<()> {
+    if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() || ip.is_loopback() {
+        return Err(bad(what, format!("{ip} cannot be a host's address")));
+    }
+    Ok(())
+}
+
+/// Names as `ip netns` takes them (the rule overlay::io::NetNs applies).
+fn check_netns_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if !ok {
+        return Err(bad(
+            "--netns",
+            format!("{name:?} is not a namespace name (1-64 letters, digits, '-', '_', '.', not starting with '.')"),
+        ));
+    }
+    Ok(())
+}
+
+/// Interface names as the kernel takes them (IFNAMSIZ).
+fn check_ifname(what: &'static str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() < 16
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':');
+    if !ok {
+        return Err(bad(
+            what,
+            format!("{name:?} is not an interface name (1-15 characters, no '/', ':' or spaces)"),
+        ));
+    }
+    Ok(())
+}
+
+/// Everything `attach` needs, checked, before anything is created.
+struct AttachPlan {
+    mac: MacAddr,
+    buyer_addr: SocketAddr,
+    core: SellerCore,
+    io: oio::seller::SellerIoConfig,
+    port: PortPlan,
+}
+
+enum PortPlan {
+    /// Create lease namespace `netns` holding a new tap `tap`.
+    NewTap { netns: String, tap: String },
+    /// Use `iface` in `netns`, a lease namespace this node made.
+    Iface { netns: String, iface: String },
+}
+
+fn plan_attach(node: &Node, st: &Shared, p: &AttachParams) -> Result<AttachPlan> {
+    let mac = unicast_mac("--mac", &p.mac)?;
+    guest_ip("--ip", p.ip)?;
+    guest_ip("--buyer-ip", p.buyer_ip)?;
+    if p.buyer_ip == p.ip {
+        return Err(bad(
+            "--buyer-ip",
+            "the buyer host's and the guest's overlay addresses must differ",
+        ));
+    }
     let buyer_key = overlay::parse_peer_key(&p.buyer_key)?;
     let buyer_addr = p
         .buyer
         .to_socket_addrs()
-        .map_err(|e| Error::BadArg {
-            what: "--buyer",
-            reason: format!("{}: {e} (expected HOST:PORT)", p.buyer),
-        })?
+        .map_err(|e| bad("--buyer", format!("{}: {e} (expected HOST:PORT)", p.buyer)))?
         .find(|a| a.is_ipv4())
-        .ok_or_else(|| Error::BadArg {
-            what: "--buyer",
-            reason: format!("{} has no IPv4 address", p.buyer),
-        })?;
-    if lock(st).sellers.contains_key(&mac) {
-        return Err(overlay::Error::AddressConflict(format!(
-            "guest MAC {mac} is already attached"
-        ))
-        .into());
+        .ok_or_else(|| bad("--buyer", format!("{} has no IPv4 address", p.buyer)))?;
+    if buyer_addr.ip().is_unspecified() || buyer_addr.port() == 0 {
+        return Err(bad(
+            "--buyer",
+            format!("{buyer_addr} is not an address to send to: use the address `overlay admit` printed on the buyer"),
+        ));
     }
-    let mut record = None;
-    let (ns, ifname, created_tap, tap) = match (&p.tap, &p.iface) {
-        (Some(tap), None) => {
-            let nsname = p.netns.clone().unwrap_or_else(|| format!("cs-{tap}"));
-            let ns = oio::create_lease_netns(&nsname)?;
-            let t = oio::create_guest_tap(&ns, tap, true)?;
-            record = Some(LeaseRecord::create(&node.settings.data_dir, &ns, tap)?);
-            (ns, tap.clone(), true, Some(t))
-        }
-        (None, Some(iface)) => {
-            let nsname = p.netns.clone().ok_or(Error::BadArg {
-                what: "--netns",
-                reason: "--iface needs the namespace it lives in".into(),
-            })?;
-            let ns = NetNs::open(&nsname).map_err(|e| Error::BadArg {
-                what: "--netns",
-                reason: e.to_string(),
-            })?;
-            (ns, iface.clone(), false, None)
-        }
-        _ => {
-            return Err(Error::BadArg {
-                what: "--tap/--iface",
-                reason: "give exactly one of --tap NAME or --netns NS --iface NAME".into(),
-            })
-        }
-    };
-    let port = PacketPort::open_in(&ns, &ifname).map_err(shell::os(format!(
-        "opening the guest port on {ifname} in netns {}",
-        ns.name()
-    )))?;
     let mut lease = GuestLease::new(mac, p.ip, buyer_mac(&buyer_key), p.buyer_ip);
     if let Some(m) = p.max_mbit {
-        if m == 0 {
-            return Err(Error::BadArg {
-                what: "--max-mbit",
-                reason: "must be positive".into(),
-            });
+        if m == 0 || m > 1_000_000 {
+            return Err(bad("--max-mbit", "must be 1..=1000000"));
         }
         lease.limits.bytes_per_sec = m * 125_000;
         // Let a 20 ms burst through at full rate.
         lease.limits.byte_burst = lease.limits.byte_burst.max(m * 125_000 / 50);
     }
     if let Some(pps) = p.max_pps {
-        if pps == 0 {
-            return Err(Error::BadArg {
-                what: "--max-pps",
-                reason: "must be positive".into(),
-            });
+        if pps == 0 || pps > 100_000_000 {
+            return Err(bad("--max-pps", "must be 1..=100000000"));
         }
         lease.limits.packets_per_sec = pps;
         lease.limits.packet_burst = lease.limits.packet_burst.max(pps / 50);
     }
+    let io = oio::seller::SellerIoConfig {
+        busy_poll: busy_poll(p.busy_poll_us)?,
+    };
+    {
+        let g = lock(st);
+        if g.sellers.contains_key(&mac) {
+            return Err(overlay::Error::AddressConflict(format!(
+                "guest MAC {mac} is already attached"
+            ))
+            .into());
+        }
+        if let Some((m, _)) = g.sellers.iter().find(|(_, a)| a.guest_ip == p.ip) {
+            return Err(overlay::Error::AddressConflict(format!(
+                "guest IP {} is already attached (guest {m})",
+                p.ip
+            ))
+            .into());
+        }
+    }
+    let port = match (&p.tap, &p.iface) {
+        (Some(tap), None) => {
+            check_ifname("--tap", tap)?;
+            let netns = p.netns.clone().unwrap_or_else(|| format!("cs-{tap}"));
+            check_netns_name(&netns)?;
+            crate::overlay_leases::check_visible()?;
+            if std::path::Path::new("/run/netns").join(&netns).exists() {
+                return Err(overlay::Error::AddressConflict(format!(
+                    "network namespace {netns:?} already exists (another lease, or a leftover: `ip netns del {netns}`)"
+                ))
+                .into());
+            }
+            PortPlan::NewTap {
+                netns,
+                tap: tap.clone(),
+            }
+        }
+        (None, Some(iface)) => {
+            check_ifname("--iface", iface)?;
+            let netns = p
+                .netns
+                .clone()
+                .ok_or_else(|| bad("--netns", "--iface needs the lease namespace it lives in"))?;
+            check_netns_name(&netns)?;
+            if !crate::overlay_leases::is_lease_netns(&node.settings.data_dir, &netns) {
+                return Err(bad(
+                    "--netns",
+                    format!("{netns:?} is not a lease namespace this node created: the guest port reads and writes every frame of the interface, so it only takes one in a namespace made for the lease (`overlay netns-add {netns}`, or `attach --tap`)"),
+                ));
+            }
+            let ns = NetNs::open(&netns).map_err(|e| bad("--netns", e.to_string()))?;
+            let name = iface.clone();
+            ns.run(move || {
+                nix::net::if_::if_nametoindex(name.as_str()).map_err(std::io::Error::from)
+            })
+            .map_err(|_| {
+                bad(
+                    "--iface",
+                    format!("no interface {iface:?} in namespace {netns:?}"),
+                )
+            })?;
+            if lock(st)
+                .sellers
+                .values()
+                .any(|a| a.netns == netns && a.seller.ifname() == iface)
+            {
+                return Err(overlay::Error::AddressConflict(format!(
+                    "{iface} in {netns} already carries a guest"
+                ))
+                .into());
+            }
+            PortPlan::Iface {
+                netns,
+                iface: iface.clone(),
+            }
+        }
+        _ => {
+            return Err(bad(
+                "--tap/--iface",
+                "give exactly one of --tap NAME or --netns NS --iface NAME",
+            ))
+        }
+    };
     let core = SellerCore::new(
         overlay_identity(node),
         SellerConfig::new(buyer_key, buyer_addr, lease, SystemTime::now()),
     )?;
+    Ok(AttachPlan {
+        mac,
+        buyer_addr,
+        core,
+        io,
+        port,
+    })
+}
+
+fn attach(node: &Node, st: &Shared, p: AttachParams) -> Result<Value> {
+    need(node, Role::Seller)?;
+    let plan = plan_attach(node, st, &p)?;
+    let AttachPlan {
+        mac,
+        buyer_addr,
+        core,
+        io,
+        port,
+    } = plan;
     let udp = shell::bind_udp(SocketAddr::from(([0, 0, 0, 0], 0)))?;
+    // From here on things are created; each is removed again if a later step fails
+    // (an owned NetNs deletes its namespace when dropped, taking its tap along).
+    let (ns, ifname, created_tap, record) = match port {
+        PortPlan::NewTap { netns, tap } => {
+            let ns = oio::create_lease_netns(&netns)?;
+            let t = oio::create_guest_tap(&ns, &tap, true)?;
+            let record = LeaseRecord::create(&node.settings.data_dir, &ns, &tap)?;
+            // The VMM (later) opens the tap by name; until then nobody holds it.
+            drop(t);
+            (ns, tap, true, Some(record))
+        }
+        PortPlan::Iface { netns, iface } => {
+            // A namespace from `netns-add` goes with the guest; a lease's stays its own.
+            match lock(st).spare.remove(&netns) {
+                Some((ns, record)) => (ns, iface, false, Some(record)),
+                None => (
+                    NetNs::open(&netns).map_err(|e| bad("--netns", e.to_string()))?,
+                    iface,
+                    false,
+                    None,
+                ),
+            }
+        }
+    };
+    let port = PacketPort::open_in(&ns, &ifname).map_err(shell::os(format!(
+        "opening the guest port on {ifname} in netns {}",
+        ns.name()
+    )))?;
     let nsname = ns.name().to_string();
     // The seller keeps a namespace it created alive; a persistent tap is removed on detach.
-    let (keep_ns, created) = if created_tap {
+    let (keep_ns, created) = if ns.owned() {
         let again =
             NetNs::open(&nsname).map_err(|e| Error::io("reopening the lease namespace", e))?;
-        (Some(ns), Some((again, ifname.clone())))
+        (Some(ns), created_tap.then(|| (again, ifname.clone())))
     } else {
         (None, None)
-    };
-    // The VMM (later) opens the tap by name; until then nobody holds it.
-    drop(tap);
-    let io = oio::seller::SellerIoConfig {
-        busy_poll: busy_poll(p.busy_poll_us)?,
     };
     let seller = Seller::start_with(core, port, udp, keep_ns, None, io)?;
     info!(%mac, ip = %p.ip, buyer = %buyer_addr, netns = %nsname, iface = %ifname, "overlay guest attached");
@@ -431,15 +660,36 @@ fn attach(node: &Node, st: &Shared, p: AttachParams) -> Result<Value> {
             _record: record,
         },
     );
-    Ok(json!({"mac": mac.to_string(), "netns": nsname, "iface": ifname, "udp": local.to_string()}))
+    Ok(
+        json!({"mac": mac.to_string(), "netns": nsname, "iface": ifname, "tap": created_tap, "udp": local.to_string()}),
+    )
+}
+
+#[derive(Deserialize)]
+struct NetnsParams {
+    name: String,
+}
+
+/// An empty lease namespace, held until a guest attached in it is detached.
+fn netns_add(node: &Node, st: &Shared, p: NetnsParams) -> Result<Value> {
+    need(node, Role::Seller)?;
+    check_netns_name(&p.name)?;
+    crate::overlay_leases::check_visible()?;
+    let ns = oio::create_lease_netns(&p.name)?;
+    let record = LeaseRecord::create(&node.settings.data_dir, &ns, "")?;
+    info!(netns = %p.name, "empty lease namespace created");
+    lock(st).spare.insert(p.name.clone(), (ns, record));
+    Ok(json!({ "netns": p.name }))
 }
 
 fn detach(node: &Node, st: &Shared, p: MacParams) -> Result<Value> {
     need(node, Role::Seller)?;
     let mac = mac_arg(&p.mac)?;
-    let a = lock(st).sellers.remove(&mac).ok_or_else(|| Error::BadArg {
-        what: "--mac",
-        reason: format!("no guest {mac} is attached (see `overlay ls`)"),
+    let a = lock(st).sellers.remove(&mac).ok_or_else(|| {
+        bad(
+            "--mac",
+            format!("no guest {mac} is attached (see `overlay ls`)"),
+        )
     })?;
     let Attachment {
         seller,
@@ -616,6 +866,7 @@ pub fn register(router: &mut Router, node: Arc<Node>) -> OverlayHandle {
     method!("overlay.admit", admit, AdmitParams);
     method!("overlay.attach", attach, AttachParams);
     method!("overlay.detach", detach, MacParams);
+    method!("overlay.netns_add", netns_add, NetnsParams);
     method!("overlay.revoke", revoke, MacParams);
     {
         let st = st.clone();
@@ -630,29 +881,37 @@ pub fn register(router: &mut Router, node: Arc<Node>) -> OverlayHandle {
 
 /// Client side of `cpushare-node overlay ...`.
 pub fn run_cli(settings: &Settings, cmd: OverlayCommand) -> Result<ExitCode> {
-    let (method, params) = match &cmd {
+    // Every flag is checked here first: a mistake costs no round trip and creates
+    // nothing (the daemon checks again, before it creates anything).
+    let (method, params, need) = match &cmd {
         OverlayCommand::Admit {
             key,
             mac,
             ip,
-            listen,
+            udp_listen,
             tap,
             host_ip,
             busy_poll_us,
+            ..
         } => {
             overlay::parse_peer_key(key)?;
-            mac_arg(mac)?;
+            unicast_mac("--mac", mac)?;
+            guest_ip("--ip", *ip)?;
             let a = settings
                 .overlay
-                .admit(*listen, tap.clone(), *host_ip, *busy_poll_us);
+                .admit(*udp_listen, tap.clone(), *host_ip, *busy_poll_us);
+            check_ifname("--tap", &a.tap)?;
+            guest_ip("--host-ip", a.host_ip)?;
+            busy_poll(a.busy_poll_us)?;
             (
                 "overlay.admit",
                 json!({"key": key, "mac": mac, "ip": ip, "listen": a.listen, "tap": a.tap, "host_ip": a.host_ip, "busy_poll_us": a.busy_poll_us}),
+                Need::Buyer,
             )
         }
         OverlayCommand::Revoke { mac } => {
             mac_arg(mac)?;
-            ("overlay.revoke", json!({ "mac": mac }))
+            ("overlay.revoke", json!({ "mac": mac }), Need::Buyer)
         }
         OverlayCommand::Attach {
             tap,
@@ -666,36 +925,112 @@ pub fn run_cli(settings: &Settings, cmd: OverlayCommand) -> Result<ExitCode> {
             max_mbit,
             max_pps,
             busy_poll_us,
+            ..
         } => {
             overlay::parse_peer_key(buyer_key)?;
-            mac_arg(mac)?;
-            if tap.is_none() && iface.is_none() {
-                return Err(Error::BadArg {
-                    what: "--tap/--iface",
-                    reason: "give --tap NAME, or --netns NS --iface NAME".into(),
-                });
+            unicast_mac("--mac", mac)?;
+            guest_ip("--ip", *ip)?;
+            match (tap, iface) {
+                (Some(t), None) => check_ifname("--tap", t)?,
+                (None, Some(i)) => check_ifname("--iface", i)?,
+                _ => {
+                    return Err(bad(
+                        "--tap/--iface",
+                        "give --tap NAME, or --netns NS --iface NAME",
+                    ))
+                }
+            }
+            if let Some(n) = netns {
+                check_netns_name(n)?;
             }
             let a = settings
                 .overlay
                 .attach(*buyer_ip, *max_mbit, *max_pps, *busy_poll_us);
+            guest_ip("--buyer-ip", a.buyer_ip)?;
+            busy_poll(a.busy_poll_us)?;
             (
                 "overlay.attach",
                 json!({"tap": tap, "iface": iface, "netns": netns, "buyer": buyer, "buyer_key": buyer_key, "mac": mac, "ip": ip, "buyer_ip": a.buyer_ip, "max_mbit": a.max_mbit, "max_pps": a.max_pps, "busy_poll_us": a.busy_poll_us}),
+                Need::Seller,
             )
+        }
+        OverlayCommand::NetnsAdd { name } => {
+            check_netns_name(name)?;
+            ("overlay.netns_add", json!({ "name": name }), Need::Seller)
         }
         OverlayCommand::Detach { mac } => {
             mac_arg(mac)?;
-            ("overlay.detach", json!({ "mac": mac }))
+            ("overlay.detach", json!({ "mac": mac }), Need::Seller)
         }
-        OverlayCommand::Ls { .. } => ("overlay.ls", Value::Null),
+        OverlayCommand::Ls { .. } => ("overlay.ls", Value::Null, Need::Any),
     };
-    let mut client = Client::connect(&settings.control_socket(), &settings.data_dir)?;
+    let mut client = Client::connect_as(&settings.control_socket(), &settings.data_dir, need)?;
     let v = client.call(method, params, |_| {})?;
     match cmd {
         OverlayCommand::Ls { json: false } => print_ls(&v),
+        OverlayCommand::Admit { json: false, .. } => print_admit(&v),
+        OverlayCommand::Attach { json: false, .. } => print_attach(&v),
         _ => println!("{}", serde_json::to_string(&v).expect("json")),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn text(v: &Value) -> String {
+    v.as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| v.to_string())
+}
+
+/// What the seller needs to attach the guest: the buyer's reachable address (not
+/// the 0.0.0.0 the switch binds), its key and its overlay address.
+fn print_admit(v: &Value) {
+    let endpoints: Vec<String> = v["seller_endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(text)
+        .collect();
+    let first = endpoints
+        .first()
+        .cloned()
+        .unwrap_or_else(|| text(&v["udp"]));
+    println!(
+        "admitted guest {} ({}); the switch listens on UDP {}",
+        text(&v["mac"]),
+        text(&v["ip"]),
+        text(&v["udp"])
+    );
+    println!("on the seller, attach the guest with:");
+    println!(
+        "  cpushare-node overlay attach --tap TAP --buyer {first} --buyer-key {} --buyer-ip {} --mac {} --ip {}",
+        text(&v["buyer_key"]),
+        text(&v["buyer_ip"]),
+        text(&v["mac"]),
+        text(&v["ip"])
+    );
+    if endpoints.len() > 1 {
+        println!(
+            "(--buyer: whichever of {} the seller reaches)",
+            endpoints.join(", ")
+        );
+    }
+}
+
+fn print_attach(v: &Value) {
+    println!(
+        "attached guest {} on {} in lease namespace {}",
+        text(&v["mac"]),
+        text(&v["iface"]),
+        text(&v["netns"])
+    );
+    if v["tap"] == true {
+        println!(
+            "start its VMM with: cpushare-node vm run --tap {} --mac {} ... (opens the tap in {})",
+            text(&v["iface"]),
+            text(&v["mac"]),
+            text(&v["netns"])
+        );
+    }
 }
 
 fn print_ls(v: &Value) {
@@ -713,7 +1048,7 @@ fn print_ls(v: &Value) {
         );
         for g in sw["guests"].as_array().into_iter().flatten() {
             println!(
-                "  {} {:<15} peer {}…  {}  endpoint {}  rx {} tx {} frames  drops {}",
+                "  {} {:<15} peer {}…  {}  endpoint {}  frames from guest {} to guest {}  drops {}",
                 s(&g["mac"]),
                 s(&g["ip"]),
                 &s(&g["peer"])[..16.min(s(&g["peer"]).len())],
@@ -732,7 +1067,7 @@ fn print_ls(v: &Value) {
     let guests = v["guests"].as_array().cloned().unwrap_or_default();
     for g in &guests {
         println!(
-            "guest {} {:<15} {}:{}  buyer {}  {}  rx {} tx {} frames  drops {}",
+            "guest {} {:<15} {}:{}  buyer {}  {}  frames to guest {} from guest {}  drops {}",
             s(&g["mac"]),
             s(&g["ip"]),
             s(&g["netns"]),

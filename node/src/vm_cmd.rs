@@ -9,8 +9,9 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::{json, Value};
@@ -21,10 +22,22 @@ use crate::config::Settings;
 use crate::control::Client;
 use crate::error::{Error, Result};
 
+/// `vm run --help` lists these; [`exit_status`] implements them.
+const EXIT_STATUSES: &str = "\
+Exit status:
+  0    the guest powered off
+  1    an error, or the guest or its VMM crashed
+  3    the guest reset (rebooted); guests are not restarted
+  4    the firmware found nothing to boot (it reset before the guest wrote anything)
+  124  --timeout ran out: the guest was stopped (shut down, or killed after --grace)
+  130  stopped on request (Ctrl-C or SIGTERM): the guest shut down within --grace
+  137  stopped on request: the guest did not shut down within --grace and was killed";
+
 #[derive(Debug, Subcommand)]
 pub enum VmCommand {
-    /// Boot a guest here and print its serial console; exits with the guest
-    /// (0 powered off, 124 time limit, 3 reset, 1 crashed).
+    /// Boot a guest here and print its serial console; exits with the guest (the
+    /// exit statuses are listed in `vm run --help`).
+    #[command(after_help = EXIT_STATUSES)]
     Run(RunArgs),
 }
 
@@ -42,7 +55,8 @@ pub struct RunArgs {
     #[arg(long, requires = "kernel")]
     pub initrd: Option<PathBuf>,
 
-    /// Kernel command line (replaces a direct-boot image's own).
+    /// Kernel command line (replaces a direct-boot image's own). Direct boot only: a
+    /// disk or ISO boots its own loader's command line, so --append is refused there.
     #[arg(long)]
     pub append: Option<String>,
 
@@ -90,13 +104,24 @@ pub struct RunArgs {
     #[arg(long, default_value = "qemu-system-x86_64")]
     pub qemu: PathBuf,
 
-    /// Stop the guest after this many seconds.
+    /// Stop the guest after this many seconds (exit status 124).
     #[arg(long)]
     pub timeout: Option<u64>,
 
-    /// Plug the NIC into this existing tap interface.
+    /// Seconds a guest asked to stop (Ctrl-C, SIGTERM, --timeout) gets to shut down
+    /// before it is killed.
+    #[arg(long, default_value_t = 5)]
+    pub grace: u64,
+
+    /// Plug the NIC into this tap: one that `overlay attach --tap` made (it is
+    /// opened in its lease namespace), or an existing tap of this namespace.
     #[arg(long)]
     pub tap: Option<String>,
+
+    /// The network namespace holding --tap [default: the lease namespace that
+    /// `overlay attach --tap` of this data dir made for it].
+    #[arg(long, requires = "tap")]
+    pub netns: Option<String>,
 
     /// The NIC's MAC address.
     #[arg(long, default_value = "02:00:00:00:00:01", requires = "tap")]
@@ -171,7 +196,36 @@ fn existing_file(what: &'static str, p: &Path) -> Result<PathBuf> {
 
 use crate::guest_files::{fd_path, Prepared};
 
+/// Flags that only make sense for some boots, checked once the boot is known and
+/// before anything is materialised. `what` names the thing booted.
+fn check_boot_flags(args: &RunArgs, direct: bool, what: &str) -> Result<()> {
+    if direct {
+        return Ok(());
+    }
+    if args.append.is_some() {
+        return Err(bad(
+            "--append",
+            format!("{what} boots through firmware and its own boot loader, which never sees --append: drop it (change the command line in the image's loader configuration) or boot a kernel directly with --kernel"),
+        ));
+    }
+    if args.backend == BackendArg::Microvm {
+        return Err(bad(
+            "--backend microvm",
+            format!("{what} needs firmware to boot, and the microvm backend only boots a kernel directly: use --backend qemu (or auto)"),
+        ));
+    }
+    Ok(())
+}
+
 fn prepare_from_files(args: &RunArgs) -> Result<Prepared> {
+    let what = if args.iso.is_some() {
+        "an ISO image"
+    } else {
+        "a disk image"
+    };
+    if args.kernel.is_none() && (args.iso.is_some() || args.disk.is_some()) {
+        check_boot_flags(args, false, what)?;
+    }
     let disk = match &args.disk {
         Some(p) => {
             existing_file("--disk", p)?;
@@ -231,7 +285,18 @@ fn prepare_from_store(settings: &Settings, args: &RunArgs, id_hex: &str) -> Resu
         }
         Err(e) => return Err(e.into()),
     };
+    if let Some(m) = store.get_manifest(id)? {
+        let m = m.manifest();
+        check_boot_flags(args, m.boot.is_some(), &image_what(m.format))?;
+    }
     crate::guest_files::from_store(&store, id, &tmp, cap, args.append.clone())
+}
+
+fn image_what(format: chunks::ImageFormat) -> String {
+    match format {
+        chunks::ImageFormat::Iso => "this ISO image".into(),
+        _ => "this disk image".into(),
+    }
 }
 
 /// The daemon holds the store: it exports the image to a private path, which we open
@@ -262,6 +327,12 @@ fn prepare_via_daemon(
                 Error::Control(format!("unreadable boot info from the daemon: {e}"))
             })?),
         };
+    let what = if info["format"].as_str() == Some("iso") {
+        "this ISO image"
+    } else {
+        "this disk image"
+    };
+    check_boot_flags(args, boot_info.is_some(), what)?;
     if let (Some(cap), Some(size)) = (cap, info["size"].as_u64()) {
         if size > cap {
             return Err(vm::Error::ImageTooLarge { size, cap }.into());
@@ -354,10 +425,134 @@ extern "C" fn on_signal(_: libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
 }
 
+/// Why we asked the guest to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopCause {
+    Request,
+    TimeLimit,
+}
+
+/// A stop we asked for, and whether the guest had to be killed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stop {
+    cause: StopCause,
+    killed: bool,
+}
+
+/// The exit status and the line for stderr (see [`EXIT_STATUSES`]). `firmware_silent`:
+/// firmware booted the guest and it wrote nothing to its console.
+fn exit_status(
+    exit: &GuestExit,
+    stop: Option<Stop>,
+    firmware_silent: bool,
+    grace: Duration,
+) -> (u8, String) {
+    let g = grace.as_secs();
+    match (exit, stop) {
+        (GuestExit::Crashed(why), _) => (1, format!("guest crashed: {why}")),
+        (
+            _,
+            Some(Stop {
+                cause: StopCause::TimeLimit,
+                killed: false,
+            }),
+        ) => (
+            124,
+            "time limit reached: the guest was stopped and shut down".into(),
+        ),
+        (
+            _,
+            Some(Stop {
+                cause: StopCause::TimeLimit,
+                killed: true,
+            }),
+        ) => (
+            124,
+            format!("time limit reached: the guest did not shut down within {g} s and was killed"),
+        ),
+        (
+            _,
+            Some(Stop {
+                cause: StopCause::Request,
+                killed: false,
+            }),
+        ) => (130, "guest stopped on request: it shut down".into()),
+        (
+            _,
+            Some(Stop {
+                cause: StopCause::Request,
+                killed: true,
+            }),
+        ) => (
+            137,
+            format!("guest stopped on request: it did not shut down within {g} s and was killed"),
+        ),
+        (GuestExit::PoweredOff, None) => (0, "guest powered off".into()),
+        (GuestExit::Reset, None) if firmware_silent => (
+            4,
+            "the firmware found nothing to boot: it reset before the guest wrote anything to \
+             its console (is the disk bootable? a BIOS boot sector or GRUB on an MBR disk is \
+             needed)"
+                .into(),
+        ),
+        (GuestExit::Reset, None) => (3, "guest reset (rebooted); it is not restarted".into()),
+        (GuestExit::LimitReached, None) => (124, exit.to_string()),
+        (GuestExit::Stopped, None) => (130, exit.to_string()),
+    }
+}
+
+/// The guest's NIC: `--tap` opened where it lives. A tap that `overlay attach --tap`
+/// made lives in its lease namespace, where a VMM opening it by name would not find it
+/// (it would make a new, unconnected tap in its own namespace instead), so we open it
+/// there and hand the VMM the fd.
+fn guest_net(settings: &Settings, args: &RunArgs) -> Result<Option<NetSpec>> {
+    let Some(name) = &args.tap else {
+        return Ok(None);
+    };
+    let mac = parse_mac(&args.mac)?;
+    let netns = args
+        .netns
+        .clone()
+        .or_else(|| crate::overlay_leases::netns_of_tap(&settings.data_dir, name));
+    let tap = match netns {
+        Some(ns_name) => {
+            let ns =
+                overlay::io::NetNs::open(&ns_name).map_err(|e| bad("--netns", e.to_string()))?;
+            let n = name.clone();
+            let fd = ns
+                .run(move || {
+                    nix::net::if_::if_nametoindex(n.as_str()).map_err(std::io::Error::from)?;
+                    // A vnet header, as qemu asks for when it opens a tap by name.
+                    let opts = overlay::io::TapOptions { offload: true };
+                    Ok(overlay::io::Tap::create(&n, opts)?.into_fd())
+                })
+                .map_err(|e| {
+                    bad(
+                        "--tap",
+                        format!("opening tap {name} in namespace {ns_name}: {e}"),
+                    )
+                })?;
+            Tap::Fd(fd)
+        }
+        None => {
+            if nix::net::if_::if_nametoindex(name.as_str()).is_err() {
+                return Err(bad(
+                    "--tap",
+                    format!("no tap {name}: `cpushare-node overlay attach --tap {name} ...` on the seller daemon of this data dir makes one (connected to a buyer) in a lease namespace; or give --netns NS for a tap in another namespace"),
+                ));
+            }
+            Tap::Name(name.clone())
+        }
+    };
+    Ok(Some(NetSpec { tap, mac }))
+}
+
 fn run_guest(settings: &Settings, args: RunArgs) -> Result<ExitCode> {
     if args.vcpus == 0 {
         return Err(bad("--vcpus", "must be at least 1"));
     }
+    // The NIC first: a bad --mac or a missing tap costs no image materialisation.
+    let net = guest_net(settings, &args)?;
     let prepared = match &args.image {
         Some(id) => {
             if args.kernel.is_some() || args.disk.is_some() || args.iso.is_some() {
@@ -376,6 +571,11 @@ fn run_guest(settings: &Settings, args: RunArgs) -> Result<ExitCode> {
         keep,
         reserved,
     } = prepared;
+    let firmware = !matches!(boot, Boot::Direct { .. });
+    if let (Boot::Disk, Some(d)) = (&boot, &disk) {
+        // Before starting: firmware would halt on it with a blank console.
+        vm::disk_check::check_bootable(d)?;
+    }
 
     let mut spec = GuestSpec::new("vm-run", boot);
     spec.vcpus = args.vcpus;
@@ -390,14 +590,11 @@ fn run_guest(settings: &Settings, args: RunArgs) -> Result<ExitCode> {
         },
     });
     spec.disk_cap_bytes = args.disk_cap_mib.map(|m| m << 20);
-    spec.wall_clock_limit = args.timeout.map(Duration::from_secs);
-    spec.shutdown_grace = Duration::from_secs(5);
-    if let Some(tap) = &args.tap {
-        spec.net = Some(NetSpec {
-            tap: Tap::Name(tap.clone()),
-            mac: parse_mac(&args.mac)?,
-        });
-    }
+    // The time limit is ours (below), so that its stop is told apart from a kill.
+    spec.wall_clock_limit = None;
+    let grace = Duration::from_secs(args.grace);
+    spec.shutdown_grace = grace;
+    spec.net = net;
     if let Some(p) = &args.serial_log {
         let f =
             File::create(p).map_err(|e| bad("--serial-log", format!("{}: {e}", p.display())))?;
@@ -450,6 +647,7 @@ fn run_guest(settings: &Settings, args: RunArgs) -> Result<ExitCode> {
     }
 
     let mut guest = backend.start(spec)?;
+    let started = Instant::now();
     // Ctrl-C / SIGTERM: ask the guest to shut down (then kill after the grace).
     // SAFETY: the handler only stores to an atomic.
     unsafe {
@@ -457,23 +655,44 @@ fn run_guest(settings: &Settings, args: RunArgs) -> Result<ExitCode> {
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
     let console = guest.take_console();
+    let console_bytes = Arc::new(AtomicU64::new(0));
+    let seen = console_bytes.clone();
     let printer = console.map(|rx| {
         std::thread::spawn(move || {
             let mut out = std::io::stdout().lock();
             for chunk in rx {
+                seen.fetch_add(chunk.len() as u64, Ordering::Relaxed);
                 if out.write_all(&chunk).and_then(|_| out.flush()).is_err() {
                     break;
                 }
             }
         })
     });
-    let exit = loop {
+    let limit = args.timeout.map(Duration::from_secs);
+    let (exit, stop) = loop {
         if let Some(exit) = guest.wait_timeout(Duration::from_millis(100))? {
-            break exit;
+            break (exit, None);
         }
-        if INTERRUPTED.swap(false, Ordering::SeqCst) {
-            eprintln!("vm: stopping the guest");
-            break guest.stop(Duration::from_secs(5))?;
+        let cause = if INTERRUPTED.swap(false, Ordering::SeqCst) {
+            Some(StopCause::Request)
+        } else if limit.is_some_and(|l| started.elapsed() >= l) {
+            Some(StopCause::TimeLimit)
+        } else {
+            None
+        };
+        if let Some(cause) = cause {
+            if !args.quiet {
+                eprintln!(
+                    "vm: stopping the guest (it has {} s to shut down)",
+                    args.grace
+                );
+            }
+            let asked = Instant::now();
+            let exit = guest.stop(grace)?;
+            // The backend kills the guest when the grace runs out, not before: an
+            // answer that took the whole grace is a kill.
+            let killed = asked.elapsed() >= grace;
+            break (exit, Some(Stop { cause, killed }));
         }
     };
     if let Some(p) = printer {
@@ -482,10 +701,12 @@ fn run_guest(settings: &Settings, args: RunArgs) -> Result<ExitCode> {
     drop(guest);
     drop(keep);
     drop(reserved);
-    if !args.quiet || matches!(exit, GuestExit::Crashed(_)) {
-        eprintln!("vm: {exit}");
+    let silent = firmware && console_bytes.load(Ordering::Relaxed) == 0;
+    let (code, line) = exit_status(&exit, stop, silent, grace);
+    if !args.quiet || !matches!(code, 0 | 124 | 130) {
+        eprintln!("vm: {line}");
     }
-    Ok(ExitCode::from(exit.exit_code().clamp(0, 255) as u8))
+    Ok(ExitCode::from(code))
 }
 
 #[cfg(test)]
@@ -603,6 +824,58 @@ mod tests {
         .err()
         .unwrap();
         assert!(e.to_string().contains("larger"), "{e}");
+    }
+
+    #[test]
+    fn exit_statuses_tell_the_endings_apart() {
+        let g = Duration::from_secs(5);
+        let st = |e: GuestExit, stop: Option<Stop>, silent| exit_status(&e, stop, silent, g).0;
+        let stop = |cause, killed| Some(Stop { cause, killed });
+        assert_eq!(st(GuestExit::PoweredOff, None, false), 0);
+        assert_eq!(st(GuestExit::Crashed("x".into()), None, false), 1);
+        assert_eq!(st(GuestExit::Reset, None, false), 3);
+        assert_eq!(st(GuestExit::Reset, None, true), 4);
+        let limit = StopCause::TimeLimit;
+        assert_eq!(st(GuestExit::Stopped, stop(limit, false), false), 124);
+        assert_eq!(st(GuestExit::Stopped, stop(limit, true), false), 124);
+        let req = StopCause::Request;
+        assert_eq!(st(GuestExit::Stopped, stop(req, false), false), 130);
+        assert_eq!(st(GuestExit::Stopped, stop(req, true), false), 137);
+        // A panic while stopping is a crash, whatever we asked for.
+        assert_eq!(
+            st(GuestExit::Crashed("p".into()), stop(req, true), false),
+            1
+        );
+        // Every status the code returns is documented in --help.
+        for code in [0, 1, 3, 4, 124, 130, 137] {
+            assert!(
+                EXIT_STATUSES.contains(&format!("\n  {code} ")),
+                "{code} undocumented"
+            );
+        }
+        let (_, line) = exit_status(&GuestExit::Stopped, stop(req, true), false, g);
+        assert!(line.contains("within 5 s and was killed"), "{line}");
+    }
+
+    #[test]
+    fn append_and_microvm_are_refused_for_firmware_boots_before_anything_is_read() {
+        let e = prepare_from_files(&run_args(&["--disk", "/nonexistent", "--append", "x"]))
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("--append"), "{e}");
+        let e = prepare_from_files(&run_args(&[
+            "--iso",
+            "/nonexistent",
+            "--backend",
+            "microvm",
+        ]))
+        .err()
+        .unwrap();
+        assert!(
+            e.to_string()
+                .contains("microvm backend only boots a kernel"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -498,9 +498,9 @@ impl Drop for Capture {
     }
 }
 
-/// Internet checksum.
+/// Internet checksum (the overlay's one implementation).
 pub fn csum(data: &[u8]) -> u16 {
-    ::overlay::io::offload::csum_fold(::overlay::io::offload::csum_add(0, data))
+    ::overlay::checksum::checksum(data)
 }
 
 pub fn eth(dst: MacAddr, src: MacAddr, ethertype: u16, payload: &[u8]) -> Vec<u8> {

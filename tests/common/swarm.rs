@@ -30,8 +30,12 @@ impl Peer {
     }
 }
 
+/// The test-fault switch of a scripted bad peer (`CPUSHARE_TEST_FAULT=...` in `env`).
+const FAULT_ENV: &str = "CPUSHARE_TEST_FAULT=";
+
 /// Starts a daemon on loopback. `env` entries (`K=V`) are set for it only (the
-/// test-fault switch of a scripted bad peer goes here).
+/// test-fault switch of a scripted bad peer goes here: the daemon must then show
+/// the fault in `status`, which only a build with the `test-faults` feature does).
 pub fn spawn(dir: &Path, role: &str, bootstrap: &[String], env: &[&str]) -> Result<Peer> {
     let addr = format!("/ip4/127.0.0.1/tcp/{}", free_port());
     let mut extra: Vec<String> = vec!["--listen".into(), addr.clone()];
@@ -46,6 +50,18 @@ pub fn spawn(dir: &Path, role: &str, bootstrap: &[String], env: &[&str]) -> Resu
         wrap.extend_from_slice(env);
     }
     let proc = NodeProc::spawn(&wrap, dir, role, &extra_ref)?;
+    if let Some(fault) = env.iter().find_map(|e| e.strip_prefix(FAULT_ENV)) {
+        let shown = proc.status()?["p2p"]["test_fault"].clone();
+        if shown != fault {
+            bail!(
+                "the daemon does not inject {fault:?} (status shows {shown}): \
+                 {} was built without the `test-faults` feature; build it with \
+                 `cargo build -p node --features test-faults` (a workspace build with \
+                 the tests, as CI does, turns it on)",
+                crate::node_bin().display()
+            );
+        }
+    }
     Ok(Peer { proc, addr })
 }
 

@@ -38,6 +38,10 @@ pub enum Error {
     #[error("image is {size} bytes, larger than the disk cap of {cap} bytes: shrink the image or raise the cap")]
     ImageTooLarge { size: u64, cap: u64 },
 
+    /// Firmware could not boot this disk (see [`crate::disk_check`]).
+    #[error("the disk cannot boot: {reason}; check the image (or boot it with --kernel)")]
+    DiskNotBootable { reason: String },
+
     /// The guest spec is inconsistent (e.g. firmware boot without a disk).
     #[error("invalid guest spec: {0}")]
     InvalidSpec(String),
@@ -68,6 +72,18 @@ pub enum Error {
     /// Guest memory could not be allocated (mmap failed, overcommit refused).
     #[error("cannot allocate {requested_mib} MiB of guest memory: {reason}; lower the lease's memory or free host memory")]
     MemoryUnavailable { requested_mib: u64, reason: String },
+
+    /// Setting up a VMM's jail failed (cgroups, namespaces, ids, capabilities).
+    #[error(
+        "jailing the VMM: {step}: {source}; the seller needs root or CAP_SYS_ADMIN, \
+         CAP_SETUID, CAP_SETGID, CAP_SETPCAP, CAP_MKNOD, CAP_CHOWN and a writable (delegated) \
+         cgroup, or set [seller] jail = \"off\""
+    )]
+    Jail {
+        step: String,
+        #[source]
+        source: std::io::Error,
+    },
 
     /// An I/O error, with what we were doing.
     #[error("{context}: {source}")]

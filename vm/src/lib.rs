@@ -10,7 +10,9 @@
 
 pub mod auto;
 pub mod backend;
+pub mod disk_check;
 pub mod error;
+pub mod jail;
 pub mod kvm_probe;
 pub mod microvm;
 pub mod qemu;

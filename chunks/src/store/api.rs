@@ -288,26 +288,24 @@ impl ChunkStore {
     }
 
     /// Persist access times, make chunk renames durable and flush the
-    /// index to disk (fsync).
+    /// index to disk (fsync). Access times go to the `recency` file, not to
+    /// sled (see [`super::recency`]), so reading an image never grows the index.
     pub fn flush(&self) -> Result<()> {
         self.inner.files.sync_dirs()?;
-        let dirty: Vec<(ChunkId, u32, u64)> = {
+        // One save at a time, so an older snapshot never lands after a newer one.
+        let _one = self.inner.recency.lock().unwrap_or_else(|p| p.into_inner());
+        let ticks: Option<Vec<(ChunkId, u64)>> = {
             let mut st = self.state();
-            let ids = std::mem::take(&mut st.dirty);
-            ids.into_iter()
-                .filter_map(|id| st.entries.get(&id).map(|e| (id, e.size, e.tick)))
-                .collect()
+            std::mem::take(&mut st.dirty)
+                .then(|| st.entries.iter().map(|(id, e)| (*id, e.tick)).collect())
         };
-        let logged = dirty.len() as u64 * META_LOGGED;
-        self.write(logged, true, move |t| {
-            for (id, size, tick) in dirty {
-                // Update only entries still present: an evicted chunk's
-                // meta must not come back.
-                t.meta
-                    .fetch_and_update(id.0, |old| old.map(|_| meta_value(size, tick).to_vec()))
-                    .map_err(|e| t.err(e))?;
+        if let Some(ticks) = ticks {
+            // Advisory: a failed save costs only LRU order after a restart.
+            if let Err(e) = super::recency::save(&self.inner.path, &ticks) {
+                warn!(path = %self.inner.path.display(), error = %e, "saving the chunk store's access order failed");
+                self.state().dirty = true;
             }
-            Ok(())
-        })
+        }
+        self.write(0, true, |_| Ok(()))
     }
 }

@@ -1,8 +1,9 @@
 //! Size accounting and LRU eviction.
 //!
-//! Access recency is kept in memory (a logical clock) and written to `meta`
-//! on [`ChunkStore::flush`]; after a crash the order is slightly stale, which
-//! only affects which unpinned chunk goes first. Chunks of pinned images and
+//! Access recency is kept in memory (a logical clock) and saved to the
+//! `recency` file on [`ChunkStore::flush`] (see [`super::recency`]); after a
+//! crash the order is slightly stale, which only affects which unpinned chunk
+//! goes first. Chunks of pinned images and
 //! chunks an import is writing are never evicted.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -34,8 +35,8 @@ pub(super) struct State {
     pub(super) pinned_chunks: HashMap<ChunkId, u32>,
     /// Chunk -> number of in-progress imports holding it.
     pub(super) holds: HashMap<ChunkId, u32>,
-    /// Chunks whose access tick changed since the last flush.
-    pub(super) dirty: HashSet<ChunkId>,
+    /// An access tick changed since the last flush.
+    pub(super) dirty: bool,
     pub(super) bad_removed: u64,
 }
 
@@ -56,7 +57,7 @@ impl State {
         if let Some(e) = self.entries.get_mut(&id) {
             self.lru.remove(&(e.tick, id));
             e.tick = t;
-            self.dirty.insert(id);
+            self.dirty = true;
             self.lru.insert((t, id));
         }
     }
@@ -71,12 +72,23 @@ impl State {
         self.tick = self.tick.max(tick);
     }
 
+    /// Move a chunk to access time `tick` if that is later than its own.
+    pub(super) fn raise_tick(&mut self, id: ChunkId, tick: u64) {
+        if let Some(e) = self.entries.get_mut(&id) {
+            if tick > e.tick {
+                self.lru.remove(&(e.tick, id));
+                e.tick = tick;
+                self.lru.insert((tick, id));
+                self.tick = self.tick.max(tick);
+            }
+        }
+    }
+
     pub(super) fn remove(&mut self, id: &ChunkId) {
         if let Some(old) = self.entries.remove(id) {
             self.lru.remove(&(old.tick, *id));
             self.size -= old.size as u64;
         }
-        self.dirty.remove(id);
     }
 
     pub(super) fn is_pinned_image(&self, id: &ImageId) -> bool {

@@ -6,8 +6,10 @@
 //!   fanned out by the id's first byte. Deleting a file frees its space at
 //!   once, so the bytes on disk follow the cap (see [`files`]).
 //! - `tmp/`: chunk files being written (emptied at open).
+//! - `recency`: the LRU order (chunk id -> last-access tick), one flat file
+//!   rewritten on flush ([`recency`]).
 //! - `index/`: a sled database with small values only:
-//!   `meta` (chunk id -> size u32 LE + last-access tick u64 LE),
+//!   `meta` (chunk id -> size u32 LE + the tick it was stored at, u64 LE),
 //!   `manifests` (image id -> encoded signed manifest), `pins` (image id ->
 //!   empty, persistent pins) and `layout` (format marker).
 //!
@@ -42,6 +44,7 @@ mod files;
 mod lru;
 mod migrate;
 mod pins;
+mod recency;
 mod reserve;
 mod verify;
 mod writer;
@@ -129,6 +132,8 @@ struct Inner {
     state: Mutex<State>,
     /// Serialises pinned-set rebuilds so the last one sees every pin change.
     repin: Mutex<()>,
+    /// Serialises saves of the `recency` file.
+    recency: Mutex<()>,
     writer: Writer,
 }
 
@@ -164,6 +169,7 @@ impl ChunkStore {
                 cap: cap_bytes,
                 state: Mutex::new(State::default()),
                 repin: Mutex::new(()),
+                recency: Mutex::new(()),
                 writer,
             }),
         };

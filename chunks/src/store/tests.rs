@@ -811,3 +811,77 @@ fn old_layout_without_room_to_convert_is_refused_with_what_to_do() {
     assert_eq!(s.chunk_count(), 20);
     assert!(!dir.join("db").exists());
 }
+
+/// Bytes the files under `p` take on disk.
+fn dir_bytes(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut n = 0;
+    for e in std::fs::read_dir(p).unwrap().flatten() {
+        let m = e.metadata().unwrap();
+        n += if m.is_dir() {
+            dir_bytes(&e.path())
+        } else {
+            m.blocks() * 512
+        };
+    }
+    n
+}
+
+/// Reading an image again and again (a guest run, an export, a re-import of the
+/// same disk) does not grow the store: access times used to be written into
+/// sled on every flush, which grew its log by ~100 bytes per chunk read, each
+/// time (measured here before the fix: +310 KiB per round of 3,000 chunks).
+#[test]
+fn reading_chunks_again_and_again_does_not_grow_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = ChunkStore::open(dir.path(), UNLIMITED).unwrap();
+    let cs: Vec<_> = (0..3000u64).map(|i| chunk(10_000 + i, 64)).collect();
+    for (id, d) in &cs {
+        s.put_chunk_inner(id, d, false, false).unwrap();
+    }
+    s.flush().unwrap();
+    let mut sizes = Vec::new();
+    for _ in 0..4 {
+        for (id, _) in &cs {
+            s.get_chunk(id).unwrap().unwrap();
+        }
+        // Re-importing the same chunks touches them the same way.
+        for (id, d) in &cs {
+            assert!(!s.put_chunk_inner(id, d, false, false).unwrap());
+        }
+        s.flush().unwrap();
+        sizes.push(dir_bytes(dir.path()));
+    }
+    let (first, last) = (sizes[0], *sizes.last().unwrap());
+    assert!(
+        last <= first + (64 << 10),
+        "store grew from {first} to {last} bytes over 3 more rounds: {sizes:?}"
+    );
+    // The order was saved all the same: the first chunk read last is the newest.
+    s.get_chunk(&cs[0].0).unwrap();
+    s.flush().unwrap();
+    drop(s);
+    let s = ChunkStore::open(dir.path(), UNLIMITED).unwrap();
+    let st = s.state();
+    let newest = st.lru.iter().next_back().unwrap().1;
+    assert_eq!(newest, cs[0].0);
+}
+
+/// A garbled or missing `recency` file costs only the saved order.
+#[test]
+fn a_bad_recency_file_is_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let (id, d) = chunk(77, 1000);
+    {
+        let s = ChunkStore::open(dir.path(), UNLIMITED).unwrap();
+        s.put_chunk(&id, &d).unwrap();
+        s.get_chunk(&id).unwrap();
+        s.flush().unwrap();
+    }
+    assert!(super::recency::path(dir.path()).exists());
+    std::fs::write(super::recency::path(dir.path()), b"garbage").unwrap();
+    std::fs::write(dir.path().join(".recency-half"), b"x").unwrap();
+    let s = ChunkStore::open(dir.path(), UNLIMITED).unwrap();
+    assert_eq!(s.get_chunk(&id).unwrap().unwrap(), d);
+    assert!(!dir.path().join(".recency-half").exists());
+}

@@ -72,6 +72,11 @@ impl ChunkStore {
         for (id, n) in &adopt {
             st.insert(*id, *n, 0);
         }
+        // The LRU order saved by the last flush.
+        super::recency::clean(&self.inner.path);
+        for (id, tick) in super::recency::load(&self.inner.path) {
+            st.raise_tick(id, tick);
+        }
         if !drop_keys.is_empty() || !adopt.is_empty() {
             info!(
                 adopted = adopt.len(),

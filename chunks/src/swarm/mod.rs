@@ -2,19 +2,24 @@
 //!
 //! [`Leecher`] runs on a fetching seller (rarest-first, pipelining, endgame,
 //! rate-scaled timeouts, bans); [`Seeder`] runs on the buyer, the sole seed
-//! (super-seeding that keeps its uplink busy). Neither reads a clock or touches
-//! the network: the I/O shell (node/src/p2p) or a simulator feeds events and `now`
-//! (microseconds on any monotonic base) in and carries the actions out.
+//! (super-seeding that keeps its uplink busy); [`ManifestWait`] and
+//! [`FetchTimers`] hold a fetch's waits (manifest redirect fallback, provider
+//! lookup backoff, starving notes, progress reports, stall). None of them reads a
+//! clock or touches the network: the I/O shell (node/src/p2p) or a simulator feeds
+//! events and `now` (microseconds on any monotonic base) in and carries the
+//! actions out.
 
 mod bitfield;
 mod leecher;
 mod seeder;
 #[cfg(test)]
 mod sim;
+mod timers;
 
 pub use bitfield::Bitfield;
 pub use leecher::{Action, Leecher, LeecherConfig, PeerKind, PieceOrder};
 pub use seeder::{Decision, SeedAction, Seeder, SeederConfig};
+pub use timers::{FetchAction, FetchTimers, ManifestAction, ManifestWait, TimerConfig};
 
 /// Microseconds since an arbitrary origin chosen by the driver.
 pub type Micros = u64;

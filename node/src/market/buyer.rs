@@ -9,7 +9,7 @@ use std::io::{Seek, SeekFrom, Write};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
 use libp2p::PeerId;
@@ -26,6 +26,7 @@ use tracing::{info, warn};
 use super::db::MarketDb;
 use super::net::MarketNet;
 use super::seller::msg_name;
+use super::trust::{TrustLists, TrustWatch};
 use super::{key_of_peer, now_ms, peer_of_key, OFFER_TOPIC};
 use crate::config::BuyerTable;
 use crate::control::{Progress, Router};
@@ -35,6 +36,8 @@ use crate::overlay_service::OverlayHandle;
 use crate::p2p::{P2pHandle, PeerEvent};
 
 const LEDGER: &str = "buyer_ledger";
+/// Each live run's fleet, saved after every change: a restarted buyer carries on.
+const RUNS: &str = "buyer_runs";
 const PENALTIES: &str = "penalties";
 
 /// What `cpushare-node run` asks for.
@@ -89,51 +92,21 @@ enum Cmd {
     },
 }
 
-/// The trusted and revoked measurement lists, re-read when their files change.
-struct Trust {
-    trusted: Option<PathBuf>,
-    revoked: Option<PathBuf>,
-    stamp: (Option<SystemTime>, Option<SystemTime>),
-    policy: TrustPolicy,
-}
+/// How often a trust list given as a URL is fetched again (conditionally).
+const TRUST_REFETCH: Duration = Duration::from_secs(60);
 
-fn mtime(p: &Option<PathBuf>) -> Option<SystemTime> {
-    p.as_ref()
-        .and_then(|p| std::fs::metadata(p).ok())
-        .and_then(|m| m.modified().ok())
-}
-
-impl Trust {
-    fn refresh(&mut self) -> Result<()> {
-        let stamp = (mtime(&self.trusted), mtime(&self.revoked));
-        if stamp == self.stamp && (self.trusted.is_some() || self.revoked.is_some()) {
-            return Ok(());
-        }
-        let read = |p: &Option<PathBuf>, what: &'static str| -> Result<_> {
-            match p {
-                None => Ok(Default::default()),
-                Some(p) => {
-                    let text = std::fs::read_to_string(p).map_err(|e| {
-                        Error::io(format!("reading the {what} list {}", p.display()), e)
-                    })?;
-                    TrustPolicy::parse_list(&text).map_err(|e| Error::BadArg {
-                        what,
-                        reason: format!("{}: {e}", p.display()),
-                    })
-                }
-            }
-        };
-        self.policy = TrustPolicy {
-            trusted: read(&self.trusted, "buyer.trusted")?,
-            revoked: read(&self.revoked, "buyer.revoked")?,
-        };
-        self.stamp = stamp;
-        Ok(())
-    }
+/// What is saved of a run (the fleet and when it started).
+#[derive(serde::Serialize, Deserialize)]
+struct StoredRun {
+    fleet: market::FleetRecord,
+    started_ms: u64,
 }
 
 /// One `run`: the fleet and who watches it.
 struct RunState {
+    /// Its key in the RUNS tree, and the hash of what was saved last.
+    key: [u8; 16],
+    saved: Option<blake3::Hash>,
     fleet: Fleet,
     progress: Progress,
     reply: Option<oneshot::Sender<Result<Value>>>,
@@ -160,7 +133,7 @@ struct Buyer {
     cfg: BuyerTable,
     book: OfferBook,
     rtt: BTreeMap<PeerKey, u32>,
-    trust: Trust,
+    trust: TrustWatch,
     penalties: BTreeMap<PeerKey, u32>,
     runs: Vec<RunState>,
     bad_offers: u64,
@@ -176,16 +149,11 @@ pub fn start(
     db: MarketDb,
 ) -> Result<()> {
     let cfg = node.settings.buyer.clone();
-    let mut trust = Trust {
-        trusted: cfg.trusted.clone(),
-        revoked: cfg.revoked.clone(),
-        stamp: (None, None),
-        policy: TrustPolicy {
-            trusted: Default::default(),
-            revoked: Default::default(),
-        },
-    };
-    trust.refresh()?;
+    let trust = TrustWatch::start(TrustLists::new(
+        cfg.trusted.as_deref(),
+        cfg.revoked.as_deref(),
+        TRUST_REFETCH,
+    ))?;
     let penalties: BTreeMap<PeerKey, u32> = db
         .all::<u32>(PENALTIES)?
         .into_iter()
@@ -267,6 +235,8 @@ pub fn start(
         });
     }
     router.status_section("market", move || snapshot.lock().expect("lock").clone());
+    let mut b = b;
+    b.restore_runs()?;
     tokio::spawn(b.run(rx, incoming, events));
     Ok(())
 }
@@ -449,11 +419,14 @@ impl Buyer {
                 reason: e.to_string(),
             })?;
         if p.trusted_only {
-            self.trust.refresh()?;
-            if self.trust.policy.trusted.is_empty() {
+            let policy = self.trust.policy().map_err(|reason| Error::BadArg {
+                what: "--trusted-only",
+                reason,
+            })?;
+            if policy.trusted.is_empty() {
                 return Err(Error::BadArg {
                     what: "--trusted-only",
-                    reason: "the buyer has no trusted measurements: set buyer.trusted to a list file in the config".into(),
+                    reason: "the buyer's trusted measurement list is empty".into(),
                 });
             }
         }
@@ -473,6 +446,8 @@ impl Buyer {
         let fleet = Fleet::new(self.sk.clone(), order, self.fleet_config(), seed, now);
         info!(image = %image, count = p.count, "run started");
         Ok(RunState {
+            key: rand::random(),
+            saved: None,
             fleet,
             progress,
             reply: None,
@@ -486,6 +461,78 @@ impl Buyer {
             timeline: Vec::new(),
             all_up_reported: false,
         })
+    }
+
+    /// The runs of the previous daemon, from their records: their sellers kept the
+    /// guests running, so the leases go on (re-admitted to the overlay, acked, and
+    /// their sellers dialled); nothing is proposed again. No client waits on them:
+    /// `leases`, `status` and `stop` reach them.
+    fn restore_runs(&mut self) -> Result<()> {
+        let now = now_ms();
+        for (key, stored) in self.db.all::<StoredRun>(RUNS)? {
+            let Ok(k) = <[u8; 16]>::try_from(key.as_slice()) else {
+                continue;
+            };
+            if stored.fleet.is_done() {
+                self.db.remove(RUNS, &key)?;
+                continue;
+            }
+            let (fleet, actions) = match Fleet::restore(self.sk.clone(), stored.fleet, now) {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(error = %e, "a saved run is not this buyer's: dropped");
+                    self.db.remove(RUNS, &key)?;
+                    continue;
+                }
+            };
+            let live = fleet
+                .slots()
+                .iter()
+                .filter(|s| s.state.seller().is_some())
+                .count();
+            info!(run = %hex::encode(k), slots = fleet.slots().len(), live, "run of the previous daemon restored");
+            let (tx, _) = mpsc::unbounded_channel();
+            self.runs.push(RunState {
+                key: k,
+                saved: None,
+                fleet,
+                progress: Progress::to_channel(tx),
+                reply: None,
+                detach: true,
+                started_ms: stored.started_ms,
+                offer_wait_ms: 0,
+                ever_matched: true,
+                last_no_match: None,
+                lost_at: HashMap::new(),
+                rx_seen: HashMap::new(),
+                timeline: vec![json!({"at_ms": now, "restored": true})],
+                all_up_reported: true,
+            });
+            let i = self.runs.len() - 1;
+            self.apply(i, actions);
+        }
+        for p in self.lease_sellers() {
+            self.p2p.dial(p);
+        }
+        Ok(())
+    }
+
+    /// Saves run `i`'s fleet if it changed since the last save.
+    fn save_run(&mut self, i: usize) {
+        let r = &mut self.runs[i];
+        let stored = StoredRun {
+            fleet: r.fleet.record(),
+            started_ms: r.started_ms,
+        };
+        let bytes = serde_json::to_vec(&stored).expect("json");
+        let h = blake3::hash(&bytes);
+        if r.saved == Some(h) {
+            return;
+        }
+        match self.db.put(RUNS, &r.key, &stored) {
+            Ok(()) => r.saved = Some(h),
+            Err(e) => warn!(error = %e, "cannot save the run: a restart would lose it"),
+        }
     }
 
     fn run_of_lease(&self, id: &LeaseId) -> Option<usize> {
@@ -657,7 +704,13 @@ impl Buyer {
     fn on_tick(&mut self) {
         let now = now_ms();
         self.book.expire(now);
-        let _ = self.trust.refresh();
+        // Lists that cannot be used (not loaded yet) trust nobody.
+        let trust = self.trust.policy().unwrap_or_else(|_| {
+            Arc::new(TrustPolicy {
+                trusted: Default::default(),
+                revoked: Default::default(),
+            })
+        });
         let rx = self.overlay.guest_rx_frames();
         for i in 0..self.runs.len() {
             // Overlay traffic from a guest is a sign of life of its lease.
@@ -688,7 +741,7 @@ impl Buyer {
                 let actions = self.runs[i].fleet.on_offers(
                     &offers,
                     &self.rtt,
-                    &self.trust.policy,
+                    &trust,
                     &self.penalties,
                     now,
                 );
@@ -772,6 +825,9 @@ impl Buyer {
             if done {
                 let summary = self.summary(i);
                 let r = self.runs.remove(i);
+                if let Err(e) = self.db.remove(RUNS, &r.key) {
+                    warn!(error = %e, "cannot drop the finished run's record");
+                }
                 if let Some(reply) = r.reply {
                     let _ = reply.send(Ok(summary));
                 }
@@ -782,6 +838,9 @@ impl Buyer {
     }
 
     fn apply(&mut self, i: usize, actions: Vec<BuyerAction>) {
+        // The fleet as it now is goes to disk before anything it decided goes out
+        // (a proposal's lease id, an ack): a crash then never reuses or forgets one.
+        self.save_run(i);
         let now = now_ms();
         for a in actions {
             match a {
@@ -887,7 +946,9 @@ impl Buyer {
             "offers": self.book.len(),
             "offers_with_room": self.book.live(now_ms()).filter(|o| o.free_guests > 0).count(),
             "bad_offers": self.bad_offers,
+            "trust_lists": self.trust.status(),
             "bad_messages": self.net.rejects.load(std::sync::atomic::Ordering::Relaxed),
+            "dropped_streams": super::net::dropped_streams(),
             "runs": self.runs.len(),
             "guests_running": guests,
             "cost_so_far": market::format_price(cost),

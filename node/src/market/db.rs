@@ -44,6 +44,13 @@ impl MarketDb {
         Ok(r.is_ok())
     }
 
+    pub fn remove(&self, tree: &str, key: &[u8]) -> Result<()> {
+        let t = self.db.open_tree(tree).map_err(|e| db_err(tree, e))?;
+        t.remove(key).map_err(|e| db_err(tree, e))?;
+        t.flush().map_err(|e| db_err(tree, e))?;
+        Ok(())
+    }
+
     /// Every record of `tree` in key order; unreadable ones are skipped with a warning.
     pub fn all<T: DeserializeOwned>(&self, tree: &str) -> Result<Vec<(Vec<u8>, T)>> {
         let t = self.db.open_tree(tree).map_err(|e| db_err(tree, e))?;

@@ -176,7 +176,7 @@ fn boot_and_wait(
         t.guest_ip,
         t.buyer_host_ip,
     )?;
-    let result = run_guest(&ctx, &lease, prepared, tap, &events, &stop);
+    let result = run_guest(&ctx, &lease, &ns_name, prepared, tap, &events, &stop);
     if let Err(e) = ctx.overlay.detach(mac) {
         warn!(error = %e, "overlay detach");
     }
@@ -185,9 +185,43 @@ fn boot_and_wait(
     result
 }
 
+/// Starts the guest: jailed qemu ([`vm::jail`]) unless the seller turned the jail
+/// off, else the best backend for the host.
+fn start_guest(
+    ctx: &RunCtx,
+    lease: &Lease,
+    ns_name: &str,
+    spec: GuestSpec,
+) -> Result<(Box<dyn vm::Guest>, Option<crate::cleanup::JailRecord>)> {
+    let t = &lease.terms;
+    let node = &ctx.node;
+    let qemu = QemuConfig {
+        accel: ctx.accel,
+        ..QemuConfig::default()
+    };
+    let Some(jailer) = crate::cleanup::jailer(&node.settings)? else {
+        let choice = vm::auto::choose(&spec, vm::auto::backends_with(qemu))?;
+        info!(backend = %choice.explain(), "starting the guest (not jailed)");
+        return Ok((choice.backend.start(spec)?, None));
+    };
+    let mut limits = vm::jail::GuestLimits::for_guest(t.vcpus, t.memory_mib);
+    limits.disk_bps = node.settings.seller.disk_mbps.map(|m| m << 20);
+    limits.disk_iops = node.settings.seller.disk_iops;
+    let name = format!("lease-{}", &t.id.to_string()[..8]);
+    let netns = std::path::Path::new("/run/netns").join(ns_name);
+    let jail = jailer.jail(&name, limits, Some(&netns))?;
+    let record =
+        crate::cleanup::JailRecord::create(&node.settings.data_dir, &name, jail.uid(), jail.group())?;
+    let qemu = vm::qemu::Qemu::new(qemu);
+    info!(uid = jail.uid(), cgroup = ?jail.group().dirs, "starting the guest: qemu, jailed");
+    let guest = qemu.start_jailed(spec, jail)?;
+    Ok((Box::new(guest), Some(record)))
+}
+
 fn run_guest(
     ctx: &RunCtx,
     lease: &Lease,
+    ns_name: &str,
     prepared: crate::guest_files::Prepared,
     tap: oio::Tap,
     events: &mpsc::UnboundedSender<RunEvent>,
@@ -211,13 +245,7 @@ fn run_guest(
         mac: t.guest_mac,
     });
     spec.wall_clock_limit = t.duration_s.map(Duration::from_secs);
-    let qemu = QemuConfig {
-        accel: ctx.accel,
-        ..QemuConfig::default()
-    };
-    let choice = vm::auto::choose(&spec, vm::auto::backends_with(qemu))?;
-    info!(backend = %choice.explain(), "starting the guest");
-    let mut guest = choice.backend.start(spec)?;
+    let (mut guest, jail_record) = start_guest(ctx, lease, ns_name, spec)?;
     let _ = events.send(RunEvent::Started(id));
     let _ = events.send(RunEvent::Phase(id, GuestPhase::Running));
     let console = guest.take_console();
@@ -249,7 +277,9 @@ fn run_guest(
         }
     };
     info!(%exit, "guest ended");
+    // The jail goes with the guest handle; its record after it.
     drop(guest);
+    drop(jail_record);
     if let Some(p) = printer {
         let _ = p.join();
     }

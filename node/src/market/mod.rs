@@ -12,7 +12,9 @@ pub mod cli;
 pub mod db;
 pub mod lease_run;
 pub mod net;
+pub mod score;
 pub mod seller;
+pub mod trust;
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};

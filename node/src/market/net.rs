@@ -26,6 +26,60 @@ const TAKEN: u8 = 0x5a;
 /// the cores are idempotent, so a message that arrives twice does no harm.
 const SEND_ATTEMPTS: u32 = 4;
 
+/// Inbound market streams libp2p-stream dropped because its one-slot accept queue
+/// was full (a burst from one peer: the daemons retry theirs, others lose them).
+/// libp2p-stream says so only in a debug event; [`dropped_streams_layer`] counts
+/// those events, whatever the log level.
+static DROPPED_STREAMS: AtomicU64 = AtomicU64::new(0);
+
+/// The drops counted so far (this process has one daemon).
+pub fn dropped_streams() -> u64 {
+    DROPPED_STREAMS.load(Ordering::Relaxed)
+}
+
+/// A tracing layer that counts libp2p-stream's "dropping inbound stream" events
+/// for the market protocol; the daemon's subscriber carries it beside the log.
+pub fn dropped_streams_layer<S>() -> impl tracing_subscriber::Layer<S>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    use tracing_subscriber::Layer as _;
+    DroppedStreams.with_filter(
+        tracing_subscriber::filter::Targets::new()
+            .with_target("libp2p_stream", tracing::Level::DEBUG),
+    )
+}
+
+struct DroppedStreams;
+
+/// The fields of one libp2p-stream event that tell a dropped market stream.
+#[derive(Default)]
+struct DropEvent {
+    dropping: bool,
+    market: bool,
+}
+
+impl tracing::field::Visit for DropEvent {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        let v = format!("{value:?}");
+        match field.name() {
+            "message" => self.dropping = v.contains("dropping inbound stream"),
+            "protocol" => self.market = v.contains(PROTOCOL.as_ref()),
+            _ => {}
+        }
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for DroppedStreams {
+    fn on_event(&self, ev: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        let mut d = DropEvent::default();
+        ev.record(&mut d);
+        if d.dropping && d.market {
+            DROPPED_STREAMS.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct MarketNet {
     control: libp2p_stream::Control,

@@ -75,6 +75,37 @@ fn measure(boot: Option<&std::path::Path>) -> Result<[u8; 32]> {
     Ok(*h.finalize().as_bytes())
 }
 
+/// `START-END` in UTC, each `H` or `H:MM` (e.g. "18-8", "8:30-17:45"), as minutes
+/// of the day; START > END wraps midnight.
+pub fn parse_hours(h: &str) -> Result<(u16, u16)> {
+    let bad = |why: &str| Error::BadArg {
+        what: "seller.hours",
+        reason: format!("{h:?}: {why}"),
+    };
+    let (a, b) = h
+        .split_once('-')
+        .ok_or_else(|| bad("use START-END in UTC, hours or H:MM, e.g. 18-8 or 8:30-17:45"))?;
+    let at = |s: &str| -> Result<u16> {
+        let (hh, mm) = s.trim().split_once(':').unwrap_or((s.trim(), "0"));
+        let hh: u16 = hh.parse().map_err(|_| bad("hours are 0 to 24"))?;
+        let mm: u16 = mm.parse().map_err(|_| bad("minutes are 0 to 59"))?;
+        if mm > 59 {
+            return Err(bad("minutes are 0 to 59"));
+        }
+        let m = hh * 60 + mm;
+        if hh > 24 || m > 24 * 60 {
+            return Err(bad("hours are 0 to 24"));
+        }
+        Ok(m)
+    };
+    Ok((at(a)?, at(b)?))
+}
+
+/// The minute of the (UTC) day at `now_ms`.
+pub fn minute_of_day(now_ms: u64) -> u16 {
+    ((now_ms / 60_000) % 1440) as u16
+}
+
 impl SellerSettings {
     pub fn resolve(t: &SellerTable, store_cap_mib: u64) -> Result<SellerSettings> {
         let max_guests = t.max_guests.unwrap_or(2);
@@ -98,26 +129,7 @@ impl SellerSettings {
                 })
             }
         };
-        let hours = match &t.hours {
-            None => None,
-            Some(h) => {
-                let (a, b) = h.split_once('-').ok_or_else(|| Error::BadArg {
-                    what: "seller.hours",
-                    reason: format!("{h:?}: use START-END in UTC hours, e.g. 18-8"),
-                })?;
-                let p = |s: &str| {
-                    s.trim()
-                        .parse::<u8>()
-                        .ok()
-                        .filter(|v| *v <= 24)
-                        .ok_or(Error::BadArg {
-                            what: "seller.hours",
-                            reason: format!("{h:?}: hours are 0 to 24"),
-                        })
-                };
-                Some((p(a)?, p(b)?))
-            }
-        };
+        let hours = t.hours.as_deref().map(parse_hours).transpose()?;
         let allowed = parse_keys("seller.allowed_buyers", &t.allowed_buyers)?;
         Ok(SellerSettings {
             policy: SellerPolicy {
@@ -155,6 +167,8 @@ struct Seller {
     me: PeerKey,
     cfg: SellerSettings,
     perf_score: u32,
+    /// How the score was measured (backend, dots, or the probe's error).
+    perf_probe: Value,
     accel: Accel,
     leases: HashMap<LeaseId, Active>,
     /// Each peer's address as last seen on a connection (a buyer's home IP).
@@ -165,23 +179,41 @@ struct Seller {
     last_heartbeat: std::time::Instant,
 }
 
-/// A fixed CPU benchmark: rounds of BLAKE3 over 4 MiB in 300 ms, scaled down by
-/// the slowdown of the accelerator guests will get (TCG translates every
-/// instruction: it is measured by the qemu benchmark in docs/BENCHMARKS.md at
-/// about 10x slower than KVM on this kind of host).
-fn measure_perf(accel: Accel) -> u32 {
-    let buf = vec![0x5au8; 4 << 20];
-    let t = std::time::Instant::now();
-    let mut rounds = 0u32;
-    while t.elapsed() < Duration::from_millis(300) {
-        std::hint::black_box(blake3::hash(&buf));
-        rounds += 1;
-    }
-    let per_s = rounds as f64 / t.elapsed().as_secs_f64();
-    let s = (per_s * 100.0) as u32;
-    match accel {
-        Accel::Kvm => s,
-        Accel::Tcg => s / 10,
+/// How long the perf probe guest is timed (its boot comes on top).
+const PERF_WINDOW: Duration = Duration::from_millis(1000);
+
+/// The performance score, measured in a guest of the backend this seller's leases
+/// would get (`score`), or taken from its cache; 0 (ranked last) if the probe guest
+/// cannot run, with the reason logged and shown in `status`.
+async fn measure_perf(node: &Node, cfg: &SellerSettings) -> (u32, Value) {
+    let file = node.settings.data_dir.join("perf-score.json");
+    let key = super::score::cache_key(&cfg.measurement, &format!("{:?}", cfg.accel));
+    let accel = cfg.accel;
+    let r = tokio::task::spawn_blocking(move || {
+        super::score::score(
+            &file,
+            &key,
+            || {
+                vm::auto::backends_with(vm::qemu::QemuConfig {
+                    accel,
+                    ..vm::qemu::QemuConfig::default()
+                })
+            },
+            PERF_WINDOW,
+        )
+    })
+    .await;
+    match r {
+        Ok(Ok((s, cached))) => {
+            info!(score = s.score, dots = s.dots, secs = s.secs, backend = %s.backend, cached, "performance measured in a guest");
+            let v = json!({ "backend": s.backend, "dots": s.dots, "secs": s.secs, "cached": cached });
+            (s.score, v)
+        }
+        Ok(Err(e)) => {
+            warn!(error = %e, "the performance probe guest did not run: offering score 0");
+            (0, json!({ "error": e.to_string() }))
+        }
+        Err(e) => (0, json!({ "error": e.to_string() })),
     }
 }
 
@@ -212,8 +244,7 @@ pub fn start(
             }
         },
     };
-    let perf_score = measure_perf(accel);
-    info!(%accel, perf_score, measurement = %hex::encode(cfg.measurement), "seller market ready");
+    info!(%accel, measurement = %hex::encode(cfg.measurement), "seller market starting (measuring performance)");
     let (incoming, events) = super::connect(&p2p, &net)?;
     let snapshot = Arc::new(Mutex::new(json!({})));
     let (runs_tx, runs_rx) = mpsc::unbounded_channel();
@@ -228,7 +259,8 @@ pub fn start(
         sk,
         me,
         cfg,
-        perf_score,
+        perf_score: 0,
+        perf_probe: Value::Null,
         accel,
         leases: HashMap::new(),
         seen: HashMap::new(),
@@ -296,6 +328,8 @@ impl Seller {
         mut runs: mpsc::UnboundedReceiver<RunEvent>,
         mut stop: mpsc::UnboundedReceiver<oneshot::Sender<()>>,
     ) {
+        // No offer before the score is known (messages wait in their queues).
+        (self.perf_score, self.perf_probe) = measure_perf(&self.node, &self.cfg).await;
         let mut offer_tick = tokio::time::interval(OFFER_EVERY);
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         let mut stopping: Option<oneshot::Sender<()>> = None;
@@ -342,7 +376,7 @@ impl Seller {
 
     /// Whether `now` is inside the owner's selling hours (UTC).
     fn in_hours(&self, now: u64) -> bool {
-        self.cfg.policy.in_hours(((now / 3_600_000) % 24) as u8)
+        self.cfg.policy.in_hours(minute_of_day(now))
     }
 
     fn publish_offer(&mut self) {
@@ -435,7 +469,7 @@ impl Seller {
 
     fn on_propose(&mut self, peer: PeerId, from: PeerKey, p: Signed<market::LeaseTerms>, now: u64) {
         let id = p.body.id;
-        let hour = ((now / 3_600_000) % 24) as u8;
+        let minute = minute_of_day(now);
         let active: Vec<&market::LeaseTerms> = self.live().map(|a| &a.core.lease().terms).collect();
         if self.leases.contains_key(&id) {
             // A retransmitted proposal of a lease we hold: answer it again, unless
@@ -469,7 +503,7 @@ impl Seller {
         let checked = self
             .cfg
             .policy
-            .check(&self.me, &p, &from, &active, now, hour)
+            .check(&self.me, &p, &from, &active, now, minute)
             .and_then(|()| {
                 Lease::countersign(&p, &self.sk).map_err(|_| market::Refusal::BadSignature)
             });
@@ -707,13 +741,17 @@ impl Seller {
             "role": "seller",
             "accel": self.accel.to_string(),
             "perf_score": self.perf_score,
+            "perf_probe": self.perf_probe,
             "measurement": hex::encode(self.cfg.measurement),
             "price_per_min": market::format_price(self.cfg.price_per_min),
             "live_leases": self.live().count(),
+            // Offers go out only inside the selling hours.
+            "offering": self.in_hours(now_ms()),
             "max_guests": self.cfg.policy.max_guests,
             "earned": market::format_price(earned),
             "refused": self.refused,
             "bad_messages": self.net.rejects.load(std::sync::atomic::Ordering::Relaxed),
+            "dropped_streams": super::net::dropped_streams(),
             "leases": leases,
         });
     }
@@ -729,5 +767,23 @@ pub fn msg_name(m: &MarketMsg) -> &'static str {
         MarketMsg::Stop(_) => "stop",
         MarketMsg::Phase { .. } => "phase",
         MarketMsg::Console { .. } => "console",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selling_hours_take_whole_hours_and_minutes() {
+        assert_eq!(parse_hours("18-8").unwrap(), (18 * 60, 8 * 60));
+        assert_eq!(parse_hours("8:30-17:45").unwrap(), (510, 1065));
+        assert_eq!(parse_hours(" 0 - 24 ").unwrap(), (0, 1440));
+        for bad in ["18", "25-3", "8:60-9", "x-1", "24:01-3", "1-2:"] {
+            let e = parse_hours(bad).unwrap_err().to_string();
+            assert!(e.contains("seller.hours"), "{bad}: {e}");
+        }
+        assert_eq!(minute_of_day(0), 0);
+        assert_eq!(minute_of_day(86_400_000 + 61_000), 1);
     }
 }

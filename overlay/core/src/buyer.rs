@@ -10,14 +10,18 @@ use tracing::debug;
 
 use crate::cookie::CookieChecker;
 use crate::dhcp::{self, DhcpServer};
-use crate::eth::{dst_mac, src_mac, ETH_HDR};
+use crate::eth::{dst_mac, ethertype, src_mac, ETHERTYPE_IPV6, ETH_HDR};
+use crate::filter;
 use crate::ratelimit::HandshakeLimiter;
 use crate::rng::{self, CoreRng};
 use crate::session::{respond, Keyring, Slot};
 use crate::stats::{BuyerStats, DropCounters, PeerStats, Traffic};
 use crate::switch::{MacTable, Port};
 use crate::wire::{self, Message};
-use crate::{Action, Actions, BuyerConfig, DropReason, Error, Event, Identity, MacAddr, PeerKey};
+use crate::{
+    Action, Actions, Admission, BuyerConfig, DropReason, Error, Event, Identity, Ipv6Sources,
+    MacAddr, PeerKey,
+};
 
 /// Learned MACs kept at most (the host side may bridge more machines).
 const MAC_TABLE_CAPACITY: usize = 8192;
@@ -28,6 +32,8 @@ struct Guest {
     peer: PeerKey,
     guest_mac: MacAddr,
     guest_ip: Ipv4Addr,
+    /// The IPv6 sources the guest may use, when its lease allows IPv6.
+    ipv6: Option<Ipv6Sources>,
     keys: Keyring,
     /// Where authenticated data last came from.
     endpoint: Option<SocketAddr>,
@@ -147,6 +153,44 @@ impl BuyerCore {
         guest_mac: MacAddr,
         guest_ip: Ipv4Addr,
     ) -> Result<(), Error> {
+        self.admit_guest(Admission::new(peer, guest_mac, guest_ip))
+    }
+
+    /// [`BuyerCore::admit`] with the whole lease: with `allow_ipv6`, the guest's IPv6
+    /// frames are forwarded when their source is its link-local address (from its
+    /// MAC) or `guest_ipv6`, and their header chain passes the same default-deny
+    /// rules as the seller's egress filter; without it they are dropped.
+    pub fn admit_guest(&mut self, a: Admission) -> Result<(), Error> {
+        let Admission {
+            peer,
+            guest_mac,
+            guest_ip,
+            allow_ipv6,
+            guest_ipv6,
+        } = a;
+        if let Some(v6) = guest_ipv6 {
+            if !allow_ipv6 {
+                return Err(Error::InvalidConfig(format!(
+                    "guest IPv6 address {v6} given but IPv6 is not allowed for guest {guest_mac}"
+                )));
+            }
+            if v6.is_unspecified() || v6.is_loopback() || v6.is_multicast() {
+                return Err(Error::AddressConflict(format!(
+                    "guest IPv6 address {v6} is not a unicast address"
+                )));
+            }
+            if let Some(g) = self
+                .guests
+                .iter()
+                .flatten()
+                .find(|g| g.ipv6.is_some_and(|s| s.global == Some(v6)))
+            {
+                return Err(Error::AddressConflict(format!(
+                    "guest IPv6 address {v6} is already leased to guest {}",
+                    g.guest_mac
+                )));
+            }
+        }
         let c = &self.config;
         if guest_mac.is_multicast() || guest_mac == MacAddr([0; 6]) {
             return Err(Error::AddressConflict(format!(
@@ -193,6 +237,10 @@ impl BuyerCore {
             peer,
             guest_mac,
             guest_ip,
+            ipv6: allow_ipv6.then_some(Ipv6Sources {
+                link_local: guest_mac.ipv6_link_local(),
+                global: guest_ipv6,
+            }),
             keys: Keyring::default(),
             endpoint: None,
             last_timestamp: 0,
@@ -419,6 +467,19 @@ impl BuyerCore {
             g.drops.inc(DropReason::SessionMacMismatch);
             out.recycle(buf);
             return;
+        }
+        if ethertype(&buf) == ETHERTYPE_IPV6 {
+            // The seller's filter checked this already; a seller that did not (or a
+            // forged one) is held to the lease here too.
+            let verdict = match &g.ipv6 {
+                None => Err(DropReason::EtherType),
+                Some(sources) => filter::check_ipv6(sources, &buf[ETH_HDR..]),
+            };
+            if let Err(r) = verdict {
+                g.drops.inc(r);
+                out.recycle(buf);
+                return;
+            }
         }
         g.traffic.rx_frames += 1;
         g.traffic.rx_bytes += buf.len() as u64;

@@ -1,6 +1,6 @@
 //! Configuration of the buyer and seller cores (all plain data, from the lease or CLI).
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, SystemTime};
 
 use crate::wire::{DATA_HEADER_LEN, TAG_LEN};
@@ -118,8 +118,13 @@ pub struct GuestLease {
     pub buyer_ip: Ipv4Addr,
     /// Guest interface MTU (IP packet size); frames over `mtu + 14` are dropped.
     pub mtu: u16,
-    /// Whether the guest may send IPv6 at all.
+    /// Whether the guest may send IPv6 at all (off by default). When on, its IPv6
+    /// source must be its link-local address (derived from `guest_mac`) or
+    /// `guest_ipv6`; extension headers other than a leading hop-by-hop header of
+    /// padding and router alert, and one fragment header, are dropped.
     pub allow_ipv6: bool,
+    /// The guest's global IPv6 address, if the lease gives it one.
+    pub guest_ipv6: Option<Ipv6Addr>,
     /// Rate limits.
     pub limits: RateLimits,
 }
@@ -139,7 +144,62 @@ impl GuestLease {
             buyer_ip,
             mtu: DEFAULT_GUEST_MTU,
             allow_ipv6: false,
+            guest_ipv6: None,
             limits: RateLimits::default(),
+        }
+    }
+
+    /// The IPv6 addresses this lease lets the guest send from.
+    pub fn ipv6_sources(&self) -> Ipv6Sources {
+        Ipv6Sources {
+            link_local: self.guest_mac.ipv6_link_local(),
+            global: self.guest_ipv6,
+        }
+    }
+}
+
+/// The IPv6 source addresses a guest may use: the link-local address derived from
+/// its MAC and the lease's own address, if any.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ipv6Sources {
+    /// fe80:: plus the modified EUI-64 of the guest's MAC.
+    pub link_local: Ipv6Addr,
+    /// The lease's IPv6 address.
+    pub global: Option<Ipv6Addr>,
+}
+
+impl Ipv6Sources {
+    /// Whether `a` is one of them.
+    pub fn contains(&self, a: Ipv6Addr) -> bool {
+        a == self.link_local || self.global == Some(a)
+    }
+}
+
+/// A guest admitted on the buyer: the seller key that carries it and the addresses
+/// its lease gives it. IPv6 is off unless the lease allows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Admission {
+    /// The seller's ed25519 key.
+    pub peer: PeerKey,
+    /// The guest NIC's MAC.
+    pub guest_mac: MacAddr,
+    /// The IPv4 address the buyer's DHCP hands the guest.
+    pub guest_ip: Ipv4Addr,
+    /// Whether the guest may send IPv6 (checked like the seller's filter does).
+    pub allow_ipv6: bool,
+    /// The guest's global IPv6 address, if any.
+    pub guest_ipv6: Option<Ipv6Addr>,
+}
+
+impl Admission {
+    /// An IPv4-only admission.
+    pub fn new(peer: PeerKey, guest_mac: MacAddr, guest_ip: Ipv4Addr) -> Admission {
+        Admission {
+            peer,
+            guest_mac,
+            guest_ip,
+            allow_ipv6: false,
+            guest_ipv6: None,
         }
     }
 }

@@ -1315,3 +1315,74 @@ fn seeded_cores_repeat_their_handshakes_exactly() {
     assert_ne!(a.0, b.0, "another seller seed, another initiation");
     assert_ne!(a.1, run(1, 4).1, "another buyer seed, another response");
 }
+
+/// The buyer holds a guest's IPv6 to its admission even when the seller does not
+/// filter: dropped unless the admission allows IPv6, and then only from the guest's
+/// link-local or leased address, with no extension header outside the allowed ones.
+#[test]
+fn buyer_holds_guest_ipv6_to_the_admission() {
+    let mut h = Harness::new(2);
+    let global: std::net::Ipv6Addr = "2001:db8::11".parse().unwrap();
+    assert!(h.buyer.revoke(guest_mac(1)));
+    h.buyer
+        .admit_guest(crate::Admission {
+            allow_ipv6: true,
+            guest_ipv6: Some(global),
+            ..crate::Admission::new(h.sellers[1].public_key(), guest_mac(1), guest_ip(1))
+        })
+        .unwrap();
+    h.tick();
+    h.settle();
+    assert!(h.sellers[0].is_established() && h.sellers[1].is_established());
+    let unfiltered = |h: &mut Harness, i: usize, frame: &[u8]| {
+        let mut out = Actions::new();
+        h.sellers[i].send_unfiltered(frame, h.now, &mut out);
+        while let Some(Action::SendUdp { bytes, .. }) = out.pop() {
+            h.net.push_back(Dgram::ToBuyer {
+                from: seller_addr(i),
+                bytes,
+            });
+        }
+        h.settle();
+    };
+    let echo = [128u8, 0, 0, 0, 0, 0, 0, 0];
+    let mut ra_behind_dstopts = vec![58, 0, 1, 4, 0, 0, 0, 0];
+    ra_behind_dstopts.extend_from_slice(&[134, 0, 0, 0, 0, 0, 0, 0]);
+    let ll = |i: usize| guest_mac(i).ipv6_link_local();
+
+    h.tap.clear();
+    unfiltered(&mut h, 0, &ipv6_frame(guest_mac(0), ll(0), 58, &echo));
+    assert!(h.tap.is_empty(), "IPv6 from a guest not allowed it");
+    let drops = |h: &Harness, i: usize, r: DropReason| h.buyer.stats().peers[i].drops.get(r);
+    assert_eq!(drops(&h, 0, DropReason::EtherType), 1);
+
+    unfiltered(&mut h, 1, &ipv6_frame(guest_mac(1), ll(1), 58, &echo));
+    unfiltered(&mut h, 1, &ipv6_frame(guest_mac(1), global, 58, &echo));
+    assert_eq!(h.tap.len(), 2, "link-local and leased sources pass");
+    let forged: std::net::Ipv6Addr = "2001:db8::99".parse().unwrap();
+    unfiltered(&mut h, 1, &ipv6_frame(guest_mac(1), forged, 58, &echo));
+    unfiltered(&mut h, 1, &ipv6_frame(guest_mac(1), ll(0), 58, &echo));
+    unfiltered(&mut h, 1, &ipv6_frame(guest_mac(1), ll(1), 60, &ra_behind_dstopts));
+    assert_eq!(h.tap.len(), 2);
+    assert_eq!(drops(&h, 1, DropReason::Ipv6Source), 2);
+    assert_eq!(drops(&h, 1, DropReason::Ipv6ExtensionHeader), 1);
+
+    // A leased IPv6 address is one guest's only, and needs IPv6 allowed.
+    let again = crate::Admission {
+        allow_ipv6: true,
+        guest_ipv6: Some(global),
+        ..crate::Admission::new(test_identity().public_key(), guest_mac(5), guest_ip(5))
+    };
+    assert!(matches!(
+        h.buyer.admit_guest(again.clone()),
+        Err(crate::Error::AddressConflict(_))
+    ));
+    assert!(matches!(
+        h.buyer.admit_guest(crate::Admission {
+            allow_ipv6: false,
+            guest_ipv6: Some("2001:db8::55".parse().unwrap()),
+            ..again
+        }),
+        Err(crate::Error::InvalidConfig(_))
+    ));
+}

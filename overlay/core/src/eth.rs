@@ -38,6 +38,21 @@ impl MacAddr {
         self.0[0] & 1 == 1
     }
 
+    /// The IPv6 link-local address a host derives from this MAC (modified EUI-64,
+    /// RFC 4291 appendix A): fe80::, then the MAC with the universal/local bit flipped
+    /// and ff:fe in its middle.
+    pub fn ipv6_link_local(&self) -> std::net::Ipv6Addr {
+        let m = self.0;
+        let mut a = [0u8; 16];
+        a[0] = 0xfe;
+        a[1] = 0x80;
+        a[8..11].copy_from_slice(&[m[0] ^ 0x02, m[1], m[2]]);
+        a[11] = 0xff;
+        a[12] = 0xfe;
+        a[13..16].copy_from_slice(&m[3..6]);
+        std::net::Ipv6Addr::from(a)
+    }
+
     /// Reads the MAC at `b[..6]`; `None` if `b` is shorter.
     pub fn from_slice(b: &[u8]) -> Option<MacAddr> {
         let a: [u8; 6] = b.get(..6)?.try_into().ok()?;
@@ -116,5 +131,14 @@ mod tests {
         }
         assert!(MacAddr::BROADCAST.is_broadcast() && MacAddr::BROADCAST.is_multicast());
         assert!(!m.is_multicast());
+    }
+
+    #[test]
+    fn link_local_is_modified_eui64() {
+        let m: MacAddr = "52:54:00:ab:cd:ef".parse().unwrap();
+        assert_eq!(
+            m.ipv6_link_local(),
+            "fe80::5054:ff:feab:cdef".parse::<std::net::Ipv6Addr>().unwrap()
+        );
     }
 }

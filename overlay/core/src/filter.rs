@@ -1,7 +1,7 @@
 //! The seller's per-guest egress filter (guest -> overlay) and ingress check
 //! (overlay -> guest). Rules come from the lease; every drop has a [`DropReason`].
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::time::Instant;
 
 use crate::eth::{
@@ -9,10 +9,9 @@ use crate::eth::{
     ETHERTYPE_QINQ_OLD, ETHERTYPE_VLAN, ETH_HDR,
 };
 use crate::ratelimit::TokenBucket;
-use crate::{DropReason, GuestLease};
+use crate::{DropReason, GuestLease, Ipv6Sources};
 
 const IPPROTO_UDP: u8 = 17;
-const IPPROTO_ICMPV6: u8 = 58;
 const ICMPV6_ROUTER_ADVERTISEMENT: u8 = 134;
 
 /// What the stateless rules learned about an accepted frame.
@@ -39,7 +38,7 @@ pub fn classify_egress(lease: &GuestLease, frame: &[u8]) -> Result<Verdict, Drop
         ETHERTYPE_VLAN | ETHERTYPE_QINQ | ETHERTYPE_QINQ_OLD => return Err(DropReason::VlanTagged),
         ETHERTYPE_IPV4 => check_ipv4(lease, payload)?,
         ETHERTYPE_ARP => check_arp(lease, payload)?,
-        ETHERTYPE_IPV6 if lease.allow_ipv6 => check_ipv6(payload)?,
+        ETHERTYPE_IPV6 if lease.allow_ipv6 => check_ipv6(&lease.ipv6_sources(), payload)?,
         _ => return Err(DropReason::EtherType),
     }
     Ok(Verdict {
@@ -108,7 +107,38 @@ fn check_arp(lease: &GuestLease, p: &[u8]) -> Result<(), DropReason> {
     }
 }
 
-fn check_ipv6(p: &[u8]) -> Result<(), DropReason> {
+/// IPv6 next-header values the filter knows (RFC 8200 and the IANA registry).
+mod nh {
+    pub const HOP_BY_HOP: u8 = 0;
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+    pub const ROUTING: u8 = 43;
+    pub const FRAGMENT: u8 = 44;
+    pub const ESP: u8 = 50;
+    pub const AH: u8 = 51;
+    pub const ICMPV6: u8 = 58;
+    pub const NO_NEXT: u8 = 59;
+    pub const DEST_OPTS: u8 = 60;
+    pub const MOBILITY: u8 = 135;
+    pub const HIP: u8 = 139;
+    pub const SHIM6: u8 = 140;
+    pub const EXPERIMENT1: u8 = 253;
+    pub const EXPERIMENT2: u8 = 254;
+}
+
+const ICMPV6_MLD1_REPORT: u8 = 131;
+const ICMPV6_ROUTER_SOLICITATION: u8 = 133;
+const ICMPV6_NEIGHBOR_SOLICITATION: u8 = 135;
+const ICMPV6_REDIRECT: u8 = 137;
+const ICMPV6_MLD2_REPORT: u8 = 143;
+
+/// Checks an IPv6 packet from a guest whose lease allows IPv6: its source is one of
+/// `sources` (or `::` in duplicate address detection and MLD reports), and its header
+/// chain holds only what a guest needs (default deny): at most a leading hop-by-hop
+/// header carrying padding and router alert (MLD), and one fragment header, before
+/// TCP, UDP or ICMPv6. Router advertisements, redirects and DHCPv6 server replies are
+/// dropped, and so are fragmented neighbour discovery and MLD messages (RFC 6980).
+pub fn check_ipv6(sources: &Ipv6Sources, p: &[u8]) -> Result<(), DropReason> {
     let bad = DropReason::Ipv6Malformed;
     if p.len() < 40 || p[0] >> 4 != 6 {
         return Err(bad);
@@ -118,50 +148,113 @@ fn check_ipv6(p: &[u8]) -> Result<(), DropReason> {
         return Err(bad);
     }
     let p = &p[..end];
+    let src = Ipv6Addr::from(<[u8; 16]>::try_from(&p[8..24]).expect("16 bytes"));
+    let unspecified = src.is_unspecified();
+    if !unspecified && !sources.contains(src) {
+        return Err(DropReason::Ipv6Source);
+    }
+    // `::` only for the messages a host sends before it has an address.
+    let from_any = |ok: bool| {
+        if unspecified && !ok {
+            Err(DropReason::Ipv6Source)
+        } else {
+            Ok(())
+        }
+    };
     let mut next = p[6];
     let mut off = 40;
-    // Walk the extension headers to the upper-layer header (bounded).
-    for _ in 0..8 {
+    let mut fragmented = false;
+    let mut first = true;
+    loop {
         match next {
-            // Hop-by-hop, routing, destination options.
-            0 | 43 | 60 => {
+            nh::HOP_BY_HOP if first => {
                 let h = p.get(off..off + 2).ok_or(bad)?;
+                let len = (h[1] as usize + 1) * 8;
+                let opts = p.get(off + 2..off + len).ok_or(bad)?;
+                hop_by_hop_options_ok(opts)?;
                 next = h[0];
-                off += (h[1] as usize + 1) * 8;
+                off += len;
             }
-            // Fragment: only the first fragment carries the upper-layer header, and
-            // it must carry all of it (RFC 7112).
-            44 => {
+            nh::FRAGMENT if !fragmented => {
                 let h = p.get(off..off + 8).ok_or(bad)?;
-                let frag_offset = u16::from_be_bytes([h[2], h[3]]) >> 3;
-                if frag_offset != 0 {
-                    return Ok(());
+                fragmented = true;
+                // Only the first fragment carries the upper-layer header, and it must
+                // carry all of it (RFC 7112); later ones are judged by the source.
+                if u16::from_be_bytes([h[2], h[3]]) >> 3 != 0 {
+                    return from_any(false);
                 }
                 next = h[0];
                 off += 8;
             }
-            IPPROTO_ICMPV6 => {
+            nh::ICMPV6 => {
                 let t = *p.get(off).ok_or(bad)?;
-                return if t == ICMPV6_ROUTER_ADVERTISEMENT {
-                    Err(DropReason::RouterAdvertisement)
-                } else {
-                    Ok(())
+                let nd_or_mld = matches!(t, 130..=137 | ICMPV6_MLD2_REPORT);
+                return match t {
+                    ICMPV6_ROUTER_ADVERTISEMENT => Err(DropReason::RouterAdvertisement),
+                    ICMPV6_REDIRECT => Err(DropReason::Icmpv6Redirect),
+                    _ if fragmented && nd_or_mld => Err(DropReason::Ipv6ExtensionHeader),
+                    _ => from_any(matches!(
+                        t,
+                        ICMPV6_NEIGHBOR_SOLICITATION
+                            | ICMPV6_ROUTER_SOLICITATION
+                            | ICMPV6_MLD1_REPORT
+                            | ICMPV6_MLD2_REPORT
+                    )),
                 };
             }
-            IPPROTO_UDP => {
+            nh::UDP => {
                 let h = p.get(off..off + 4).ok_or(bad)?;
                 let sport = u16::from_be_bytes([h[0], h[1]]);
                 let dport = u16::from_be_bytes([h[2], h[3]]);
                 return if sport == 547 && dport == 546 {
                     Err(DropReason::Dhcpv6ServerReply)
                 } else {
-                    Ok(())
+                    from_any(false)
                 };
             }
-            _ => return Ok(()),
+            nh::TCP => {
+                p.get(off..off + 4).ok_or(bad)?;
+                return from_any(false);
+            }
+            // Extension headers a guest has no use for, a hop-by-hop header after the
+            // first, a second fragment header: default deny.
+            nh::HOP_BY_HOP
+            | nh::ROUTING
+            | nh::FRAGMENT
+            | nh::ESP
+            | nh::AH
+            | nh::NO_NEXT
+            | nh::DEST_OPTS
+            | nh::MOBILITY
+            | nh::HIP
+            | nh::SHIM6
+            | nh::EXPERIMENT1
+            | nh::EXPERIMENT2 => return Err(DropReason::Ipv6ExtensionHeader),
+            _ => return Err(DropReason::Ipv6NextHeader),
         }
+        first = false;
     }
-    Err(bad)
+}
+
+/// The options of a hop-by-hop header: only Pad1, PadN and router alert (MLD needs
+/// it); anything else, a jumbogram included, is refused.
+fn hop_by_hop_options_ok(mut o: &[u8]) -> Result<(), DropReason> {
+    while let Some(&ty) = o.first() {
+        if ty == 0 {
+            o = &o[1..]; // Pad1
+            continue;
+        }
+        let len = *o.get(1).ok_or(DropReason::Ipv6Malformed)? as usize;
+        if o.len() < 2 + len {
+            return Err(DropReason::Ipv6Malformed);
+        }
+        match (ty, len) {
+            (1, _) | (5, 2) => {} // PadN, router alert
+            _ => return Err(DropReason::Ipv6ExtensionHeader),
+        }
+        o = &o[2 + len..];
+    }
+    Ok(())
 }
 
 /// The per-guest filter: stateless rules plus the guest's token buckets.
@@ -260,6 +353,7 @@ mod tests {
     use super::*;
     use crate::testutil::*;
     use crate::{MacAddr, RateLimits};
+    use proptest::prelude::*;
     use std::time::Duration;
 
     fn lease() -> GuestLease {
@@ -632,5 +726,254 @@ mod tests {
             f.check_ingress(&vec![0xff; 1415]),
             Err(DropReason::Oversize)
         );
+    }
+
+    const GLOBAL6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x11);
+
+    fn v6_lease_with_global() -> GuestLease {
+        GuestLease {
+            guest_ipv6: Some(GLOBAL6),
+            ..v6_lease()
+        }
+    }
+
+    /// An extension header of 8 bytes whose next header is `next` (for the kinds the
+    /// filter walks: hop-by-hop and destination options padded with PadN, routing
+    /// type 0 with no segments left, a fragment at `frag_offset`).
+    fn ext(kind: u8, next: u8, frag_offset: u16) -> Vec<u8> {
+        match kind {
+            44 => {
+                let mut h = vec![next, 0];
+                h.extend_from_slice(&(frag_offset << 3).to_be_bytes());
+                h.extend_from_slice(&[0, 0, 0x12, 0x34]);
+                h
+            }
+            43 => vec![next, 0, 0, 0, 0, 0, 0, 0],
+            _ => vec![next, 0, 1, 4, 0, 0, 0, 0],
+        }
+    }
+
+    /// A chain of extension headers `kinds` ending in `last` (protocol number) with
+    /// `payload`, from `src`.
+    fn chained(src: Ipv6Addr, kinds: &[u8], last: u8, payload: &[u8]) -> Vec<u8> {
+        let mut body = Vec::new();
+        for (i, k) in kinds.iter().enumerate() {
+            let next = kinds.get(i + 1).copied().unwrap_or(last);
+            body.extend_from_slice(&ext(*k, next, 0));
+        }
+        body.extend_from_slice(payload);
+        let first = kinds.first().copied().unwrap_or(last);
+        ipv6_frame(GUEST_MAC, src, first, &body)
+    }
+
+    fn icmp6_msg(ty: u8) -> Vec<u8> {
+        vec![ty, 0, 0, 0, 0, 0, 0, 0]
+    }
+
+    #[test]
+    fn ipv6_rule_table() {
+        let ll = GUEST_MAC.ipv6_link_local();
+        let any = Ipv6Addr::UNSPECIFIED;
+        let other: Ipv6Addr = "2001:db8::99".parse().unwrap();
+        let echo = icmp6_msg(128);
+        let ra = icmp6_msg(134);
+        let mut jumbo_hbh = vec![58, 0, 0xc2, 4, 0, 1, 0, 0];
+        jumbo_hbh.extend_from_slice(&echo);
+        let mut router_alert_mld = vec![58, 0, 5, 2, 0, 0, 1, 0];
+        router_alert_mld.extend_from_slice(&icmp6_msg(143));
+        let mut later_fragment = ext(44, 58, 5);
+        later_fragment.extend_from_slice(&[0; 8]);
+        let tcp = [0u8; 20];
+        type Case = (&'static str, GuestLease, Vec<u8>, Result<bool, DropReason>);
+        let cases: Vec<Case> = vec![
+            ("echo from link-local", v6_lease(), chained(ll, &[], 58, &echo), Ok(true)),
+            ("tcp from link-local", v6_lease(), chained(ll, &[], 6, &tcp), Ok(true)),
+            (
+                "from the leased address",
+                v6_lease_with_global(),
+                chained(GLOBAL6, &[], 58, &echo),
+                Ok(true),
+            ),
+            (
+                "leased address on a lease without one",
+                v6_lease(),
+                chained(GLOBAL6, &[], 58, &echo),
+                Err(DropReason::Ipv6Source),
+            ),
+            (
+                "forged source",
+                v6_lease_with_global(),
+                chained(other, &[], 58, &echo),
+                Err(DropReason::Ipv6Source),
+            ),
+            (
+                "another MAC's link-local",
+                v6_lease(),
+                chained(MacAddr([2, 0, 0, 0, 0, 0x99]).ipv6_link_local(), &[], 58, &echo),
+                Err(DropReason::Ipv6Source),
+            ),
+            (
+                "DAD neighbour solicitation from ::",
+                v6_lease(),
+                chained(any, &[], 58, &icmp6_msg(135)),
+                Ok(true),
+            ),
+            (
+                "MLDv2 report with router alert from ::",
+                v6_lease(),
+                ipv6_frame(GUEST_MAC, any, 0, &router_alert_mld),
+                Ok(true),
+            ),
+            (
+                "echo from ::",
+                v6_lease(),
+                chained(any, &[], 58, &echo),
+                Err(DropReason::Ipv6Source),
+            ),
+            (
+                "udp from ::",
+                v6_lease(),
+                chained(any, &[], 17, &udp(1, 2, b"x")),
+                Err(DropReason::Ipv6Source),
+            ),
+            (
+                "RA behind destination options",
+                v6_lease(),
+                chained(ll, &[60], 58, &ra),
+                Err(DropReason::Ipv6ExtensionHeader),
+            ),
+            (
+                "RA behind a routing header",
+                v6_lease(),
+                chained(ll, &[43], 58, &ra),
+                Err(DropReason::Ipv6ExtensionHeader),
+            ),
+            (
+                "RA behind hop-by-hop and fragment",
+                v6_lease(),
+                chained(ll, &[0, 44], 58, &ra),
+                Err(DropReason::RouterAdvertisement),
+            ),
+            (
+                "echo behind hop-by-hop and fragment",
+                v6_lease(),
+                chained(ll, &[0, 44], 58, &echo),
+                Ok(true),
+            ),
+            (
+                "hop-by-hop after a fragment header",
+                v6_lease(),
+                chained(ll, &[44, 0], 58, &echo),
+                Err(DropReason::Ipv6ExtensionHeader),
+            ),
+            (
+                "two fragment headers",
+                v6_lease(),
+                chained(ll, &[44, 44], 58, &echo),
+                Err(DropReason::Ipv6ExtensionHeader),
+            ),
+            (
+                "hop-by-hop with a jumbo payload option",
+                v6_lease(),
+                ipv6_frame(GUEST_MAC, ll, 0, &jumbo_hbh),
+                Err(DropReason::Ipv6ExtensionHeader),
+            ),
+            (
+                "fragmented neighbour solicitation",
+                v6_lease(),
+                chained(ll, &[44], 58, &icmp6_msg(135)),
+                Err(DropReason::Ipv6ExtensionHeader),
+            ),
+            (
+                "later fragment from own address",
+                v6_lease(),
+                ipv6_frame(GUEST_MAC, ll, 44, &later_fragment),
+                Ok(true),
+            ),
+            (
+                "redirect",
+                v6_lease(),
+                chained(ll, &[], 58, &icmp6_msg(137)),
+                Err(DropReason::Icmpv6Redirect),
+            ),
+            (
+                "ESP",
+                v6_lease(),
+                chained(ll, &[], 50, &[0; 16]),
+                Err(DropReason::Ipv6ExtensionHeader),
+            ),
+            (
+                "no next header",
+                v6_lease(),
+                chained(ll, &[], 59, &[]),
+                Err(DropReason::Ipv6ExtensionHeader),
+            ),
+            (
+                "SCTP (not TCP, UDP or ICMPv6)",
+                v6_lease(),
+                chained(ll, &[], 132, &[0; 12]),
+                Err(DropReason::Ipv6NextHeader),
+            ),
+            (
+                "chain cut short",
+                v6_lease(),
+                ipv6_frame(GUEST_MAC, ll, 0, &[58, 0, 1]),
+                Err(DropReason::Ipv6Malformed),
+            ),
+        ];
+        for (name, lease, frame, want) in cases {
+            let got = classify_egress(&lease, &frame).map(|v| v.group);
+            assert_eq!(got, want, "case {name:?}");
+        }
+    }
+
+    proptest! {
+        /// Whatever chain of extension headers precedes it, a router advertisement is
+        /// never accepted, and a chain with a header outside the allowed ones (a
+        /// leading hop-by-hop, one fragment) is dropped as such.
+        #[test]
+        fn no_router_advertisement_hides_behind_extension_headers(
+            kinds in proptest::collection::vec(prop_oneof![Just(0u8), Just(43), Just(44), Just(60)], 0..5),
+            ty in prop_oneof![Just(134u8), Just(128), Just(129)],
+        ) {
+            let f = chained(GUEST_MAC.ipv6_link_local(), &kinds, 58, &icmp6_msg(ty));
+            let got = classify_egress(&v6_lease(), &f);
+            let allowed_chain = kinds.iter().enumerate().all(|(i, k)| (*k == 0 && i == 0) || *k == 44)
+                && kinds.iter().filter(|k| **k == 44).count() <= 1;
+            if !allowed_chain {
+                prop_assert_eq!(got, Err(DropReason::Ipv6ExtensionHeader));
+            } else if ty == 134 {
+                prop_assert_eq!(got, Err(DropReason::RouterAdvertisement));
+            } else {
+                prop_assert!(got.is_ok());
+            }
+        }
+
+        /// The source check: accepted exactly when the source is the guest's
+        /// link-local or leased address.
+        #[test]
+        fn ipv6_source_must_be_the_leases(src in any::<[u8; 16]>(), pick in 0u8..3) {
+            let src = match pick {
+                0 => Ipv6Addr::from(src),
+                1 => GUEST_MAC.ipv6_link_local(),
+                _ => GLOBAL6,
+            };
+            let lease = v6_lease_with_global();
+            let got = classify_egress(&lease, &chained(src, &[], 58, &icmp6_msg(128)));
+            if src == GUEST_MAC.ipv6_link_local() || src == GLOBAL6 {
+                prop_assert!(got.is_ok());
+            } else {
+                prop_assert_eq!(got, Err(DropReason::Ipv6Source));
+            }
+        }
+
+        /// The IPv6 walk never panics and never reads past the packet.
+        #[test]
+        fn ipv6_parser_never_panics(body in proptest::collection::vec(any::<u8>(), 0..120), next in any::<u8>()) {
+            let _ = classify_egress(&v6_lease(), &ipv6_frame(GUEST_MAC, GUEST_MAC.ipv6_link_local(), next, &body));
+            let mut p = ipv6_from(GUEST_MAC.ipv6_link_local(), next, &body);
+            p[4..6].copy_from_slice(&u16::MAX.to_be_bytes());
+            let _ = check_ipv6(&v6_lease().ipv6_sources(), &p);
+        }
     }
 }

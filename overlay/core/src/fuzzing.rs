@@ -202,6 +202,10 @@ pub fn filter_case(input: &[u8]) -> Option<u16> {
     let mut f = rest.to_vec();
     let mut lease = GuestLease::new(GUEST_MAC, GUEST_IP, BUYER_MAC, BUYER_IP);
     lease.allow_ipv6 = ctl & 1 != 0;
+    // Bit 6: the lease has a global IPv6 address, and steered frames use it.
+    if ctl & 0x40 != 0 {
+        lease.guest_ipv6 = Some(GUEST_IPV6);
+    }
     if ctl & 2 != 0 && f.len() >= 12 {
         f[6..12].copy_from_slice(&GUEST_MAC.0);
     }
@@ -240,6 +244,14 @@ pub fn filter_case(input: &[u8]) -> Option<u16> {
             0x86dd if l3 >= 40 => {
                 f[14] = 0x60 | (f[14] & 0x0f);
                 f[18..20].copy_from_slice(&((l3 - 40) as u16).to_be_bytes());
+                if !forge {
+                    let src = lease.guest_ipv6.unwrap_or(GUEST_MAC.ipv6_link_local());
+                    f[22..38].copy_from_slice(&src.octets());
+                    // Mostly an upper layer the filter takes, sometimes anything.
+                    if let Some(&n) = [6u8, 17, 58].get((f[20] & 3) as usize) {
+                        f[20] = n;
+                    }
+                }
             }
             _ => {}
         }
@@ -267,10 +279,13 @@ pub fn filter_case(input: &[u8]) -> Option<u16> {
                 let spa = Ipv4Addr::new(f[28], f[29], f[30], f[31]);
                 assert!(spa == GUEST_IP || spa.is_unspecified(), "ARP sender IP");
             }
-            0x86dd => assert!(
-                lease.allow_ipv6,
-                "IPv6 accepted without the lease allowing it"
-            ),
+            0x86dd => {
+                assert!(
+                    lease.allow_ipv6,
+                    "IPv6 accepted without the lease allowing it"
+                );
+                ipv6_accepted_invariants(&lease, &f[14..]);
+            }
             other => panic!("EtherType {other:#06x} accepted"),
         }
     }
@@ -284,6 +299,44 @@ pub fn filter_case(input: &[u8]) -> Option<u16> {
     let _ = dhcp::parse_client_frame(&f);
     let _ = dhcp::parse_bootp(rest);
     verdict.ok().map(|_| u16::from_be_bytes([f[12], f[13]]))
+}
+
+/// The global IPv6 address `filter_case` gives a lease when its bit 6 is set.
+const GUEST_IPV6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x11);
+
+/// What an accepted IPv6 packet must be, checked independently of the filter's walk:
+/// a source of the lease's (or `::`), and a header chain of at most a leading
+/// hop-by-hop header and one fragment header before TCP, UDP or ICMPv6, carrying no
+/// router advertisement or redirect.
+fn ipv6_accepted_invariants(lease: &GuestLease, p: &[u8]) {
+    let src = std::net::Ipv6Addr::from(<[u8; 16]>::try_from(&p[8..24]).expect("16"));
+    assert!(
+        src.is_unspecified() || lease.ipv6_sources().contains(src),
+        "forged IPv6 source {src} accepted"
+    );
+    let (mut next, mut off, mut i, mut frags) = (p[6], 40usize, 0, 0);
+    loop {
+        match next {
+            0 => assert_eq!(i, 0, "hop-by-hop header not first"),
+            44 => {
+                frags += 1;
+                assert_eq!(frags, 1, "two fragment headers");
+                if u16::from_be_bytes([p[off + 2], p[off + 3]]) >> 3 != 0 {
+                    return; // a later fragment: no upper-layer header to judge
+                }
+            }
+            6 | 17 => return,
+            58 => {
+                assert!(!matches!(p[off], 134 | 137), "RA or redirect accepted");
+                return;
+            }
+            other => panic!("next header {other} accepted"),
+        }
+        let len = if next == 44 { 8 } else { (p[off + 1] as usize + 1) * 8 };
+        next = p[off];
+        off += len;
+        i += 1;
+    }
 }
 
 #[cfg(test)]

@@ -50,8 +50,8 @@ mod testutil;
 pub use action::{Action, Actions, Event};
 pub use buyer::BuyerCore;
 pub use config::{
-    guest_mtu_for_path, BuyerConfig, GuestLease, HandshakeLimits, RateLimits, SellerConfig, Timers,
-    DEFAULT_GUEST_MTU, OVERLAY_OVERHEAD,
+    guest_mtu_for_path, Admission, BuyerConfig, GuestLease, HandshakeLimits, Ipv6Sources,
+    RateLimits, SellerConfig, Timers, DEFAULT_GUEST_MTU, OVERLAY_OVERHEAD,
 };
 pub use error::{Error, Result};
 pub use eth::MacAddr;

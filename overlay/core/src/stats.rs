@@ -89,6 +89,17 @@ drop_reasons! {
     RouterAdvertisement => "router_advertisement",
     /// DHCPv6 server reply (UDP 547->546) from a guest.
     Dhcpv6ServerReply => "dhcpv6_server_reply",
+    /// IPv6 source is neither the guest's link-local address (from its MAC) nor its
+    /// leased address (nor `::` in duplicate address detection or an MLD report).
+    Ipv6Source => "ipv6_source",
+    /// An IPv6 extension header the lease does not allow: anything but a leading
+    /// hop-by-hop header of padding and router alert, and one fragment header
+    /// (default deny: nothing hides a router advertisement behind one).
+    Ipv6ExtensionHeader => "ipv6_extension_header",
+    /// An IPv6 upper-layer protocol other than TCP, UDP and ICMPv6.
+    Ipv6NextHeader => "ipv6_next_header",
+    /// ICMPv6 redirect from a guest.
+    Icmpv6Redirect => "icmpv6_redirect",
     /// Broadcast/multicast over its rate.
     BroadcastRate => "broadcast_rate",
     /// Over the byte rate.

@@ -1,6 +1,6 @@
 //! Frame builders for tests.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use crate::checksum::ipv4_header as ipv4_checksum;
 use crate::rng::{seeded, CoreRng};
@@ -87,14 +87,14 @@ pub fn arp(smac: MacAddr, sha: MacAddr, spa: Ipv4Addr, tpa: Ipv4Addr, op: u16) -
     eth(smac, MacAddr::BROADCAST, 0x0806, &a)
 }
 
-fn ipv6(next: u8, payload: &[u8]) -> Vec<u8> {
+/// An IPv6 packet from `src` to ff02::1.
+pub fn ipv6_from(src: Ipv6Addr, next: u8, payload: &[u8]) -> Vec<u8> {
     let mut p = vec![0u8; 40];
     p[0] = 0x60;
     p[4..6].copy_from_slice(&(payload.len() as u16).to_be_bytes());
     p[6] = next;
     p[7] = 255;
-    p[8] = 0xfe;
-    p[9] = 0x80;
+    p[8..24].copy_from_slice(&src.octets());
     p[24] = 0xff;
     p[25] = 0x02;
     p[39] = 1;
@@ -102,6 +102,19 @@ fn ipv6(next: u8, payload: &[u8]) -> Vec<u8> {
     p
 }
 
+/// An IPv6 packet from `smac`'s link-local address, in a frame to 33:33:00:00:00:01.
+pub fn ipv6_frame(smac: MacAddr, src: Ipv6Addr, next: u8, payload: &[u8]) -> Vec<u8> {
+    eth(
+        smac,
+        MacAddr([0x33, 0x33, 0, 0, 0, 1]),
+        0x86dd,
+        &ipv6_from(src, next, payload),
+    )
+}
+
+fn ipv6(next: u8, payload: &[u8]) -> Vec<u8> {
+    ipv6_from(GUEST_MAC.ipv6_link_local(), next, payload)
+}
 pub fn icmp6(smac: MacAddr, ty: u8) -> Vec<u8> {
     eth(
         smac,

@@ -26,7 +26,16 @@ pub struct ArgsInput<'a> {
     pub qmp_fd: RawFd,
     /// Serial console socket fd in qemu.
     pub serial_fd: RawFd,
+    /// qemu runs jailed: no /proc, so the disk fd goes in as an fd set
+    /// (`-add-fd`, `/dev/fdset/N`), which dups the fd instead of reopening a path.
+    pub jailed: bool,
+    /// Disk throughput (bytes/s) and IOPS caps (`-drive throttling.*`).
+    pub disk_bps: Option<u64>,
+    pub disk_iops: Option<u64>,
 }
+
+/// The fd set a jailed qemu's disk fd goes in.
+const DISK_FDSET: u32 = 1;
 
 /// How qemu finds the tap.
 #[derive(Debug, Clone, Copy)]
@@ -56,6 +65,11 @@ pub fn build(input: &ArgsInput<'_>) -> Vec<String> {
         "-sandbox",
         "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
     ]);
+    if !direct {
+        // SeaBIOS halts for ever when nothing boots (it says so only on its debug
+        // port); with this it resets at once, which -no-reboot turns into an exit.
+        push(&["-boot", "reboot-timeout=0"]);
+    }
     let machine = if direct {
         // The PIT/PIC/RTC are needed under TCG: without them the kernel cannot
         // calibrate its clocks and stalls early in boot.
@@ -106,9 +120,21 @@ pub fn build(input: &ArgsInput<'_>) -> Vec<String> {
     if let Some((fd, read_only, bus)) = input.disk {
         // The disk is the already-open (unlinked) file, reached through our fd; no
         // -snapshot, so writes go to that file and nothing is copied into RAM.
-        let mut drive = format!("file=/proc/self/fd/{fd},format=raw,if=none,id=disk0,aio=threads");
+        let file = if input.jailed {
+            push(&["-add-fd", &format!("fd={fd},set={DISK_FDSET}")]);
+            format!("/dev/fdset/{DISK_FDSET}")
+        } else {
+            format!("/proc/self/fd/{fd}")
+        };
+        let mut drive = format!("file={file},format=raw,if=none,id=disk0,aio=threads");
         if read_only {
             drive.push_str(",readonly=on");
+        }
+        if let Some(bps) = input.disk_bps {
+            drive.push_str(&format!(",throttling.bps-total={bps}"));
+        }
+        if let Some(iops) = input.disk_iops {
+            drive.push_str(&format!(",throttling.iops-total={iops}"));
         }
         push(&["-drive", &drive]);
         let boot_index = if matches!(input.boot, Boot::Disk) {
@@ -212,7 +238,27 @@ mod tests {
             net: Some((NetArg::Fd(9), [2, 0, 0, 0, 0, 1])),
             qmp_fd: 5,
             serial_fd: 6,
+            jailed: false,
+            disk_bps: None,
+            disk_iops: None,
         }
+    }
+
+    #[test]
+    fn jailed_disk_is_an_fd_set_with_throttling() {
+        let boot = Boot::Disk;
+        let mut inp = input(&boot);
+        inp.jailed = true;
+        inp.disk_bps = Some(10 << 20);
+        inp.disk_iops = Some(500);
+        let s = joined(&build(&inp));
+        assert!(s.contains("-add-fd fd=7,set=1"), "{s}");
+        assert!(s.contains("file=/dev/fdset/1,format=raw"), "{s}");
+        assert!(
+            s.contains("throttling.bps-total=10485760,throttling.iops-total=500"),
+            "{s}"
+        );
+        assert!(!s.contains("/proc/self/fd"), "{s}");
     }
 
     #[test]
@@ -253,6 +299,7 @@ mod tests {
         inp.disk = Some((7, true, DiskBus::Ide));
         let s = joined(&build(&inp));
         assert!(s.contains("-M q35"));
+        assert!(s.contains("-boot reboot-timeout=0"), "{s}");
         assert!(s.contains("-accel kvm"));
         assert!(s.contains("ide-cd,drive=cd0,bus=ide.2,bootindex=0"));
         assert!(

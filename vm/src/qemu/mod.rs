@@ -93,7 +93,26 @@ impl Qemu {
             }
         }
         tracing::debug!(reason = %accel.reason, boot = spec.boot.kind(), "starting qemu");
-        start(&binary, &self.config, accel, spec)
+        start(&binary, &self.config, accel, spec, None)
+    }
+
+    /// Like [`Qemu::start_guest`], with qemu in `jail` ([`crate::jail`]): its own uid,
+    /// no capabilities, a minimal root, the jail's cgroup and network namespace. The
+    /// jail is torn down (cgroup removed, uid freed) once qemu has been reaped.
+    pub fn start_jailed(&self, mut spec: GuestSpec, jail: crate::jail::Jail) -> Result<QemuGuest> {
+        spec.validate()?;
+        let binary = self.binary()?;
+        let accel = accel::choose(&binary, self.config.accel)?;
+        let span =
+            tracing::info_span!("qemu", guest = %spec.name, accel = %accel.accel, uid = jail.uid());
+        let _enter = span.enter();
+        if accel.accel == Accel::Tcg {
+            if let Boot::Direct { cmdline, .. } = &mut spec.boot {
+                add_tsc_hint(cmdline);
+            }
+        }
+        tracing::debug!(reason = %accel.reason, boot = spec.boot.kind(), "starting jailed qemu");
+        start(&binary, &self.config, accel, spec, Some(jail))
     }
 }
 
@@ -307,12 +326,44 @@ enum Startup {
     Failed(Error),
 }
 
+/// The files qemu opens by path, moved into the jail: the boot spec is rewritten to
+/// their paths inside it.
+fn jail_files(jail: &crate::jail::Jail, boot: &mut Boot) -> Result<Vec<crate::jail::JailFile>> {
+    let mut files = Vec::new();
+    let mut give = |p: &mut PathBuf, name: &str| -> Result<()> {
+        let f = jail.file(p, name)?;
+        *p = f.inside.clone();
+        files.push(f);
+        Ok(())
+    };
+    match boot {
+        Boot::Direct { kernel, initrd, .. } => {
+            give(kernel, "kernel")?;
+            if let Some(i) = initrd {
+                give(i, "initrd")?;
+            }
+        }
+        Boot::Iso { iso } => give(iso, "cdrom.iso")?,
+        Boot::Disk => {}
+    }
+    Ok(files)
+}
+
 fn start(
     binary: &Path,
     cfg: &QemuConfig,
     accel: AccelChoice,
     mut spec: GuestSpec,
+    jail: Option<crate::jail::Jail>,
 ) -> Result<QemuGuest> {
+    let host_kernel = match &spec.boot {
+        Boot::Direct { kernel, .. } => Some(kernel.clone()),
+        _ => None,
+    };
+    let jail_files = match &jail {
+        Some(j) => jail_files(j, &mut spec.boot)?,
+        None => Vec::new(),
+    };
     let (qmp_ours, qmp_theirs) =
         UnixStream::pair().map_err(|e| Error::io("creating the QMP socketpair", e))?;
     let (serial_ours, serial_theirs) =
@@ -347,6 +398,9 @@ fn start(
         net: net_arg,
         qmp_fd: qmp_theirs.as_raw_fd(),
         serial_fd: serial_theirs.as_raw_fd(),
+        jailed: jail.is_some(),
+        disk_bps: jail.as_ref().and_then(|j| j.limits().disk_bps),
+        disk_iops: jail.as_ref().and_then(|j| j.limits().disk_iops),
     });
     tracing::debug!(?argv, "qemu command line");
 
@@ -358,30 +412,48 @@ fn start(
     cmd.process_group(0);
     let parent = std::process::id() as libc::pid_t;
     let fds = inherit.clone();
-    // SAFETY: only async-signal-safe calls (prctl, getppid, fcntl, _exit) between
-    // fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGKILL as libc::c_ulong,
-                0,
-                0,
-                0,
-            ) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::getppid() != parent {
-                libc::_exit(1); // the node died before prctl took effect
-            }
-            for &fd in &fds {
-                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+    let prepared = match &jail {
+        Some(j) => Some(Arc::new(j.prepare(
+            binary,
+            accel.accel == Accel::Kvm,
+            jail_files,
+            inherit.clone(),
+        )?)),
+        None => None,
+    };
+    if let Some(p) = prepared.clone() {
+        cmd.env_clear();
+        // SAFETY: `child::enter` makes only raw system calls on data prepared before
+        // the fork (see crate::jail::child).
+        unsafe {
+            cmd.pre_exec(move || crate::jail::child::enter(&p.child));
+        }
+    } else {
+        // SAFETY: only async-signal-safe calls (prctl, getppid, fcntl, _exit) between
+        // fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                ) != 0
+                {
                     return Err(std::io::Error::last_os_error());
                 }
-            }
-            Ok(())
-        });
+                if libc::getppid() != parent {
+                    libc::_exit(1); // the node died before prctl took effect
+                }
+                for &fd in &fds {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
     }
 
     let (fanout, console) = SerialFanout::new(spec.serial_log.take());
@@ -403,10 +475,7 @@ fn start(
     let grace = spec.shutdown_grace;
     let startup_timeout = cfg.startup_timeout;
     let name = spec.name.clone();
-    let kernel = match &spec.boot {
-        Boot::Direct { kernel, .. } => Some(kernel.clone()),
-        _ => None,
-    };
+    let kernel = host_kernel;
 
     let sup_shared = shared.clone();
     let sup_fanout = fanout.clone();
@@ -423,10 +492,15 @@ fn start(
             let child = match spawned {
                 Ok(c) => c,
                 Err(e) => {
-                    let _ = ready_tx.send(Startup::Failed(Error::io("spawning qemu", e)));
+                    let err = match prepared.as_ref().and_then(|p| p.failure()) {
+                        Some(step) => Error::Jail { step, source: e },
+                        None => Error::io("spawning qemu", e),
+                    };
+                    let _ = ready_tx.send(Startup::Failed(err));
                     return;
                 }
             };
+            drop(prepared);
             supervise(
                 child,
                 Supervision {
@@ -443,6 +517,8 @@ fn start(
                     kernel,
                 },
             );
+            // qemu has been reaped: its cgroup can go, its uid is free again.
+            drop(jail);
         })
         .map_err(|e| Error::io("spawning the qemu supervisor thread", e))?;
 

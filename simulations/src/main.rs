@@ -1,0 +1,72 @@
+//! `simulations run FILE`: runs a scenario, prints its Markdown summary and
+//! writes CSV, Markdown and PNG files.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use simulations::runner::run_scenario;
+use simulations::scenario::Scenario;
+
+#[derive(Parser)]
+#[command(about = "Flow-level simulator of the cpushare swarm and market")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a scenario file (simulations/scenarios/*.toml).
+    Run {
+        file: PathBuf,
+        /// Where the CSV, Markdown and PNG files go (default target/sim/NAME).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Override the scenario's seller count.
+        #[arg(long)]
+        sellers: Option<usize>,
+        /// No progress bars.
+        #[arg(long)]
+        quiet: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Run {
+            file,
+            out,
+            sellers,
+            quiet,
+        } => {
+            let mut sc = match Scenario::load(&file) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            if let Some(n) = sellers {
+                sc.sellers = n;
+            }
+            let out = out.unwrap_or_else(|| PathBuf::from("target/sim").join(&sc.name));
+            let show = !quiet && std::io::stderr().is_terminal();
+            match run_scenario(&sc, &out, show) {
+                Ok(o) => {
+                    println!("{}", o.markdown);
+                    for f in o.files {
+                        println!("wrote {}", f.display());
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
