@@ -28,7 +28,10 @@ pub struct ArgsInput<'a> {
     pub serial_fd: RawFd,
     /// qemu runs jailed: no /proc, so the disk fd goes in as an fd set
     /// (`-add-fd`, `/dev/fdset/N`), which dups the fd instead of reopening a path.
+    /// qemu opens the image read-only first and read-write later, matching each
+    /// open to an fd of the same access mode: this is the read-only one.
     pub jailed: bool,
+    pub disk_ro_fd: Option<RawFd>,
     /// Disk throughput (bytes/s) and IOPS caps (`-drive throttling.*`).
     pub disk_bps: Option<u64>,
     pub disk_iops: Option<u64>,
@@ -122,6 +125,9 @@ pub fn build(input: &ArgsInput<'_>) -> Vec<String> {
         // -snapshot, so writes go to that file and nothing is copied into RAM.
         let file = if input.jailed {
             push(&["-add-fd", &format!("fd={fd},set={DISK_FDSET}")]);
+            if let Some(ro) = input.disk_ro_fd {
+                push(&["-add-fd", &format!("fd={ro},set={DISK_FDSET}")]);
+            }
             format!("/dev/fdset/{DISK_FDSET}")
         } else {
             format!("/proc/self/fd/{fd}")
@@ -239,6 +245,7 @@ mod tests {
             qmp_fd: 5,
             serial_fd: 6,
             jailed: false,
+            disk_ro_fd: None,
             disk_bps: None,
             disk_iops: None,
         }
@@ -249,10 +256,11 @@ mod tests {
         let boot = Boot::Disk;
         let mut inp = input(&boot);
         inp.jailed = true;
+        inp.disk_ro_fd = Some(11);
         inp.disk_bps = Some(10 << 20);
         inp.disk_iops = Some(500);
         let s = joined(&build(&inp));
-        assert!(s.contains("-add-fd fd=7,set=1"), "{s}");
+        assert!(s.contains("-add-fd fd=7,set=1 -add-fd fd=11,set=1"), "{s}");
         assert!(s.contains("file=/dev/fdset/1,format=raw"), "{s}");
         assert!(
             s.contains("throttling.bps-total=10485760,throttling.iops-total=500"),

@@ -376,6 +376,18 @@ fn start(
         inherit.push(d.file.as_raw_fd());
         (d.file.as_raw_fd(), d.read_only, d.bus)
     });
+    // A jailed qemu reaches its disk through an fd set, which needs a read-only fd
+    // of the same file beside the read-write one (see `args::ArgsInput::jailed`).
+    let disk_ro = match (&jail, &spec.disk) {
+        (Some(_), Some(d)) => {
+            let path = format!("/proc/self/fd/{}", d.file.as_raw_fd());
+            let ro = std::fs::File::open(&path)
+                .map_err(|e| Error::io("reopening the disk read-only for the jail", e))?;
+            inherit.push(ro.as_raw_fd());
+            Some(ro)
+        }
+        _ => None,
+    };
     let net_arg = spec.net.as_ref().map(|n| {
         let arg = match &n.tap {
             Tap::Fd(fd) => {
@@ -399,6 +411,7 @@ fn start(
         qmp_fd: qmp_theirs.as_raw_fd(),
         serial_fd: serial_theirs.as_raw_fd(),
         jailed: jail.is_some(),
+        disk_ro_fd: disk_ro.as_ref().map(|f| f.as_raw_fd()),
         disk_bps: jail.as_ref().and_then(|j| j.limits().disk_bps),
         disk_iops: jail.as_ref().and_then(|j| j.limits().disk_iops),
     });
@@ -489,6 +502,7 @@ fn start(
             drop(qmp_theirs);
             drop(serial_theirs);
             drop(spec);
+            drop(disk_ro);
             let child = match spawned {
                 Ok(c) => c,
                 Err(e) => {
