@@ -3,7 +3,7 @@
 //! pair, raw frame crafting, AF_PACKET captures, and TCP transfers inside namespaces.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -86,11 +86,54 @@ pub fn start_seller(
     guest_ip: Ipv4Addr,
     seller_id: Identity,
 ) -> Result<SellerHost> {
+    start_seller_with(
+        host,
+        host_ip,
+        uplink,
+        guest_ns,
+        lease_ns,
+        tag,
+        buyer_key,
+        buyer_addr,
+        guest_mac,
+        guest_ip,
+        seller_id,
+        |_| {},
+    )
+}
+
+/// [`start_seller`] with the lease adjusted by `lease_edit` (IPv6, limits). A lease
+/// that allows IPv6 gets a guest namespace with IPv6 on (no DAD, no RA accepted);
+/// otherwise the guest's IPv6 is off.
+#[allow(clippy::too_many_arguments)]
+pub fn start_seller_with(
+    host: Netns,
+    host_ip: Ipv4Addr,
+    uplink: &str,
+    guest_ns: &str,
+    lease_ns: &str,
+    tag: &str,
+    buyer_key: ::overlay::PeerKey,
+    buyer_addr: SocketAddr,
+    guest_mac: MacAddr,
+    guest_ip: Ipv4Addr,
+    seller_id: Identity,
+    lease_edit: impl FnOnce(&mut GuestLease),
+) -> Result<SellerHost> {
+    let mut lease_cfg = GuestLease::new(guest_mac, guest_ip, BUYER_MAC, BUYER_IP);
+    lease_edit(&mut lease_cfg);
     scrub(&[lease_ns, guest_ns]);
     let lease = io::create_lease_netns(lease_ns)?;
     let guest = Netns::new(guest_ns)?;
-    guest.sysctl("net.ipv6.conf.all.disable_ipv6=1")?;
-    guest.sysctl("net.ipv6.conf.default.disable_ipv6=1")?;
+    if lease_cfg.allow_ipv6 {
+        for k in ["accept_dad=0", "accept_ra=0"] {
+            guest.sysctl(&format!("net.ipv6.conf.all.{k}"))?;
+            guest.sysctl(&format!("net.ipv6.conf.default.{k}"))?;
+        }
+    } else {
+        guest.sysctl("net.ipv6.conf.all.disable_ipv6=1")?;
+        guest.sysctl("net.ipv6.conf.default.disable_ipv6=1")?;
+    }
     let guest_if = format!("{tag}g");
     let lease_if = format!("{tag}l");
     ip(&[
@@ -105,7 +148,6 @@ pub fn start_seller(
     guest.ip(&["link", "set", &guest_if, "address", &guest_mac.to_string()])?;
     guest.ip(&["link", "set", &guest_if, "up"])?;
     let port = PacketPort::open_in(&lease, &lease_if)?;
-    let lease_cfg = GuestLease::new(guest_mac, guest_ip, BUYER_MAC, BUYER_IP);
     let core = SellerCore::new(
         seller_id,
         SellerConfig::new(
@@ -599,6 +641,51 @@ pub fn ipv6_ra(src_mac: MacAddr) -> Vec<u8> {
     p.extend_from_slice(&dst);
     p.extend_from_slice(&ra);
     eth(MacAddr([0x33, 0x33, 0, 0, 0, 1]), src_mac, 0x86dd, &p)
+}
+
+/// An IPv6 packet from `src` to `dst`: `exts` are extension headers (next-header
+/// values 0, 43, 44, 60), each 8 bytes (a fragment header at offset 0, the others
+/// padded with PadN), chained before `upper` carrying `payload`.
+pub fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, exts: &[u8], upper: u8, payload: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (i, _) in exts.iter().enumerate() {
+        let next = exts.get(i + 1).copied().unwrap_or(upper);
+        // Next header, length 0 (8 bytes); then PadN of 4 (or fragment offset 0).
+        let mut h = [next, 0, 1, 4, 0, 0, 0, 0];
+        if exts[i] == 44 {
+            h[2..].copy_from_slice(&[0, 0, 0, 0, 0x12, 0x34]);
+        }
+        body.extend_from_slice(&h);
+    }
+    body.extend_from_slice(payload);
+    let mut p = vec![0x60, 0, 0, 0];
+    p.extend_from_slice(&(body.len() as u16).to_be_bytes());
+    p.push(exts.first().copied().unwrap_or(upper));
+    p.push(255);
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    p.extend_from_slice(&body);
+    p
+}
+
+/// An ICMPv6 message of type `ty` (checksum left zero: the filter judges the header
+/// chain, not the checksum) with an 8-byte body.
+pub fn icmp6(ty: u8) -> Vec<u8> {
+    vec![ty, 0, 0, 0, 0x40, 0, 0, 0, 0, 0, 0, 0]
+}
+
+/// The all-nodes multicast group and its Ethernet address.
+pub const ALL_NODES: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
+pub const ALL_NODES_MAC: MacAddr = MacAddr([0x33, 0x33, 0, 0, 0, 1]);
+
+/// `ping -6 -c n` from a namespace (to a link-local address, `dst%ifname`); true if
+/// all replies came back.
+pub fn ping6(ns: &Netns, dst: &str, n: u32) -> bool {
+    ns.command("ping")
+        .args(["-6", "-c", &n.to_string(), "-i", "0.2", "-W", "2", dst])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
 }
 
 /// Insert an 802.1Q tag (VLAN `vid`) after the MAC addresses.

@@ -325,7 +325,7 @@ impl EgressFilter {
 
     /// Whether a frame from the buyer may be written to the guest: it must be
     /// addressed to the guest's MAC or broadcast (IPv6 multicast too when the lease
-    /// allows IPv6, for neighbour discovery).
+    /// allows IPv6, for neighbour discovery), and be no IPv6 unless the lease allows it.
     pub fn check_ingress(&self, frame: &[u8]) -> Result<(), DropReason> {
         check_ingress(&self.lease, frame)
     }
@@ -338,6 +338,10 @@ pub fn check_ingress(lease: &GuestLease, frame: &[u8]) -> Result<(), DropReason>
     }
     if frame.len() > lease.mtu as usize + ETH_HDR {
         return Err(DropReason::Oversize);
+    }
+    // A guest whose lease has no IPv6 gets none (the switch floods what it must).
+    if ethertype(frame) == ETHERTYPE_IPV6 && !lease.allow_ipv6 {
+        return Err(DropReason::EtherType);
     }
     let dst = dst_mac(frame);
     let v6_multicast = dst.0[0] == 0x33 && dst.0[1] == 0x33;
@@ -721,6 +725,12 @@ mod tests {
             Err(DropReason::IngressNotForGuest)
         );
         assert_eq!(f6.check_ingress(&to_v6mc), Ok(()));
+        // IPv6 to a guest whose lease has none is dropped even when addressed to it.
+        let mut v6_to_guest =
+            ipv6_frame(BUYER_MAC, BUYER_MAC.ipv6_link_local(), 58, &[128, 0, 0, 0]);
+        v6_to_guest[..6].copy_from_slice(&GUEST_MAC.0);
+        assert_eq!(f.check_ingress(&v6_to_guest), Err(DropReason::EtherType));
+        assert_eq!(f6.check_ingress(&v6_to_guest), Ok(()));
         assert_eq!(f.check_ingress(&[0; 10]), Err(DropReason::Runt));
         assert_eq!(
             f.check_ingress(&vec![0xff; 1415]),
@@ -786,8 +796,18 @@ mod tests {
         let tcp = [0u8; 20];
         type Case = (&'static str, GuestLease, Vec<u8>, Result<bool, DropReason>);
         let cases: Vec<Case> = vec![
-            ("echo from link-local", v6_lease(), chained(ll, &[], 58, &echo), Ok(true)),
-            ("tcp from link-local", v6_lease(), chained(ll, &[], 6, &tcp), Ok(true)),
+            (
+                "echo from link-local",
+                v6_lease(),
+                chained(ll, &[], 58, &echo),
+                Ok(true),
+            ),
+            (
+                "tcp from link-local",
+                v6_lease(),
+                chained(ll, &[], 6, &tcp),
+                Ok(true),
+            ),
             (
                 "from the leased address",
                 v6_lease_with_global(),
@@ -809,7 +829,12 @@ mod tests {
             (
                 "another MAC's link-local",
                 v6_lease(),
-                chained(MacAddr([2, 0, 0, 0, 0, 0x99]).ipv6_link_local(), &[], 58, &echo),
+                chained(
+                    MacAddr([2, 0, 0, 0, 0, 0x99]).ipv6_link_local(),
+                    &[],
+                    58,
+                    &echo,
+                ),
                 Err(DropReason::Ipv6Source),
             ),
             (

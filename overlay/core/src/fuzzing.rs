@@ -295,6 +295,10 @@ pub fn filter_case(input: &[u8]) -> Option<u16> {
                 || f[..6] == [0xff; 6]
                 || (lease.allow_ipv6 && f[..2] == [0x33, 0x33])
         );
+        assert!(
+            lease.allow_ipv6 || f[12..14] != [0x86, 0xdd],
+            "IPv6 let in to a guest without it"
+        );
     }
     let _ = dhcp::parse_client_frame(&f);
     let _ = dhcp::parse_bootp(rest);
@@ -332,7 +336,11 @@ fn ipv6_accepted_invariants(lease: &GuestLease, p: &[u8]) {
             }
             other => panic!("next header {other} accepted"),
         }
-        let len = if next == 44 { 8 } else { (p[off + 1] as usize + 1) * 8 };
+        let len = if next == 44 {
+            8
+        } else {
+            (p[off + 1] as usize + 1) * 8
+        };
         next = p[off];
         off += len;
         i += 1;

@@ -16,7 +16,7 @@ use super::spin::{self, Handoff, Poller, Spin, Wake};
 use super::sys;
 use super::tap::{Tap, TapOptions};
 use crate::stats::BuyerStats;
-use crate::{BuyerCore, Error, MacAddr, PeerKey};
+use crate::{Admission, BuyerCore, Error, MacAddr, PeerKey};
 
 /// Where and how the buyer listens.
 #[derive(Debug, Clone)]
@@ -101,7 +101,8 @@ impl Buyer {
         sys::set_mtu(&name, mtu as u32).map_err(os(format!("setting the MTU of {name}")))?;
         sys::set_ipv4(&name, host_ip, cfg.prefix)
             .map_err(os(format!("adding {host_ip}/{} to {name}", cfg.prefix)))?;
-        // Only IPv4/ARP cross the overlay by default; keep the host quiet on IPv6.
+        // The host itself speaks only IPv4/ARP on the overlay (guests whose leases
+        // allow IPv6 reach each other through the switch); keep it quiet on IPv6.
         let _ = sys::write_net_sysctl(&format!("ipv6/conf/{name}/disable_ipv6"), "1");
         sys::set_up(&name, true).map_err(os(format!("bringing {name} up")))?;
 
@@ -170,6 +171,12 @@ impl Buyer {
 
     pub fn admit(&self, peer: PeerKey, mac: MacAddr, ip: Ipv4Addr) -> Result<(), Error> {
         lock(&self.shared.core).admit(peer, mac, ip)
+    }
+
+    /// Admits a guest with its whole lease (IPv6 allowed or not, its IPv6 address):
+    /// see [`BuyerCore::admit_guest`].
+    pub fn admit_guest(&self, a: Admission) -> Result<(), Error> {
+        lock(&self.shared.core).admit_guest(a)
     }
 
     pub fn revoke(&self, mac: MacAddr) -> bool {
