@@ -8,14 +8,14 @@
 //! section of `status` show sessions, traffic and drop counters by reason.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use clap::Subcommand;
 use overlay::io::{self as oio, shell, Buyer, BuyerIoConfig, NetNs, PacketPort, Seller};
-use overlay::{BuyerConfig, BuyerCore, GuestLease, MacAddr, SellerConfig, SellerCore};
+use overlay::{Admission, BuyerConfig, BuyerCore, GuestLease, MacAddr, SellerConfig, SellerCore};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tracing::info;
@@ -70,6 +70,15 @@ pub enum OverlayCommand {
         /// first call only) [default: 200].
         #[arg(long)]
         busy_poll_us: Option<u64>,
+        /// Let the guest use IPv6 (off by default). Its IPv6 source must be its
+        /// link-local address (from --mac) or --ipv6-addr; IPv6 extension headers
+        /// other than a leading hop-by-hop header (padding, router alert) and one
+        /// fragment header are dropped. Buyer and seller must both give it.
+        #[arg(long)]
+        ipv6: bool,
+        /// The guest's own IPv6 address (needs --ipv6).
+        #[arg(long, requires = "ipv6", value_name = "ADDR")]
+        ipv6_addr: Option<Ipv6Addr>,
         /// Print the reply as JSON.
         #[arg(long)]
         json: bool,
@@ -124,6 +133,15 @@ pub enum OverlayCommand {
         /// latency for up to one core while packets flow; 0 = off).
         #[arg(long)]
         busy_poll_us: Option<u64>,
+        /// Let the guest use IPv6 (off by default). Its IPv6 source must be its
+        /// link-local address (from --mac) or --ipv6-addr; IPv6 extension headers
+        /// other than a leading hop-by-hop header (padding, router alert) and one
+        /// fragment header are dropped. Buyer and seller must both give it.
+        #[arg(long)]
+        ipv6: bool,
+        /// The guest's own IPv6 address (needs --ipv6).
+        #[arg(long, requires = "ipv6", value_name = "ADDR")]
+        ipv6_addr: Option<Ipv6Addr>,
         /// Print the reply as JSON.
         #[arg(long)]
         json: bool,
@@ -275,6 +293,22 @@ struct AdmitParams {
     host_ip: Ipv4Addr,
     #[serde(default = "default_busy_poll")]
     busy_poll_us: u64,
+    /// IPv6 allowed, and the guest's own IPv6 address (off when absent).
+    #[serde(default)]
+    ipv6: bool,
+    #[serde(default)]
+    ipv6_addr: Option<Ipv6Addr>,
+}
+
+/// `--ipv6-addr` needs `--ipv6` and must be a unicast address the guest can own.
+fn ipv6_addr(allowed: bool, a: Option<Ipv6Addr>) -> Result<Option<Ipv6Addr>> {
+    match a {
+        Some(_) if !allowed => Err(bad("--ipv6-addr", "needs --ipv6")),
+        Some(a) if a.is_unspecified() || a.is_loopback() || a.is_multicast() => {
+            Err(bad("--ipv6-addr", format!("{a} is not a unicast address")))
+        }
+        a => Ok(a),
+    }
 }
 
 fn default_busy_poll() -> u64 {
@@ -307,6 +341,11 @@ struct AttachParams {
     max_pps: Option<u64>,
     #[serde(default = "default_busy_poll")]
     busy_poll_us: u64,
+    /// IPv6 allowed, and the guest's own IPv6 address (off when absent).
+    #[serde(default)]
+    ipv6: bool,
+    #[serde(default)]
+    ipv6_addr: Option<Ipv6Addr>,
 }
 
 #[derive(Deserialize)]
@@ -319,6 +358,7 @@ fn admit(node: &Node, st: &Shared, p: AdmitParams) -> Result<Value> {
     let key = overlay::parse_peer_key(&p.key)?;
     let mac = unicast_mac("--mac", &p.mac)?;
     guest_ip("--ip", p.ip)?;
+    ipv6_addr(p.ipv6, p.ipv6_addr)?;
     let poll = busy_poll(p.busy_poll_us)?;
     let mut g = lock(st);
     if g.buyer.is_none() {
@@ -338,7 +378,11 @@ fn admit(node: &Node, st: &Shared, p: AdmitParams) -> Result<Value> {
         });
     }
     let b = g.buyer.as_ref().expect("started above");
-    b.buyer.admit(key, mac, p.ip)?;
+    b.buyer.admit_guest(Admission {
+        allow_ipv6: p.ipv6,
+        guest_ipv6: p.ipv6_addr,
+        ..Admission::new(key, mac, p.ip)
+    })?;
     info!(peer = %p.key, %mac, ip = %p.ip, "overlay guest admitted");
     let udp = b.buyer.local_addr();
     let endpoints = seller_endpoints(udp, b.buyer.tap_name());
@@ -349,6 +393,8 @@ fn admit(node: &Node, st: &Shared, p: AdmitParams) -> Result<Value> {
         "seller_endpoints": endpoints.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
         "buyer_key": hex::encode(b.buyer.public_key().as_bytes()),
         "buyer_ip": b.host_ip.to_string(),
+        "ipv6": p.ipv6,
+        "ipv6_addr": p.ipv6_addr.map(|a| a.to_string()),
     }))
 }
 
@@ -487,6 +533,8 @@ fn plan_attach(node: &Node, st: &Shared, p: &AttachParams) -> Result<AttachPlan>
         ));
     }
     let mut lease = GuestLease::new(mac, p.ip, buyer_mac(&buyer_key), p.buyer_ip);
+    lease.allow_ipv6 = p.ipv6;
+    lease.guest_ipv6 = ipv6_addr(p.ipv6, p.ipv6_addr)?;
     if let Some(m) = p.max_mbit {
         if m == 0 || m > 1_000_000 {
             return Err(bad("--max-mbit", "must be 1..=1000000"));
@@ -744,6 +792,8 @@ impl OverlayHandle {
                 tap: a.tap,
                 host_ip: a.host_ip,
                 busy_poll_us: a.busy_poll_us,
+                ipv6: false,
+                ipv6_addr: None,
             },
         )
     }
@@ -800,6 +850,8 @@ impl OverlayHandle {
                 max_mbit: a.max_mbit,
                 max_pps: a.max_pps,
                 busy_poll_us: a.busy_poll_us,
+                ipv6: false,
+                ipv6_addr: None,
             },
         )
     }
@@ -892,11 +944,14 @@ pub fn run_cli(settings: &Settings, cmd: OverlayCommand) -> Result<ExitCode> {
             tap,
             host_ip,
             busy_poll_us,
+            ipv6,
+            ipv6_addr: v6,
             ..
         } => {
             overlay::parse_peer_key(key)?;
             unicast_mac("--mac", mac)?;
             guest_ip("--ip", *ip)?;
+            ipv6_addr(*ipv6, *v6)?;
             let a = settings
                 .overlay
                 .admit(*udp_listen, tap.clone(), *host_ip, *busy_poll_us);
@@ -905,7 +960,7 @@ pub fn run_cli(settings: &Settings, cmd: OverlayCommand) -> Result<ExitCode> {
             busy_poll(a.busy_poll_us)?;
             (
                 "overlay.admit",
-                json!({"key": key, "mac": mac, "ip": ip, "listen": a.listen, "tap": a.tap, "host_ip": a.host_ip, "busy_poll_us": a.busy_poll_us}),
+                json!({"key": key, "mac": mac, "ip": ip, "listen": a.listen, "tap": a.tap, "host_ip": a.host_ip, "busy_poll_us": a.busy_poll_us, "ipv6": ipv6, "ipv6_addr": v6}),
                 Need::Buyer,
             )
         }
@@ -925,9 +980,12 @@ pub fn run_cli(settings: &Settings, cmd: OverlayCommand) -> Result<ExitCode> {
             max_mbit,
             max_pps,
             busy_poll_us,
+            ipv6,
+            ipv6_addr: v6,
             ..
         } => {
             overlay::parse_peer_key(buyer_key)?;
+            ipv6_addr(*ipv6, *v6)?;
             unicast_mac("--mac", mac)?;
             guest_ip("--ip", *ip)?;
             match (tap, iface) {
@@ -950,7 +1008,7 @@ pub fn run_cli(settings: &Settings, cmd: OverlayCommand) -> Result<ExitCode> {
             busy_poll(a.busy_poll_us)?;
             (
                 "overlay.attach",
-                json!({"tap": tap, "iface": iface, "netns": netns, "buyer": buyer, "buyer_key": buyer_key, "mac": mac, "ip": ip, "buyer_ip": a.buyer_ip, "max_mbit": a.max_mbit, "max_pps": a.max_pps, "busy_poll_us": a.busy_poll_us}),
+                json!({"tap": tap, "iface": iface, "netns": netns, "buyer": buyer, "buyer_key": buyer_key, "mac": mac, "ip": ip, "buyer_ip": a.buyer_ip, "max_mbit": a.max_mbit, "max_pps": a.max_pps, "busy_poll_us": a.busy_poll_us, "ipv6": ipv6, "ipv6_addr": v6}),
                 Need::Seller,
             )
         }
@@ -1001,8 +1059,13 @@ fn print_admit(v: &Value) {
         text(&v["udp"])
     );
     println!("on the seller, attach the guest with:");
+    let v6 = match (v["ipv6"].as_bool(), v["ipv6_addr"].as_str()) {
+        (Some(true), Some(a)) => format!(" --ipv6 --ipv6-addr {a}"),
+        (Some(true), None) => " --ipv6".to_string(),
+        _ => String::new(),
+    };
     println!(
-        "  cpushare-node overlay attach --tap TAP --buyer {first} --buyer-key {} --buyer-ip {} --mac {} --ip {}",
+        "  cpushare-node overlay attach --tap TAP --buyer {first} --buyer-key {} --buyer-ip {} --mac {} --ip {}{v6}",
         text(&v["buyer_key"]),
         text(&v["buyer_ip"]),
         text(&v["mac"]),
