@@ -60,7 +60,11 @@ impl FlowNet {
     /// A network of nodes with these up- and downlink capacities (bytes/s;
     /// `f64::INFINITY` for an unconstrained side).
     pub fn new(up: Vec<f64>, down: Vec<f64>) -> Self {
-        assert_eq!(up.len(), down.len(), "one up and one down capacity per node");
+        assert_eq!(
+            up.len(),
+            down.len(),
+            "one up and one down capacity per node"
+        );
         let n = up.len();
         FlowNet {
             up_cap: up,
@@ -104,7 +108,10 @@ impl FlowNet {
 
     /// Flows leaving `node`'s uplink and entering its downlink.
     pub fn flows_of(&self, node: u32) -> (&[FlowId], &[FlowId]) {
-        (&self.up_flows[node as usize], &self.down_flows[node as usize])
+        (
+            &self.up_flows[node as usize],
+            &self.down_flows[node as usize],
+        )
     }
 
     /// Starts a transfer of `bytes` from `src` to `dst` at `now_us`; returns every
@@ -270,7 +277,10 @@ impl FlowNet {
             let (cap, on) = if is_up {
                 (self.up_cap[node as usize], &self.up_flows[node as usize])
             } else {
-                (self.down_cap[node as usize], &self.down_flows[node as usize])
+                (
+                    self.down_cap[node as usize],
+                    &self.down_flows[node as usize],
+                )
             };
             let others: f64 = on
                 .iter()

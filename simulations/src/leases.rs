@@ -35,6 +35,12 @@ use crate::stats::percentile;
 const BUYER_TICK_MS: u64 = 1_000;
 /// A running guest sends overlay traffic (a sign of life) this often.
 const LIFE_EVERY_MS: u64 = 5_000;
+/// While the image comes in, the seller reports fetch progress this often (the
+/// node: at most every 500 ms while chunks arrive; a coarser beat is enough
+/// against the buyer's 30 s silence limit and keeps the event count down).
+const PROGRESS_EVERY_MS: u64 = 5_000;
+/// Of the boot time, this much is the VM booting; the rest is the fetch.
+const VM_BOOT_MS: u64 = 10_000;
 /// One-way message latency between the buyer and a seller.
 const LATENCY_MS: u64 = 40;
 const PRICE: u64 = 1_000;
@@ -43,21 +49,68 @@ const PRICE: u64 = 1_000;
 enum Ev {
     BuyerTick,
     /// A seller goes away (silently or cleanly) or comes back.
-    Leave { seller: u32, clean: bool },
-    Return { seller: u32 },
+    Leave {
+        seller: u32,
+        clean: bool,
+    },
+    Return {
+        seller: u32,
+    },
     /// Messages to a seller.
-    Propose { seller: u32, proposal: Signed<LeaseTerms> },
-    Ack { seller: u32, ack: Signed<market::Ack> },
-    Stop { seller: u32, stop: Signed<market::Stop> },
+    Propose {
+        seller: u32,
+        proposal: Signed<LeaseTerms>,
+    },
+    Ack {
+        seller: u32,
+        ack: Signed<market::Ack>,
+    },
+    Stop {
+        seller: u32,
+        stop: Signed<market::Stop>,
+    },
     /// Messages to the buyer.
-    Accepted { from: u32, lease: Lease },
-    Refused { from: u32, id: LeaseId, why: market::Refusal },
-    Phase { from: u32, id: LeaseId, phase: GuestPhase },
-    Receipt { from: u32, receipt: Signed<Receipt> },
+    Accepted {
+        from: u32,
+        lease: Lease,
+    },
+    Refused {
+        from: u32,
+        id: LeaseId,
+        why: market::Refusal,
+    },
+    Phase {
+        from: u32,
+        id: LeaseId,
+        phase: GuestPhase,
+    },
+    Receipt {
+        from: u32,
+        receipt: Signed<Receipt>,
+    },
     /// Seller-side timers and the guest.
-    SellerTick { seller: u32, epoch: u32 },
-    Booted { seller: u32, id: LeaseId, epoch: u32 },
-    Life { seller: u32, id: LeaseId, epoch: u32 },
+    SellerTick {
+        seller: u32,
+        epoch: u32,
+    },
+    /// Fetch progress while the image comes in; at `fetched_at` the fetch ends
+    /// and the VM boots.
+    Progress {
+        seller: u32,
+        id: LeaseId,
+        epoch: u32,
+        fetched_at: u64,
+    },
+    Booted {
+        seller: u32,
+        id: LeaseId,
+        epoch: u32,
+    },
+    Life {
+        seller: u32,
+        id: LeaseId,
+        epoch: u32,
+    },
 }
 
 struct SellerNode {
@@ -112,8 +165,9 @@ struct World {
     index: BTreeMap<PeerKey, u32>,
     penalties: BTreeMap<PeerKey, u32>,
     rtt: BTreeMap<PeerKey, u32>,
-    /// Per slot: when its running guest died (ground truth), if it is down.
-    down_since: Vec<Option<u64>>,
+    /// Per slot: when its running guest died (ground truth) and on which
+    /// seller, while no replacement runs.
+    down_since: Vec<Option<(u64, PeerKey)>>,
     running_since: Vec<Option<u64>>,
     all_running_at: Option<u64>,
     res: LeaseResult,
@@ -235,7 +289,9 @@ impl World {
                 let offers: Vec<Offer> = self
                     .sellers
                     .iter()
-                    .filter(|s| s.online && !s.leases.values().any(|l| l.phase() != SellerPhase::Ended))
+                    .filter(|s| {
+                        s.online && !s.leases.values().any(|l| l.phase() != SellerPhase::Ended)
+                    })
                     .map(|s| offer_of(s.key, self.now))
                     .collect();
                 let refs: Vec<&Offer> = offers.iter().collect();
@@ -287,11 +343,35 @@ impl World {
                         s.leases.insert(id, sl);
                         let epoch = s.epoch;
                         let boot = (self.spec.boot_s * 1000.0) as u64;
-                        self.q.push(self.now + boot, Ev::Booted { seller, id, epoch });
+                        let fetched_at = self.now + boot.saturating_sub(VM_BOOT_MS);
+                        self.q.push(
+                            (self.now + PROGRESS_EVERY_MS).min(fetched_at),
+                            Ev::Progress {
+                                seller,
+                                id,
+                                epoch,
+                                fetched_at,
+                            },
+                        );
+                        self.q
+                            .push(self.now + boot, Ev::Booted { seller, id, epoch });
                         self.seller_timer(seller);
-                        self.deliver(Ev::Accepted { from: seller, lease }, false);
+                        self.deliver(
+                            Ev::Accepted {
+                                from: seller,
+                                lease,
+                            },
+                            false,
+                        );
                     }
-                    Err(why) => self.deliver(Ev::Refused { from: seller, id, why }, false),
+                    Err(why) => self.deliver(
+                        Ev::Refused {
+                            from: seller,
+                            id,
+                            why,
+                        },
+                        false,
+                    ),
                 }
             }
             Ev::Ack { seller, ack } => {
@@ -359,13 +439,68 @@ impl World {
                 }
                 self.seller_timer(seller);
             }
+            Ev::Progress {
+                seller,
+                id,
+                epoch,
+                fetched_at,
+            } => {
+                let now = self.now;
+                let s = &mut self.sellers[seller as usize];
+                if !s.online || s.epoch != epoch {
+                    return;
+                }
+                let Some(l) = s.leases.get_mut(&id) else {
+                    return;
+                };
+                if l.phase() != SellerPhase::Preparing {
+                    return;
+                }
+                // chunks of the buyer's image flowing count as the buyer's life
+                l.on_buyer_life(now);
+                let phase = if now >= fetched_at {
+                    GuestPhase::Booting
+                } else {
+                    let boot = (self.spec.boot_s * 1000.0) as u64;
+                    let fetch = boot.saturating_sub(VM_BOOT_MS).max(1);
+                    let begun = fetched_at.saturating_sub(fetch);
+                    GuestPhase::Fetching {
+                        done: now.saturating_sub(begun).min(fetch),
+                        total: fetch,
+                    }
+                };
+                let again = phase != GuestPhase::Booting;
+                self.deliver(
+                    Ev::Phase {
+                        from: seller,
+                        id,
+                        phase,
+                    },
+                    false,
+                );
+                if again {
+                    let next = (now + PROGRESS_EVERY_MS).min(fetched_at);
+                    self.q.push(
+                        next,
+                        Ev::Progress {
+                            seller,
+                            id,
+                            epoch,
+                            fetched_at,
+                        },
+                    );
+                }
+                self.seller_timer(seller);
+            }
             Ev::Booted { seller, id, epoch } => {
                 let now = self.now;
                 let s = &mut self.sellers[seller as usize];
                 if !s.online || s.epoch != epoch {
                     return;
                 }
-                let Some(l) = s.leases.get_mut(&id) else { return };
+                let Some(l) = s.leases.get_mut(&id) else {
+                    return;
+                };
                 let acts = l.on_guest_started(now);
                 if l.phase() == SellerPhase::Running {
                     s.ran.insert(id, (now, None));
@@ -377,7 +512,8 @@ impl World {
                         },
                         false,
                     );
-                    self.q.push(now + LIFE_EVERY_MS, Ev::Life { seller, id, epoch });
+                    self.q
+                        .push(now + LIFE_EVERY_MS, Ev::Life { seller, id, epoch });
                 }
                 self.seller_actions(seller, id, acts);
                 self.seller_timer(seller);
@@ -387,10 +523,14 @@ impl World {
                 if !s.online || s.epoch != epoch {
                     return;
                 }
-                if s.leases.get(&id).is_some_and(|l| l.phase() == SellerPhase::Running) {
+                if s.leases
+                    .get(&id)
+                    .is_some_and(|l| l.phase() == SellerPhase::Running)
+                {
                     // overlay traffic from the guest reaches the buyer
                     self.fleet.on_life(&id, self.now + LATENCY_MS);
-                    self.q.push(self.now + LIFE_EVERY_MS, Ev::Life { seller, id, epoch });
+                    self.q
+                        .push(self.now + LIFE_EVERY_MS, Ev::Life { seller, id, epoch });
                 }
             }
         }
@@ -414,9 +554,13 @@ impl World {
         let now = self.now;
         for a in acts {
             match a {
-                SellerAction::SendReceipt(r) => {
-                    self.deliver(Ev::Receipt { from: seller, receipt: r }, true)
-                }
+                SellerAction::SendReceipt(r) => self.deliver(
+                    Ev::Receipt {
+                        from: seller,
+                        receipt: r,
+                    },
+                    true,
+                ),
                 SellerAction::StopGuest(_) => {
                     if let Some(r) = self.sellers[seller as usize].ran.get_mut(&id) {
                         r.1.get_or_insert(now);
@@ -450,7 +594,13 @@ impl World {
             match a {
                 BuyerAction::Propose { seller, proposal } => {
                     let i = self.index[&seller];
-                    self.deliver(Ev::Propose { seller: i, proposal }, false);
+                    self.deliver(
+                        Ev::Propose {
+                            seller: i,
+                            proposal,
+                        },
+                        false,
+                    );
                 }
                 BuyerAction::SendAck { seller, ack } => {
                     let i = self.index[&seller];
@@ -481,8 +631,13 @@ impl World {
         for (i, slot) in self.fleet.slots().iter().enumerate() {
             let running = matches!(slot.state, SlotState::Running { .. });
             if running {
-                if let Some(d) = self.down_since[i].take() {
-                    self.res.replacement_s.push((now - d) as f64 / 1000.0);
+                // the buyer may still believe the dead guest runs: only a guest on
+                // another seller closes the interval
+                if let Some((d, dead)) = self.down_since[i] {
+                    if slot.state.seller() != Some(dead) {
+                        self.down_since[i] = None;
+                        self.res.replacement_s.push((now - d) as f64 / 1000.0);
+                    }
                 }
                 self.running_since[i].get_or_insert(now);
             } else {
@@ -502,21 +657,26 @@ impl World {
         }
         self.res.departures += 1;
         // slots whose running guest dies here
+        let key = self.sellers[seller as usize].key;
         let held: Vec<usize> = self
             .fleet
             .slots()
             .iter()
             .enumerate()
-            .filter(|(_, s)| s.state.seller() == Some(self.sellers[seller as usize].key))
+            .filter(|(_, s)| matches!(s.state, SlotState::Running { seller, .. } if seller == key))
             .map(|(i, _)| i)
             .collect();
         for i in held {
             if self.down_since[i].is_none() && now < (self.spec.duration_min * 60_000.0) as u64 {
-                self.down_since[i] = Some(now);
+                self.down_since[i] = Some((now, key));
             }
         }
         if clean {
-            let ids: Vec<LeaseId> = self.sellers[seller as usize].leases.keys().copied().collect();
+            let ids: Vec<LeaseId> = self.sellers[seller as usize]
+                .leases
+                .keys()
+                .copied()
+                .collect();
             for id in ids {
                 let l = self.sellers[seller as usize]
                     .leases
@@ -586,7 +746,10 @@ impl World {
                 }
             }
             for (a, b) in s.ran.values() {
-                run_ms += b.unwrap_or(end_ms).min(end_ms).saturating_sub((*a).min(end_ms));
+                run_ms += b
+                    .unwrap_or(end_ms)
+                    .min(end_ms)
+                    .saturating_sub((*a).min(end_ms));
             }
         }
         self.res.guest_minutes_run = run_ms as f64 / 60_000.0;
@@ -596,7 +759,10 @@ impl World {
         for s in &self.sellers {
             for (a, b) in s.ran.values() {
                 let a = (*a).max(start);
-                run_after += b.unwrap_or(end_ms).min(end_ms).saturating_sub(a.min(end_ms));
+                run_after += b
+                    .unwrap_or(end_ms)
+                    .min(end_ms)
+                    .saturating_sub(a.min(end_ms));
             }
         }
         self.res.guest_minutes_lost_after_start = wanted_after - run_after as f64 / 60_000.0;
@@ -623,7 +789,12 @@ fn offer_of(seller: PeerKey, now: u64) -> Offer {
 }
 
 /// Runs the lease scenario and renders its section.
-pub fn run(sc: &Scenario, ls: &LeaseSpec, out: &Path, show: bool) -> Result<(String, Vec<PathBuf>)> {
+pub fn run(
+    sc: &Scenario,
+    ls: &LeaseSpec,
+    out: &Path,
+    show: bool,
+) -> Result<(String, Vec<PathBuf>)> {
     let bar = show.then(|| ProgressBar::new((ls.duration_min * 60.0) as u64));
     let t0 = std::time::Instant::now();
     let r = simulate(sc, ls, bar.as_ref());
@@ -664,7 +835,10 @@ pub fn run(sc: &Scenario, ls: &LeaseSpec, out: &Path, show: bool) -> Result<(Str
     for x in &rep {
         let _ = writeln!(csv, "{x:.3}");
     }
-    files.push(report::write(&out.join(format!("{}-replacements.csv", sc.name)), &csv)?);
+    files.push(report::write(
+        &out.join(format!("{}-replacements.csv", sc.name)),
+        &csv,
+    )?);
     if let Some(p) = plot::lines(
         &out.join(format!("{}-replacement-cdf.png", sc.name)),
         &format!("{}: time to a running replacement", sc.name),

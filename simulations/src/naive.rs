@@ -45,7 +45,7 @@ pub fn run(w: &World, bar: Option<&ProgressBar>) -> RunResult {
         finish[i as usize - 1] = Some((t + w.lat(0, i)) as f64 / 1e6);
         done += 1;
         if let Some(b) = bar {
-            if done % 256 == 0 {
+            if done.is_multiple_of(256) {
                 b.set_position(done as u64);
             }
         }
@@ -72,5 +72,7 @@ pub fn run(w: &World, bar: Option<&ProgressBar>) -> RunResult {
         events,
         sim_end_s: now as f64 / 1e6,
         gone: 0,
+        starving_notes: 0,
+        buyer_extra: payload - w.total,
     }
 }

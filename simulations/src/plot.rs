@@ -23,7 +23,10 @@ pub fn font_ready() -> bool {
     static READY: OnceLock<bool> = OnceLock::new();
     *READY.get_or_init(|| {
         let from_env = std::env::var("SIM_FONT").ok();
-        let paths = from_env.iter().map(String::as_str).chain(FONT_PATHS.iter().copied());
+        let paths = from_env
+            .iter()
+            .map(String::as_str)
+            .chain(FONT_PATHS.iter().copied());
         for p in paths {
             if let Ok(bytes) = std::fs::read(p) {
                 // plotters keeps the font for the whole process
@@ -113,7 +116,9 @@ pub fn lines(
                     .draw_series(LineSeries::new(s.points.iter().copied(), c.stroke_width(2)))
                     .map_err(|e| err(path, e))?
                     .label(s.name.clone())
-                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2))
+                    });
             }
             chart
                 .configure_series_labels()
@@ -130,7 +135,9 @@ pub fn lines(
         .x_label_area_size(45)
         .y_label_area_size(70);
     match (log_x, log_y) {
-        (false, false) => draw!(b.build_cartesian_2d(x0..x1, y0..y1).map_err(|e| err(path, e))?),
+        (false, false) => draw!(b
+            .build_cartesian_2d(x0..x1, y0..y1)
+            .map_err(|e| err(path, e))?),
         (true, false) => draw!(b
             .build_cartesian_2d((x0..x1).log_scale(), y0..y1)
             .map_err(|e| err(path, e))?),

@@ -115,7 +115,7 @@ pub fn markdown_table(rows: &[(String, &RunResult, Summary, Cost)]) -> String {
 }
 
 /// Summaries for a set of runs with their labels and costs.
-pub fn rows<'a>(runs: &'a [(String, RunResult, Cost)]) -> Vec<(String, &'a RunResult, Summary, Cost)> {
+pub fn rows(runs: &[(String, RunResult, Cost)]) -> Vec<(String, &RunResult, Summary, Cost)> {
     runs.iter()
         .map(|(l, r, c)| (l.clone(), r, summarize(r), c.clone()))
         .collect()

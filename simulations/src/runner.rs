@@ -38,20 +38,16 @@ fn bar(show: bool, n: usize, label: &str) -> Option<ProgressBar> {
     }
     let b = ProgressBar::new(n as u64);
     b.set_style(
-        ProgressStyle::with_template("{prefix:>28} [{elapsed_precise}] {bar:40} {pos}/{len} sellers done {msg}")
-            .expect("static template"),
+        ProgressStyle::with_template(
+            "{prefix:>28} [{elapsed_precise}] {bar:40} {pos}/{len} sellers done {msg}",
+        )
+        .expect("static template"),
     );
     b.set_prefix(label.to_owned());
     Some(b)
 }
 
-fn timed(
-    w: &World,
-    policy: Policy,
-    opts: &RunOpts,
-    show: bool,
-    label: &str,
-) -> (RunResult, Cost) {
+fn timed(w: &World, policy: Policy, opts: &RunOpts, show: bool, label: &str) -> (RunResult, Cost) {
     let b = bar(show, w.n, &format!("{label} {}", policy.name()));
     let t0 = Instant::now();
     let r = run_policy(w, policy, opts, b.as_ref());
@@ -240,7 +236,9 @@ pub fn run_scenario(sc: &Scenario, out: &Path, show: bool) -> Result<Outcome> {
                 upd.push((format!("update {:.0}%", f * 100.0), r, c));
             }
         }
-        md.push_str("\nImage update (sellers hold version 1; figures against the changed bytes):\n\n");
+        md.push_str(
+            "\nImage update (sellers hold version 1; figures against the changed bytes):\n\n",
+        );
         md.push_str(&report::markdown_table(&report::rows(&upd)));
         let mut t = String::from(
             "\n| changed | policy | changed bytes (MB) | bytes moved (MB) | moved / image | buyer bytes / changed |\n|---:|---|---:|---:|---:|---:|\n",

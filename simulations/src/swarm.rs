@@ -9,6 +9,8 @@ use chunks::swarm::{
     Action, Bitfield, Decision, Leecher, LeecherConfig, PeerKind, PieceOrder, SeedAction, Seeder,
     SeederConfig,
 };
+use std::collections::{HashMap, VecDeque};
+
 use indicatif::ProgressBar;
 
 use crate::flow::{FlowId, FlowNet, Reschedule};
@@ -87,6 +89,10 @@ pub struct RunResult {
     pub events: u64,
     pub sim_end_s: f64,
     pub gone: usize,
+    /// Starving notes the sellers sent the super-seed (shipped policy).
+    pub starving_notes: u64,
+    /// Buyer chunk bytes beyond one copy of each chunk.
+    pub buyer_extra: u64,
 }
 
 /// Options beyond the world.
@@ -111,6 +117,10 @@ struct Sim<'a> {
     buyer_haves: Vec<(u32, u32)>,
     buyer_tick_pending: bool,
     resched: Vec<Reschedule>,
+    /// Replies admitted by the sender's budget to a peer already receiving one:
+    /// they follow on the same stream, one after the other (link.rs keeps one
+    /// outbound stream per peer). A key is present while its pair has a flow.
+    pair_queue: HashMap<(u32, u32), VecDeque<u32>>,
     remaining: usize,
     seed: u64,
     // counters
@@ -120,16 +130,19 @@ struct Sim<'a> {
     control: u64,
     events: u64,
     done: usize,
+    starving_notes: u64,
+    buyer_sent: Vec<bool>,
+    buyer_extra: u64,
 }
 
 /// Runs the swarm under `policy` (not `Naive`: see [`crate::naive`]).
 pub fn run(w: &World, policy: Policy, opts: &RunOpts, bar: Option<&ProgressBar>) -> RunResult {
-    assert!(policy != Policy::Naive, "the naive policy has its own model");
+    assert!(
+        policy != Policy::Naive,
+        "the naive policy has its own model"
+    );
     let nch = w.sizes.len() as u32;
-    let start_has = opts
-        .preloaded
-        .clone()
-        .unwrap_or_else(|| Bitfield::new(nch));
+    let start_has = opts.preloaded.clone().unwrap_or_else(|| Bitfield::new(nch));
     let needed_bytes: u64 = (0..nch)
         .filter(|&i| !start_has.get(i))
         .map(|i| w.sizes[i as usize] as u64)
@@ -172,6 +185,7 @@ pub fn run(w: &World, policy: Policy, opts: &RunOpts, bar: Option<&ProgressBar>)
         buyer_haves: Vec::new(),
         buyer_tick_pending: false,
         resched: Vec::new(),
+        pair_queue: HashMap::new(),
         remaining: w.n,
         seed: opts.seed,
         buyer_payload: 0,
@@ -180,6 +194,9 @@ pub fn run(w: &World, policy: Policy, opts: &RunOpts, bar: Option<&ProgressBar>)
         control: 0,
         events: 0,
         done: 0,
+        starving_notes: 0,
+        buyer_sent: vec![false; nch as usize],
+        buyer_extra: 0,
     };
     sim.schedule_churn(opts);
     let max_us = (opts.max_time_s * 1e6) as u64;
@@ -215,12 +232,7 @@ pub fn run(w: &World, policy: Policy, opts: &RunOpts, bar: Option<&ProgressBar>)
             })
             .collect(),
         profile: w.profile[1..].to_vec(),
-        bound_s: crate::bound::kumar_ross(
-            needed_bytes as f64,
-            w.up[0],
-            &w.up[1..],
-            &w.down[1..],
-        ),
+        bound_s: crate::bound::kumar_ross(needed_bytes as f64, w.up[0], &w.up[1..], &w.down[1..]),
         nominal_bound_s: crate::bound::kumar_ross(
             needed_bytes as f64,
             w.up[0],
@@ -236,6 +248,8 @@ pub fn run(w: &World, policy: Policy, opts: &RunOpts, bar: Option<&ProgressBar>)
         events: sim.events,
         sim_end_s: sim.now as f64 / 1e6,
         gone: sim.nodes.iter().filter(|n| n.gone).count(),
+        starving_notes: sim.starving_notes,
+        buyer_extra: sim.buyer_extra,
     }
 }
 
@@ -426,29 +440,34 @@ impl Sim<'_> {
 
     /// Starts queued replies while `i`'s budget has room.
     fn pump(&mut self, i: u32) {
-        while let Some(wt) = self.nodes[i as usize].upload.next() {
+        while let Some(wt) = self.nodes[i as usize].upload.next_ready() {
             if !self.nodes[wt.to as usize].online {
                 continue;
             }
             let bytes = self.w.sizes[wt.chunk as usize];
             self.nodes[i as usize].upload.in_flight += bytes as u64;
             self.control += wire_size::chunk(0);
+            if let Some(q) = self.pair_queue.get_mut(&(i, wt.to)) {
+                q.push_back(wt.chunk);
+                continue;
+            }
+            self.pair_queue.insert((i, wt.to), VecDeque::new());
+            self.start_flow(i, wt.to, wt.chunk);
+        }
+    }
+
+    /// Starts the transfer of `chunk` from `i` to `to` as a flow.
+    fn start_flow(&mut self, i: u32, to: u32, chunk: u32) {
+        let bytes = self.w.sizes[chunk as usize];
+        {
             let f = self
                 .net
-                .start(i, wt.to, bytes as u64, self.now, &mut self.resched);
+                .start(i, to, bytes as u64, self.now, &mut self.resched);
             if self.flows.len() <= f as usize {
-                self.flows.resize(
-                    f as usize + 1,
-                    FlowInfo {
-                        chunk: 0,
-                        bytes: 0,
-                    },
-                );
+                self.flows
+                    .resize(f as usize + 1, FlowInfo { chunk: 0, bytes: 0 });
             }
-            self.flows[f as usize] = FlowInfo {
-                chunk: wt.chunk,
-                bytes,
-            };
+            self.flows[f as usize] = FlowInfo { chunk, bytes };
             self.apply_resched();
         }
     }
@@ -478,6 +497,22 @@ impl Sim<'_> {
         self.payload += fi.bytes as u64;
         if src == BUYER {
             self.buyer_payload += fi.bytes as u64;
+            let first = &mut self.buyer_sent[fi.chunk as usize];
+            if *first {
+                self.buyer_extra += fi.bytes as u64;
+            }
+            *first = true;
+        }
+        // the next reply on the same stream follows at once
+        let next = self
+            .pair_queue
+            .get_mut(&(src, dst))
+            .and_then(VecDeque::pop_front);
+        match next {
+            Some(c) => self.start_flow(src, dst, c),
+            None => {
+                self.pair_queue.remove(&(src, dst));
+            }
         }
         let at = self.now + self.w.lat(src, dst);
         self.q.push(
@@ -495,7 +530,16 @@ impl Sim<'_> {
             return;
         }
         // the receiver answers every chunk with a Have at once (the sender's budget)
-        self.send(to, from, wire_size::have(1), Ev::Ack { from: to, to: from, chunk });
+        self.send(
+            to,
+            from,
+            wire_size::have(1),
+            Ev::Ack {
+                from: to,
+                to: from,
+                chunk,
+            },
+        );
         let node = &mut self.nodes[to as usize];
         if !node.has.set(chunk) {
             self.dup += self.w.sizes[chunk as usize] as u64;
@@ -511,7 +555,14 @@ impl Sim<'_> {
                 let nj = &self.nodes[j as usize];
                 if nj.online && nj.leech.is_some() {
                     let at = self.now + self.w.lat(to, j);
-                    self.q.push(at, Ev::Have { from: to, to: j, chunk });
+                    self.q.push(
+                        at,
+                        Ev::Have {
+                            from: to,
+                            to: j,
+                            chunk,
+                        },
+                    );
                 }
             }
             if from != BUYER && self.seeder.is_some() {
@@ -605,6 +656,7 @@ impl Sim<'_> {
             let n = &mut self.nodes[i as usize];
             if starving && now.saturating_sub(n.last_starving) >= STARVING_EVERY_US {
                 n.last_starving = now;
+                self.starving_notes += 1;
                 self.send(i, BUYER, wire_size::STARVING, Ev::Starving { from: i });
             }
         }
@@ -719,12 +771,17 @@ impl Sim<'_> {
             let (src, dst) = self.net.ends(f);
             self.net.stop(f, now, &mut self.resched);
             let fi = self.flows[f as usize];
+            let waiting = self.pair_queue.remove(&(src, dst)).unwrap_or_default();
             if dst == i {
-                let up = &mut self.nodes[src as usize].upload;
-                up.in_flight = up.in_flight.saturating_sub(fi.bytes as u64);
-                if src == BUYER {
-                    if let Some(s) = self.seeder.as_mut() {
-                        s.on_sent(&i, fi.chunk, false, now);
+                // the broken reply and those queued behind it never arrive
+                for chunk in std::iter::once(fi.chunk).chain(waiting) {
+                    let bytes = self.w.sizes[chunk as usize] as u64;
+                    let up = &mut self.nodes[src as usize].upload;
+                    up.in_flight = up.in_flight.saturating_sub(bytes);
+                    if src == BUYER {
+                        if let Some(s) = self.seeder.as_mut() {
+                            s.on_sent(&i, chunk, false, now);
+                        }
                     }
                 }
             }

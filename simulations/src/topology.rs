@@ -85,7 +85,12 @@ impl World {
 
     /// The Kumar-Ross bound on the capacities the simulator uses (seconds).
     pub fn bound(&self) -> f64 {
-        kumar_ross(self.total as f64, self.up[0], &self.up[1..], &self.down[1..])
+        kumar_ross(
+            self.total as f64,
+            self.up[0],
+            &self.up[1..],
+            &self.down[1..],
+        )
     }
 
     /// The bound on the nominal link rates (without the goodput factor), as the

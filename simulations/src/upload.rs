@@ -57,7 +57,7 @@ impl Upload {
 
     /// The next reply to start, if the budget has room: lowest priority value,
     /// then oldest.
-    pub fn next(&mut self) -> Option<Waiting> {
+    pub fn next_ready(&mut self) -> Option<Waiting> {
         if self.in_flight >= self.limit || self.queue.is_empty() {
             return None;
         }
@@ -71,7 +71,11 @@ impl Upload {
 
     /// Drops a queued reply (cancelled before it started); true if it was queued.
     pub fn cancel(&mut self, to: u32, chunk: u32) -> bool {
-        match self.queue.iter().position(|w| w.to == to && w.chunk == chunk) {
+        match self
+            .queue
+            .iter()
+            .position(|w| w.to == to && w.chunk == chunk)
+        {
             Some(i) => {
                 self.queue.remove(i);
                 true
@@ -116,11 +120,11 @@ mod tests {
         u.push(1, 10, ORDINARY);
         u.push(2, 11, 3);
         u.push(3, 12, 3);
-        assert_eq!(u.next().map(|w| w.chunk), Some(11));
+        assert_eq!(u.next_ready().map(|w| w.chunk), Some(11));
         u.in_flight = 100;
-        assert_eq!(u.next(), None, "budget full");
+        assert_eq!(u.next_ready(), None, "budget full");
         u.in_flight = 0;
         assert!(u.cancel(3, 12));
-        assert_eq!(u.next().map(|w| w.chunk), Some(10));
+        assert_eq!(u.next_ready().map(|w| w.chunk), Some(10));
     }
 }
