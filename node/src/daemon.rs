@@ -25,8 +25,11 @@ pub struct Node {
 }
 
 pub fn run(settings: Settings, role: Role) -> Result<()> {
-    // Before any thread exists (see `join_host_mounts`).
-    if role == Role::Seller {
+    // Before any thread exists (see `join_host_mounts`). Not under systemd
+    // (INVOCATION_ID is set for every unit it starts): the unit's sandboxing gives
+    // the service its own mount namespace on purpose, and its VMMs, our children,
+    // see the lease namespaces bound there.
+    if role == Role::Seller && std::env::var_os("INVOCATION_ID").is_none() {
         crate::overlay_leases::join_host_mounts();
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -48,12 +51,16 @@ fn status(line: &str) {
     notify(&[NotifyState::Status(line)]);
 }
 
-async fn run_async(settings: Settings, role: Role) -> Result<()> {
+async fn run_async(mut settings: Settings, role: Role) -> Result<()> {
     if role == Role::Seller {
         // Before anything is created: a capability or device the lease path needs
         // is named now, in one line, not at the first lease.
         status("checking capabilities and devices");
-        crate::privileges::check_seller(settings.seller.accel.as_deref())?;
+        if crate::privileges::check_seller(settings.seller.accel.as_deref())? {
+            // No /dev/kvm, said in one line above: the market sells TCG guests
+            // without probing KVM (and warning) again.
+            settings.seller.accel = Some("tcg".into());
+        }
     }
     let dir = &settings.data_dir;
     std::fs::create_dir_all(dir)
@@ -119,9 +126,8 @@ async fn run_async(settings: Settings, role: Role) -> Result<()> {
     // WatchdogSec: ping at half the period from this loop, and only while the control
     // server runs, so a wedged runtime or a dead server gets us restarted.
     let watchdog = sd_notify::watchdog_enabled();
-    let mut tick = tokio::time::interval(
-        watchdog.map_or(std::time::Duration::from_secs(3600), |d| d / 2),
-    );
+    let mut tick =
+        tokio::time::interval(watchdog.map_or(std::time::Duration::from_secs(3600), |d| d / 2));
     loop {
         tokio::select! {
             _ = term.recv() => { info!(parent: &span, "SIGTERM: shutting down"); break }

@@ -141,7 +141,9 @@ fn group_name(gid: u32) -> String {
 fn open_rw(dev: &Path) -> std::result::Result<(), String> {
     match OpenOptions::new().read(true).write(true).open(dev) {
         Ok(_) => Ok(()),
-        Err(e) if e.kind() == ErrorKind::NotFound => Err(format!("{} does not exist", dev.display())),
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            Err(format!("{} does not exist", dev.display()))
+        }
         Err(e) if e.kind() == ErrorKind::PermissionDenied => {
             let owner = std::fs::metadata(dev)
                 .map(|m| {
@@ -218,8 +220,8 @@ pub fn check_seller_with(
 }
 
 /// The start-time check of a seller daemon: Err exits with its one line; a KVM
-/// fallback is logged as one warning line.
-pub fn check_seller(accel: Option<&str>) -> Result<()> {
+/// fallback is logged as one warning line and returns true (sell TCG guests).
+pub fn check_seller(accel: Option<&str>) -> Result<bool> {
     let status = std::fs::read_to_string("/proc/self/status")
         .map_err(|e| Error::io("reading /proc/self/status for the capability check", e))?;
     let eff = parse_cap_eff(&status).ok_or_else(|| {
@@ -232,8 +234,9 @@ pub fn check_seller(accel: Option<&str>) -> Result<()> {
         KvmNeed::of_accel(accel),
     )? {
         warn!("{w}");
+        return Ok(true);
     }
-    Ok(())
+    Ok(false)
 }
 
 #[cfg(test)]
@@ -256,18 +259,25 @@ mod tests {
     fn each_missing_capability_is_named_in_one_line() {
         let dev = tempfile::NamedTempFile::new().unwrap();
         for c in SELLER_CAPS {
-            let err = check_seller_with(all() & !(1 << c.bit), dev.path(), dev.path(), KvmNeed::Preferred)
-                .unwrap_err()
-                .to_string();
+            let err = check_seller_with(
+                all() & !(1 << c.bit),
+                dev.path(),
+                dev.path(),
+                KvmNeed::Preferred,
+            )
+            .unwrap_err()
+            .to_string();
             assert!(err.contains(c.name), "{err}");
             assert_eq!(err.lines().count(), 1, "{err}");
             for other in SELLER_CAPS.iter().filter(|o| o.name != c.name) {
                 assert!(!err.contains(&format!("{} ", other.name)), "{err}");
             }
         }
-        assert!(check_seller_with(all(), dev.path(), dev.path(), KvmNeed::Required)
-            .unwrap()
-            .is_none());
+        assert!(
+            check_seller_with(all(), dev.path(), dev.path(), KvmNeed::Required)
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]
@@ -281,7 +291,10 @@ mod tests {
         let e = check_seller_with(all(), dev.path(), gone, KvmNeed::Required)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("/nonexistent/kvm") && e.contains("seller.accel"), "{e}");
+        assert!(
+            e.contains("/nonexistent/kvm") && e.contains("seller.accel"),
+            "{e}"
+        );
         assert!(check_seller_with(all(), dev.path(), gone, KvmNeed::Unused)
             .unwrap()
             .is_none());
