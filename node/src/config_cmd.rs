@@ -76,20 +76,6 @@ pub fn parse_documented(text: &str) -> std::result::Result<Documented, String> {
     Ok(Documented { table, unset, set })
 }
 
-/// Dotted names of every key in `t` (tables are walked, not listed).
-pub fn keys_of(t: &Table) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    for (k, v) in t {
-        match v {
-            Value::Table(sub) => out.extend(sub.keys().map(|s| dotted(k, s))),
-            _ => {
-                out.insert(k.clone());
-            }
-        }
-    }
-    out
-}
-
 impl Documented {
     /// The built-in defaults: every key but the examples and the package's settings.
     pub fn defaults(&self) -> Table {
@@ -214,6 +200,20 @@ mod tests {
     use super::*;
     use crate::cli::DaemonArgs;
     use crate::config::{FileConfig, OverlayConfig, SellerTable, DEFAULT_STORE_CAP_MIB};
+
+    /// Dotted names of every key in `t` (tables are walked, not listed).
+    fn keys_of(t: &Table) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        for (k, v) in t {
+            match v {
+                Value::Table(sub) => out.extend(sub.keys().map(|s| dotted(k, s))),
+                _ => {
+                    out.insert(k.clone());
+                }
+            }
+        }
+        out
+    }
 
     /// The keys `FileConfig` accepts, read from serde's "unknown field" message,
     /// which lists them: the real set, whatever config.rs declares today.
@@ -342,25 +342,58 @@ mod tests {
         assert_eq!(ov("tap").as_str().unwrap(), a.tap);
         assert_eq!(ov("host_ip").as_str().unwrap(), a.host_ip.to_string());
         assert_eq!(ov("buyer_ip").as_str().unwrap(), t.buyer_ip.to_string());
-        assert_eq!(ov("busy_poll_us").as_integer().unwrap() as u64, a.busy_poll_us);
+        assert_eq!(
+            ov("busy_poll_us").as_integer().unwrap() as u64,
+            a.busy_poll_us
+        );
         let sv = crate::market::seller::SellerSettings::resolve(
             &SellerTable::default(),
             DEFAULT_STORE_CAP_MIB,
         )
         .unwrap();
         let sl = |k: &str| d["seller"][k].clone();
-        assert_eq!(sl("max_guests").as_integer().unwrap() as u32, sv.policy.max_guests);
+        assert_eq!(
+            sl("max_guests").as_integer().unwrap() as u32,
+            sv.policy.max_guests
+        );
         assert_eq!(sl("vcpus").as_integer().unwrap() as u32, sv.vcpus);
         assert_eq!(sl("memory_mib").as_integer().unwrap() as u64, sv.memory_mib);
-        assert_eq!(sl("disk_cap_mib").as_integer().unwrap() as u64, sv.policy.disk_cap_mib);
+        assert_eq!(
+            sl("disk_cap_mib").as_integer().unwrap() as u64,
+            sv.policy.disk_cap_mib
+        );
         assert_eq!(
             market::parse_price(sl("price_per_min").as_str().unwrap()).unwrap(),
             sv.price_per_min
         );
         assert_eq!(
-            sl("accel").as_str().unwrap().parse::<vm::qemu::AccelPolicy>().unwrap(),
+            sl("accel")
+                .as_str()
+                .unwrap()
+                .parse::<vm::qemu::AccelPolicy>()
+                .unwrap(),
             sv.accel
         );
+        // The jail's: on, the uid range, no CPU cap (100 %).
+        let js = crate::cleanup::jail_settings(&s)
+            .unwrap()
+            .expect("jail on by default");
+        assert_eq!(sl("jail").as_str(), Some("on"));
+        assert_eq!(
+            sl("jail_uid_base").as_integer().unwrap() as u32,
+            js.uid_base
+        );
+        assert_eq!(
+            sl("jail_uid_count").as_integer().unwrap() as u32,
+            js.uid_count
+        );
+        assert_eq!(
+            sl("max_cpu_percent").as_integer().unwrap() as u32,
+            js.max_cpu_percent.unwrap_or(100)
+        );
+        for k in ["disk_mbps", "disk_iops"] {
+            assert!(d["seller"].get(k).is_none(), "{k} has no default");
+        }
         // Defaults without a value in the code are not in the defaults table.
         assert!(d["seller"].get("hours").is_none());
         assert!(e["seller"].get("hours").is_none());
@@ -415,6 +448,9 @@ mod tests {
         assert_eq!(d.set, BTreeSet::from(["role".to_string()]));
         assert_eq!(d.unset, BTreeSet::from(["seller.hours".to_string()]));
         let def = d.defaults();
-        assert_eq!(keys_of(&def), BTreeSet::from(["listen".into(), "seller.vcpus".into()]));
+        assert_eq!(
+            keys_of(&def),
+            BTreeSet::from(["listen".into(), "seller.vcpus".into()])
+        );
     }
 }
