@@ -181,18 +181,27 @@ pub fn run(global: &GlobalArgs, settings: &Settings, json: bool) -> Result<ExitC
     if json {
         let unset = documented()?.unset;
         let v = to_json(&t, &unset);
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&v).unwrap_or_else(|_| v.to_string())
-        );
+        let text = serde_json::to_string_pretty(&v).unwrap_or_else(|_| v.to_string());
+        print(&format!("{text}\n"))?;
     } else {
         let text = toml::to_string(&t).map_err(|e| Error::Config {
             path: global.config.clone().unwrap_or_default(),
             reason: format!("printing the effective configuration: {e}"),
         })?;
-        print!("{text}");
+        print(&text)?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes to stdout; a reader that went away (`config | head`) is not an error.
+fn print(text: &str) -> Result<()> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(Error::io("writing the configuration to stdout", e))
+        }
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]
