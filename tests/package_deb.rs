@@ -717,3 +717,67 @@ fn seller_without_privileges_says_which_and_exits_or_falls_back() -> Result<()> 
     );
     Ok(())
 }
+
+/// Type=notify as systemd sees it: the daemon sends READY=1 once it serves (with a
+/// STATUS= line), WATCHDOG=1 while it runs when WATCHDOG_USEC asks for it, and
+/// STOPPING=1 on SIGTERM. The test plays systemd's part: it binds the datagram
+/// socket that NOTIFY_SOCKET names. A buyer daemon: no privileges needed.
+#[test]
+fn daemon_tells_systemd_ready_watchdog_and_stopping() -> Result<()> {
+    use std::os::unix::net::UnixDatagram;
+    let tmp = tempfile::tempdir()?;
+    let sock_path = tmp.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path)?;
+    sock.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let data = tmp.path().join("data");
+    let mut daemon = Command::new(node_bin())
+        .args([
+            "--role",
+            "buyer",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--data-dir",
+        ])
+        .arg(&data)
+        .env("NOTIFY_SOCKET", &sock_path)
+        // Ping every second (half the period); WATCHDOG_PID is left unset.
+        .env("WATCHDOG_USEC", "2000000")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(tmp.path().join("log"))?)
+        .spawn()?;
+    let log = || std::fs::read_to_string(tmp.path().join("log")).unwrap_or_default();
+    let mut seen: Vec<String> = Vec::new();
+    let recv_until = |want: &str, seen: &mut Vec<String>| -> Result<()> {
+        let mut buf = [0u8; 4096];
+        while !seen.iter().any(|m| m.lines().any(|l| l == want)) {
+            let n = sock
+                .recv(&mut buf)
+                .with_context(|| format!("no {want} (got {seen:?}); log:\n{}", log()))?;
+            seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        Ok(())
+    };
+    let result = (|| -> Result<()> {
+        recv_until("READY=1", &mut seen)?;
+        // Ready means serving: the control socket answers now.
+        let out = cli(&data, &["status", "--json"])?;
+        ensure!(
+            out.status.success(),
+            "READY=1 before the control socket served"
+        );
+        let ready = seen.iter().find(|m| m.contains("READY=1")).unwrap();
+        ensure!(ready.contains("STATUS=serving as buyer"), "{ready:?}");
+        recv_until("WATCHDOG=1", &mut seen)?;
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+        recv_until("STOPPING=1", &mut seen)?;
+        let st = daemon.wait()?;
+        ensure!(st.success(), "exit on SIGTERM: {st}\n{}", log());
+        Ok(())
+    })();
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    eprintln!("notifications: {seen:?}");
+    result
+}

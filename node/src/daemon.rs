@@ -75,11 +75,12 @@ async fn run_async(mut settings: Settings, role: Role) -> Result<()> {
 
     // Holding the socket, we are the only daemon on this data dir: remove lease
     // namespaces a killed predecessor left behind.
+    status("removing what an earlier run left");
     crate::overlay_leases::sweep(dir);
     // ... and guests' VMMs, cgroups and temp files; then set up the guest jail.
     crate::cleanup::at_start(&settings, role == Role::Seller);
 
-    status("removing what an earlier run left; opening the identity and chunk store");
+    status("opening the identity and chunk store");
     let identity = Identity::load_or_create(&settings.identity_file())?;
     let peer_id = identity.peer_id();
     // Printed on stdout so scripts and tests can read it.
