@@ -29,6 +29,12 @@ fn public_key(n: &NodeProc) -> String {
         .to_string()
 }
 
+/// A valid ed25519 public key (hex), fixed by `seed`.
+fn test_key(seed: u8) -> String {
+    let sk = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
+    hex::encode(sk.verifying_key().as_bytes())
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -92,7 +98,10 @@ fn attach_checks_every_flag_first_and_takes_only_lease_namespaces() {
     // to come after the namespace and tap were made).
     let tap = ["--tap", "cnat0"];
     let cases: Vec<(Vec<String>, &str)> = vec![
-        (good(&[&tap[..], &["--max-mbit", "0"]].concat()), "--max-mbit"),
+        (
+            good(&[&tap[..], &["--max-mbit", "0"]].concat()),
+            "--max-mbit",
+        ),
         (good(&[&tap[..], &["--max-pps", "0"]].concat()), "--max-pps"),
         (
             good(&[&tap[..], &["--busy-poll-us", "99999999"]].concat()),
@@ -107,30 +116,42 @@ fn attach_checks_every_flag_first_and_takes_only_lease_namespaces() {
             "--netns",
         ),
         (good(&["--tap", "cnat0-name-too-long"]), "--tap"),
-        ({
-            let mut v = good(&tap);
-            let i = v.iter().position(|a| a == "127.0.0.1:9").unwrap();
-            v[i] = "0.0.0.0:7451".into();
-            v
-        }, "--buyer"),
-        ({
-            let mut v = good(&tap);
-            let i = v.iter().position(|a| a == "52:54:00:31:00:01").unwrap();
-            v[i] = "01:00:5e:00:00:01".into();
-            v
-        }, "--mac"),
-        ({
-            let mut v = good(&tap);
-            let i = v.iter().position(|a| a == "10.77.0.41").unwrap();
-            v[i] = "255.255.255.255".into();
-            v
-        }, "--ip"),
+        (
+            {
+                let mut v = good(&tap);
+                let i = v.iter().position(|a| a == "127.0.0.1:9").unwrap();
+                v[i] = "0.0.0.0:7451".into();
+                v
+            },
+            "--buyer",
+        ),
+        (
+            {
+                let mut v = good(&tap);
+                let i = v.iter().position(|a| a == "52:54:00:31:00:01").unwrap();
+                v[i] = "01:00:5e:00:00:01".into();
+                v
+            },
+            "--mac",
+        ),
+        (
+            {
+                let mut v = good(&tap);
+                let i = v.iter().position(|a| a == "10.77.0.41").unwrap();
+                v[i] = "255.255.255.255".into();
+                v
+            },
+            "--ip",
+        ),
     ];
     for (args, want) in cases {
         let out = attach(args.clone());
         assert!(!out.status.success(), "{args:?} succeeded");
         assert!(stderr(&out).contains(want), "{args:?}: {}", stderr(&out));
-        assert!(!netns_exists("cs-cnat0"), "{args:?} created the lease namespace");
+        assert!(
+            !netns_exists("cs-cnat0"),
+            "{args:?} created the lease namespace"
+        );
         assert_eq!(records(&seller.data_dir), 0, "{args:?} left a lease record");
     }
 
@@ -163,16 +184,18 @@ fn attach_checks_every_flag_first_and_takes_only_lease_namespaces() {
     );
     let guest = Netns::new("cnag").unwrap();
     ip(&[
-        "link", "add", "cnagv", "netns", "cnag", "type", "veth", "peer", "name", "cnalv",
-        "netns", "cnal",
+        "link", "add", "cnagv", "netns", "cnag", "type", "veth", "peer", "name", "cnalv", "netns",
+        "cnal",
     ])
     .unwrap();
     guest.ip(&["link", "set", "cnagv", "up"]).unwrap();
     let out = seller
-        .cli_ok(&good(&["--netns", "cnal", "--iface", "cnalv"])
-            .iter()
-            .map(|s| s.as_str())
-            .collect::<Vec<_>>())
+        .cli_ok(
+            &good(&["--netns", "cnal", "--iface", "cnalv"])
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>(),
+        )
         .unwrap();
     assert!(out.contains("attached guest 52:54:00:31:00:01"), "{out}");
     let ls = seller.cli_ok(&["overlay", "ls"]).unwrap();
@@ -180,7 +203,10 @@ fn attach_checks_every_flag_first_and_takes_only_lease_namespaces() {
     seller
         .cli_ok(&["overlay", "detach", "--mac", "52:54:00:31:00:01"])
         .unwrap();
-    assert!(!netns_exists("cnal"), "netns-add namespace left after detach");
+    assert!(
+        !netns_exists("cnal"),
+        "netns-add namespace left after detach"
+    );
 }
 
 /// A seller daemon started under `ip netns exec` (a private mount namespace) makes
@@ -202,11 +228,21 @@ fn a_seller_under_ip_netns_exec_makes_visible_lease_namespaces() {
         &p2p,
     )
     .unwrap();
-    let bkey = "22".repeat(32);
+    let bkey = test_key(22);
     seller
         .cli_ok(&[
-            "overlay", "attach", "--tap", "cnat1", "--buyer", "127.0.0.1:9", "--buyer-key", &bkey,
-            "--mac", "52:54:00:31:00:02", "--ip", "10.77.0.42",
+            "overlay",
+            "attach",
+            "--tap",
+            "cnat1",
+            "--buyer",
+            "127.0.0.1:9",
+            "--buyer-key",
+            &bkey,
+            "--mac",
+            "52:54:00:31:00:02",
+            "--ip",
+            "10.77.0.42",
         ])
         .unwrap();
     // From this process (the host's mount namespace): the namespace and its tap.
@@ -239,12 +275,22 @@ fn vm_run_tap_opens_the_lease_namespace_tap() {
     let p2p = ["--listen", "/ip4/127.0.0.1/tcp/0"];
     let data = dir.path().join("s");
     let seller = NodeProc::spawn(&[], &data, "seller", &p2p).unwrap();
-    let bkey = "33".repeat(32);
+    let bkey = test_key(33);
     let mac = "52:54:00:31:00:03";
     seller
         .cli_ok(&[
-            "overlay", "attach", "--tap", "cnat2", "--buyer", "127.0.0.1:9", "--buyer-key", &bkey,
-            "--mac", mac, "--ip", "10.77.0.43",
+            "overlay",
+            "attach",
+            "--tap",
+            "cnat2",
+            "--buyer",
+            "127.0.0.1:9",
+            "--buyer-key",
+            &bkey,
+            "--mac",
+            mac,
+            "--ip",
+            "10.77.0.43",
         ])
         .unwrap();
     // A boot sector that spins: the NIC only has to be plugged in.
@@ -254,12 +300,27 @@ fn vm_run_tap_opens_the_lease_namespace_tap() {
     mbr[510] = 0x55;
     mbr[511] = 0xAA;
     std::fs::write(&disk, &mbr).unwrap();
-    let mut vm = std::process::Command::new(cpushare_tests::node_bin())
+    let vm = std::process::Command::new(cpushare_tests::node_bin())
         .arg("--data-dir")
         .arg(&data)
-        .args(["vm", "run", "--backend", "qemu", "--accel", "tcg", "--quiet"])
+        .args([
+            "vm",
+            "run",
+            "--backend",
+            "qemu",
+            "--accel",
+            "tcg",
+            "--quiet",
+        ])
         .args(["--memory-mib", "32", "--grace", "1", "--timeout", "300"])
-        .args(["--disk", disk.to_str().unwrap(), "--tap", "cnat2", "--mac", mac])
+        .args([
+            "--disk",
+            disk.to_str().unwrap(),
+            "--tap",
+            "cnat2",
+            "--mac",
+            mac,
+        ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -300,10 +361,15 @@ fn admit_prints_an_address_a_seller_can_use() {
     let _scrub = Scrub;
     let dir = tempfile::tempdir().unwrap();
     let host = Netns::new("cnabad").unwrap();
-    host.ip(&["link", "add", "cnabd0", "type", "dummy"]).unwrap();
+    // A veth with both ends here stands in for the uplink (no dummy module needed).
+    host.ip(&[
+        "link", "add", "cnabd0", "type", "veth", "peer", "name", "cnabd1",
+    ])
+    .unwrap();
     host.ip(&["addr", "add", "10.203.9.7/24", "dev", "cnabd0"])
         .unwrap();
     host.ip(&["link", "set", "cnabd0", "up"]).unwrap();
+    host.ip(&["link", "set", "cnabd1", "up"]).unwrap();
     let p2p = ["--listen", "/ip4/127.0.0.1/tcp/0"];
     let buyer = NodeProc::spawn(
         &["ip", "netns", "exec", host.name()],
@@ -312,11 +378,21 @@ fn admit_prints_an_address_a_seller_can_use() {
         &p2p,
     )
     .unwrap();
-    let key = "44".repeat(32);
+    let key = test_key(44);
     let out = buyer
         .cli_ok(&[
-            "overlay", "admit", "--key", &key, "--mac", "52:54:00:31:00:04", "--ip", "10.77.0.44",
-            "--udp-listen", "0.0.0.0:51944", "--tap", "cnabt0",
+            "overlay",
+            "admit",
+            "--key",
+            &key,
+            "--mac",
+            "52:54:00:31:00:04",
+            "--ip",
+            "10.77.0.44",
+            "--udp-listen",
+            "0.0.0.0:51944",
+            "--tap",
+            "cnabt0",
         ])
         .unwrap();
     assert!(out.contains("--buyer 10.203.9.7:51944"), "{out}");
@@ -325,19 +401,24 @@ fn admit_prints_an_address_a_seller_can_use() {
     let v: serde_json::Value = serde_json::from_str(
         &buyer
             .cli_ok(&[
-                "overlay", "admit", "--key", &"55".repeat(32), "--mac", "52:54:00:31:00:05",
-                "--ip", "10.77.0.45", "--json",
+                "overlay",
+                "admit",
+                "--key",
+                &test_key(55),
+                "--mac",
+                "52:54:00:31:00:05",
+                "--ip",
+                "10.77.0.45",
+                "--json",
             ])
             .unwrap(),
     )
     .unwrap();
     let eps = v["seller_endpoints"].as_array().unwrap();
+    assert!(eps.iter().any(|e| e == "10.203.9.7:51944"), "{v}");
     assert!(
-        eps.iter().any(|e| e == "10.203.9.7:51944"),
-        "{v}"
-    );
-    assert!(
-        !eps.iter().any(|e| e.as_str().unwrap().starts_with("10.77.")),
+        !eps.iter()
+            .any(|e| e.as_str().unwrap().starts_with("10.77.")),
         "the overlay's own address offered to sellers: {v}"
     );
 }

@@ -191,17 +191,19 @@ pub fn netns_of_tap(data_dir: &Path, tap: &str) -> Option<String> {
         .map(|r| r.netns)
 }
 
-/// Where this process's mounts stand relative to the host's (PID 1's).
+/// Where this process's mounts stand relative to those of the process that started
+/// it (its nearest ancestor in another mount namespace).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mounts {
-    /// Same mount namespace as PID 1: namespaces bound under /run/netns are seen
-    /// by every process.
+    /// Namespaces bound under /run/netns here are seen by the rest of the host: same
+    /// mount namespace as the launcher, or /run/netns propagates to it.
     Host,
-    /// Started in a private mount namespace (`ip netns exec` makes one) and moved
-    /// into PID 1's, keeping its network namespace.
+    /// Started in a private mount namespace whose /run/netns does not propagate back
+    /// (`ip netns exec` makes one) and moved into the launcher's, keeping its network
+    /// namespace.
     Joined,
-    /// In a private mount namespace it could not leave: a namespace bound here
-    /// would be invisible to other processes (no VMM could open a guest tap in it).
+    /// In such a private mount namespace and could not leave it: a namespace bound
+    /// here would be invisible to other processes (no VMM could open a guest tap).
     Private(String),
 }
 
@@ -211,43 +213,117 @@ fn mnt_ns_ino(pid: &str) -> std::io::Result<u64> {
     std::fs::metadata(format!("/proc/{pid}/ns/mnt")).map(|m| m.ino())
 }
 
+fn parent_of(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// The nearest ancestor whose mount namespace differs from ours (`own`), skipping
+/// those we may not inspect; `None` when every readable one shares ours.
+fn launcher(own: u64) -> Option<u32> {
+    let mut pid = std::os::unix::process::parent_id();
+    // A bound walk: a ppid chain is short, but /proc can change under us.
+    for _ in 0..64 {
+        if pid == 0 {
+            return None;
+        }
+        if mnt_ns_ino(&pid.to_string()).is_ok_and(|ino| ino != own) {
+            return Some(pid);
+        }
+        if pid == 1 {
+            return None;
+        }
+        pid = parent_of(pid)?;
+    }
+    None
+}
+
+/// The shared peer group of the mount holding `path`, from a `mountinfo` text: the
+/// last-listed mount whose mount point is the longest prefix of `path`. `None` when
+/// that mount is not shared (private, or only a slave: `ip netns exec` makes every
+/// mount a slave, so binds made under it never reach its master).
+pub(crate) fn peer_group(mountinfo: &str, path: &str) -> Option<u64> {
+    let under = |mp: &str| {
+        mp == "/"
+            || path == mp
+            || path
+                .strip_prefix(mp)
+                .is_some_and(|rest| rest.starts_with('/'))
+    };
+    let mut best: Option<(usize, Option<u64>)> = None;
+    for line in mountinfo.lines() {
+        let mut fields = line.split(' ');
+        let Some(mp) = fields.nth(4) else { continue };
+        // Spaces and the like are octal-escaped (\040); /run/netns has none.
+        if !under(mp) {
+            continue;
+        }
+        let group = fields
+            .skip(1)
+            .take_while(|f| *f != "-")
+            .find_map(|f| f.strip_prefix("shared:"))
+            .and_then(|n| n.parse().ok());
+        if best.is_none_or(|(len, _)| mp.len() >= len) {
+            best = Some((mp.len(), group));
+        }
+    }
+    best.and_then(|(_, g)| g)
+}
+
+/// Whether a bind under /run/netns made in our mount namespace reaches `launcher`'s:
+/// both hold it in the same shared peer group.
+fn propagates_to(launcher: u32) -> bool {
+    let read = |pid: &str| std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).ok();
+    match (read("self"), read(&launcher.to_string())) {
+        (Some(ours), Some(theirs)) => {
+            let g = peer_group(&ours, NETNS_DIR);
+            g.is_some() && g == peer_group(&theirs, NETNS_DIR)
+        }
+        _ => false,
+    }
+}
+
 /// Call once at daemon start, while the process has one thread (`setns` into a
 /// mount namespace refuses a process whose threads share its filesystem context).
-/// A daemon started under `ip netns exec` runs in a private mount namespace: lease
-/// namespaces it binds under /run/netns would exist only there. Moving into PID 1's
-/// mount namespace keeps the network namespace (its sockets, its addresses) and
-/// makes the lease namespaces visible to VMMs and to `ip netns`.
+/// A daemon started under `ip netns exec` runs in a private mount namespace whose
+/// mounts are slaves: lease namespaces it binds under /run/netns would exist only
+/// there. Moving into the mount namespace of the process that started it (the
+/// nearest ancestor in another one) keeps the network namespace (its sockets, its
+/// addresses) and makes the lease namespaces visible to VMMs and to `ip netns`.
 pub fn join_host_mounts() -> Mounts {
-    let m = match (mnt_ns_ino("self"), mnt_ns_ino("1")) {
-        (Ok(a), Ok(b)) if a == b => Mounts::Host,
-        (Ok(_), Ok(_)) => match enter_pid1_mounts() {
+    let m = match mnt_ns_ino("self").ok().and_then(launcher) {
+        // Same namespace as every ancestor we can see, or no /proc: nothing to join.
+        None => Mounts::Host,
+        Some(pid) if propagates_to(pid) => Mounts::Host,
+        Some(pid) => match enter_mounts_of(pid) {
             Ok(()) => {
-                info!("this daemon was started in a private mount namespace (e.g. under `ip netns exec`): joined the host's, so its lease namespaces are visible to VMMs; its network namespace is unchanged");
+                info!(launcher = pid, "this daemon was started in a private mount namespace (e.g. under `ip netns exec`): joined its launcher's, so its lease namespaces are visible to VMMs; its network namespace is unchanged");
                 Mounts::Joined
             }
             Err(e) => {
-                warn!(error = %e, "this daemon runs in a private mount namespace (e.g. under `ip netns exec`) and cannot join the host's: `overlay attach --tap` is refused");
+                warn!(launcher = pid, error = %e, "this daemon runs in a private mount namespace (e.g. under `ip netns exec`) and cannot join its launcher's: `overlay attach --tap` is refused");
                 Mounts::Private(e.to_string())
             }
         },
-        // No /proc or no access to PID 1: nothing to compare; assume shared.
-        _ => Mounts::Host,
     };
     let _ = MOUNTS.set(m.clone());
     m
 }
 
-fn enter_pid1_mounts() -> std::io::Result<()> {
+fn enter_mounts_of(pid: u32) -> std::io::Result<()> {
     use nix::sched::{setns, CloneFlags};
     // setns puts the working directory at the new root: keep ours (relative paths).
     let cwd = std::env::current_dir()?;
-    let f = std::fs::File::open("/proc/1/ns/mnt")?;
+    let f = std::fs::File::open(format!("/proc/{pid}/ns/mnt"))?;
     setns(&f, CloneFlags::CLONE_NEWNS).map_err(std::io::Error::from)?;
     std::env::set_current_dir(&cwd).map_err(|e| {
         std::io::Error::new(
             e.kind(),
             format!(
-                "{} does not exist in the host's mount namespace: {e}",
+                "{} does not exist in the launcher's mount namespace: {e}",
                 cwd.display()
             ),
         )
@@ -261,7 +337,7 @@ pub fn check_visible() -> Result<()> {
             what: "--tap",
             reason: format!(
                 "this daemon runs in a private mount namespace (started under `ip netns exec`?) \
-                 and could not join the host's ({why}): a lease namespace it made would be \
+                 and could not join the mount namespace of the process that started it ({why}): a lease namespace it made would be \
                  invisible to every other process, so no VMM could open the guest tap. Start \
                  the daemon outside `ip netns exec` (as root), or run it with nsenter --net=... \
                  which keeps the host's mounts"
@@ -296,5 +372,30 @@ mod tests {
         assert_eq!(std::fs::read_dir(&rec).unwrap().count(), 0);
         // No records directory at all: nothing to do.
         assert!(sweep(&dir.path().join("nope")).is_empty());
+    }
+
+    /// Lines as `ip netns exec` leaves them (slave /run/netns) and as the host has
+    /// them (shared), trimmed to the fields that matter.
+    #[test]
+    fn peer_group_of_the_mount_holding_run_netns() {
+        let host = "27 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n\
+                    45 27 254:0 /run/netns /run/netns rw,relatime shared:1 - ext4 /dev/vda rw\n";
+        let exec = "51 50 254:0 / / rw,relatime - ext4 /dev/vda rw\n\
+                    71 51 254:0 /run/netns /run/netns rw,relatime master:1 - ext4 /dev/vda rw\n";
+        assert_eq!(peer_group(host, NETNS_DIR), Some(1));
+        assert_eq!(peer_group(exec, NETNS_DIR), None);
+        // systemd's namespaces: a slave that is also shared, in a group of its own.
+        let unit = "80 79 0:5 / / rw shared:9 master:1 - ext4 /dev/vda rw\n";
+        assert_eq!(peer_group(unit, NETNS_DIR), Some(9));
+        // No /run/netns mount: the one holding it counts; /run is not /runner.
+        let run = "1 0 0:1 / / rw shared:3 - ext4 a rw\n\
+                   2 1 0:2 / /runner rw shared:4 - tmpfs b rw\n\
+                   3 1 0:3 / /run rw shared:5 - tmpfs c rw\n";
+        assert_eq!(peer_group(run, NETNS_DIR), Some(5));
+        // Over-mounted: the last listed wins; a `-` separator ends the tags.
+        let over = "3 1 0:3 / /run rw shared:5 - tmpfs c rw\n\
+                    4 1 0:4 / /run rw - tmpfs shared:7 rw\n";
+        assert_eq!(peer_group(over, NETNS_DIR), None);
+        assert_eq!(peer_group("", NETNS_DIR), None);
     }
 }
