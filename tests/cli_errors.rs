@@ -34,19 +34,45 @@ fn client_errors_without_a_daemon() {
     let e = one_line_error(&cli(dir.path(), &["status"]).unwrap());
     assert!(e.contains("no cpushare-node daemon is running"), "{e}");
     // The hint names the role the command needs.
-    assert!(e.contains("--role seller") && e.contains("--role buyer"), "{e}");
+    assert!(
+        e.contains("--role seller") && e.contains("--role buyer"),
+        "{e}"
+    );
     let key = "11".repeat(32);
     let admit = [
-        "overlay", "admit", "--key", &key, "--mac", "52:54:00:00:00:01", "--ip", "10.77.0.9",
+        "overlay",
+        "admit",
+        "--key",
+        &key,
+        "--mac",
+        "52:54:00:00:00:01",
+        "--ip",
+        "10.77.0.9",
     ];
     let e = one_line_error(&cli(dir.path(), &admit).unwrap());
-    assert!(e.contains("needs a buyer daemon") && e.contains("--role buyer --data-dir"), "{e}");
+    assert!(
+        e.contains("needs a buyer daemon") && e.contains("--role buyer --data-dir"),
+        "{e}"
+    );
     let attach = [
-        "overlay", "attach", "--tap", "cnx0", "--buyer", "127.0.0.1:7451", "--buyer-key", &key,
-        "--mac", "52:54:00:00:00:01", "--ip", "10.77.0.9",
+        "overlay",
+        "attach",
+        "--tap",
+        "cnx0",
+        "--buyer",
+        "127.0.0.1:7451",
+        "--buyer-key",
+        &key,
+        "--mac",
+        "52:54:00:00:00:01",
+        "--ip",
+        "10.77.0.9",
     ];
     let e = one_line_error(&cli(dir.path(), &attach).unwrap());
-    assert!(e.contains("needs a seller daemon") && e.contains("--role seller --data-dir"), "{e}");
+    assert!(
+        e.contains("needs a seller daemon") && e.contains("--role seller --data-dir"),
+        "{e}"
+    );
     let e = one_line_error(&cli(dir.path(), &["image", "export", "zz", "/tmp/x"]).unwrap());
     assert!(e.contains("invalid image id"), "{e}");
     let e = one_line_error(&run(&["--data-dir", dir.path().to_str().unwrap()]));
@@ -117,7 +143,10 @@ fn daemon_rejects_bad_files_and_unknown_images_and_keeps_running() {
     // Its log went to a file: plain text, no colour codes.
     let log = node.log();
     assert!(log.contains("daemon ready"), "{log}");
-    assert!(!log.contains('\x1b'), "ANSI escapes in a log that is not a terminal: {log:?}");
+    assert!(
+        !log.contains('\x1b'),
+        "ANSI escapes in a log that is not a terminal: {log:?}"
+    );
 
     // Nothing was lost: the image still exports byte-identical.
     let back = dir.path().join("back.raw");

@@ -421,7 +421,10 @@ fn unbootable_disks_are_refused_or_end_the_run() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{file}: {}", show(&out));
         assert!(stderr.contains(want), "{file}: {}", show(&out));
-        assert!(!stderr.contains("vm: qemu"), "{file}: qemu started: {stderr}");
+        assert!(
+            !stderr.contains("vm: qemu"),
+            "{file}: qemu started: {stderr}"
+        );
     }
 
     // Signed, but its code gives up at once (int 18h: "boot failed, try the next
@@ -456,7 +459,12 @@ fn append_and_microvm_with_a_disk_image_are_refused_up_front() {
     bios_disk(&disk);
     let out = vm_run(
         data.path(),
-        &["--disk", disk.to_str().unwrap(), "--append", "console=ttyS0"],
+        &[
+            "--disk",
+            disk.to_str().unwrap(),
+            "--append",
+            "console=ttyS0",
+        ],
     );
     assert_eq!(out.status.code(), Some(1), "{}", show(&out));
     assert!(
@@ -476,7 +484,10 @@ fn append_and_microvm_with_a_disk_image_are_refused_up_front() {
         id.to_hex()
     };
     for (args, want) in [
-        (vec!["--backend", "microvm"], "microvm backend only boots a kernel"),
+        (
+            vec!["--backend", "microvm"],
+            "microvm backend only boots a kernel",
+        ),
         (vec!["--append", "x=1"], "--append"),
     ] {
         let mut all = vec!["vm", "run", "--image", &id];
@@ -498,6 +509,49 @@ fn append_and_microvm_with_a_disk_image_are_refused_up_front() {
     }
 }
 
+/// Runs `vm run ARGS` under `data`, waits for `marker` on the guest's console, sends
+/// SIGTERM (a stop request) and returns how the run ended.
+fn stop_on_request(data: &Path, args: &[&str], marker: &'static str) -> Output {
+    let mut child = std::process::Command::new(cpushare_tests::node_bin())
+        .arg("--data-dir")
+        .arg(data)
+        .args(["vm", "run", "--backend", "qemu", "--accel", "tcg"])
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        let mut buf = [0u8; 256];
+        let mut sent = false;
+        while let Ok(n) = std::io::Read::read(&mut stdout, &mut buf) {
+            if n == 0 {
+                break;
+            }
+            all.extend_from_slice(&buf[..n]);
+            if !sent && String::from_utf8_lossy(&all).contains(marker) {
+                let _ = tx.send(());
+                sent = true;
+            }
+        }
+        all
+    });
+    let seen = rx.recv_timeout(Duration::from_secs(300));
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let mut out = child.wait_with_output().unwrap();
+    out.stdout = reader.join().unwrap();
+    assert!(
+        seen.is_ok(),
+        "the guest never printed {marker}: {}",
+        show(&out)
+    );
+    out
+}
+
 /// A guest stopped on request that does not shut down (a boot sector spinning; it
 /// ignores the ACPI power button) is killed after --grace: exit 137, not 0.
 #[test]
@@ -505,39 +559,62 @@ fn a_guest_killed_after_the_grace_period_has_its_own_exit_status() {
     let data = tempfile::tempdir_in(vmguest::scratch_dir()).unwrap();
     let spin = data.path().join("spin.img");
     bios_disk_then(&spin, "cvq-spin-term", false);
-    let mut child = std::process::Command::new(cpushare_tests::node_bin())
-        .arg("--data-dir")
-        .arg(data.path())
-        .args(["vm", "run", "--backend", "qemu", "--accel", "tcg"])
-        .args(["--memory-mib", "32", "--grace", "1", "--timeout", "300"])
-        .args(["--disk", spin.to_str().unwrap()])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut all = Vec::new();
-        let mut buf = [0u8; 256];
-        while let Ok(n) = std::io::Read::read(&mut stdout, &mut buf) {
-            if n == 0 {
-                break;
-            }
-            all.extend_from_slice(&buf[..n]);
-            if String::from_utf8_lossy(&all).contains("cvq-spin-term") {
-                let _ = tx.send(());
-            }
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(120))
-        .expect("the guest never printed");
-    // SAFETY: kill(2) on our own child's pid.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let out = child.wait_with_output().unwrap();
+    let out = stop_on_request(
+        data.path(),
+        &[
+            "--memory-mib",
+            "32",
+            "--grace",
+            "1",
+            "--timeout",
+            "300",
+            "--disk",
+            spin.to_str().unwrap(),
+        ],
+        "cvq-spin-term",
+    );
     assert_eq!(out.status.code(), Some(137), "{}", show(&out));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("was killed"),
+        "{}",
+        show(&out)
+    );
+}
+
+/// A guest stopped on request that shuts down (Linux: the ACPI power button runs
+/// `poweroff`) exits 130: not 0 (it did not power off by itself), not 137.
+#[test]
+fn a_guest_stopped_on_request_that_shuts_down_exits_130() {
+    let files = vmguest::test_guest();
+    let data = tempfile::tempdir_in(vmguest::scratch_dir()).unwrap();
+    let append = vmguest::cmdline("echo cvq-term-ready; sleep 1000", "cs.nonet");
+    let out = stop_on_request(
+        data.path(),
+        &[
+            "--kernel",
+            files.vmlinuz.to_str().unwrap(),
+            "--initrd",
+            files.initrd.to_str().unwrap(),
+            "--append",
+            &append,
+            "--memory-mib",
+            "128",
+            // Generous: the guest must shut down by itself, never be killed.
+            "--grace",
+            "120",
+        ],
+        "cvq-term-ready",
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{}", show(&out));
+    assert!(
+        stderr.contains("stopped on request: it shut down"),
+        "{}",
+        show(&out)
+    );
+    assert!(
+        // The kernel's own line: the guest powered itself down.
+        String::from_utf8_lossy(&out.stdout).contains("reboot: Power down"),
         "{}",
         show(&out)
     );

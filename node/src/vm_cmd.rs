@@ -572,10 +572,6 @@ fn run_guest(settings: &Settings, args: RunArgs) -> Result<ExitCode> {
         reserved,
     } = prepared;
     let firmware = !matches!(boot, Boot::Direct { .. });
-    if let (Boot::Disk, Some(d)) = (&boot, &disk) {
-        // Before starting: firmware would halt on it with a blank console.
-        vm::disk_check::check_bootable(d)?;
-    }
 
     let mut spec = GuestSpec::new("vm-run", boot);
     spec.vcpus = args.vcpus;
@@ -602,6 +598,10 @@ fn run_guest(settings: &Settings, args: RunArgs) -> Result<ExitCode> {
     }
     // Fail on bad files/sizes before probing backends.
     spec.validate()?;
+    if let (Boot::Disk, Some(d)) = (&spec.boot, &spec.disk) {
+        // Before starting: firmware would halt on it with a blank console.
+        vm::disk_check::check_bootable(&d.file)?;
+    }
 
     let qemu_cfg = QemuConfig {
         binary: args.qemu.clone(),
