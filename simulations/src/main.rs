@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use simulations::runner::run_scenario;
-use simulations::scenario::Scenario;
+use simulations::scenario::{Policy, Scenario};
 
 #[derive(Parser)]
 #[command(about = "Flow-level simulator of the cpushare swarm and market")]
@@ -27,6 +27,13 @@ enum Cmd {
         /// Override the scenario's seller count.
         #[arg(long)]
         sellers: Option<usize>,
+        /// Override the scenario's policies (comma-separated: shipped,
+        /// rarest-first, random, naive).
+        #[arg(long, value_delimiter = ',')]
+        policies: Option<Vec<String>>,
+        /// Override the chunk size in KiB (0: the shipped chunker's 16..256 KiB).
+        #[arg(long)]
+        chunk_kib: Option<u32>,
         /// No progress bars.
         #[arg(long)]
         quiet: bool,
@@ -40,6 +47,8 @@ fn main() -> ExitCode {
             file,
             out,
             sellers,
+            policies,
+            chunk_kib,
             quiet,
         } => {
             let mut sc = match Scenario::load(&file) {
@@ -51,6 +60,22 @@ fn main() -> ExitCode {
             };
             if let Some(n) = sellers {
                 sc.sellers = n;
+            }
+            if let Some(k) = chunk_kib {
+                sc.image.chunk_kib = (k > 0).then_some(k);
+            }
+            if let Some(ps) = policies {
+                let mut chosen = Vec::new();
+                for p in ps {
+                    match Policy::ALL.into_iter().find(|x| x.name() == p) {
+                        Some(x) => chosen.push(x),
+                        None => {
+                            eprintln!("error: unknown policy {p:?} (shipped, rarest-first, random, naive)");
+                            return ExitCode::FAILURE;
+                        }
+                    }
+                }
+                sc.policies = chosen;
             }
             let out = out.unwrap_or_else(|| PathBuf::from("target/sim").join(&sc.name));
             let show = !quiet && std::io::stderr().is_terminal();

@@ -74,5 +74,7 @@ pub fn run(w: &World, bar: Option<&ProgressBar>) -> RunResult {
         gone: 0,
         starving_notes: 0,
         buyer_extra: payload - w.total,
+        cancels: 0,
+        disconnects: 0,
     }
 }
