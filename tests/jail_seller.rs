@@ -1,8 +1,9 @@
 //! Guests started through the seller run jailed, and a seller killed with `kill -9`
 //! while two guests run leaves nothing behind once it is started again.
 //!
-//! One buyer and one seller (max_guests = 2) in network namespaces joined by a veth
-//! pair; the buyer rents two guests of the test image. The test reads the VMMs'
+//! Two buyers and one seller (max_guests = 2) in network namespaces joined by veth
+//! pairs; each buyer rents one guest of the test image (a run spreads its guests
+//! over distinct sellers). The test reads the VMMs'
 //! /proc entries and cgroups (uid, capabilities, no_new_privs, seccomp, mount
 //! namespace, limits), then kills the buyer and the seller with SIGKILL, lists what
 //! the dead seller left (VMM processes, lease namespaces and taps, guest cgroups,
@@ -150,15 +151,32 @@ fn leftovers(data: &Path, guests: &[Jailed], netns: &[String]) -> Leftovers {
     l.vmm_processes.sort_unstable();
     l.vmm_processes.dedup();
     for ns in netns {
+        // The namespace's file: a live namespace, or the mount-point file of one
+        // that died with the seller's private mount namespace. Either is left over.
         if Path::new("/run/netns").join(ns).exists() {
             l.namespaces.push(ns.clone());
-            let tap = ns.replacen("csl-", "cst", 1);
-            let out = std::process::Command::new("ip")
-                .args(["-n", ns, "link", "show", &tap])
-                .output();
-            if out.is_ok_and(|o| o.status.success()) {
-                l.taps.push(tap);
-            }
+        }
+        // Its tap, looked up by name or, where the name is not bound in our mount
+        // namespace, through the network namespace of a VMM in that lease's cgroup.
+        let tap = ns.replacen("csl-", "cst", 1);
+        let lease = ns.replacen("csl-", "lease-", 1);
+        let vmm = guests
+            .iter()
+            .find(|g| g.name == lease)
+            .and_then(|g| procs_in(&g.dirs).first().copied());
+        let by_name = std::process::Command::new("ip")
+            .args(["-n", ns, "link", "show", &tap])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        let by_vmm = vmm.is_some_and(|pid| {
+            std::process::Command::new("nsenter")
+                .arg(format!("--net=/proc/{pid}/ns/net"))
+                .args(["ip", "link", "show", &tap])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        });
+        if by_name || by_vmm {
+            l.taps.push(tap);
         }
     }
     l.jail_records = jail_records(data).len();
@@ -178,19 +196,21 @@ fn seller_guests_run_jailed_and_a_restart_after_kill9_leaves_nothing() -> Result
         return Ok(());
     }
     let tag = std::process::id() % 10000;
+    // Two buyers (a run places each guest on a different seller, so each buyer
+    // rents one guest), each on its own veth pair to the seller.
     let b = Netns::new(&format!("cjs{tag}b"))?;
+    let c = Netns::new(&format!("cjs{tag}c"))?;
     let s = Netns::new(&format!("cjs{tag}s"))?;
     veth(&b, "eth0", "10.211.0.1/24", &s, "eth0", "10.211.0.2/24")?;
-    for ns in [&b, &s] {
+    veth(&c, "eth0", "10.212.0.1/24", &s, "eth1", "10.212.0.2/24")?;
+    for ns in [&b, &c, &s] {
         ns.ip(&["link", "set", "lo", "up"])?;
     }
     let tmp = tempfile::tempdir_in(vmguest::scratch_dir())?;
     let root = tmp.path();
+    let buyer_cfg = "[buyer]\nbilling_period_s = 5\ngrace_s = 60\nsilence_s = 60\n";
     let bdir = root.join("buyer");
-    let bcfg = cfg(
-        &bdir,
-        "[buyer]\nbilling_period_s = 5\ngrace_s = 60\nsilence_s = 60\n",
-    )?;
+    let bcfg = cfg(&bdir, buyer_cfg)?;
     let mut buyer = spawn_in(&b, &bdir, "buyer", &bcfg, None)?;
     let boot = format!("/ip4/10.211.0.1/tcp/7450/p2p/{}", buyer.peer_id);
     let sdir = root.join("seller");
@@ -199,40 +219,50 @@ fn seller_guests_run_jailed_and_a_restart_after_kill9_leaves_nothing() -> Result
         "[seller]\nmax_guests = 2\nvcpus = 1\nmemory_mib = 256\naccel = \"tcg\"\nmax_cpu_percent = 90\n",
     )?;
     let mut seller = spawn_in(&s, &sdir, "seller", &scfg, Some(&boot))?;
+    let cdir = root.join("buyer2");
+    // Its guests on other overlay addresses (the seller refuses a guest IP it
+    // already attached, whoever the buyer).
+    let ccfg = cfg(
+        &cdir,
+        &format!("{buyer_cfg}[overlay]\nhost_ip = \"10.77.1.1\"\n"),
+    )?;
+    let boot_c = format!("/ip4/10.212.0.2/tcp/7450/p2p/{}", seller.peer_id);
+    let mut buyer2 = spawn_in(&c, &cdir, "buyer", &ccfg, Some(&boot_c))?;
 
     let files = vmguest::test_guest();
-    let out = buyer.cli_ok(&[
-        "image",
-        "import",
-        "--kernel",
-        &files.vmlinuz.display().to_string(),
-        "--initrd",
-        &files.initrd.display().to_string(),
-        "--cmdline",
-        &vmguest::cmdline("echo cs-up", "cs.keep"),
-    ])?;
-    let image = out
-        .split_whitespace()
-        .find(|w| w.len() == 64 && w.chars().all(|c| c.is_ascii_hexdigit()))
-        .context("image id in import output")?
-        .to_string();
-    let offered = wait_until(Duration::from_secs(90), || {
-        buyer
-            .status()
-            .ok()
-            .and_then(|v| v["market"]["offers"].as_u64())
-            .is_some_and(|o| o >= 1)
-    });
-    if !offered {
-        bail!(
-            "no offer reached the buyer: {}\nseller log:\n{}",
-            buyer.status()?,
-            seller.log()
-        );
+    for by in [&buyer, &buyer2] {
+        let out = by.cli_ok(&[
+            "image",
+            "import",
+            "--kernel",
+            &files.vmlinuz.display().to_string(),
+            "--initrd",
+            &files.initrd.display().to_string(),
+            "--cmdline",
+            &vmguest::cmdline("echo cs-up", "cs.keep"),
+        ])?;
+        let image = out
+            .split_whitespace()
+            .find(|w| w.len() == 64 && w.chars().all(|c| c.is_ascii_hexdigit()))
+            .context("image id in import output")?
+            .to_string();
+        let offered = wait_until(Duration::from_secs(90), || {
+            by.status()
+                .ok()
+                .and_then(|v| v["market"]["offers"].as_u64())
+                .is_some_and(|o| o >= 1)
+        });
+        if !offered {
+            bail!(
+                "no offer reached the buyer: {}\nseller log:\n{}",
+                by.status()?,
+                seller.log()
+            );
+        }
+        by.cli_ok(&[
+            "run", "--image", &image, "--count", "1", "--detach", "--json",
+        ])?;
     }
-    buyer.cli_ok(&[
-        "run", "--image", &image, "--count", "2", "--detach", "--json",
-    ])?;
 
     // Two jailed VMMs, each alone in its cgroup.
     let mut guests = Vec::new();
@@ -304,7 +334,7 @@ fn seller_guests_run_jailed_and_a_restart_after_kill9_leaves_nothing() -> Result
         "max_cpu_percent on the guests' parent"
     );
 
-    // kill -9 the buyer (no replacement leases) and then the seller.
+    // kill -9 the buyers (no replacement leases) and then the seller.
     let netns: Vec<String> = guests
         .iter()
         .map(|g| g.name.replacen("lease-", "csl-", 1))
@@ -313,7 +343,9 @@ fn seller_guests_run_jailed_and_a_restart_after_kill9_leaves_nothing() -> Result
     eprintln!("while running: {before:?}");
     assert_eq!(before.vmm_processes.len(), 2, "{before:?}");
     assert_eq!(before.namespaces.len(), 2, "{before:?}");
+    assert_eq!(before.taps.len(), 2, "{before:?}");
     buyer.kill9();
+    buyer2.kill9();
     seller.kill9();
     let after_kill = leftovers(&sdir, &guests, &netns);
     eprintln!(
@@ -354,5 +386,6 @@ fn seller_guests_run_jailed_and_a_restart_after_kill9_leaves_nothing() -> Result
     drop(seller);
     drop(s);
     drop(b);
+    drop(c);
     Ok(())
 }

@@ -72,25 +72,6 @@ fn mountinfo_fields(line: &str) -> Option<(&str, &str, &str, &str)> {
     Some((l.get(3)?, l.get(4)?, r.first()?, r.get(2)?))
 }
 
-/// `mountinfo` with every mount point moved under `prefix`.
-fn prefix_mounts(mountinfo: &str, prefix: &str) -> String {
-    mountinfo
-        .lines()
-        .map(|line| {
-            let mut f: Vec<&str> = line.split(' ').collect();
-            let moved;
-            if f.len() > 4 {
-                moved = format!("{prefix}{}", f[4]);
-                f[4] = &moved;
-                f.join(" ")
-            } else {
-                line.to_string()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 /// Joins a cgroup path (from /proc/self/cgroup) onto a mount whose root is `root`.
 fn dir_under(mount: &str, root: &str, path: &str) -> PathBuf {
     let rel = path.strip_prefix(root).unwrap_or(path);
@@ -106,20 +87,25 @@ impl Layout {
     /// Reads this host's layout from /proc.
     ///
     /// A process in a mount namespace without the cgroup mounts (`ip netns exec`
-    /// remounts /sys and hides them) reaches the host's through init's root,
-    /// `/proc/1/root` (root only), rather than mounting anything itself.
+    /// mounts a fresh /sys, which hides them) mounts the hierarchies it belongs to
+    /// again, in its own namespace, where the host has them by convention
+    /// ([`mount_mirror`]); the host's own mounts are never touched.
     pub fn detect() -> io::Result<Layout> {
         let cgroup = std::fs::read_to_string("/proc/self/cgroup")?;
-        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+        let read_mounts = || std::fs::read_to_string("/proc/self/mountinfo");
         let read =
             |mount: &str| std::fs::read_to_string(Path::new(mount).join("cgroup.controllers")).ok();
+        let mountinfo = read_mounts()?;
         match Layout::parse(&mountinfo, &cgroup, read) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                let Ok(init) = std::fs::read_to_string("/proc/1/mountinfo") else {
-                    return Err(e);
-                };
-                let init = prefix_mounts(&init, "/proc/1/root");
-                Layout::parse(&init, &cgroup, read).map_err(|_| e)
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !has_cgroup_mount(&mountinfo) => {
+                mount_mirror(&cgroup).map_err(|m| {
+                    io::Error::new(
+                        m.kind(),
+                        format!("{e}; mounting them at {MIRROR} failed: {m}"),
+                    )
+                })?;
+                tracing::info!("cgroup hierarchies mounted at {MIRROR} in this mount namespace");
+                Layout::parse(&read_mounts()?, &cgroup, read)
             }
             other => other,
         }
@@ -271,6 +257,98 @@ impl Layout {
             .map(|(c, _)| c.v2_name())
             .collect()
     }
+}
+
+/// Where hosts mount their cgroup hierarchies.
+const MIRROR: &str = "/sys/fs/cgroup";
+
+fn has_cgroup_mount(mountinfo: &str) -> bool {
+    mountinfo
+        .lines()
+        .filter_map(mountinfo_fields)
+        .any(|(_, _, fstype, _)| fstype == "cgroup" || fstype == "cgroup2")
+}
+
+/// What [`mount_mirror`] mounts for a process whose /proc/self/cgroup is
+/// `self_cgroup`: (directory under [`MIRROR`] or "" for itself, fs type, options).
+/// Pure v2: cgroup2 on /sys/fs/cgroup. Otherwise systemd's layout: a tmpfs there,
+/// each v1 hierarchy we use at its controller list, cgroup2 at `unified`.
+fn mirror_plan(self_cgroup: &str) -> Vec<(String, &'static str, String)> {
+    let mut v1 = Vec::new();
+    let mut v2 = false;
+    for line in self_cgroup.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(_), Some(ctrls), Some(_)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        if ctrls.is_empty() {
+            v2 = true;
+        } else if ctrls
+            .split(',')
+            .any(|c| Controller::ALL.iter().any(|k| k.v1_name() == c))
+        {
+            v1.push(ctrls.to_string());
+        }
+    }
+    let mut plan = Vec::new();
+    if v1.is_empty() {
+        if v2 {
+            plan.push((String::new(), "cgroup2", String::new()));
+        }
+        return plan;
+    }
+    plan.push((String::new(), "tmpfs", "mode=755,size=64k".to_string()));
+    for c in v1 {
+        plan.push((c.clone(), "cgroup", c));
+    }
+    if v2 {
+        plan.push(("unified".into(), "cgroup2", String::new()));
+    }
+    plan
+}
+
+/// Mounts the cgroup hierarchies this process is in at [`MIRROR`], in the current
+/// mount namespace (only called when that namespace has no cgroup mount at all).
+fn mount_mirror(self_cgroup: &str) -> io::Result<()> {
+    use std::ffi::CString;
+    let plan = mirror_plan(self_cgroup);
+    if plan.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            "this process is in no cgroup hierarchy",
+        ));
+    }
+    for (sub, fstype, opts) in plan {
+        let dir = Path::new(MIRROR).join(&sub);
+        std::fs::create_dir_all(&dir)?;
+        let cs =
+            |s: &str| CString::new(s).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e));
+        let (src, target, fs, data) = (
+            cs(fstype)?,
+            cs(&dir.display().to_string())?,
+            cs(fstype)?,
+            cs(&opts)?,
+        );
+        let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+        // SAFETY: every pointer is a NUL-terminated string that outlives the call.
+        let rc = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                target.as_ptr(),
+                fs.as_ptr(),
+                flags,
+                data.as_ptr().cast(),
+            )
+        };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            return Err(io::Error::new(
+                e.kind(),
+                format!("mount -t {fstype} -o {opts:?} {}: {e}", dir.display()),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn mkdir(d: &Path) -> io::Result<()> {
@@ -601,13 +679,19 @@ mod tests {
     }
 
     #[test]
-    fn mounts_seen_through_init_root_are_prefixed() {
-        let mi = prefix_mounts(HYBRID_MOUNTINFO, "/proc/1/root");
-        let l = Layout::parse(&mi, HYBRID_CGROUP, |_| None).unwrap();
-        assert_eq!(
-            l.controllers[&Controller::Memory].own,
-            PathBuf::from("/proc/1/root/sys/fs/cgroup/memory/process_api/abc")
-        );
+    fn mirror_follows_systemd_layouts() {
+        let plan = mirror_plan(HYBRID_CGROUP);
+        let dirs: Vec<&str> = plan.iter().map(|(d, _, _)| d.as_str()).collect();
+        assert_eq!(dirs, ["", "pids", "blkio", "memory", "cpu", "unified"]);
+        assert_eq!(plan[0].1, "tmpfs");
+        assert_eq!(plan[2], ("blkio".into(), "cgroup", "blkio".into()));
+        let v2 = mirror_plan("0::/system.slice/x.service\n");
+        assert_eq!(v2, vec![(String::new(), "cgroup2", String::new())]);
+        let combined = mirror_plan("5:cpu,cpuacct:/\n3:freezer:/\n1:name=systemd:/\n");
+        assert_eq!(combined.len(), 2);
+        assert_eq!(combined[1].2, "cpu,cpuacct");
+        assert!(!has_cgroup_mount("22 1 0:5 / /sys rw - sysfs sysfs rw\n"));
+        assert!(has_cgroup_mount(HYBRID_MOUNTINFO));
     }
 
     #[test]

@@ -86,19 +86,13 @@ pub fn enter(c: &ChildPlan) -> io::Result<()> {
     // 2. The lease's network namespace.
     if let Some(fd) = c.netns_fd {
         // SAFETY: plain syscall on an fd the parent opened.
-        check(
-            c,
-            unsafe { libc::setns(fd, libc::CLONE_NEWNET) },
-            "entering the lease network namespace",
-        )?;
+        let rc = unsafe { libc::setns(fd, libc::CLONE_NEWNET) };
+        check(c, rc, "entering the lease network namespace")?;
     }
     // 3. A mount namespace of its own, changes never propagating back to the host.
-    // SAFETY: plain syscalls.
-    check(
-        c,
-        unsafe { libc::unshare(libc::CLONE_NEWNS) },
-        "unshare(CLONE_NEWNS)",
-    )?;
+    // SAFETY: plain syscall.
+    let rc = unsafe { libc::unshare(libc::CLONE_NEWNS) };
+    check(c, rc, "unshare(CLONE_NEWNS)")?;
     check(
         c,
         mount(None, c"/", None, libc::MS_REC | libc::MS_PRIVATE, None),
@@ -170,19 +164,13 @@ pub fn enter(c: &ChildPlan) -> io::Result<()> {
                 mode,
                 owner,
             } => {
-                // SAFETY: plain syscalls on prepared C strings.
-                check(
-                    c,
-                    unsafe { libc::mknod(dst.as_ptr(), libc::S_IFCHR | mode, *rdev) },
-                    "mknod in the jail",
-                )?;
+                // SAFETY: plain syscall on a prepared C string.
+                let rc = unsafe { libc::mknod(dst.as_ptr(), libc::S_IFCHR | mode, *rdev) };
+                check(c, rc, "mknod in the jail")?;
                 if let Some((uid, gid)) = owner {
-                    // SAFETY: as above.
-                    check(
-                        c,
-                        unsafe { libc::chown(dst.as_ptr(), *uid, *gid) },
-                        "chown of a jail device",
-                    )?;
+                    // SAFETY: plain syscall on a prepared C string.
+                    let rc = unsafe { libc::chown(dst.as_ptr(), *uid, *gid) };
+                    check(c, rc, "chown of a jail device")?;
                 }
             }
         }
@@ -213,11 +201,8 @@ pub fn enter(c: &ChildPlan) -> io::Result<()> {
     // 6. Capabilities: the bounding set first (needs CAP_SETPCAP), then the ids.
     for cap in 0..=c.last_cap {
         // SAFETY: plain prctl.
-        check(
-            c,
-            unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) },
-            "dropping the capability bounding set",
-        )?;
+        let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+        check(c, rc, "dropping the capability bounding set")?;
     }
     // SAFETY: plain prctl.
     unsafe {
@@ -260,12 +245,8 @@ pub fn enter(c: &ChildPlan) -> io::Result<()> {
         inheritable: 0,
     }; 2];
     // SAFETY: capset with a v3 header and the two data words it reads.
-    check(
-        c,
-        unsafe { libc::syscall(libc::SYS_capset, &hdr as *const CapHeader, data.as_ptr()) }
-            as libc::c_int,
-        "capset",
-    )?;
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &hdr as *const CapHeader, data.as_ptr()) };
+    check(c, rc as libc::c_int, "capset")?;
     // SAFETY: plain prctls.
     unsafe {
         check(
@@ -291,11 +272,8 @@ pub fn enter(c: &ChildPlan) -> io::Result<()> {
     }
     for &fd in &c.inherit {
         // SAFETY: plain fcntl on fds the parent keeps open across the fork.
-        check(
-            c,
-            unsafe { libc::fcntl(fd, libc::F_SETFD, 0) },
-            "passing fds to the VMM",
-        )?;
+        let rc = unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
+        check(c, rc, "passing fds to the VMM")?;
     }
     Ok(())
 }
