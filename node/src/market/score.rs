@@ -148,6 +148,8 @@ pub struct Score {
 struct DotClock {
     seen: Vec<u8>,
     started: bool,
+    /// When the marker came (a slow guest is timed from there).
+    marker_at: Option<Instant>,
     /// Dots in the chunk that started the clock (not timed) and every one after.
     first: Option<(Instant, u64)>,
     last: Option<(Instant, u64)>,
@@ -166,6 +168,7 @@ impl DotClock {
                 return;
             };
             self.started = true;
+            self.marker_at = Some(at);
             let after = self.seen.len() - (pos + MARKER.len());
             rest = &chunk[chunk.len().saturating_sub(after)..];
             self.seen.clear();
@@ -186,6 +189,14 @@ impl DotClock {
         let ((t0, n0), (t1, n1)) = (self.first?, self.last?);
         let secs = t1.duration_since(t0).as_secs_f64();
         (n1 > n0 && secs > 0.0).then_some((n1 - n0, secs))
+    }
+
+    /// For a guest too slow to time two dot chunks: every dot since the marker over
+    /// the time since it (a quarter dot when none came: a small score, not zero,
+    /// which would read as "the probe did not run").
+    fn slow_span(&self, now: Instant) -> Option<(f64, f64)> {
+        let secs = now.duration_since(self.marker_at?).as_secs_f64();
+        (secs > 0.0).then_some(((self.dots as f64).max(0.25), secs))
     }
 }
 
@@ -209,7 +220,7 @@ pub fn measure(
         );
         s.memory_mib = 32;
         // The guest never ends by itself; a hard ceiling in case nobody stops it.
-        s.wall_clock_limit = Some(BOOT_TIMEOUT + window * 4);
+        s.wall_clock_limit = Some(BOOT_TIMEOUT + window * 5);
         s.shutdown_grace = Duration::ZERO;
         s
     };
@@ -222,20 +233,25 @@ pub fn measure(
     let began = Instant::now();
     let mut clock = DotClock::default();
     let deadline_boot = began + BOOT_TIMEOUT;
-    loop {
+    let span = loop {
         let now = Instant::now();
         let timed = clock.first.map(|(t, _)| now.duration_since(t));
-        if timed.is_some_and(|d| d >= window) && clock.span().is_some() {
-            break;
+        if timed.is_some_and(|d| d >= window) {
+            if let Some((n, secs)) = clock.span() {
+                break (n as f64, secs);
+            }
         }
-        // Too slow to time two dots in four windows: give up rather than hang a start.
-        if timed.is_some_and(|d| d >= window * 4) || (clock.first.is_none() && now > deadline_boot)
-        {
+        // The guest runs but too slowly to time two dot chunks in four windows (a
+        // KVM that emulates in software): scored by what it did since its marker.
+        let since_marker = clock.marker_at.map(|t| now.duration_since(t));
+        if since_marker.is_some_and(|d| d >= window * 4) {
+            break clock.slow_span(now).expect("the marker came");
+        }
+        if clock.marker_at.is_none() && now > deadline_boot {
             let tail = String::from_utf8_lossy(&clock.seen).into_owned();
             return Err(Error::Market(format!(
-                "the perf probe guest ({backend}) printed {} dots in {:.1} s; console tail {tail:?}",
-                clock.dots,
-                began.elapsed().as_secs_f64()
+                "the perf probe guest ({backend}) did not print its start marker within {} s; console tail {tail:?}",
+                BOOT_TIMEOUT.as_secs()
             )));
         }
         match console.recv_timeout(Duration::from_millis(100)) {
@@ -248,14 +264,14 @@ pub fn measure(
                 )));
             }
         }
-    }
+    };
     drop(guest);
-    let (dots, secs) = clock.span().expect("checked above");
-    let per_s = dots as f64 * ITERS_PER_DOT as f64 / secs;
+    let (dots, secs) = span;
+    let per_s = dots * ITERS_PER_DOT as f64 / secs;
     Ok(Score {
         score: (per_s / 100_000.0).round().clamp(1.0, u32::MAX as f64) as u32,
         backend,
-        dots,
+        dots: dots as u64,
         secs,
         measured_ms: super::now_ms(),
         key: String::new(),
@@ -263,7 +279,8 @@ pub fn measure(
 }
 
 fn write_payload(dir: &Path) -> Result<tempfile::TempPath> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
     let mut f = tempfile::Builder::new()
         .prefix("perf-probe-")
         .suffix(".elf")
@@ -370,6 +387,20 @@ mod tests {
     }
 
     #[test]
+    fn a_guest_too_slow_to_time_is_scored_by_what_it_did_since_its_marker() {
+        let t0 = Instant::now();
+        let mut c = DotClock::default();
+        assert_eq!(c.slow_span(t0), None);
+        c.feed(b"\nCSPERF1\n.", t0);
+        let (n, secs) = c.slow_span(t0 + Duration::from_secs(4)).unwrap();
+        assert_eq!((n, secs), (1.0, 4.0));
+        // No dot at all: a quarter dot, so the score is small but not zero.
+        let mut c = DotClock::default();
+        c.feed(b"\nCSPERF1\n", t0);
+        assert_eq!(c.slow_span(t0 + Duration::from_secs(4)), Some((0.25, 4.0)));
+    }
+
+    #[test]
     fn the_cache_holds_for_its_key_and_an_hour() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("perf-score.json");
@@ -408,8 +439,12 @@ mod tests {
             return;
         }
         let window = Duration::from_millis(1000);
-        let tcg = measure(vec![Box::new(qemu) as Box<dyn Backend>], dir.path(), window).expect("TCG probe");
-        eprintln!("qemu tcg: score {} ({} dots in {:.2} s) via {}", tcg.score, tcg.dots, tcg.secs, tcg.backend);
+        let tcg = measure(vec![Box::new(qemu) as Box<dyn Backend>], dir.path(), window)
+            .expect("TCG probe");
+        eprintln!(
+            "qemu tcg: score {} ({} dots in {:.2} s) via {}",
+            tcg.score, tcg.dots, tcg.secs, tcg.backend
+        );
         assert!(tcg.dots >= 1 && tcg.score >= 1);
         assert!(tcg.backend.starts_with("qemu"));
         let mv = vm::microvm::Microvm::new();
@@ -423,6 +458,7 @@ mod tests {
                     kvm.score as f64 / tcg.score as f64
                 );
                 assert!(kvm.backend.starts_with("microvm"));
+                assert!(kvm.score >= 1 && kvm.secs > 0.0);
             }
             Err(e) => eprintln!("microvm not measured here: {e}"),
         }

@@ -206,7 +206,8 @@ async fn measure_perf(node: &Node, cfg: &SellerSettings) -> (u32, Value) {
     match r {
         Ok(Ok((s, cached))) => {
             info!(score = s.score, dots = s.dots, secs = s.secs, backend = %s.backend, cached, "performance measured in a guest");
-            let v = json!({ "backend": s.backend, "dots": s.dots, "secs": s.secs, "cached": cached });
+            let v =
+                json!({ "backend": s.backend, "dots": s.dots, "secs": s.secs, "cached": cached });
             (s.score, v)
         }
         Ok(Err(e)) => {
