@@ -20,14 +20,19 @@ pub fn init(format: LogFormat) {
         std::io::stderr().is_terminal(),
         std::env::var_os("NO_COLOR").as_deref(),
     );
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(ansi)
         .with_writer(std::io::stderr);
+    // The filter is the log's own: the market's dropped-stream counter sees
+    // libp2p-stream's debug events whatever RUST_LOG says.
+    let registry = tracing_subscriber::registry().with(crate::market::net::dropped_streams_layer());
     // try_init: a second call (tests) is harmless.
     let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => registry.with(fmt.with_filter(filter)).try_init(),
+        LogFormat::Json => registry.with(fmt.json().with_filter(filter)).try_init(),
     };
 }
 
