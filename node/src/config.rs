@@ -82,9 +82,10 @@ pub struct SellerTable {
 #[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BuyerTable {
-    /// File of trusted seller measurements (one hex hash per line), re-read on change.
+    /// Trusted seller measurements (one hex hash per line): a file, re-read when it
+    /// changes, or an http:// URL, fetched again every minute (ETag/Last-Modified).
     pub trusted: Option<PathBuf>,
-    /// File of revoked measurements, same format.
+    /// Revoked measurements, same format, file or URL.
     pub revoked: Option<PathBuf>,
     /// Billing period in seconds (default 60: a receipt per minute).
     pub billing_period_s: Option<u32>,

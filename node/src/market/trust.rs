@@ -114,7 +114,10 @@ impl List {
     fn refresh_file(&mut self, p: &Path) -> Result<bool> {
         let meta = std::fs::metadata(p)
             .map_err(|e| Error::io(format!("reading the {} list {}", self.what, p.display()), e))?;
-        let stamp = (meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), meta.len());
+        let stamp = (
+            meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            meta.len(),
+        );
         if self.stamp == Some(stamp) && self.set.is_some() {
             return Ok(false);
         }
@@ -252,7 +255,10 @@ impl TrustLists {
                     "the {} list {} has not loaded yet{}",
                     l.what,
                     l.source,
-                    l.error.as_ref().map(|e| format!(": {e}")).unwrap_or_default()
+                    l.error
+                        .as_ref()
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default()
                 )
             })
         };
@@ -373,7 +379,9 @@ mod tests {
                 let etag = format!("\"v{version}\"");
                 let resp = if inm.as_deref() == Some(etag.as_str()) {
                     n.fetch_add(1, Ordering::SeqCst);
-                    format!("HTTP/1.1 304 Not Modified\r\nETag: {etag}\r\nConnection: close\r\n\r\n")
+                    format!(
+                        "HTTP/1.1 304 Not Modified\r\nETag: {etag}\r\nConnection: close\r\n\r\n"
+                    )
                 } else {
                     f.fetch_add(1, Ordering::SeqCst);
                     format!(
@@ -430,7 +438,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let trusted = dir.path().join("trusted");
         std::fs::write(&trusted, format!("{}\n", h(1))).unwrap();
-        let mut lists = TrustLists::new(Some(&trusted), Some(Path::new(&url)), Duration::from_secs(5));
+        let mut lists = TrustLists::new(
+            Some(&trusted),
+            Some(Path::new(&url)),
+            Duration::from_secs(5),
+        );
         assert!(lists.refresh(Instant::now()).is_err());
         let why = lists.policy().unwrap_err();
         assert!(why.contains("buyer.revoked") && why.contains(&url), "{why}");
@@ -457,15 +469,23 @@ mod tests {
         std::fs::write(&revoked, format!("{}\n", h(2))).unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
         while watch.policy().unwrap().is_trusted(&[2; 32]) {
-            assert!(Instant::now() < deadline, "revocation not picked up: {}", watch.status());
+            assert!(
+                Instant::now() < deadline,
+                "revocation not picked up: {}",
+                watch.status()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         assert!(watch.policy().unwrap().is_trusted(&[1; 32]));
         // A trusted file that does not parse fails the start, naming the line.
         std::fs::write(&trusted, "zz\n").unwrap();
-        let e = TrustWatch::start(TrustLists::new(Some(&trusted), None, Duration::from_secs(60)))
-            .err()
-            .unwrap();
+        let e = TrustWatch::start(TrustLists::new(
+            Some(&trusted),
+            None,
+            Duration::from_secs(60),
+        ))
+        .err()
+        .unwrap();
         assert!(e.to_string().contains("buyer.trusted"), "{e}");
     }
 
