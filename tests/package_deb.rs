@@ -514,6 +514,12 @@ fn fetch_and_run(creds: &ServiceCreds, uid: u32) -> Result<()> {
             field("CapBnd")
         );
         ensure!(field("NoNewPrivs") == "1");
+        // ... and keeps them from the programs it runs.
+        ensure!(
+            field("CapAmb") == "0000000000000000",
+            "CapAmb {}",
+            field("CapAmb")
+        );
 
         // Fetch and run: the buyer's image, fetched by the seller, runs as a guest.
         let files = vmguest::test_guest();

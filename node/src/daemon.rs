@@ -32,10 +32,18 @@ pub fn run(settings: Settings, role: Role) -> Result<()> {
     if role == Role::Seller && std::env::var_os("INVOCATION_ID").is_none() {
         crate::overlay_leases::join_host_mounts();
     }
+    // Also while single-threaded: what we exec gets none of our capabilities.
+    let cleared = crate::privileges::keep_from_children()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| Error::io("starting the async runtime", e))?;
+    if cleared > 0 {
+        info!(
+            capabilities = cleared,
+            "ambient capabilities cleared: programs this daemon runs do not inherit them"
+        );
+    }
     rt.block_on(run_async(settings, role))
 }
 

@@ -239,6 +239,45 @@ pub fn check_seller(accel: Option<&str>) -> Result<bool> {
     Ok(false)
 }
 
+/// Empties our ambient capability set, so that no program we exec (a VMM run
+/// without the jail, the KVM probe's qemu, ldd) inherits the daemon's capabilities:
+/// they stay with this process, which needs them for lease namespaces, taps and the
+/// jail's setup (done in a forked child before its exec, which drops them all).
+/// Call while the process has one thread. Returns how many were ambient. A no-op
+/// for root, whose children get every
+/// capability through their uid anyway.
+pub fn keep_from_children() -> Result<u32> {
+    let status = std::fs::read_to_string("/proc/self/status")
+        .map_err(|e| Error::io("reading /proc/self/status", e))?;
+    let amb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapAmb:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    if amb == 0 {
+        return Ok(0);
+    }
+    // SAFETY: prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL) takes no pointers and
+    // only changes the calling thread's ambient set (per thread: the caller runs it
+    // before any other thread exists, so every later thread inherits it empty).
+    let r = unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    };
+    if r != 0 {
+        return Err(Error::io(
+            "clearing the ambient capabilities children would inherit",
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(amb.count_ones())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
