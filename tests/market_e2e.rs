@@ -618,7 +618,9 @@ fn guests_answer_again_after_the_buyer_address_changes() -> Result<()> {
     );
     assert!(
         replies.iter().all(Option::is_some),
-        "the capture saw no echo reply from a guest"
+        "the capture saw no echo reply from a guest: {} lines, moved at {moved_at:.3}, first ones {:?}",
+        lines.len(),
+        lines.iter().take(8).collect::<Vec<_>>()
     );
     let after: Vec<String> = buyer_leases(&buyer)?
         .iter()
@@ -649,7 +651,21 @@ impl Capture {
     fn start(ns: &Netns, out: &Path) -> Result<Capture> {
         use std::io::BufRead;
         let mut child = std::process::Command::new("ip")
-            .args(["netns", "exec", ns.name(), "tcpdump", "-i", "any", "-n", "-tt", "-U", "-l"])
+            .args([
+                "netns",
+                "exec",
+                ns.name(),
+                "tcpdump",
+                "-i",
+                "any",
+                "-n",
+                "-tt",
+                "-U",
+                "-l",
+                // Each packet printed as it comes: the default ring buffer holds
+                // them up to a second, and a stop loses what it still holds.
+                "--immediate-mode",
+            ])
             .args(["udp or icmp or (tcp and tcp[tcpflags] & tcp-syn != 0)"])
             .stdout(std::fs::File::create(out)?)
             .stderr(std::process::Stdio::piped())
@@ -669,6 +685,8 @@ impl Capture {
     }
 
     fn stop(mut self) -> Result<Vec<(f64, String)>> {
+        // Packets just seen may still be on their way to tcpdump's output.
+        std::thread::sleep(Duration::from_millis(500));
         // SIGINT: tcpdump flushes what it captured (`ip netns exec` exec'd it).
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
@@ -748,13 +766,19 @@ fn a_seller_whose_hours_end_stops_offering_and_ends_its_lease_at_the_boundary() 
             .duration_since(std::time::UNIX_EPOCH)?
             .as_millis() as u64,
     );
-    eprintln!("selling hours {hours} UTC: waiting {:.0} s for their end", left as f64 / 1000.0);
-    let ended = wait_until(Duration::from_millis(left) + Duration::from_secs(PERIOD_S + 30), || {
-        seller_lease(&s1, &lease)
-            .ok()
-            .flatten()
-            .is_some_and(|l| l["phase"] == "Ended")
-    });
+    eprintln!(
+        "selling hours {hours} UTC: waiting {:.0} s for their end",
+        left as f64 / 1000.0
+    );
+    let ended = wait_until(
+        Duration::from_millis(left) + Duration::from_secs(PERIOD_S + 30),
+        || {
+            seller_lease(&s1, &lease)
+                .ok()
+                .flatten()
+                .is_some_and(|l| l["phase"] == "Ended")
+        },
+    );
     let l = seller_lease(&s1, &lease)?.context("seller 1 forgot the lease")?;
     assert!(ended, "the lease did not end with the hours: {l}");
     assert_eq!(
@@ -795,7 +819,11 @@ fn a_seller_whose_hours_end_stops_offering_and_ends_its_lease_at_the_boundary() 
             })
         })
     });
-    assert!(agree, "ledgers disagree: buyer {:?} seller {l}", buyer_leases(&buyer)?);
+    assert!(
+        agree,
+        "ledgers disagree: buyer {:?} seller {l}",
+        buyer_leases(&buyer)?
+    );
     // The guest goes on at the seller that still sells.
     let moved = wait_until(Duration::from_secs(60), || {
         buyer_leases(&buyer).is_ok_and(|bl| {
@@ -805,7 +833,11 @@ fn a_seller_whose_hours_end_stops_offering_and_ends_its_lease_at_the_boundary() 
             })
         })
     });
-    assert!(moved, "not re-dispatched to seller 3: {:?}", buyer_leases(&buyer)?);
+    assert!(
+        moved,
+        "not re-dispatched to seller 3: {:?}",
+        buyer_leases(&buyer)?
+    );
     Ok(())
 }
 
@@ -863,9 +895,10 @@ fn a_restarted_buyer_carries_on_with_its_fleet() -> Result<()> {
     buyer.kill9();
     let killed = Instant::now();
     buyer = spawn_in(&w.b, &root.join("buyer"), "buyer", &bcfg, None)?;
+    // The daemon is back once its control socket answers (sled and the swarm open).
     eprintln!(
-        "buyer restarted {:.1} s after kill -9",
-        killed.elapsed().as_secs_f64()
+        "buyer daemon answering {:.0} ms after kill -9",
+        killed.elapsed().as_secs_f64() * 1000.0
     );
     let ids = |v: &[(String, u64)]| v.iter().map(|(l, _)| l.clone()).collect::<Vec<_>>();
     // The same leases, running, from the records.
@@ -894,7 +927,11 @@ fn a_restarted_buyer_carries_on_with_its_fleet() -> Result<()> {
             ids(&v) == ids(&before) && v.iter().zip(&before).all(|(a, b)| a.1 > b.1 + 1)
         })
     });
-    assert!(grew, "billing did not go on: before {before:?}, now {:?}", running(&buyer)?);
+    assert!(
+        grew,
+        "billing did not go on: before {before:?}, now {:?}",
+        running(&buyer)?
+    );
     let st = buyer.status()?;
     assert_eq!(st["market"]["runs"], 1, "{}", st["market"]);
     // Stop: both ledgers agree to the period.
