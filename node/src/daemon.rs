@@ -124,14 +124,16 @@ async fn run_async(mut settings: Settings, role: Role) -> Result<()> {
     let p2p = crate::p2p::start(node.clone(), &mut router)?;
     let market = crate::market::start(node.clone(), &mut router, p2p, overlay)?;
 
+    // Before the control socket answers: a client that saw us ready may stop us at
+    // once, and a SIGTERM before these exist would kill us without a shutdown.
+    let mut term = signal(SignalKind::terminate()).map_err(|e| Error::io("signal handler", e))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| Error::io("signal handler", e))?;
     let router = Arc::new(router);
     let server = tokio::spawn(control::serve(listener, router.clone()).instrument(span.clone()));
     info!(parent: &span, control = %socket.display(), "daemon ready");
     let serving = format!("serving as {} (peer {peer_id})", role.as_str());
     notify(&[NotifyState::Ready, NotifyState::Status(&serving)]);
 
-    let mut term = signal(SignalKind::terminate()).map_err(|e| Error::io("signal handler", e))?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| Error::io("signal handler", e))?;
     // WatchdogSec: ping at half the period from this loop, and only while the control
     // server runs, so a wedged runtime or a dead server gets us restarted.
     let watchdog = sd_notify::watchdog_enabled();
