@@ -738,13 +738,10 @@ impl Buyer {
                 .any(|s| matches!(s.state, SlotState::Choosing));
             if choosing {
                 let offers: Vec<&market::Offer> = self.book.live(now).collect();
-                let actions = self.runs[i].fleet.on_offers(
-                    &offers,
-                    &self.rtt,
-                    &trust,
-                    &self.penalties,
-                    now,
-                );
+                let actions =
+                    self.runs[i]
+                        .fleet
+                        .on_offers(&offers, &self.rtt, &trust, &self.penalties, now);
                 self.apply(i, actions);
             }
             let actions = self.runs[i].fleet.on_tick(now);
