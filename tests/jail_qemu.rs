@@ -203,3 +203,214 @@ fn guest_eating_memory_is_oom_killed_in_its_cgroup() {
     // This process (the seller's stand-in) is alive and well: we are still here.
     jailer.parent().destroy(Duration::from_secs(5)).unwrap();
 }
+
+/// The owner's machine beside a guest (scripts/bench-owner.sh runs this; ignored by
+/// default because it takes minutes and wants a quiet machine). Prints a markdown
+/// table, also written to `$BENCH_OUT` when set. Knobs: `BENCH_SECS` (one
+/// measurement, default 5), `BENCH_ROUNDS` (measurements per case, default 3),
+/// `BENCH_WRITE_MIB` (host write size, default 1024), `BENCH_IO_MBPS` (the io limit,
+/// default 20), `BENCH_CPU_PERCENT` (default 50).
+#[test]
+#[ignore]
+fn owner_bench() {
+    if !require_root("cgroups, setuid, mount namespaces") {
+        return;
+    }
+    let env = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let secs = env("BENCH_SECS", 5);
+    let rounds = env("BENCH_ROUNDS", 3) as usize;
+    let write_mib = env("BENCH_WRITE_MIB", 1024);
+    let io_mbps = env("BENCH_IO_MBPS", 20);
+    let cpu_percent = env("BENCH_CPU_PERCENT", 50) as u32;
+    let cores = std::thread::available_parallelism().unwrap().get() as u32;
+    let data = tempfile::tempdir_in(vmguest::scratch_dir()).unwrap();
+    let dur = Duration::from_secs(secs);
+    let mut out = String::new();
+    let mut line = |s: String| {
+        eprintln!("{s}");
+        out.push_str(&s);
+        out.push('\n');
+    };
+
+    // CPU: a single-threaded spinner here, alone and beside `cores` spinning vCPUs.
+    let spin_script = format!(
+        "for i in $(seq {cores}); do (while :; do :; done) & done; echo SPINNING; sleep 100000"
+    );
+    let mut solo = Vec::new();
+    let mut cpu_rows = Vec::new();
+    solo.extend((0..rounds).map(|_| spin_rate(dur)));
+    for cap in [None, Some(cpu_percent)] {
+        let jailer = bench_jailer(data.path(), "cpu", cap);
+        let jail = jailer
+            .jail("bench-spin", GuestLimits::for_guest(cores, 256), None)
+            .unwrap();
+        let mut s = spec("bench-spin", &spin_script, 256);
+        s.vcpus = cores;
+        let mut guest = qemu().start_jailed(s, jail).expect("guest starts");
+        let console = Console::follow(&mut guest);
+        assert!(
+            console.wait_for("SPINNING", Duration::from_secs(240)),
+            "{}",
+            console.text()
+        );
+        std::thread::sleep(Duration::from_secs(2));
+        let vmm = guest.vmm_pid().unwrap();
+        let (cpu0, t0) = (cpu_ticks(vmm), std::time::Instant::now());
+        let rates: Vec<f64> = (0..rounds).map(|_| spin_rate(dur)).collect();
+        // The VMM's CPU time over the window, in cores (ticks are 1/100 s).
+        let cores_used = (cpu_ticks(vmm) - cpu0) as f64 / 100.0 / t0.elapsed().as_secs_f64();
+        guest.stop(Duration::from_secs(2)).unwrap();
+        drop(guest);
+        jailer.parent().destroy(Duration::from_secs(5)).unwrap();
+        cpu_rows.push((cap, median(rates), cores_used));
+        solo.extend((0..rounds).map(|_| spin_rate(dur)));
+    }
+    let solo = median(solo);
+    line(format!(
+        "CPU: {cores} cores, guest of {cores} vCPUs spinning all of them, host spinner {secs} s x {rounds} (medians)"
+    ));
+    line(String::new());
+    line("| case | host spinner (M iterations/s) | of solo | guest VMM used (cores) |".into());
+    line("|---|---:|---:|---:|".into());
+    line(format!("| host alone | {:.1} | 100 % | - |", solo / 1e6));
+    for (cap, r, used) in &cpu_rows {
+        let case = match cap {
+            None => "beside the guest, no limit".to_string(),
+            Some(p) => format!("beside the guest, max_cpu_percent = {p}"),
+        };
+        line(format!(
+            "| {case} | {:.1} | {:.0} % | {used:.2} |",
+            r / 1e6,
+            100.0 * r / solo
+        ));
+    }
+    line(String::new());
+
+    // Disk: sequential writes here, alone and while the guest writes its disk flat out.
+    let write_script = "echo WRITING; while :; do dd if=/dev/zero of=/dev/vda bs=1M count=128 \
+                        conv=fsync 2>/dev/null; echo PASS; done";
+    let mut solo_w = Vec::new();
+    let mut io_rows = Vec::new();
+    solo_w.extend((0..rounds).map(|_| write_rate(data.path(), write_mib)));
+    for limit in [None, Some(io_mbps)] {
+        let jailer = bench_jailer(data.path(), "io", None);
+        let mut limits = GuestLimits::for_guest(1, 256);
+        limits.disk_bps = limit.map(|m| m << 20);
+        let jail = jailer.jail("bench-write", limits, None).unwrap();
+        let disk = tempfile::tempfile_in(data.path()).unwrap();
+        disk.set_len(1 << 30).unwrap();
+        let mut s = spec("bench-write", write_script, 256);
+        s.disk = Some(DiskSpec::new(disk));
+        let mut guest = qemu().start_jailed(s, jail).expect("guest starts");
+        let console = Console::follow(&mut guest);
+        assert!(
+            console.wait_for("WRITING", Duration::from_secs(240)),
+            "{}",
+            console.text()
+        );
+        // One whole pass first: the guest's writes have reached its disk.
+        assert!(
+            console.wait_for("PASS", Duration::from_secs(120)),
+            "{}",
+            console.text()
+        );
+        let passes_before = console.text().matches("PASS").count();
+        let t0 = std::time::Instant::now();
+        let rates: Vec<f64> = (0..rounds)
+            .map(|_| write_rate(data.path(), write_mib))
+            .collect();
+        // The guest's rate over at least `secs` x `rounds` (128 MiB per pass).
+        let window = dur * rounds as u32;
+        if let Some(rest) = window.checked_sub(t0.elapsed()) {
+            std::thread::sleep(rest);
+        }
+        let guest_mbps = (console.text().matches("PASS").count() - passes_before) as f64 * 128.0
+            / t0.elapsed().as_secs_f64();
+        guest.stop(Duration::from_secs(2)).unwrap();
+        drop(guest);
+        jailer.parent().destroy(Duration::from_secs(5)).unwrap();
+        io_rows.push((limit, median(rates), guest_mbps));
+        solo_w.extend((0..rounds).map(|_| write_rate(data.path(), write_mib)));
+    }
+    let solo_w = median(solo_w);
+    line(format!(
+        "Disk: host writes {write_mib} MiB sequentially + fsync, x {rounds} (medians); the guest loops dd of 128 MiB + fsync over its virtio disk"
+    ));
+    line(String::new());
+    line("| case | host write (MiB/s) | of solo | guest writes (MiB/s, approx.) |".into());
+    line("|---|---:|---:|---:|".into());
+    line(format!("| host alone | {solo_w:.0} | 100 % | - |"));
+    for (limit, r, g) in &io_rows {
+        let case = match limit {
+            None => "beside the guest, no io limit".to_string(),
+            Some(m) => format!("beside the guest, disk_mbps = {m}"),
+        };
+        line(format!(
+            "| {case} | {r:.0} | {:.0} % | {g:.0} |",
+            100.0 * r / solo_w
+        ));
+    }
+    if let Ok(p) = std::env::var("BENCH_OUT") {
+        std::fs::write(p, &out).unwrap();
+    }
+}
+
+fn bench_jailer(root: &Path, tag: &str, cap: Option<u32>) -> Jailer {
+    let mut s = JailSettings::new(root.join("jail-root"));
+    s.cgroup_name = format!("cjq-bench-{tag}-{}", std::process::id());
+    s.uid_base = 411_000;
+    s.max_cpu_percent = cap;
+    Jailer::new(&s).expect("jailer")
+}
+
+/// utime + stime of `pid`, in clock ticks (/proc/<pid>/stat fields 14 and 15).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Iterations per second of a single-threaded xorshift loop over `dur`.
+fn spin_rate(dur: Duration) -> f64 {
+    let t0 = std::time::Instant::now();
+    let (mut x, mut n) = (0x9e37_79b9_7f4a_7c15_u64, 0u64);
+    while t0.elapsed() < dur {
+        for _ in 0..10_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+        }
+        n += 10_000;
+        std::hint::black_box(x);
+    }
+    n as f64 / t0.elapsed().as_secs_f64()
+}
+
+/// MiB/s of writing `mib` MiB to a new file in `dir` and fsyncing it.
+fn write_rate(dir: &Path, mib: u64) -> f64 {
+    use std::io::Write;
+    let path = dir.join("host-write");
+    let buf = vec![0x5au8; 1 << 20];
+    let t0 = std::time::Instant::now();
+    let mut f = std::fs::File::create(&path).unwrap();
+    for _ in 0..mib {
+        f.write_all(&buf).unwrap();
+    }
+    f.sync_all().unwrap();
+    let rate = mib as f64 / t0.elapsed().as_secs_f64();
+    drop(f);
+    std::fs::remove_file(&path).unwrap();
+    rate
+}

@@ -81,6 +81,11 @@ pub struct Swept {
 pub fn sweep(data_dir: &Path) -> Swept {
     let mut swept = Swept::default();
     if let Ok(entries) = std::fs::read_dir(data_dir.join(RECORDS)) {
+        // The records name cgroup directories under /sys/fs/cgroup: in a mount
+        // namespace without them, detecting the layout mounts them there again.
+        if let Err(e) = vm::jail::Layout::detect() {
+            warn!(error = %e, "cgroup hierarchies not found; leftover guest cgroups stay");
+        }
         for e in entries.flatten() {
             let path = e.path();
             let rec = std::fs::read(&path)
@@ -98,7 +103,9 @@ pub fn sweep(data_dir: &Path) -> Swept {
                         continue; // keep the record: the next start tries again
                     }
                 },
-                Err(err) => warn!(file = %path.display(), error = %err, "unreadable jail record; removed"),
+                Err(err) => {
+                    warn!(file = %path.display(), error = %err, "unreadable jail record; removed")
+                }
             }
             let _ = std::fs::remove_file(&path);
         }
@@ -114,7 +121,9 @@ pub fn sweep(data_dir: &Path) -> Swept {
             };
             match gone {
                 Ok(()) => swept.temp_files += 1,
-                Err(err) => warn!(file = %p.display(), error = %err, "removing a leftover guest file"),
+                Err(err) => {
+                    warn!(file = %p.display(), error = %err, "removing a leftover guest file")
+                }
             }
         }
     }
@@ -221,7 +230,10 @@ mod tests {
                 temp_files: 2
             }
         );
-        assert_eq!(std::fs::read_dir(dir.path().join(RECORDS)).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join(RECORDS)).unwrap().count(),
+            0
+        );
         assert_eq!(sweep(dir.path()), Swept::default());
     }
 }

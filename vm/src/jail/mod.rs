@@ -108,6 +108,9 @@ struct JailerInner {
     parent: Group,
     uids: Arc<UidPool>,
     root_dir: PathBuf,
+    /// The parent's CPU cap, in percent of one core: no guest's may exceed it
+    /// (cgroup v1 refuses a child quota above its parent's).
+    cpu_cap_percent: u32,
 }
 
 impl Jailer {
@@ -119,9 +122,10 @@ impl Jailer {
             .guests_parent(&s.cgroup_name)
             .map_err(|e| jail_err("creating the guests' parent cgroup", e))?;
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+        let cpu_cap_percent = cpus * s.max_cpu_percent.unwrap_or(100).clamp(1, 100);
         let cap = Limits {
             // No cap: as much as every core.
-            cpu_percent: Some(cpus * s.max_cpu_percent.unwrap_or(100).clamp(1, 100)),
+            cpu_percent: Some(cpu_cap_percent),
             ..Limits::default()
         };
         parent
@@ -136,6 +140,7 @@ impl Jailer {
                 parent,
                 uids: UidPool::new(s.uid_base, s.uid_count),
                 root_dir: s.root_dir.clone(),
+                cpu_cap_percent,
             }),
         })
     }
@@ -188,7 +193,7 @@ impl Jailer {
         };
         jail.group
             .set_limits(&Limits {
-                cpu_percent: Some(100 * limits.vcpus.max(1)),
+                cpu_percent: Some((100 * limits.vcpus.max(1)).min(self.inner.cpu_cap_percent)),
                 memory_bytes: Some(limits.memory_bytes),
                 pids: Some(limits.pids),
             })
