@@ -34,6 +34,10 @@ enum Cmd {
         /// Override the chunk size in KiB (0: the shipped chunker's 16..256 KiB).
         #[arg(long)]
         chunk_kib: Option<u32>,
+        /// Stop each run after this many wall-clock seconds and report how far
+        /// it got.
+        #[arg(long)]
+        max_wall_s: Option<f64>,
         /// No progress bars.
         #[arg(long)]
         quiet: bool,
@@ -49,6 +53,7 @@ fn main() -> ExitCode {
             sellers,
             policies,
             chunk_kib,
+            max_wall_s,
             quiet,
         } => {
             let mut sc = match Scenario::load(&file) {
@@ -60,6 +65,9 @@ fn main() -> ExitCode {
             };
             if let Some(n) = sellers {
                 sc.sellers = n;
+            }
+            if max_wall_s.is_some() {
+                sc.max_wall_s = max_wall_s;
             }
             if let Some(k) = chunk_kib {
                 sc.image.chunk_kib = (k > 0).then_some(k);

@@ -72,6 +72,9 @@ pub struct Scenario {
     /// Simulated seconds after which a run stops, finished or not.
     #[serde(default = "default_max_time")]
     pub max_time_s: f64,
+    /// Wall-clock seconds after which each run stops where it is (absent: none).
+    #[serde(default)]
+    pub max_wall_s: Option<f64>,
     pub churn: Option<ChurnSpec>,
     pub update: Option<UpdateSpec>,
     pub sweep: Option<SweepSpec>,

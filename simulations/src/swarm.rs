@@ -154,6 +154,9 @@ pub struct RunOpts {
     /// Chunks every seller already holds (an older version of the image).
     pub preloaded: Option<Bitfield>,
     pub max_time_s: f64,
+    /// Stop after this much wall-clock time (how far a huge run gets); the
+    /// result then depends on the machine's speed.
+    pub max_wall_s: Option<f64>,
 }
 
 struct Sim<'a> {
@@ -259,6 +262,7 @@ pub fn run(w: &World, policy: Policy, opts: &RunOpts, bar: Option<&ProgressBar>)
     };
     sim.schedule_churn(opts);
     let max_us = (opts.max_time_s * 1e6) as u64;
+    let started = std::time::Instant::now();
     let mut last_bar = 0u64;
     while sim.remaining > 0 {
         let Some((t, ev)) = sim.q.pop() else { break };
@@ -269,6 +273,13 @@ pub fn run(w: &World, policy: Policy, opts: &RunOpts, bar: Option<&ProgressBar>)
         sim.now = t;
         sim.events += 1;
         sim.handle(ev);
+        if sim.events.is_multiple_of(65_536)
+            && opts
+                .max_wall_s
+                .is_some_and(|w| started.elapsed().as_secs_f64() > w)
+        {
+            break;
+        }
         if let Some(b) = bar {
             if sim.events - last_bar >= 20_000 {
                 last_bar = sim.events;

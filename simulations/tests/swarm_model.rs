@@ -21,6 +21,7 @@ fn opts(sc: &Scenario) -> RunOpts {
         churn: sc.churn.clone(),
         preloaded: None,
         max_time_s: sc.max_time_s,
+        max_wall_s: None,
     }
 }
 
