@@ -109,11 +109,17 @@ setup_cpushare() { # [busy-poll-us]
   bkey=$("$NODE" --data-dir $d/a id | awk '/public key/{print $3}')
   "$NODE" --data-dir $d/a overlay admit --key "$skey" --mac $GMAC --ip $GIP --listen 0.0.0.0:7451 "${bpa[@]}" >&2 || return 1
   # The lease namespace with the guest's veth end; the seller opens its guest port there.
-  # Nodes that take --iface only in a lease namespace they made create it (netns-add);
-  # older ones, without that command, take one made here.
-  "$NODE" --data-dir $d/b overlay netns-add covbl >&2 2>/dev/null || ip netns add covbl || return 1
-  ip link add covbgv netns covbg type veth peer name covblv netns covbl || return 1
-  ip -n covbl link set covblv mtu 9000
+  # Nodes that take --iface only in a lease namespace they made create it (netns-add),
+  # named in the seller's mount namespace (it runs under `ip netns exec`), so the veth
+  # is plugged in from there; older nodes, without that command, take one made here.
+  local in_seller=()
+  if "$NODE" --data-dir $d/b overlay netns-add covbl >&2 2>/dev/null; then
+    in_seller=(nsenter -t "${PIDS[-1]}" -m)
+  else
+    ip netns add covbl || return 1
+  fi
+  "${in_seller[@]}" ip link add covbgv netns covbg type veth peer name covblv netns covbl || return 1
+  "${in_seller[@]}" ip -n covbl link set covblv mtu 9000
   ip -n covbg link set covbgv address $GMAC
   ip -n covbg link set covbgv up
   "$NODE" --data-dir $d/b overlay attach --netns covbl --iface covblv --buyer $UA:7451 --buyer-key "$bkey" \
