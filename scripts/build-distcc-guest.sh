@@ -120,7 +120,7 @@ cat >"$rootfs/sbin/cs-init" <<'EOF'
 # cpushare distcc guest init (scripts/build-distcc-guest.sh): PID 1, no service manager.
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 mount -t proc proc /proc
-mount -t sysfs sysfs /sys
+mount -t sysfs sysfs /sys 2>/dev/null
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
@@ -143,9 +143,10 @@ buyer=$(cat /run/cs-buyer)
 echo "cs-dhcp: $ip buyer $buyer at $(cut -d' ' -f1 /proc/uptime)s"
 
 # distccd: only the buyer may submit jobs; its log (one line per job) goes to the
-# console, which the seller streams to the buyer.
+# console, which the seller streams to the buyer. One job more than CPUs: a job
+# spends part of its time receiving source and sending the object back.
 distccd --daemon --no-detach --user distccd --allow "$buyer/32" --listen "$ip" \
-    --jobs "$(nproc)" --log-level info --log-stderr &
+    --jobs "$(($(nproc) + 1))" --log-level info --log-stderr &
 echo "cs-distccd: up (allow $buyer/32) at $(cut -d' ' -f1 /proc/uptime)s"
 
 export_path="$(arg cs.nfs || true)"
@@ -185,6 +186,9 @@ cp "$(ls "$rootfs"/boot/initrd.img-* | head -n1)" "$work/initrd.img"
 rm -f "$rootfs"/boot/vmlinuz-* "$rootfs"/boot/initrd.img-*
 echo "console=ttyS0 root=/dev/vda rw init=/sbin/cs-init quiet panic=-1" >"$work/cmdline"
 
+# Files made at build time (maintainer scripts, the init above) get the fixed date, so
+# a rebuild with the same packages gives the same inodes and the same chunks.
+find "$rootfs" -xdev -newermt "@$SOURCE_DATE_EPOCH" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
 E2FSPROGS_FAKE_TIME=$SOURCE_DATE_EPOCH mkfs.ext4 -q -F -L csroot \
     -U 6b8d5a8e-4c4f-4b8a-9a34-7d1f0c9e2a11 -E hash_seed=0f6c3e8a-8f3e-4c66-b1a9-3d2b1c0e9f77 \
     -d "$rootfs" "$work/disk.ext4" "${disk_mib}M"
