@@ -97,6 +97,7 @@ fn terms(buyer: PeerKey, seller: PeerKey, n: u8) -> LeaseTerms {
         issued_ms: now,
         start_by_ms: now + 60_000,
         duration_s: None,
+        grant: None,
     }
 }
 

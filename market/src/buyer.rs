@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::billing::{Ack, LedgerEntry, Receipt, Stop};
 use crate::error::Error;
+use crate::grant::ImageGrant;
 use crate::keys::{LeaseId, PeerKey};
 use crate::lease::{Lease, LeaseTerms, Refusal};
 use crate::offer::Offer;
@@ -507,6 +508,19 @@ impl Fleet {
             issued_ms: now_ms,
             start_by_ms: now_ms.saturating_add(self.cfg.proposal_ms),
             duration_s: remaining,
+            // the seller may fetch (and share) the image while the lease can last
+            grant: Some(ImageGrant::sign(
+                &self.sk,
+                self.order.image,
+                Some(offer.seller),
+                now_ms,
+                remaining.map(|d| {
+                    now_ms
+                        .saturating_add(self.cfg.proposal_ms)
+                        .saturating_add(d.saturating_mul(1000))
+                        .saturating_add(u64::from(self.cfg.grace_s) * 1000)
+                }),
+            )),
         };
         slot.state = SlotState::Proposed {
             seller: offer.seller,

@@ -7,6 +7,7 @@ use ed25519_dalek::SigningKey;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
+use crate::grant::ImageGrant;
 use crate::keys::{LeaseId, PeerKey};
 use crate::signed::{sign_bytes, signing_bytes, verify_bytes, Domain, Sig, Signed};
 
@@ -45,6 +46,9 @@ pub struct LeaseTerms {
     /// The proposal is void after this.
     pub start_by_ms: u64,
     pub duration_s: Option<u64>,
+    /// The buyer's grant letting this seller fetch `image` from the buyer and
+    /// from other sellers holding it (images are private to their buyer).
+    pub grant: Option<Signed<ImageGrant>>,
 }
 
 impl Domain for LeaseTerms {
@@ -303,6 +307,7 @@ pub(crate) mod tests {
             issued_ms: 1_000,
             start_by_ms: 16_000,
             duration_s: None,
+            grant: None,
         }
     }
 

@@ -12,7 +12,7 @@
 //! Every message that carries a claim is a [`Signed<T>`]: an ed25519 signature over
 //! `DOMAIN || 0 || bincode(body)`, where the domain names the message kind
 //! (`cpushare/offer/v1`, `cpushare/lease/v1`, `cpushare/receipt/v1`, `cpushare/ack/v1`,
-//! `cpushare/stop/v1`), so a signature can never be replayed as another kind.
+//! `cpushare/stop/v1`, `cpushare/grant/v1`), so a signature can never be replayed as another kind.
 //! Receivers check both the signature and that the signer is the party the body
 //! says must have signed.
 //!
@@ -79,6 +79,7 @@
 pub mod billing;
 pub mod buyer;
 pub mod error;
+pub mod grant;
 pub mod keys;
 pub mod lease;
 pub mod offer;
@@ -91,6 +92,7 @@ pub mod wire;
 pub use billing::*;
 pub use buyer::*;
 pub use error::Error;
+pub use grant::*;
 pub use keys::*;
 pub use lease::*;
 pub use offer::*;

@@ -88,6 +88,7 @@ fn arb_terms() -> impl Strategy<Value = LeaseTerms> {
                 issued_ms,
                 start_by_ms,
                 duration_s,
+                grant: None,
             },
         )
 }
