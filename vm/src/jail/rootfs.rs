@@ -164,19 +164,33 @@ pub fn parse_ldd(text: &str) -> Vec<PathBuf> {
     v
 }
 
-/// qemu's firmware search directories (`qemu -L help`) that exist here.
+/// Where distributions keep qemu's loadable modules: Debian's qemu 7.2 builds TCG
+/// itself as one (`accel-tcg-x86_64.so`), so a jail without it cannot run TCG.
+const QEMU_MODULE_DIRS: &[&str] = &[
+    "/usr/lib/x86_64-linux-gnu/qemu",
+    "/usr/lib64/qemu",
+    "/usr/lib/qemu",
+];
+
+/// qemu's firmware search directories (`qemu -L help`) and module directories that
+/// exist here.
 pub fn qemu_data_dirs(binary: &Path) -> Vec<PathBuf> {
+    let modules = QEMU_MODULE_DIRS
+        .iter()
+        .map(PathBuf::from)
+        .filter(|p| p.is_dir());
     let Ok(out) = std::process::Command::new(binary)
         .args(["-L", "help"])
         .env_clear()
         .output()
     else {
-        return Vec::new();
+        return modules.collect();
     };
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| PathBuf::from(l.trim()))
         .filter(|p| p.is_absolute() && p.is_dir())
+        .chain(modules)
         .collect()
 }
 
