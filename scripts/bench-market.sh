@@ -121,7 +121,7 @@ round() { # rep silence(empty = default) parts(0/1)
     local script b64 image
     script='mkdir -p /www; echo "hello from a rented cpushare guest" > /www/index.html; httpd -p 80 -h /www; echo cs-serving'
     b64=$(printf '%s' "$script" | base64 -w0)
-    image=$("$BIN" --data-dir "$R/b" image import --kernel "$GUEST/vmlinuz" --initrd "$GUEST/initrd.cpio.gz" \
+    image=$("$BIN" --data-dir "$R/b" image import --public --kernel "$GUEST/vmlinuz" --initrd "$GUEST/initrd.cpio.gz" \
         --cmdline "console=ttyS0 quiet panic=-1 cs.keep cs.run64=$b64" | grep -oE '[0-9a-f]{64}' | head -1)
     local n=0
     for _ in $(seq 240); do

@@ -147,7 +147,7 @@ run_cpushare() {
   wait_for 30 "buyer" grep -q "^peer id" "$d/buyer.out"
   local bp; bp=$(awk '/^peer id/{print $3; exit}' "$d/buyer.out")
   wait_for 30 "buyer control" "$NODE_BIN" --data-dir "$d/buyer" status
-  IMAGE=$("$NODE_BIN" --data-dir "$d/buyer" image import "$W/file.bin" 2>/dev/null | tail -1)
+  IMAGE=$("$NODE_BIN" --data-dir "$d/buyer" image import --public "$W/file.bin" 2>/dev/null | tail -1)
   log "imported $IMAGE"
   for i in $(seq 1 "$N"); do
     start_bg "${PEERS[$((i-1))]}" "$d/p$i.out" env RUST_LOG=${NODE_LOG:-warn} "$NODE_BIN" --role seller --data-dir "$d/p$i" \

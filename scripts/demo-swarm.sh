@@ -41,7 +41,7 @@ BOOT="/ip4/127.0.0.1/tcp/$BASE_PORT/p2p/$BUYER_ID"
 echo "   peer id $BUYER_ID"
 
 head -c $((SIZE_MIB << 20)) /dev/urandom >"$WORK/image.raw"
-IMAGE=$("$BIN" --data-dir "$WORK/buyer" image import "$WORK/image.raw")
+IMAGE=$("$BIN" --data-dir "$WORK/buyer" image import --public "$WORK/image.raw")
 echo "== imported ${SIZE_MIB} MiB image $IMAGE"
 
 for i in $(seq "$SELLERS"); do

@@ -166,6 +166,27 @@ pub enum ImageCommand {
         initrd: Option<PathBuf>,
         /// Kernel command line of a direct-boot image.
         #[arg(long, requires = "kernel", default_value = "console=ttyS0")]
+        /// Let any peer fetch it (a public grant). Images are private by default:
+        /// only peers a lease or `image grant` lets in get its manifest and chunks.
+        #[arg(long)]
+        public: bool,
+    },
+    /// Let a peer fetch an image this node imported (its buyer); prints the signed
+    /// grant (hex), which the peer may also pass to `image fetch --grant`.
+    /// Leases carry such a grant for their seller by themselves.
+    Grant {
+        /// Image id (hex).
+        id: String,
+        /// The peer let in: its peer id (12D3Koo...) or 64-hex key.
+        #[arg(required_unless_present = "public", conflicts_with = "public")]
+        peer: Option<String>,
+        /// Let any peer fetch it.
+        #[arg(long)]
+        public: bool,
+        /// Until when: a duration from now (`90s`, `30m`, `12h`, `7d`) or Unix
+        /// seconds; default: no expiry.
+        #[arg(long)]
+        until: Option<String>,
         cmdline: String,
         /// Image format; guessed from the file when omitted.
         #[arg(long, value_enum)]
@@ -176,6 +197,9 @@ pub enum ImageCommand {
     },
     /// List images in the store.
     Ls {
+        /// A grant (hex, from the buyer's `image grant`) letting this node fetch it.
+        #[arg(long)]
+        grant: Option<String>,
         #[arg(long)]
         json: bool,
     },

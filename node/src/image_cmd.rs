@@ -21,6 +21,7 @@ pub fn run(settings: &Settings, cmd: ImageCommand) -> Result<ExitCode> {
             cmdline,
             format,
             name,
+            public: _,
         } => {
             let path = file.as_deref().map(absolute_existing_file).transpose()?;
             let kind = format.map(|f| match f {
@@ -46,9 +47,22 @@ pub fn run(settings: &Settings, cmd: ImageCommand) -> Result<ExitCode> {
             }
         }
         ImageCommand::Ls { .. } => ("image.ls", Value::Null),
-        ImageCommand::Fetch { id } => {
+        ImageCommand::Fetch { id, grant } => {
             check_id(id)?;
-            ("image.fetch", json!({ "id": id }))
+            ("image.fetch", json!({ "id": id, "grant": grant }))
+        }
+        ImageCommand::Grant {
+            id,
+            peer,
+            public: _,
+            until,
+        } => {
+            check_id(id)?;
+            let until_ms = until.as_deref().map(parse_until).transpose()?;
+            (
+                "image.grant",
+                json!({ "id": id, "peer": peer, "until_ms": until_ms }),
+            )
         }
         ImageCommand::Export { id, file } => {
             check_id(id)?;
@@ -64,7 +78,14 @@ pub fn run(settings: &Settings, cmd: ImageCommand) -> Result<ExitCode> {
     display.finish();
     let v = result?;
     match cmd {
+        ImageCommand::Import { public: true, .. } => {
+            // a public grant: any peer may fetch it (images are private by default)
+            let id = str_field(&v, "id");
+            client.call("image.grant", json!({ "id": id, "peer": null }), |_| {})?;
+            println!("{id}")
+        }
         ImageCommand::Import { .. } => println!("{}", str_field(&v, "id")),
+        ImageCommand::Grant { .. } => println!("{}", str_field(&v, "grant")),
         ImageCommand::Ls { json: true } => {
             println!("{}", serde_json::to_string_pretty(&v).expect("json"))
         }
@@ -94,6 +115,34 @@ pub fn run(settings: &Settings, cmd: ImageCommand) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--until`: a duration from now (`90s`, `30m`, `12h`, `7d`) or Unix seconds;
+/// returns Unix ms.
+fn parse_until(s: &str) -> Result<u64> {
+    let bad = || Error::BadArg {
+        what: "--until",
+        reason: format!("{s:?}: write a duration (90s, 30m, 12h, 7d) or Unix seconds"),
+    };
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let s = s.trim();
+    let unit = match s.chars().last() {
+        Some('s') => 1,
+        Some('m') => 60,
+        Some('h') => 3600,
+        Some('d') => 86_400,
+        _ => {
+            let secs: u64 = s.parse().map_err(|_| bad())?;
+            return Ok(secs.saturating_mul(1000));
+        }
+    };
+    let n: u64 = s[..s.len() - 1].parse().map_err(|_| bad())?;
+    if n == 0 {
+        return Err(bad());
+    }
+    Ok(now_ms.saturating_add(n.saturating_mul(unit).saturating_mul(1000)))
 }
 
 fn str_field(v: &Value, k: &str) -> String {

@@ -74,11 +74,16 @@ pub fn random_file(path: &Path, len: usize, seed: u64) -> Result<Vec<u8>> {
     Ok(data)
 }
 
-/// `image import FILE` on `node`; returns the image id.
+/// `image import --public FILE` on `node`; returns the image id. Public: the
+/// swarm tests fetch without grants (images are private by default; the privacy
+/// test, tests/image_privacy.rs, imports its own).
 pub fn import(node: &Peer, file: &Path) -> Result<String> {
-    let out = node
-        .proc
-        .cli_ok(&["image", "import", file.to_str().expect("utf-8 path")])?;
+    let out = node.proc.cli_ok(&[
+        "image",
+        "import",
+        "--public",
+        file.to_str().expect("utf-8 path"),
+    ])?;
     let id = out
         .split_whitespace()
         .find(|w| w.len() == 64 && w.chars().all(|c| c.is_ascii_hexdigit()))

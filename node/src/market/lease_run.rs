@@ -128,6 +128,11 @@ async fn run(
             }
         })
     };
+    // the buyer's grant lets us fetch its private image (and share it with the
+    // other sellers it granted)
+    if let Some(g) = &t.grant {
+        ctx.p2p.add_grant(g.clone());
+    }
     ctx.p2p.fetch(image, Progress::to_channel(ptx)).await?;
     fwd.abort();
     if stop.load(Ordering::SeqCst) {

@@ -118,6 +118,7 @@ impl Net {
         }
         self.conn_ips.remove(&peer_id);
         self.connected.remove(&peer_id);
+        self.grants.disconnected(&peer_id);
         self.links.close(&peer_id);
         self.forget_peer(peer_id);
     }

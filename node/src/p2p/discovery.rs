@@ -6,27 +6,29 @@ use libp2p::{identify, kad, mdns, Multiaddr, PeerId};
 use tracing::{debug, warn};
 
 use super::conns::ip_of;
+use super::grants::provider_key;
 use super::Net;
 
 impl Net {
-    /// Starts a provider lookup of `image` (answers come as kad events).
+    /// Starts a provider lookup of `image` (answers come as kad events), under
+    /// the key derived from its id: the DHT never sees the id itself.
     pub(super) fn find_providers(&mut self, image: ImageId) {
         let q = self
             .swarm
             .behaviour_mut()
             .kad
-            .get_providers(kad::RecordKey::new(&image.0));
+            .get_providers(kad::RecordKey::new(&provider_key(&image)));
         self.provider_queries.insert(q, image);
     }
 
-    /// Advertises `image` in the DHT (once).
+    /// Advertises `image` in the DHT (once), under its derived provider key.
     pub(super) fn provide(&mut self, image: ImageId) {
         if self.providing.insert(image) {
             if let Err(e) = self
                 .swarm
                 .behaviour_mut()
                 .kad
-                .start_providing(kad::RecordKey::new(&image.0))
+                .start_providing(kad::RecordKey::new(&provider_key(&image)))
             {
                 warn!(image = %image, error = %e, "cannot advertise image");
                 self.providing.remove(&image);

@@ -49,6 +49,8 @@ impl Net {
                 }
             }
             Body::Cancel { index } => self.links.cancel(peer, image, index),
+            Body::Grant(bytes) => self.on_grant(peer, image, &bytes),
+            Body::Denied { reason } => self.on_denied(peer, image, reason),
             Body::Chunk { index, bytes } => self.on_chunk(image, index, peer, bytes),
             Body::NotHave { index } => {
                 if let Some(ImageSwarm {
@@ -66,6 +68,9 @@ impl Net {
     fn on_hello(&mut self, peer: PeerId, image: ImageId, have: Vec<u8>) -> Body {
         if !self.ensure_image(image) {
             return Body::NotFound;
+        }
+        if let Some(refusal) = self.admit(peer, image) {
+            return refusal;
         }
         let now = self.now();
         let img = self.images.get_mut(&image).expect("ensured");
@@ -188,6 +193,9 @@ impl Net {
     fn on_get_chunk(&mut self, peer: PeerId, image: ImageId, index: u32) -> Option<Body> {
         if !self.ensure_image(image) {
             return Some(Body::NotFound);
+        }
+        if let Some(refusal) = self.admit(peer, image) {
+            return Some(refusal);
         }
         let now = self.now();
         let img = self.images.get_mut(&image).expect("ensured");

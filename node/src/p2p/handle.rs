@@ -57,6 +57,12 @@ impl P2pHandle {
         let _ = self.cmds.send(Cmd::Redial(peer));
     }
 
+    /// Adds a grant (a lease's, letting us fetch its image) to the book; it goes
+    /// before any fetch asked for after this call.
+    pub fn add_grant(&self, g: market::Signed<market::ImageGrant>) {
+        let _ = self.cmds.send(Cmd::Grant(g));
+    }
+
     /// Fetch `image` into the store through the swarm; `progress` sees the chunks.
     pub async fn fetch(&self, image: ImageId, progress: Progress) -> Result<Value> {
         fetch_via(&self.cmds, image, progress).await
@@ -95,6 +101,8 @@ pub(super) enum Cmd {
     Publish(String, Vec<u8>),
     Dial(PeerId),
     Redial(PeerId),
+    /// A grant for our book (issued by us, or one that admits us).
+    Grant(market::Signed<market::ImageGrant>),
 }
 
 /// A caller waiting for a fetch: sees its progress, gets its report.

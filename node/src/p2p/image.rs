@@ -156,6 +156,7 @@ impl Net {
             return;
         }
         let have = img.have.to_bytes();
+        self.present(p, image);
         self.links.send(p, Msg::new(image, Body::Hello { have }));
     }
 
@@ -242,6 +243,7 @@ impl Net {
                 .send(peer, Msg::new(image, Body::Cancel { index }));
         }
         for (peer, index) in requests {
+            self.present(peer, image);
             self.links
                 .send(peer, Msg::new(image, Body::GetChunk { index }));
         }

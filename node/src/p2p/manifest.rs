@@ -55,6 +55,7 @@ impl Net {
         if !mf.asked.insert(p) {
             return;
         }
+        self.present(p, image);
         self.links
             .send(p, Msg::new(image, Body::GetManifest { wait: false }));
     }
@@ -72,6 +73,9 @@ impl Net {
             }
         };
         let mf = self.manifest_fetches.remove(&image).expect("checked");
+        // grants handed to us before the manifest are kept if its owner signed them
+        self.grants
+            .set_owner(image, market::PeerKey(m.importer().to_bytes()));
         if let Err(e) = self.store.put_manifest(&m) {
             let msg = format!("storing manifest: {e}");
             for w in mf.waiters {
@@ -81,8 +85,10 @@ impl Net {
         }
         info!(image = %image, peer = %from, forward = mf.forward.len(), "manifest verified");
         for p in mf.forward {
-            self.links
-                .send(p, Msg::new(image, Body::Manifest(m.as_bytes().to_vec())));
+            let reply = self
+                .admit(p, image)
+                .unwrap_or_else(|| Body::Manifest(m.as_bytes().to_vec()));
+            self.links.send(p, Msg::new(image, reply));
         }
         self.start_leech(image, m, mf.waiters);
     }
@@ -94,6 +100,12 @@ impl Net {
     pub(super) fn on_get_manifest(&mut self, peer: PeerId, image: ImageId, wait: bool) {
         let reply = match self.store.get_manifest(image) {
             Ok(Some(m)) => {
+                self.grants
+                    .set_owner(image, market::PeerKey(m.importer().to_bytes()));
+                if let Some(refusal) = self.admit(peer, image) {
+                    self.links.send(peer, Msg::new(image, refusal));
+                    return;
+                }
                 let given = self.manifest_given.entry(image).or_default();
                 given.retain(|p| self.connected.contains(p));
                 if self.role == Role::Buyer
@@ -159,6 +171,7 @@ impl Net {
         mf.asked.insert(pick);
         mf.wait.on_redirect(seed, now);
         debug!(image = %image, seed = %seed, via = %pick, "manifest redirected");
+        self.present(pick, image);
         self.links
             .send(pick, Msg::new(image, Body::GetManifest { wait: true }));
     }
@@ -180,6 +193,7 @@ impl Net {
                     self.find_providers(image);
                 }
                 ManifestAction::AskSeed { seed } => {
+                    self.present(seed, image);
                     self.links
                         .send(seed, Msg::new(image, Body::GetManifest { wait: false }));
                 }

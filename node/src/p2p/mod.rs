@@ -20,6 +20,7 @@ mod conns;
 mod discovery;
 mod exchange;
 mod fault;
+mod grants;
 mod handle;
 mod image;
 pub mod link;
@@ -51,6 +52,7 @@ use crate::error::{Error, Result};
 use behaviour::{Behaviour, BehaviourEvent};
 use conns::LostAddrs;
 use fault::Fault;
+use grants::Grants;
 use handle::{Cmd, Waiter};
 use image::{ImageSwarm, Mode};
 use link::{BudgetConfig, LinkEvent, Links};
@@ -96,6 +98,8 @@ struct Net {
     lost_addrs: LostAddrs,
     /// Each peer's open connections and the IP each comes from.
     conn_ips: HashMap<PeerId, Vec<(ConnectionId, IpAddr)>>,
+    /// Who may fetch which image (images are private to their buyer).
+    grants: Grants,
 }
 
 /// Registers the `image.fetch` method and the `p2p` status section, and spawns
@@ -117,6 +121,7 @@ pub fn start(node: Arc<Node>, router: &mut Router) -> Result<Arc<P2pHandle>> {
         net.fault.name(),
     );
     let role = node.role;
+    let (gnode, gtx) = (node.clone(), tx.clone());
     router.method("image.fetch", move |params: Value, progress: Progress| {
         let tx = tx.clone();
         async move {
@@ -137,7 +142,32 @@ pub fn start(node: Arc<Node>, router: &mut Router) -> Result<Arc<P2pHandle>> {
                 what: "image id",
                 reason: format!("{id:?} is not a 64-digit hex image id"),
             })?;
+            if let Some(g) = params.get("grant").and_then(|v| v.as_str()) {
+                let g = grants::parse_grant(g)?;
+                if g.body.image != image.0 {
+                    return Err(Error::BadArg {
+                        what: "grant",
+                        reason: format!(
+                            "the grant is for image {}, not {image}",
+                            hex::encode(g.body.image)
+                        ),
+                    });
+                }
+                let _ = tx.send(Cmd::Grant(g));
+            }
             handle::fetch_via(&tx, image, progress).await
+        }
+    });
+    router.method("image.grant", move |params: Value, _progress: Progress| {
+        let (node, tx) = (gnode.clone(), gtx.clone());
+        async move {
+            if role != Role::Buyer {
+                return Err(Error::WrongRole {
+                    needed: "buyer",
+                    actual: role.as_str(),
+                });
+            }
+            grants::issue(&node, &tx, &params)
         }
     });
     let span = info_span!("p2p", peer = %node.identity.peer_id());
@@ -194,6 +224,10 @@ impl Net {
             rng_seed,
             link_rejects,
             ticks: 0,
+            grants: Grants::load(
+                &node.settings.data_dir.join("grants"),
+                market::PeerKey::of(node.identity.signing_key()),
+            ),
             peer_events,
             lost_addrs: LostAddrs::default(),
             conn_ips: HashMap::new(),
@@ -292,6 +326,12 @@ impl Net {
             }
             Cmd::Fetch {
                 image,
+            Cmd::Grant(g) => {
+                let image = ImageId(g.body.image);
+                if let Err(e) = self.grants.add(g) {
+                    warn!(image = %image, error = %e, "cannot store grant");
+                }
+            }
                 progress,
                 reply,
             } => self.on_fetch(image, Waiter { progress, reply }),
@@ -407,6 +447,7 @@ impl Net {
             img.members.remove(&peer);
             img.greeted.remove(&peer);
             img.have_queue.remove(&peer);
+        self.grants.link_down(&peer);
             img.slow_have_queue.remove(&peer);
             img.early_haves.remove(&peer);
             match &mut img.mode {

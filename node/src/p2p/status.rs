@@ -29,6 +29,9 @@ pub(super) struct Rejects {
     pub bad_manifests: u64,
     pub bad_chunks: u64,
     pub bad_messages: u64,
+    /// Manifest, hello and chunk requests for a private image from a peer with
+    /// no valid grant for it.
+    pub refused_no_grant: u64,
 }
 
 #[derive(Default)]

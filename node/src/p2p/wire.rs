@@ -29,6 +29,12 @@
 //! - 11 Cancel: u32 index (drop a queued, not yet sent, Chunk reply)
 //! - 12 ManifestAt: u8 n (1..=MAX_REDIRECT) | n x (u8 len | peer id): a super-seed
 //!   saying "these peers have (or are getting) it; ask them"
+//! - 13 Grant: grant bytes (rest, 1..=MAX_GRANT): the image owner's signed grant,
+//!   presented once per connection before the first request for the image (the
+//!   sender's own grant), or handed to a peer let in by one we hold (its own, or a
+//!   public one) so it can present it to other holders
+//! - 14 Denied: u8 reason (0 no grant, 1 other image, 2 other peer, 3 not the
+//!   owner's, 4 expired): the image is private and the sender holds no valid grant
 
 use chunks::ImageId;
 use libp2p::PeerId;
@@ -65,6 +71,63 @@ pub enum Body {
     Starving,
     Cancel { index: u32 },
     ManifestAt { peers: Vec<PeerId> },
+    Grant(Vec<u8>),
+    Denied { reason: DenyReason },
+}
+
+/// Why a holder refused a request for a private image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DenyReason {
+    NoGrant,
+    OtherImage,
+    OtherPeer,
+    NotOwner,
+    Expired,
+}
+
+impl DenyReason {
+    fn code(self) -> u8 {
+        match self {
+            DenyReason::NoGrant => 0,
+            DenyReason::OtherImage => 1,
+            DenyReason::OtherPeer => 2,
+            DenyReason::NotOwner => 3,
+            DenyReason::Expired => 4,
+        }
+    }
+
+    fn of(code: u8) -> Option<Self> {
+        Some(match code {
+            0 => DenyReason::NoGrant,
+            1 => DenyReason::OtherImage,
+            2 => DenyReason::OtherPeer,
+            3 => DenyReason::NotOwner,
+            4 => DenyReason::Expired,
+            _ => return None,
+        })
+    }
+
+    /// What the refused side tells its user.
+    pub fn describe(self) -> &'static str {
+        match self {
+            DenyReason::NoGrant => "this node holds no grant for it",
+            DenyReason::OtherImage => "our grant is for another image",
+            DenyReason::OtherPeer => "our grant names another peer",
+            DenyReason::NotOwner => "our grant is not signed by the image's buyer",
+            DenyReason::Expired => "our grant has expired",
+        }
+    }
+}
+
+impl From<market::GrantRefusal> for DenyReason {
+    fn from(r: market::GrantRefusal) -> Self {
+        match r {
+            market::GrantRefusal::OtherImage => DenyReason::OtherImage,
+            market::GrantRefusal::OtherPeer => DenyReason::OtherPeer,
+            market::GrantRefusal::NotOwner => DenyReason::NotOwner,
+            market::GrantRefusal::Expired => DenyReason::Expired,
+        }
+    }
 }
 
 /// One message of the swarm protocol.
@@ -145,6 +208,8 @@ impl Body {
             Body::Starving => "starving",
             Body::Cancel { .. } => "cancel",
             Body::ManifestAt { .. } => "manifest_at",
+            Body::Grant(_) => "grant",
+            Body::Denied { .. } => "denied",
         }
     }
 
@@ -162,6 +227,8 @@ impl Body {
             Body::Starving => 10,
             Body::Cancel { .. } => 11,
             Body::ManifestAt { .. } => 12,
+            Body::Grant(_) => 13,
+            Body::Denied { .. } => 14,
         }
     }
 }
@@ -189,7 +256,8 @@ impl Msg {
                     b.extend_from_slice(&id);
                 }
             }
-            Body::Manifest(m) => b.extend_from_slice(m),
+            Body::Manifest(m) | Body::Grant(m) => b.extend_from_slice(m),
+            Body::Denied { reason } => b.push(reason.code()),
             Body::Hello { have } => {
                 u32le(&mut b, have.len() as u32);
                 b.extend_from_slice(have);
@@ -293,6 +361,19 @@ impl Msg {
                 }
                 Body::ManifestAt { peers }
             }
+            13 => {
+                let g = r.rest();
+                if g.len() > market::MAX_GRANT {
+                    return Err(WireError::TooLarge("grant"));
+                }
+                if g.is_empty() {
+                    return Err(WireError::Bad("empty grant"));
+                }
+                Body::Grant(g.to_vec())
+            }
+            14 => Body::Denied {
+                reason: DenyReason::of(r.u8()?).ok_or(WireError::Bad("deny reason"))?,
+            },
             t => return Err(WireError::UnknownTag(t)),
         };
         r.end()?;
@@ -334,6 +415,10 @@ mod tests {
             Body::Cancel { index: 8 },
             Body::ManifestAt {
                 peers: vec![PeerId::from_bytes(&[0, 4, 1, 2, 3, 4]).unwrap()],
+            },
+            Body::Grant(vec![1; 40]),
+            Body::Denied {
+                reason: DenyReason::Expired,
             },
         ];
         bodies
@@ -400,6 +485,13 @@ mod tests {
         hello.extend_from_slice(&[0; 32]);
         hello.extend_from_slice(&(u32::MAX).to_le_bytes());
         assert_eq!(Msg::decode(&hello), Err(WireError::TooLarge("have-set")));
+        let mut grant = vec![13];
+        grant.extend(vec![0; 32 + market::MAX_GRANT + 1]);
+        assert_eq!(Msg::decode(&grant), Err(WireError::TooLarge("grant")));
+        let mut deny = vec![14];
+        deny.extend_from_slice(&[0; 32]);
+        deny.push(5);
+        assert_eq!(Msg::decode(&deny), Err(WireError::Bad("deny reason")));
     }
 
     proptest! {
@@ -411,7 +503,7 @@ mod tests {
         }
 
         #[test]
-        fn parser_on_mutated_valid(which in 0usize..12, idx in 0usize..120, val in any::<u8>()) {
+        fn parser_on_mutated_valid(which in 0usize..14, idx in 0usize..120, val in any::<u8>()) {
             let m = all()[which].clone();
             let mut b = m.encode()[4..].to_vec();
             if idx < b.len() { b[idx] = val; }
