@@ -76,5 +76,6 @@ pub fn run(w: &World, bar: Option<&ProgressBar>) -> RunResult {
         buyer_extra: payload - w.total,
         cancels: 0,
         disconnects: 0,
+        polls: 0,
     }
 }
