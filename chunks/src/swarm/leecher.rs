@@ -119,6 +119,9 @@ struct PeerSlot<P> {
     rate: RateEst,
     /// Start of the current wait: last arrival, or when requests were first sent.
     since: Micros,
+    /// Last time bytes of a reply were seen arriving from it (a slow link's
+    /// chunk in progress); the stall clock runs from the later of this and `since`.
+    progress: Micros,
     strikes: u32,
     depth_cap: usize,
     bytes_in: u64,
@@ -331,6 +334,7 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
             out_bytes: 0,
             rate: RateEst::default(),
             since: now,
+            progress: 0,
             strikes: 0,
             depth_cap: self.cfg.max_depth,
             bytes_in: 0,
@@ -396,6 +400,18 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
             self.avail_dec(idx);
         }
         self.dirty = true;
+    }
+
+    /// Bytes of a reply from `p` are arriving (the shell reports this while it
+    /// reads a chunk, at most every few hundred ms): a slow link's request in
+    /// progress is not a stalled one, so its timeout starts over. The rate
+    /// estimate is left alone (it counts whole chunks).
+    pub fn on_bytes(&mut self, p: &P, now: Micros) {
+        let Some(&i) = self.index.get(p) else { return };
+        let s = self.peers[i].as_mut().expect("indexed");
+        if !s.out.is_empty() {
+            s.progress = now;
+        }
     }
 
     /// A reply with chunk `idx` from `p` arrived; `ok` says whether it matched its
@@ -512,7 +528,7 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
             .max(self.cfg.assumed_rate as f64);
         let wait = self.cfg.base_timeout_us as f64
             + self.cfg.timeout_factor as f64 * s.out_bytes as f64 * 1e6 / rate;
-        Some(s.since.saturating_add(wait as u64))
+        Some(s.since.max(s.progress).saturating_add(wait as u64))
     }
 
     /// Earliest time `poll` has timeouts to check; the shell wakes up then.
@@ -778,6 +794,44 @@ mod tests {
             outstanding.extend(reqs(&drain(&mut l)).into_iter().map(|x| x.1));
         }
         assert!(l.is_complete());
+    }
+
+    #[test]
+    fn a_reply_still_arriving_is_not_timed_out() {
+        // a 256 KiB chunk behind a link far slower than the assumed rate
+        let mut l = Leecher::new(
+            vec![256 * 1024; 1],
+            Bitfield::new(1),
+            5,
+            LeecherConfig::default(),
+        );
+        l.add_peer(1, Bitfield::full(1), PeerKind::Normal, 0);
+        l.poll(0);
+        drain(&mut l);
+        let d = l.next_deadline().unwrap();
+        // bytes keep trickling in every 500 ms until well past the first deadline
+        let mut now = 0;
+        while now < 3 * d {
+            now += 500_000;
+            l.on_bytes(&1, now);
+            l.poll(now);
+            let acts = drain(&mut l);
+            assert!(
+                !acts.iter().any(|a| matches!(a, Action::Cancel { .. })),
+                "{acts:?} at {now}"
+            );
+        }
+        l.on_chunk(&1, 0, true, now);
+        assert!(drain(&mut l).contains(&Action::Complete));
+        // once nothing arrives, the usual timeout applies again
+        let mut m = Leecher::new(vec![100; 1], Bitfield::new(1), 5, LeecherConfig::default());
+        m.add_peer(1, Bitfield::full(1), PeerKind::Normal, 0);
+        m.poll(0);
+        drain(&mut m);
+        m.on_bytes(&1, 1_000_000);
+        let d = m.next_deadline().unwrap();
+        m.poll(d);
+        assert!(drain(&mut m).contains(&Action::Cancel { peer: 1, chunk: 0 }));
     }
 
     #[test]

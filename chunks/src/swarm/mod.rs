@@ -15,11 +15,13 @@ mod seeder;
 #[cfg(test)]
 mod sim;
 mod timers;
+mod upload;
 
 pub use bitfield::Bitfield;
 pub use leecher::{Action, Leecher, LeecherConfig, PeerKind, PieceOrder};
 pub use seeder::{Decision, SeedAction, Seeder, SeederConfig};
 pub use timers::{FetchAction, FetchTimers, ManifestAction, ManifestWait, TimerConfig};
+pub use upload::{UploadConfig, UploadPacer};
 
 /// Microseconds since an arbitrary origin chosen by the driver.
 pub type Micros = u64;

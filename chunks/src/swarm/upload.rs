@@ -1,0 +1,439 @@
+//! The uploading side's pacing, sans-IO: how many chunk bytes a node keeps
+//! unacknowledged, how many peers it uploads to at once, an absolute rate cap
+//! (`upload_max_kbps`) and a less-than-best-effort mode in the spirit of LEDBAT
+//! that backs off when the queueing delay our own uploads cause rises above a
+//! target.
+//!
+//! Inputs are what the application can measure: when a chunk reply started to go
+//! out (written to its stream), its size, and when the receiver acknowledged it
+//! (its Have). From those:
+//! - **capacity**: the highest acknowledged rate seen over one-second windows in
+//!   the last [`CAPACITY_MEMORY_US`] (a max filter: while we yield, our own rate
+//!   is not the link's);
+//! - **delay samples**: ack time - start time - the time the bytes written
+//!   before it and itself need at capacity. What remains is round trip plus
+//!   queueing in the modem FIFO (and the receiver's own uplink queue, which its
+//!   Have crosses). The minimum over the last minute is the base; the minimum of
+//!   the last few samples minus the base is the queueing delay (LEDBAT's
+//!   filters, at chunk granularity).
+//!
+//! Outputs: [`UploadPacer::limit`] (bytes unacknowledged), [`UploadPacer::peers_at_once`]
+//! and [`UploadPacer::next_start`] (earliest time the next chunk may start: the
+//! rate cap and the yielding rate, as a token bucket of one chunk).
+
+use std::collections::{HashMap, VecDeque};
+
+use super::Micros;
+
+const SEC: Micros = 1_000_000;
+/// How long a capacity measurement counts.
+pub const CAPACITY_MEMORY_US: Micros = 20 * SEC;
+/// How long a base-delay measurement counts (LEDBAT keeps minutes; chunks are few).
+const BASE_MEMORY_US: Micros = 60 * SEC;
+/// Recent samples whose minimum is the current delay.
+const CURRENT_SAMPLES: usize = 4;
+/// One full-size frame on the wire (Ethernet, IP, TCP with timestamps).
+const FRAME: u64 = 1514;
+
+/// Tuning knobs (see [`UploadConfig::seed`] and [`UploadConfig::relay`]).
+#[derive(Clone, Debug)]
+pub struct UploadConfig {
+    /// Unacknowledged bytes aim at this much of the capacity.
+    pub window_us: Micros,
+    /// Least unacknowledged bytes allowed (a few chunks, so a slow link starts).
+    pub min_bytes: u64,
+    /// Most unacknowledged bytes.
+    pub max_bytes: u64,
+    /// Absolute upload cap, bytes/s (`upload_max_kbps`); `None`: no cap.
+    pub max_rate: Option<u64>,
+    /// Yield to other traffic when the queueing delay rises above this (us);
+    /// `None`: best effort.
+    pub yield_target_us: Option<Micros>,
+    /// Packets a TCP flow needs in flight per round trip not to collapse into
+    /// timeouts in a shallow FIFO (BBR's and Reno's least window is about 4).
+    pub flow_packets: u64,
+    /// A round trip shorter than this is not trusted for the peer count (a
+    /// loaded home link is rarely faster; an idle bridge would say 1 ms).
+    pub min_rtt_us: Micros,
+    /// Fewest and most peers uploaded to at once.
+    pub min_peers: usize,
+    pub max_peers: usize,
+}
+
+impl UploadConfig {
+    /// A super-seed (the buyer): its uplink is the swarm's bottleneck and must
+    /// not idle, so it keeps 2 s of its capacity out.
+    pub fn seed() -> Self {
+        UploadConfig {
+            window_us: 2 * SEC,
+            min_bytes: 256 * 1024,
+            ..Self::relay()
+        }
+    }
+
+    /// A relaying seller: the less it queues, the sooner a fresh chunk reaches
+    /// the next holder.
+    pub fn relay() -> Self {
+        UploadConfig {
+            window_us: 400_000,
+            min_bytes: 192 * 1024,
+            max_bytes: 32 * 1024 * 1024,
+            max_rate: None,
+            yield_target_us: None,
+            flow_packets: 4,
+            min_rtt_us: 50_000,
+            min_peers: 2,
+            max_peers: 64,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Started {
+    at: Micros,
+    /// Unacknowledged bytes when it started, itself included.
+    ahead: u64,
+}
+
+/// Pacing state of one node's uploads (all images, all peers).
+#[derive(Clone, Debug)]
+pub struct UploadPacer {
+    cfg: UploadConfig,
+    next_token: u64,
+    started: HashMap<u64, (Started, u64)>,
+    in_flight: u64,
+    /// Acknowledged bytes since `window_start`.
+    acked_window: u64,
+    window_start: Option<Micros>,
+    /// (window end, bytes/s) of recent rate windows.
+    rates: VecDeque<(Micros, f64)>,
+    /// (time, sample) of delay samples, for the base (minimum per 10 s bucket).
+    base: VecDeque<(Micros, Micros)>,
+    current: VecDeque<Micros>,
+    /// Yielding rate, bytes/s (LEDBAT's window turned into a rate; chunks are
+    /// too big for a window of packets).
+    yield_rate: Option<f64>,
+    last_adjust: Micros,
+    /// When the next chunk may start (token bucket of one chunk).
+    next_start: Micros,
+}
+
+impl UploadPacer {
+    pub fn new(cfg: UploadConfig) -> Self {
+        UploadPacer {
+            cfg,
+            next_token: 0,
+            started: HashMap::new(),
+            in_flight: 0,
+            acked_window: 0,
+            window_start: None,
+            rates: VecDeque::new(),
+            base: VecDeque::new(),
+            current: VecDeque::new(),
+            yield_rate: None,
+            last_adjust: 0,
+            next_start: 0,
+        }
+    }
+
+    pub fn config(&self) -> &UploadConfig {
+        &self.cfg
+    }
+
+    /// Highest acknowledged rate of the recent windows, bytes/s.
+    pub fn capacity(&self) -> Option<f64> {
+        self.rates.iter().map(|&(_, r)| r).reduce(f64::max)
+    }
+
+    /// Unacknowledged chunk bytes.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight
+    }
+
+    /// Base delay (round trip with empty queues, as far as chunks show it), us.
+    pub fn base_delay(&self) -> Option<Micros> {
+        self.base.iter().map(|&(_, d)| d).min()
+    }
+
+    /// Queueing delay our uploads cause now, us (current minus base).
+    pub fn queue_delay(&self) -> Option<Micros> {
+        let cur = self.current.iter().min()?;
+        Some(cur.saturating_sub(self.base_delay()?))
+    }
+
+    /// The yielding mode's current rate, bytes/s (`None` when off or not yet limiting).
+    pub fn yield_rate(&self) -> Option<f64> {
+        self.yield_rate
+    }
+
+    /// Most unacknowledged bytes: `window_us` of the capacity, within the bounds.
+    pub fn limit(&self) -> u64 {
+        let by_rate = self
+            .capacity()
+            .map(|r| (r * self.cfg.window_us as f64 / 1e6) as u64)
+            .unwrap_or(0);
+        by_rate.clamp(
+            self.cfg.min_bytes,
+            self.cfg.max_bytes.max(self.cfg.min_bytes),
+        )
+    }
+
+    /// Whether another chunk may start (bytes-wise; see also `next_start`).
+    pub fn has_room(&self) -> bool {
+        self.in_flight < self.limit()
+    }
+
+    /// How many peers may have chunks in flight at once: as many flows as the
+    /// link carries at `flow_packets` frames per loaded round trip each. On a
+    /// 1 Mbit/s uplink with a shallow FIFO that is 2 (a dozen parallel TCP
+    /// flows there lose a third of their packets and stall in timeouts); on
+    /// 8 Mbit/s with a 100 ms FIFO about 16.
+    pub fn peers_at_once(&self) -> usize {
+        let Some(cap) = self.capacity() else {
+            return self.cfg.max_peers;
+        };
+        let rtt = self.base_delay().unwrap_or(0) + self.queue_delay().unwrap_or(0);
+        let rtt = rtt.max(self.cfg.min_rtt_us) as f64 / 1e6;
+        let n = (cap * rtt / (self.cfg.flow_packets * FRAME) as f64) as usize;
+        n.clamp(
+            self.cfg.min_peers,
+            self.cfg.max_peers.max(self.cfg.min_peers),
+        )
+    }
+
+    /// The rate chunks may start at now, bytes/s (`None`: unpaced).
+    pub fn pace_rate(&self) -> Option<f64> {
+        match (self.cfg.max_rate.map(|r| r as f64), self.yield_rate) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Earliest time the next chunk may start.
+    pub fn next_start(&self) -> Micros {
+        self.next_start
+    }
+
+    /// A chunk of `size` bytes starts going out at `now`; the returned token
+    /// names it in `on_ack`/`forget`.
+    pub fn start(&mut self, size: u64, now: Micros) -> u64 {
+        self.next_token += 1;
+        self.in_flight += size;
+        let s = Started {
+            at: now,
+            ahead: self.in_flight,
+        };
+        self.started.insert(self.next_token, (s, size));
+        if let Some(r) = self.pace_rate() {
+            let gap = (size as f64 * 1e6 / r.max(1.0)) as Micros;
+            // a token bucket of one chunk: idle time is not saved up beyond it
+            self.next_start = self.next_start.max(now.saturating_sub(gap)) + gap;
+        }
+        self.next_token
+    }
+
+    /// The chunk `token` left our hands without an acknowledgement (cancelled,
+    /// link down, expired).
+    pub fn forget(&mut self, token: u64) {
+        if let Some((_, size)) = self.started.remove(&token) {
+            self.in_flight -= size;
+        }
+    }
+
+    /// The receiver acknowledged chunk `token` at `now`.
+    pub fn on_ack(&mut self, token: u64, now: Micros) {
+        let Some((s, size)) = self.started.remove(&token) else {
+            return;
+        };
+        self.in_flight -= size;
+        self.acked_window += size;
+        let start = *self.window_start.get_or_insert(s.at);
+        let dt = now.saturating_sub(start);
+        if dt >= SEC {
+            let r = self.acked_window as f64 * 1e6 / dt as f64;
+            // while paced, our own rate says nothing about the link's: only a
+            // higher one counts (the last window is kept however old)
+            if self.pace_rate().is_none() || self.capacity().is_none_or(|c| r > c) {
+                self.rates.push_back((now, r));
+            }
+            self.acked_window = 0;
+            self.window_start = Some(now);
+        }
+        while self
+            .rates
+            .front()
+            .is_some_and(|&(t, _)| now.saturating_sub(t) > CAPACITY_MEMORY_US)
+            && self.rates.len() > 1
+        {
+            self.rates.pop_front();
+        }
+        if let Some(cap) = self.capacity() {
+            let wire = (s.ahead as f64 * 1e6 / cap) as Micros;
+            let sample = now.saturating_sub(s.at).saturating_sub(wire);
+            self.add_sample(sample, now);
+            self.adjust_yield(cap, size, now);
+        }
+    }
+
+    fn add_sample(&mut self, d: Micros, now: Micros) {
+        // base: one minimum per 10 s bucket, a minute of buckets
+        match self.base.back_mut() {
+            Some((t, m)) if now.saturating_sub(*t) < 10 * SEC => *m = (*m).min(d),
+            _ => self.base.push_back((now, d)),
+        }
+        while self
+            .base
+            .front()
+            .is_some_and(|&(t, _)| now.saturating_sub(t) > BASE_MEMORY_US)
+        {
+            self.base.pop_front();
+        }
+        self.current.push_back(d);
+        if self.current.len() > CURRENT_SAMPLES {
+            self.current.pop_front();
+        }
+    }
+
+    /// LEDBAT's controller on a rate: off_target = (target - delay) / target;
+    /// the rate grows by off_target x (the acked bytes' share of capacity) and
+    /// shrinks the same way, at most halving per adjustment, never under 1/32
+    /// of capacity (it keeps probing), never over capacity.
+    fn adjust_yield(&mut self, cap: f64, size: u64, now: Micros) {
+        let Some(target) = self.cfg.yield_target_us else {
+            return;
+        };
+        let Some(q) = self.queue_delay() else { return };
+        let off = ((target as f64 - q as f64) / target as f64).clamp(-1.0, 1.0);
+        let r = self.yield_rate.unwrap_or(cap);
+        let step = r * (size as f64 / (cap * 0.2).max(1.0)).min(1.0);
+        let mut next = r + off * step;
+        if off < 0.0 {
+            // one decrease per base round trip at most, as LEDBAT does on loss
+            let rtt = self.base_delay().unwrap_or(0).max(self.cfg.min_rtt_us);
+            if now.saturating_sub(self.last_adjust) < rtt {
+                return;
+            }
+            next = next.max(r / 2.0);
+            self.last_adjust = now;
+        }
+        let next = next.clamp(cap / 32.0, cap);
+        // at capacity the yielding mode imposes nothing
+        self.yield_rate = (next < cap).then_some(next);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Micros = 1_000;
+
+    /// A link of `rate` bytes/s with a FIFO: chunks go out back to back when
+    /// the pacer allows; each is acknowledged after its serialization (behind
+    /// whatever is queued) plus `rtt` plus `extra` queueing from other traffic.
+    fn drive(p: &mut UploadPacer, rate: f64, rtt: Micros, extra: Micros, secs: u64) -> u64 {
+        drive_from(p, 0, rate, rtt, extra, secs)
+    }
+
+    fn drive_from(
+        p: &mut UploadPacer,
+        from: Micros,
+        rate: f64,
+        rtt: Micros,
+        extra: Micros,
+        secs: u64,
+    ) -> u64 {
+        let size = 64 * 1024u64;
+        let mut now = from;
+        let mut link_free = from;
+        let mut acks: Vec<(Micros, u64)> = Vec::new();
+        let mut sent = 0;
+        while now < from + secs * SEC {
+            acks.sort();
+            while let Some(&(t, tok)) = acks.first() {
+                if t > now {
+                    break;
+                }
+                p.on_ack(tok, t);
+                acks.remove(0);
+            }
+            if p.has_room() && now >= p.next_start() {
+                let tok = p.start(size, now);
+                link_free = link_free.max(now) + (size as f64 * 1e6 / rate) as Micros;
+                acks.push((link_free + rtt + extra, tok));
+                sent += size;
+            } else {
+                now += MS;
+            }
+        }
+        for (_, tok) in acks {
+            p.forget(tok);
+        }
+        sent
+    }
+
+    #[test]
+    fn capacity_and_base_delay_come_from_acks() {
+        let mut p = UploadPacer::new(UploadConfig::relay());
+        drive(&mut p, 125_000.0, 20 * MS, 0, 30);
+        let cap = p.capacity().unwrap();
+        assert!((110_000.0..=135_000.0).contains(&cap), "{cap}");
+        let base = p.base_delay().unwrap();
+        assert!(base <= 60 * MS, "base {base}");
+        // 1 Mbit/s, 50 ms floor, 4 frames each: 2 peers
+        assert_eq!(p.peers_at_once(), 2);
+    }
+
+    #[test]
+    fn a_fast_link_uploads_to_many_peers_at_once() {
+        let mut p = UploadPacer::new(UploadConfig::seed());
+        drive(&mut p, 1_000_000.0, 100 * MS, 0, 10);
+        assert!(p.peers_at_once() >= 8, "{}", p.peers_at_once());
+        assert!(p.limit() > 1_500_000, "{}", p.limit());
+    }
+
+    #[test]
+    fn the_rate_cap_holds() {
+        let cfg = UploadConfig {
+            max_rate: Some(50_000),
+            ..UploadConfig::relay()
+        };
+        let mut p = UploadPacer::new(cfg);
+        let sent = drive(&mut p, 125_000.0, 20 * MS, 0, 40);
+        let rate = sent as f64 / 40.0;
+        assert!((40_000.0..=55_000.0).contains(&rate), "{rate}");
+    }
+
+    #[test]
+    fn yielding_backs_off_when_other_traffic_queues() {
+        let cfg = UploadConfig {
+            yield_target_us: Some(50 * MS),
+            ..UploadConfig::relay()
+        };
+        let mut quiet = UploadPacer::new(cfg.clone());
+        let alone = drive(&mut quiet, 125_000.0, 20 * MS, 0, 30);
+        // alone on the link, its own queue stays near the target: close to the rate
+        assert!(alone as f64 / 30.0 > 80_000.0, "{alone}");
+        // a competing bulk flow takes half the link and keeps 300 ms in the
+        // FIFO: the swarm steps aside
+        let mut p = UploadPacer::new(cfg);
+        drive(&mut p, 125_000.0, 20 * MS, 0, 10);
+        // unacknowledged chunks of the first part are simply dropped
+        let after = drive_from(&mut p, 11 * SEC, 62_500.0, 20 * MS, 300 * MS, 30);
+        assert!(
+            (after as f64 / 30.0) < 40_000.0,
+            "yielding still sent {} B/s",
+            after as f64 / 30.0
+        );
+    }
+
+    #[test]
+    fn forgetting_frees_room() {
+        let mut p = UploadPacer::new(UploadConfig::relay());
+        let t = p.start(200 * 1024, 0);
+        assert!(!p.has_room());
+        p.forget(t);
+        assert!(p.has_room());
+        assert_eq!(p.in_flight(), 0);
+    }
+}
