@@ -5,16 +5,22 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::cli::{DaemonArgs, GlobalArgs, LogFormat, OnOff, Role};
+use crate::cli::{DaemonArgs, GlobalArgs, LogFormat, OnOff};
+use crate::domain::Role;
 use crate::error::{Error, Result};
-use crate::overlay_service::{
-    DEFAULT_BUSY_POLL_US, DEFAULT_HOST_IP, DEFAULT_PORT as OVERLAY_PORT, DEFAULT_TAP,
-};
 
 /// The libp2p port every node listens on unless told otherwise.
 pub const DEFAULT_PORT: u16 = 7450;
 /// Default chunk store cap: 20 GiB.
 pub const DEFAULT_STORE_CAP_MIB: u64 = 20 * 1024;
+/// Default UDP port of the buyer's overlay switch.
+pub const OVERLAY_PORT: u16 = 7451;
+/// Default name of the buyer's host tap.
+pub const DEFAULT_TAP: &str = "csovl0";
+/// Default overlay address of the buyer's host.
+pub const DEFAULT_HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
+/// Default busy-poll budget of the overlay I/O threads (see `overlay::io::spin`).
+pub const DEFAULT_BUSY_POLL_US: u64 = overlay::io::spin::DEFAULT_BUDGET.as_micros() as u64;
 
 /// The config file's shape; every field is optional.
 #[derive(Debug, Default, Deserialize)]

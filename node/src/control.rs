@@ -27,6 +27,20 @@ use crate::error::{Error, Result};
 /// Longest request line the daemon reads.
 const MAX_REQUEST_BYTES: usize = 1 << 20;
 
+/// A method's parameters, or the one-line error the client sees.
+pub fn parse_params<T: serde::de::DeserializeOwned>(params: Value) -> Result<T> {
+    serde_json::from_value(params).map_err(|e| Error::Control(format!("bad parameters: {e}")))
+}
+
+/// Run a method's blocking work (store, netlink) off the async threads.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Control(format!("worker failed: {e}")))?
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Request {
     pub method: String,

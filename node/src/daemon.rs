@@ -9,20 +9,13 @@ use serde_json::json;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, info_span, warn, Instrument};
 
-use crate::cli::Role;
 use crate::config::Settings;
 use crate::control::{self, Router};
+use crate::domain::Role;
 use crate::error::{Error, Result};
 use crate::identity::Identity;
 use crate::image_service;
-
-/// What every service of the daemon shares.
-pub struct Node {
-    pub settings: Settings,
-    pub role: Role,
-    pub identity: Identity,
-    pub store: Arc<chunks::ChunkStore>,
-}
+use crate::node::Node;
 
 pub fn run(settings: Settings, role: Role) -> Result<()> {
     // Before any thread exists (see `join_host_mounts`). Not under systemd

@@ -9,9 +9,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tracing::{info, info_span};
 
-use crate::control::{Progress, Router};
-use crate::daemon::Node;
+use crate::control::{blocking, parse_params, Progress, Router};
 use crate::error::{Error, Result};
+use crate::node::Node;
 
 #[derive(Deserialize)]
 struct ImportParams {
@@ -38,21 +38,8 @@ struct ExportParams {
     path: PathBuf,
 }
 
-pub fn parse_params<T: serde::de::DeserializeOwned>(params: Value) -> Result<T> {
-    serde_json::from_value(params).map_err(|e| Error::Control(format!("bad parameters: {e}")))
-}
-
 pub fn parse_image_id(s: &str) -> Result<ImageId> {
     s.parse::<ImageId>().map_err(Error::from)
-}
-
-/// Run blocking store work off the async threads.
-pub async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::Control(format!("worker failed: {e}")))?
 }
 
 pub fn register(router: &mut Router, node: Arc<Node>) {

@@ -30,8 +30,8 @@ use super::trust::{TrustLists, TrustWatch};
 use super::{key_of_peer, now_ms, peer_of_key, OFFER_TOPIC};
 use crate::config::BuyerTable;
 use crate::control::{Progress, Router};
-use crate::daemon::Node;
 use crate::error::{Error, Result};
+use crate::node::Node;
 use crate::overlay_service::OverlayHandle;
 use crate::p2p::{P2pHandle, PeerEvent};
 

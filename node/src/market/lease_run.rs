@@ -18,8 +18,8 @@ use vm::qemu::{AccelPolicy, QemuConfig};
 use vm::{DiskSpec, GuestSpec, NetSpec, Tap};
 
 use crate::control::{Progress, Reply};
-use crate::daemon::Node;
 use crate::error::{Error, Result};
+use crate::node::Node;
 use crate::overlay_leases::LeaseRecord;
 use crate::overlay_service::OverlayHandle;
 use crate::p2p::P2pHandle;

@@ -22,10 +22,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use libp2p::PeerId;
 use market::PeerKey;
 
-use crate::cli::Role;
 use crate::control::Router;
-use crate::daemon::Node;
+use crate::domain::Role;
 use crate::error::Result;
+use crate::node::Node;
 use crate::overlay_service::OverlayHandle;
 use crate::p2p::P2pHandle;
 

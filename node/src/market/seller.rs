@@ -25,8 +25,8 @@ use super::net::MarketNet;
 use super::{key_of_peer, now_ms, OFFER_TOPIC};
 use crate::config::SellerTable;
 use crate::control::Router;
-use crate::daemon::Node;
 use crate::error::{Error, Result};
+use crate::node::Node;
 use crate::overlay_service::OverlayHandle;
 use crate::p2p::{P2pHandle, PeerEvent};
 

@@ -45,10 +45,10 @@ use tracing::{debug, info_span, warn};
 pub use conns::ip_of;
 pub use handle::{P2pHandle, PeerEvent};
 
-use crate::cli::Role;
 use crate::control::{Progress, Router};
-use crate::daemon::Node;
+use crate::domain::Role;
 use crate::error::{Error, Result};
+use crate::node::Node;
 use behaviour::{Behaviour, BehaviourEvent};
 use conns::LostAddrs;
 use fault::Fault;
