@@ -29,7 +29,7 @@ use super::wire::{Body, DenyReason, Msg};
 use super::Net;
 use crate::error::{Error, Result};
 use crate::market::key_of_peer;
-use crate::daemon::Node;
+use crate::node::Node;
 
 /// Most images one peer may hold presented grants for at a time (a peer
 /// cannot grow our memory by presenting grants for endless images).
