@@ -38,6 +38,10 @@ enum Cmd {
         /// it got.
         #[arg(long)]
         max_wall_s: Option<f64>,
+        /// Sellers' schedulers see whole chunks only, not a reply's bytes
+        /// arriving (the node before `Leecher::on_bytes`).
+        #[arg(long)]
+        no_progress_reports: bool,
         /// No progress bars.
         #[arg(long)]
         quiet: bool,
@@ -54,6 +58,7 @@ fn main() -> ExitCode {
             policies,
             chunk_kib,
             max_wall_s,
+            no_progress_reports,
             quiet,
         } => {
             let mut sc = match Scenario::load(&file) {
@@ -68,6 +73,9 @@ fn main() -> ExitCode {
             }
             if max_wall_s.is_some() {
                 sc.max_wall_s = max_wall_s;
+            }
+            if no_progress_reports {
+                sc.progress_reports = false;
             }
             if let Some(k) = chunk_kib {
                 sc.image.chunk_kib = (k > 0).then_some(k);

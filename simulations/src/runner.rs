@@ -93,6 +93,7 @@ pub fn run_scenario(sc: &Scenario, out: &Path, show: bool) -> Result<Outcome> {
         preloaded: None,
         max_time_s: sc.max_time_s,
         max_wall_s: sc.max_wall_s,
+        progress_reports: sc.progress_reports,
     };
     // main runs, with churn if any
     let t_build = Instant::now();

@@ -75,6 +75,10 @@ pub struct Scenario {
     /// Wall-clock seconds after which each run stops where it is (absent: none).
     #[serde(default)]
     pub max_wall_s: Option<f64>,
+    /// Sellers report a reply's bytes arriving to their scheduler, as the node
+    /// does (false: the scheduler sees only whole chunks, as before).
+    #[serde(default = "default_true")]
+    pub progress_reports: bool,
     pub churn: Option<ChurnSpec>,
     pub update: Option<UpdateSpec>,
     pub sweep: Option<SweepSpec>,
@@ -198,6 +202,10 @@ pub struct LeaseSpec {
     /// Fraction of receipts/acks lost on the way.
     #[serde(default)]
     pub loss: f64,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_seed() -> u64 {

@@ -159,6 +159,10 @@ pub struct RunOpts {
     /// Stop after this much wall-clock time (how far a huge run gets); the
     /// result then depends on the machine's speed.
     pub max_wall_s: Option<f64>,
+    /// Receivers tell their scheduler that a reply's bytes are arriving
+    /// (`Leecher::on_bytes`, as the node's link does), so a slow but moving
+    /// reply is not timed out.
+    pub progress_reports: bool,
 }
 
 struct Sim<'a> {
@@ -192,6 +196,7 @@ struct Sim<'a> {
     cancels: u64,
     disconnects: u64,
     polls: u64,
+    progress: bool,
 }
 
 /// Runs the swarm under `policy` (not `Naive`: see [`crate::naive`]).
@@ -263,6 +268,7 @@ pub fn run(w: &World, policy: Policy, opts: &RunOpts, bar: Option<&ProgressBar>)
         cancels: 0,
         disconnects: 0,
         polls: 0,
+        progress: opts.progress_reports,
     };
     sim.schedule_churn(opts);
     let max_us = (opts.max_time_s * 1e6) as u64;
@@ -710,6 +716,15 @@ impl Sim<'_> {
         let Some(l) = n.leech.as_deref_mut() else {
             return;
         };
+        if self.progress {
+            // a reply moving on the downlink is progress (the node reports it
+            // every few hundred ms while bytes come in)
+            for &f in self.net.flows_of(i).1 {
+                if self.net.rate(f) > 0.0 {
+                    l.on_bytes(&self.net.ends(f).0, now);
+                }
+            }
+        }
         l.poll(now);
         self.polls += 1;
         let mut acts = Vec::new();

@@ -22,6 +22,7 @@ fn opts(sc: &Scenario) -> RunOpts {
         preloaded: None,
         max_time_s: sc.max_time_s,
         max_wall_s: None,
+        progress_reports: sc.progress_reports,
     }
 }
 
