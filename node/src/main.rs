@@ -32,6 +32,14 @@ use crate::config::Settings;
 use crate::error::{Error, Result};
 
 fn main() -> ExitCode {
+    // Hidden subcommand: the jailed microvm's VMM process (vm::microvm::jailed). It
+    // runs before anything else (no logging, no runtime): its seccomp filter must be
+    // installed while it has a single thread.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    if args.first().is_some_and(|a| a == vm::microvm::jailed::SUBCOMMAND) {
+        let code = vm::microvm::jailed::vmm_main(&args[1..]);
+        return ExitCode::from(code.clamp(0, 255) as u8);
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,

@@ -328,12 +328,31 @@ impl Jail {
         files: Vec<JailFile>,
         inherit: Vec<RawFd>,
     ) -> Result<Prepared> {
+        let canonical = binary
+            .canonicalize()
+            .map_err(|e| jail_err(format!("resolving {}", binary.display()), e))?;
+        let dirs = rootfs::qemu_data_dirs(&canonical);
+        self.prepare_at(binary, &canonical, dirs, kvm, files, inherit)
+    }
+
+    /// Like [`Jail::prepare`] for `binary` found at `inside` in the jail (our own
+    /// VMM: the host path of the node binary, e.g. under a home directory, stays out
+    /// of the jail), with the directories `dirs` bound at their host paths.
+    pub fn prepare_at(
+        &self,
+        binary: &Path,
+        inside: &Path,
+        dirs: Vec<PathBuf>,
+        kvm: bool,
+        files: Vec<JailFile>,
+        inherit: Vec<RawFd>,
+    ) -> Result<Prepared> {
         let root = &self.root_dir;
         let mut plan = rootfs::Plan::default();
         let binary = binary
             .canonicalize()
             .map_err(|e| jail_err(format!("resolving {}", binary.display()), e))?;
-        plan.file(root, &binary, &binary);
+        plan.file(root, &binary, inside);
         for lib in
             rootfs::libraries(&binary).map_err(|e| jail_err("listing the VMM's libraries", e))?
         {
@@ -346,7 +365,7 @@ impl Jail {
                 Path::new("/etc/ld.so.cache"),
             );
         }
-        for dir in rootfs::qemu_data_dirs(&binary) {
+        for dir in dirs {
             plan.dir(root, &dir);
         }
         for f in &files {

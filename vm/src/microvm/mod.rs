@@ -3,7 +3,9 @@
 //!
 //! One process hosts the guest: a thread per vCPU (under seccomp), an RX thread for the
 //! NIC, a console thread feeding the serial log, and a supervisor that enforces the
-//! wall-clock limit. Direct kernel boot only (bzImage, ELF vmlinux, PVH ELF); devices
+//! wall-clock limit. [`Microvm::start_guest`] runs them in the calling process;
+//! [`Microvm::start_jailed`] ([`jailed`]) runs them in a jailed process of their own,
+//! with a seccomp filter on every thread (what the seller's leases use). Direct kernel boot only (bzImage, ELF vmlinux, PVH ELF); devices
 //! are COM1, i8042 (reset), the ACPI sleep register (power-off), virtio-blk on the
 //! open disk file and virtio-net on the guest tap, both virtio-mmio and described in
 //! the ACPI DSDT.
@@ -25,6 +27,7 @@
 pub mod acpi;
 pub mod boot;
 pub mod cpu;
+pub mod jailed;
 pub mod layout;
 pub mod seccomp;
 pub mod virtio;
@@ -247,6 +250,7 @@ impl Microvm {
             disk: spec.disk.take().map(|d| (d.file, d.read_only)),
             net,
             limit: spec.wall_clock_limit,
+            process_filter: false,
         };
         let running = vmm::start(cfg, spec.serial_log.take()).map_err(|e| match e {
             vmm::BuildError::Kernel(reason) => Error::KernelNotBootable {

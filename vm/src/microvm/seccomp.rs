@@ -1,10 +1,28 @@
-//! seccomp filters for the VMM's guest-facing threads (vCPUs and the net RX thread).
+//! seccomp filters for the VMM's threads.
 //!
-//! A guest drives these threads directly (every port, MMIO and virtio access runs
-//! there), so they may only make the system calls their loops need: KVM_RUN and two
-//! state reads, reads and writes on fds already open (disk, tap, eventfds), memory
-//! management for the allocator, futexes, and thread exit. No open, no socket, no exec:
-//! a thread that tries anything else kills the process.
+//! A guest drives the vCPU and net RX threads directly (every port, MMIO and virtio
+//! access runs there), so they may only make the system calls their loops need. What
+//! each thread kind may call (anything else kills the whole process):
+//!
+//! - every thread ([`common_syscalls`]): read/write/readv/writev/pread64/pwrite64 on
+//!   fds already open (disk, tap, eventfds, the serial and control sockets),
+//!   fsync/fdatasync, futex, sched_yield, the clocks and sleeps, gettid/getpid, the
+//!   allocator's brk/mmap/munmap/mremap/mprotect/madvise, rt_sigreturn (the kick
+//!   handler), rt_sigprocmask/sigaltstack/rseq, close, exit/exit_group, and
+//!   fcntl(F_GETFD) only.
+//! - [`ThreadKind::Vcpu`]: plus ioctl KVM_RUN, KVM_GET_REGS and KVM_GET_MP_STATE only.
+//! - [`ThreadKind::NetRx`]: plus poll/ppoll (tap and exit eventfd).
+//! - [`ThreadKind::Process`], the jailed VMM process's filter ([`super::jailed`]),
+//!   installed on its main thread after the machine is built and before any thread is
+//!   spawned, so every thread inherits it (vCPU and RX threads stack theirs on top):
+//!   the union of the above plus what the main, supervisor and console threads need:
+//!   poll/ppoll (the control socket), clone only with CLONE_THREAD (threads, never a
+//!   process; clone3 answers ENOSYS so that glibc falls back to clone, see
+//!   [`apply_process`]), set_robust_list, prctl(PR_SET_NAME), tgkill (the supervisor
+//!   kicks vCPUs out of KVM_RUN), sched_getaffinity and rt_sigaction (std's thread
+//!   start and runtime), and seccomp plus prctl(PR_SET_NO_NEW_PRIVS) so
+//!   that vCPU and RX threads can add their narrower filters (a filter can only take
+//!   away). No open, no socket, no exec, no ioctl beyond the three above.
 
 use std::collections::BTreeMap;
 
@@ -25,6 +43,8 @@ pub const KVM_GET_MP_STATE: u64 = ior(0x98, 4);
 pub enum ThreadKind {
     Vcpu,
     NetRx,
+    /// Every thread of the jailed VMM process (the base its threads inherit).
+    Process,
 }
 
 fn common_syscalls() -> Vec<i64> {
@@ -62,6 +82,17 @@ fn common_syscalls() -> Vec<i64> {
     ]
 }
 
+fn arg_eq(arg: u8, value: u64) -> Result<SeccompCondition, seccompiler::BackendError> {
+    SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)
+}
+
+fn kvm_ioctl_rules() -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
+    [KVM_RUN, KVM_GET_REGS, KVM_GET_MP_STATE]
+        .iter()
+        .map(|&req| SeccompRule::new(vec![arg_eq(1, req)?]))
+        .collect()
+}
+
 /// Build the filter for `kind`. `log_only` makes violations get logged by the kernel
 /// instead of killing (for diagnosing a missing syscall, never the default).
 pub fn filter(kind: ThreadKind, log_only: bool) -> Result<BpfProgram, seccompiler::BackendError> {
@@ -79,22 +110,45 @@ pub fn filter(kind: ThreadKind, log_only: bool) -> Result<BpfProgram, seccompile
     );
     match kind {
         ThreadKind::Vcpu => {
-            let ioctls = [KVM_RUN, KVM_GET_REGS, KVM_GET_MP_STATE]
-                .iter()
-                .map(|&req| {
-                    SeccompRule::new(vec![SeccompCondition::new(
-                        1,
-                        SeccompCmpArgLen::Dword,
-                        SeccompCmpOp::Eq,
-                        req,
-                    )?])
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            rules.insert(libc::SYS_ioctl, ioctls);
+            rules.insert(libc::SYS_ioctl, kvm_ioctl_rules()?);
         }
         ThreadKind::NetRx => {
             rules.insert(libc::SYS_poll, vec![]);
             rules.insert(libc::SYS_ppoll, vec![]);
+        }
+        ThreadKind::Process => {
+            rules.insert(libc::SYS_ioctl, kvm_ioctl_rules()?);
+            rules.insert(libc::SYS_poll, vec![]);
+            rules.insert(libc::SYS_ppoll, vec![]);
+            // Threads only: clone without CLONE_THREAD would be a new process.
+            rules.insert(
+                libc::SYS_clone,
+                vec![SeccompRule::new(vec![SeccompCondition::new(
+                    0,
+                    SeccompCmpArgLen::Qword,
+                    SeccompCmpOp::MaskedEq(libc::CLONE_THREAD as u64),
+                    libc::CLONE_THREAD as u64,
+                )?])?],
+            );
+            // Its flags sit in memory, out of a filter's reach: the second filter of
+            // `apply_process` makes it fail with ENOSYS before this one allows it.
+            rules.insert(libc::SYS_clone3, vec![]);
+            rules.insert(libc::SYS_set_robust_list, vec![]);
+            rules.insert(
+                libc::SYS_prctl,
+                vec![
+                    SeccompRule::new(vec![arg_eq(0, libc::PR_SET_NAME as u64)?])?,
+                    SeccompRule::new(vec![arg_eq(0, libc::PR_SET_NO_NEW_PRIVS as u64)?])?,
+                ],
+            );
+            rules.insert(libc::SYS_seccomp, vec![]);
+            rules.insert(libc::SYS_tgkill, vec![]);
+            // std's thread start reads the new thread's stack bounds
+            // (pthread_getattr_np, which asks for the thread's CPU affinity); the
+            // runtime sets a signal disposition on the main thread (seen as the VMM
+            // ends). Neither gains anything.
+            rules.insert(libc::SYS_sched_getaffinity, vec![]);
+            rules.insert(libc::SYS_rt_sigaction, vec![]);
         }
     }
     let mismatch = if log_only {
@@ -106,11 +160,41 @@ pub fn filter(kind: ThreadKind, log_only: bool) -> Result<BpfProgram, seccompile
     BpfProgram::try_from(f)
 }
 
+fn log_only() -> bool {
+    std::env::var("CPUSHARE_MICROVM_SECCOMP").as_deref() == Ok("log")
+}
+
 /// Install the filter on the calling thread.
 pub fn apply(kind: ThreadKind) -> Result<(), String> {
-    let log_only = std::env::var("CPUSHARE_MICROVM_SECCOMP").as_deref() == Ok("log");
-    let prog = filter(kind, log_only).map_err(|e| format!("building the seccomp filter: {e}"))?;
+    let prog = filter(kind, log_only()).map_err(|e| format!("building the seccomp filter: {e}"))?;
     seccompiler::apply_filter(&prog).map_err(|e| format!("installing the seccomp filter: {e}"))
+}
+
+/// clone3 fails with ENOSYS, everything else passes (to the next filter): glibc then
+/// creates threads with clone, whose flags the process filter can check.
+pub fn clone3_enosys() -> Result<BpfProgram, seccompiler::BackendError> {
+    let rules = BTreeMap::from([(libc::SYS_clone3, vec![])]);
+    let f = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        TargetArch::x86_64,
+    )?;
+    BpfProgram::try_from(f)
+}
+
+/// The jailed VMM process's filters, on the calling thread, which must be the only
+/// one (the main thread before it spawns any): every thread created later inherits
+/// them. TSYNC as well, so a thread that does exist (none should) gets them too or
+/// the call fails.
+pub fn apply_process() -> Result<(), String> {
+    let base = filter(ThreadKind::Process, log_only())
+        .map_err(|e| format!("building the seccomp filter: {e}"))?;
+    let clone3 = clone3_enosys().map_err(|e| format!("building the clone3 filter: {e}"))?;
+    seccompiler::apply_filter_all_threads(&base)
+        .map_err(|e| format!("installing the seccomp filter: {e}"))?;
+    seccompiler::apply_filter_all_threads(&clone3)
+        .map_err(|e| format!("installing the clone3 filter: {e}"))
 }
 
 #[cfg(test)]

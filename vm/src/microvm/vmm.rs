@@ -49,6 +49,10 @@ pub struct MachineConfig {
     pub disk: Option<(File, bool)>,
     pub net: Option<(std::os::fd::OwnedFd, [u8; 6])>,
     pub limit: Option<Duration>,
+    /// Install the process-wide seccomp filter ([`seccomp::apply_process`]) once the
+    /// machine is built, before the first thread is spawned: for a VMM that is a
+    /// process of its own (the jailed microvm), so every thread inherits it.
+    pub process_filter: bool,
 }
 
 /// Why building the machine failed.
@@ -438,6 +442,7 @@ pub fn start(
         disk,
         net,
         limit,
+        process_filter,
     } = cfg;
     let kvm = open_kvm().map_err(|e| BuildError::Kvm(e.to_string()))?;
     check_caps(&kvm).map_err(BuildError::Kvm)?;
@@ -525,6 +530,11 @@ pub fn start(
             .push(setup_vcpu(&kvm, &vm, id, vcpus, loaded.mode, &gdt).map_err(BuildError::Kvm)?);
     }
 
+    // Every fd and mapping the machine needs exists now; what follows only spawns
+    // threads and runs them.
+    if process_filter {
+        seccomp::apply_process().map_err(BuildError::Other)?;
+    }
     let (fanout, console_stream) = SerialFanout::new(serial_log);
     let console_fanout = fanout.clone();
     let console_thread = std::thread::Builder::new()
