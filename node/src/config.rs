@@ -40,6 +40,58 @@ pub struct FileConfig {
     pub seller: SellerTable,
     #[serde(default)]
     pub buyer: BuyerTable,
+    #[serde(default)]
+    pub swarm: SwarmTable,
+}
+
+/// The `[swarm]` table: how image uploads share this machine's uplink (both roles:
+/// a seller relaying chunks, a buyer seeding its images).
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwarmTable {
+    /// Cap on chunk uploads, kbit/s of chunk payload (default none).
+    pub upload_max_kbps: Option<u64>,
+    /// Yield to the owner's traffic: back off when the queueing delay the uploads
+    /// see rises above `upload_yield_target_ms` (default "on").
+    pub upload_yield: Option<OnOff>,
+    /// The yielding mode's queueing-delay target, ms (default 100).
+    pub upload_yield_target_ms: Option<u64>,
+}
+
+/// Default queueing-delay target of the yielding upload mode, ms.
+pub const DEFAULT_YIELD_TARGET_MS: u64 = 100;
+
+impl SwarmTable {
+    /// The uploads' pacing for `role`: the role's defaults with this table's
+    /// cap and yielding mode.
+    pub fn upload_config(&self, role: Role) -> Result<chunks::swarm::UploadConfig> {
+        let mut c = match role {
+            Role::Buyer => chunks::swarm::UploadConfig::seed(),
+            Role::Seller => chunks::swarm::UploadConfig::relay(),
+        };
+        if let Some(k) = self.upload_max_kbps {
+            if k == 0 {
+                return Err(Error::BadArg {
+                    what: "swarm.upload_max_kbps",
+                    reason: "must be at least 1 (leave it unset for no cap)".into(),
+                });
+            }
+            c.max_rate = Some(k * 1000 / 8);
+        }
+        let target = self
+            .upload_yield_target_ms
+            .unwrap_or(DEFAULT_YIELD_TARGET_MS);
+        if !(1..=10_000).contains(&target) {
+            return Err(Error::BadArg {
+                what: "swarm.upload_yield_target_ms",
+                reason: format!("{target} is outside 1..=10000"),
+            });
+        }
+        if self.upload_yield.unwrap_or(OnOff::On) == OnOff::On {
+            c.yield_target_us = Some(target * 1000);
+        }
+        Ok(c)
+    }
 }
 
 /// The `[seller]` table: what this seller offers and its owner's policy.
@@ -211,6 +263,8 @@ pub struct Settings {
     pub seller: SellerTable,
     /// The config file's `[buyer]` table.
     pub buyer: BuyerTable,
+    /// The config file's `[swarm]` table.
+    pub swarm: SwarmTable,
 }
 
 impl Settings {
@@ -248,6 +302,7 @@ impl Settings {
             overlay: file.overlay,
             seller: file.seller,
             buyer: file.buyer,
+            swarm: file.swarm,
         })
     }
 

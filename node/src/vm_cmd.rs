@@ -599,6 +599,7 @@ mod tests {
             overlay: Default::default(),
             seller: Default::default(),
             buyer: Default::default(),
+            swarm: Default::default(),
         }
     }
 

@@ -8,7 +8,7 @@
 //! Chunk replies are ack-clocked. A receiver answers every chunk with a Have
 //! at once; until then the chunk counts against the node's upload budget
 //! ([`Budget`], a fraction of a second to two seconds of the measured upload
-//! rate, see [`BudgetConfig`]). A reply
+//! capacity, see [`UploadConfig`]). A reply
 //! waits in its peer's queue until the budget has room, and the rarest waiting
 //! reply of the whole node goes first. Without this, each connection's stream
 //! buffers (yamux, noise, TCP) swallow seconds of data at once: every queued
@@ -16,6 +16,13 @@
 //! chunk takes seconds to reach its next holder, and a super-seed believes a
 //! chunk has left when it has not. With it, a chunk crosses the uplink at
 //! nearly full speed and the swarm learns of it a round trip later.
+//!
+//! On slow uplinks (issue 16) the node also uploads to only as many peers at
+//! once as the link carries TCP flows without collapsing (a dozen flows in a
+//! 10-packet modem FIFO lose a third of their packets), paces starts to
+//! `upload_max_kbps`, and yields to the owner's traffic when the queueing delay
+//! its chunks see rises above a target: all decided by `chunks::swarm::UploadPacer`
+//! from the acknowledgement times measured here.
 
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,10 +35,10 @@ use libp2p::{PeerId, StreamProtocol};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::{debug, warn};
 
+use chunks::swarm::{Micros, UploadConfig, UploadPacer};
+
 use super::wire::{Body, Msg, MAX_MESSAGE, PROTOCOL};
 
-/// Most upload budget (bytes).
-const MAX_BUDGET: u64 = 32 * 1024 * 1024;
 /// The byte a reader sends back on a new stream once it reads it.
 const ACCEPT: u8 = 0xa5;
 /// How long an opener waits for that byte, and how often it tries.
@@ -40,30 +47,10 @@ const OPEN_ATTEMPTS: u32 = 5;
 /// Priority of replies with nothing to tell them apart (first come first).
 pub const ORDINARY: u32 = u32::MAX;
 
-/// How much unacknowledged chunk data a node keeps out.
-#[derive(Clone, Copy, Debug)]
-pub struct BudgetConfig {
-    /// Least budget (bytes): enough to keep a slow link busy across a round
-    /// trip whose acks wait in busy queues.
-    pub min: u64,
-    /// The budget holds this much of the measured (acknowledged) upload rate.
-    pub time: Duration,
-}
-
-impl BudgetConfig {
-    /// A super-seed's uplink is the swarm's bottleneck: it must never idle,
-    /// and every chunk it sends is new anyway, so it keeps more out.
-    pub const SEED: BudgetConfig = BudgetConfig {
-        min: 2 * 1024 * 1024,
-        time: Duration::from_millis(2000),
-    };
-    /// A seller relays chunks: the less it queues, the sooner a fresh chunk
-    /// reaches the next holder.
-    pub const RELAY: BudgetConfig = BudgetConfig {
-        min: 384 * 1024,
-        time: Duration::from_millis(400),
-    };
-}
+/// Bytes read at once from a message body, and how often at most a reader
+/// reports that a message is arriving.
+const PROGRESS_PIECE: usize = 16 * 1024;
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 /// A chunk not acknowledged for this long stops counting against the budget
 /// (the receiver may have gone quiet; the link's own failure is reported apart).
 const ACK_TIMEOUT: Duration = Duration::from_secs(20);
@@ -82,6 +69,8 @@ pub enum LinkEvent {
         index: u32,
         delivered: bool,
     },
+    /// Part of a message from `peer` arrived (a chunk in progress).
+    Progress { peer: PeerId },
     /// Our outbound stream to `peer` failed; it is reopened on the next send.
     Down { peer: PeerId, link: u64 },
 }
@@ -89,76 +78,95 @@ pub enum LinkEvent {
 type Key = (PeerId, ImageId, u32);
 
 /// The node's upload budget: chunk bytes written and not yet acknowledged,
-/// the limit on them, and who waits for room (lowest priority value first).
-/// Plain state, driven with explicit times, so it can be tested alone.
+/// who they went to, and the pacing core ([`UploadPacer`]: the limit on them,
+/// how many peers at once, the rate cap and the yielding mode). Plain state,
+/// driven with explicit times, so it can be tested alone.
 #[derive(Debug)]
 pub struct Budget {
-    cfg: BudgetConfig,
+    pacer: UploadPacer,
+    epoch: Instant,
     in_flight: HashMap<Key, (Instant, u64)>,
-    bytes: u64,
-    limit: u64,
-    /// Acknowledged bytes and when the current rate window began.
-    acked_window: u64,
-    window_start: Option<Instant>,
+    /// Chunks in flight per peer.
+    peers: HashMap<PeerId, usize>,
 }
 
 impl Budget {
-    pub fn new(cfg: BudgetConfig) -> Self {
+    pub fn new(cfg: UploadConfig) -> Self {
         Budget {
-            cfg,
+            pacer: UploadPacer::new(cfg),
+            epoch: Instant::now(),
             in_flight: HashMap::new(),
-            bytes: 0,
-            limit: cfg.min,
-            acked_window: 0,
-            window_start: None,
+            peers: HashMap::new(),
         }
     }
 
-    /// Whether another chunk may start now.
+    fn micros(&self, t: Instant) -> Micros {
+        t.saturating_duration_since(self.epoch).as_micros() as Micros
+    }
+
+    /// Whether another chunk may start now (bytes-wise).
     pub fn has_room(&self) -> bool {
-        self.bytes < self.limit
+        self.pacer.has_room()
+    }
+
+    /// Whether a chunk for `peer` may start: it already has one in flight, or
+    /// fewer peers than the link carries at once have.
+    pub fn may_serve(&self, peer: &PeerId) -> bool {
+        self.peers.contains_key(peer) || self.peers.len() < self.pacer.peers_at_once()
+    }
+
+    /// How long the next chunk must wait for the rate cap or the yielding mode.
+    pub fn pace_wait(&self, now: Instant) -> Duration {
+        Duration::from_micros(self.pacer.next_start().saturating_sub(self.micros(now)))
     }
 
     pub fn limit(&self) -> u64 {
-        self.limit
+        self.pacer.limit()
     }
 
     pub fn in_flight_bytes(&self) -> u64 {
-        self.bytes
+        self.pacer.in_flight()
+    }
+
+    #[cfg(test)]
+    pub fn pacer(&self) -> &UploadPacer {
+        &self.pacer
     }
 
     /// A chunk of `size` bytes starts going out.
     pub fn start(&mut self, key: Key, size: u64, now: Instant) {
-        if let Some((_, old)) = self.in_flight.insert(key, (now, size)) {
-            self.bytes -= old;
+        self.forget(&key);
+        let token = self.pacer.start(size, self.micros(now));
+        self.in_flight.insert(key, (now, token));
+        *self.peers.entry(key.0).or_default() += 1;
+    }
+
+    fn unpeer(&mut self, peer: &PeerId) {
+        if let Some(n) = self.peers.get_mut(peer) {
+            *n -= 1;
+            if *n == 0 {
+                self.peers.remove(peer);
+            }
         }
-        self.bytes += size;
     }
 
     /// The receiver acknowledged `key`; true if it was in flight.
     pub fn ack(&mut self, key: &Key, now: Instant) -> bool {
-        let Some((_, size)) = self.in_flight.remove(key) else {
+        let Some((_, token)) = self.in_flight.remove(key) else {
             return false;
         };
-        self.bytes -= size;
-        self.acked_window += size;
-        let start = *self.window_start.get_or_insert(now);
-        let dt = now.saturating_duration_since(start);
-        if dt >= Duration::from_secs(1) {
-            // bytes acknowledged per budget period, over the last window
-            let per = self.acked_window as f64 * self.cfg.time.as_secs_f64() / dt.as_secs_f64();
-            self.limit = (per as u64).clamp(self.cfg.min, MAX_BUDGET.max(self.cfg.min));
-            self.acked_window = 0;
-            self.window_start = Some(now);
-        }
+        let at = self.micros(now);
+        self.pacer.on_ack(token, at);
+        self.unpeer(&key.0);
         true
     }
 
     /// Forgets `key` without counting it as acknowledged; true if in flight.
     pub fn forget(&mut self, key: &Key) -> bool {
         match self.in_flight.remove(key) {
-            Some((_, size)) => {
-                self.bytes -= size;
+            Some((_, token)) => {
+                self.pacer.forget(token);
+                self.unpeer(&key.0);
                 true
             }
             None => false,
@@ -194,6 +202,7 @@ impl Budget {
 struct Waiting {
     prio: u32,
     seq: u64,
+    peer: PeerId,
     grant: oneshot::Sender<()>,
 }
 
@@ -229,7 +238,7 @@ struct Uploads {
 }
 
 impl Uploads {
-    fn new(cfg: BudgetConfig) -> Self {
+    fn new(cfg: UploadConfig) -> Self {
         Uploads {
             state: Mutex::new(UploadState {
                 budget: Budget::new(cfg),
@@ -241,12 +250,17 @@ impl Uploads {
     }
 
     /// A place in line for room in the budget.
-    fn ticket(self: &Arc<Self>, prio: u32) -> Ticket {
+    fn ticket(self: &Arc<Self>, prio: u32, peer: PeerId) -> Ticket {
         let mut st = self.state.lock().expect("uploads lock");
         let (grant, rx) = oneshot::channel();
         st.seq += 1;
         let seq = st.seq;
-        st.waiting.push(Waiting { prio, seq, grant });
+        st.waiting.push(Waiting {
+            prio,
+            seq,
+            peer,
+            grant,
+        });
         Self::grant(&mut st);
         Ticket {
             wait: Some(rx),
@@ -255,20 +269,25 @@ impl Uploads {
         }
     }
 
-    /// Hands room to the best waiter if there is any (one at a time: each
-    /// grant is followed by a `start` that uses up room).
+    /// Hands room to the best waiter the link may serve now, if any (one at a
+    /// time: each grant is followed by a `start` that uses up room). A waiter
+    /// for a peer beyond the peers-at-once limit keeps its place.
     fn grant(st: &mut UploadState) {
-        while st.granted == 0 {
-            match st.waiting.peek() {
-                Some(_) if st.budget.has_room() => {}
-                _ => return,
+        let mut skipped = Vec::new();
+        while st.granted == 0 && st.budget.has_room() {
+            let Some(w) = st.waiting.pop() else { break };
+            if w.grant.is_closed() {
+                continue; // a waiter that gave up
             }
-            let w = st.waiting.pop().expect("peeked");
-            // a waiter that gave up has dropped its receiver: skip it
+            if !st.budget.may_serve(&w.peer) {
+                skipped.push(w);
+                continue;
+            }
             if w.grant.send(()).is_ok() {
                 st.granted += 1;
             }
         }
+        st.waiting.extend(skipped);
     }
 
     fn with<R>(&self, f: impl FnOnce(&mut UploadState) -> R) -> R {
@@ -369,7 +388,7 @@ impl Links {
     pub fn new(
         mut control: libp2p_stream::Control,
         rejected: Arc<AtomicU64>,
-        budget: BudgetConfig,
+        budget: UploadConfig,
     ) -> (Links, mpsc::UnboundedReceiver<LinkEvent>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut incoming = control
@@ -595,7 +614,7 @@ async fn write_loop(
         if ticket.as_ref().is_some_and(|(p, _)| prio < *p) {
             ticket = None;
         }
-        let (_, t) = ticket.get_or_insert_with(|| (prio, uploads.ticket(prio)));
+        let (_, t) = ticket.get_or_insert_with(|| (prio, uploads.ticket(prio, peer)));
         let granted = tokio::select! {
             _ = t.wait() => true,
             // new messages, a cancel or a close: look again
@@ -605,6 +624,12 @@ async fn write_loop(
             continue;
         }
         let (_, t) = ticket.take().expect("granted");
+        // the rate cap and the yielding mode pace starts; the grant is held
+        // meanwhile, so the whole node waits, not just this link
+        let pace = uploads.with(|st| st.budget.pace_wait(Instant::now()));
+        if !pace.is_zero() {
+            tokio::time::sleep(pace).await;
+        }
         let q = {
             let mut ob = link.outbox.lock().expect("outbox lock");
             buf.clear();
@@ -671,6 +696,7 @@ async fn read_loop(
         rejected.fetch_add(1, Ordering::Relaxed);
         warn!(peer = %peer, error = %why, "rejected inbound message; stream dropped");
     };
+    let mut last_progress = Instant::now();
     // tell the opener this stream is being read (see `open`)
     if stream.write_all(&[ACCEPT]).await.is_err() || stream.flush().await.is_err() {
         return;
@@ -688,8 +714,22 @@ async fn read_loop(
             ));
         }
         let mut body = vec![0u8; len];
-        if stream.read_exact(&mut body).await.is_err() {
-            return;
+        // read big messages (chunks) in pieces and say that bytes are arriving:
+        // on a slow link a chunk takes seconds, and a fetch must not give up a
+        // request that is progressing
+        let mut got = 0;
+        while got < len {
+            let end = (got + PROGRESS_PIECE).min(len);
+            if stream.read_exact(&mut body[got..end]).await.is_err() {
+                return;
+            }
+            got = end;
+            if got < len && last_progress.elapsed() >= PROGRESS_EVERY {
+                last_progress = Instant::now();
+                if events.send(LinkEvent::Progress { peer }).is_err() {
+                    return;
+                }
+            }
         }
         match Msg::decode(&body) {
             Ok(msg) => {
@@ -706,10 +746,13 @@ async fn read_loop(
 mod tests {
     use super::*;
 
-    const TEST: BudgetConfig = BudgetConfig {
-        min: 256 * 1024,
-        time: Duration::from_millis(250),
-    };
+    fn test_cfg() -> UploadConfig {
+        UploadConfig {
+            window_us: 250_000,
+            min_bytes: 256 * 1024,
+            ..UploadConfig::relay()
+        }
+    }
 
     fn key(p: &PeerId, i: u32) -> Key {
         (*p, ImageId([1; 32]), i)
@@ -719,7 +762,7 @@ mod tests {
     fn budget_counts_in_flight_until_acked() {
         let p = PeerId::random();
         let t = Instant::now();
-        let mut b = Budget::new(TEST);
+        let mut b = Budget::new(test_cfg());
         assert!(b.has_room());
         b.start(key(&p, 1), 200 * 1024, t);
         assert!(b.has_room());
@@ -735,7 +778,7 @@ mod tests {
     fn budget_follows_the_acknowledged_rate() {
         let p = PeerId::random();
         let t0 = Instant::now();
-        let mut b = Budget::new(TEST);
+        let mut b = Budget::new(test_cfg());
         // 8 MB acknowledged in 2 s: 4 MB/s, a quarter second of it is 1 MB
         for i in 0..128u32 {
             let t = t0 + Duration::from_millis(i as u64 * 2000 / 127);
@@ -745,19 +788,19 @@ mod tests {
         let l = b.limit();
         assert!((900_000..1_200_000).contains(&l), "limit {l}");
         // a slow link never shrinks it below the minimum
-        let mut s = Budget::new(TEST);
+        let mut s = Budget::new(test_cfg());
         s.start(key(&p, 1), 1000, t0);
         s.ack(&key(&p, 1), t0);
         s.start(key(&p, 2), 1000, t0 + Duration::from_secs(5));
         s.ack(&key(&p, 2), t0 + Duration::from_secs(5));
-        assert_eq!(s.limit(), TEST.min);
+        assert_eq!(s.limit(), test_cfg().min_bytes);
     }
 
     #[test]
     fn budget_drops_peers_and_expires() {
         let (p, q) = (PeerId::random(), PeerId::random());
         let t = Instant::now();
-        let mut b = Budget::new(TEST);
+        let mut b = Budget::new(test_cfg());
         b.start(key(&p, 1), 10, t);
         b.start(key(&q, 1), 20, t);
         b.start(key(&q, 2), 30, t + Duration::from_secs(15));
@@ -782,15 +825,47 @@ mod tests {
     }
 
     #[test]
+    fn a_slow_uplink_serves_few_peers_at_once() {
+        let u = Arc::new(Uploads::new(test_cfg()));
+        let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let t0 = Instant::now();
+        // 1 Mbit/s: a 64 KiB chunk acknowledged every half second for 4 s
+        u.with(|st| {
+            for i in 0..9u32 {
+                let t = t0 + Duration::from_millis(500 * i as u64);
+                st.budget.start(key(&a, i), 64 * 1024, t);
+                st.budget.ack(&key(&a, i), t + Duration::from_millis(520));
+            }
+            assert_eq!(st.budget.pacer().peers_at_once(), 2);
+        });
+        let mut ta = u.ticket(1, a);
+        assert!(granted(&mut ta));
+        ta.start(key(&a, 100), 1000);
+        let mut tb = u.ticket(1, b);
+        assert!(granted(&mut tb));
+        tb.start(key(&b, 100), 1000);
+        // a third peer waits although the bytes would fit, a known one does not
+        let mut tc = u.ticket(0, c);
+        assert!(!granted(&mut tc));
+        let mut ta2 = u.ticket(1, a);
+        assert!(granted(&mut ta2));
+        ta2.start(key(&a, 101), 1000);
+        u.with(|st| {
+            st.budget.ack(&key(&b, 100), Instant::now());
+        });
+        assert!(granted(&mut tc), "room for another peer once b is done");
+    }
+
+    #[test]
     fn waiters_get_room_rarest_first() {
-        let u = Arc::new(Uploads::new(TEST));
+        let u = Arc::new(Uploads::new(test_cfg()));
         let p = PeerId::random();
-        let mut first = u.ticket(5);
+        let mut first = u.ticket(5, p);
         assert!(granted(&mut first), "room at once");
         // the budget is full with the first chunk
-        first.start(key(&p, 0), TEST.min);
-        let mut common = u.ticket(7);
-        let mut less_common = u.ticket(3);
+        first.start(key(&p, 0), test_cfg().min_bytes);
+        let mut common = u.ticket(7, p);
+        let mut less_common = u.ticket(3, p);
         assert!(!granted(&mut common) && !granted(&mut less_common));
         u.with(|st| st.budget.ack(&key(&p, 0), Instant::now()));
         assert!(granted(&mut less_common), "rarer first");
@@ -798,7 +873,7 @@ mod tests {
         less_common.start(key(&p, 1), 10);
         assert!(granted(&mut common));
         drop(common); // an unused grant is given back
-        let mut again = u.ticket(8);
+        let mut again = u.ticket(8, p);
         assert!(granted(&mut again));
     }
 }
