@@ -4,15 +4,6 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-pub use crate::domain::Role;
-pub use overlay_args::OverlayCommand;
-pub use vm_args::VmCommand;
-
-// Every clap type lives under cli (the services import them, never the reverse).
-pub mod overlay_args;
-pub mod run_args;
-pub mod vm_args;
-
 #[derive(Debug, Parser)]
 #[command(
     name = "cpushare-node",
@@ -72,6 +63,22 @@ pub struct DaemonArgs {
     pub store_cap_mib: Option<u64>,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Buyer,
+    Seller,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Buyer => "buyer",
+            Role::Seller => "seller",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OnOff {
@@ -94,11 +101,11 @@ pub enum Command {
 
     /// The L2 overlay: admit guests (buyer), attach guest ports (seller), list sessions.
     #[command(subcommand)]
-    Overlay(OverlayCommand),
+    Overlay(crate::overlay_service::OverlayCommand),
 
     /// Run a guest here (from files or an image in the store) and print its console.
     #[command(subcommand)]
-    Vm(VmCommand),
+    Vm(crate::vm_cmd::VmCommand),
 
     /// Show the daemon's peer id, addresses, peers, transfer counters and store.
     Status {
@@ -119,7 +126,7 @@ pub enum Command {
     },
 
     /// Buyer: rent guests of an image on the best sellers and keep them running.
-    Run(run_args::RunArgs),
+    Run(crate::market::cli::RunArgs),
 
     /// Leases of this node (buyer: its guests; seller: the guests it runs).
     Leases {
@@ -159,6 +166,13 @@ pub enum ImageCommand {
         initrd: Option<PathBuf>,
         /// Kernel command line of a direct-boot image.
         #[arg(long, requires = "kernel", default_value = "console=ttyS0")]
+        cmdline: String,
+        /// Image format; guessed from the file when omitted.
+        #[arg(long, value_enum)]
+        format: Option<ImageFormatArg>,
+        /// Human-readable name kept in the manifest (default: the file name).
+        #[arg(long)]
+        name: Option<String>,
         /// Let any peer fetch it (a public grant). Images are private by default:
         /// only peers a lease or `image grant` lets in get its manifest and chunks.
         #[arg(long)]
@@ -180,19 +194,9 @@ pub enum ImageCommand {
         /// seconds; default: no expiry.
         #[arg(long)]
         until: Option<String>,
-        cmdline: String,
-        /// Image format; guessed from the file when omitted.
-        #[arg(long, value_enum)]
-        format: Option<ImageFormatArg>,
-        /// Human-readable name kept in the manifest (default: the file name).
-        #[arg(long)]
-        name: Option<String>,
     },
     /// List images in the store.
     Ls {
-        /// A grant (hex, from the buyer's `image grant`) letting this node fetch it.
-        #[arg(long)]
-        grant: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -200,6 +204,9 @@ pub enum ImageCommand {
     Fetch {
         /// Image id (hex).
         id: String,
+        /// A grant (hex, from the buyer's `image grant`) letting this node fetch it.
+        #[arg(long)]
+        grant: Option<String>,
     },
     /// Write an image from the store to a file.
     Export {

@@ -16,7 +16,7 @@ use super::handle::Waiter;
 use super::status::{fetch_report, ImageStats};
 use super::wire::{self, Body, Msg};
 use super::Net;
-use crate::domain::Role;
+use crate::cli::Role;
 
 pub(super) enum Mode {
     Seed(Box<Seeder<PeerId>>),

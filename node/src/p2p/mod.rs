@@ -45,17 +45,17 @@ use tracing::{debug, info_span, warn};
 pub use conns::ip_of;
 pub use handle::{P2pHandle, PeerEvent};
 
+use crate::cli::Role;
 use crate::control::{Progress, Router};
-use crate::domain::Role;
+use crate::daemon::Node;
 use crate::error::{Error, Result};
-use crate::node::Node;
 use behaviour::{Behaviour, BehaviourEvent};
 use conns::LostAddrs;
 use fault::Fault;
 use grants::Grants;
 use handle::{Cmd, Waiter};
 use image::{ImageSwarm, Mode};
-use link::{LinkEvent, Links};
+use link::{BudgetConfig, LinkEvent, Links};
 use manifest::ManifestFetch;
 use status::{fetch_report, Rejects, Snapshot};
 
@@ -194,7 +194,10 @@ impl Net {
             (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
         });
         let link_rejects = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let budget = node.settings.swarm.upload_config(node.role)?;
+        let budget = match node.role {
+            Role::Buyer => BudgetConfig::SEED,
+            Role::Seller => BudgetConfig::RELAY,
+        };
         let (links, link_events) = Links::new(
             swarm.behaviour().stream.new_control(),
             link_rejects.clone(),
@@ -221,13 +224,13 @@ impl Net {
             rng_seed,
             link_rejects,
             ticks: 0,
+            peer_events,
+            lost_addrs: LostAddrs::default(),
+            conn_ips: HashMap::new(),
             grants: Grants::load(
                 &node.settings.data_dir.join("grants"),
                 market::PeerKey::of(node.identity.signing_key()),
             ),
-            peer_events,
-            lost_addrs: LostAddrs::default(),
-            conn_ips: HashMap::new(),
         })
     }
 
@@ -323,15 +326,15 @@ impl Net {
             }
             Cmd::Fetch {
                 image,
+                progress,
+                reply,
+            } => self.on_fetch(image, Waiter { progress, reply }),
             Cmd::Grant(g) => {
                 let image = ImageId(g.body.image);
                 if let Err(e) = self.grants.add(g) {
                     warn!(image = %image, error = %e, "cannot store grant");
                 }
             }
-                progress,
-                reply,
-            } => self.on_fetch(image, Waiter { progress, reply }),
         }
     }
 
@@ -425,15 +428,6 @@ impl Net {
                     self.drive(image);
                 }
             }
-            LinkEvent::Progress { peer } => {
-                // a chunk from `peer` is arriving: its requests are not stalled
-                let now = self.now();
-                for img in self.images.values_mut() {
-                    if let Mode::Leech(l) = &mut img.mode {
-                        l.on_bytes(&peer, now);
-                    }
-                }
-            }
             LinkEvent::Down { peer, link } => {
                 self.links.on_down(&peer, link);
                 // messages may have been lost: start over with this peer
@@ -447,13 +441,13 @@ impl Net {
 
     /// Drops every trace of `peer` from the images' swarm state.
     fn forget_peer(&mut self, peer: PeerId) {
+        self.grants.link_down(&peer);
         let ids: Vec<ImageId> = self.images.keys().copied().collect();
         for image in ids {
             let img = self.images.get_mut(&image).expect("listed");
             img.members.remove(&peer);
             img.greeted.remove(&peer);
             img.have_queue.remove(&peer);
-        self.grants.link_down(&peer);
             img.slow_have_queue.remove(&peer);
             img.early_haves.remove(&peer);
             match &mut img.mode {
