@@ -128,6 +128,8 @@ setup_net() {
   done
 }
 txb() { ip -n "$1" -s -j link show dev eth0 | jq '.[0].stats64.tx.bytes'; }
+# packets the FIFO under the uplink's HTB class dropped
+drops() { tc -n "$1" -s -j qdisc show dev eth0 | jq '[.[] | select(.kind == "bfifo" or .kind == "pfifo") | .drops] | add // 0'; }
 
 wait_for() {
   local to=$1 what=$2; shift 2
@@ -155,7 +157,7 @@ run_cpushare() {
   done
   for i in $(seq 1 "$N"); do wait_for 30 "seller $i" "$NODE_BIN" --data-dir "$d/p$i" status; done
   sleep 3   # connections, identify, kad settle before the clock starts
-  S0=$(txb "$SEED"); T0=$(now); echo "$T0" > "$R/t0"
+  S0=$(txb "$SEED"); D0=$(drops "$SEED"); T0=$(now); echo "$T0" > "$R/t0"
   for i in $(seq 1 "$N"); do
     ( timeout "$TIMEOUT" ip netns exec "${PEERS[$((i-1))]}" "$NODE_BIN" --data-dir "$d/p$i" image fetch "$IMAGE" \
         > "$d/p$i.fetch" 2>&1 && date +%s.%N > "$d/p$i.done" ) &
@@ -177,7 +179,7 @@ run_http() {
   local d=$R i
   start_bg "$SEED" "$d/http.out" "$PY" -m http.server 8000 --bind "$SEED_IP" --directory "$W"
   wait_for 20 "http server" nsx "$SEED" curl -s --max-time 1 -o /dev/null -I "http://$SEED_IP:8000/file.bin"
-  S0=$(txb "$SEED"); T0=$(now)
+  S0=$(txb "$SEED"); D0=$(drops "$SEED"); T0=$(now)
   for i in $(seq 1 "$N"); do
     ( ip netns exec "${PEERS[$((i-1))]}" curl -sS --max-time "$TIMEOUT" -o "$d/p$i.bin" "http://$SEED_IP:8000/file.bin" \
         && date +%s.%N > "$d/p$i.done" ) &
@@ -206,7 +208,7 @@ run_one() {
     sleep 0.2
   done
   local s1 times=() last
-  s1=$(txb "$SEED")
+  s1=$(txb "$SEED"); local d1; d1=$(drops "$SEED")
   for i in $(seq 1 "$N"); do
     if [ -e "$R/p$i.done" ]; then times+=("$(awk -v a="$(cat "$R/p$i.done")" -v b="$T0" 'BEGIN{printf "%.1f", a-b}')")
     else times+=("-"); fi
@@ -214,9 +216,9 @@ run_one() {
   last=$(printf '%s\n' "${times[@]}" | grep -v -- - | sort -n | tail -1)
   "finish_$mode"
   stop_all
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$mode" "$rep" "$last" \
-    "$(printf '%s\n' "${times[@]}" | sort -n | paste -sd' ')" "$((s1 - S0))" "$PAYLOAD" "$OK/$N" "$status" >> "$W/results.tsv"
-  log "  -> last=$last s, buyer tx=$((s1 - S0)) B (payload $PAYLOAD), sha ok $OK/$N, $status"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$mode" "$rep" "$last" \
+    "$(printf '%s\n' "${times[@]}" | sort -n | paste -sd' ')" "$((s1 - S0))" "$PAYLOAD" "$OK/$N" "$status" "$((d1 - D0))" >> "$W/results.tsv"
+  log "  -> last=$last s, buyer tx=$((s1 - S0)) B (payload $PAYLOAD), buyer FIFO drops $((d1 - D0)), sha ok $OK/$N, $status"
   rm -rf "$R"/p*/store "$R"/buyer/store
 }
 
@@ -237,15 +239,16 @@ names = {"cpushare": "cpushare (super-seeding buyer, rarest-first sellers)",
          "http": "naive HTTP (python http.server + curl)"}
 print(f"Buyer up {su}, sellers up {pu} / down {pd}, N={n}, F={mib} MiB. "
       f"Kumar-Ross bound {kr:.1f} s ({krh:.1f} s with TCP/IP header overhead).\n")
-print("| method | run | last seller done (s) | / K-R bound | / bound with headers | per-seller completion (s, sorted) | buyer wire bytes / F | buyer payload / F | sha256 ok |")
-print("|---|---|---|---|---|---|---|---|---|")
+print("| method | run | last seller done (s) | / K-R bound | / bound with headers | per-seller completion (s, sorted) | buyer wire bytes / F | buyer payload / F | buyer FIFO drops | sha256 ok |")
+print("|---|---|---|---|---|---|---|---|---|---|")
 Fb = mib * 1048576
 for line in open(path):
-    m, rep, last, times, stx, payload, ok, status = line.rstrip("\n").split("\t")
+    m, rep, last, times, stx, payload, ok, status, *rest = line.rstrip("\n").split("\t")
+    drops = rest[0] if rest else "-"
     try: x, xh = f"{float(last)/kr:.3f}", f"{float(last)/krh:.3f}"
     except ValueError: x = xh = "-"
     pl = f"{int(payload)/Fb:.3f}" if payload not in ("-", "null", "") else "-"
-    print(f"| {names.get(m, m)} | {rep} | {last} | {x} | {xh} | {times} | {int(stx)/Fb:.3f} | {pl} | {ok}{'' if status == 'ok' else ' ' + status} |")
+    print(f"| {names.get(m, m)} | {rep} | {last} | {x} | {xh} | {times} | {int(stx)/Fb:.3f} | {pl} | {drops} | {ok}{'' if status == 'ok' else ' ' + status} |")
 PYEOF
 }
 

@@ -4,6 +4,15 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+pub use crate::domain::Role;
+pub use overlay_args::OverlayCommand;
+pub use vm_args::VmCommand;
+
+// Every clap type lives under cli (the services import them, never the reverse).
+pub mod overlay_args;
+pub mod run_args;
+pub mod vm_args;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "cpushare-node",
@@ -63,22 +72,6 @@ pub struct DaemonArgs {
     pub store_cap_mib: Option<u64>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    Buyer,
-    Seller,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Buyer => "buyer",
-            Role::Seller => "seller",
-        }
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OnOff {
@@ -101,11 +94,11 @@ pub enum Command {
 
     /// The L2 overlay: admit guests (buyer), attach guest ports (seller), list sessions.
     #[command(subcommand)]
-    Overlay(crate::overlay_service::OverlayCommand),
+    Overlay(OverlayCommand),
 
     /// Run a guest here (from files or an image in the store) and print its console.
     #[command(subcommand)]
-    Vm(crate::vm_cmd::VmCommand),
+    Vm(VmCommand),
 
     /// Show the daemon's peer id, addresses, peers, transfer counters and store.
     Status {
@@ -126,7 +119,7 @@ pub enum Command {
     },
 
     /// Buyer: rent guests of an image on the best sellers and keep them running.
-    Run(crate::market::cli::RunArgs),
+    Run(run_args::RunArgs),
 
     /// Leases of this node (buyer: its guests; seller: the guests it runs).
     Leases {

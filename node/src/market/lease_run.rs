@@ -18,8 +18,8 @@ use vm::qemu::{AccelPolicy, QemuConfig};
 use vm::{DiskSpec, GuestSpec, NetSpec, Tap};
 
 use crate::control::{Progress, Reply};
-use crate::daemon::Node;
 use crate::error::{Error, Result};
+use crate::node::Node;
 use crate::overlay_leases::LeaseRecord;
 use crate::overlay_service::OverlayHandle;
 use crate::p2p::P2pHandle;
@@ -190,8 +190,31 @@ fn boot_and_wait(
     result
 }
 
-/// Starts the guest: jailed qemu ([`vm::jail`]) unless the seller turned the jail
-/// off, else the best backend for the host.
+/// Which VMM a jailed lease runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum JailedVmm {
+    /// Our microvm, as a jailed process of its own (`vm::microvm::jailed`).
+    Microvm,
+    Qemu,
+}
+
+/// The jailed lease's VMM: `vm::auto`'s choice among `candidates`, exactly as for an
+/// unjailed guest (the microvm where KVM runs Linux and the image boots directly),
+/// with the one-line explanation of the pick.
+fn jailed_vmm(
+    spec: &GuestSpec,
+    candidates: Vec<Box<dyn vm::Backend>>,
+) -> Result<(JailedVmm, String)> {
+    let choice = vm::auto::choose(spec, candidates)?;
+    let vmm = match choice.backend.kind() {
+        vm::BackendKind::Microvm => JailedVmm::Microvm,
+        vm::BackendKind::Qemu => JailedVmm::Qemu,
+    };
+    Ok((vmm, choice.explain()))
+}
+
+/// Starts the guest jailed ([`vm::jail`]): our microvm or qemu, whichever `vm::auto`
+/// picks; unless the seller turned the jail off, then the best backend unjailed.
 fn start_guest(
     ctx: &RunCtx,
     lease: &Lease,
@@ -209,18 +232,30 @@ fn start_guest(
         info!(backend = %choice.explain(), "starting the guest (not jailed)");
         return Ok((choice.backend.start(spec)?, None));
     };
+    let (vmm, why) = jailed_vmm(&spec, vm::auto::backends_with(qemu.clone()))?;
     let mut limits = vm::jail::GuestLimits::for_guest(t.vcpus, t.memory_mib);
     limits.disk_bps = node.settings.seller.disk_mbps.map(|m| m << 20);
     limits.disk_iops = node.settings.seller.disk_iops;
     let name = format!("lease-{}", &t.id.to_string()[..8]);
     let netns = std::path::Path::new("/run/netns").join(ns_name);
     let jail = jailer.jail(&name, limits, Some(&netns))?;
-    let record =
-        crate::cleanup::JailRecord::create(&node.settings.data_dir, &name, jail.uid(), jail.group())?;
-    let qemu = vm::qemu::Qemu::new(qemu);
-    info!(uid = jail.uid(), cgroup = ?jail.group().dirs, "starting the guest: qemu, jailed");
-    let guest = qemu.start_jailed(spec, jail)?;
-    Ok((Box::new(guest), Some(record)))
+    let record = crate::cleanup::JailRecord::create(
+        &node.settings.data_dir,
+        &name,
+        jail.uid(),
+        jail.group(),
+    )?;
+    info!(uid = jail.uid(), cgroup = ?jail.group().dirs, backend = %why, "starting the guest, jailed");
+    let guest: Box<dyn vm::Guest> = match vmm {
+        JailedVmm::Microvm => {
+            // The VMM is this binary's hidden subcommand.
+            let exe = std::env::current_exe()
+                .map_err(|e| Error::Market(format!("finding the node binary for the VMM: {e}")))?;
+            Box::new(vm::microvm::Microvm::new().start_jailed(spec, jail, &exe)?)
+        }
+        JailedVmm::Qemu => Box::new(vm::qemu::Qemu::new(qemu).start_jailed(spec, jail)?),
+    };
+    Ok((guest, Some(record)))
 }
 
 fn run_guest(
@@ -291,4 +326,99 @@ fn run_guest(
     drop(keep);
     drop(reserved);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm::{Backend, BackendKind, Boot, Probe};
+
+    /// A backend whose probe answers as told (the real probes depend on this host's
+    /// KVM, which cannot run Linux here).
+    struct Stub(BackendKind, bool);
+
+    impl Backend for Stub {
+        fn kind(&self) -> BackendKind {
+            self.0
+        }
+        fn probe(&self, _spec: &GuestSpec) -> Probe {
+            Probe {
+                usable: self.1,
+                reason: if self.1 {
+                    "ok"
+                } else {
+                    "KVM cannot run Linux here"
+                }
+                .into(),
+            }
+        }
+        fn start(&self, _spec: GuestSpec) -> vm::Result<Box<dyn vm::Guest>> {
+            unreachable!("the choice never starts a guest")
+        }
+    }
+
+    fn direct_spec() -> GuestSpec {
+        GuestSpec::new(
+            "t",
+            Boot::Direct {
+                kernel: "/boot/vmlinuz".into(),
+                initrd: None,
+                cmdline: String::new(),
+            },
+        )
+    }
+
+    #[test]
+    fn jailed_lease_runs_the_microvm_where_it_is_usable_else_qemu() {
+        let both = |microvm_ok| -> Vec<Box<dyn Backend>> {
+            vec![
+                Box::new(Stub(BackendKind::Microvm, microvm_ok)),
+                Box::new(Stub(BackendKind::Qemu, true)),
+            ]
+        };
+        let (vmm, why) = jailed_vmm(&direct_spec(), both(true)).unwrap();
+        assert_eq!(vmm, JailedVmm::Microvm, "{why}");
+        let (vmm, why) = jailed_vmm(&direct_spec(), both(false)).unwrap();
+        assert_eq!(vmm, JailedVmm::Qemu);
+        assert!(
+            why.contains("not microvm: KVM cannot run Linux here"),
+            "{why}"
+        );
+        let none: Vec<Box<dyn Backend>> = vec![
+            Box::new(Stub(BackendKind::Microvm, false)),
+            Box::new(Stub(BackendKind::Qemu, false)),
+        ];
+        assert!(jailed_vmm(&direct_spec(), none).is_err());
+    }
+
+    #[test]
+    fn jailed_lease_candidates_are_vm_autos() {
+        // The real candidates: the microvm first (unless TCG is forced), then qemu.
+        let kinds = |accel| {
+            vm::auto::backends_with(QemuConfig {
+                accel,
+                ..QemuConfig::default()
+            })
+            .iter()
+            .map(|b| b.kind())
+            .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            kinds(AccelPolicy::Auto),
+            [BackendKind::Microvm, BackendKind::Qemu]
+        );
+        assert_eq!(kinds(AccelPolicy::Tcg), [BackendKind::Qemu]);
+        // A disk image (firmware boot) never goes to the microvm.
+        let disk = tempfile::tempfile().unwrap();
+        disk.set_len(1 << 20).unwrap();
+        let mut spec = GuestSpec::new("t", Boot::Disk);
+        spec.disk = Some(DiskSpec::new(disk));
+        match jailed_vmm(&spec, vm::auto::backends_with(QemuConfig::default())) {
+            Ok((vmm, why)) => {
+                assert_eq!(vmm, JailedVmm::Qemu);
+                assert!(why.contains("not microvm"), "{why}");
+            }
+            Err(e) => assert!(e.to_string().contains("microvm"), "{e}"),
+        }
+    }
 }

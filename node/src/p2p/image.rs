@@ -16,7 +16,7 @@ use super::handle::Waiter;
 use super::status::{fetch_report, ImageStats};
 use super::wire::{self, Body, Msg};
 use super::Net;
-use crate::cli::Role;
+use crate::domain::Role;
 
 pub(super) enum Mode {
     Seed(Box<Seeder<PeerId>>),

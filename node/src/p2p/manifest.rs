@@ -11,7 +11,7 @@ use tracing::{debug, info, warn};
 use super::handle::Waiter;
 use super::wire::{self, Body, Msg};
 use super::Net;
-use crate::cli::Role;
+use crate::domain::Role;
 
 /// An image whose manifest we are waiting for.
 pub(super) struct ManifestFetch {

@@ -45,17 +45,17 @@ use tracing::{debug, info_span, warn};
 pub use conns::ip_of;
 pub use handle::{P2pHandle, PeerEvent};
 
-use crate::cli::Role;
 use crate::control::{Progress, Router};
-use crate::daemon::Node;
+use crate::domain::Role;
 use crate::error::{Error, Result};
+use crate::node::Node;
 use behaviour::{Behaviour, BehaviourEvent};
 use conns::LostAddrs;
 use fault::Fault;
 use grants::Grants;
 use handle::{Cmd, Waiter};
 use image::{ImageSwarm, Mode};
-use link::{BudgetConfig, LinkEvent, Links};
+use link::{LinkEvent, Links};
 use manifest::ManifestFetch;
 use status::{fetch_report, Rejects, Snapshot};
 
@@ -194,10 +194,7 @@ impl Net {
             (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
         });
         let link_rejects = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let budget = match node.role {
-            Role::Buyer => BudgetConfig::SEED,
-            Role::Seller => BudgetConfig::RELAY,
-        };
+        let budget = node.settings.swarm.upload_config(node.role)?;
         let (links, link_events) = Links::new(
             swarm.behaviour().stream.new_control(),
             link_rejects.clone(),
@@ -426,6 +423,15 @@ impl Net {
                 if let Mode::Seed(s) = &mut img.mode {
                     s.on_sent(&peer, index, delivered, now);
                     self.drive(image);
+                }
+            }
+            LinkEvent::Progress { peer } => {
+                // a chunk from `peer` is arriving: its requests are not stalled
+                let now = self.now();
+                for img in self.images.values_mut() {
+                    if let Mode::Leech(l) = &mut img.mode {
+                        l.on_bytes(&peer, now);
+                    }
                 }
             }
             LinkEvent::Down { peer, link } => {
