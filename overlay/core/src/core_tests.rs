@@ -329,7 +329,7 @@ fn guest_to_guest_and_broadcast_through_the_switch() {
     h.settle();
     assert_eq!(h.guests[1], vec![f.clone()]);
     assert!(h.guests[2].is_empty() && h.tap.is_empty());
-    let b = arp(guest_mac(0), guest_mac(0), guest_ip(0), guest_ip(2), 1);
+    let b = arp_frame(guest_mac(0), guest_mac(0), guest_ip(0), guest_ip(2), 1);
     h.guest_sends(0, &b);
     h.settle();
     assert_eq!(h.guests[1].last(), Some(&b));
@@ -337,7 +337,7 @@ fn guest_to_guest_and_broadcast_through_the_switch() {
     assert_eq!(h.tap, vec![b]);
     assert!(h.guests[0].is_empty(), "no echo to the sender");
     // Host broadcast reaches every guest.
-    let hb = arp(BUYER_MAC, BUYER_MAC, BUYER_IP, guest_ip(1), 1);
+    let hb = arp_frame(BUYER_MAC, BUYER_MAC, BUYER_IP, guest_ip(1), 1);
     h.host_sends(&hb);
     h.settle();
     for i in 0..3 {
@@ -1362,7 +1362,11 @@ fn buyer_holds_guest_ipv6_to_the_admission() {
     let forged: std::net::Ipv6Addr = "2001:db8::99".parse().unwrap();
     unfiltered(&mut h, 1, &ipv6_frame(guest_mac(1), forged, 58, &echo));
     unfiltered(&mut h, 1, &ipv6_frame(guest_mac(1), ll(0), 58, &echo));
-    unfiltered(&mut h, 1, &ipv6_frame(guest_mac(1), ll(1), 60, &ra_behind_dstopts));
+    unfiltered(
+        &mut h,
+        1,
+        &ipv6_frame(guest_mac(1), ll(1), 60, &ra_behind_dstopts),
+    );
     assert_eq!(h.tap.len(), 2);
     assert_eq!(drops(&h, 1, DropReason::Ipv6Source), 2);
     assert_eq!(drops(&h, 1, DropReason::Ipv6ExtensionHeader), 1);

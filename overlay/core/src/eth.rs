@@ -138,7 +138,9 @@ mod tests {
         let m: MacAddr = "52:54:00:ab:cd:ef".parse().unwrap();
         assert_eq!(
             m.ipv6_link_local(),
-            "fe80::5054:ff:feab:cdef".parse::<std::net::Ipv6Addr>().unwrap()
+            "fe80::5054:ff:feab:cdef"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
         );
     }
 }

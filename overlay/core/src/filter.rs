@@ -387,7 +387,7 @@ mod tests {
         bad_ihl[14] = 0x44;
         let mut short_total = udp4(GUEST_MAC, BUYER_MAC, GUEST_IP, BUYER_IP, 1, 2, b"x");
         short_total[16..18].copy_from_slice(&2000u16.to_be_bytes());
-        let mut bad_arp = arp(GUEST_MAC, GUEST_MAC, GUEST_IP, BUYER_IP, 1);
+        let mut bad_arp = arp_frame(GUEST_MAC, GUEST_MAC, GUEST_IP, BUYER_IP, 1);
         bad_arp[14 + 4] = 8;
         let mut later_fragment = udp4(GUEST_MAC, BUYER_MAC, other_ip, BUYER_IP, 67, 68, b"x");
         later_fragment[14 + 6..14 + 8].copy_from_slice(&0x0010u16.to_be_bytes());
@@ -518,43 +518,43 @@ mod tests {
             (
                 "ipv4 header cut",
                 lease(),
-                eth(GUEST_MAC, BUYER_MAC, 0x0800, &[0x45; 10]),
+                eth(BUYER_MAC, GUEST_MAC, 0x0800, &[0x45; 10]),
                 Err(DropReason::Ipv4Malformed),
             ),
             (
                 "arp request",
                 lease(),
-                arp(GUEST_MAC, GUEST_MAC, GUEST_IP, BUYER_IP, 1),
+                arp_frame(GUEST_MAC, GUEST_MAC, GUEST_IP, BUYER_IP, 1),
                 Ok(true),
             ),
             (
                 "arp reply",
                 lease(),
-                arp(GUEST_MAC, GUEST_MAC, GUEST_IP, BUYER_IP, 2),
+                arp_frame(GUEST_MAC, GUEST_MAC, GUEST_IP, BUYER_IP, 2),
                 Ok(true),
             ),
             (
                 "arp probe from 0.0.0.0",
                 lease(),
-                arp(GUEST_MAC, GUEST_MAC, zero, GUEST_IP, 1),
+                arp_frame(GUEST_MAC, GUEST_MAC, zero, GUEST_IP, 1),
                 Ok(true),
             ),
             (
                 "arp reply from 0.0.0.0",
                 lease(),
-                arp(GUEST_MAC, GUEST_MAC, zero, GUEST_IP, 2),
+                arp_frame(GUEST_MAC, GUEST_MAC, zero, GUEST_IP, 2),
                 Err(DropReason::ArpSpoof),
             ),
             (
                 "arp spoofed sender ip",
                 lease(),
-                arp(GUEST_MAC, GUEST_MAC, BUYER_IP, other_ip, 2),
+                arp_frame(GUEST_MAC, GUEST_MAC, BUYER_IP, other_ip, 2),
                 Err(DropReason::ArpSpoof),
             ),
             (
                 "arp spoofed sender mac",
                 lease(),
-                arp(GUEST_MAC, other_mac, GUEST_IP, BUYER_IP, 2),
+                arp_frame(GUEST_MAC, other_mac, GUEST_IP, BUYER_IP, 2),
                 Err(DropReason::ArpSpoof),
             ),
             (
@@ -566,7 +566,7 @@ mod tests {
             (
                 "arp truncated",
                 lease(),
-                eth(GUEST_MAC, MacAddr::BROADCAST, 0x0806, &[0; 20]),
+                eth(MacAddr::BROADCAST, GUEST_MAC, 0x0806, &[0; 20]),
                 Err(DropReason::ArpMalformed),
             ),
             ("vlan 802.1q", lease(), vlan, Err(DropReason::VlanTagged)),
@@ -586,7 +586,7 @@ mod tests {
             (
                 "other ethertype",
                 lease(),
-                eth(GUEST_MAC, BUYER_MAC, 0x88cc, &[0; 40]),
+                eth(BUYER_MAC, GUEST_MAC, 0x88cc, &[0; 40]),
                 Err(DropReason::EtherType),
             ),
             ("ipv6 neighbour solicitation", v6_lease(), ns, Ok(true)),
@@ -617,7 +617,7 @@ mod tests {
             (
                 "ipv6 truncated",
                 v6_lease(),
-                eth(GUEST_MAC, BUYER_MAC, 0x86dd, &[0x60; 30]),
+                eth(BUYER_MAC, GUEST_MAC, 0x86dd, &[0x60; 30]),
                 Err(DropReason::Ipv6Malformed),
             ),
         ];
@@ -640,7 +640,7 @@ mod tests {
             broadcast_burst: 3,
         };
         let mut f = EgressFilter::new(&l);
-        let b = arp(GUEST_MAC, GUEST_MAC, GUEST_IP, BUYER_IP, 1);
+        let b = arp_frame(GUEST_MAC, GUEST_MAC, GUEST_IP, BUYER_IP, 1);
         for _ in 0..3 {
             assert_eq!(f.check_egress(&b, t0), Ok(()));
         }
@@ -702,7 +702,7 @@ mod tests {
         let f = EgressFilter::new(&lease());
         let f6 = EgressFilter::new(&v6_lease());
         let to_guest = udp4(BUYER_MAC, GUEST_MAC, BUYER_IP, GUEST_IP, 1, 2, b"");
-        let to_bcast = arp(BUYER_MAC, BUYER_MAC, BUYER_IP, GUEST_IP, 1);
+        let to_bcast = arp_frame(BUYER_MAC, BUYER_MAC, BUYER_IP, GUEST_IP, 1);
         let to_other = udp4(
             BUYER_MAC,
             MacAddr([2, 0, 0, 0, 0, 0x42]),

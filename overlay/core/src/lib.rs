@@ -29,6 +29,7 @@ pub mod dhcp;
 pub mod error;
 pub mod eth;
 pub mod filter;
+pub mod frames;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod identity;
