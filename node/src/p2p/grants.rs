@@ -479,21 +479,28 @@ mod tests {
             Err(DenyReason::NoGrant)
         );
 
-        // s1 handed its own grant keeps it to present, once per link
+        // s1 handed its own grant keeps it to present, once per link; before the
+        // manifest names the owner too (a redirect comes before the manifest)
         let dir3 = tempfile::tempdir().unwrap();
         let mut s = Grants::load(dir3.path(), PeerKey::of(&s1));
         s.on_presented(peer(&buyer), &encode_grant(&g1), true)
             .unwrap();
-        assert_eq!(
-            s.to_present(peer(&s2), image, 10),
-            None,
-            "owner unknown yet"
-        );
-        s.set_owner(image, owner);
         assert_eq!(s.to_present(peer(&s2), image, 10), Some(encode_grant(&g1)));
         assert_eq!(s.to_present(peer(&s2), image, 10), None);
+        s.set_owner(image, owner);
         s.link_down(&peer(&s2));
         assert!(s.to_present(peer(&s2), image, 10).is_some());
         assert!(s.to_present(peer(&buyer), image, 2000).is_none());
+        // kept on disk once the owner is known
+        let mut again = Grants::load(dir3.path(), PeerKey::of(&s1));
+        assert!(again.to_present(peer(&s2), image, 10).is_some());
+
+        // handed a grant for an image we are not fetching: not kept
+        let dir4 = tempfile::tempdir().unwrap();
+        let mut x = Grants::load(dir4.path(), PeerKey::of(&s1));
+        x.on_presented(peer(&buyer), &encode_grant(&g1), false)
+            .unwrap();
+        assert_eq!(x.to_present(peer(&s2), image, 10), None);
+        assert_eq!(std::fs::read_dir(dir4.path()).map_or(0, |d| d.count()), 0);
     }
 }
