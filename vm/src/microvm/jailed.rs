@@ -117,12 +117,16 @@ pub fn vmm_main(args: &[std::ffi::OsString]) -> i32 {
             return 2;
         }
     }
-    // SAFETY (all four): the fds were checked open above, were inherited for this
-    // purpose, are distinct (the parent made them so), and nothing else owns them.
     // Sockets are used as files: read(2)/write(2), no recvfrom/sendto to allow.
+    // SAFETY: the fd was checked open above, was inherited for this purpose, is
+    // distinct from the others (the parent made them so), and nothing else in this
+    // process owns it. The same holds for the next three.
     let mut control = unsafe { File::from_raw_fd(a.control_fd) };
+    // SAFETY: as above.
     let serial = unsafe { File::from_raw_fd(a.serial_fd) };
+    // SAFETY: as above.
     let disk = a.disk_fd.map(|fd| unsafe { File::from_raw_fd(fd) });
+    // SAFETY: as above.
     let tap = a.tap_fd.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
 
     let fail = |control: &mut File, kind, reason: String| {
