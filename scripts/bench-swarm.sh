@@ -213,7 +213,7 @@ run_one() {
     if [ -e "$R/p$i.done" ]; then times+=("$(awk -v a="$(cat "$R/p$i.done")" -v b="$T0" 'BEGIN{printf "%.1f", a-b}')")
     else times+=("-"); fi
   done
-  last=$(printf '%s\n' "${times[@]}" | grep -v -- - | sort -n | tail -1)
+  last=$(printf '%s\n' "${times[@]}" | { grep -v -- - || true; } | sort -n | tail -1)
   "finish_$mode"
   stop_all
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$mode" "$rep" "$last" \
