@@ -334,10 +334,12 @@ fn distcc_env(hosts: &[String], dir: &Path) -> Result<Vec<(&'static str, String)
             "DISTCC_DIR",
             dir.with_extension("distcc-dir").display().to_string(),
         ),
-        // A guest that vanishes mid-job is given up on after this many seconds (the
-        // default is 300), and distcc compiles that file locally. It must exceed the
-        // longest compile on a guest: a TCG guest on a loaded host took 21 s per file.
-        ("DISTCC_IO_TIMEOUT", "180".into()),
+        // How long distcc waits on a guest before giving the job up (and, after a
+        // lost seller, before compiling that file locally). It must exceed the
+        // longest compile on a guest: 20 s was too short for a TCG guest on a loaded
+        // host, and at load ~18 even 180 s was too short for inflate.c and deflate.c
+        // at -O3 (distcc then sent them again and again); 300 is distcc's default.
+        ("DISTCC_IO_TIMEOUT", "300".into()),
     ])
 }
 
