@@ -21,6 +21,7 @@ SECTIONS = [
     ("vm-microvm.md", "microvm start and memory (issue 4)", "microvm-start-and-memory-issue-4"),
     ("vm-qemu.md", "Linux boot under QEMU TCG (issue 4)", "linux-boot-under-qemu-tcg-issue-4"),
     ("market.md", "Market: one run to guests answering, and replacement (issue 12)", "market-one-run-to-guests-answering-and-replacement-issue-12"),
+    ("simulations.md", "Simulations (issue 17)", "simulations-issue-17"),
 ]
 
 HEADLINES = (BENCH / "headlines.md").read_text().strip().splitlines()
