@@ -338,7 +338,7 @@ fn distcc_env(hosts: &[String], dir: &Path) -> Result<Vec<(&'static str, String)
         // lost seller, before compiling that file locally). It must exceed the
         // longest compile on a guest: 20 s was too short for a TCG guest on a loaded
         // host, and at load ~18 even 180 s was too short for inflate.c and deflate.c
-        // at -O3 (distcc then sent them again and again); 300 is distcc's default.
+        // at -O3 (distcc then compiled them locally after each wait); 300 is distcc's default.
         ("DISTCC_IO_TIMEOUT", "300".into()),
     ])
 }
