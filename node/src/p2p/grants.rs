@@ -142,7 +142,12 @@ impl Grants {
     }
 
     /// Our grant for `image` to present to `peer`, once per link.
-    pub fn to_present(&mut self, peer: PeerId, image: ImageId, now_ms: u64) -> Option<Vec<u8>> {
+    pub fn grant_to_present(
+        &mut self,
+        peer: PeerId,
+        image: ImageId,
+        now_ms: u64,
+    ) -> Option<Vec<u8>> {
         if self.sent.contains(&(peer, image)) {
             return None;
         }
@@ -260,7 +265,7 @@ impl Net {
 
     /// Presents our grant for `image` to `peer` before a request (once a link).
     pub(super) fn present(&mut self, peer: PeerId, image: ImageId) {
-        if let Some(b) = self.grants.to_present(peer, image, unix_ms()) {
+        if let Some(b) = self.grants.grant_to_present(peer, image, unix_ms()) {
             self.links.send(peer, Msg::new(image, Body::Grant(b)));
         }
     }
@@ -485,22 +490,25 @@ mod tests {
         let mut s = Grants::load(dir3.path(), PeerKey::of(&s1));
         s.on_presented(peer(&buyer), &encode_grant(&g1), true)
             .unwrap();
-        assert_eq!(s.to_present(peer(&s2), image, 10), Some(encode_grant(&g1)));
-        assert_eq!(s.to_present(peer(&s2), image, 10), None);
+        assert_eq!(
+            s.grant_to_present(peer(&s2), image, 10),
+            Some(encode_grant(&g1))
+        );
+        assert_eq!(s.grant_to_present(peer(&s2), image, 10), None);
         s.set_owner(image, owner);
         s.link_down(&peer(&s2));
-        assert!(s.to_present(peer(&s2), image, 10).is_some());
-        assert!(s.to_present(peer(&buyer), image, 2000).is_none());
+        assert!(s.grant_to_present(peer(&s2), image, 10).is_some());
+        assert!(s.grant_to_present(peer(&buyer), image, 2000).is_none());
         // kept on disk once the owner is known
         let mut again = Grants::load(dir3.path(), PeerKey::of(&s1));
-        assert!(again.to_present(peer(&s2), image, 10).is_some());
+        assert!(again.grant_to_present(peer(&s2), image, 10).is_some());
 
         // handed a grant for an image we are not fetching: not kept
         let dir4 = tempfile::tempdir().unwrap();
         let mut x = Grants::load(dir4.path(), PeerKey::of(&s1));
         x.on_presented(peer(&buyer), &encode_grant(&g1), false)
             .unwrap();
-        assert_eq!(x.to_present(peer(&s2), image, 10), None);
+        assert_eq!(x.grant_to_present(peer(&s2), image, 10), None);
         assert_eq!(std::fs::read_dir(dir4.path()).map_or(0, |d| d.count()), 0);
     }
 }
