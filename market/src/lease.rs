@@ -401,7 +401,10 @@ pub(crate) mod tests {
 
         let mut p = pol.clone();
         p.denied_buyers.insert(bk);
-        assert_eq!(p.check(&me, &ok, &bk, &[], now, 12 * 60), Err(Refusal::Denied));
+        assert_eq!(
+            p.check(&me, &ok, &bk, &[], now, 12 * 60),
+            Err(Refusal::Denied)
+        );
         let mut p = pol.clone();
         p.allowed_buyers = Some([ok_other].into_iter().collect());
         assert_eq!(

@@ -36,7 +36,10 @@ fn main() -> ExitCode {
     // runs before anything else (no logging, no runtime): its seccomp filter must be
     // installed while it has a single thread.
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
-    if args.first().is_some_and(|a| a == vm::microvm::jailed::SUBCOMMAND) {
+    if args
+        .first()
+        .is_some_and(|a| a == vm::microvm::jailed::SUBCOMMAND)
+    {
         let code = vm::microvm::jailed::vmm_main(&args[1..]);
         return ExitCode::from(code.clamp(0, 255) as u8);
     }
