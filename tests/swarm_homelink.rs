@@ -201,7 +201,7 @@ fn six_sellers_on_1mbit_uplinks_with_10_packet_fifos_fetch_within_3x_the_bound()
         });
     }
     drop(tx);
-    let mut done = vec![None; SELLERS];
+    let mut done = [None; SELLERS];
     while done.iter().any(Option::is_none) {
         let left = limit.saturating_sub(t0.elapsed());
         let Ok((i, at, r)) = rx.recv_timeout(left) else {
