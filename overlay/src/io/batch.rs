@@ -366,7 +366,14 @@ pub struct SendBatch {
     n: usize,
     connected: Option<SocketAddr>,
     gso: bool,
+    /// Wait and resend a message the kernel refuses with ENOBUFS (a full device
+    /// queue) instead of dropping it at once: see [`SendBatch::retry_full_queue`].
+    retry_enobufs: bool,
 }
+
+/// Resends of one message refused with ENOBUFS, waiting 20 us, 40 us, ... (about
+/// 5 ms in all) for the device's queue to drain.
+const ENOBUFS_RETRIES: u32 = 8;
 
 /// The per-slot arrays of a [`SendBatch`], borrowed together.
 struct SendParts<'a> {
@@ -416,7 +423,17 @@ impl SendBatch {
             n: 0,
             connected: None,
             gso: false,
+            retry_enobufs: false,
         }
+    }
+
+    /// Frames for a local device (a guest's tap or veth through a packet socket):
+    /// a full device queue is the reader being briefly behind, so wait for it a
+    /// few milliseconds as a blocking write would, rather than drop frames that
+    /// TCP would then resend in bursts.
+    pub fn retry_full_queue(mut self) -> SendBatch {
+        self.retry_enobufs = true;
+        self
     }
 
     fn parts(&mut self) -> SendParts<'_> {
@@ -503,6 +520,7 @@ impl SendBatch {
             return Ok(0);
         }
         let (slot, gso, bufs) = (self.slot, self.gso, self.bufs.as_mut_ptr());
+        let retry_enobufs = self.retry_enobufs;
         let p = self.parts();
         for i in 0..n {
             p.iov[i] = libc::iovec {
@@ -562,6 +580,7 @@ impl SendBatch {
                 h.msg_controllen = 0;
             }
         }
+        let mut retries = 0;
         let mut off = 0;
         let mut sent = 0;
         let mut no_gso = false;
@@ -605,6 +624,14 @@ impl SendBatch {
                         off += 1;
                         continue;
                     }
+                    _ if retry_enobufs
+                        && retries < ENOBUFS_RETRIES
+                        && e.raw_os_error() == Some(libc::ENOBUFS) =>
+                    {
+                        std::thread::sleep(std::time::Duration::from_micros(20 << retries));
+                        retries += 1;
+                        continue;
+                    }
                     _ if matches!(
                         e.raw_os_error(),
                         Some(libc::ENOBUFS)
@@ -626,6 +653,7 @@ impl SendBatch {
                 sent += b - a;
             }
             off += r as usize;
+            retries = 0;
         }
         self.gso &= !no_gso;
         Ok(sent)

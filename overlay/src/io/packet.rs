@@ -124,7 +124,7 @@ impl PacketPort {
 
     /// A send batch sized for this port (frames up to `max_frame` bytes).
     pub fn send_batch(slots: usize, max_frame: usize) -> SendBatch {
-        SendBatch::new(slots, max_frame + VNET_HDR_LEN)
+        SendBatch::new(slots, max_frame + VNET_HDR_LEN).retry_full_queue()
     }
 
     /// Receive a batch and hand every wire frame in it to `emit` (TSO bursts cut into
