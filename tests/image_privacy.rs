@@ -204,9 +204,19 @@ fn private_images_need_a_grant_and_the_dht_hides_their_ids() -> Result<()> {
         export(&s2, &id, &dir.path().join("s2.out"))? == data,
         "s2's copy differs"
     );
-    let up = s1.status()?["p2p"]["images"][&id]["uploaded_bytes"]
-        .as_u64()
-        .unwrap_or(0);
+    // s1 counts a chunk as uploaded once s2 acknowledges it (its Have), which
+    // may reach s1 after s2's fetch has returned.
+    let uploaded = || {
+        s1.status().ok().map_or(0, |v| {
+            v["p2p"]["images"][&id]["uploaded_bytes"]
+                .as_u64()
+                .unwrap_or(0)
+        })
+    };
+    wait_until(Duration::from_secs(15), || {
+        uploaded() >= data.len() as u64 / 2
+    });
+    let up = uploaded();
     ensure!(
         up >= data.len() as u64 / 2,
         "s2 was not served by s1 (s1 uploaded {up} bytes)"

@@ -134,11 +134,17 @@ fn leftovers(data: &Path, guests: &[Jailed], netns: &[String]) -> Leftovers {
     let mut l = Leftovers::default();
     for g in guests {
         l.vmm_processes.extend(procs_in(&g.dirs));
-        // Any process still running as the guest's uid counts too.
+        // Any process still running as the guest's uid counts too. A zombie does
+        // not: it runs nothing and holds nothing but its pid until its parent (init,
+        // for a VMM orphaned by the killed seller) reaps it, which is not the seller's
+        // to do.
         for p in std::fs::read_dir("/proc").unwrap().flatten() {
             let Ok(pid) = p.file_name().to_string_lossy().parse::<u32>() else {
                 continue;
             };
+            if status_field(pid, "State").is_some_and(|s| s.starts_with('Z')) {
+                continue;
+            }
             if status_field(pid, "Uid")
                 .is_some_and(|u| u.split_whitespace().next() == Some(&g.uid.to_string()))
             {

@@ -128,7 +128,8 @@ fn overlay_through_the_node_cli() {
     guest
         .sysctl("net.ipv6.conf.default.disable_ipv6=1")
         .unwrap();
-    let lease = Netns::new("covnl").unwrap();
+    // `attach --iface` takes only a lease namespace the node made.
+    seller.cli_ok(&["overlay", "netns-add", "covnl"]).unwrap();
     ip(&[
         "link", "add", "covngv", "netns", "covng", "type", "veth", "peer", "name", "covnlv",
         "netns", "covnl",
@@ -267,5 +268,6 @@ fn overlay_through_the_node_cli() {
     );
     drop(seller);
     drop(buyer);
-    drop(lease);
+    // The namespace netns-add made, whether or not the seller removed it on exit.
+    let _ = ip(&["netns", "del", "covnl"]);
 }
