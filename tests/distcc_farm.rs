@@ -347,7 +347,11 @@ fn compiled_on(buyer: &Path, lease: &str) -> usize {
     console(buyer, lease).matches("COMPILE_OK").count()
 }
 
+// Opt-in: about 10 minutes on an idle 2-core machine (586 s here, the Debian image
+// cached) plus ~3 minutes to build the image, which would take .ci/run past its
+// 30-minute budget.
 #[test]
+#[ignore = "slow: builds a Debian guest and zlib under TCG; run with `cargo test -p cpushare-tests --test distcc_farm -- --ignored`"]
 fn distcc_farm_builds_zlib_on_rented_sellers() -> Result<()> {
     if !require_root("network namespaces, taps, qemu, NFS server") || !require_tools() {
         return Ok(());
