@@ -22,6 +22,8 @@ SECTIONS = [
     ("vm-qemu.md", "Linux boot under QEMU TCG (issue 4)", "linux-boot-under-qemu-tcg-issue-4"),
     ("market.md", "Market: one run to guests answering, and replacement (issue 12)", "market-one-run-to-guests-answering-and-replacement-issue-12"),
     ("simulations.md", "Simulations (issue 17)", "simulations-issue-17"),
+    ("owner.md", "The owner's machine beside a guest (issue 13)", "the-owners-machine-beside-a-guest-issue-13"),
+    ("distcc.md", "distcc build farm on rented sellers (issue 18)", "distcc-build-farm-on-rented-sellers-issue-18"),
 ]
 
 HEADLINES = (BENCH / "headlines.md").read_text().strip().splitlines()
