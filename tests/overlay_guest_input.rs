@@ -30,19 +30,9 @@ use cpushare_tests::overlay::{
 use overlay::io::{self, shell, Buyer, NetNs, PacketPort, Seller, Tap, TapOptions};
 use overlay::{DropReason, GuestLease, Identity, MacAddr, PeerKey, SellerConfig, SellerCore};
 
-/// Whether this test can run: as root. Without root it fails under CI (where a skip
-/// would hide a broken setup) and skips with the reason elsewhere.
+/// Whether this test can run: as root (fails under CI without it).
 fn need_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "needs root (network namespaces, taps) and CI is set"
-    );
-    eprintln!("skipping: needs root (network namespaces, taps)");
-    false
+    cpushare_tests::require_root("network namespaces, taps")
 }
 
 fn quiet_v6(ns: &Netns) -> Result<()> {
