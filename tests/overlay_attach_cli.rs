@@ -50,6 +50,15 @@ fn records(data_dir: &Path) -> usize {
         .unwrap_or(0)
 }
 
+/// The tests share NAMES and each scrubs all of them first, so they take turns: run
+/// in parallel, one test's scrub deleted a namespace another had just made (CI failure:
+/// "Cannot open network namespace cna-host").
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Removes what a run may leave, also when it panics.
 struct Scrub;
 impl Drop for Scrub {
@@ -64,6 +73,7 @@ fn attach_checks_every_flag_first_and_takes_only_lease_namespaces() {
     if !cpushare_tests::require_root("network namespaces") {
         return;
     }
+    let _serial = serial();
     scrub(NAMES);
     let _scrub = Scrub;
     let dir = tempfile::tempdir().unwrap();
@@ -216,6 +226,7 @@ fn a_seller_under_ip_netns_exec_makes_visible_lease_namespaces() {
     if !cpushare_tests::require_root("network namespaces") {
         return;
     }
+    let _serial = serial();
     scrub(NAMES);
     let _scrub = Scrub;
     let dir = tempfile::tempdir().unwrap();
@@ -269,6 +280,7 @@ fn vm_run_tap_opens_the_lease_namespace_tap() {
     if !cpushare_tests::require_root("network namespaces") {
         return;
     }
+    let _serial = serial();
     scrub(NAMES);
     let _scrub = Scrub;
     let dir = tempfile::tempdir_in(vmguest::scratch_dir()).unwrap();
@@ -357,6 +369,7 @@ fn admit_prints_an_address_a_seller_can_use() {
     if !cpushare_tests::require_root("a tap device") {
         return;
     }
+    let _serial = serial();
     scrub(NAMES);
     let _scrub = Scrub;
     let dir = tempfile::tempdir().unwrap();
