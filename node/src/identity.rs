@@ -99,6 +99,19 @@ impl Identity {
     }
 }
 
+/// The ed25519 key inside a peer id (every cpushare node's id is one).
+pub fn key_of_peer(p: &PeerId) -> Option<market::PeerKey> {
+    let pk = libp2p::identity::PublicKey::try_decode_protobuf(p.as_ref().digest()).ok()?;
+    let ed = pk.try_into_ed25519().ok()?;
+    Some(market::PeerKey(ed.to_bytes()))
+}
+
+/// The peer id of an ed25519 key.
+pub fn peer_of_key(k: &market::PeerKey) -> Option<PeerId> {
+    let ed = libp2p::identity::ed25519::PublicKey::try_from_bytes(&k.0).ok()?;
+    Some(libp2p::identity::PublicKey::from(ed).to_peer_id())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,5 +140,13 @@ mod tests {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         let e = Identity::load_or_create(&path).unwrap_err().to_string();
         assert!(e.contains("chmod 600"), "{e}");
+    }
+
+    #[test]
+    fn peer_ids_and_keys_convert_both_ways() {
+        let kp = libp2p::identity::Keypair::generate_ed25519();
+        let peer = kp.public().to_peer_id();
+        let key = key_of_peer(&peer).expect("ed25519 peer id");
+        assert_eq!(peer_of_key(&key), Some(peer));
     }
 }

@@ -20,7 +20,6 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use libp2p::PeerId;
-use market::PeerKey;
 
 use crate::control::Router;
 use crate::domain::Role;
@@ -38,19 +37,6 @@ pub fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
-}
-
-/// The ed25519 key inside a peer id (every cpushare node's id is one).
-pub fn key_of_peer(p: &PeerId) -> Option<PeerKey> {
-    let pk = libp2p::identity::PublicKey::try_decode_protobuf(p.as_ref().digest()).ok()?;
-    let ed = pk.try_into_ed25519().ok()?;
-    Some(PeerKey(ed.to_bytes()))
-}
-
-/// The peer id of an ed25519 key.
-pub fn peer_of_key(k: &PeerKey) -> Option<PeerId> {
-    let ed = libp2p::identity::ed25519::PublicKey::try_from_bytes(&k.0).ok()?;
-    Some(libp2p::identity::PublicKey::from(ed).to_peer_id())
 }
 
 /// What both roles' services listen to: market messages and peer events (taken
@@ -109,18 +95,5 @@ pub fn start(
             buyer::start(node, router, p2p, overlay, net, db)?;
             Ok(Shutdown { tx: None })
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn peer_ids_and_keys_convert_both_ways() {
-        let kp = libp2p::identity::Keypair::generate_ed25519();
-        let peer = kp.public().to_peer_id();
-        let key = key_of_peer(&peer).expect("ed25519 peer id");
-        assert_eq!(peer_of_key(&key), Some(peer));
     }
 }

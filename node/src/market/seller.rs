@@ -22,10 +22,11 @@ use super::audit::{self, AuditEvent};
 use super::db::MarketDb;
 use super::lease_run::{self, RunCtx, RunEvent, RunHandle};
 use super::net::MarketNet;
-use super::{key_of_peer, now_ms, OFFER_TOPIC};
+use super::{now_ms, OFFER_TOPIC};
 use crate::config::SellerTable;
 use crate::control::Router;
 use crate::error::{Error, Result};
+use crate::identity::key_of_peer;
 use crate::node::Node;
 use crate::overlay_service::OverlayHandle;
 use crate::p2p::{P2pHandle, PeerEvent};
@@ -303,7 +304,7 @@ impl Seller {
             let was_live = rec.phase != SellerPhase::Ended;
             let (core, actions) = SellerLease::restore(rec, now);
             let id = core.lease().terms.id;
-            let Some(buyer_peer) = super::peer_of_key(&core.lease().terms.buyer) else {
+            let Some(buyer_peer) = crate::identity::peer_of_key(&core.lease().terms.buyer) else {
                 continue;
             };
             if was_live {

@@ -28,7 +28,7 @@ use super::image::Mode;
 use super::wire::{Body, DenyReason, Msg};
 use super::Net;
 use crate::error::{Error, Result};
-use crate::market::key_of_peer;
+use crate::identity::key_of_peer;
 use crate::node::Node;
 
 /// Most images one peer may hold presented grants for at a time (a peer
@@ -384,7 +384,7 @@ pub(super) fn issue(node: &Node, tx: &UnboundedSender<Cmd>, params: &Value) -> R
     let _ = tx.send(Cmd::Grant(g));
     Ok(json!({
         "image": image.to_hex(),
-        "peer": peer.and_then(|k| crate::market::peer_of_key(&k)).map(|p| p.to_string()),
+        "peer": peer.and_then(|k| crate::identity::peer_of_key(&k)).map(|p| p.to_string()),
         "until_ms": until_ms,
         "grant": hex::encode(bytes),
     }))
@@ -422,7 +422,7 @@ mod tests {
     use ed25519_dalek::SigningKey;
 
     fn peer(sk: &SigningKey) -> PeerId {
-        crate::market::peer_of_key(&PeerKey::of(sk)).unwrap()
+        crate::identity::peer_of_key(&PeerKey::of(sk)).unwrap()
     }
 
     #[test]
