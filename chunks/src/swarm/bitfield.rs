@@ -110,6 +110,36 @@ impl Bitfield {
         })
     }
 
+    /// Number of chunks held by both sets (word-wise; lengths must match).
+    pub fn count_and(&self, other: &Bitfield) -> u32 {
+        debug_assert_eq!(self.len, other.len);
+        self.words
+            .iter()
+            .zip(&other.words)
+            .map(|(a, b)| (a & b).count_ones())
+            .sum()
+    }
+
+    /// Indices held by both sets, ascending (word-wise; lengths must match).
+    pub fn iter_and<'a>(&'a self, other: &'a Bitfield) -> impl Iterator<Item = u32> + 'a {
+        debug_assert_eq!(self.len, other.len);
+        self.words
+            .iter()
+            .zip(&other.words)
+            .enumerate()
+            .flat_map(|(wi, (&a, &b))| {
+                let mut w = a & b;
+                std::iter::from_fn(move || {
+                    if w == 0 {
+                        return None;
+                    }
+                    let bit = w.trailing_zeros();
+                    w &= w - 1;
+                    Some(wi as u32 * 64 + bit)
+                })
+            })
+    }
+
     /// Wire form: bit i of the set is bit (i % 8) of byte (i / 8).
     pub fn to_bytes(&self) -> Vec<u8> {
         let n = (self.len as usize).div_ceil(8);
@@ -175,6 +205,21 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn and_ops_match_bitwise(len in 0u32..700, sa in any::<u64>(), sb in any::<u64>()) {
+            let (mut a, mut b) = (Bitfield::new(len), Bitfield::new(len));
+            let (mut x, mut y) = (sa, sb);
+            for i in 0..len {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                y = y.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                if x >> 62 == 1 { a.set(i); }
+                if y >> 63 == 1 { b.set(i); }
+            }
+            let want: Vec<u32> = (0..len).filter(|&i| a.get(i) && b.get(i)).collect();
+            prop_assert_eq!(a.iter_and(&b).collect::<Vec<_>>(), want.clone());
+            prop_assert_eq!(a.count_and(&b) as usize, want.len());
+        }
+
         #[test]
         fn wire_roundtrip(len in 0u32..2000, seed in any::<u64>()) {
             let mut b = Bitfield::new(len);

@@ -141,6 +141,9 @@ pub struct Leecher<P> {
     /// Chunks wanted, not requested, held by someone: bucket[avail] = {(rank, idx)}.
     buckets: Vec<BTreeSet<(u32, u32)>>,
     pending: usize,
+    /// The same chunks as the buckets, as a bitfield: a peer's candidates are
+    /// `has & pend`, found word by word.
+    pend: Bitfield,
     /// Random tie-break among equally rare chunks, fixed per fetch.
     rank: Vec<u32>,
     peers: Vec<Option<PeerSlot<P>>>,
@@ -182,6 +185,7 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
             inflight_set: BTreeSet::new(),
             buckets: Vec::new(),
             pending: 0,
+            pend: Bitfield::new(n as u32),
             rank,
             peers: Vec::new(),
             free: Vec::new(),
@@ -277,6 +281,7 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
         }
         if self.buckets[a].insert((self.rank[idx as usize], idx)) {
             self.pending += 1;
+            self.pend.set(idx);
         }
     }
 
@@ -284,6 +289,7 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
         let a = self.avail[idx as usize] as usize;
         if a < self.buckets.len() && self.buckets[a].remove(&(self.rank[idx as usize], idx)) {
             self.pending -= 1;
+            self.pend.clear(idx);
         }
     }
 
@@ -540,24 +546,26 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
             .min()
     }
 
-    /// Rarest wanted chunk `s` has that nobody is fetching yet.
+    /// Rarest wanted chunk `s` has that nobody is fetching yet: the least
+    /// (availability, rank) in `s.has & pend`. Ranks are distinct, so the answer
+    /// is unique however it is found: by scanning the intersection when it is
+    /// small, else by walking the buckets rarest first (a hit comes early when
+    /// the peer holds many candidates).
     fn pick(&self, s: &PeerSlot<P>) -> Option<u32> {
         if self.pending == 0 {
+            return None;
+        }
+        let c = s.has.count_and(&self.pend) as usize;
+        if c == 0 {
             return None;
         }
         if self.order == PieceOrder::Random {
             return self.pick_random(s);
         }
-        if (s.has.count() as usize) < self.pending / 8 {
-            // sparse peer (e.g. a super-seed's offers): scan its set, not the buckets
+        if c * c <= self.pending {
             return s
                 .has
-                .iter_ones()
-                .filter(|&i| {
-                    !self.have.get(i)
-                        && self.inflight[i as usize] == 0
-                        && self.avail[i as usize] > 0
-                })
+                .iter_and(&self.pend)
                 .min_by_key(|&i| (self.avail[i as usize], self.rank[i as usize]));
         }
         for b in self.buckets.iter().skip(1) {
@@ -572,13 +580,9 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
 
     /// Lowest random rank among the wanted chunks `s` has that nobody is fetching.
     fn pick_random(&self, s: &PeerSlot<P>) -> Option<u32> {
-        self.buckets
-            .iter()
-            .skip(1)
-            .flat_map(|b| b.iter())
-            .filter(|&&(_, idx)| s.has.get(idx))
-            .min()
-            .map(|&(_, idx)| idx)
+        s.has
+            .iter_and(&self.pend)
+            .min_by_key(|&i| self.rank[i as usize])
     }
 
     /// Endgame: every missing chunk is requested somewhere; duplicate the ones `s`
@@ -889,6 +893,77 @@ mod tests {
         l.add_peer(1, offers, PeerKind::SuperSeed, 0);
         l.poll(0);
         assert_eq!(reqs(&drain(&mut l)).len(), 5);
+    }
+
+    /// The word-wise `pick` chooses what a scan of every chunk would choose, through
+    /// random joins, Haves, replies, refusals, timeouts and departures.
+    #[test]
+    fn pick_matches_brute_force() {
+        for (seed, order) in [
+            (1u64, PieceOrder::RarestFirst),
+            (2, PieceOrder::Random),
+            (3, PieceOrder::RarestFirst),
+        ] {
+            let n = 300u32;
+            let mut rng = SplitMix64::new(seed);
+            let mut l = Leecher::new(
+                vec![1000; n as usize],
+                Bitfield::new(n),
+                seed,
+                LeecherConfig::default(),
+            );
+            l.set_piece_order(order);
+            let mut now = 0;
+            for step in 0..3000u32 {
+                now += 1000;
+                let p = (rng.next() % 12) as u32;
+                match rng.next() % 8 {
+                    0 => {
+                        let mut b = Bitfield::new(n);
+                        let dens = rng.next() % 100;
+                        for i in 0..n {
+                            if rng.next() % 100 < dens {
+                                b.set(i);
+                            }
+                        }
+                        l.add_peer(p, b, PeerKind::Normal, now);
+                    }
+                    1 | 2 => l.peer_have(&p, (rng.next() % n as u64) as u32),
+                    3 => l.remove_peer(&p),
+                    4 => l.peer_lacks(&p, (rng.next() % n as u64) as u32, now),
+                    _ => {
+                        let out: Vec<(u32, u32)> = l
+                            .peers
+                            .iter()
+                            .flatten()
+                            .flat_map(|s| s.out.iter().map(|&(c, _)| (s.id, c)).collect::<Vec<_>>())
+                            .collect();
+                        if !out.is_empty() {
+                            let (q, c) = out[(rng.next() % out.len() as u64) as usize];
+                            l.on_chunk(&q, c, true, now);
+                        }
+                    }
+                }
+                for s in l.peers.iter().flatten() {
+                    let want = (0..n)
+                        .filter(|&i| {
+                            s.has.get(i)
+                                && !l.have.get(i)
+                                && l.inflight[i as usize] == 0
+                                && l.avail[i as usize] > 0
+                        })
+                        .min_by_key(|&i| match order {
+                            PieceOrder::RarestFirst => (l.avail[i as usize], l.rank[i as usize]),
+                            PieceOrder::Random => (0, l.rank[i as usize]),
+                        });
+                    assert_eq!(l.pick(s), want, "seed {seed} step {step}");
+                }
+                if step % 3 == 0 {
+                    l.poll(now);
+                    drain(&mut l);
+                }
+            }
+        }
     }
 
     #[test]
