@@ -8,65 +8,20 @@
 //! binutils (`as`, `ld`) and `cargo build -p node --bins`. Names carry the prefix `mj`.
 
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
+use cpushare_tests::jailcheck::{
+    assert_own_mounts_in_netns, assert_unprivileged, field, jail_root_hides_host,
+};
+use cpushare_tests::tinyguest::build_guest;
 use cpushare_tests::{node_bin, require_root};
 use vm::jail::{GuestLimits, JailSettings, Jailer};
 use vm::microvm::Microvm;
 use vm::{Boot, DiskSpec, Guest, GuestExit, GuestSpec, GuestState, NetSpec, Tap};
 
 const GUEST_MAC: [u8; 6] = [0x02, 0x6d, 0x6a, 0x00, 0x00, 0x01];
-
-fn guests_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("guests")
-}
-
-fn run_tool(prog: &str, args: &[&str]) {
-    let out = std::process::Command::new(prog)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {prog} (install binutils): {e}"));
-    assert!(
-        out.status.success(),
-        "{prog} {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Assemble `src` with tests/guests/lib64.S and link it (as tests/vm_microvm.rs does).
-fn build_guest(dir: &Path, name: &str, src: &str) -> PathBuf {
-    let s = dir.join(format!("{name}.S"));
-    std::fs::write(&s, src).unwrap();
-    let o = dir.join(format!("{name}.o"));
-    let lo = dir.join("lib64.o");
-    run_tool(
-        "as",
-        &["--64", "-o", o.to_str().unwrap(), s.to_str().unwrap()],
-    );
-    let lib = guests_dir().join("lib64.S");
-    run_tool(
-        "as",
-        &["--64", "-o", lo.to_str().unwrap(), lib.to_str().unwrap()],
-    );
-    let elf = dir.join(format!("{name}.elf"));
-    let ld_script = guests_dir().join("link.ld");
-    run_tool(
-        "ld",
-        &[
-            "-m",
-            "elf_x86_64",
-            "-T",
-            ld_script.to_str().unwrap(),
-            "-o",
-            elf.to_str().unwrap(),
-            o.to_str().unwrap(),
-            lo.to_str().unwrap(),
-        ],
-    );
-    elf
-}
 
 /// Prints, then idles with interrupts on (halted, not halted for good): the VMM keeps
 /// running without spinning a core.
@@ -128,15 +83,6 @@ fn require_kvm() {
     );
 }
 
-fn field(status: &str, key: &str) -> String {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{key}:")))
-        .unwrap_or_else(|| panic!("no {key} in\n{status}"))
-        .trim()
-        .to_string()
-}
-
 struct Console {
     rx: Receiver<Vec<u8>>,
     buf: Vec<u8>,
@@ -172,7 +118,7 @@ fn jailed_microvm_has_no_privilege_on_any_thread_and_holds_its_limits() {
     }
     require_kvm();
     let data = tempfile::tempdir().unwrap();
-    let elf = build_guest(data.path(), "idle", IDLE);
+    let elf = build_guest(data.path(), "idle", IDLE, true);
     let jailer = jailer("priv", data.path());
     let ns_name = format!("mj-{}", std::process::id());
     let ns = overlay::io::create_lease_netns(&ns_name).expect("lease netns");
@@ -218,21 +164,7 @@ fn jailed_microvm_has_no_privilege_on_any_thread_and_holds_its_limits() {
         let task = task.unwrap().path();
         let status = std::fs::read_to_string(task.join("status")).unwrap();
         let name = field(&status, "Name");
-        let uids = field(&status, "Uid");
-        assert!(
-            uids.split_whitespace().all(|u| u == uid.to_string()),
-            "{name}: uids {uids}, want {uid}"
-        );
-        let gids = field(&status, "Gid");
-        assert!(
-            gids.split_whitespace().all(|g| g != "0"),
-            "{name}: gids {gids}"
-        );
-        for cap in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
-            assert_eq!(field(&status, cap), "0000000000000000", "{name}: {cap}");
-        }
-        assert_eq!(field(&status, "NoNewPrivs"), "1", "{name}");
-        assert_eq!(field(&status, "Seccomp"), "2", "{name}: no seccomp filter");
+        assert_unprivileged(&status, &name, uid);
         let cg = std::fs::read_to_string(task.join("cgroup")).unwrap();
         assert!(cg.contains("/mj-guest-priv"), "{name}: cgroup {cg}");
         threads.push(name);
@@ -256,25 +188,8 @@ fn jailed_microvm_has_no_privilege_on_any_thread_and_holds_its_limits() {
 
     // Its own mount namespace, holding only what it needs; the lease's network
     // namespace.
-    let ns_of = |p: &str, kind: &str| {
-        std::fs::metadata(format!("/proc/{p}/ns/{kind}"))
-            .unwrap()
-            .ino()
-    };
-    assert_ne!(ns_of(&pid.to_string(), "mnt"), ns_of("self", "mnt"));
-    assert_eq!(
-        ns_of(&pid.to_string(), "net"),
-        std::fs::metadata(format!("/run/netns/{ns_name}"))
-            .unwrap()
-            .ino()
-    );
-    let root = PathBuf::from(format!("/proc/{pid}/root"));
-    let mut top: Vec<String> = std::fs::read_dir(&root)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    top.sort();
-    eprintln!("jail root holds {top:?}");
+    assert_own_mounts_in_netns(pid, &ns_name);
+    let (root, top) = jail_root_hides_host(pid, data.path());
     assert!(
         root.join("cpushare-vmm").is_file(),
         "no VMM binary in {top:?}"
@@ -286,22 +201,10 @@ fn jailed_microvm_has_no_privilege_on_any_thread_and_holds_its_limits() {
         uid,
         "/dev/kvm in the jail belongs to the guest's uid"
     );
-    assert!(!root.join("home").exists(), "/home in the jail");
-    assert!(!root.join("root").exists(), "/root in the jail");
-    assert!(!root.join("work").exists(), "the build tree is in the jail");
-    assert!(!root.join("proc/1").exists(), "/proc in the jail");
-    let data_inside = root.join(data.path().strip_prefix("/").unwrap());
-    assert!(!data_inside.exists(), "the data dir is in the jail");
     let allowed = ["cpushare-vmm", "dev", "etc", "files", "lib", "lib64", "usr"];
     for t in &top {
         assert!(allowed.contains(&t.as_str()), "unexpected /{t} in the jail");
     }
-    let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
-    assert!(
-        !mountinfo.contains(&data.path().display().to_string()),
-        "{mountinfo}"
-    );
-    assert!(!mountinfo.contains("/home"), "{mountinfo}");
 
     // Its cgroup, with the lease's limits.
     assert_eq!(group.pids(), vec![pid]);
@@ -336,7 +239,7 @@ fn jailed_microvm_reports_the_guests_own_exit_and_its_limit() {
     let jailer = jailer("exit", data.path());
 
     // Powers itself off: the exit comes back from the VMM's report.
-    let elf = build_guest(data.path(), "hello", HELLO);
+    let elf = build_guest(data.path(), "hello", HELLO, true);
     let jail = jailer
         .jail("mj-guest-exit", GuestLimits::for_guest(1, 32), None)
         .expect("jail");
@@ -355,7 +258,7 @@ fn jailed_microvm_reports_the_guests_own_exit_and_its_limit() {
     assert!(outcome.torn_down.load(std::sync::atomic::Ordering::SeqCst));
 
     // Runs into its wall-clock limit.
-    let elf = build_guest(data.path(), "idle", IDLE);
+    let elf = build_guest(data.path(), "idle", IDLE, true);
     let jail = jailer
         .jail("mj-guest-limit", GuestLimits::for_guest(1, 32), None)
         .expect("jail");

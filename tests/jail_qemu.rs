@@ -5,10 +5,12 @@
 //!
 //! Needs root. Names carry the prefix `cjq`.
 
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
+use cpushare_tests::jailcheck::{
+    assert_own_mounts_in_netns, assert_unprivileged, field, jail_root_hides_host,
+};
 use cpushare_tests::require_root;
 use overlay::io::NetNs;
 use vm::jail::{GuestLimits, JailSettings, Jailer};
@@ -24,15 +26,6 @@ fn jailer(tag: &str, root: &Path) -> Jailer {
     s.cgroup_name = format!("cjq-{tag}-{}", std::process::id());
     s.uid_base = 410_000;
     Jailer::new(&s).expect("jailer")
-}
-
-fn status_field(pid: u32, key: &str) -> String {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix(&format!("{key}:")))
-        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
-        .trim()
-        .to_string()
 }
 
 fn spec(name: &str, script: &str, memory_mib: u64) -> GuestSpec {
@@ -88,51 +81,14 @@ fn jailed_qemu_has_no_privilege_and_holds_its_limits() {
     let pid = guest.vmm_pid().unwrap();
 
     // Credentials and confinement, as the kernel reports them.
-    let uids = status_field(pid, "Uid");
-    assert!(
-        uids.split_whitespace().all(|u| u == uid.to_string()),
-        "uids {uids}, want {uid}"
-    );
-    let gids = status_field(pid, "Gid");
-    assert!(gids.split_whitespace().all(|g| g != "0"), "gids {gids}");
-    assert_eq!(status_field(pid, "Groups"), uid.to_string());
-    for cap in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
-        assert_eq!(status_field(pid, cap), "0000000000000000", "{cap}");
-    }
-    assert_eq!(status_field(pid, "NoNewPrivs"), "1");
-    assert_eq!(status_field(pid, "Seccomp"), "2");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert_unprivileged(&status, "qemu", uid);
+    assert_eq!(field(&status, "Groups"), uid.to_string());
 
     // Its own mount namespace, holding neither the data dir nor /home; the lease's
     // network namespace.
-    let ns_of = |p: &str, kind: &str| {
-        std::fs::metadata(format!("/proc/{p}/ns/{kind}"))
-            .unwrap()
-            .ino()
-    };
-    assert_ne!(ns_of(&pid.to_string(), "mnt"), ns_of("self", "mnt"));
-    assert_eq!(
-        ns_of(&pid.to_string(), "net"),
-        std::fs::metadata(format!("/run/netns/{ns_name}"))
-            .unwrap()
-            .ino()
-    );
-    let root = PathBuf::from(format!("/proc/{pid}/root"));
-    let mut top: Vec<String> = std::fs::read_dir(&root)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    top.sort();
-    eprintln!("jail root holds {top:?}");
-    assert!(!root.join("home").exists(), "/home in the jail");
-    assert!(!root.join("root").exists(), "/root in the jail");
-    let data_inside = root.join(data.path().strip_prefix("/").unwrap());
-    assert!(!data_inside.exists(), "the data dir is in the jail");
-    assert!(!root.join("work").exists() && !root.join("proc/1").exists());
-    let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
-    assert!(
-        !mountinfo.contains(&data.path().display().to_string()),
-        "{mountinfo}"
-    );
+    assert_own_mounts_in_netns(pid, &ns_name);
+    jail_root_hides_host(pid, data.path());
 
     // Its cgroup, with the lease's limits.
     let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();

@@ -13,64 +13,12 @@ use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use cpushare_tests::netns::Netns;
+use cpushare_tests::tinyguest::{build_guest, run_tool};
 use cpushare_tests::wait_until;
 use vm::microvm::Microvm;
 use vm::{Backend, Boot, DiskSpec, Guest, GuestExit, GuestSpec, NetSpec, Tap};
 
 const GUEST_MAC: [u8; 6] = [0x02, 0xc5, 0x00, 0x00, 0x00, 0x07];
-
-fn guests_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("guests")
-}
-
-fn run_tool(prog: &str, args: &[&str]) {
-    let out = std::process::Command::new(prog)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {prog} (install binutils): {e}"));
-    assert!(
-        out.status.success(),
-        "{prog} {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Assemble and link a tiny guest. 64-bit guests get lib64.S linked in.
-fn build_guest(dir: &Path, name: &str, src: &str, with_lib: bool) -> PathBuf {
-    let s = dir.join(format!("{name}.S"));
-    std::fs::write(&s, src).unwrap();
-    let o = dir.join(format!("{name}.o"));
-    run_tool(
-        "as",
-        &["--64", "-o", o.to_str().unwrap(), s.to_str().unwrap()],
-    );
-    let mut objs = vec![o.to_str().unwrap().to_string()];
-    if with_lib {
-        let lo = dir.join("lib64.o");
-        if !lo.exists() {
-            let lib = guests_dir().join("lib64.S");
-            run_tool(
-                "as",
-                &["--64", "-o", lo.to_str().unwrap(), lib.to_str().unwrap()],
-            );
-        }
-        objs.push(lo.to_str().unwrap().to_string());
-    }
-    let elf = dir.join(format!("{name}.elf"));
-    let ld_script = guests_dir().join("link.ld");
-    let mut args = vec![
-        "-m".to_string(),
-        "elf_x86_64".into(),
-        "-T".into(),
-        ld_script.to_str().unwrap().into(),
-        "-o".into(),
-        elf.to_str().unwrap().into(),
-    ];
-    args.extend(objs);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    run_tool("ld", &args);
-    elf
-}
 
 fn spec(kernel: &Path, limit: Duration) -> GuestSpec {
     let mut s = GuestSpec::new(

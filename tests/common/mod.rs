@@ -2,10 +2,12 @@
 //! network namespaces.
 
 pub mod delay;
+pub mod jailcheck;
 pub mod market_peer;
 pub mod netns;
 pub mod node;
 pub mod swarm;
+pub mod tinyguest;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
