@@ -11,6 +11,24 @@ use crate::config::Settings;
 use crate::control::Client;
 use crate::error::{Error, Result};
 
+/// What a slot's plain-text progress line must show at once when it changes: state,
+/// phase (without its byte counts), seller, address, replacements. Byte counts and cost
+/// change every update and are printed at most every `PLAIN_EVERY`.
+fn milestone(s: &Value) -> String {
+    let phase = match &s["phase"] {
+        Value::Object(o) if o.contains_key("Fetching") => "fetching".to_string(),
+        p => p.to_string(),
+    };
+    format!(
+        "{} {} {} {} {}",
+        s["state"], phase, s["seller"], s["ip"], s["replacements"]
+    )
+}
+
+/// How often a plain (non-TTY) progress line may repeat a slot whose milestone did
+/// not change: logs get a heartbeat, not a line per update.
+const PLAIN_EVERY: std::time::Duration = std::time::Duration::from_secs(15);
+
 fn line(s: &Value) -> String {
     let phase = match &s["phase"] {
         Value::Null => String::new(),
@@ -84,7 +102,7 @@ pub fn run(settings: &Settings, args: RunArgs) -> Result<ExitCode> {
     let tty = std::io::stderr().is_terminal();
     let multi = indicatif::MultiProgress::new();
     let mut bars: Vec<indicatif::ProgressBar> = Vec::new();
-    let mut last: Vec<String> = Vec::new();
+    let mut last: Vec<(String, String, Option<std::time::Instant>)> = Vec::new();
     let v = client.call("market.run", params, |p| {
         let Some(d) = &p.detail else { return };
         let slots = d["slots"].as_array().cloned().unwrap_or_default();
@@ -99,11 +117,16 @@ pub fn run(settings: &Settings, args: RunArgs) -> Result<ExitCode> {
                 bars[i].set_message(text);
             } else {
                 while last.len() <= i {
-                    last.push(String::new());
+                    last.push((String::new(), String::new(), None));
                 }
-                if last[i] != text {
+                let key = milestone(s);
+                let (last_key, last_text, at) = &mut last[i];
+                let due = at.is_none_or(|t: std::time::Instant| t.elapsed() >= PLAIN_EVERY);
+                if *last_key != key || (*last_text != text && due) {
                     eprintln!("{text}");
-                    last[i] = text;
+                    *last_key = key;
+                    *last_text = text;
+                    *at = Some(std::time::Instant::now());
                 }
             }
         }
@@ -189,4 +212,29 @@ pub fn audit(settings: &Settings, json_out: bool) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot(state: &str, done: u64, cost: &str) -> Value {
+        json!({"slot": 0, "ip": "10.77.0.2", "state": state, "seller": "12D3KooWabcdefgh",
+               "phase": {"Fetching": {"done": done, "total": 64 << 20}},
+               "cost": cost, "replacements": 0})
+    }
+
+    #[test]
+    fn plain_progress_prints_milestones_at_once_and_counts_as_a_heartbeat() {
+        // Bytes and cost move every update: same milestone, a different line.
+        let a = slot("starting", 1 << 20, "0");
+        let b = slot("starting", 9 << 20, "0.01");
+        assert_eq!(milestone(&a), milestone(&b));
+        assert_ne!(line(&a), line(&b));
+        // A new state or seller is a milestone.
+        assert_ne!(milestone(&a), milestone(&slot("running", 1 << 20, "0")));
+        let mut moved = a.clone();
+        moved["seller"] = json!("12D3KooWzzzzzzzz");
+        assert_ne!(milestone(&a), milestone(&moved));
+    }
 }
