@@ -494,12 +494,9 @@ fn tcp_to_guests_with_and_without_offloads() {
             &w.buyer,
             w.buyer_key,
             w.buyer_addr,
-            // The lease's policer is not what this test measures: a guest's TCP
-            // window sent at memory speed is a burst beyond the default 4 MB byte
-            // bucket even at a third of the 250 MB/s rate, and the policer drops
-            // it (a known limit: it polices frames already read instead of
-            // shaping them). A bucket that holds the window leaves the offload path.
-            |l| l.limits.byte_burst = 64 << 20,
+            // The lease's default limits: its buckets must shape a guest's TCP
+            // window burst, not drop it.
+            |_| {},
         )
         .unwrap();
         let (g0, b0) = (retrans(&l.guest).unwrap(), retrans(&w.buyer_ns).unwrap());
@@ -544,5 +541,56 @@ fn tcp_to_guests_with_and_without_offloads() {
         // drops without pushing back) are counted, not prevented: up to 1 % of the
         // ~24,000 segments, which TCP recovers without a storm (checked above).
         assert!(lost <= 240, "{lost} frames lost on the guest's path");
+    }
+}
+
+/// A guest sending faster than its lease allows is slowed to the lease's byte rate
+/// (its frames wait in the kernel's queue while the buckets refill) and its TCP
+/// transfer completes: the limit shapes, it does not leave the guest to a policer.
+#[test]
+fn a_guests_tcp_upload_is_shaped_to_its_lease_rate() {
+    if !need_root() {
+        return;
+    }
+    let w = world("cgr", 206).unwrap();
+    let bn = w.buyer_ns.name().to_string();
+    let (rate, burst) = (8_000_000u64, 1_000_000u64);
+    for (n, offload) in [(1u8, false), (2, true)] {
+        let l = Lease::start(
+            &w.seller_host,
+            "cgr",
+            n,
+            offload,
+            &w.buyer,
+            w.buyer_key,
+            w.buyer_addr,
+            |l| {
+                l.limits.bytes_per_sec = rate;
+                l.limits.byte_burst = burst;
+            },
+        )
+        .unwrap();
+        let g0 = retrans(&l.guest).unwrap();
+        let size = 24usize << 20;
+        let t = Instant::now();
+        tcp_both_ways(&bn, BUYER_IP, 5300 + n as u16, l.guest.name(), size, 0).unwrap();
+        let el = t.elapsed().as_secs_f64();
+        let g1 = retrans(&l.guest).unwrap();
+        let s = l.seller.stats();
+        // Frames carry headers on top of the payload, so the payload alone needs at
+        // least this long at the lease's rate.
+        let floor = (size as u64 - burst) as f64 / rate as f64;
+        eprintln!(
+            "offloads {offload}: {} MB from the guest in {el:.2} s ({:.1} MB/s, lease {:.1} MB/s), retransmitted {}, drops {:?}",
+            size >> 20,
+            size as f64 / el / 1e6,
+            rate as f64 / 1e6,
+            g1 - g0,
+            s.drops.to_map()
+        );
+        assert!(
+            el >= floor * 0.95,
+            "the guest sent {size} B in {el:.2} s, faster than its lease's {rate} B/s allows ({floor:.2} s)"
+        );
     }
 }

@@ -336,17 +336,29 @@ impl GuestTx {
 /// The guest -> buyer direction (always driven by the home thread).
 struct GuestIn {
     rx: GuestRx,
+    /// Room the guest's rate limit must have before the port is read again: what a
+    /// whole read of messages like the last read's would bring (its wire frames and
+    /// bytes per message, times READ_FRAMES; at least one full-size frame), so that
+    /// the next read fits the buckets. With room for only one frame, the rest of a
+    /// read of TSO superframes was dropped by the policer and a guest's TCP window
+    /// burst lost hundreds of segments; now its frames wait in the kernel's queue
+    /// while the buckets refill (shaping). Sized by what the guest sends, so a guest
+    /// without offloads is still paced in small steps.
+    room_packets: u64,
+    room_bytes: u64,
+    min_room_bytes: u64,
 }
 
-/// Room the guest's rate limit must have before the port is read again: a batch of
-/// frames, one superframe's bytes.
+/// Messages per read of the guest port.
 const READ_FRAMES: u64 = 16;
-const READ_BYTES: u64 = 64 * 1024;
 
 impl GuestIn {
     fn new(max_frame: usize) -> GuestIn {
         GuestIn {
             rx: GuestRx::new(READ_FRAMES as usize, max_frame),
+            room_packets: 1,
+            room_bytes: max_frame as u64,
+            min_room_bytes: max_frame as u64,
         }
     }
 
@@ -370,14 +382,26 @@ impl GuestIn {
         let rest = {
             let mut core = lock(&sh.core);
             let (out, c) = (&mut snd.out, &sh.c);
-            self.rx.for_each(|f| match f {
-                Ok(f) => core.handle_guest_frame(f, now, out),
-                Err((reason, len)) => {
-                    IoCounters::bump(&c.offload_errors);
-                    core.reject_guest_frame(reason, len, now);
+            let (mut frames, mut bytes) = (0u64, 0u64);
+            self.rx.for_each(|f| {
+                frames += 1;
+                match f {
+                    Ok(f) => {
+                        bytes += f.len() as u64;
+                        core.handle_guest_frame(f, now, out)
+                    }
+                    Err((reason, len)) => {
+                        bytes += len as u64;
+                        IoCounters::bump(&c.offload_errors);
+                        core.reject_guest_frame(reason, len, now);
+                    }
                 }
             });
-            core.guest_backoff(READ_FRAMES, READ_BYTES, now)
+            // The next read may bring READ_FRAMES messages like these.
+            let n = n as u64;
+            self.room_packets = (frames * READ_FRAMES).div_ceil(n).max(1);
+            self.room_bytes = (bytes * READ_FRAMES).div_ceil(n).max(self.min_room_bytes);
+            core.guest_backoff(self.room_packets, self.room_bytes, now)
         };
         let sent = !snd.out.is_empty();
         let mut gtx = None::<GuestTx>;
