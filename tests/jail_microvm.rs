@@ -285,5 +285,16 @@ fn jailed_microvm_reports_the_guests_own_exit_and_its_limit() {
         .err()
         .expect("junk kernel refused");
     assert!(matches!(err, vm::Error::KernelNotBootable { .. }), "{err}");
+
+    // A VMM that dies before it reports: the error carries its last stderr line
+    // (here `ls`, given the VMM's arguments, complains about them).
+    let jail = jailer
+        .jail("mj-guest-nostart", GuestLimits::for_guest(1, 32), None)
+        .expect("jail");
+    let err = Microvm::new()
+        .start_jailed(spec(&elf), jail, Path::new("/usr/bin/ls"))
+        .err()
+        .expect("a binary that is no VMM fails to start");
+    assert!(err.to_string().contains("cannot access"), "{err}");
     jailer.parent().destroy(Duration::from_secs(5)).unwrap();
 }

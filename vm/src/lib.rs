@@ -16,6 +16,7 @@ pub mod jail;
 pub mod kvm_probe;
 pub mod microvm;
 pub mod qemu;
+mod stderr_tail;
 
 pub use auto::{auto, Choice};
 pub use backend::{

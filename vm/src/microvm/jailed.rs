@@ -38,6 +38,7 @@ use crate::backend::{
 };
 use crate::error::{Error, Result};
 use crate::jail::Jail;
+use crate::stderr_tail::{last_line, StderrTail};
 
 /// The node's hidden subcommand that runs [`vmm_main`].
 pub const SUBCOMMAND: &str = "__microvm-vmm";
@@ -447,7 +448,7 @@ impl Microvm {
             .env_clear()
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .process_group(0);
         // Diagnosis only: `log` has the kernel log filter violations instead of
         // killing (see seccomp.rs).
@@ -556,6 +557,15 @@ struct Supervision {
 /// Runs in the thread that spawned the VMM, until the VMM has been reaped.
 fn supervise(mut child: std::process::Child, s: Supervision) {
     let pid = child.id();
+    // The VMM's own messages (a panic, a failed system call): kept for the error.
+    let mut stderr_tail = StderrTail::follow(child.stderr.take());
+    let with_stderr = |why: String, tail: &StderrTail| {
+        let text = tail.text();
+        match last_line(&text) {
+            "" => why,
+            line => format!("{why}: {line}"),
+        }
+    };
     let kill = || {
         // Only called before the child is reaped, so the pid is still ours.
         // SAFETY: plain syscall.
@@ -601,16 +611,20 @@ fn supervise(mut child: std::process::Child, s: Supervision) {
         kill();
         let status = child.wait();
         let _ = serial_thread.join();
+        stderr_tail.finish();
         s.fanout.close();
         let err = err.unwrap_or_else(|| Error::VmmFailed {
             backend: "microvm",
-            message: match status {
-                Ok(st) => match unreported_exit(st) {
-                    GuestExit::Crashed(why) => format!("{why}, before the guest started"),
-                    other => other.to_string(),
+            message: with_stderr(
+                match status {
+                    Ok(st) => match unreported_exit(st) {
+                        GuestExit::Crashed(why) => format!("{why}, before the guest started"),
+                        other => other.to_string(),
+                    },
+                    Err(e) => format!("waiting for the VMM: {e}"),
                 },
-                Err(e) => format!("waiting for the VMM: {e}"),
-            },
+                &stderr_tail,
+            ),
         });
         {
             let mut g = s.shared.lock();
@@ -668,12 +682,16 @@ fn supervise(mut child: std::process::Child, s: Supervision) {
     // Reaped: its sockets are closed, so the readers finish.
     let _ = report_thread.join();
     let _ = serial_thread.join();
+    stderr_tail.finish();
     s.fanout.close();
     let mut g = s.shared.lock();
     let exit = match (g.reported.take(), &g.stop, status) {
         (Some(exit), _, _) => exit,
         (None, Some((kind, _)), _) => kind.clone(),
-        (None, None, Ok(st)) => unreported_exit(st),
+        (None, None, Ok(st)) => match unreported_exit(st) {
+            GuestExit::Crashed(why) => GuestExit::Crashed(with_stderr(why, &stderr_tail)),
+            other => other,
+        },
         (None, None, Err(e)) => GuestExit::Crashed(format!("waiting for the VMM: {e}")),
     };
     tracing::debug!(pid, %exit, "jailed microvm exited");

@@ -31,6 +31,7 @@ use crate::backend::{
     Backend, BackendKind, Boot, Guest, GuestExit, GuestSpec, GuestState, Probe, SerialFanout, Tap,
 };
 use crate::error::{Error, Result};
+use crate::stderr_tail::{last_line, StderrTail};
 
 /// How the qemu backend runs qemu.
 #[derive(Debug, Clone)]
@@ -591,26 +592,7 @@ fn supervise(mut child: std::process::Child, s: Supervision) {
     };
 
     // qemu's own messages: keep the last few KiB for error reports.
-    let stderr_buf = Arc::new(Mutex::new(Vec::<u8>::new()));
-    let stderr_thread = child.stderr.take().map(|mut err| {
-        let buf = stderr_buf.clone();
-        std::thread::spawn(move || {
-            let mut chunk = [0u8; 4096];
-            while let Ok(n) = err.read(&mut chunk) {
-                if n == 0 {
-                    break;
-                }
-                let mut b = buf.lock().unwrap_or_else(|p| p.into_inner());
-                b.extend_from_slice(&chunk[..n]);
-                let excess = b.len().saturating_sub(16 * 1024);
-                b.drain(..excess);
-            }
-        })
-    });
-    let stderr_text = || {
-        let b = stderr_buf.lock().unwrap_or_else(|p| p.into_inner());
-        String::from_utf8_lossy(&b).trim().to_string()
-    };
+    let mut stderr_tail = StderrTail::follow(child.stderr.take());
 
     let serial_fanout = s.fanout.clone();
     let mut serial = s.serial;
@@ -634,12 +616,10 @@ fn supervise(mut child: std::process::Child, s: Supervision) {
         // qemu exited (bad kernel, bad option) or hung: report its own words.
         kill_group();
         let status = child.wait();
-        if let Some(t) = stderr_thread {
-            let _ = t.join();
-        }
+        stderr_tail.finish();
         let _ = serial_thread.join();
         s.fanout.close();
-        let err = startup_error(&stderr_text(), &why, status.ok(), s.kernel.as_deref());
+        let err = startup_error(&stderr_tail.text(), &why, status.ok(), s.kernel.as_deref());
         {
             let mut g = s.shared.lock();
             g.state = GuestState::Exited(GuestExit::Crashed(err.to_string()));
@@ -709,9 +689,7 @@ fn supervise(mut child: std::process::Child, s: Supervision) {
     // qemu has been reaped. Its sockets are closed, so the readers finish.
     let _ = qmp_thread.join();
     let _ = serial_thread.join();
-    if let Some(t) = stderr_thread {
-        let _ = t.join();
-    }
+    stderr_tail.finish();
     s.fanout.close();
     let mut g = s.shared.lock();
     let exit = match (&g.stop, g.shutdown_reason.as_deref(), &status) {
@@ -722,7 +700,7 @@ fn supervise(mut child: std::process::Child, s: Supervision) {
         (None, _, Ok(st)) if st.success() => GuestExit::PoweredOff,
         (None, _, Ok(st)) => GuestExit::Crashed(format!(
             "qemu exited with {st}: {}",
-            last_line(&stderr_text())
+            last_line(&stderr_tail.text())
         )),
         (None, _, Err(e)) => GuestExit::Crashed(format!("waiting for qemu: {e}")),
     };
@@ -761,10 +739,6 @@ fn qmp_handshake(
             _ => {}
         }
     }
-}
-
-fn last_line(s: &str) -> &str {
-    s.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or(s)
 }
 
 /// Turns qemu's startup complaint into the most specific error.
