@@ -12,7 +12,11 @@
 #   ACCEL (auto|tcg|kvm, default auto: KVM where it runs Linux, else TCG),
 #   LOCAL=1 (also build locally in the same run, for comparison), JOBS (make -j),
 #   MEM (guest MiB, default 512), JAIL (on|off: the sellers' VMM jail, default on),
-#   BENCH=1 (then also build with the first 1..COUNT guests and locally, timed).
+#   BENCH=1 (then also build with the first 1..COUNT guests and locally, timed),
+#   ZLIB_CFLAGS (zlib's compiler flags, default -O0: under TCG a guest compiles zlib at
+#     its own default -O3 about 3 x slower; with KVM sellers try -O3),
+#   UPDATE="PACKAGE..." (then rebuild the image with these extra packages, import it and
+#     run the guests again on the same sellers: it prints the bytes the update moved).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SELLERS=${SELLERS:-2}
@@ -20,6 +24,7 @@ COUNT=${COUNT:-2}
 ACCEL=${ACCEL:-auto}
 MEM=${MEM:-512}
 JAIL=${JAIL:-on}
+ZLIB_CFLAGS=${ZLIB_CFLAGS:--O0}
 [ "$(id -u)" = 0 ] || { echo "error: run as root (network namespaces, taps): sudo $0" >&2; exit 1; }
 [ "$COUNT" -ge 1 ] && [ "$COUNT" -le "$SELLERS" ] || { echo "error: COUNT ($COUNT) must be 1..SELLERS ($SELLERS)" >&2; exit 1; }
 for tool in distcc ganesha.nfsd qemu-system-x86_64 mmdebstrap; do
@@ -81,7 +86,24 @@ start() { # name role [args...]
     cat "$WORK/$name.log" >&2
     exit 1
 }
+# wait_for SECONDS WHAT COMMAND...: polls COMMAND every 0.5 s; gives up with WHAT.
+wait_for() {
+    local n=$(($1 * 2)) what=$2
+    shift 2
+    until "$@"; do
+        n=$((n - 1))
+        [ "$n" -gt 0 ] || { echo "error: $what (consoles: $WORK/b/leases/*/console.log; KEEP=1 keeps them)" >&2; exit 1; }
+        sleep 0.5
+    done
+}
 js() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
+# Bytes of chunk payload in the buyer's store (it starts empty, so after the first
+# import: the image's distinct chunk bytes, what one seller downloads for a copy).
+store_bytes() { "$BIN" --data-dir "$WORK/b" status --json | js 'd["store"]["size_bytes"]'; }
+import_image() { # dir -> image id
+    "$BIN" --data-dir "$WORK/b" image import --kernel "$1/vmlinuz" --initrd "$1/initrd.img" \
+        --cmdline "$(cat "$1/cmdline") cs.nfs=/export cs.run64=$B64" "$1/disk.ext4" | grep -oE '[0-9a-f]{64}' | head -1
+}
 
 mkdir -p "$WORK/b"
 printf '[buyer]\nbilling_period_s = 60\n' >"$WORK/b/node.toml"
@@ -114,10 +136,10 @@ pids+=($!)
 # to it and print their hash on the console (the buyer checks the file it reads).
 TASK='until mountpoint -q /mnt/buyer; do sleep 1; done; ip=$(cat /run/cs-ip); head -c 1048576 /dev/urandom >/mnt/buyer/from-$ip.tmp && sync && mv /mnt/buyer/from-$ip.tmp /mnt/buyer/from-$ip && echo "cs-nfs-wrote: from-$ip $(sha256sum </mnt/buyer/from-$ip | cut -d" " -f1)"'
 B64=$(printf '%s' "$TASK" | base64 -w0)
-IMAGE=$("$BIN" --data-dir "$WORK/b" image import --kernel "$GUEST/vmlinuz" --initrd "$GUEST/initrd.img" \
-    --cmdline "$(cat "$GUEST/cmdline") cs.nfs=/export cs.run64=$B64" "$GUEST/disk.ext4" | grep -oE '[0-9a-f]{64}' | head -1)
+IMAGE=$(import_image "$GUEST")
 img_bytes=$(stat -c %s "$GUEST/disk.ext4")
-say "imported the guest image $IMAGE ($((img_bytes >> 20)) MiB disk, $(($(stat -c %s "$GUEST/vmlinuz") >> 20)) MiB kernel, $(($(stat -c %s "$GUEST/initrd.img") >> 20)) MiB initrd)"
+distinct=$(store_bytes)
+say "imported the guest image $IMAGE ($((img_bytes >> 20)) MiB disk, $(($(stat -c %s "$GUEST/vmlinuz") >> 20)) MiB kernel, $(($(stat -c %s "$GUEST/initrd.img") >> 20)) MiB initrd; $distinct bytes of distinct chunks)"
 "$BIN" --data-dir "$WORK/b" image ls 2>/dev/null | sed 's/^/    /' || true
 
 for _ in $(seq 240); do
@@ -136,17 +158,17 @@ leases=$(js '" ".join(s["lease"] for s in d["slots"])' <"$WORK/run.json")
 console() { cat "$WORK"/b/leases/*/console.log 2>/dev/null; }
 first=""
 for ip in "${hosts[@]}"; do
-    until console | grep -q "cs-dhcp: $ip " && console | grep -q "listening on $ip:3632"; do sleep 0.5; done
+    wait_for 900 "guest $ip: distccd not up after 900 s" sh -c "cat '$WORK'/b/leases/*/console.log 2>/dev/null | grep -qa 'listening on $ip:3632'"
     say "guest $ip: distccd up"
     [ -n "$first" ] || first=$(since x "$t_run")
 done
 all=$(since x "$t_run")
 tx1=$(tx_bytes)
-say "image distributed: the buyer's uplink sent $(((tx1 - tx0) >> 20)) MiB for $COUNT guests (eth0 tx bytes)"
+say "image distributed: the buyer's uplink sent $((tx1 - tx0)) bytes for $COUNT guests (eth0 tx bytes): $(awk -v a=$((tx1 - tx0)) -v b="$distinct" 'BEGIN { printf "%.3f", a / b }') x the image's distinct chunk bytes"
 
 # NFS round trip: each guest wrote a file; the buyer reads it and compares hashes.
 for ip in "${hosts[@]}"; do
-    until console | grep -q "cs-nfs-wrote: from-$ip "; do sleep 0.5; done
+    wait_for 300 "guest $ip did not write to the NFS export in 300 s" sh -c "cat '$WORK'/b/leases/*/console.log 2>/dev/null | grep -qa 'cs-nfs-wrote: from-$ip '"
     want=$(console | sed -n "s/.*cs-nfs-wrote: from-$ip \([0-9a-f]*\).*/\1/p" | head -1)
     got=$(sha256sum <"$WORK/export/from-$ip" | cut -d' ' -f1)
     if [ "$want" = "$got" ]; then say "NFS: guest $ip wrote from-$ip (1 MiB), the buyer reads it byte-identical"
@@ -157,7 +179,7 @@ done
 build() { # dir make-args...
     local dir=$1; shift
     rm -rf "$dir"; cp -a "$ZLIB" "$dir"
-    (cd "$dir" && CC=gcc ./configure >/dev/null)
+    (cd "$dir" && CC=gcc CFLAGS="$ZLIB_CFLAGS" ./configure >/dev/null)
     ip netns exec "${T}b" env -C "$dir" "$@" >"$dir.make.log" 2>&1
 }
 mkdir -p "$WORK/distcc-dir"
@@ -174,12 +196,12 @@ t0=$EPOCHREALTIME
 build "$WORK/zlib-distcc" env DISTCC_HOSTS="${DH# }" DISTCC_LOG="$WORK/distcc-client.log" DISTCC_VERBOSE=1 \
     DISTCC_DIR="$WORK/distcc-dir" make -j"$JOBS" CC="distcc gcc"
 say "build done in $(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f s", b - a }')"
-ok=$(console | grep -c 'COMPILE_OK' || true)
+ok=$(console | grep -ac COMPILE_OK || true)
 for ip in "${hosts[@]}"; do
     n=0
     for l in $leases; do
         f="$WORK/b/leases/$l/console.log"
-        if grep -q "cs-dhcp: $ip " "$f" 2>/dev/null; then n=$(grep -c COMPILE_OK "$f" || true); fi
+        if grep -qa "cs-dhcp: $ip " "$f" 2>/dev/null; then n=$(grep -ac COMPILE_OK "$f" || true); fi
     done
     say "guest $ip compiled $n objects (distccd COMPILE_OK lines on its console)"
 done
@@ -197,11 +219,45 @@ if [ -n "${BENCH:-}" ]; then
     for k in $(seq "$COUNT"); do
         dh=""
         for ip in "${hosts[@]:0:$k}"; do dh="$dh $ip/2"; done
+        c0=$(console | grep -ac COMPILE_OK || true)
         t0=$EPOCHREALTIME
-        build "$WORK/zlib-k$k" env DISTCC_HOSTS="${dh# }" DISTCC_DIR="$WORK/distcc-dir" make -j$((2 * k + 1)) CC="distcc gcc"
-        say "bench: $k guest(s), make -j$((2 * k + 1)) CC=\"distcc gcc\": $(since x "$t0")"
+        build "$WORK/zlib-k$k" env DISTCC_HOSTS="${dh# }" DISTCC_DIR="$WORK/distcc-dir" DISTCC_LOG="$WORK/distcc-k$k.log" \
+            make -j$((2 * k + 1)) CC="distcc gcc"
+        say "bench: $k guest(s), make -j$((2 * k + 1)) CC=\"distcc gcc\": $(since x "$t0"), $(($(console | grep -ac COMPILE_OK || true) - c0)) objects compiled on the guests, $(grep -c 'failed to distribute' "$WORK/distcc-k$k.log" || true) local fallbacks"
     done
     say "bench: load average $(cut -d' ' -f1-3 /proc/loadavg)"
+fi
+
+if [ -n "${UPDATE:-}" ]; then
+    # An image update: the same recipe with more packages. The sellers still hold the
+    # first image's chunks, so only the chunks that changed should travel.
+    say "image update: rebuilding the image with EXTRA_PACKAGES=\"$UPDATE\""
+    G2=$TARGET/distcc-guest-update
+    EXTRA_PACKAGES="$UPDATE" bash scripts/build-distcc-guest.sh "$G2"
+    s0=$(store_bytes)
+    IMAGE2=$(import_image "$G2")
+    changed=$(($(store_bytes) - s0))
+    say "imported the updated image $IMAGE2: $changed bytes of chunks the first image does not have (of $distinct bytes of distinct chunks in the first)"
+    "$BIN" --data-dir "$WORK/b" stop --all >/dev/null
+    for _ in $(seq 600); do
+        n=$("$BIN" --data-dir "$WORK/b" status --json | js 'd["market"].get("offers_with_room",0)')
+        [ "$n" -ge "$COUNT" ] && break
+        sleep 0.5
+    done
+    say "the first image's guests are stopped; $n sellers offer room again"
+    tx0=$(tx_bytes)
+    t_run2=$EPOCHREALTIME
+    "$BIN" --data-dir "$WORK/b" run --image "$IMAGE2" --count "$COUNT" --min-mem-mib "$MEM" --detach --json >"$WORK/run2.json" 2>"$WORK/run2.log"
+    for l in $(js '" ".join(s["lease"] for s in d["slots"])' <"$WORK/run2.json"); do
+        wait_for 900 "updated image: lease $l's distccd not up after 900 s" grep -qa "listening on .*:3632" "$WORK/b/leases/$l/console.log"
+    done
+    up2=$(since x "$t_run2")
+    tx1=$(tx_bytes)
+    say "updated image: all $COUNT guests' distccd up ${up2# } after \`run\`; the buyer's uplink sent $((tx1 - tx0)) bytes ($(awk -v a=$((tx1 - tx0)) -v b="$changed" 'BEGIN { printf "%.3f", a / b }') x the changed chunks' bytes)"
+    for i in $(seq "$SELLERS"); do
+        d=$("$BIN" --data-dir "$WORK/$i" status --json | js "d['p2p']['images'].get('$IMAGE2', {}).get('downloaded_bytes', 0)")
+        say "seller $i downloaded $d bytes of the updated image"
+    done
 fi
 
 echo
