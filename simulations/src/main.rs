@@ -42,6 +42,10 @@ enum Cmd {
         /// arriving (the node before `Leecher::on_bytes`).
         #[arg(long)]
         no_progress_reports: bool,
+        /// Sellers queue every request they can serve (no Busy answers: the
+        /// node before issue 16's admission).
+        #[arg(long)]
+        no_admission: bool,
         /// No progress bars.
         #[arg(long)]
         quiet: bool,
@@ -59,6 +63,7 @@ fn main() -> ExitCode {
             chunk_kib,
             max_wall_s,
             no_progress_reports,
+            no_admission,
             quiet,
         } => {
             let mut sc = match Scenario::load(&file) {
@@ -76,6 +81,9 @@ fn main() -> ExitCode {
             }
             if no_progress_reports {
                 sc.progress_reports = false;
+            }
+            if no_admission {
+                sc.admission = false;
             }
             if let Some(k) = chunk_kib {
                 sc.image.chunk_kib = (k > 0).then_some(k);

@@ -77,5 +77,6 @@ pub fn run(w: &World, bar: Option<&ProgressBar>) -> RunResult {
         cancels: 0,
         disconnects: 0,
         polls: 0,
+        busy: 0,
     }
 }

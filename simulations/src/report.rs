@@ -56,12 +56,12 @@ pub fn completions_csv(runs: &[RunResult], profiles: &[String]) -> String {
 /// One line per run.
 pub fn summary_csv(rows: &[(String, &RunResult, Summary, Cost)]) -> String {
     let mut s = String::from(
-        "label,policy,n,bound_s,nominal_bound_s,median_s,p95_s,max_s,median_x,p95_x,max_x,buyer_x,moved_x,moved_bytes,needed_bytes,finished,unfinished,gone,events,starving_notes,cancels,disconnects,polls,buyer_extra_bytes,sim_end_s,wall_s,peak_rss_mib\n",
+        "label,policy,n,bound_s,nominal_bound_s,median_s,p95_s,max_s,median_x,p95_x,max_x,buyer_x,moved_x,moved_bytes,needed_bytes,finished,unfinished,gone,events,starving_notes,cancels,disconnects,polls,buyer_extra_bytes,sim_end_s,wall_s,peak_rss_mib,busy\n",
     );
     for (label, r, m, c) in rows {
         let _ = writeln!(
             s,
-            "{},{},{},{:.3},{:.3},{:.3},{:.3},{:.3},{:.4},{:.4},{:.4},{:.4},{:.4},{},{},{},{},{},{},{},{},{},{},{},{:.3},{:.1},{:.0}",
+            "{},{},{},{:.3},{:.3},{:.3},{:.3},{:.3},{:.4},{:.4},{:.4},{:.4},{:.4},{},{},{},{},{},{},{},{},{},{},{},{:.3},{:.1},{:.0},{}",
             label,
             r.policy.name(),
             r.n,
@@ -88,7 +88,8 @@ pub fn summary_csv(rows: &[(String, &RunResult, Summary, Cost)]) -> String {
             r.buyer_extra,
             r.sim_end_s,
             c.wall_s,
-            c.peak_rss_mib
+            c.peak_rss_mib,
+            r.busy
         );
     }
     s

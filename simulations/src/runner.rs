@@ -94,6 +94,7 @@ pub fn run_scenario(sc: &Scenario, out: &Path, show: bool) -> Result<Outcome> {
         max_time_s: sc.max_time_s,
         max_wall_s: sc.max_wall_s,
         progress_reports: sc.progress_reports,
+        no_admission: !sc.admission,
     };
     // main runs, with churn if any
     let t_build = Instant::now();

@@ -79,6 +79,10 @@ pub struct Scenario {
     /// does (false: the scheduler sees only whole chunks, as before).
     #[serde(default = "default_true")]
     pub progress_reports: bool,
+    /// Sellers answer Busy to requests that would wait long in their upload
+    /// queue, as the node does (false: they queue everything, as before).
+    #[serde(default = "default_true")]
+    pub admission: bool,
     pub churn: Option<ChurnSpec>,
     pub update: Option<UpdateSpec>,
     pub sweep: Option<SweepSpec>,

@@ -6,8 +6,8 @@
 //! node/src/p2p does.
 
 use chunks::swarm::{
-    Action, Bitfield, Decision, Leecher, LeecherConfig, PeerKind, PieceOrder, SeedAction, Seeder,
-    SeederConfig,
+    admit, Action, Bitfield, Decision, Leecher, LeecherConfig, PeerKind, PieceOrder, SeedAction,
+    Seeder, SeederConfig, ADMIT_WAIT_US,
 };
 use std::collections::{HashMap, VecDeque};
 
@@ -48,6 +48,13 @@ enum Ev {
         from: u32,
         to: u32,
         chunk: u32,
+    },
+    /// `from` holds `chunk` but its upload queue is full: ask again in `retry_us`.
+    Busy {
+        from: u32,
+        to: u32,
+        chunk: u32,
+        retry_us: u64,
     },
     Offer {
         to: u32,
@@ -146,6 +153,8 @@ pub struct RunResult {
     pub disconnects: u64,
     /// Scheduler runs (`Leecher::poll`): the simulator's main cost.
     pub polls: u64,
+    /// Requests sellers answered with Busy.
+    pub busy: u64,
 }
 
 /// Options beyond the world.
@@ -163,6 +172,8 @@ pub struct RunOpts {
     /// (`Leecher::on_bytes`, as the node's link does), so a slow but moving
     /// reply is not timed out.
     pub progress_reports: bool,
+    /// Sellers queue every request they can serve (the node before Busy).
+    pub no_admission: bool,
 }
 
 struct Sim<'a> {
@@ -197,6 +208,9 @@ struct Sim<'a> {
     disconnects: u64,
     polls: u64,
     progress: bool,
+    /// Sellers answer Busy instead of queueing long (`chunks::swarm::admit`).
+    admit: bool,
+    busy: u64,
 }
 
 /// Runs the swarm under `policy` (not `Naive`: see [`crate::naive`]).
@@ -269,6 +283,8 @@ pub fn run(w: &World, policy: Policy, opts: &RunOpts, bar: Option<&ProgressBar>)
         disconnects: 0,
         polls: 0,
         progress: opts.progress_reports,
+        admit: !opts.no_admission,
+        busy: 0,
     };
     sim.schedule_churn(opts);
     let max_us = (opts.max_time_s * 1e6) as u64;
@@ -333,6 +349,7 @@ pub fn run(w: &World, policy: Policy, opts: &RunOpts, bar: Option<&ProgressBar>)
         cancels: sim.cancels,
         disconnects: sim.disconnects,
         polls: sim.polls,
+        busy: sim.busy,
     }
 }
 
@@ -396,6 +413,18 @@ impl Sim<'_> {
                     self.drive(to);
                 }
             }
+            Ev::Busy {
+                from,
+                to,
+                chunk,
+                retry_us,
+            } => {
+                let now = self.now;
+                if let Some(l) = self.leech(to) {
+                    l.peer_busy(&from, chunk, retry_us, now);
+                    self.drive(to);
+                }
+            }
             Ev::HaveBatch { node } => self.on_have_batch(node),
             Ev::Offer { to, chunk } => {
                 if let Some(l) = self.leech(to) {
@@ -412,7 +441,7 @@ impl Sim<'_> {
             }
             Ev::Starving { from } => {
                 if let Some(s) = self.seeder.as_mut() {
-                    s.peer_starving(&from);
+                    s.peer_starving(&from, self.now);
                     self.buyer_tick_soon();
                 }
             }
@@ -505,6 +534,27 @@ impl Sim<'_> {
                 },
             );
             return;
+        }
+        if to != BUYER && self.admit {
+            // the server's own admission (link.rs): no request waits long behind
+            // a slow uplink while faster holders idle
+            let waiting = self.nodes[to as usize].upload.waiting_bytes(&self.w.sizes);
+            let size = self.w.sizes[chunk as usize] as u64;
+            if let Err(retry_us) = admit(waiting, size, self.w.up[to as usize], ADMIT_WAIT_US) {
+                self.busy += 1;
+                self.send(
+                    to,
+                    from,
+                    wire_size::INDEX_MSG + 4,
+                    Ev::Busy {
+                        from: to,
+                        to: from,
+                        chunk,
+                        retry_us,
+                    },
+                );
+                return;
+            }
         }
         let n = &mut self.nodes[to as usize];
         // rarest first among a seller's waiting replies (its own availability count)

@@ -98,6 +98,14 @@ impl Upload {
         out
     }
 
+    /// Bytes of the replies waiting for budget.
+    pub fn waiting_bytes(&self, sizes: &[u32]) -> u64 {
+        self.queue
+            .iter()
+            .map(|w| sizes[w.chunk as usize] as u64)
+            .sum()
+    }
+
     /// Replies waiting.
     pub fn queued(&self) -> usize {
         self.queue.len()

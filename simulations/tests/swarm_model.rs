@@ -23,6 +23,7 @@ fn opts(sc: &Scenario) -> RunOpts {
         max_time_s: sc.max_time_s,
         max_wall_s: None,
         progress_reports: sc.progress_reports,
+        no_admission: !sc.admission,
     }
 }
 

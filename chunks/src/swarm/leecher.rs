@@ -74,7 +74,9 @@ pub struct LeecherConfig {
 impl Default for LeecherConfig {
     fn default() -> Self {
         LeecherConfig {
-            min_depth: 2,
+            // a slow holder gets one request at a time until its rate is known
+            // (with two, requests sat behind 1 Mbit/s uplinks: simulator, issue 16)
+            min_depth: 1,
             max_depth: 16,
             window_us: 600_000,
             base_timeout_us: 5_000_000,
@@ -125,6 +127,8 @@ struct PeerSlot<P> {
     strikes: u32,
     depth_cap: usize,
     bytes_in: u64,
+    /// It said it is busy: no new requests to it before this time.
+    busy_until: Micros,
 }
 
 /// Per-image fetch scheduler.
@@ -344,6 +348,7 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
             strikes: 0,
             depth_cap: self.cfg.max_depth,
             bytes_in: 0,
+            busy_until: 0,
         };
         let i = match self.free.pop() {
             Some(i) => {
@@ -404,6 +409,24 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
         }
         if was {
             self.avail_dec(idx);
+        }
+        self.dirty = true;
+    }
+
+    /// `p` holds `idx` but its upload queue is full: it asks us to come back in
+    /// about `retry_us`. The request goes to another holder now, `p` stays a
+    /// holder and gets no new requests until then. Not a strike: a slow uplink
+    /// saying so is the point.
+    pub fn peer_busy(&mut self, p: &P, idx: u32, retry_us: Micros, now: Micros) {
+        let Some(&i) = self.index.get(p) else { return };
+        let s = self.peers[i].as_mut().expect("indexed");
+        let had_req = Self::take_out(s, idx, &self.sizes);
+        if had_req && s.out.is_empty() {
+            s.since = now;
+        }
+        s.busy_until = s.busy_until.max(now.saturating_add(retry_us.max(1)));
+        if had_req {
+            self.release(idx);
         }
         self.dirty = true;
     }
@@ -542,7 +565,13 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
         self.peers
             .iter()
             .flatten()
-            .filter_map(|s| self.deadline(s))
+            .filter_map(|s| {
+                let busy = (s.busy_until > 0).then_some(s.busy_until);
+                match (self.deadline(s), busy) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
+            })
             .min()
     }
 
@@ -606,7 +635,15 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
     /// Checks timeouts and fills pipelines. Call after events and at `next_deadline`.
     pub fn poll(&mut self, now: Micros) {
         self.poll_inner(now);
-        if !self.have.is_full() && self.inflight_set.is_empty() {
+        // a holder that is only busy will serve later: waiting is not starving
+        if !self.have.is_full()
+            && self.inflight_set.is_empty()
+            && !self
+                .peers
+                .iter()
+                .flatten()
+                .any(|s| s.busy_until > now && s.has.count_and(&self.pend) > 0)
+        {
             self.starving_since.get_or_insert(now);
         } else {
             self.starving_since = None;
@@ -645,6 +682,13 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
                 self.actions.push_back(Action::Disconnect { peer: id });
             }
         }
+        // busy peers whose wait is over take requests again
+        for s in self.peers.iter_mut().flatten() {
+            if s.busy_until > 0 && s.busy_until <= now {
+                s.busy_until = 0;
+                self.dirty = true;
+            }
+        }
         if !self.dirty || self.have.is_full() {
             return;
         }
@@ -662,7 +706,7 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
                 if (s.strikes > 0) == (k < n) {
                     break;
                 }
-                if s.out.len() >= self.depth(s) {
+                if s.out.len() >= self.depth(s) || s.busy_until > now {
                     break;
                 }
                 let Some(idx) = self.pick(s).or_else(|| self.pick_endgame(s)) else {
@@ -714,7 +758,11 @@ mod tests {
 
     #[test]
     fn rarest_first_and_pipelined() {
-        let mut l = Leecher::new(vec![1000; 4], Bitfield::new(4), 1, LeecherConfig::default());
+        let cfg = LeecherConfig {
+            min_depth: 2,
+            ..Default::default()
+        };
+        let mut l = Leecher::new(vec![1000; 4], Bitfield::new(4), 1, cfg);
         let mut a = Bitfield::full(4);
         a.clear(3);
         let mut b = Bitfield::new(4);
@@ -964,6 +1012,37 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn busy_peer_keeps_its_chunks_and_is_asked_again_later() {
+        let mut l = Leecher::new(vec![100; 2], Bitfield::new(2), 5, LeecherConfig::default());
+        let mut one = Bitfield::new(2);
+        one.set(0);
+        l.add_peer(1, one.clone(), PeerKind::Normal, 0);
+        l.poll(0);
+        assert_eq!(reqs(&drain(&mut l)), vec![(1, 0)]);
+        l.peer_busy(&1, 0, 2_000_000, 10);
+        l.poll(10);
+        assert!(drain(&mut l).is_empty(), "not asked again while busy");
+        assert!(l.peer_has(&1, 0), "still a holder");
+        assert!(
+            !l.is_starving(1_900_000),
+            "waiting on a busy holder is not starving"
+        );
+        // another holder takes it at once
+        l.add_peer(2, one.clone(), PeerKind::Normal, 20);
+        l.poll(20);
+        assert_eq!(reqs(&drain(&mut l)), vec![(2, 0)]);
+        l.on_chunk(&2, 0, true, 30);
+        drain(&mut l);
+        // chunk 1 appears at the busy peer only: asked when its wait is over
+        l.peer_have(&1, 1);
+        l.poll(40);
+        assert!(drain(&mut l).is_empty());
+        assert_eq!(l.next_deadline(), Some(2_000_010));
+        l.poll(2_000_010);
+        assert_eq!(reqs(&drain(&mut l)), vec![(1, 1)]);
     }
 
     #[test]

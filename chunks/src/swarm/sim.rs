@@ -257,7 +257,7 @@ pub(crate) fn run(cfg: &SimConfig) -> SimResult {
                 }
             }
             Msg::Starving { from } => {
-                seeder.peer_starving(&from);
+                seeder.peer_starving(&from, now);
                 seeder.poll(now);
                 while let Some(SeedAction::Offer { peer, chunk }) = seeder.next_action() {
                     send(&mut heap, &mut msgs, now + lat, peer, Msg::Offer { chunk });

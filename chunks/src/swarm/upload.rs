@@ -88,6 +88,32 @@ impl UploadConfig {
     }
 }
 
+/// Longest a chunk request may expect to wait in a server's queue before the
+/// server answers "busy, ask again later" instead of queueing it (issue 16).
+pub const ADMIT_WAIT_US: Micros = 2 * SEC;
+
+/// Whether a server takes one more chunk request of `size` bytes when `waiting`
+/// bytes of replies already wait for room (not started), at an upload rate of
+/// `rate` bytes/s. `Ok`: queue it. `Err(us)`: busy; the requester should ask
+/// again in about `us` (when the queue will have drained that far).
+///
+/// Why: a request queued behind a slow uplink waits while faster holders idle,
+/// and its requester times it out and asks again elsewhere, so the queue fills
+/// with replies nobody waits for. Refusing at once sends the request where it
+/// is served soonest; the requester keeps the server as a holder.
+pub fn admit(waiting: u64, size: u64, rate: f64, max_wait_us: Micros) -> Result<(), Micros> {
+    if waiting == 0 {
+        return Ok(()); // one reply always waits, however slow the link
+    }
+    let rate = rate.max(1.0);
+    let wait_us = (waiting + size) as f64 * 1e6 / rate;
+    if wait_us <= max_wait_us as f64 {
+        return Ok(());
+    }
+    let drain_us = (waiting + size) as f64 * 1e6 / rate - max_wait_us as f64;
+    Err((drain_us.max(0.0) as Micros).clamp(100_000, 10 * SEC))
+}
+
 #[derive(Clone, Copy, Debug)]
 struct Started {
     at: Micros,
@@ -325,6 +351,23 @@ impl UploadPacer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn admit_queues_a_bounded_wait() {
+        // 1 Mbit/s: one waiting 1 MiB reply is always fine, a second is 16 s away
+        assert_eq!(admit(0, 1 << 20, 125_000.0, ADMIT_WAIT_US), Ok(()));
+        let busy = admit(1 << 20, 1 << 20, 125_000.0, ADMIT_WAIT_US);
+        assert!(
+            matches!(busy, Err(us) if (5 * SEC..=10 * SEC).contains(&us)),
+            "{busy:?}"
+        );
+        // 100 Mbit/s: 2 s is 25 MB of replies
+        assert_eq!(admit(20 << 20, 1 << 20, 12.5e6, ADMIT_WAIT_US), Ok(()));
+        assert!(admit(30 << 20, 1 << 20, 12.5e6, ADMIT_WAIT_US).is_err());
+        // a refusal never asks for an instant retry
+        assert_eq!(admit(300_000, 1, 125_000.0, ADMIT_WAIT_US), Err(400_008));
+        assert_eq!(admit(250_000, 1, 125_000.0, ADMIT_WAIT_US), Err(100_000));
+    }
 
     const MS: Micros = 1_000;
 

@@ -34,12 +34,13 @@ impl Net {
             Body::HelloAck { role, have } => self.on_hello_ack(peer, image, role, have),
             Body::Have { chunks } => self.on_have(peer, image, chunks),
             Body::Starving => {
+                let now = self.now();
                 if let Some(ImageSwarm {
                     mode: Mode::Seed(s),
                     ..
                 }) = self.images.get_mut(&image)
                 {
-                    s.peer_starving(&peer);
+                    s.peer_starving(&peer, now);
                     self.drive(image);
                 }
             }
@@ -59,6 +60,16 @@ impl Net {
                 }) = self.images.get_mut(&image)
                 {
                     l.peer_lacks(&peer, index, now);
+                }
+                self.drive(image);
+            }
+            Body::Busy { index, wait_ms } => {
+                if let Some(ImageSwarm {
+                    mode: Mode::Leech(l),
+                    ..
+                }) = self.images.get_mut(&image)
+                {
+                    l.peer_busy(&peer, index, wait_ms as u64 * 1000, now);
                 }
                 self.drive(image);
             }
@@ -216,6 +227,17 @@ impl Net {
             // a finished seller no longer follows who holds what
             Mode::Done => link::ORDINARY,
         };
+        if !matches!(img.mode, Mode::Seed(_)) {
+            // a relay answers Busy rather than queue a request long behind its
+            // uplink: the requester asks a holder that serves it sooner
+            let size = img.sizes[index as usize] as u64;
+            if let Err(wait_us) = self.links.admit(size) {
+                return Some(Body::Busy {
+                    index,
+                    wait_ms: wait_us.div_ceil(1000) as u32,
+                });
+            }
+        }
         match self.store.get_chunk(&img.chunk_ids[index as usize]) {
             Ok(Some(mut bytes)) => {
                 self.fault.chunk(&mut bytes);

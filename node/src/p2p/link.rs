@@ -35,7 +35,7 @@ use libp2p::{PeerId, StreamProtocol};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::{debug, warn};
 
-use chunks::swarm::{Micros, UploadConfig, UploadPacer};
+use chunks::swarm::{admit, Micros, UploadConfig, UploadPacer, ADMIT_WAIT_US};
 
 use super::wire::{Body, Msg, MAX_MESSAGE, PROTOCOL};
 
@@ -126,6 +126,11 @@ impl Budget {
 
     pub fn in_flight_bytes(&self) -> u64 {
         self.pacer.in_flight()
+    }
+
+    /// Measured upload capacity, bytes/s (none before the first acks).
+    pub fn capacity(&self) -> Option<f64> {
+        self.pacer.capacity()
     }
 
     #[cfg(test)]
@@ -471,6 +476,31 @@ impl Links {
             frame,
         });
         link.wake.notify_one();
+    }
+
+    /// Whether a chunk request of `size` bytes may join the replies waiting for
+    /// the uplink (`chunks::swarm::admit`): `Err(us)` means answer Busy, ask
+    /// again in about `us`. Before the capacity is measured, everything queues.
+    pub fn admit(&self, size: u64) -> Result<(), Micros> {
+        let Some(rate) = self
+            .uploads
+            .state
+            .lock()
+            .expect("uploads lock")
+            .budget
+            .capacity()
+        else {
+            return Ok(());
+        };
+        let waiting: u64 = self
+            .links
+            .values()
+            .map(|l| {
+                let ob = l.outbox.lock().expect("outbox lock");
+                ob.data.iter().map(|q| q.frame.len() as u64).sum::<u64>()
+            })
+            .sum();
+        admit(waiting, size, rate, ADMIT_WAIT_US)
     }
 
     /// `peer` says it has chunk `index`: if we were sending it, it arrived.

@@ -59,20 +59,48 @@ pub enum PeerRole {
 /// What a message says about its image.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Body {
-    GetManifest { wait: bool },
+    GetManifest {
+        wait: bool,
+    },
     Manifest(Vec<u8>),
     NotFound,
-    Hello { have: Vec<u8> },
-    HelloAck { role: PeerRole, have: Vec<u8> },
-    Have { chunks: Vec<u32> },
-    GetChunk { index: u32 },
-    Chunk { index: u32, bytes: Vec<u8> },
-    NotHave { index: u32 },
+    Hello {
+        have: Vec<u8>,
+    },
+    HelloAck {
+        role: PeerRole,
+        have: Vec<u8>,
+    },
+    Have {
+        chunks: Vec<u32>,
+    },
+    GetChunk {
+        index: u32,
+    },
+    Chunk {
+        index: u32,
+        bytes: Vec<u8>,
+    },
+    NotHave {
+        index: u32,
+    },
     Starving,
-    Cancel { index: u32 },
-    ManifestAt { peers: Vec<PeerId> },
+    Cancel {
+        index: u32,
+    },
+    ManifestAt {
+        peers: Vec<PeerId>,
+    },
     Grant(Vec<u8>),
-    Denied { reason: DenyReason },
+    Denied {
+        reason: DenyReason,
+    },
+    /// The holder has chunk `index` but its upload queue is full: ask again in
+    /// about `wait_ms` (issue 16: a request never waits long behind a slow uplink).
+    Busy {
+        index: u32,
+        wait_ms: u32,
+    },
 }
 
 /// Why a holder refused a request for a private image.
@@ -210,6 +238,7 @@ impl Body {
             Body::ManifestAt { .. } => "manifest_at",
             Body::Grant(_) => "grant",
             Body::Denied { .. } => "denied",
+            Body::Busy { .. } => "busy",
         }
     }
 
@@ -229,6 +258,7 @@ impl Body {
             Body::ManifestAt { .. } => 12,
             Body::Grant(_) => 13,
             Body::Denied { .. } => 14,
+            Body::Busy { .. } => 15,
         }
     }
 }
@@ -282,6 +312,10 @@ impl Msg {
             Body::Chunk { index, bytes } => {
                 u32le(&mut b, *index);
                 b.extend_from_slice(bytes);
+            }
+            Body::Busy { index, wait_ms } => {
+                u32le(&mut b, *index);
+                u32le(&mut b, *wait_ms);
             }
         }
         let len = (b.len() - 4) as u32;
@@ -374,6 +408,10 @@ impl Msg {
             14 => Body::Denied {
                 reason: DenyReason::of(r.u8()?).ok_or(WireError::Bad("deny reason"))?,
             },
+            15 => Body::Busy {
+                index: r.u32()?,
+                wait_ms: r.u32()?,
+            },
             t => return Err(WireError::UnknownTag(t)),
         };
         r.end()?;
@@ -419,6 +457,10 @@ mod tests {
             Body::Grant(vec![1; 40]),
             Body::Denied {
                 reason: DenyReason::Expired,
+            },
+            Body::Busy {
+                index: 9,
+                wait_ms: 1500,
             },
         ];
         bodies
@@ -496,6 +538,18 @@ mod tests {
 
     proptest! {
         #[test]
+        fn busy_roundtrip(index in any::<u32>(), wait_ms in any::<u32>(), cut in 0usize..45) {
+            let m = Msg::new(img(3), Body::Busy { index, wait_ms });
+            let f = m.encode();
+            prop_assert_eq!(f.len(), 4 + 1 + 32 + 8);
+            prop_assert_eq!(Msg::decode(&f[4..]).unwrap(), m);
+            // any truncation is an error, never a panic or a different message
+            if cut < f.len() - 4 {
+                prop_assert!(Msg::decode(&f[4..4 + cut]).is_err());
+            }
+        }
+
+        #[test]
         fn parser_total(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
             if let Ok(m) = Msg::decode(&bytes) {
                 prop_assert_eq!(&m.encode()[4..], &bytes[..]);
@@ -503,7 +557,7 @@ mod tests {
         }
 
         #[test]
-        fn parser_on_mutated_valid(which in 0usize..14, idx in 0usize..120, val in any::<u8>()) {
+        fn parser_on_mutated_valid(which in 0usize..15, idx in 0usize..120, val in any::<u8>()) {
             let m = all()[which].clone();
             let mut b = m.encode()[4..].to_vec();
             if idx < b.len() { b[idx] = val; }
