@@ -156,6 +156,10 @@ struct Active {
     core: SellerLease,
     buyer_peer: PeerId,
     run: Option<RunHandle>,
+    /// The last phase told to the buyer, repeated as the heartbeat while the lease
+    /// prepares (a fetch stalled behind slow uplinks, a slow boot), so that the buyer
+    /// does not take a busy seller for a vanished one.
+    phase: Option<GuestPhase>,
 }
 
 struct Seller {
@@ -316,6 +320,7 @@ impl Seller {
                     core,
                     buyer_peer,
                     run: None,
+                    phase: None,
                 },
             );
             self.apply(id, actions);
@@ -571,6 +576,7 @@ impl Seller {
                 core,
                 buyer_peer: peer,
                 run: Some(run),
+                phase: None,
             },
         );
         self.publish_offer();
@@ -584,6 +590,7 @@ impl Seller {
                     // Chunks of the buyer's image are flowing: the buyer is alive even
                     // though it has no receipt to acknowledge yet.
                     a.core.on_buyer_life(now);
+                    a.phase = Some(phase.clone());
                     self.net
                         .send(a.buyer_peer, MarketMsg::Phase { lease: id, phase });
                 }
@@ -624,15 +631,19 @@ impl Seller {
         let now = now_ms();
         if self.last_heartbeat.elapsed() >= HEARTBEAT {
             self.last_heartbeat = std::time::Instant::now();
-            for a in self
-                .live()
-                .filter(|a| a.core.phase() == SellerPhase::Running)
-            {
+            for a in self.live() {
+                let phase = match a.core.phase() {
+                    SellerPhase::Running => GuestPhase::Running,
+                    _ => match &a.phase {
+                        Some(p) => p.clone(),
+                        None => continue,
+                    },
+                };
                 self.net.send(
                     a.buyer_peer,
                     MarketMsg::Phase {
                         lease: a.core.lease().terms.id,
-                        phase: GuestPhase::Running,
+                        phase,
                     },
                 );
             }
