@@ -249,7 +249,8 @@ if [ -n "${UPDATE:-}" ]; then
     t_run2=$EPOCHREALTIME
     "$BIN" --data-dir "$WORK/b" run --image "$IMAGE2" --count "$COUNT" --min-mem-mib "$MEM" --detach --json >"$WORK/run2.json" 2>"$WORK/run2.log"
     for l in $(js '" ".join(s["lease"] for s in d["slots"])' <"$WORK/run2.json"); do
-        wait_for 900 "updated image: lease $l's distccd not up after 900 s" grep -qa "listening on .*:3632" "$WORK/b/leases/$l/console.log"
+        wait_for 900 "updated image: lease $l's distccd not up after 900 s" \
+            sh -c "grep -qa 'listening on .*:3632' '$WORK/b/leases/$l/console.log' 2>/dev/null"
     done
     up2=$(since x "$t_run2")
     tx1=$(tx_bytes)
