@@ -391,6 +391,12 @@ fn buyer_rents_guests_replaces_lost_ones_and_sellers_bill_acked_minutes() -> Res
         n >= 2
     });
     assert!(peers_ok, "guests did not reach each other over the overlay");
+    // The consoles arrived whole: a lost console message leaves a NUL-filled gap.
+    for e in std::fs::read_dir(&leases_dir)?.flatten() {
+        let log = std::fs::read(e.path().join("console.log")).unwrap_or_default();
+        let gaps = log.iter().filter(|&&b| b == 0).count();
+        assert_eq!(gaps, 0, "{} NUL bytes in {}", gaps, e.path().display());
+    }
 
     // A few billing periods, then stop: both ledgers agree to the minute.
     std::thread::sleep(Duration::from_secs(PERIOD_S * 3));

@@ -9,6 +9,7 @@
 pub mod audit;
 pub mod buyer;
 pub mod cli;
+pub mod console;
 pub mod db;
 pub mod lease_run;
 pub mod net;

@@ -98,36 +98,44 @@ impl MarketNet {
     /// Sends `msg` to `peer` in the background (dialing it if needed); a failure is
     /// logged: the cores retry what matters (receipts, acks) on their own timers.
     pub fn send(&self, peer: PeerId, msg: MarketMsg) {
-        let mut control = self.control.clone();
+        let net = self.clone();
         tokio::spawn(async move {
-            let bytes = market::encode(&msg);
-            for attempt in 1..=SEND_ATTEMPTS {
-                let r = tokio::time::timeout(SEND_TIMEOUT / SEND_ATTEMPTS, async {
-                    let mut s = control
-                        .open_stream(peer, PROTOCOL)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    s.write_all(&(bytes.len() as u32).to_be_bytes())
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    s.write_all(&bytes).await.map_err(|e| e.to_string())?;
-                    // Half-close: the reader sees the end of the message, then says so.
-                    s.close().await.map_err(|e| e.to_string())?;
-                    let mut taken = [0u8; 1];
-                    s.read_exact(&mut taken).await.map_err(|e| e.to_string())?;
-                    if taken[0] != TAKEN {
-                        return Err("the peer did not take the message".to_string());
-                    }
-                    Ok(())
-                })
-                .await;
-                match r {
-                    Ok(Ok(())) => return,
-                    Ok(Err(e)) => debug!(%peer, attempt, error = %e, "market message not sent"),
-                    Err(_) => debug!(%peer, attempt, "market message timed out"),
-                }
-            }
+            net.deliver(peer, &msg).await;
         });
+    }
+
+    /// Sends `msg` to `peer` now, trying up to SEND_ATTEMPTS times within
+    /// SEND_TIMEOUT; true once the peer said it took the message.
+    pub async fn deliver(&self, peer: PeerId, msg: &MarketMsg) -> bool {
+        let mut control = self.control.clone();
+        let bytes = market::encode(msg);
+        for attempt in 1..=SEND_ATTEMPTS {
+            let r = tokio::time::timeout(SEND_TIMEOUT / SEND_ATTEMPTS, async {
+                let mut s = control
+                    .open_stream(peer, PROTOCOL)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                s.write_all(&(bytes.len() as u32).to_be_bytes())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                s.write_all(&bytes).await.map_err(|e| e.to_string())?;
+                // Half-close: the reader sees the end of the message, then says so.
+                s.close().await.map_err(|e| e.to_string())?;
+                let mut taken = [0u8; 1];
+                s.read_exact(&mut taken).await.map_err(|e| e.to_string())?;
+                if taken[0] != TAKEN {
+                    return Err("the peer did not take the message".to_string());
+                }
+                Ok(())
+            })
+            .await;
+            match r {
+                Ok(Ok(())) => return true,
+                Ok(Err(e)) => debug!(%peer, attempt, error = %e, "market message not sent"),
+                Err(_) => debug!(%peer, attempt, "market message timed out"),
+            }
+        }
+        false
     }
 
     /// Accepts market streams; every well-formed message arrives on the channel with

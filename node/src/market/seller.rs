@@ -19,6 +19,7 @@ use tracing::{info, warn};
 use vm::qemu::AccelPolicy;
 
 use super::audit::{self, AuditEvent};
+use super::console::ConsoleSender;
 use super::db::MarketDb;
 use super::lease_run::{self, RunCtx, RunEvent, RunHandle};
 use super::net::MarketNet;
@@ -160,6 +161,8 @@ struct Active {
     /// prepares (a fetch stalled behind slow uplinks, a slow boot), so that the buyer
     /// does not take a busy seller for a vanished one.
     phase: Option<GuestPhase>,
+    /// The guest's console on its way to the buyer (started with the first output).
+    console: Option<ConsoleSender>,
 }
 
 struct Seller {
@@ -321,6 +324,7 @@ impl Seller {
                     buyer_peer,
                     run: None,
                     phase: None,
+                    console: None,
                 },
             );
             self.apply(id, actions);
@@ -577,6 +581,7 @@ impl Seller {
                 buyer_peer: peer,
                 run: Some(run),
                 phase: None,
+                console: None,
             },
         );
         self.publish_offer();
@@ -602,15 +607,11 @@ impl Seller {
                 }
             }
             RunEvent::Console(id, offset, data) => {
-                if let Some(a) = self.leases.get(&id) {
-                    self.net.send(
-                        a.buyer_peer,
-                        MarketMsg::Console {
-                            lease: id,
-                            offset,
-                            data,
-                        },
-                    );
+                if let Some(a) = self.leases.get_mut(&id) {
+                    let (net, peer) = (self.net.clone(), a.buyer_peer);
+                    a.console
+                        .get_or_insert_with(|| ConsoleSender::spawn(net, peer, id))
+                        .push(offset, data);
                 }
             }
             RunEvent::Finished { lease, failed } => {
