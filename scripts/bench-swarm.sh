@@ -13,6 +13,7 @@
 # Knobs (env):   N=8 FILE_MIB=64 SEED_UP=8mbit SEED_DOWN=50mbit PEER_UP=8mbit
 #                PEER_DOWN=50mbit QUEUE_MS=100 MODES="cpushare http" REPEATS=1
 #                NODE_BIN=target/debug/cpushare-node WORK=/tmp/csw-bench PREFIX=csw-
+#                CC= (TCP congestion control in the hosts, e.g. cubic; default: the kernel's)
 # Needs: iproute2 ethtool jq curl python3, and `cargo build -p node` first.
 # Addresses are 192.0.2.0/24 (TEST-NET-1) inside namespaces this script creates;
 # nothing leaves the bridge. Cleans up (processes by PID, namespaces) on exit.
@@ -30,6 +31,7 @@ REPEATS=${REPEATS:-1}
 TIMEOUT=${TIMEOUT:-900}
 W=${WORK:-/tmp/csw-bench}
 PREFIX=${PREFIX:-csw-}
+CC=${CC:-}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 NODE_BIN=${NODE_BIN:-$ROOT/target/debug/cpushare-node}
 PY=/usr/bin/python3
@@ -91,6 +93,8 @@ nsx() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
 mkns() {
   ip netns add "$1"
   nsx "$1" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1
+  # TCP congestion control in every host (per namespace); empty: the kernel's default
+  if [ -n "$CC" ]; then nsx "$1" sysctl -qw net.ipv4.tcp_congestion_control="$CC"; fi
   ip -n "$1" link set lo up
 }
 rate_bps() { awk -v s="$1" 'BEGIN{ s = tolower(s); m = 1
