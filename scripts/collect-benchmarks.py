@@ -24,6 +24,7 @@ SECTIONS = [
     ("simulations.md", "Simulations (issue 17)", "simulations-issue-17"),
     ("owner.md", "The owner's machine beside a guest (issue 13)", "the-owners-machine-beside-a-guest-issue-13"),
     ("distcc.md", "distcc build farm on rented sellers (issue 18)", "distcc-build-farm-on-rented-sellers-issue-18"),
+    ("owner-link.md", "The owner's traffic beside the swarm's uploads (issue 16)", "the-owners-traffic-beside-the-swarms-uploads-issue-16"),
 ]
 
 HEADLINES = (BENCH / "headlines.md").read_text().strip().splitlines()
