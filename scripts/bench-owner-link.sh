@@ -14,7 +14,8 @@
 #                UP=8mbit DOWN=64mbit scripts/bench-owner-link.sh
 #                scripts/bench-owner-link.sh --cleanup   # leftovers of a killed run
 # Knobs (env):   UP=1mbit DOWN=16mbit QUEUE_MS=1000 WARM_S=15 PING_S=30 TCP_S=30
-#                MODES="on off" NODE_BIN=target/debug/cpushare-node WORK=/tmp/col-bench
+#                MODES="on off" (also capKBPS: yielding off, upload_max_kbps = KBPS)
+#                NODE_BIN=target/debug/cpushare-node WORK=/tmp/col-bench
 #                PREFIX=col-
 # Needs: iproute2 ethtool jq iperf3 python3, and `cargo build -p node` first.
 # Addresses are 192.0.2.0/24 inside namespaces this script creates.
@@ -144,7 +145,11 @@ log "idle ping: median $IDLE_MED ms, p95 $IDLE_P95, max $IDLE_MAX"
 
 for mode in $MODES; do
   R=$W/run/$mode; mkdir -p "$R"
-  printf '[swarm]\nupload_yield = "%s"\n' "$mode" > "$R/seller.toml"
+  case $mode in
+    on|off) printf '[swarm]\nupload_yield = "%s"\n' "$mode" > "$R/seller.toml" ;;
+    cap*) printf '[swarm]\nupload_yield = "off"\nupload_max_kbps = %s\n' "${mode#cap}" > "$R/seller.toml" ;;
+    *) echo "unknown mode $mode (on, off, capKBPS)" >&2; exit 1 ;;
+  esac
   # The buyer (on the far side) seeds the image to the seller, then leaves: what the
   # seller then uploads, to a second node on the far side, it relays as a seller does.
   start_bg "$FAR" "$R/buyer.out" env RUST_LOG=${NODE_LOG:-warn} "$NODE_BIN" --role buyer \
@@ -199,5 +204,6 @@ for line in open(path):
     mode, med, p95, mx, loss, tcp, allb = line.rstrip("\n").split("\t")
     try: over = f"{float(med) - float(imed):+.0f}"
     except ValueError: over = "-"
-    print(f"| yielding {mode} | {med} | {p95} | {mx} | {loss} | {over} | {float(tcp)/1000:.0f} | {float(tcp)/U:.2f} |")
+    label = f"upload_max_kbps = {mode[3:]}" if mode.startswith("cap") else f"yielding {mode}"
+    print(f"| {label} | {med} | {p95} | {mx} | {loss} | {over} | {float(tcp)/1000:.0f} | {float(tcp)/U:.2f} |")
 PYEOF
