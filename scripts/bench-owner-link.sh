@@ -13,7 +13,7 @@
 # Usage (root):  scripts/bench-owner-link.sh             # one uplink (a few minutes)
 #                UP=8mbit DOWN=64mbit scripts/bench-owner-link.sh
 #                scripts/bench-owner-link.sh --cleanup   # leftovers of a killed run
-# Knobs (env):   UP=1mbit DOWN=16mbit QUEUE_MS=1000 WARM_S=15 PING_S=30 TCP_S=30
+# Knobs (env):   UP=1mbit DOWN=16mbit QUEUE_MS=1000 WARM_S=15 PING_S=30 TCP_S=30 CC=
 #                MODES="on off" (also capKBPS: yielding off, upload_max_kbps = KBPS)
 #                NODE_BIN=target/debug/cpushare-node WORK=/tmp/col-bench
 #                PREFIX=col-
@@ -43,8 +43,7 @@ F_IP=192.0.2.2
 PORT=7450
 
 PIDS=()
-log() { echo "[$(date +%T)] $*" >&2; }
-ns_exists() { ip netns list 2>/dev/null | awk -v n="$1" '$1 == n {f = 1} END {exit !f}'; }
+. "$ROOT/scripts/lib/netns-bench.sh"
 stop_all() {
   local p ns
   for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
@@ -74,23 +73,6 @@ done
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-nsx() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
-rate_bps() { awk -v s="$1" 'BEGIN{ s = tolower(s); m = 1
-  if (s ~ /gbit$/) m = 1e9; else if (s ~ /mbit$/) m = 1e6; else if (s ~ /kbit$/) m = 1e3
-  sub(/[a-z]+$/, "", s); printf "%d", s * m }'; }
-shape() {
-  local ns=$1 dev=$2 rate=$3 qb
-  qb=$(( $(rate_bps "$rate") / 8 * QUEUE_MS / 1000 )); [ "$qb" -lt 15140 ] && qb=15140
-  nsx "$ns" ethtool -K "$dev" tso off gso off gro off >/dev/null 2>&1 || true
-  tc -n "$ns" qdisc add dev "$dev" root handle 1: htb default 10
-  tc -n "$ns" class add dev "$dev" parent 1: classid 1:10 htb rate "$rate" ceil "$rate" quantum 1514
-  tc -n "$ns" qdisc add dev "$dev" parent 1:10 handle 10: bfifo limit "$qb"
-}
-mkns() {
-  ip netns add "$1"
-  nsx "$1" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1
-  ip -n "$1" link set lo up
-}
 add_host() {
   local ns=$1 port=$2 addr=$3
   mkns "$ns"
@@ -100,15 +82,6 @@ add_host() {
   ip -n "$ns" addr add "$addr/24" dev eth0
   ip -n "$ns" link set eth0 up
 }
-wait_for() {
-  local to=$1 what=$2; shift 2
-  local end=$(( $(date +%s) + to ))
-  until "$@" >/dev/null 2>&1; do
-    [ "$(date +%s)" -ge "$end" ] && { log "timeout waiting for $what"; return 1; }
-    sleep 0.2
-  done
-}
-start_bg() { local ns=$1 lf=$2; shift 2; ip netns exec "$ns" "$@" >"$lf" 2>&1 & PIDS+=($!); }
 txb() { ip -n "$SELL" -s -j link show dev eth0 | jq '.[0].stats64.tx.bytes'; }
 
 # Ping the far side for PING_S seconds; prints "median p95 max loss%".
