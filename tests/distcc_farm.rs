@@ -779,6 +779,22 @@ fn distcc_farm_builds_zlib_on_rented_sellers() -> Result<()> {
                 })
             })
     });
+    if !replaced {
+        // what each live node's swarm and uplink looked like: a replacement that
+        // never runs is almost always a fetch that crawls
+        for s in sellers.iter().filter(|s| s.peer_id != seller0) {
+            let st = s.status().unwrap_or_default();
+            eprintln!(
+                "seller {}: images {} uplink {} sent {}",
+                s.peer_id,
+                st["p2p"]["images"],
+                st["p2p"]["uplink"],
+                st["p2p"]["sent_bytes_by_message"]
+            );
+        }
+        let st = buyer.status().unwrap_or_default();
+        eprintln!("buyer: uplink {}", st["p2p"]["uplink"]);
+    }
     ensure!(
         replaced,
         "lease of {ip0} not replaced: {}",

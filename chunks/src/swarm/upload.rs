@@ -9,7 +9,12 @@
 //! (its Have). From those:
 //! - **capacity**: the highest acknowledged rate seen over one-second windows in
 //!   the last [`CAPACITY_MEMORY_US`] (a max filter: while we yield, our own rate
-//!   is not the link's);
+//!   is not the link's). A window in which the uplink ran dry (nothing
+//!   unacknowledged: nobody asked for more) measured demand, not the link, and
+//!   counts only if it is higher, as BBR treats application-limited samples: a
+//!   seller that served one chunk in a minute must not conclude its uplink
+//!   carries one chunk a minute, answer everyone "busy" and so never learn
+//!   otherwise;
 //! - **delay samples**: ack time - start time - the time the bytes written
 //!   before it and itself need at capacity. What remains is round trip plus
 //!   queueing in the modem FIFO (and the receiver's own uplink queue, which its
@@ -131,6 +136,8 @@ pub struct UploadPacer {
     /// Acknowledged bytes since `window_start`.
     acked_window: u64,
     window_start: Option<Micros>,
+    /// The uplink ran dry during the current window (application-limited).
+    window_dry: bool,
     /// (window end, bytes/s) of recent rate windows.
     rates: VecDeque<(Micros, f64)>,
     /// (time, sample) of delay samples, for the base (minimum per 10 s bucket).
@@ -153,6 +160,7 @@ impl UploadPacer {
             in_flight: 0,
             acked_window: 0,
             window_start: None,
+            window_dry: false,
             rates: VecDeque::new(),
             base: VecDeque::new(),
             current: VecDeque::new(),
@@ -244,6 +252,10 @@ impl UploadPacer {
     /// names it in `on_ack`/`forget`.
     pub fn start(&mut self, size: u64, now: Micros) -> u64 {
         self.next_token += 1;
+        if self.in_flight == 0 {
+            // the uplink sat idle until now
+            self.window_dry = true;
+        }
         self.in_flight += size;
         let s = Started {
             at: now,
@@ -277,13 +289,16 @@ impl UploadPacer {
         let dt = now.saturating_sub(start);
         if dt >= SEC {
             let r = self.acked_window as f64 * 1e6 / dt as f64;
-            // while paced, our own rate says nothing about the link's: only a
-            // higher one counts (the last window is kept however old)
-            if self.pace_rate().is_none() || self.capacity().is_none_or(|c| r > c) {
+            // while paced, or when the uplink ran dry, our own rate says nothing
+            // about the link's: only a higher one counts (the last window is
+            // kept however old)
+            let limited = self.pace_rate().is_some() || self.window_dry;
+            if !limited || self.capacity().is_none_or(|c| r > c) {
                 self.rates.push_back((now, r));
             }
             self.acked_window = 0;
             self.window_start = Some(now);
+            self.window_dry = self.in_flight == 0;
         }
         while self
             .rates
@@ -468,6 +483,30 @@ mod tests {
             "yielding still sent {} B/s",
             after as f64 / 30.0
         );
+    }
+
+    #[test]
+    fn a_trickle_after_a_burst_keeps_the_measured_capacity() {
+        // a seller that spread an image at 10 MB/s, then served one chunk every
+        // 30 s for two minutes (nobody asked for more): its uplink is still 10 MB/s
+        let mut p = UploadPacer::new(UploadConfig::relay());
+        drive(&mut p, 10e6, 5 * MS, 0, 3);
+        let burst = p.capacity().expect("measured");
+        assert!(burst > 9e6, "burst measured {burst}");
+        let mut now = 3 * SEC;
+        for _ in 0..4 {
+            now += 30 * SEC;
+            let t = p.start(64 * 1024, now);
+            p.on_ack(t, now + 20 * MS);
+        }
+        let cap = p.capacity().expect("kept");
+        assert!(
+            cap > 9e6,
+            "idle time between lone chunks counted as a slow link: {cap} bytes/s"
+        );
+        // demand may raise it: a faster burst later counts
+        drive_from(&mut p, now + SEC, 20e6, 5 * MS, 0, 3);
+        assert!(p.capacity().expect("kept") > 18e6);
     }
 
     #[test]

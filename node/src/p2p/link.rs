@@ -133,7 +133,7 @@ impl Budget {
         self.pacer.capacity()
     }
 
-    #[cfg(test)]
+    /// The pacer, read-only (for `status` and tests).
     pub fn pacer(&self) -> &UploadPacer {
         &self.pacer
     }
@@ -235,6 +235,17 @@ struct UploadState {
     seq: u64,
     /// A grant handed out whose writer has not started its chunk yet.
     granted: usize,
+}
+
+/// The uplink as the pacer sees it: measured capacity, the rate chunks start at
+/// (the cap or the yielding mode; none: unpaced), delays, peers served at once.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct UplinkView {
+    pub capacity_bytes_per_s: Option<u64>,
+    pub pace_bytes_per_s: Option<u64>,
+    pub base_delay_ms: Option<u64>,
+    pub queue_delay_ms: Option<u64>,
+    pub peers_at_once: usize,
 }
 
 /// The budget shared by every writer of the node.
@@ -541,6 +552,20 @@ impl Links {
     /// Bytes queued for sending per message kind (for `status`).
     pub fn queued_by_message(&self) -> &BTreeMap<&'static str, u64> {
         &self.queued
+    }
+
+    /// What the upload pacer has measured and decided (for `status`).
+    pub fn uplink(&self) -> UplinkView {
+        self.uploads.with(|st| {
+            let p = st.budget.pacer();
+            UplinkView {
+                capacity_bytes_per_s: p.capacity().map(|r| r as u64),
+                pace_bytes_per_s: p.pace_rate().map(|r| r as u64),
+                base_delay_ms: p.base_delay().map(|d| d / 1000),
+                queue_delay_ms: p.queue_delay().map(|d| d / 1000),
+                peers_at_once: p.peers_at_once(),
+            }
+        })
     }
 
     /// Upload budget in use and its limit, bytes (for `status`).

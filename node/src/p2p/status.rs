@@ -43,6 +43,7 @@ pub(super) struct Snapshot {
     /// Chunk bytes sent and not yet acknowledged, and the limit on them.
     upload_in_flight: u64,
     upload_budget: u64,
+    uplink: super::link::UplinkView,
     queued_by_message: BTreeMap<&'static str, u64>,
 }
 
@@ -74,6 +75,7 @@ pub(super) fn register(
             "rejected": s.rejects,
             "upload_in_flight_bytes": s.upload_in_flight,
             "upload_budget_bytes": s.upload_budget,
+            "uplink": s.uplink,
             "sent_bytes_by_message": s.queued_by_message,
         });
         if let Some(f) = test_fault {
@@ -94,6 +96,7 @@ impl Net {
         }
         s.rejects = self.rejects.clone();
         (s.upload_in_flight, s.upload_budget) = self.links.budget();
+        s.uplink = self.links.uplink();
         s.queued_by_message = self.links.queued_by_message().clone();
         s.rejects.bad_messages += self.link_rejects.load(std::sync::atomic::Ordering::Relaxed);
     }
