@@ -9,7 +9,9 @@ use chunks::swarm::{
     admit, Action, Bitfield, Decision, Leecher, LeecherConfig, PeerKind, PieceOrder, SeedAction,
     Seeder, SeederConfig, ADMIT_WAIT_US,
 };
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use rustc_hash::FxHashMap;
 
 use indicatif::ProgressBar;
 
@@ -191,7 +193,7 @@ struct Sim<'a> {
     /// Replies admitted by the sender's budget to a peer already receiving one:
     /// they follow on the same stream, one after the other (link.rs keeps one
     /// outbound stream per peer). A key is present while its pair has a flow.
-    pair_queue: HashMap<(u32, u32), VecDeque<u32>>,
+    pair_queue: FxHashMap<(u32, u32), VecDeque<u32>>,
     remaining: usize,
     seed: u64,
     // counters
@@ -267,7 +269,7 @@ pub fn run(w: &World, policy: Policy, opts: &RunOpts, bar: Option<&ProgressBar>)
         buyer_haves: Vec::new(),
         buyer_tick_pending: false,
         resched: Vec::new(),
-        pair_queue: HashMap::new(),
+        pair_queue: FxHashMap::default(),
         remaining: w.n,
         seed: opts.seed,
         buyer_payload: 0,

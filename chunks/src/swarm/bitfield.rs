@@ -40,6 +40,11 @@ impl Bitfield {
         }
     }
 
+    /// The set as words of 64 chunks, lowest first (bits past `len` are zero).
+    pub(crate) fn words(&self) -> &[u64] {
+        &self.words
+    }
+
     /// Number of chunks the set ranges over.
     pub fn len(&self) -> u32 {
         self.len
