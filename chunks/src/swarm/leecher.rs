@@ -413,6 +413,11 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
     }
 
     fn bucket_remove(&mut self, idx: u32) {
+        // only the chunks in `pend` sit in a bucket: no tree search for the
+        // Haves of chunks held or being fetched (most of them)
+        if !self.pend.get(idx) {
+            return;
+        }
         let a = self.avail[idx as usize] as usize;
         if a < self.buckets.len() && self.buckets[a].remove(&(self.rank[idx as usize], idx)) {
             self.pending -= 1;
