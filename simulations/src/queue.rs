@@ -186,7 +186,7 @@ mod tests {
                 });
                 seq += 1;
             }
-            if rng.next() % 2 == 0 {
+            if rng.next().is_multiple_of(2) {
                 let a = q.pop();
                 let b = reference.pop().map(|e| (e.at, e.ev));
                 assert_eq!(a, b);
