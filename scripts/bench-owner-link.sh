@@ -14,7 +14,8 @@
 #                UP=8mbit DOWN=64mbit scripts/bench-owner-link.sh
 #                scripts/bench-owner-link.sh --cleanup   # leftovers of a killed run
 # Knobs (env):   UP=1mbit DOWN=16mbit QUEUE_MS=1000 WARM_S=15 PING_S=30 TCP_S=30 CC=
-#                MODES="on off" (also capKBPS: yielding off, upload_max_kbps = KBPS)
+#                MODES="on off" (also tcp: yielding on the TCP round trip; capKBPS:
+#                yielding off, upload_max_kbps = KBPS)
 #                NODE_BIN=target/debug/cpushare-node WORK=/tmp/col-bench
 #                PREFIX=col-
 # Needs: iproute2 ethtool jq iperf3 python3, and `cargo build -p node` first.
@@ -120,8 +121,9 @@ for mode in $MODES; do
   R=$W/run/$mode; mkdir -p "$R"
   case $mode in
     on|off) printf '[swarm]\nupload_yield = "%s"\n' "$mode" > "$R/seller.toml" ;;
+    tcp) printf '[swarm]\nupload_yield = "on"\nupload_yield_signal = "tcp"\n' > "$R/seller.toml" ;;
     cap*) printf '[swarm]\nupload_yield = "off"\nupload_max_kbps = %s\n' "${mode#cap}" > "$R/seller.toml" ;;
-    *) echo "unknown mode $mode (on, off, capKBPS)" >&2; exit 1 ;;
+    *) echo "unknown mode $mode (on, off, tcp, capKBPS)" >&2; exit 1 ;;
   esac
   # The buyer (on the far side) seeds the image to the seller, then leaves: what the
   # seller then uploads, to a second node on the far side, it relays as a seller does.
@@ -146,14 +148,22 @@ for mode in $MODES; do
   sleep 2
   start_bg "$FAR" "$R/fetch.out" "$NODE_BIN" --data-dir "$R/f" image fetch "$IMAGE"
   sleep "$WARM_S"
+  # what the swarm itself sends meanwhile: a mode that yields by sending nothing
+  # would keep the ping low and is no good either
+  P0=$(txb)
   read -r L_MED L_P95 L_MAX L_LOSS < <(ping_stats)
-  log "yield $mode: ping median $L_MED ms, p95 $L_P95, max $L_MAX, loss $L_LOSS %"
+  P1=$(txb)
+  SWARM_BPS=$(( (P1 - P0) * 8 / PING_S ))
+  log "yield $mode: ping median $L_MED ms, p95 $L_P95, max $L_MAX, loss $L_LOSS %; the swarm sent $((SWARM_BPS / 1000)) kbit/s meanwhile"
+  if grep -q "100%" "$R/fetch.out" 2>/dev/null; then
+    log "yield $mode: the far node's fetch ended during the ping phase: the swarm did not load the line throughout (raise FILE_MIB)"
+  fi
   T0=$(txb)
   nsx "$SELL" iperf3 -c "$F_IP" -t "$TCP_S" -J > "$R/iperf.json" 2>"$R/iperf.err" || true
   T1=$(txb)
   TCP_BPS=$(jq '.end.sum_sent.bits_per_second // 0' "$R/iperf.json")
   ALL_BPS=$(( (T1 - T0) * 8 / TCP_S ))
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$mode" "$L_MED" "$L_P95" "$L_MAX" "$L_LOSS" "$TCP_BPS" "$ALL_BPS" >> "$W/results.tsv"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$mode" "$L_MED" "$L_P95" "$L_MAX" "$L_LOSS" "$TCP_BPS" "$ALL_BPS" "$SWARM_BPS" >> "$W/results.tsv"
   log "yield $mode: bulk TCP $(awk -v b="$TCP_BPS" 'BEGIN{printf "%.0f", b/1000}') kbit/s of $UP (all traffic $((ALL_BPS / 1000)) kbit/s)"
   stop_all
   start_bg "$FAR" "$W/run/iperf.out" iperf3 -s -B "$F_IP"
@@ -171,12 +181,13 @@ def rate(s):
 U = rate(up)
 print(f"Seller uplink {up} (down {down}), {q} ms FIFO; a peer fetches a {mib} MiB image from it. "
       f"Idle ping median {imed} ms, p95 {ip95} ms.\n")
-print("| swarm uploads | ping median ms | ping p95 ms | ping max ms | ping loss % | median over idle ms | bulk TCP kbit/s | TCP share of the uplink |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|")
+print("| swarm uploads | swarm kbit/s alone | ping median ms | ping p95 ms | ping max ms | ping loss % | median over idle ms | bulk TCP kbit/s | TCP share of the uplink |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 for line in open(path):
-    mode, med, p95, mx, loss, tcp, allb = line.rstrip("\n").split("\t")
+    mode, med, p95, mx, loss, tcp, allb, swarm = line.rstrip("\n").split("\t")
     try: over = f"{float(med) - float(imed):+.0f}"
     except ValueError: over = "-"
-    label = f"upload_max_kbps = {mode[3:]}" if mode.startswith("cap") else f"yielding {mode}"
-    print(f"| {label} | {med} | {p95} | {mx} | {loss} | {over} | {float(tcp)/1000:.0f} | {float(tcp)/U:.2f} |")
+    label = (f"upload_max_kbps = {mode[3:]}" if mode.startswith("cap")
+             else "yielding on, TCP round-trip signal" if mode == "tcp" else f"yielding {mode}")
+    print(f"| {label} | {float(swarm)/1000:.0f} | {med} | {p95} | {mx} | {loss} | {over} | {float(tcp)/1000:.0f} | {float(tcp)/U:.2f} |")
 PYEOF

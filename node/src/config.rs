@@ -56,6 +56,28 @@ pub struct SwarmTable {
     pub upload_yield: Option<OnOff>,
     /// The yielding mode's queueing-delay target, ms (default 100).
     pub upload_yield_target_ms: Option<u64>,
+    /// Where the yielding mode reads the queueing delay (default "acks").
+    pub upload_yield_signal: Option<YieldSignal>,
+}
+
+/// Where the yielding mode reads the queueing delay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum YieldSignal {
+    /// The chunks' acknowledgements: their latency beyond what the bytes ahead of
+    /// them need at the measured capacity.
+    Acks,
+    /// The kernel's TCP round trip (smoothed minus least) on the connections
+    /// uploading now (experimental: a receiver's delayed ACKs read as queueing
+    /// when few packets flow; docs/bench/owner-link.md).
+    Tcp,
+}
+
+impl SwarmTable {
+    /// Whether the yielding mode follows the TCP round trip (`upload_yield_signal = "tcp"`).
+    pub fn tcp_yield_signal(&self) -> bool {
+        self.upload_yield_signal == Some(YieldSignal::Tcp)
+    }
 }
 
 /// Default queueing-delay target of the yielding upload mode, ms.

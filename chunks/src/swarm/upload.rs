@@ -37,6 +37,16 @@ pub const CAPACITY_MEMORY_US: Micros = 20 * SEC;
 const BASE_MEMORY_US: Micros = 60 * SEC;
 /// Recent samples whose minimum is the current delay.
 const CURRENT_SAMPLES: usize = 4;
+/// With path delay samples: from no rate to the capacity in this long, when the
+/// queue is empty.
+pub const PATH_RAMP_US: Micros = 10 * SEC;
+/// With path delay samples the rate stays at or above capacity / this. Lower
+/// and the transport's round trip, which only ACKs update, goes stale: at 1/32
+/// of a 1 Mbit/s line (3 ACKs a second) the smoothed round trip took 40 s to
+/// fall back after one burst, and the uploads sat at the floor throughout.
+pub const PATH_FLOOR_DIVISOR: f64 = 8.0;
+/// With path delay samples: least time between two decreases.
+pub const PATH_DECREASE_EVERY_US: Micros = 100_000;
 /// One full-size frame on the wire (Ethernet, IP, TCP with timestamps).
 const FRAME: u64 = 1514;
 
@@ -147,6 +157,11 @@ pub struct UploadPacer {
     /// too big for a window of packets).
     yield_rate: Option<f64>,
     last_adjust: Micros,
+    /// Queueing delay measured on the path (see `on_path_delay`), when the driver
+    /// has such a measurement: the yielding mode then follows it alone.
+    last_path_sample: Option<Micros>,
+    /// The last of those samples, us.
+    path_queue: Option<Micros>,
     /// When the next chunk may start (token bucket of one chunk).
     next_start: Micros,
 }
@@ -166,6 +181,8 @@ impl UploadPacer {
             current: VecDeque::new(),
             yield_rate: None,
             last_adjust: 0,
+            last_path_sample: None,
+            path_queue: None,
             next_start: 0,
         }
     }
@@ -262,7 +279,11 @@ impl UploadPacer {
             ahead: self.in_flight,
         };
         self.started.insert(self.next_token, (s, size));
-        if let Some(r) = self.pace_rate() {
+        // with path samples the driver paces in the transport, packet by packet;
+        // a gap here as well would hold back the next chunk for as long as the
+        // slowest rate of the past asked (16 s for 64 KiB at 4 KB/s), long after
+        // the rate has recovered
+        if let Some(r) = self.pace_rate().filter(|_| self.last_path_sample.is_none()) {
             let gap = (size as f64 * 1e6 / r.max(1.0)) as Micros;
             // a token bucket of one chunk: idle time is not saved up beyond it
             self.next_start = self.next_start.max(now.saturating_sub(gap)) + gap;
@@ -312,8 +333,52 @@ impl UploadPacer {
             let wire = (s.ahead as f64 * 1e6 / cap) as Micros;
             let sample = now.saturating_sub(s.at).saturating_sub(wire);
             self.add_sample(sample, now);
-            self.adjust_yield(cap, size, now);
+            if self.last_path_sample.is_none() {
+                self.adjust_yield(cap, size, now);
+            }
         }
+    }
+
+    /// The last queueing delay measured on the path (`on_path_delay`), us.
+    pub fn path_queue_delay(&self) -> Option<Micros> {
+        self.path_queue
+    }
+
+    /// A queueing-delay sample measured on the path itself: the transport's
+    /// smoothed round trip minus its least one, on the connections carrying our
+    /// uploads now (the node reads both from the kernel's TCP_INFO). Once the
+    /// driver gives these, the yielding mode follows them instead of the
+    /// acknowledgement-based samples, which on a busy machine carry the
+    /// receiver's scheduling and batching as well as the modem's queue.
+    ///
+    /// LEDBAT's rule on a rate, per sample: under the target the rate grows in
+    /// proportion to the distance to it, by up to the capacity per
+    /// [`PATH_RAMP_US`]; over it, it shrinks in proportion, by up to half, at
+    /// most once per round trip (at least [`PATH_DECREASE_EVERY_US`]: the queue
+    /// needs that long to show a change); never under 1/32 of the capacity (it
+    /// keeps probing). The driver then paces in the transport: chunk starts are
+    /// no longer spaced here.
+    pub fn on_path_delay(&mut self, queue_us: Micros, now: Micros) {
+        let last = self.last_path_sample.replace(now);
+        self.path_queue = Some(queue_us);
+        let (Some(target), Some(cap)) = (self.cfg.yield_target_us, self.capacity()) else {
+            return;
+        };
+        let dt = last.map_or(0, |l| now.saturating_sub(l)).min(SEC);
+        let off = ((target as f64 - queue_us as f64) / target as f64).clamp(-1.0, 1.0);
+        let r = self.yield_rate.unwrap_or(cap);
+        let next = if off >= 0.0 {
+            r + off * cap * dt as f64 / PATH_RAMP_US as f64
+        } else {
+            // once per round trip (the queue's effect on it lags that much)
+            if now.saturating_sub(self.last_adjust) < PATH_DECREASE_EVERY_US.max(queue_us) {
+                return;
+            }
+            self.last_adjust = now;
+            r * (1.0 + off / 2.0)
+        };
+        let next = next.clamp(cap / PATH_FLOOR_DIVISOR, cap);
+        self.yield_rate = (next < cap).then_some(next);
     }
 
     fn add_sample(&mut self, d: Micros, now: Micros) {
@@ -507,6 +572,51 @@ mod tests {
         // demand may raise it: a faster burst later counts
         drive_from(&mut p, now + SEC, 20e6, 5 * MS, 0, 3);
         assert!(p.capacity().expect("kept") > 18e6);
+    }
+
+    #[test]
+    fn path_delay_over_the_target_yields_and_under_it_recovers() {
+        let mut cfg = UploadConfig::relay();
+        cfg.yield_target_us = Some(100 * MS);
+        let mut p = UploadPacer::new(cfg);
+        drive(&mut p, 125_000.0, 20 * MS, 0, 5);
+        let cap = p.capacity().expect("measured");
+        assert_eq!(p.pace_rate(), None, "no path sample yet: at capacity");
+        // someone else's upload holds 400 ms in the modem's FIFO
+        let mut now = 10 * SEC;
+        for _ in 0..50 {
+            p.on_path_delay(400 * MS, now);
+            now += 100 * MS;
+        }
+        let low = p.pace_rate().expect("yielding");
+        assert!(
+            (low - cap / PATH_FLOOR_DIVISOR).abs() < 1.0,
+            "down to the floor: {low} of {cap}"
+        );
+        // acknowledgement-based samples no longer move it
+        drive_from(&mut p, now, 125_000.0, 20 * MS, 0, 2);
+        now += 2 * SEC;
+        assert!(p.pace_rate().expect("still yielding") < cap / 4.0);
+        // the queue empties: back to the capacity within PATH_RAMP_US
+        for _ in 0..(PATH_RAMP_US / (100 * MS)) {
+            p.on_path_delay(0, now);
+            now += 100 * MS;
+        }
+        assert_eq!(p.pace_rate(), None, "recovered to the capacity");
+        // at the target it holds still
+        p.on_path_delay(400 * MS, now);
+        let r = p.pace_rate().expect("yielding again");
+        p.on_path_delay(100 * MS, now + 100 * MS);
+        assert_eq!(p.pace_rate(), Some(r));
+    }
+
+    #[test]
+    fn path_delay_without_a_target_changes_nothing() {
+        let mut p = UploadPacer::new(UploadConfig::relay());
+        drive(&mut p, 125_000.0, 20 * MS, 0, 3);
+        p.on_path_delay(900 * MS, 5 * SEC);
+        p.on_path_delay(900 * MS, 6 * SEC);
+        assert_eq!(p.pace_rate(), None);
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! The libp2p stack: TCP (with a small unsent queue) + noise + yamux, and the
+//! The libp2p stack: TCP (tracked sockets, see `sockets`) + noise + yamux, and the
 //! behaviours the node runs on it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use libp2p::core::{transport::Transport as _, upgrade};
@@ -9,13 +10,10 @@ use libp2p::swarm::{behaviour::toggle::Toggle, NetworkBehaviour};
 use libp2p::{
     gossipsub, identify, kad, mdns, noise, ping, tcp, yamux, Multiaddr, StreamProtocol, Swarm,
 };
-use tracing::{debug, warn};
+use tracing::warn;
 
+use super::sockets::Sockets;
 use crate::error::{Error, Result};
-
-/// Unsent bytes a TCP socket may hold (TCP_NOTSENT_LOWAT): small messages
-/// then wait behind at most this much queued chunk data, not whole seconds of it.
-const UNSENT_LOWAT: libc::c_int = 32 * 1024;
 
 #[derive(NetworkBehaviour)]
 pub(super) struct Behaviour {
@@ -28,26 +26,6 @@ pub(super) struct Behaviour {
     pub gossipsub: gossipsub::Behaviour,
 }
 
-/// Caps the socket's unsent queue so writers feel backpressure early (the
-/// kernel otherwise lets a send buffer grow to megabytes on a slow link).
-fn limit_unsent(s: &tokio::net::TcpStream) {
-    use std::os::fd::AsRawFd;
-    let v = UNSENT_LOWAT;
-    // SAFETY: setsockopt on a socket we own, with a pointer to a live c_int.
-    let rc = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_NOTSENT_LOWAT,
-            (&v as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        debug!(error = %std::io::Error::last_os_error(), "TCP_NOTSENT_LOWAT not set");
-    }
-}
-
 fn p2p_err(e: impl std::fmt::Display) -> Error {
     Error::P2p(e.to_string())
 }
@@ -56,6 +34,7 @@ fn p2p_err(e: impl std::fmt::Display) -> Error {
 /// (multiaddrs ending in `/p2p/<peer id>`).
 pub(super) fn build_swarm(
     keypair: Keypair,
+    sockets: Arc<Sockets>,
     mdns_on: bool,
     listen: &str,
     bootstrap: &[String],
@@ -66,10 +45,7 @@ pub(super) fn build_swarm(
         .with_other_transport(|key| {
             Ok(
                 tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
-                    .map(|s, _| {
-                        limit_unsent(&s.0);
-                        s
-                    })
+                    .map(move |s, _| sockets.track(s))
                     .upgrade(upgrade::Version::V1Lazy)
                     .authenticate(noise::Config::new(key)?)
                     .multiplex(yamux::Config::default())

@@ -245,6 +245,8 @@ pub struct UplinkView {
     pub pace_bytes_per_s: Option<u64>,
     pub base_delay_ms: Option<u64>,
     pub queue_delay_ms: Option<u64>,
+    /// The queueing delay TCP measured on the uplink (smoothed minus least round trip).
+    pub path_queue_delay_ms: Option<u64>,
     pub peers_at_once: usize,
 }
 
@@ -554,6 +556,21 @@ impl Links {
         &self.queued
     }
 
+    /// A queueing delay the transport measured on the uplink (`sockets`).
+    pub fn path_delay(&self, queue_us: Micros) {
+        let now = Instant::now();
+        self.uploads.with(|st| {
+            let at = st.budget.micros(now);
+            st.budget.pacer.on_path_delay(queue_us, at);
+        });
+    }
+
+    /// The rate uploads may go at now, bytes/s (the cap or the yielding mode;
+    /// `None`: as fast as the link goes).
+    pub fn pace_rate(&self) -> Option<f64> {
+        self.uploads.with(|st| st.budget.pacer().pace_rate())
+    }
+
     /// What the upload pacer has measured and decided (for `status`).
     pub fn uplink(&self) -> UplinkView {
         self.uploads.with(|st| {
@@ -563,6 +580,7 @@ impl Links {
                 pace_bytes_per_s: p.pace_rate().map(|r| r as u64),
                 base_delay_ms: p.base_delay().map(|d| d / 1000),
                 queue_delay_ms: p.queue_delay().map(|d| d / 1000),
+                path_queue_delay_ms: p.path_queue_delay().map(|d| d / 1000),
                 peers_at_once: p.peers_at_once(),
             }
         })

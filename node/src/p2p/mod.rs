@@ -25,6 +25,7 @@ mod handle;
 mod image;
 pub mod link;
 mod manifest;
+mod sockets;
 mod status;
 pub mod wire;
 
@@ -65,6 +66,11 @@ const SLOW_EVERY: Duration = Duration::from_secs(2);
 const TICK: Duration = Duration::from_millis(20);
 /// The super-seeds' batched haves go out every this many ticks (once a second).
 const SLOW_HAVES_TICKS: u64 = 50;
+/// The uplink's delay is sampled every this many ticks (100 ms).
+const PATH_SAMPLE_TICKS: u64 = 5;
+/// A connection that had this many bytes acknowledged since the last sample
+/// is uploading (not just sending haves).
+const BULK_BYTES: u64 = 4 * 1024;
 /// Least time between two snapshots for `status`.
 const SNAPSHOT_EVERY: Duration = Duration::from_millis(200);
 
@@ -81,6 +87,10 @@ struct Net {
     /// Requesters already pointed elsewhere once.
     redirected: HashSet<(ImageId, PeerId)>,
     links: Links,
+    /// The swarm's TCP sockets: the uplink's delay and the kernel's pacing.
+    sockets: Arc<sockets::Sockets>,
+    /// The yielding mode follows the sockets' round trip (`upload_yield_signal`).
+    tcp_yield_signal: bool,
     link_events: Option<mpsc::UnboundedReceiver<LinkEvent>>,
     provider_queries: HashMap<kad::QueryId, ImageId>,
     providing: HashSet<ImageId>,
@@ -183,8 +193,10 @@ impl Net {
     ) -> Result<Net> {
         let keypair = node.identity.keypair().clone();
         let local = keypair.public().to_peer_id();
+        let sockets = Arc::new(sockets::Sockets::default());
         let swarm = behaviour::build_swarm(
             keypair,
+            sockets.clone(),
             node.settings.mdns,
             &node.settings.listen,
             &node.settings.bootstrap,
@@ -210,6 +222,8 @@ impl Net {
             manifest_given: HashMap::new(),
             redirected: HashSet::new(),
             links,
+            sockets,
+            tcp_yield_signal: node.settings.swarm.tcp_yield_signal(),
             link_events: Some(link_events),
             provider_queries: HashMap::new(),
             providing: HashSet::new(),
@@ -485,6 +499,9 @@ impl Net {
 
     fn on_tick(&mut self) {
         self.ticks += 1;
+        if self.ticks.is_multiple_of(PATH_SAMPLE_TICKS) {
+            self.sample_path();
+        }
         let slow = self.ticks >= SLOW_HAVES_TICKS;
         if slow {
             self.ticks = 0;
@@ -498,6 +515,32 @@ impl Net {
             }
             self.flush_haves(image, slow);
         }
+    }
+
+    /// Feeds the uplink's queueing delay, as TCP measures it on the connections
+    /// that moved data since the last look, to the upload pacer (with
+    /// `upload_yield_signal = "tcp"`), and paces
+    /// every socket at the pacer's rate (shared by the connections uploading
+    /// now): the yielding mode and `upload_max_kbps` act in the kernel, packet
+    /// by packet, not a chunk at a time.
+    fn sample_path(&mut self) {
+        let ms = self.sockets.measure();
+        if let Some(queue) = ms
+            .iter()
+            .filter(|m| m.acked_delta > 0)
+            .map(|m| m.srtt_us.saturating_sub(m.min_rtt_us))
+            .max()
+        {
+            if self.tcp_yield_signal {
+                self.links.path_delay(queue as Micros);
+            }
+        }
+        let uploading = ms.iter().filter(|m| m.acked_delta >= BULK_BYTES).count();
+        let per_socket = self
+            .links
+            .pace_rate()
+            .map(|r| (r / uploading.max(1) as f64) as u64);
+        self.sockets.pace(per_socket);
     }
 
     fn on_slow_tick(&mut self) {

@@ -1,0 +1,299 @@
+//! The swarm's TCP sockets as the kernel sees them: each connection's socket is
+//! tracked from the transport up, so the node can read what TCP measured
+//! (TCP_INFO: smoothed and minimum round trip, bytes acknowledged) and cap how
+//! fast the kernel sends on it (SO_MAX_PACING_RATE).
+//!
+//! Why the kernel's figures: the yielding upload mode backs off when the queue in
+//! the owner's modem grows. A round trip TCP measures from its ACKs is exactly
+//! that queue plus the path; the application's own chunk acknowledgements add
+//! the receiver's scheduling, storage and batching, which on a busy machine are
+//! larger than the queue itself. And why the kernel's pacing: a chunk handed to
+//! TCP leaves at line rate whatever the application meant, filling the FIFO for
+//! as long as it takes; paced, it leaves at the rate asked for.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+
+use futures::io::{AsyncRead, AsyncWrite};
+use libp2p::tcp::tokio::TcpStream;
+use tracing::debug;
+
+/// SO_MAX_PACING_RATE (asm-generic/socket.h; the same on x86-64 and arm64).
+const SO_MAX_PACING_RATE: libc::c_int = 47;
+
+/// Unsent bytes a TCP socket may hold (TCP_NOTSENT_LOWAT): small messages
+/// then wait behind at most this much queued chunk data, not whole seconds of it.
+const UNSENT_LOWAT: libc::c_int = 32 * 1024;
+
+/// One socket's file descriptor while its connection lives. `None` once the
+/// stream is dropped: the number may then name another file, never touch it.
+#[derive(Debug)]
+struct Sock {
+    fd: Mutex<Option<RawFd>>,
+    /// The pacing rate last set, bytes/s (`u64::MAX`: none).
+    pacing: Mutex<u64>,
+    /// Bytes acknowledged at the last `measure`.
+    acked: Mutex<u64>,
+}
+
+/// What TCP measured on one socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpMeasure {
+    /// Smoothed round trip, us.
+    pub srtt_us: u32,
+    /// Least round trip seen, us.
+    pub min_rtt_us: u32,
+    /// Bytes the peer acknowledged since the connection opened.
+    pub bytes_acked: u64,
+    /// Bytes sent and not yet acknowledged (segments x MSS, roughly).
+    pub unacked_bytes: u64,
+    /// Bytes acknowledged since the previous `measure`.
+    pub acked_delta: u64,
+}
+
+/// Every live swarm socket of the node.
+#[derive(Debug, Default)]
+pub struct Sockets {
+    socks: Mutex<Vec<Weak<Sock>>>,
+}
+
+impl Sockets {
+    /// Wraps a new connection's stream, caps its unsent queue and tracks it.
+    pub fn track(&self, s: TcpStream) -> TrackedTcp {
+        let fd = s.0.as_raw_fd();
+        set_int(fd, libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT, UNSENT_LOWAT);
+        let sock = Arc::new(Sock {
+            fd: Mutex::new(Some(fd)),
+            pacing: Mutex::new(u64::MAX),
+            acked: Mutex::new(0),
+        });
+        let mut socks = self.socks.lock().expect("sockets lock");
+        socks.retain(|w| w.strong_count() > 0);
+        socks.push(Arc::downgrade(&sock));
+        TrackedTcp { inner: s, sock }
+    }
+
+    fn live(&self) -> Vec<Arc<Sock>> {
+        let mut socks = self.socks.lock().expect("sockets lock");
+        socks.retain(|w| w.strong_count() > 0);
+        socks.iter().filter_map(Weak::upgrade).collect()
+    }
+
+    /// What TCP measured on every live socket.
+    pub fn measure(&self) -> Vec<TcpMeasure> {
+        self.live()
+            .iter()
+            .filter_map(|s| {
+                let fd = s.fd.lock().expect("sock lock");
+                let mut m = tcp_info(*fd.as_ref()?)?;
+                let mut seen = s.acked.lock().expect("sock lock");
+                m.acked_delta = m.bytes_acked.saturating_sub(*seen);
+                *seen = m.bytes_acked;
+                Some(m)
+            })
+            .collect()
+    }
+
+    /// Caps every socket's sending rate at `rate` bytes/s (`None`: no cap).
+    /// Only sockets whose cap changes are touched.
+    pub fn pace(&self, rate: Option<u64>) {
+        let want = rate.map_or(u64::MAX, |r| r.max(1));
+        for s in self.live() {
+            let mut cur = s.pacing.lock().expect("sock lock");
+            if *cur == want {
+                continue;
+            }
+            let fd = s.fd.lock().expect("sock lock");
+            if let Some(fd) = *fd {
+                if set_pacing(fd, want) {
+                    *cur = want;
+                }
+            }
+        }
+    }
+
+    /// Live sockets.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.live().len()
+    }
+}
+
+/// A connection's TCP stream, tracked in [`Sockets`] until dropped.
+#[derive(Debug)]
+pub struct TrackedTcp {
+    inner: TcpStream,
+    sock: Arc<Sock>,
+}
+
+impl Drop for TrackedTcp {
+    fn drop(&mut self) {
+        // before `inner` closes the descriptor (fields drop after this runs)
+        *self.sock.fd.lock().expect("sock lock") = None;
+    }
+}
+
+impl AsyncRead for TrackedTcp {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TrackedTcp {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_close(cx)
+    }
+}
+
+fn set_int(fd: RawFd, level: libc::c_int, name: libc::c_int, v: libc::c_int) {
+    // SAFETY: setsockopt on a descriptor the caller holds open, with a pointer to
+    // a live c_int and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        debug!(error = %io::Error::last_os_error(), name, "socket option not set");
+    }
+}
+
+/// Sets SO_MAX_PACING_RATE (bytes/s; `u64::MAX` lifts it); false if refused.
+fn set_pacing(fd: RawFd, rate: u64) -> bool {
+    // SAFETY: setsockopt on a descriptor the caller holds open (under its lock),
+    // with a pointer to a live u64 and its size (the kernel takes 32 or 64 bits).
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            SO_MAX_PACING_RATE,
+            (&rate as *const u64).cast(),
+            std::mem::size_of::<u64>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        debug!(error = %io::Error::last_os_error(), "SO_MAX_PACING_RATE not set");
+    }
+    rc == 0
+}
+
+/// TCP_INFO of `fd`; `None` if the kernel refuses (not a TCP socket).
+fn tcp_info(fd: RawFd) -> Option<TcpMeasure> {
+    // SAFETY: tcp_info is plain old data (integers only): all zeroes is a value.
+    let mut ti: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: getsockopt on a descriptor the caller holds open (under its lock),
+    // writing at most `len` bytes into `ti`, which is that large.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut ti as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    Some(TcpMeasure {
+        srtt_us: ti.tcpi_rtt,
+        min_rtt_us: ti.tcpi_min_rtt,
+        bytes_acked: ti.tcpi_bytes_acked,
+        unacked_bytes: ti.tcpi_unacked as u64 * ti.tcpi_snd_mss as u64,
+        acked_delta: 0,
+    })
+}
+
+/// Reads the socket's pacing cap back (for tests).
+#[cfg(test)]
+fn max_pacing_of(fd: RawFd) -> u64 {
+    // SAFETY: as in `tcp_info`.
+    let mut ti: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: as in `tcp_info`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut ti as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0);
+    ti.tcpi_max_pacing_rate
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn tracks_measures_paces_and_forgets_a_socket() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (a, b) = tokio::join!(tokio::net::TcpStream::connect(addr), l.accept());
+        let (b, _) = b.unwrap();
+        let socks = Sockets::default();
+        let mut t = socks.track(TcpStream(a.unwrap()));
+        let mut b = TcpStream(b);
+        t.write_all(&[7u8; 100_000]).await.unwrap();
+        let mut got = vec![0u8; 100_000];
+        b.read_exact(&mut got).await.unwrap();
+        assert!(got.iter().all(|&x| x == 7));
+        let m = socks.measure();
+        assert_eq!(m.len(), 1);
+        // the SYN counts as one byte acknowledged
+        assert_eq!(m[0].bytes_acked, 100_001, "{m:?}");
+        assert_eq!(m[0].acked_delta, 100_001);
+        assert!(m[0].srtt_us > 0 && m[0].min_rtt_us <= m[0].srtt_us, "{m:?}");
+        assert_eq!(
+            socks.measure()[0].acked_delta,
+            0,
+            "nothing new acknowledged"
+        );
+
+        let fd = t.inner.0.as_raw_fd();
+        socks.pace(Some(12_345));
+        assert_eq!(max_pacing_of(fd), 12_345);
+        socks.pace(None);
+        assert_eq!(max_pacing_of(fd), u64::MAX);
+
+        drop(t);
+        assert_eq!(socks.len(), 0);
+        assert!(socks.measure().is_empty());
+    }
+}
