@@ -113,6 +113,22 @@ fn spawn_in(h: &Host, dir: &Path, role: &str, bootstrap: Option<&str>) -> Result
     if let Some(b) = bootstrap {
         extra.extend(["--bootstrap", b]);
     }
+    // HOMELINK_NODE_CC=reno: the nodes ask for it on their own sockets
+    // (`[swarm] tcp_congestion`), whatever the hosts' default;
+    // HOMELINK_YIELD=off: their `upload_yield`
+    let conf = dir.with_extension("toml");
+    let conf = conf.display().to_string();
+    let mut swarm = String::new();
+    if let Ok(cc) = std::env::var("HOMELINK_NODE_CC") {
+        swarm += &format!("tcp_congestion = \"{cc}\"\n");
+    }
+    if let Ok(y) = std::env::var("HOMELINK_YIELD") {
+        swarm += &format!("upload_yield = \"{y}\"\n");
+    }
+    if !swarm.is_empty() {
+        std::fs::write(&conf, format!("[swarm]\n{swarm}"))?;
+        extra.extend(["--config", conf.as_str()]);
+    }
     let proc = NodeProc::spawn(&["ip", "netns", "exec", h.ns.name()], dir, role, &extra)?;
     Ok(Peer { proc, addr })
 }

@@ -58,6 +58,9 @@ pub struct SwarmTable {
     pub upload_yield_target_ms: Option<u64>,
     /// Where the yielding mode reads the queueing delay (default "acks").
     pub upload_yield_signal: Option<YieldSignal>,
+    /// TCP congestion control of the swarm's connections, e.g. "cubic" or "reno";
+    /// unset: the system's. One of the kernel's tcp_available_congestion_control.
+    pub tcp_congestion: Option<String>,
 }
 
 /// Where the yielding mode reads the queueing delay.
@@ -74,6 +77,26 @@ pub enum YieldSignal {
 }
 
 impl SwarmTable {
+    /// The congestion control the swarm's sockets ask for, checked against the
+    /// kernel's list so a typo is a clear error at start, not a silent default.
+    pub fn tcp_congestion(&self) -> Result<Option<String>> {
+        let Some(cc) = &self.tcp_congestion else {
+            return Ok(None);
+        };
+        let path = "/proc/sys/net/ipv4/tcp_available_congestion_control";
+        let avail = std::fs::read_to_string(path).unwrap_or_default();
+        if !avail.split_whitespace().any(|a| a == cc) {
+            return Err(Error::BadArg {
+                what: "swarm.tcp_congestion",
+                reason: format!(
+                    "{cc:?} is not available in this kernel (it has: {}; a module such as tcp_{cc} may need loading)",
+                    avail.trim()
+                ),
+            });
+        }
+        Ok(Some(cc.clone()))
+    }
+
     /// Whether the yielding mode follows the TCP round trip (`upload_yield_signal = "tcp"`).
     pub fn tcp_yield_signal(&self) -> bool {
         self.upload_yield_signal == Some(YieldSignal::Tcp)

@@ -571,6 +571,12 @@ impl Links {
         self.uploads.with(|st| st.budget.pacer().pace_rate())
     }
 
+    /// The absolute cap (`upload_max_kbps`), bytes/s.
+    pub fn cap_rate(&self) -> Option<f64> {
+        self.uploads
+            .with(|st| st.budget.pacer().config().max_rate.map(|r| r as f64))
+    }
+
     /// What the upload pacer has measured and decided (for `status`).
     pub fn uplink(&self) -> UplinkView {
         self.uploads.with(|st| {

@@ -19,7 +19,7 @@ use std::task::{Context, Poll};
 
 use futures::io::{AsyncRead, AsyncWrite};
 use libp2p::tcp::tokio::TcpStream;
-use tracing::debug;
+use tracing::{debug, warn};
 
 /// SO_MAX_PACING_RATE (asm-generic/socket.h; the same on x86-64 and arm64).
 const SO_MAX_PACING_RATE: libc::c_int = 47;
@@ -58,13 +58,27 @@ pub struct TcpMeasure {
 #[derive(Debug, Default)]
 pub struct Sockets {
     socks: Mutex<Vec<Weak<Sock>>>,
+    /// Congestion control asked for on every socket (`[swarm] tcp_congestion`).
+    congestion: Option<String>,
 }
 
 impl Sockets {
-    /// Wraps a new connection's stream, caps its unsent queue and tracks it.
+    /// Sockets that ask for `congestion` (none: the system's).
+    pub fn new(congestion: Option<String>) -> Self {
+        Sockets {
+            socks: Mutex::new(Vec::new()),
+            congestion,
+        }
+    }
+
+    /// Wraps a new connection's stream, caps its unsent queue, sets its
+    /// congestion control and tracks it.
     pub fn track(&self, s: TcpStream) -> TrackedTcp {
         let fd = s.0.as_raw_fd();
         set_int(fd, libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT, UNSENT_LOWAT);
+        if let Some(cc) = &self.congestion {
+            set_congestion(fd, cc);
+        }
         let sock = Arc::new(Sock {
             fd: Mutex::new(Some(fd)),
             pacing: Mutex::new(u64::MAX),
@@ -189,6 +203,45 @@ fn set_int(fd: RawFd, level: libc::c_int, name: libc::c_int, v: libc::c_int) {
     }
 }
 
+/// Sets TCP_CONGESTION (the name was checked against the kernel's list at start).
+fn set_congestion(fd: RawFd, cc: &str) {
+    // SAFETY: setsockopt on a descriptor the caller holds open, with a pointer to
+    // the name's bytes and their length (the kernel copies at most that many).
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_CONGESTION,
+            cc.as_ptr().cast(),
+            cc.len() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        warn!(error = %io::Error::last_os_error(), congestion = cc, "TCP congestion control not set");
+    }
+}
+
+/// The congestion control of `fd` (for tests).
+#[cfg(test)]
+fn congestion_of(fd: RawFd) -> String {
+    let mut buf = [0u8; 16];
+    let mut len = buf.len() as libc::socklen_t;
+    // SAFETY: getsockopt writing at most `len` bytes into `buf`, which is that large.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_CONGESTION,
+            buf.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0);
+    String::from_utf8_lossy(&buf[..len as usize])
+        .trim_end_matches('\0')
+        .to_string()
+}
+
 /// Sets SO_MAX_PACING_RATE (bytes/s; `u64::MAX` lifts it); false if refused.
 fn set_pacing(fd: RawFd, rate: u64) -> bool {
     // SAFETY: setsockopt on a descriptor the caller holds open (under its lock),
@@ -295,5 +348,16 @@ mod tests {
         drop(t);
         assert_eq!(socks.len(), 0);
         assert!(socks.measure().is_empty());
+    }
+
+    #[tokio::test]
+    async fn asks_for_the_configured_congestion_control() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        // reno is built into every Linux kernel
+        let t = Sockets::new(Some("reno".into())).track(TcpStream(a));
+        assert_eq!(congestion_of(t.inner.0.as_raw_fd()), "reno");
     }
 }
