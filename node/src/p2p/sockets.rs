@@ -261,8 +261,8 @@ fn set_pacing(fd: RawFd, rate: u64) -> bool {
     rc == 0
 }
 
-/// TCP_INFO of `fd`; `None` if the kernel refuses (not a TCP socket).
-fn tcp_info(fd: RawFd) -> Option<TcpMeasure> {
+/// The kernel's TCP_INFO of `fd`; `None` if it refuses (not a TCP socket).
+fn raw_tcp_info(fd: RawFd) -> Option<libc::tcp_info> {
     // SAFETY: tcp_info is plain old data (integers only): all zeroes is a value.
     let mut ti: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
@@ -277,9 +277,12 @@ fn tcp_info(fd: RawFd) -> Option<TcpMeasure> {
             &mut len,
         )
     };
-    if rc != 0 {
-        return None;
-    }
+    (rc == 0).then_some(ti)
+}
+
+/// What TCP measured on `fd`.
+fn tcp_info(fd: RawFd) -> Option<TcpMeasure> {
+    let ti = raw_tcp_info(fd)?;
     Some(TcpMeasure {
         srtt_us: ti.tcpi_rtt,
         min_rtt_us: ti.tcpi_min_rtt,
@@ -292,21 +295,7 @@ fn tcp_info(fd: RawFd) -> Option<TcpMeasure> {
 /// Reads the socket's pacing cap back (for tests).
 #[cfg(test)]
 fn max_pacing_of(fd: RawFd) -> u64 {
-    // SAFETY: as in `tcp_info`.
-    let mut ti: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: as in `tcp_info`.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&mut ti as *mut libc::tcp_info).cast(),
-            &mut len,
-        )
-    };
-    assert_eq!(rc, 0);
-    ti.tcpi_max_pacing_rate
+    raw_tcp_info(fd).expect("TCP_INFO").tcpi_max_pacing_rate
 }
 
 #[cfg(test)]
