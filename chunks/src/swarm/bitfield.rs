@@ -2,6 +2,22 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Indices of the bits set in both word slices (64 chunks a word, lowest
+/// first), ascending.
+pub(crate) fn and_ones<'a>(a: &'a [u64], b: &'a [u64]) -> impl Iterator<Item = u32> + 'a {
+    a.iter().zip(b).enumerate().flat_map(|(wi, (&a, &b))| {
+        let mut w = a & b;
+        std::iter::from_fn(move || {
+            if w == 0 {
+                return None;
+            }
+            let bit = w.trailing_zeros();
+            w &= w - 1;
+            Some(wi as u32 * 64 + bit)
+        })
+    })
+}
+
 /// Which chunks of one image a peer holds, by chunk index.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Bitfield {
@@ -128,21 +144,7 @@ impl Bitfield {
     /// Indices held by both sets, ascending (word-wise; lengths must match).
     pub fn iter_and<'a>(&'a self, other: &'a Bitfield) -> impl Iterator<Item = u32> + 'a {
         debug_assert_eq!(self.len, other.len);
-        self.words
-            .iter()
-            .zip(&other.words)
-            .enumerate()
-            .flat_map(|(wi, (&a, &b))| {
-                let mut w = a & b;
-                std::iter::from_fn(move || {
-                    if w == 0 {
-                        return None;
-                    }
-                    let bit = w.trailing_zeros();
-                    w &= w - 1;
-                    Some(wi as u32 * 64 + bit)
-                })
-            })
+        and_ones(&self.words, &other.words)
     }
 
     /// Wire form: bit i of the set is bit (i % 8) of byte (i / 8).

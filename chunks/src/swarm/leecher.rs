@@ -197,21 +197,7 @@ impl HasSets {
 
     /// Members also in `other`, ascending.
     fn iter_and<'a>(&'a self, slot: usize, other: &'a Bitfield) -> impl Iterator<Item = u32> + 'a {
-        self.row(slot)
-            .iter()
-            .zip(other.words())
-            .enumerate()
-            .flat_map(|(wi, (&a, &b))| {
-                let mut w = a & b;
-                std::iter::from_fn(move || {
-                    if w == 0 {
-                        return None;
-                    }
-                    let bit = w.trailing_zeros();
-                    w &= w - 1;
-                    Some(wi as u32 * 64 + bit)
-                })
-            })
+        super::bitfield::and_ones(self.row(slot), other.words())
     }
 }
 

@@ -524,6 +524,10 @@ impl Net {
     /// now): `upload_max_kbps`, and the yielding mode on the TCP signal, act in
     /// the kernel, packet by packet, not a chunk at a time.
     fn sample_path(&mut self) {
+        // by default nothing reads the sockets: no syscalls per socket then
+        if !self.tcp_yield_signal && self.links.cap_rate().is_none() {
+            return;
+        }
         let ms = self.sockets.measure();
         if let Some(queue) = ms
             .iter()

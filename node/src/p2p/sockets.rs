@@ -48,8 +48,6 @@ pub struct TcpMeasure {
     pub min_rtt_us: u32,
     /// Bytes the peer acknowledged since the connection opened.
     pub bytes_acked: u64,
-    /// Bytes sent and not yet acknowledged (segments x MSS, roughly).
-    pub unacked_bytes: u64,
     /// Bytes acknowledged since the previous `measure`.
     pub acked_delta: u64,
 }
@@ -75,9 +73,15 @@ impl Sockets {
     /// congestion control and tracks it.
     pub fn track(&self, s: TcpStream) -> TrackedTcp {
         let fd = s.0.as_raw_fd();
-        set_int(fd, libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT, UNSENT_LOWAT);
+        let lowat = UNSENT_LOWAT.to_ne_bytes();
+        if let Err(e) = set_opt(fd, libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT, &lowat) {
+            debug!(error = %e, "TCP_NOTSENT_LOWAT not set");
+        }
         if let Some(cc) = &self.congestion {
-            set_congestion(fd, cc);
+            // the name was checked against the kernel's list at start
+            if let Err(e) = set_opt(fd, libc::IPPROTO_TCP, libc::TCP_CONGESTION, cc.as_bytes()) {
+                warn!(error = %e, congestion = cc, "TCP congestion control not set");
+            }
         }
         let sock = Arc::new(Sock {
             fd: Mutex::new(Some(fd)),
@@ -122,8 +126,15 @@ impl Sockets {
             }
             let fd = s.fd.lock().expect("sock lock");
             if let Some(fd) = *fd {
-                if set_pacing(fd, want) {
-                    *cur = want;
+                // u64::MAX lifts the cap; the kernel takes 32 or 64 bits
+                match set_opt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    SO_MAX_PACING_RATE,
+                    &want.to_ne_bytes(),
+                ) {
+                    Ok(()) => *cur = want,
+                    Err(e) => debug!(error = %e, "SO_MAX_PACING_RATE not set"),
                 }
             }
         }
@@ -186,38 +197,24 @@ impl AsyncWrite for TrackedTcp {
     }
 }
 
-fn set_int(fd: RawFd, level: libc::c_int, name: libc::c_int, v: libc::c_int) {
-    // SAFETY: setsockopt on a descriptor the caller holds open, with a pointer to
-    // a live c_int and its size.
+/// setsockopt with the option's value as bytes (an int, a u64, a name).
+fn set_opt(fd: RawFd, level: libc::c_int, name: libc::c_int, value: &[u8]) -> io::Result<()> {
+    // SAFETY: setsockopt on a descriptor the caller holds open (under its lock
+    // where it can close), with a pointer to `value` and its length; the kernel
+    // copies at most that many bytes.
     let rc = unsafe {
         libc::setsockopt(
             fd,
             level,
             name,
-            (&v as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            value.as_ptr().cast(),
+            value.len() as libc::socklen_t,
         )
     };
-    if rc != 0 {
-        debug!(error = %io::Error::last_os_error(), name, "socket option not set");
-    }
-}
-
-/// Sets TCP_CONGESTION (the name was checked against the kernel's list at start).
-fn set_congestion(fd: RawFd, cc: &str) {
-    // SAFETY: setsockopt on a descriptor the caller holds open, with a pointer to
-    // the name's bytes and their length (the kernel copies at most that many).
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_CONGESTION,
-            cc.as_ptr().cast(),
-            cc.len() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        warn!(error = %io::Error::last_os_error(), congestion = cc, "TCP congestion control not set");
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
@@ -240,25 +237,6 @@ fn congestion_of(fd: RawFd) -> String {
     String::from_utf8_lossy(&buf[..len as usize])
         .trim_end_matches('\0')
         .to_string()
-}
-
-/// Sets SO_MAX_PACING_RATE (bytes/s; `u64::MAX` lifts it); false if refused.
-fn set_pacing(fd: RawFd, rate: u64) -> bool {
-    // SAFETY: setsockopt on a descriptor the caller holds open (under its lock),
-    // with a pointer to a live u64 and its size (the kernel takes 32 or 64 bits).
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            SO_MAX_PACING_RATE,
-            (&rate as *const u64).cast(),
-            std::mem::size_of::<u64>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        debug!(error = %io::Error::last_os_error(), "SO_MAX_PACING_RATE not set");
-    }
-    rc == 0
 }
 
 /// The kernel's TCP_INFO of `fd`; `None` if it refuses (not a TCP socket).
@@ -287,7 +265,6 @@ fn tcp_info(fd: RawFd) -> Option<TcpMeasure> {
         srtt_us: ti.tcpi_rtt,
         min_rtt_us: ti.tcpi_min_rtt,
         bytes_acked: ti.tcpi_bytes_acked,
-        unacked_bytes: ti.tcpi_unacked as u64 * ti.tcpi_snd_mss as u64,
         acked_delta: 0,
     })
 }
