@@ -158,27 +158,38 @@ fn jailed_microvm_has_no_privilege_on_any_thread_and_holds_its_limits() {
     );
     assert_eq!(guest.state(), GuestState::Running);
 
-    // The process and every one of its threads, as the kernel reports them.
-    let mut threads = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let task = task.unwrap().path();
-        let status = std::fs::read_to_string(task.join("status")).unwrap();
-        let name = field(&status, "Name");
-        assert_unprivileged(&status, &name, uid);
-        let cg = std::fs::read_to_string(task.join("cgroup")).unwrap();
-        assert!(cg.contains("/mj-guest-priv"), "{name}: cgroup {cg}");
-        threads.push(name);
-    }
-    threads.sort();
-    eprintln!("VMM pid {pid}, uid {uid}, threads {threads:?}");
+    // The process and every one of its threads, as the kernel reports them. A
+    // thread shows its parent's name until it has named itself, so look again for
+    // a while until all of them have.
     // main, supervisor, console, net RX, and one per vCPU.
-    for want in [
+    let wanted = [
         "vcpu0",
         "vcpu1",
         "mvm-console",
         "mvm-netrx",
         "mvm-supervisor",
-    ] {
+    ];
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let threads = loop {
+        let mut threads = Vec::new();
+        for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+            let task = task.unwrap().path();
+            let status = std::fs::read_to_string(task.join("status")).unwrap();
+            let name = field(&status, "Name");
+            assert_unprivileged(&status, &name, uid);
+            let cg = std::fs::read_to_string(task.join("cgroup")).unwrap();
+            assert!(cg.contains("/mj-guest-priv"), "{name}: cgroup {cg}");
+            threads.push(name);
+        }
+        threads.sort();
+        let all = wanted.iter().all(|w| threads.iter().any(|t| t == w));
+        if all || std::time::Instant::now() > deadline {
+            break threads;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!("VMM pid {pid}, uid {uid}, threads {threads:?}");
+    for want in wanted {
         assert!(
             threads.iter().any(|t| t == want),
             "no {want} in {threads:?}"
