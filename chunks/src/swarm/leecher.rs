@@ -201,6 +201,22 @@ impl HasSets {
     }
 }
 
+/// Longest a requester stays away from a holder that keeps saying Busy
+/// (unless the holder itself names a longer wait).
+pub const BUSY_BACKOFF_MAX_US: Micros = 10_000_000;
+
+/// How long to leave a holder alone after its `streak`-th Busy answer in a row
+/// (0: the first) that asked for `retry_us`: the holder's own estimate first,
+/// then doubling. Why: every requester it refused comes back when its queue
+/// has drained, at the same moment, and all but one are refused again; in a
+/// flash crowd that was 22 Busy answers per chunk delivered (issue 17's
+/// simulations). Backing off like Ethernet's retries makes the refused few.
+fn busy_backoff(retry_us: Micros, streak: u32) -> Micros {
+    let retry = retry_us.max(1);
+    let wait = retry.saturating_mul(1 << streak.min(6));
+    wait.min(BUSY_BACKOFF_MAX_US.max(retry))
+}
+
 /// Indices of the set bits of `words`, ascending.
 fn ones_of(words: impl Iterator<Item = u64>) -> Vec<u32> {
     let mut out = Vec::new();
@@ -231,6 +247,8 @@ struct PeerSlot<P> {
     bytes_in: u64,
     /// It said it is busy: no new requests to it before this time.
     busy_until: Micros,
+    /// Busy answers since it last served us (the backoff's exponent).
+    busy_streak: u32,
 }
 
 /// Per-image fetch scheduler.
@@ -262,6 +280,9 @@ pub struct Leecher<P> {
     banned: HashSet<P>,
     actions: VecDeque<Action<P>>,
     dirty: bool,
+    /// Haves arrived that cannot lead to a request: the fill is skipped, the
+    /// rotation still advances (so decisions are those of a full fill).
+    have_news: bool,
     rr: usize,
     completed: bool,
     starving_since: Option<Micros>,
@@ -304,6 +325,7 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
             banned: HashSet::new(),
             actions: VecDeque::new(),
             dirty: true,
+            have_news: false,
             rr: 0,
             completed: false,
             starving_since: None,
@@ -411,11 +433,11 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
         }
     }
 
+    /// Callers decide whether the change can lead to a request (`dirty`).
     fn avail_inc(&mut self, idx: u32) {
         self.bucket_remove(idx);
         self.avail[idx as usize] += 1;
         self.bucket_insert(idx);
-        self.dirty = true;
     }
 
     fn avail_dec(&mut self, idx: u32) {
@@ -447,6 +469,7 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
                 }
             }
             self.peers[i].as_mut().expect("indexed").kind = kind;
+            self.dirty = true;
             return true;
         }
         let slot = PeerSlot {
@@ -461,6 +484,7 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
             depth_cap: self.cfg.max_depth,
             bytes_in: 0,
             busy_until: 0,
+            busy_streak: 0,
         };
         let i = match self.free.pop() {
             Some(i) => {
@@ -489,6 +513,23 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
         }
         if self.has_sets.set(i, idx) {
             self.avail_inc(idx);
+            // Only `p`'s candidates can have changed: a chunk that becomes
+            // pending (its first holder) is one only `p` holds, and the order
+            // of others' candidates matters only when they take a request,
+            // which needed `dirty` anyway. So a Have from a holder that is busy
+            // or full, or of a chunk we hold, runs no fill (most Haves in a
+            // big swarm; the next chunk, timeout or busy expiry fills).
+            // Near the end any peer may duplicate a request (endgame), and
+            // whether it may changes within a fill: always fill then.
+            let s = self.peers[i].as_ref().expect("indexed");
+            let missing = (self.have.len() - self.have.count()) as usize;
+            if missing <= self.cfg.endgame_chunks
+                || (!self.have.get(idx) && s.busy_until == 0 && s.out.len() < self.depth(s))
+            {
+                self.dirty = true;
+            } else {
+                self.have_news = true;
+            }
         }
     }
 
@@ -537,7 +578,9 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
         if had_req && s.out.is_empty() {
             s.since = now;
         }
-        s.busy_until = s.busy_until.max(now.saturating_add(retry_us.max(1)));
+        let wait = busy_backoff(retry_us, s.busy_streak);
+        s.busy_streak = s.busy_streak.saturating_add(1);
+        s.busy_until = s.busy_until.max(now.saturating_add(wait));
         if had_req {
             self.release(idx);
         }
@@ -574,6 +617,7 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
             if had_req {
                 s.rate.add(size, now.saturating_sub(s.since));
                 s.strikes = 0;
+                s.busy_streak = 0;
                 s.depth_cap = self.cfg.max_depth;
             }
             s.since = now;
@@ -801,16 +845,21 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
                 self.dirty = true;
             }
         }
-        if !self.dirty || self.have.is_full() {
+        if !(self.dirty || self.have_news) || self.have.is_full() {
             return;
         }
+        let fill = self.dirty;
         self.dirty = false;
+        self.have_news = false;
         let n = self.peers.len();
         if n == 0 {
             return;
         }
         // rotate the starting peer so no peer is always served first
         self.rr = (self.rr + 1) % n;
+        if !fill {
+            return; // only Haves that cannot lead to a request (see peer_have)
+        }
         // peers that recently timed out are served last
         for k in 0..2 * n {
             let i = (self.rr + k) % n;
@@ -1155,6 +1204,43 @@ mod tests {
         assert_eq!(l.next_deadline(), Some(2_000_010));
         l.poll(2_000_010);
         assert_eq!(reqs(&drain(&mut l)), vec![(1, 1)]);
+    }
+
+    #[test]
+    fn a_holder_that_keeps_saying_busy_is_asked_ever_less_often_until_it_serves() {
+        let mut l = Leecher::new(vec![100; 4], Bitfield::new(4), 5, LeecherConfig::default());
+        l.add_peer(1, Bitfield::full(4), PeerKind::Normal, 0);
+        l.poll(0);
+        let (mut now, mut gaps) = (0, Vec::new());
+        for _ in 0..6 {
+            let (_, idx) = reqs(&drain(&mut l))[0];
+            l.peer_busy(&1, idx, 500_000, now);
+            let next = l.next_deadline().expect("asked again later");
+            gaps.push(next - now);
+            now = next;
+            l.poll(now);
+        }
+        // its own estimate first, then doubling, never past the cap
+        assert_eq!(
+            gaps,
+            vec![
+                500_000,
+                1_000_000,
+                2_000_000,
+                4_000_000,
+                8_000_000,
+                BUSY_BACKOFF_MAX_US
+            ]
+        );
+        // it serves: the next refusal waits only what it asks for again
+        let (_, idx) = reqs(&drain(&mut l))[0];
+        l.on_chunk(&1, idx, true, now);
+        l.poll(now);
+        let (_, idx) = reqs(&drain(&mut l))[0];
+        l.peer_busy(&1, idx, 500_000, now);
+        assert_eq!(l.next_deadline(), Some(now + 500_000));
+        // a holder that names a longer wait than the cap gets it
+        assert_eq!(busy_backoff(30_000_000, 3), 30_000_000);
     }
 
     #[test]
