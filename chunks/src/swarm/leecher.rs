@@ -807,15 +807,20 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
     }
 
     fn poll_inner(&mut self, now: Micros) {
-        // timeouts
+        // timeouts; busy peers whose wait is over take requests again (one
+        // pass: a poll runs after nearly every event)
         let mut timed_out = Vec::new();
-        for (i, s) in self.peers.iter().enumerate() {
-            if let Some(s) = s {
-                if let Some(d) = self.deadline(s) {
-                    if now >= d {
-                        timed_out.push(i);
-                    }
-                }
+        for i in 0..self.peers.len() {
+            let Some(s) = self.peers[i].as_ref() else {
+                continue;
+            };
+            if self.deadline(s).is_some_and(|d| now >= d) {
+                timed_out.push(i);
+            }
+            let s = self.peers[i].as_mut().expect("live");
+            if s.busy_until > 0 && s.busy_until <= now {
+                s.busy_until = 0;
+                self.dirty = true;
             }
         }
         for i in timed_out {
@@ -836,13 +841,6 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
             if strikes > self.cfg.max_strikes {
                 self.remove_peer(&id);
                 self.actions.push_back(Action::Disconnect { peer: id });
-            }
-        }
-        // busy peers whose wait is over take requests again
-        for s in self.peers.iter_mut().flatten() {
-            if s.busy_until > 0 && s.busy_until <= now {
-                s.busy_until = 0;
-                self.dirty = true;
             }
         }
         if !(self.dirty || self.have_news) || self.have.is_full() {
@@ -867,7 +865,7 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
                 if (s.strikes > 0) == (k < n) {
                     break;
                 }
-                if s.out.len() >= self.depth(s) || s.busy_until > now {
+                if s.busy_until > now || s.out.len() >= self.depth(s) {
                     break;
                 }
                 let Some(idx) = self.pick(i).or_else(|| self.pick_endgame(i, s)) else {
