@@ -265,6 +265,21 @@ fn six_sellers_on_1mbit_uplinks_with_10_packet_fifos_fetch_within_3x_the_bound()
         finished.len(),
         wire as f64 / FILE as f64,
     );
+    if finished.len() < SELLERS {
+        // what each node's fetch and uplink looked like when time ran out
+        // (the stall is intermittent: this is the evidence a rerun lacks)
+        for (name, data_dir) in std::iter::once(("buyer".to_string(), &buyer.proc.data_dir)).chain(
+            sellers
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (format!("seller {i}"), &s.proc.data_dir)),
+        ) {
+            let st = cli(data_dir, &["status", "--json"])
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_else(|e| format!("status failed: {e}"));
+            eprintln!("{name} status at the deadline:\n{st}");
+        }
+    }
     assert!(
         finished.len() == SELLERS,
         "only {}/{SELLERS} sellers done after 3 x the bound ({:.1} s)",
