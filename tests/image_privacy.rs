@@ -103,7 +103,7 @@ fn private_images_need_a_grant_and_the_dht_hides_their_ids() -> Result<()> {
         return Ok(());
     }
     let tag = format!("{}", std::process::id() % 10_000);
-    let (_br, hosts) = world(&tag, 5)?;
+    let (_br, hosts) = world(&tag, 6)?;
     let dir = tempfile::tempdir()?;
     let mut buyer = spawn_in(&hosts[0], 0, &dir.path().join("b"), "buyer", &[])?;
     let boot = vec![addr(0, &buyer)];
@@ -111,6 +111,7 @@ fn private_images_need_a_grant_and_the_dht_hides_their_ids() -> Result<()> {
     let boot1 = vec![addr(0, &buyer), addr(1, &s1)];
     let s2 = spawn_in(&hosts[2], 2, &dir.path().join("s2"), "seller", &boot1)?;
     let stranger = spawn_in(&hosts[3], 3, &dir.path().join("n"), "seller", &boot1)?;
+    let s3 = spawn_in(&hosts[5], 5, &dir.path().join("s3"), "seller", &boot1)?;
 
     let file = dir.path().join("img.raw");
     let data = random_file(&file, 4 * MIB, 14)?;
@@ -121,6 +122,7 @@ fn private_images_need_a_grant_and_the_dht_hides_their_ids() -> Result<()> {
 
     // grants: s1 by the buyer's book (handed over on request), s2 on its command line
     buyer.cli_ok(&["image", "grant", &id, &s1.peer_id])?;
+    buyer.cli_ok(&["image", "grant", &id, &s3.peer_id])?;
     let g2 = buyer.cli_ok(&["image", "grant", &id, &s2.peer_id, "--until", "1h"])?;
     let g2 = g2.trim().to_string();
     // a malformed grant on the command line: refused before anything moves
@@ -141,6 +143,31 @@ fn private_images_need_a_grant_and_the_dht_hides_their_ids() -> Result<()> {
     ensure!(
         export(&s1, &id, &dir.path().join("s1.out"))? == data,
         "s1's copy differs"
+    );
+
+    // 2b. a seller granted only in the buyer's book asks the buyer and s1 at
+    //     once: s1 holds no grant for it and refuses, the buyer lets it in. The
+    //     refusal must not end the fetch (it did when the refusal came first).
+    let linked = || {
+        s3.status().ok().is_some_and(|v| {
+            v["p2p"]["connected_peers"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|p| p == s1.peer_id.as_str()))
+        })
+    };
+    ensure!(
+        wait_until(Duration::from_secs(15), linked),
+        "s3 did not connect to s1"
+    );
+    let s1_refused = refused(&s1);
+    s3.cli_ok(&["image", "fetch", &id])?;
+    ensure!(
+        export(&s3, &id, &dir.path().join("s3.out"))? == data,
+        "s3's copy differs"
+    );
+    ensure!(
+        refused(&s1) > s1_refused,
+        "s1 did not refuse s3 (the case this step is for did not happen)"
     );
 
     // 3. the DHT, from a bare peer on its own host; and chunk requests without a

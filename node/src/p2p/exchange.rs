@@ -25,6 +25,7 @@ impl Net {
                 if let Some(img) = self.images.get_mut(&image) {
                     img.members.remove(&peer);
                 }
+                self.manifest_answered_no(peer, image, None);
             }
             Body::Hello { have } => {
                 let reply = self.on_hello(peer, image, have);

@@ -312,24 +312,13 @@ impl Net {
         }
     }
 
-    /// A holder refused us `image`: a manifest fetch fails at once with the
-    /// reason (every holder checks the same owner's grants); a chunk fetch stops
+    /// A holder refused us `image`: a manifest fetch counts the refusal (and
+    /// fails with it once every peer asked has said no); a chunk fetch stops
     /// asking that peer.
     pub(super) fn on_denied(&mut self, peer: PeerId, image: ImageId, reason: DenyReason) {
         warn!(peer = %peer, image = %image, reason = reason.describe(), "a peer refused us a private image");
-        if let Some(mf) = self.manifest_fetches.remove(&image) {
-            let me = *self.swarm.local_peer_id();
-            let msg = format!(
-                "peer {peer} refused image {image}: the image is private and {}; \
-                 its buyer can let this node in with `cpushare-node image grant {image} {me}`",
-                reason.describe()
-            );
-            for w in mf.waiters {
-                w.fail(&msg);
-            }
-            for p in mf.forward {
-                self.links.send(p, Msg::new(image, Body::NotFound));
-            }
+        if self.manifest_fetches.contains_key(&image) {
+            self.manifest_answered_no(peer, image, Some(reason));
             return;
         }
         if let Some(img) = self.images.get_mut(&image) {

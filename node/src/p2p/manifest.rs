@@ -20,6 +20,11 @@ pub(super) struct ManifestFetch {
     /// Peers a super-seed sent to us: they get the manifest once we have it.
     pub forward: Vec<PeerId>,
     pub wait: ManifestWait<PeerId>,
+    /// Peers that answered they cannot give it (not found, or refused).
+    pub answered_no: HashSet<PeerId>,
+    /// The last refusal (a private image and no grant for us), kept for the
+    /// error if nobody gives the manifest.
+    pub refused: Option<(PeerId, wire::DenyReason)>,
 }
 
 impl Net {
@@ -34,6 +39,8 @@ impl Net {
                 waiters: Vec::new(),
                 forward: Vec::new(),
                 wait: ManifestWait::new(now, TimerConfig::default()),
+                answered_no: HashSet::new(),
+                refused: None,
             });
         mf.waiters.push(w);
         self.ask_manifest(image);
@@ -206,7 +213,9 @@ impl Net {
         let Some(mf) = self.manifest_fetches.remove(&image) else {
             return;
         };
-        let msg = if self.rejects.bad_manifests > 0 {
+        let msg = if let Some((peer, reason)) = mf.refused {
+            self.refused_message(peer, image, reason)
+        } else if self.rejects.bad_manifests > 0 {
             format!(
                 "no peer gave a valid manifest for image {image} ({} rejected as invalid)",
                 self.rejects.bad_manifests
@@ -220,5 +229,49 @@ impl Net {
         for p in mf.forward {
             self.links.send(p, Msg::new(image, Body::NotFound));
         }
+    }
+
+    /// `peer` cannot give us `image`'s manifest (`refused`: it holds the image
+    /// but it is private and we hold no grant). Another holder may still give
+    /// it: one that has not yet heard of the image's grants refuses while the
+    /// buyer admits (seen with 12-24 sellers fetching a public image at once).
+    /// So the fetch fails with the refusal only once every peer asked has said
+    /// no and one of them refused; else it waits for its clock.
+    pub(super) fn manifest_answered_no(
+        &mut self,
+        peer: PeerId,
+        image: ImageId,
+        refused: Option<wire::DenyReason>,
+    ) {
+        let Some(mf) = self.manifest_fetches.get_mut(&image) else {
+            return;
+        };
+        mf.answered_no.insert(peer);
+        if let Some(r) = refused {
+            mf.refused = Some((peer, r));
+        }
+        let Some((by, reason)) = mf.refused else {
+            return;
+        };
+        if !mf.asked.iter().all(|p| mf.answered_no.contains(p)) {
+            return;
+        }
+        let mf = self.manifest_fetches.remove(&image).expect("checked");
+        let msg = self.refused_message(by, image, reason);
+        for w in mf.waiters {
+            w.fail(&msg);
+        }
+        for p in mf.forward {
+            self.links.send(p, Msg::new(image, Body::NotFound));
+        }
+    }
+
+    fn refused_message(&self, peer: PeerId, image: ImageId, reason: wire::DenyReason) -> String {
+        let me = *self.swarm.local_peer_id();
+        format!(
+            "peer {peer} refused image {image}: the image is private and {}; \
+             its buyer can let this node in with `cpushare-node image grant {image} {me}`",
+            reason.describe()
+        )
     }
 }
