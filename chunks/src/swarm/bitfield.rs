@@ -2,11 +2,10 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Indices of the bits set in both word slices (64 chunks a word, lowest
-/// first), ascending.
-pub(crate) fn and_ones<'a>(a: &'a [u64], b: &'a [u64]) -> impl Iterator<Item = u32> + 'a {
-    a.iter().zip(b).enumerate().flat_map(|(wi, (&a, &b))| {
-        let mut w = a & b;
+/// Indices of the set bits of `words` (64 chunks a word, lowest first),
+/// ascending.
+pub(crate) fn ones(words: impl Iterator<Item = u64>) -> impl Iterator<Item = u32> {
+    words.enumerate().flat_map(|(wi, mut w)| {
         std::iter::from_fn(move || {
             if w == 0 {
                 return None;
@@ -16,6 +15,11 @@ pub(crate) fn and_ones<'a>(a: &'a [u64], b: &'a [u64]) -> impl Iterator<Item = u
             Some(wi as u32 * 64 + bit)
         })
     })
+}
+
+/// Indices of the bits set in both word slices, ascending.
+pub(crate) fn and_ones<'a>(a: &'a [u64], b: &'a [u64]) -> impl Iterator<Item = u32> + 'a {
+    ones(a.iter().zip(b).map(|(&a, &b)| a & b))
 }
 
 /// Which chunks of one image a peer holds, by chunk index.
@@ -118,17 +122,7 @@ impl Bitfield {
 
     /// Indices held, ascending.
     pub fn iter_ones(&self) -> impl Iterator<Item = u32> + '_ {
-        self.words.iter().enumerate().flat_map(|(wi, &w)| {
-            let mut w = w;
-            std::iter::from_fn(move || {
-                if w == 0 {
-                    return None;
-                }
-                let b = w.trailing_zeros();
-                w &= w - 1;
-                Some(wi as u32 * 64 + b)
-            })
-        })
+        ones(self.words.iter().copied())
     }
 
     /// Number of chunks held by both sets (word-wise; lengths must match).

@@ -177,7 +177,7 @@ impl HasSets {
 
     /// The set's members, ascending.
     fn ones(&self, slot: usize) -> Vec<u32> {
-        ones_of(self.row(slot).iter().copied())
+        super::bitfield::ones(self.row(slot).iter().copied()).collect()
     }
 
     fn count_and(&self, slot: usize, other: &Bitfield) -> u32 {
@@ -215,18 +215,6 @@ fn busy_backoff(retry_us: Micros, streak: u32) -> Micros {
     let retry = retry_us.max(1);
     let wait = retry.saturating_mul(1 << streak.min(6));
     wait.min(BUSY_BACKOFF_MAX_US.max(retry))
-}
-
-/// Indices of the set bits of `words`, ascending.
-fn ones_of(words: impl Iterator<Item = u64>) -> Vec<u32> {
-    let mut out = Vec::new();
-    for (wi, mut w) in words.enumerate() {
-        while w != 0 {
-            out.push(wi as u32 * 64 + w.trailing_zeros());
-            w &= w - 1;
-        }
-    }
-    out
 }
 
 #[derive(Debug)]
@@ -458,7 +446,7 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
             let old = self.has_sets.row(i).to_vec();
             let old_has = |idx: u32| old[(idx / 64) as usize] & (1u64 << (idx % 64)) != 0;
             self.has_sets.assign(i, &has);
-            for idx in ones_of(old.iter().copied()) {
+            for idx in super::bitfield::ones(old.iter().copied()) {
                 if !has.get(idx) {
                     self.avail_dec(idx);
                 }

@@ -223,8 +223,14 @@ impl Net {
         } else {
             format!("no peer has image {image} (asked {} peers)", mf.asked.len())
         };
+        self.fail_manifest(image, mf, &msg);
+    }
+
+    /// Ends a fetch that got no manifest: its waiters get `msg`, the peers a
+    /// super-seed sent to us hear we do not have it.
+    fn fail_manifest(&mut self, image: ImageId, mf: ManifestFetch, msg: &str) {
         for w in mf.waiters {
-            w.fail(&msg);
+            w.fail(msg);
         }
         for p in mf.forward {
             self.links.send(p, Msg::new(image, Body::NotFound));
@@ -258,12 +264,7 @@ impl Net {
         }
         let mf = self.manifest_fetches.remove(&image).expect("checked");
         let msg = self.refused_message(by, image, reason);
-        for w in mf.waiters {
-            w.fail(&msg);
-        }
-        for p in mf.forward {
-            self.links.send(p, Msg::new(image, Body::NotFound));
-        }
+        self.fail_manifest(image, mf, &msg);
     }
 
     fn refused_message(&self, peer: PeerId, image: ImageId, reason: wire::DenyReason) -> String {
