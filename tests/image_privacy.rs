@@ -28,7 +28,7 @@ use libp2p::{identity, kad, noise, tcp, yamux, Multiaddr, PeerId, StreamProtocol
 
 const NET: &str = "10.231.0";
 const PORT: u16 = 7460;
-const V2: &str = "/cpushare/swarm/2";
+const V3: &str = "/cpushare/swarm/3";
 const ACCEPT: u8 = 0xa5;
 const MIB: usize = 1 << 20;
 
@@ -324,7 +324,7 @@ async fn probe(image: [u8; 32], peers: [(PeerId, Multiaddr); 2]) -> Result<Probe
 
     // chunk requests on the swarm protocol, the swarm driven in the background
     let mut ctl = swarm.behaviour().stream.new_control();
-    let mut replies = ctl.accept(StreamProtocol::new(V2))?;
+    let mut replies = ctl.accept(StreamProtocol::new(V3))?;
     let driver = tokio::spawn(async move {
         loop {
             swarm.select_next_some().await;
@@ -332,7 +332,7 @@ async fn probe(image: [u8; 32], peers: [(PeerId, Multiaddr); 2]) -> Result<Probe
     });
     let buyer = peers[0].0;
     let mut s = ctl
-        .open_stream(buyer, StreamProtocol::new(V2))
+        .open_stream(buyer, StreamProtocol::new(V3))
         .await
         .context("opening a swarm stream to the buyer")?;
     let mut b = [0u8; 1];

@@ -12,7 +12,7 @@ use futures::prelude::*;
 use libp2p::swarm::SwarmEvent;
 use libp2p::{noise, tcp, yamux, Multiaddr, PeerId, Stream, StreamProtocol};
 
-const V2: &str = "/cpushare/swarm/2";
+const V3: &str = "/cpushare/swarm/3";
 /// What a node's reader sends back on a stream it reads.
 const ACCEPT: u8 = 0xa5;
 
@@ -25,7 +25,7 @@ fn frame(body: &[u8]) -> Vec<u8> {
 /// Opens a fresh stream to the node and writes `bytes` on it.
 async fn send(ctl: &mut libp2p_stream::Control, peer: PeerId, bytes: &[u8]) -> Result<Stream> {
     let mut s = ctl
-        .open_stream(peer, StreamProtocol::new(V2))
+        .open_stream(peer, StreamProtocol::new(V3))
         .await
         .context("opening a stream")?;
     let mut b = [0u8; 1];
@@ -72,7 +72,7 @@ async fn swarm_rejects_oversized_malformed_and_unknown_versions() -> Result<()> 
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
         .build();
     let mut ctl = swarm.behaviour().new_control();
-    let mut replies = ctl.accept(StreamProtocol::new(V2))?;
+    let mut replies = ctl.accept(StreamProtocol::new(V3))?;
     swarm.dial(addr)?;
     let (up_tx, up_rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {

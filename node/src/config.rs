@@ -74,6 +74,10 @@ pub enum YieldSignal {
     /// uploading now (experimental: a receiver's delayed ACKs read as queueing
     /// when few packets flow; docs/bench/owner-link.md).
     Tcp,
+    /// The chunks' one-way delay (LEDBAT's): each reply stamped by its sender,
+    /// the receiver's acknowledgement echoing arrival minus stamp, against a
+    /// per-peer base; the receiver's own uplink is not in it.
+    Owd,
 }
 
 impl SwarmTable {
@@ -135,6 +139,7 @@ impl SwarmTable {
         if self.upload_yield.unwrap_or(OnOff::On) == OnOff::On {
             c.yield_target_us = Some(target * 1000);
         }
+        c.one_way = self.upload_yield_signal == Some(YieldSignal::Owd);
         Ok(c)
     }
 }

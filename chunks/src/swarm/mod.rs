@@ -21,7 +21,7 @@ pub use bitfield::Bitfield;
 pub use leecher::{Action, Leecher, LeecherConfig, PeerKind, PieceOrder};
 pub use seeder::{Decision, SeedAction, Seeder, SeederConfig};
 pub use timers::{FetchAction, FetchTimers, ManifestAction, ManifestWait, TimerConfig};
-pub use upload::{admit, UploadConfig, UploadPacer, ADMIT_WAIT_US};
+pub use upload::{admit, LeaveClock, UploadConfig, UploadPacer, ADMIT_WAIT_US};
 
 /// Microseconds since an arbitrary origin chosen by the driver.
 pub type Micros = u64;

@@ -14,7 +14,8 @@ use super::wire::{Body, Msg, PeerRole};
 use super::Net;
 
 impl Net {
-    pub(super) fn on_msg(&mut self, peer: PeerId, msg: Msg) {
+    /// `arrived_us`: when the message's first bytes arrived (`link::clock_us`).
+    pub(super) fn on_msg(&mut self, peer: PeerId, msg: Msg, arrived_us: u64) {
         let image = msg.image;
         let now = self.now();
         match msg.body {
@@ -53,7 +54,19 @@ impl Net {
             Body::Cancel { index } => self.links.cancel(peer, image, index),
             Body::Grant(bytes) => self.on_grant(peer, image, &bytes),
             Body::Denied { reason } => self.on_denied(peer, image, reason),
-            Body::Chunk { index, bytes } => self.on_chunk(image, index, peer, bytes),
+            Body::Chunk {
+                index,
+                sent_us,
+                bytes,
+            } => {
+                // the one-way delay, on two unrelated clocks (see link.rs)
+                let delay_us = (arrived_us as i64).wrapping_sub(sent_us as i64);
+                self.on_chunk(image, index, peer, bytes, delay_us)
+            }
+            Body::Ack { index, delay_us } => {
+                self.links.acked_one_way(peer, image, index, delay_us);
+                self.on_have(peer, image, vec![index]);
+            }
             Body::NotHave { index } => {
                 if let Some(ImageSwarm {
                     mode: Mode::Leech(l),
@@ -255,7 +268,14 @@ impl Net {
         }
     }
 
-    fn on_chunk(&mut self, image: ImageId, index: u32, peer: PeerId, bytes: Vec<u8>) {
+    fn on_chunk(
+        &mut self,
+        image: ImageId,
+        index: u32,
+        peer: PeerId,
+        bytes: Vec<u8>,
+        delay_us: i64,
+    ) {
         let now = self.now();
         let Some(img) = self.images.get_mut(&image) else {
             return;
@@ -275,16 +295,10 @@ impl Net {
             self.drive(image);
             return;
         }
-        // the sender's upload budget waits for this (duplicates too)
-        self.links.send(
-            peer,
-            Msg::new(
-                image,
-                Body::Have {
-                    chunks: vec![index],
-                },
-            ),
-        );
+        // the sender's upload budget waits for this (duplicates too); it is a
+        // Have of the chunk that carries the one-way delay back
+        self.links
+            .send(peer, Msg::new(image, Body::Ack { index, delay_us }));
         let Mode::Leech(l) = &mut img.mode else {
             return;
         };

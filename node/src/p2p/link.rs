@@ -23,6 +23,20 @@
 //! `upload_max_kbps`, and yields to the owner's traffic when the queueing delay
 //! its chunks see rises above a target: all decided by `chunks::swarm::UploadPacer`
 //! from the acknowledgement times measured here.
+//!
+//! The one-way delay signal (issue 16): every Chunk frame carries the sender's
+//! clock ([`clock_us`]) at the moment its first bytes are expected to leave
+//! this node, and the receiver's Ack echoes its own clock when those bytes
+//! arrived minus that stamp. What the sample includes: the wait in the sender's
+//! modem FIFO (ours and the household's traffic), the path's propagation, the
+//! receiver's downlink and the moment its reader task got to the frame, plus
+//! the two clocks' constant offset, which the per-peer base removes. It does
+//! not include the receiver's uplink (only the Ack crosses it), nor our own
+//! buffers: with the signal on, a link writes its next chunk only when the
+//! previous one has left at the sockets' pacing rate (`LeaveClock`), so the
+//! frame is stamped when written, behind nothing of ours that the model knows
+//! of; the kernel's unsent queue is kept short besides (TCP_NOTSENT_LOWAT,
+//! sockets.rs).
 
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,9 +49,25 @@ use libp2p::{PeerId, StreamProtocol};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::{debug, warn};
 
-use chunks::swarm::{admit, Micros, UploadConfig, UploadPacer, ADMIT_WAIT_US};
+use chunks::swarm::{admit, LeaveClock, Micros, UploadConfig, UploadPacer, ADMIT_WAIT_US};
 
-use super::wire::{Body, Msg, MAX_MESSAGE, PROTOCOL};
+use super::wire::{stamp_chunk, Body, Msg, MAX_MESSAGE, PROTOCOL};
+
+/// This process's monotonic clock, us: the stamps of our chunk replies and the
+/// arrival times we echo. Only differences between two readings of one peer's
+/// clock mean anything.
+pub fn clock_us() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_micros() as u64
+}
+
+/// A stable key of `peer` for the pacer's per-peer one-way delay bases.
+fn peer_key(peer: &PeerId) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    peer.hash(&mut h);
+    h.finish()
+}
 
 /// The byte a reader sends back on a new stream once it reads it.
 const ACCEPT: u8 = 0xa5;
@@ -58,8 +88,12 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(20);
 /// What the links report to the networking task.
 #[derive(Debug)]
 pub enum LinkEvent {
-    /// A message from `peer`.
-    Msg { peer: PeerId, msg: Msg },
+    /// A message from `peer`; its first bytes arrived at `arrived_us` ([`clock_us`]).
+    Msg {
+        peer: PeerId,
+        msg: Msg,
+        arrived_us: u64,
+    },
     /// A chunk reply reached `peer` (acknowledged, or written and never
     /// acknowledged within the timeout: `delivered`), or was dropped
     /// (cancelled before it went out, or the link went down).
@@ -85,7 +119,8 @@ type Key = (PeerId, ImageId, u32);
 pub struct Budget {
     pacer: UploadPacer,
     epoch: Instant,
-    in_flight: HashMap<Key, (Instant, u64)>,
+    /// (started, pacer token, bytes) per chunk in flight.
+    in_flight: HashMap<Key, (Instant, u64, u64)>,
     /// Chunks in flight per peer.
     peers: HashMap<PeerId, usize>,
 }
@@ -142,7 +177,7 @@ impl Budget {
     pub fn start(&mut self, key: Key, size: u64, now: Instant) {
         self.forget(&key);
         let token = self.pacer.start(size, self.micros(now));
-        self.in_flight.insert(key, (now, token));
+        self.in_flight.insert(key, (now, token, size));
         *self.peers.entry(key.0).or_default() += 1;
     }
 
@@ -157,7 +192,7 @@ impl Budget {
 
     /// The receiver acknowledged `key`; true if it was in flight.
     pub fn ack(&mut self, key: &Key, now: Instant) -> bool {
-        let Some((_, token)) = self.in_flight.remove(key) else {
+        let Some((_, token, _)) = self.in_flight.remove(key) else {
             return false;
         };
         let at = self.micros(now);
@@ -169,13 +204,28 @@ impl Budget {
     /// Forgets `key` without counting it as acknowledged; true if in flight.
     pub fn forget(&mut self, key: &Key) -> bool {
         match self.in_flight.remove(key) {
-            Some((_, token)) => {
+            Some((_, token, _)) => {
                 self.pacer.forget(token);
                 self.unpeer(&key.0);
                 true
             }
             None => false,
         }
+    }
+
+    /// A one-way delay sample from `peer` (see the module's notes).
+    pub fn one_way_delay(&mut self, peer: &PeerId, delay_us: i64, now: Instant) {
+        let at = self.micros(now);
+        self.pacer.on_one_way_delay(peer_key(peer), delay_us, at);
+    }
+
+    /// Chunk bytes in flight to `peer`.
+    pub fn peer_bytes(&self, peer: &PeerId) -> u64 {
+        self.in_flight
+            .iter()
+            .filter(|(k, _)| k.0 == *peer)
+            .map(|(_, &(_, _, size))| size)
+            .sum()
     }
 
     /// Everything in flight to `peer`, removed.
@@ -193,7 +243,7 @@ impl Budget {
         let keys: Vec<Key> = self
             .in_flight
             .iter()
-            .filter(|(k, (t, _))| pick(k, *t))
+            .filter(|(k, (t, _, _))| pick(k, *t))
             .map(|(k, _)| *k)
             .collect();
         for k in &keys {
@@ -235,6 +285,9 @@ struct UploadState {
     seq: u64,
     /// A grant handed out whose writer has not started its chunk yet.
     granted: usize,
+    /// With the one-way delay signal: each uploading socket's pacing rate,
+    /// bytes/s, and how often it was set (links follow it in their LeaveClock).
+    socket_rate: (Option<f64>, u64),
 }
 
 /// The uplink as the pacer sees it: measured capacity, the rate chunks start at
@@ -247,6 +300,8 @@ pub struct UplinkView {
     pub queue_delay_ms: Option<u64>,
     /// The queueing delay TCP measured on the uplink (smoothed minus least round trip).
     pub path_queue_delay_ms: Option<u64>,
+    /// The queueing delay the chunks' one-way delays show (sample minus the peer's base).
+    pub one_way_queue_delay_ms: Option<u64>,
     pub peers_at_once: usize,
 }
 
@@ -263,6 +318,7 @@ impl Uploads {
                 waiting: BinaryHeap::new(),
                 seq: 0,
                 granted: 0,
+                socket_rate: (None, 0),
             }),
         }
     }
@@ -479,7 +535,16 @@ impl Links {
     ) {
         let link = self.link(peer);
         self.seq += 1;
-        let frame = Msg::new(image, Body::Chunk { index, bytes }).encode();
+        // stamped when written (`write_loop`)
+        let frame = Msg::new(
+            image,
+            Body::Chunk {
+                index,
+                sent_us: 0,
+                bytes,
+            },
+        )
+        .encode();
         *self.queued.entry("chunk").or_default() += frame.len() as u64;
         link.outbox.lock().expect("outbox lock").data.push(Queued {
             image,
@@ -514,6 +579,29 @@ impl Links {
             })
             .sum();
         admit(waiting, size, rate, ADMIT_WAIT_US)
+    }
+
+    /// `peer` acknowledged our chunk `index` with its one-way delay sample.
+    pub fn acked_one_way(&mut self, peer: PeerId, image: ImageId, index: u32, delay_us: i64) {
+        let now = Instant::now();
+        self.uploads
+            .with(|st| st.budget.one_way_delay(&peer, delay_us, now));
+        self.acked(peer, image, index);
+    }
+
+    /// Whether the yielding mode follows the one-way delay signal.
+    pub fn one_way(&self) -> bool {
+        self.uploads.with(|st| st.budget.pacer().config().one_way)
+    }
+
+    /// Each uploading socket's pacing rate now, bytes/s (one-way delay signal
+    /// only): the links' `LeaveClock`s drain at it.
+    pub fn set_socket_rate(&self, rate: Option<f64>) {
+        self.uploads.with(|st| {
+            if st.socket_rate.0 != rate {
+                st.socket_rate = (rate, st.socket_rate.1 + 1);
+            }
+        });
     }
 
     /// `peer` says it has chunk `index`: if we were sending it, it arrived.
@@ -587,6 +675,7 @@ impl Links {
                 base_delay_ms: p.base_delay().map(|d| d / 1000),
                 queue_delay_ms: p.queue_delay().map(|d| d / 1000),
                 path_queue_delay_ms: p.path_queue_delay().map(|d| d / 1000),
+                one_way_queue_delay_ms: p.one_way_queue_delay().map(|d| d / 1000),
                 peers_at_once: p.peers_at_once(),
             }
         })
@@ -668,6 +757,9 @@ async fn write_loop(
     let mut buf = Vec::new();
     // our place in line for the upload budget while a reply waits here
     let mut ticket: Option<(u32, Ticket)> = None;
+    // when this link's chunk bytes leave the node (one-way delay signal)
+    let mut leave = LeaveClock::default();
+    let mut rate_seen = 0;
     loop {
         let (closed, best) = {
             let mut ob = link.outbox.lock().expect("outbox lock");
@@ -689,6 +781,29 @@ async fn write_loop(
             link.wake.notified().await;
             continue;
         };
+        // with the one-way delay signal the next chunk waits until the previous
+        // one has left at the sockets' pacing rate (see `LeaveClock`): its stamp
+        // must not include our own queue
+        let (rate, seen) = uploads.state.lock().expect("uploads lock").socket_rate;
+        if seen != rate_seen {
+            rate_seen = seen;
+            let unacked = uploads
+                .state
+                .lock()
+                .expect("uploads lock")
+                .budget
+                .peer_bytes(&peer);
+            leave.set_rate(clock_us(), rate, unacked);
+        }
+        let wait = leave.wait(clock_us());
+        if wait > 0 {
+            ticket = None;
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_micros(wait)) => {}
+                _ = link.wake.notified() => {}
+            }
+            continue;
+        }
         // a rarer reply arrived: take a better place in line
         if ticket.as_ref().is_some_and(|(p, _)| prio < *p) {
             ticket = None;
@@ -714,10 +829,14 @@ async fn write_loop(
             buf.clear();
             buf.append(&mut ob.control);
             let q = ob.best().map(|i| ob.data.swap_remove(i));
-            if let Some(q) = &q {
+            if let Some(mut q) = q {
+                let at = leave.stamp(clock_us(), buf.len() as u64, q.frame.len() as u64);
+                stamp_chunk(&mut q.frame, at);
                 buf.extend_from_slice(&q.frame);
+                Some(q)
+            } else {
+                None
             }
-            q
         };
         match &q {
             Some(q) => t.start((peer, q.image, q.index), q.frame.len() as u64),
@@ -785,6 +904,8 @@ async fn read_loop(
         if stream.read_exact(&mut len).await.is_err() {
             return; // closed or reset: the peer reopens if it wants to talk
         }
+        // the message's first bytes are here (a chunk's one-way delay ends now)
+        let arrived_us = clock_us();
         let len = u32::from_le_bytes(len) as usize;
         if len > MAX_MESSAGE {
             // refuse before allocating or reading
@@ -812,7 +933,14 @@ async fn read_loop(
         }
         match Msg::decode(&body) {
             Ok(msg) => {
-                if events.send(LinkEvent::Msg { peer, msg }).is_err() {
+                if events
+                    .send(LinkEvent::Msg {
+                        peer,
+                        msg,
+                        arrived_us,
+                    })
+                    .is_err()
+                {
                     return;
                 }
             }

@@ -417,7 +417,11 @@ impl Net {
 
     fn on_link_event(&mut self, ev: LinkEvent) {
         match ev {
-            LinkEvent::Msg { peer, msg } => self.on_msg(peer, msg),
+            LinkEvent::Msg {
+                peer,
+                msg,
+                arrived_us,
+            } => self.on_msg(peer, msg, arrived_us),
             LinkEvent::Sent {
                 peer,
                 image,
@@ -521,11 +525,14 @@ impl Net {
     /// that moved data since the last look, to the upload pacer (with
     /// `upload_yield_signal = "tcp"`), and paces
     /// every socket at the pacer's rate (shared by the connections uploading
-    /// now): `upload_max_kbps`, and the yielding mode on the TCP signal, act in
-    /// the kernel, packet by packet, not a chunk at a time.
+    /// now): `upload_max_kbps`, and the yielding mode on the TCP or the one-way
+    /// delay signal, act in the kernel, packet by packet, not a chunk at a time.
+    /// With the one-way signal the links also learn each socket's rate: they
+    /// write a chunk only once the previous one has left at it (link.rs).
     fn sample_path(&mut self) {
+        let one_way = self.links.one_way();
         // by default nothing reads the sockets: no syscalls per socket then
-        if !self.tcp_yield_signal && self.links.cap_rate().is_none() {
+        if !self.tcp_yield_signal && !one_way && self.links.cap_rate().is_none() {
             return;
         }
         let ms = self.sockets.measure();
@@ -545,13 +552,16 @@ impl Net {
         // batching, retransmissions in a shallow FIFO) held six sellers on 1 Mbit/s
         // uplinks under 3 x the bound where they finish at 1.4-1.8 x without it
         // (tests/swarm_homelink.rs, docs/bench/owner-link.md).
-        let rate = if self.tcp_yield_signal {
+        let rate = if self.tcp_yield_signal || one_way {
             self.links.pace_rate()
         } else {
             self.links.cap_rate()
         };
         let per_socket = rate.map(|r| (r / uploading.max(1) as f64) as u64);
         self.sockets.pace(per_socket);
+        if one_way {
+            self.links.set_socket_rate(per_socket.map(|r| r as f64));
+        }
     }
 
     fn on_slow_tick(&mut self) {

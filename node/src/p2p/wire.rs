@@ -1,4 +1,4 @@
-//! Wire format of the chunk-swarm protocol (`/cpushare/swarm/2`).
+//! Wire format of the chunk-swarm protocol (`/cpushare/swarm/3`).
 //!
 //! Each peer opens one long-lived stream to each other peer and sends every
 //! message for every image on it; replies come back on the other side's
@@ -23,7 +23,9 @@
 //! - 5 HelloAck: u8 role (0 peer, 1 super-seed) | u32 n | n bytes have-set
 //! - 6 Have: u32 count (<= MAX_HAVES) | count x u32 chunk index
 //! - 7 GetChunk: u32 index
-//! - 8 Chunk: u32 index | chunk bytes (rest, 1..=MAX_CHUNK)
+//! - 8 Chunk: u32 index | u64 sent_us | chunk bytes (rest, 1..=MAX_CHUNK); sent_us:
+//!   the sender's monotonic clock (us) when it handed the reply's first bytes to
+//!   its transport (see link.rs for what that includes)
 //! - 9 NotHave: u32 index
 //! - 10 Starving (to a super-seed: nobody else has what I miss)
 //! - 11 Cancel: u32 index (drop a queued, not yet sent, Chunk reply)
@@ -35,12 +37,18 @@
 //!   public one) so it can present it to other holders
 //! - 14 Denied: u8 reason (0 no grant, 1 other image, 2 other peer, 3 not the
 //!   owner's, 4 expired): the image is private and the sender holds no valid grant
+//! - 15 Busy: u32 index | u32 wait_ms
+//! - 16 Ack: u32 index | i64 delay_us: the acknowledging Have of one Chunk reply
+//!   (the receiver now holds `index`); delay_us = the receiver's monotonic clock
+//!   when the reply's first bytes arrived minus the reply's sent_us. The two
+//!   clocks' offset is unknown and constant, so the sender compares it only with
+//!   other samples of the same peer (LEDBAT's one-way delay, issue 16)
 
 use chunks::ImageId;
 use libp2p::PeerId;
 
 /// Protocol name; the trailing number is the wire version.
-pub const PROTOCOL: &str = "/cpushare/swarm/2";
+pub const PROTOCOL: &str = "/cpushare/swarm/3";
 /// Largest have-set: an image of MAX_CHUNKS chunks.
 const MAX_HAVE_SET: usize = (chunks::MAX_CHUNKS as usize).div_ceil(8);
 /// Largest message accepted (a manifest of the largest allowed size).
@@ -79,6 +87,8 @@ pub enum Body {
     },
     Chunk {
         index: u32,
+        /// The sender's clock when the reply started out, us.
+        sent_us: u64,
         bytes: Vec<u8>,
     },
     NotHave {
@@ -100,6 +110,12 @@ pub enum Body {
     Busy {
         index: u32,
         wait_ms: u32,
+    },
+    /// The acknowledging Have of one Chunk reply, with its one-way delay
+    /// (arrival on the receiver's clock minus the reply's `sent_us`).
+    Ack {
+        index: u32,
+        delay_us: i64,
     },
 }
 
@@ -198,6 +214,11 @@ impl<'a> Rd<'a> {
             self.take(4)?.try_into().expect("4 bytes"),
         ))
     }
+    fn u64(&mut self) -> Result<u64, WireError> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
     fn image(&mut self) -> Result<ImageId, WireError> {
         Ok(ImageId(self.take(32)?.try_into().expect("32 bytes")))
     }
@@ -239,6 +260,7 @@ impl Body {
             Body::Grant(_) => "grant",
             Body::Denied { .. } => "denied",
             Body::Busy { .. } => "busy",
+            Body::Ack { .. } => "ack",
         }
     }
 
@@ -259,8 +281,20 @@ impl Body {
             Body::Grant(_) => 13,
             Body::Denied { .. } => 14,
             Body::Busy { .. } => 15,
+            Body::Ack { .. } => 16,
         }
     }
+}
+
+/// Where a Chunk frame (length prefix included) holds its `sent_us`.
+const CHUNK_SENT_AT: usize = 4 + 1 + 32 + 4;
+
+/// Stamps an encoded Chunk frame with the time its first bytes go out (the
+/// frame is encoded when the reply is queued, stamped when it is written).
+/// Panics if `frame` is not an encoded Chunk.
+pub fn stamp_chunk(frame: &mut [u8], sent_us: u64) {
+    assert_eq!(frame.get(4), Some(&8), "not a chunk frame");
+    frame[CHUNK_SENT_AT..CHUNK_SENT_AT + 8].copy_from_slice(&sent_us.to_le_bytes());
 }
 
 impl Msg {
@@ -309,13 +343,22 @@ impl Msg {
             Body::GetChunk { index } | Body::NotHave { index } | Body::Cancel { index } => {
                 u32le(&mut b, *index)
             }
-            Body::Chunk { index, bytes } => {
+            Body::Chunk {
+                index,
+                sent_us,
+                bytes,
+            } => {
                 u32le(&mut b, *index);
+                b.extend_from_slice(&sent_us.to_le_bytes());
                 b.extend_from_slice(bytes);
             }
             Body::Busy { index, wait_ms } => {
                 u32le(&mut b, *index);
                 u32le(&mut b, *wait_ms);
+            }
+            Body::Ack { index, delay_us } => {
+                u32le(&mut b, *index);
+                b.extend_from_slice(&delay_us.to_le_bytes());
             }
         }
         let len = (b.len() - 4) as u32;
@@ -366,6 +409,7 @@ impl Msg {
             7 => Body::GetChunk { index: r.u32()? },
             8 => {
                 let index = r.u32()?;
+                let sent_us = r.u64()?;
                 let c = r.rest();
                 if c.len() > chunks::MAX_CHUNK as usize {
                     return Err(WireError::TooLarge("chunk"));
@@ -375,6 +419,7 @@ impl Msg {
                 }
                 Body::Chunk {
                     index,
+                    sent_us,
                     bytes: c.to_vec(),
                 }
             }
@@ -412,6 +457,10 @@ impl Msg {
                 index: r.u32()?,
                 wait_ms: r.u32()?,
             },
+            16 => Body::Ack {
+                index: r.u32()?,
+                delay_us: r.u64()? as i64,
+            },
             t => return Err(WireError::UnknownTag(t)),
         };
         r.end()?;
@@ -446,6 +495,7 @@ mod tests {
             Body::GetChunk { index: 5 },
             Body::Chunk {
                 index: 6,
+                sent_us: 123_456_789,
                 bytes: vec![1; 100],
             },
             Body::NotHave { index: 7 },
@@ -461,6 +511,10 @@ mod tests {
             Body::Busy {
                 index: 9,
                 wait_ms: 1500,
+            },
+            Body::Ack {
+                index: 10,
+                delay_us: -42_000,
             },
         ];
         bodies
@@ -486,11 +540,22 @@ mod tests {
             img(1),
             Body::Chunk {
                 index: 1,
+                sent_us: 0,
                 bytes: vec![0; 10],
             },
         );
-        // length, tag, image, index, payload
-        assert_eq!(m.encode().len(), 4 + 1 + 32 + 4 + 10);
+        // length, tag, image, index, stamp, payload
+        let mut f = m.encode();
+        assert_eq!(f.len(), 4 + 1 + 32 + 4 + 8 + 10);
+        stamp_chunk(&mut f, u64::MAX - 3);
+        assert_eq!(
+            Msg::decode(&f[4..]).unwrap().body,
+            Body::Chunk {
+                index: 1,
+                sent_us: u64::MAX - 3,
+                bytes: vec![0; 10],
+            }
+        );
     }
 
     #[test]
@@ -510,14 +575,17 @@ mod tests {
         unknown.extend_from_slice(&[0; 32]);
         assert_eq!(Msg::decode(&unknown), Err(WireError::UnknownTag(99)));
         assert_eq!(Msg::decode(&[7, 1, 2]), Err(WireError::Truncated));
+        let mut no_stamp = vec![8];
+        no_stamp.extend_from_slice(&[0; 36 + 7]);
+        assert_eq!(Msg::decode(&no_stamp), Err(WireError::Truncated));
         let mut empty_chunk = vec![8];
-        empty_chunk.extend_from_slice(&[0; 36]);
+        empty_chunk.extend_from_slice(&[0; 36 + 8]);
         assert_eq!(
             Msg::decode(&empty_chunk),
             Err(WireError::Bad("empty chunk"))
         );
         let mut big = vec![8];
-        big.extend(vec![0; 36 + chunks::MAX_CHUNK as usize + 1]);
+        big.extend(vec![0; 36 + 8 + chunks::MAX_CHUNK as usize + 1]);
         assert_eq!(Msg::decode(&big), Err(WireError::TooLarge("chunk")));
         let mut haves = vec![6];
         haves.extend_from_slice(&[0; 32]);
@@ -530,6 +598,11 @@ mod tests {
         let mut grant = vec![13];
         grant.extend(vec![0; 32 + market::MAX_GRANT + 1]);
         assert_eq!(Msg::decode(&grant), Err(WireError::TooLarge("grant")));
+        let mut ack = vec![16];
+        ack.extend_from_slice(&[0; 32 + 4 + 7]);
+        assert_eq!(Msg::decode(&ack), Err(WireError::Truncated));
+        ack.extend_from_slice(&[0; 2]);
+        assert_eq!(Msg::decode(&ack), Err(WireError::Trailing(1)));
         let mut deny = vec![14];
         deny.extend_from_slice(&[0; 32]);
         deny.push(5);
@@ -550,6 +623,33 @@ mod tests {
         }
 
         #[test]
+        fn ack_roundtrip(index in any::<u32>(), delay_us in any::<i64>(), cut in 0usize..49) {
+            let m = Msg::new(img(5), Body::Ack { index, delay_us });
+            let f = m.encode();
+            prop_assert_eq!(f.len(), 4 + 1 + 32 + 12);
+            prop_assert_eq!(Msg::decode(&f[4..]).unwrap(), m);
+            if cut < f.len() - 4 {
+                prop_assert!(Msg::decode(&f[4..4 + cut]).is_err());
+            }
+        }
+
+        #[test]
+        fn chunk_roundtrip(
+            index in any::<u32>(),
+            sent_us in any::<u64>(),
+            bytes in proptest::collection::vec(any::<u8>(), 1..2000),
+            cut in 0usize..49,
+        ) {
+            let m = Msg::new(img(6), Body::Chunk { index, sent_us: 0, bytes: bytes.clone() });
+            let mut f = m.encode();
+            stamp_chunk(&mut f, sent_us);
+            let want = Msg::new(img(6), Body::Chunk { index, sent_us, bytes });
+            prop_assert_eq!(Msg::decode(&f[4..]).unwrap(), want);
+            // cut inside the header (tag, image, index, stamp): an error
+            prop_assert!(Msg::decode(&f[4..4 + cut.min(44)]).is_err());
+        }
+
+        #[test]
         fn parser_total(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
             if let Ok(m) = Msg::decode(&bytes) {
                 prop_assert_eq!(&m.encode()[4..], &bytes[..]);
@@ -557,7 +657,7 @@ mod tests {
         }
 
         #[test]
-        fn parser_on_mutated_valid(which in 0usize..15, idx in 0usize..120, val in any::<u8>()) {
+        fn parser_on_mutated_valid(which in 0usize..16, idx in 0usize..120, val in any::<u8>()) {
             let m = all()[which].clone();
             let mut b = m.encode()[4..].to_vec();
             if idx < b.len() { b[idx] = val; }
