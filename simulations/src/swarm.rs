@@ -213,6 +213,8 @@ struct Sim<'a> {
     /// Sellers answer Busy instead of queueing long (`chunks::swarm::admit`).
     admit: bool,
     busy: u64,
+    /// Reused buffer: the neighbours a Have goes to.
+    scratch: Vec<u32>,
 }
 
 /// Runs the swarm under `policy` (not `Naive`: see [`crate::naive`]).
@@ -287,6 +289,7 @@ pub fn run(w: &World, policy: Policy, opts: &RunOpts, bar: Option<&ProgressBar>)
         progress: opts.progress_reports,
         admit: !opts.no_admission,
         busy: 0,
+        scratch: Vec::new(),
     };
     sim.schedule_churn(opts);
     let max_us = (opts.max_time_s * 1e6) as u64;
@@ -674,14 +677,20 @@ impl Sim<'_> {
         if !node.has.set(chunk) {
             self.dup += self.w.sizes[chunk as usize] as u64;
         } else {
-            // tell the neighbours still fetching; the buyer hears in batches
+            // tell the neighbours, as the node does: not the sender (its
+            // acknowledgement went above), not those known to hold the chunk
+            // (node/src/p2p/exchange.rs); the buyer hears in batches
             let neigh = &self.w.neigh[to as usize];
-            self.control += wire_size::have(1) * neigh.len() as u64;
-            for k in 0..neigh.len() {
-                let j = self.w.neigh[to as usize][k];
-                if j == from {
-                    continue;
-                }
+            let known = self.nodes[to as usize].leech.as_deref();
+            let mut tell = std::mem::take(&mut self.scratch);
+            tell.extend(
+                neigh
+                    .iter()
+                    .copied()
+                    .filter(|&j| j != from && !known.is_some_and(|l| l.peer_has(&j, chunk))),
+            );
+            self.control += wire_size::have(1) * tell.len() as u64;
+            for &j in &tell {
                 let at = self.now + self.w.lat(to, j);
                 let nj = &mut self.nodes[j as usize];
                 if nj.online && nj.leech.is_some() {
@@ -692,6 +701,8 @@ impl Sim<'_> {
                     }
                 }
             }
+            tell.clear();
+            self.scratch = tell;
             if from != BUYER && self.seeder.is_some() {
                 self.buyer_haves.push((to, chunk));
                 self.buyer_tick_soon();
