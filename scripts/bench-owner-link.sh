@@ -13,9 +13,11 @@
 # Usage (root):  scripts/bench-owner-link.sh             # one uplink (a few minutes)
 #                UP=8mbit DOWN=64mbit scripts/bench-owner-link.sh
 #                scripts/bench-owner-link.sh --cleanup   # leftovers of a killed run
-# Knobs (env):   UP=1mbit DOWN=16mbit QUEUE_MS=1000 WARM_S=15 PING_S=30 TCP_S=30 CC=
-#                MODES="on off" (also tcp: yielding on the TCP round trip; capKBPS:
-#                yielding off, upload_max_kbps = KBPS)
+# Knobs (env):   UP=1mbit DOWN=16mbit QUEUE_MS=1000 WARM_S=15 PING_S=30 TCP_S=30
+#                NODE_CC= (the seller node's [swarm] tcp_congestion; unset: the kernel's)
+#                MODES="on off" (also tcp: yielding on the TCP round trip; owd:
+#                yielding on the chunks' one-way delay; capKBPS: yielding off,
+#                upload_max_kbps = KBPS)
 #                NODE_BIN=target/debug/cpushare-node WORK=/tmp/col-bench
 #                PREFIX=col-
 # Needs: iproute2 ethtool jq iperf3 python3, and `cargo build -p node` first.
@@ -121,10 +123,11 @@ for mode in $MODES; do
   R=$W/run/$mode; mkdir -p "$R"
   case $mode in
     on|off) printf '[swarm]\nupload_yield = "%s"\n' "$mode" > "$R/seller.toml" ;;
-    tcp) printf '[swarm]\nupload_yield = "on"\nupload_yield_signal = "tcp"\n' > "$R/seller.toml" ;;
+    tcp|owd) printf '[swarm]\nupload_yield = "on"\nupload_yield_signal = "%s"\n' "$mode" > "$R/seller.toml" ;;
     cap*) printf '[swarm]\nupload_yield = "off"\nupload_max_kbps = %s\n' "${mode#cap}" > "$R/seller.toml" ;;
-    *) echo "unknown mode $mode (on, off, tcp, capKBPS)" >&2; exit 1 ;;
+    *) echo "unknown mode $mode (on, off, tcp, owd, capKBPS)" >&2; exit 1 ;;
   esac
+  if [ -n "${NODE_CC:-}" ]; then printf 'tcp_congestion = "%s"\n' "$NODE_CC" >> "$R/seller.toml"; fi
   # The buyer (on the far side) seeds the image to the seller, then leaves: what the
   # seller then uploads, to a second node on the far side, it relays as a seller does.
   start_bg "$FAR" "$R/buyer.out" env RUST_LOG=${NODE_LOG:-warn} "$NODE_BIN" --role buyer \
@@ -153,6 +156,8 @@ for mode in $MODES; do
   P0=$(txb)
   read -r L_MED L_P95 L_MAX L_LOSS < <(ping_stats)
   P1=$(txb)
+  # the seller's pacer as it stands (capacity, pace, delays), for the record
+  "$NODE_BIN" --data-dir "$R/s" status > "$R/status-ping.json" 2>/dev/null || true
   SWARM_BPS=$(( (P1 - P0) * 8 / PING_S ))
   log "yield $mode: ping median $L_MED ms, p95 $L_P95, max $L_MAX, loss $L_LOSS %; the swarm sent $((SWARM_BPS / 1000)) kbit/s meanwhile"
   if grep -q "100%" "$R/fetch.out" 2>/dev/null; then
@@ -161,6 +166,7 @@ for mode in $MODES; do
   T0=$(txb)
   nsx "$SELL" iperf3 -c "$F_IP" -t "$TCP_S" -J > "$R/iperf.json" 2>"$R/iperf.err" || true
   T1=$(txb)
+  "$NODE_BIN" --data-dir "$R/s" status > "$R/status-tcp.json" 2>/dev/null || true
   TCP_BPS=$(jq '.end.sum_sent.bits_per_second // 0' "$R/iperf.json")
   ALL_BPS=$(( (T1 - T0) * 8 / TCP_S ))
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$mode" "$L_MED" "$L_P95" "$L_MAX" "$L_LOSS" "$TCP_BPS" "$ALL_BPS" "$SWARM_BPS" >> "$W/results.tsv"
@@ -188,6 +194,7 @@ for line in open(path):
     try: over = f"{float(med) - float(imed):+.0f}"
     except ValueError: over = "-"
     label = (f"upload_max_kbps = {mode[3:]}" if mode.startswith("cap")
-             else "yielding on, TCP round-trip signal" if mode == "tcp" else f"yielding {mode}")
+             else "yielding on, TCP round-trip signal" if mode == "tcp"
+             else "yielding on, one-way delay signal" if mode == "owd" else f"yielding {mode}")
     print(f"| {label} | {float(swarm)/1000:.0f} | {med} | {p95} | {mx} | {loss} | {over} | {float(tcp)/1000:.0f} | {float(tcp)/U:.2f} |")
 PYEOF

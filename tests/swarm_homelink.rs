@@ -130,6 +130,10 @@ fn spawn_in(h: &Host, dir: &Path, role: &str, bootstrap: Option<&str>) -> Result
     }
     let y = std::env::var("HOMELINK_YIELD").unwrap_or_else(|_| "off".into());
     swarm += &format!("upload_yield = \"{y}\"\n");
+    // HOMELINK_SIGNAL=owd|tcp|acks: where the yielding mode reads the delay
+    if let Ok(sig) = std::env::var("HOMELINK_SIGNAL") {
+        swarm += &format!("upload_yield_signal = \"{sig}\"\n");
+    }
     if !swarm.is_empty() {
         std::fs::write(&conf, format!("[swarm]\n{swarm}"))?;
         extra.extend(["--config", conf.as_str()]);
@@ -171,7 +175,9 @@ fn six_sellers_on_1mbit_uplinks_with_10_packet_fifos_fetch_within_3x_the_bound()
     if !require_root("network namespaces and tc") {
         return Ok(());
     }
-    let hub = Netns::new("hl-hub")?;
+    // HOMELINK_PREFIX: the namespaces' prefix (default hl), for runs beside others
+    let pre = std::env::var("HOMELINK_PREFIX").unwrap_or_else(|_| "hl".into());
+    let hub = Netns::new(&format!("{pre}-hub"))?;
     hub.ip(&[
         "link",
         "add",
@@ -184,12 +190,12 @@ fn six_sellers_on_1mbit_uplinks_with_10_packet_fifos_fetch_within_3x_the_bound()
         "0",
     ])?;
     hub.ip(&["link", "set", "br0", "up"])?;
-    let buyer_host = host(&hub, "hl-b", "hlb", "192.0.2.1")?;
+    let buyer_host = host(&hub, &format!("{pre}-b"), "hlb", "192.0.2.1")?;
     let mut seller_hosts = Vec::new();
     for i in 1..=SELLERS {
         seller_hosts.push(host(
             &hub,
-            &format!("hl-s{i}"),
+            &format!("{pre}-s{i}"),
             &format!("hls{i}"),
             &format!("192.0.2.{}", 10 + i),
         )?);

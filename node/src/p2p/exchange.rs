@@ -14,8 +14,8 @@ use super::wire::{Body, Msg, PeerRole};
 use super::Net;
 
 impl Net {
-    /// `arrived_us`: when the message's first bytes arrived (`link::clock_us`).
-    pub(super) fn on_msg(&mut self, peer: PeerId, msg: Msg, arrived_us: u64) {
+    /// `arrived`: when the message's first and last bytes arrived (`link::clock_us`).
+    pub(super) fn on_msg(&mut self, peer: PeerId, msg: Msg, arrived: (u64, u64)) {
         let image = msg.image;
         let now = self.now();
         match msg.body {
@@ -59,12 +59,18 @@ impl Net {
                 sent_us,
                 bytes,
             } => {
-                // the one-way delay, on two unrelated clocks (see link.rs)
-                let delay_us = (arrived_us as i64).wrapping_sub(sent_us as i64);
-                self.on_chunk(image, index, peer, bytes, delay_us)
+                // the one-way delays, on two unrelated clocks (see link.rs)
+                let delay = |at: u64| (at as i64).wrapping_sub(sent_us as i64);
+                let delays = (delay(arrived.0), delay(arrived.1));
+                self.on_chunk(image, index, peer, bytes, delays)
             }
-            Body::Ack { index, delay_us } => {
-                self.links.acked_one_way(peer, image, index, delay_us);
+            Body::Ack {
+                index,
+                delay_us,
+                last_us,
+            } => {
+                self.links
+                    .acked_one_way(peer, image, index, delay_us, last_us);
                 self.on_have(peer, image, vec![index]);
             }
             Body::NotHave { index } => {
@@ -274,7 +280,7 @@ impl Net {
         index: u32,
         peer: PeerId,
         bytes: Vec<u8>,
-        delay_us: i64,
+        (delay_us, last_us): (i64, i64),
     ) {
         let now = self.now();
         let Some(img) = self.images.get_mut(&image) else {
@@ -297,8 +303,17 @@ impl Net {
         }
         // the sender's upload budget waits for this (duplicates too); it is a
         // Have of the chunk that carries the one-way delay back
-        self.links
-            .send(peer, Msg::new(image, Body::Ack { index, delay_us }));
+        self.links.send(
+            peer,
+            Msg::new(
+                image,
+                Body::Ack {
+                    index,
+                    delay_us,
+                    last_us,
+                },
+            ),
+        );
         let Mode::Leech(l) = &mut img.mode else {
             return;
         };

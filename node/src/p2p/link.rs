@@ -61,6 +61,11 @@ pub fn clock_us() -> u64 {
     START.get_or_init(Instant::now).elapsed().as_micros() as u64
 }
 
+/// Bytes on the wire per byte of a frame: a full segment's 1448 bytes of
+/// payload travel as 1514 (Ethernet, IP, TCP with timestamps), and the
+/// kernel's pacing counts them all.
+const WIRE_PER_BYTE: f64 = 1514.0 / 1448.0;
+
 /// A stable key of `peer` for the pacer's per-peer one-way delay bases.
 fn peer_key(peer: &PeerId) -> u64 {
     use std::hash::{Hash, Hasher};
@@ -88,11 +93,13 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(20);
 /// What the links report to the networking task.
 #[derive(Debug)]
 pub enum LinkEvent {
-    /// A message from `peer`; its first bytes arrived at `arrived_us` ([`clock_us`]).
+    /// A message from `peer`; its first bytes arrived at `arrived_us`, its last
+    /// at `done_us` ([`clock_us`]).
     Msg {
         peer: PeerId,
         msg: Msg,
         arrived_us: u64,
+        done_us: u64,
     },
     /// A chunk reply reached `peer` (acknowledged, or written and never
     /// acknowledged within the timeout: `delivered`), or was dropped
@@ -119,8 +126,8 @@ type Key = (PeerId, ImageId, u32);
 pub struct Budget {
     pacer: UploadPacer,
     epoch: Instant,
-    /// (started, pacer token, bytes) per chunk in flight.
-    in_flight: HashMap<Key, (Instant, u64, u64)>,
+    /// (started, pacer token, bytes, each socket's pacing rate then) per chunk in flight.
+    in_flight: HashMap<Key, (Instant, u64, u64, Option<f64>)>,
     /// Chunks in flight per peer.
     peers: HashMap<PeerId, usize>,
 }
@@ -173,11 +180,12 @@ impl Budget {
         &self.pacer
     }
 
-    /// A chunk of `size` bytes starts going out.
-    pub fn start(&mut self, key: Key, size: u64, now: Instant) {
+    /// A chunk of `size` bytes starts going out, its socket paced at `rate`
+    /// bytes/s as far as the one-way delay signal knows (`None`: unpaced).
+    pub fn start(&mut self, key: Key, size: u64, rate: Option<f64>, now: Instant) {
         self.forget(&key);
         let token = self.pacer.start(size, self.micros(now));
-        self.in_flight.insert(key, (now, token, size));
+        self.in_flight.insert(key, (now, token, size, rate));
         *self.peers.entry(key.0).or_default() += 1;
     }
 
@@ -192,7 +200,7 @@ impl Budget {
 
     /// The receiver acknowledged `key`; true if it was in flight.
     pub fn ack(&mut self, key: &Key, now: Instant) -> bool {
-        let Some((_, token, _)) = self.in_flight.remove(key) else {
+        let Some((_, token, _, _)) = self.in_flight.remove(key) else {
             return false;
         };
         let at = self.micros(now);
@@ -204,7 +212,7 @@ impl Budget {
     /// Forgets `key` without counting it as acknowledged; true if in flight.
     pub fn forget(&mut self, key: &Key) -> bool {
         match self.in_flight.remove(key) {
-            Some((_, token, _)) => {
+            Some((_, token, _, _)) => {
                 self.pacer.forget(token);
                 self.unpeer(&key.0);
                 true
@@ -213,10 +221,32 @@ impl Budget {
         }
     }
 
-    /// A one-way delay sample from `peer` (see the module's notes).
-    pub fn one_way_delay(&mut self, peer: &PeerId, delay_us: i64, now: Instant) {
+    /// The one-way delays of chunk `key`'s first and last bytes (see the
+    /// module's notes); returns the sample given to the pacer.
+    ///
+    /// The first bytes alone miss the queue the chunk itself builds: they find
+    /// the modem's FIFO as the previous chunk left it, and a chunk that the
+    /// kernel sends faster than the line queues behind them (the household's
+    /// ping rose by 119 ms while nearly every first-bytes sample read 0). The
+    /// last bytes see it, beyond the time the socket's pacing needs to send
+    /// the chunk (its frames with their TCP/IP headers, at the rate it started
+    /// with): the sample is the larger of the two.
+    pub fn one_way_delay(&mut self, key: &Key, first_us: i64, last_us: i64, now: Instant) -> i64 {
         let at = self.micros(now);
-        self.pacer.on_one_way_delay(peer_key(peer), delay_us, at);
+        let (sent, paced) = match self.in_flight.get(key) {
+            Some(&(t, _, size, rate)) => (Some(self.micros(t)), rate.map(|r| (size, r))),
+            None => (None, None),
+        };
+        let sample = match paced {
+            Some((size, r)) => {
+                let wire = size as f64 * WIRE_PER_BYTE;
+                first_us.max(last_us.saturating_sub((wire * 1e6 / r) as i64))
+            }
+            None => first_us,
+        };
+        self.pacer
+            .on_one_way_delay(peer_key(&key.0), sample, sent, at);
+        sample
     }
 
     /// Chunk bytes in flight to `peer`.
@@ -224,7 +254,7 @@ impl Budget {
         self.in_flight
             .iter()
             .filter(|(k, _)| k.0 == *peer)
-            .map(|(_, &(_, _, size))| size)
+            .map(|(_, &(_, _, size, _))| size)
             .sum()
     }
 
@@ -243,7 +273,7 @@ impl Budget {
         let keys: Vec<Key> = self
             .in_flight
             .iter()
-            .filter(|(k, (t, _, _))| pick(k, *t))
+            .filter(|(k, (t, _, _, _))| pick(k, *t))
             .map(|(k, _)| *k)
             .collect();
         for k in &keys {
@@ -286,8 +316,12 @@ struct UploadState {
     /// A grant handed out whose writer has not started its chunk yet.
     granted: usize,
     /// With the one-way delay signal: each uploading socket's pacing rate,
-    /// bytes/s, and how often it was set (links follow it in their LeaveClock).
-    socket_rate: (Option<f64>, u64),
+    /// bytes/s.
+    socket_rate: Option<f64>,
+    /// When each link's chunk bytes leave the node (see `LeaveClock`): all
+    /// follow a change of the rate at once, or a link asleep through it would
+    /// count its backlog as gone at the old rate.
+    leave: HashMap<PeerId, LeaveClock>,
 }
 
 /// The uplink as the pacer sees it: measured capacity, the rate chunks start at
@@ -318,7 +352,8 @@ impl Uploads {
                 waiting: BinaryHeap::new(),
                 seq: 0,
                 granted: 0,
-                socket_rate: (None, 0),
+                socket_rate: None,
+                leave: HashMap::new(),
             }),
         }
     }
@@ -364,6 +399,27 @@ impl Uploads {
         st.waiting.extend(skipped);
     }
 
+    /// How long `peer`'s link waits before its next chunk (see `LeaveClock`), us.
+    fn leave_wait(&self, peer: PeerId) -> Micros {
+        let mut st = self.state.lock().expect("uploads lock");
+        let rate = st.socket_rate;
+        let unacked = st.budget.peer_bytes(&peer);
+        let clock = st.leave.entry(peer).or_insert_with(|| {
+            let mut c = LeaveClock::default();
+            c.set_rate(clock_us(), rate, unacked);
+            c
+        });
+        clock.wait(clock_us())
+    }
+
+    /// The stamp of a chunk frame of `size` bytes written on `peer`'s link
+    /// after `before` bytes of small messages.
+    fn leave_stamp(&self, peer: PeerId, before: u64, size: u64) -> u64 {
+        let mut st = self.state.lock().expect("uploads lock");
+        let clock = st.leave.entry(peer).or_default();
+        clock.stamp(clock_us(), before, size)
+    }
+
     fn with<R>(&self, f: impl FnOnce(&mut UploadState) -> R) -> R {
         let mut st = self.state.lock().expect("uploads lock");
         let r = f(&mut st);
@@ -394,7 +450,8 @@ impl Ticket {
         self.used = true;
         self.uploads.with(|st| {
             st.granted -= 1;
-            st.budget.start(key, size, Instant::now());
+            let rate = st.socket_rate;
+            st.budget.start(key, size, rate, Instant::now());
         });
     }
 }
@@ -581,11 +638,35 @@ impl Links {
         admit(waiting, size, rate, ADMIT_WAIT_US)
     }
 
-    /// `peer` acknowledged our chunk `index` with its one-way delay sample.
-    pub fn acked_one_way(&mut self, peer: PeerId, image: ImageId, index: u32, delay_us: i64) {
+    /// `peer` acknowledged our chunk `index` with the one-way delays of its
+    /// first and last bytes.
+    pub fn acked_one_way(
+        &mut self,
+        peer: PeerId,
+        image: ImageId,
+        index: u32,
+        first_us: i64,
+        last_us: i64,
+    ) {
         let now = Instant::now();
-        self.uploads
-            .with(|st| st.budget.one_way_delay(&peer, delay_us, now));
+        self.uploads.with(|st| {
+            let sample = st
+                .budget
+                .one_way_delay(&(peer, image, index), first_us, last_us, now);
+            let p = st.budget.pacer();
+            debug!(
+                peer = %peer,
+                chunk = index,
+                first_us,
+                last_us,
+                sample,
+                queue_us = p.one_way_queue_delay(),
+                pace = p.pace_rate().map(|r| r as u64),
+                capacity = p.capacity().map(|r| r as u64),
+                socket_rate = st.socket_rate.map(|r| r as u64),
+                "one-way delay sample"
+            );
+        });
         self.acked(peer, image, index);
     }
 
@@ -597,11 +678,24 @@ impl Links {
     /// Each uploading socket's pacing rate now, bytes/s (one-way delay signal
     /// only): the links' `LeaveClock`s drain at it.
     pub fn set_socket_rate(&self, rate: Option<f64>) {
-        self.uploads.with(|st| {
-            if st.socket_rate.0 != rate {
-                st.socket_rate = (rate, st.socket_rate.1 + 1);
+        let faster = self.uploads.with(|st| {
+            if st.socket_rate == rate {
+                return false;
             }
+            let faster = rate.unwrap_or(f64::MAX) > st.socket_rate.unwrap_or(f64::MAX);
+            st.socket_rate = rate;
+            let now = clock_us();
+            for (peer, clock) in st.leave.iter_mut() {
+                clock.set_rate(now, rate, st.budget.peer_bytes(peer));
+            }
+            faster
         });
+        if faster {
+            // links asleep until their backlog drained at the old rate look again
+            for l in self.links.values() {
+                l.wake.notify_one();
+            }
+        }
     }
 
     /// `peer` says it has chunk `index`: if we were sending it, it arrived.
@@ -706,6 +800,7 @@ impl Links {
     }
 
     fn drop_in_flight(&mut self, peer: &PeerId) {
+        self.uploads.with(|st| st.leave.remove(peer));
         for key in self.uploads.with(|st| st.budget.drop_peer(peer)) {
             report(&self.events, key, false);
         }
@@ -757,9 +852,6 @@ async fn write_loop(
     let mut buf = Vec::new();
     // our place in line for the upload budget while a reply waits here
     let mut ticket: Option<(u32, Ticket)> = None;
-    // when this link's chunk bytes leave the node (one-way delay signal)
-    let mut leave = LeaveClock::default();
-    let mut rate_seen = 0;
     loop {
         let (closed, best) = {
             let mut ob = link.outbox.lock().expect("outbox lock");
@@ -784,18 +876,7 @@ async fn write_loop(
         // with the one-way delay signal the next chunk waits until the previous
         // one has left at the sockets' pacing rate (see `LeaveClock`): its stamp
         // must not include our own queue
-        let (rate, seen) = uploads.state.lock().expect("uploads lock").socket_rate;
-        if seen != rate_seen {
-            rate_seen = seen;
-            let unacked = uploads
-                .state
-                .lock()
-                .expect("uploads lock")
-                .budget
-                .peer_bytes(&peer);
-            leave.set_rate(clock_us(), rate, unacked);
-        }
-        let wait = leave.wait(clock_us());
+        let wait = uploads.leave_wait(peer);
         if wait > 0 {
             ticket = None;
             tokio::select! {
@@ -830,7 +911,7 @@ async fn write_loop(
             buf.append(&mut ob.control);
             let q = ob.best().map(|i| ob.data.swap_remove(i));
             if let Some(mut q) = q {
-                let at = leave.stamp(clock_us(), buf.len() as u64, q.frame.len() as u64);
+                let at = uploads.leave_stamp(peer, buf.len() as u64, q.frame.len() as u64);
                 stamp_chunk(&mut q.frame, at);
                 buf.extend_from_slice(&q.frame);
                 Some(q)
@@ -931,6 +1012,7 @@ async fn read_loop(
                 }
             }
         }
+        let done_us = clock_us();
         match Msg::decode(&body) {
             Ok(msg) => {
                 if events
@@ -938,6 +1020,7 @@ async fn read_loop(
                         peer,
                         msg,
                         arrived_us,
+                        done_us,
                     })
                     .is_err()
                 {
@@ -971,9 +1054,9 @@ mod tests {
         let t = Instant::now();
         let mut b = Budget::new(test_cfg());
         assert!(b.has_room());
-        b.start(key(&p, 1), 200 * 1024, t);
+        b.start(key(&p, 1), 200 * 1024, None, t);
         assert!(b.has_room());
-        b.start(key(&p, 2), 200 * 1024, t);
+        b.start(key(&p, 2), 200 * 1024, None, t);
         assert!(!b.has_room());
         assert!(b.ack(&key(&p, 1), t));
         assert!(!b.ack(&key(&p, 1), t), "a second ack is not counted");
@@ -989,16 +1072,16 @@ mod tests {
         // 8 MB acknowledged in 2 s: 4 MB/s, a quarter second of it is 1 MB
         for i in 0..128u32 {
             let t = t0 + Duration::from_millis(i as u64 * 2000 / 127);
-            b.start(key(&p, i), 64 * 1024, t);
+            b.start(key(&p, i), 64 * 1024, None, t);
             b.ack(&key(&p, i), t);
         }
         let l = b.limit();
         assert!((900_000..1_200_000).contains(&l), "limit {l}");
         // a slow link never shrinks it below the minimum
         let mut s = Budget::new(test_cfg());
-        s.start(key(&p, 1), 1000, t0);
+        s.start(key(&p, 1), 1000, None, t0);
         s.ack(&key(&p, 1), t0);
-        s.start(key(&p, 2), 1000, t0 + Duration::from_secs(5));
+        s.start(key(&p, 2), 1000, None, t0 + Duration::from_secs(5));
         s.ack(&key(&p, 2), t0 + Duration::from_secs(5));
         assert_eq!(s.limit(), test_cfg().min_bytes);
     }
@@ -1008,9 +1091,9 @@ mod tests {
         let (p, q) = (PeerId::random(), PeerId::random());
         let t = Instant::now();
         let mut b = Budget::new(test_cfg());
-        b.start(key(&p, 1), 10, t);
-        b.start(key(&q, 1), 20, t);
-        b.start(key(&q, 2), 30, t + Duration::from_secs(15));
+        b.start(key(&p, 1), 10, None, t);
+        b.start(key(&q, 1), 20, None, t);
+        b.start(key(&q, 2), 30, None, t + Duration::from_secs(15));
         assert_eq!(b.drop_peer(&p), vec![key(&p, 1)]);
         assert_eq!(b.in_flight_bytes(), 50);
         let gone = b.expire(t + Duration::from_secs(21));
@@ -1040,7 +1123,7 @@ mod tests {
         u.with(|st| {
             for i in 0..9u32 {
                 let t = t0 + Duration::from_millis(500 * i as u64);
-                st.budget.start(key(&a, i), 64 * 1024, t);
+                st.budget.start(key(&a, i), 64 * 1024, None, t);
                 st.budget.ack(&key(&a, i), t + Duration::from_millis(520));
             }
             assert_eq!(st.budget.pacer().peers_at_once(), 2);

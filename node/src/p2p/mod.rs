@@ -421,7 +421,8 @@ impl Net {
                 peer,
                 msg,
                 arrived_us,
-            } => self.on_msg(peer, msg, arrived_us),
+                done_us,
+            } => self.on_msg(peer, msg, (arrived_us, done_us)),
             LinkEvent::Sent {
                 peer,
                 image,

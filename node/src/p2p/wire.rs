@@ -38,11 +38,12 @@
 //! - 14 Denied: u8 reason (0 no grant, 1 other image, 2 other peer, 3 not the
 //!   owner's, 4 expired): the image is private and the sender holds no valid grant
 //! - 15 Busy: u32 index | u32 wait_ms
-//! - 16 Ack: u32 index | i64 delay_us: the acknowledging Have of one Chunk reply
-//!   (the receiver now holds `index`); delay_us = the receiver's monotonic clock
-//!   when the reply's first bytes arrived minus the reply's sent_us. The two
-//!   clocks' offset is unknown and constant, so the sender compares it only with
-//!   other samples of the same peer (LEDBAT's one-way delay, issue 16)
+//! - 16 Ack: u32 index | i64 delay_us | i64 last_us: the acknowledging Have of
+//!   one Chunk reply (the receiver now holds `index`); delay_us = the receiver's
+//!   monotonic clock when the reply's first bytes arrived minus the reply's
+//!   sent_us, last_us the same for its last bytes. The two clocks' offset is
+//!   unknown and constant, so the sender compares them only with other samples
+//!   of the same peer (LEDBAT's one-way delay, issue 16)
 
 use chunks::ImageId;
 use libp2p::PeerId;
@@ -116,6 +117,8 @@ pub enum Body {
     Ack {
         index: u32,
         delay_us: i64,
+        /// The same for the reply's last bytes.
+        last_us: i64,
     },
 }
 
@@ -356,9 +359,14 @@ impl Msg {
                 u32le(&mut b, *index);
                 u32le(&mut b, *wait_ms);
             }
-            Body::Ack { index, delay_us } => {
+            Body::Ack {
+                index,
+                delay_us,
+                last_us,
+            } => {
                 u32le(&mut b, *index);
                 b.extend_from_slice(&delay_us.to_le_bytes());
+                b.extend_from_slice(&last_us.to_le_bytes());
             }
         }
         let len = (b.len() - 4) as u32;
@@ -460,6 +468,7 @@ impl Msg {
             16 => Body::Ack {
                 index: r.u32()?,
                 delay_us: r.u64()? as i64,
+                last_us: r.u64()? as i64,
             },
             t => return Err(WireError::UnknownTag(t)),
         };
@@ -515,6 +524,7 @@ mod tests {
             Body::Ack {
                 index: 10,
                 delay_us: -42_000,
+                last_us: 600_000,
             },
         ];
         bodies
@@ -599,7 +609,7 @@ mod tests {
         grant.extend(vec![0; 32 + market::MAX_GRANT + 1]);
         assert_eq!(Msg::decode(&grant), Err(WireError::TooLarge("grant")));
         let mut ack = vec![16];
-        ack.extend_from_slice(&[0; 32 + 4 + 7]);
+        ack.extend_from_slice(&[0; 32 + 4 + 15]);
         assert_eq!(Msg::decode(&ack), Err(WireError::Truncated));
         ack.extend_from_slice(&[0; 2]);
         assert_eq!(Msg::decode(&ack), Err(WireError::Trailing(1)));
@@ -623,10 +633,15 @@ mod tests {
         }
 
         #[test]
-        fn ack_roundtrip(index in any::<u32>(), delay_us in any::<i64>(), cut in 0usize..49) {
-            let m = Msg::new(img(5), Body::Ack { index, delay_us });
+        fn ack_roundtrip(
+            index in any::<u32>(),
+            delay_us in any::<i64>(),
+            last_us in any::<i64>(),
+            cut in 0usize..57,
+        ) {
+            let m = Msg::new(img(5), Body::Ack { index, delay_us, last_us });
             let f = m.encode();
-            prop_assert_eq!(f.len(), 4 + 1 + 32 + 12);
+            prop_assert_eq!(f.len(), 4 + 1 + 32 + 20);
             prop_assert_eq!(Msg::decode(&f[4..]).unwrap(), m);
             if cut < f.len() - 4 {
                 prop_assert!(Msg::decode(&f[4..4 + cut]).is_err());
