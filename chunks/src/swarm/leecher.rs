@@ -284,9 +284,7 @@ pub struct Leecher<P> {
     banned: HashSet<P>,
     actions: VecDeque<Action<P>>,
     dirty: bool,
-    /// Haves arrived that cannot lead to a request: the fill is skipped, the
-    /// rotation still advances (so decisions are those of a full fill).
-    have_news: bool,
+    /// Where the next fill starts its round of the peers: advanced once per fill.
     rr: usize,
     completed: bool,
     starving_since: Option<Micros>,
@@ -335,7 +333,6 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
             banned: HashSet::new(),
             actions: VecDeque::new(),
             dirty: true,
-            have_news: false,
             rr: 0,
             completed: false,
             starving_since: None,
@@ -531,7 +528,8 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
             // of others' candidates matters only when they take a request,
             // which needed `dirty` anyway. So a Have from a holder that is busy
             // or full, or of a chunk we hold, runs no fill (most Haves in a
-            // big swarm; the next chunk, timeout or busy expiry fills).
+            // big swarm; the next chunk, timeout or busy expiry fills), and
+            // the shell need not poll for it (`wants_poll`).
             // Near the end any peer may duplicate a request (endgame), and
             // whether it may changes within a fill: always fill then.
             let s = self.peers[i].as_ref().expect("indexed");
@@ -540,8 +538,6 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
                 || (!self.have.get(idx) && s.busy_until == 0 && s.out.len() < self.depth(s))
             {
                 self.dirty = true;
-            } else {
-                self.have_news = true;
             }
         }
     }
@@ -739,6 +735,17 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
         Some(s.since.max(s.progress).saturating_add(wait as u64))
     }
 
+    /// Whether a `poll` at `now` could do anything: fill a pipeline, time a
+    /// request out, end a Busy wait, or change whether we are starving. A shell
+    /// that runs the scheduler after every message may skip it otherwise (the
+    /// simulator does: at 1,000 sellers nine in ten polls followed a batch of
+    /// Haves that could lead to no request).
+    pub fn wants_poll(&self, now: Micros) -> bool {
+        self.dirty
+            || self.starving_since.is_some()
+            || self.next_deadline().is_some_and(|d| d <= now)
+    }
+
     /// Earliest time `poll` has timeouts to check; the shell wakes up then.
     pub fn next_deadline(&self) -> Option<Micros> {
         self.due.iter().copied().min().filter(|&d| d != Micros::MAX)
@@ -877,21 +884,16 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
                 self.actions.push_back(Action::Disconnect { peer: id });
             }
         }
-        if !(self.dirty || self.have_news) || self.have.is_full() {
+        if !self.dirty || self.have.is_full() {
             return;
         }
-        let fill = self.dirty;
         self.dirty = false;
-        self.have_news = false;
         let n = self.peers.len();
         if n == 0 {
             return;
         }
         // rotate the starting peer so no peer is always served first
         self.rr = (self.rr + 1) % n;
-        if !fill {
-            return; // only Haves that cannot lead to a request (see peer_have)
-        }
         // peers that recently timed out are served last
         for k in 0..2 * n {
             let i = (self.rr + k) % n;
