@@ -737,7 +737,7 @@ impl Sim<'_> {
             }
         });
         // a Have that can lead to no request leaves nothing for a poll to do
-        // (`Leecher::wants_poll`): at 1,000 sellers nine in ten batches
+        // (`Leecher::wants_poll`): 2.3 M of 3.9 M polls at 1,000 sellers
         let poll = news && l.wants_poll(now);
         n.inbox = inbox;
         if later != u64::MAX {

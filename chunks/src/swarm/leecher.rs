@@ -738,8 +738,8 @@ impl<P: Clone + Eq + Hash + std::fmt::Debug> Leecher<P> {
     /// Whether a `poll` at `now` could do anything: fill a pipeline, time a
     /// request out, end a Busy wait, or change whether we are starving. A shell
     /// that runs the scheduler after every message may skip it otherwise (the
-    /// simulator does: at 1,000 sellers nine in ten polls followed a batch of
-    /// Haves that could lead to no request).
+    /// simulator does: at 1,000 sellers 2.3 M of 3.9 M polls followed a batch
+    /// of Haves that could lead to no request).
     pub fn wants_poll(&self, now: Micros) -> bool {
         self.dirty
             || self.starving_since.is_some()
