@@ -15,8 +15,8 @@
 #                scripts/bench-owner-link.sh --cleanup   # leftovers of a killed run
 # Knobs (env):   UP=1mbit DOWN=16mbit QUEUE_MS=1000 WARM_S=15 PING_S=30 TCP_S=30
 #                NODE_CC= (the seller node's [swarm] tcp_congestion; unset: the kernel's)
-#                MODES="on off" (also tcp: yielding on the TCP round trip; owd:
-#                yielding on the chunks' one-way delay; capKBPS: yielding off,
+#                MODES="on off" (on: the node's default signal; also acks, tcp,
+#                owd: yielding on that upload_yield_signal; capKBPS: yielding off,
 #                upload_max_kbps = KBPS)
 #                NODE_BIN=target/debug/cpushare-node WORK=/tmp/col-bench
 #                PREFIX=col-
@@ -123,9 +123,9 @@ for mode in $MODES; do
   R=$W/run/$mode; mkdir -p "$R"
   case $mode in
     on|off) printf '[swarm]\nupload_yield = "%s"\n' "$mode" > "$R/seller.toml" ;;
-    tcp|owd) printf '[swarm]\nupload_yield = "on"\nupload_yield_signal = "%s"\n' "$mode" > "$R/seller.toml" ;;
+    acks|tcp|owd) printf '[swarm]\nupload_yield = "on"\nupload_yield_signal = "%s"\n' "$mode" > "$R/seller.toml" ;;
     cap*) printf '[swarm]\nupload_yield = "off"\nupload_max_kbps = %s\n' "${mode#cap}" > "$R/seller.toml" ;;
-    *) echo "unknown mode $mode (on, off, tcp, owd, capKBPS)" >&2; exit 1 ;;
+    *) echo "unknown mode $mode (on, off, acks, tcp, owd, capKBPS)" >&2; exit 1 ;;
   esac
   if [ -n "${NODE_CC:-}" ]; then printf 'tcp_congestion = "%s"\n' "$NODE_CC" >> "$R/seller.toml"; fi
   # The buyer (on the far side) seeds the image to the seller, then leaves: what the
@@ -195,6 +195,8 @@ for line in open(path):
     except ValueError: over = "-"
     label = (f"upload_max_kbps = {mode[3:]}" if mode.startswith("cap")
              else "yielding on, TCP round-trip signal" if mode == "tcp"
-             else "yielding on, one-way delay signal" if mode == "owd" else f"yielding {mode}")
+             else "yielding on, one-way delay signal" if mode == "owd"
+             else "yielding on, acks signal" if mode == "acks"
+             else "yielding on (the default signal)" if mode == "on" else f"yielding {mode}")
     print(f"| {label} | {float(swarm)/1000:.0f} | {med} | {p95} | {mx} | {loss} | {over} | {float(tcp)/1000:.0f} | {float(tcp)/U:.2f} |")
 PYEOF

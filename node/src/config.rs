@@ -56,7 +56,7 @@ pub struct SwarmTable {
     pub upload_yield: Option<OnOff>,
     /// The yielding mode's queueing-delay target, ms (default 100).
     pub upload_yield_target_ms: Option<u64>,
-    /// Where the yielding mode reads the queueing delay (default "acks").
+    /// Where the yielding mode reads the queueing delay (default "owd").
     pub upload_yield_signal: Option<YieldSignal>,
     /// TCP congestion control of the swarm's connections, e.g. "cubic" or "reno";
     /// unset: the system's. One of the kernel's tcp_available_congestion_control.
@@ -139,7 +139,10 @@ impl SwarmTable {
         if self.upload_yield.unwrap_or(OnOff::On) == OnOff::On {
             c.yield_target_us = Some(target * 1000);
         }
-        c.one_way = self.upload_yield_signal == Some(YieldSignal::Owd);
+        // the one-way delay is the default signal (docs/bench/owner-link.md,
+        // 2026-12-08): it alone sees our own queue without the receiver's
+        c.one_way = c.yield_target_us.is_some()
+            && matches!(self.upload_yield_signal, None | Some(YieldSignal::Owd));
         Ok(c)
     }
 }
@@ -495,5 +498,26 @@ mod tests {
             err.to_string().contains(&cfg.display().to_string()),
             "{err}"
         );
+    }
+
+    #[test]
+    fn yielding_defaults_to_the_one_way_delay_signal() {
+        for role in [Role::Buyer, Role::Seller] {
+            let c = SwarmTable::default().upload_config(role).unwrap();
+            assert_eq!(c.yield_target_us, Some(DEFAULT_YIELD_TARGET_MS * 1000));
+            assert!(c.one_way, "{role:?}");
+        }
+        let acks = SwarmTable {
+            upload_yield_signal: Some(YieldSignal::Acks),
+            ..Default::default()
+        };
+        assert!(!acks.upload_config(Role::Seller).unwrap().one_way);
+        // yielding off: no signal is followed
+        let off = SwarmTable {
+            upload_yield: Some(OnOff::Off),
+            ..Default::default()
+        };
+        let c = off.upload_config(Role::Seller).unwrap();
+        assert!(!c.one_way && c.yield_target_us.is_none());
     }
 }
