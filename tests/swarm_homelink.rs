@@ -173,7 +173,7 @@ fn fifo_drops(ns: &Netns) -> Result<u64> {
 // CUBIC and yielding off (2026-12-08, 71fcb7f) 1.30 x and 1.33 x (buyer wire 1.11-1.12 x);
 // with yielding on (the acknowledgement signal) 1.48, 2.36, 1.96 x and two stalls past
 // 3 x; with the default since 2026-12-08, yielding on the one-way delay, 2.05, 2.08,
-// 2.18 x (see `spawn_in`).
+// 2.18 x (load 1.4-2.5) and 2.45, 2.48 x (load 2.5-4) (see `spawn_in`).
 #[test]
 fn six_sellers_on_1mbit_uplinks_with_10_packet_fifos_fetch_within_3x_the_bound() -> Result<()> {
     if !require_root("network namespaces and tc") {
