@@ -27,6 +27,12 @@ SECTIONS = [
     ("owner-link.md", "The owner's traffic beside the swarm's uploads (issue 16)", "the-owners-traffic-beside-the-swarms-uploads-issue-16"),
 ]
 
+# Rows of the summary table that point into a section rather than heading one:
+# (key in headlines.md, title, link)
+EXTRA_ROWS = [
+    ("swarm-matrix", "Home-links matrix (issue 16)", "bench/swarm.md#home-links-matrix-2026-12-08"),
+]
+
 HEADLINES = (BENCH / "headlines.md").read_text().strip().splitlines()
 
 INTRO = """# Benchmarks
@@ -63,6 +69,8 @@ def main() -> None:
     heads = dict(h.split(": ", 1) for h in HEADLINES if ": " in h)
     for f, title, anchor in SECTIONS:
         out.append(f"| [{title.split(' (')[0]}](#{anchor}) | {heads.get(f, '')} |")
+    for key, title, link in EXTRA_ROWS:
+        out.append(f"| [{title}]({link}) | {heads.get(key, '')} |")
     out.append("")
     for f, title, _ in SECTIONS:
         out.append(f"## {title}\n")
