@@ -10,10 +10,11 @@ pub enum SimError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("scenario {path} is not valid TOML for a simulation: {source}")]
+    #[error("scenario {path} is not valid TOML for a simulation: {detail}")]
     ParseScenario {
         path: PathBuf,
-        source: toml::de::Error,
+        /// One line: where and what (toml's own rendering spans several lines).
+        detail: String,
     },
     #[error("scenario is inconsistent: {0}")]
     Invalid(String),

@@ -241,19 +241,24 @@ impl Scenario {
             path: path.to_owned(),
             source,
         })?;
-        let sc: Scenario = toml::from_str(&text).map_err(|source| SimError::ParseScenario {
-            path: path.to_owned(),
-            source,
-        })?;
-        sc.check()?;
-        Ok(sc)
+        Self::parse_from(&text, path)
     }
 
     /// Parses scenario text (tests).
     pub fn parse(text: &str) -> Result<Scenario> {
-        let sc: Scenario = toml::from_str(text).map_err(|source| SimError::ParseScenario {
-            path: "<text>".into(),
-            source,
+        Self::parse_from(text, Path::new("<text>"))
+    }
+
+    fn parse_from(text: &str, path: &Path) -> Result<Scenario> {
+        let sc: Scenario = toml::from_str(text).map_err(|e| {
+            let at = e.span().map_or(String::new(), |s| {
+                let line = text[..s.start.min(text.len())].matches('\n').count() + 1;
+                format!("line {line}: ")
+            });
+            SimError::ParseScenario {
+                path: path.to_owned(),
+                detail: format!("{at}{}", e.message()),
+            }
         })?;
         sc.check()?;
         Ok(sc)
@@ -310,4 +315,19 @@ impl Scenario {
 /// Mbit/s to bytes/s.
 pub fn mbit(x: f64) -> f64 {
     x * 1e6 / 8.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_toml_is_one_line_that_says_where() {
+        let err = Scenario::parse("name = \"x\"\nsellers = \"many\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains('\n'), "{err}");
+        assert!(err.contains("line 2:"), "{err}");
+        assert!(err.contains("expected usize"), "{err}");
+    }
 }

@@ -925,6 +925,15 @@ mod tests {
     }
 
     /// Runs `link` for `secs`, 1 ms steps (a fluid model).
+    /// On a fresh `link`: 20 s to settle, then 60 s measured; our rate (B/s) and
+    /// what moved in those 60 s.
+    fn steady_owd(p: &mut UploadPacer, link: &HomeLink) -> (f64, Moved) {
+        let mut st = LinkState::default();
+        drive_owd(p, link, &mut st, 20);
+        let m = drive_owd(p, link, &mut st, 60);
+        (m.ours / 60.0, m)
+    }
+
     fn drive_owd(p: &mut UploadPacer, link: &HomeLink, st: &mut LinkState, secs: u64) -> Moved {
         let size = 64 * 1024u64;
         let step = MS;
@@ -1064,10 +1073,7 @@ mod tests {
         // the 100 ms target (not at a second)
         let mut p = owd_pacer();
         let link = HomeLink::line(125_000.0, 1000);
-        let mut st = LinkState::default();
-        drive_owd(&mut p, &link, &mut st, 20);
-        let m = drive_owd(&mut p, &link, &mut st, 60);
-        let rate = m.ours / 60.0;
+        let (rate, m) = steady_owd(&mut p, &link);
         assert!(
             rate > 0.95 * LEAVE_MARGIN * 125_000.0,
             "alone it sent {rate} B/s of 125000"
@@ -1090,10 +1096,7 @@ mod tests {
             back_busy: 300 * MS,
             ..HomeLink::line(125_000.0, 1000)
         };
-        let mut st = LinkState::default();
-        drive_owd(&mut p, &link, &mut st, 20);
-        let m = drive_owd(&mut p, &link, &mut st, 60);
-        let rate = m.ours / 60.0;
+        let (rate, _) = steady_owd(&mut p, &link);
         assert!(
             rate > 0.95 * LEAVE_MARGIN * 125_000.0,
             "it sent {rate} B/s of 125000"
@@ -1105,10 +1108,7 @@ mod tests {
             one_way: false,
             ..link
         };
-        let mut st = LinkState::default();
-        drive_owd(&mut acks, &link, &mut st, 20);
-        let m = drive_owd(&mut acks, &link, &mut st, 60);
-        let acks_rate = m.ours / 60.0;
+        let (acks_rate, _) = steady_owd(&mut acks, &link);
         assert!(
             acks_rate < 0.8 * rate,
             "acks signal {acks_rate} B/s, one-way {rate}"
@@ -1155,10 +1155,7 @@ mod tests {
             leave_clock: false,
             ..HomeLink::line(125_000.0, 1000)
         };
-        let mut st = LinkState::default();
-        drive_owd(&mut p, &link, &mut st, 20);
-        let m = drive_owd(&mut p, &link, &mut st, 60);
-        let rate = m.ours / 60.0;
+        let (rate, _) = steady_owd(&mut p, &link);
         assert!(rate < 0.7 * 125_000.0, "{rate}");
     }
 
